@@ -1,0 +1,154 @@
+"""The ``gpt2lab`` command line. Each subcommand is a small function; errors a user can fix are
+printed as one line (no traceback) with a non-zero exit status."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+from collections.abc import Callable
+
+from gpt2lab.errors import GPT2LabError
+
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def command(name: str, help: str):
+    """Register ``fn(parser)`` as the builder of subcommand ``name``; it sets ``func`` via set_defaults."""
+
+    def register(fn):
+        COMMANDS[name] = (fn, help)
+        return fn
+
+    return register
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="gpt2",
+        help="an HF GPT-2 directory, a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
+        "or a gpt2lab directory (save_pretrained, convert, or a training out_dir). Default: gpt2",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
+
+
+def load_model_from_args(args: argparse.Namespace):
+    import torch
+
+    from gpt2lab.hf import load_pretrained, resolve
+    from gpt2lab.tokenizer import load_tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise GPT2LabError(f"device {device!r} is not usable here ({e}); try --device cpu") from None
+    model = load_pretrained(args.model, device=device).to(getattr(torch, dtype)).eval()
+    return model, load_tokenizer(resolve(args.model))
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    if not text:
+        raise GPT2LabError("the prompt is empty; pass some text, e.g. --prompt 'Hello, my name is'")
+    return tokenizer.encode(text, allowed_special="all")
+
+
+@command("predict", "show the most likely next tokens after a text, with probabilities")
+def _predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the text to continue")
+    p.add_argument("--top", type=int, default=10, help="how many candidate tokens to list (default 10)")
+    add_model_args(p)
+
+    def run(args):
+        import torch
+
+        model, tok = load_model_from_args(args)
+        ids = encode_prompt(tok, args.text)
+        limit = model.config.max_positions
+        if limit is not None and len(ids) > limit:
+            raise GPT2LabError(f"the text is {len(ids)} tokens, longer than the model's context of {limit}; shorten it")
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids], device=model.wte.weight.device))
+        probs = logits[0, -1].float().softmax(-1)
+        top = probs.topk(min(args.top, probs.numel()))
+        print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
+        for rank, (pr, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            print(f"{rank:>4}  {i:>6}  {pr:8.4f}  {tok.decode([i])!r}")
+
+    p.set_defaults(func=run)
+
+
+@command("generate", "continue a prompt, streaming tokens as they are produced")
+def _generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate at most (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples of the prompt (batched)")
+    add_model_args(p)
+
+    def run(args):
+        from gpt2lab.generate import stream
+
+        if args.num_samples < 1:
+            raise GPT2LabError("--num-samples must be at least 1")
+        model, tok = load_model_from_args(args)
+        ids = encode_prompt(tok, args.prompt)
+        if args.num_samples == 1:
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(args.prompt)
+            for token in stream(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+                sys.stdout.write(decoder.decode(tok.decode_single_token_bytes(int(token[0]))))
+                sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+            return
+        from gpt2lab.generate import generate
+
+        rows = generate(
+            model, [ids] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+        )
+        for i, row in enumerate(rows):
+            print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(row)}")
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2lab", description="GPT-2 and its modern variants: load, generate, train, compare, benchmark."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (build, help) in COMMANDS.items():
+        build(sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + "."))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except GPT2LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

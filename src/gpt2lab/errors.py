@@ -1,0 +1,13 @@
+"""Errors a user can fix. The CLI prints their message without a traceback and exits non-zero."""
+
+
+class GPT2LabError(Exception):
+    """Base class for every error caused by input (a path, a config value, a prompt)."""
+
+
+class ConfigError(GPT2LabError, ValueError):
+    """A configuration value or combination that cannot work."""
+
+
+class CheckpointError(GPT2LabError):
+    """A checkpoint that is missing, corrupt, unsafe or does not match the model."""

@@ -1,0 +1,135 @@
+"""Text generation with a preallocated KV cache: one prefill, then one-token decode steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gpt2lab.errors import GPT2LabError
+from gpt2lab.model import GPT
+from gpt2lab.tokenizer import EOT
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V). temperature 0 is greedy (argmax).
+
+    Applied in HF's order: temperature, then top-k, then top-p. Top-k keeps exactly k tokens; among
+    tokens tied at the k-th logit the lower token ids win (a stable sort), so the cut is reproducible.
+    Top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None or top_p is not None:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        if top_k is not None:
+            sorted_logits[:, top_k:] = float("-inf")
+        if top_p is not None:
+            probs = sorted_logits.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            sorted_logits[mass_before >= top_p] = float("-inf")  # the first token always has 0 before it
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
+    if temperature < 0:
+        raise GPT2LabError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise GPT2LabError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def stream(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = EOT,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt (B,) at each step, until ``max_new_tokens`` or every row
+    has produced ``eos_id``. Prompts may differ in length (they are left-padded)."""
+    config = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
+    if max_new_tokens < 0:
+        raise GPT2LabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, config.vocab_size)
+    P = max(len(p) for p in prompts)
+    if config.max_positions is not None and P + max_new_tokens > config.max_positions:
+        raise GPT2LabError(
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} exceeds the "
+            f"context of {config.max_positions} tokens (learned positions end there); shorten the prompt "
+            f"or lower max_new_tokens (rope models have no such limit)"
+        )
+    device = model.wte.weight.device
+    idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    was_training = model.training
+    model.eval()
+    model.setup_cache(len(prompts), P + max_new_tokens, pad=pad)
+    try:
+        logits = prefill(model, idx, torch.arange(P, device=device))
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        for t in range(P, P + max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            yield token
+            if t == P + max_new_tokens - 1 or bool(done.all()):
+                break
+            logits = decode_one_token(model, token[:, None], torch.tensor([t], device=device))
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+
+
+def prefill(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Run the whole prompt through the model, filling the cache; logits of the last position (B, V)."""
+    logits, _ = model(idx, input_pos=input_pos)
+    return logits[:, -1]
+
+
+def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One step: token (B, 1) at time ``input_pos`` (1,) -> next-token logits (B, V)."""
+    logits, _ = model(token, input_pos=input_pos)
+    return logits[:, -1]
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_id: int | None = EOT,
+) -> list[list[int]]:
+    """New tokens for each prompt; a row ends with ``eos_id`` if it produced it."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    for token in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+        for row, tok in enumerate(token.tolist()):
+            if not finished[row]:
+                rows[row].append(tok)
+                finished[row] = tok == eos_id
+    return rows

@@ -1,0 +1,71 @@
+"""Preallocated key/value cache for one attention layer.
+
+Tokens are written at slot ``t % size`` where t is the time step (the token's index in the padded
+batch sequence). A cache with ``size`` >= the generation length never wraps; a sliding-window layer
+gets ``size = window`` and rolls, so its memory stays flat however long generation runs. Each slot
+remembers the time step it holds, and the attention mask is derived from those times, so the order of
+slots never matters (keys carry their rotary position already).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache(nn.Module):
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_head: int,
+        head_dim: int,
+        size: int,
+        window: int | None,
+        rolls: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # time step held by each slot; -1 = empty (never attended)
+        self.register_buffer("times", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False)
+        self.size, self.window, self.rolls = size, window, rolls
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) of time steps t (T,); return the keys, values and boolean mask
+        (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps."""
+        if self.rolls and t.numel() > 1:
+            # Several new tokens in a rolling cache: writing first would overwrite keys that the
+            # earlier of them still need, so attend over old + new and keep only the newest after.
+            keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+            times = torch.cat((self.times, t))
+            keep = slice(max(0, t.numel() - self.size), None)
+            self._write(k[:, :, keep], v[:, :, keep], t[keep])
+        else:
+            self._write(k, v, t)
+            keys, values, times = self.k, self.v, self.times
+        return keys, values, attention_mask(t, times, pad, self.window)
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
+        slots = t % self.size
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.times.index_copy_(0, slots, t)
+
+
+def attention_mask(q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys (times k_t, (S,)) each query (times q_t, (T,)) of each row may see: (B, 1, T, S).
+
+    Causal, within the window (q - W < k), and never a padding step; a padding query sees itself
+    only, so no row is fully masked (that would make NaNs that leak through the values).
+    """
+    q, k = q_t[:, None], k_t[None, :]  # (T, 1), (1, S)
+    visible = (k <= q) & (k >= 0)
+    if window is not None:
+        visible &= k > q - window
+    real = k[None] >= pad[:, None, None]  # (B, 1, S)
+    return (visible[None] & (real | (k == q)[None])).unsqueeze(1)

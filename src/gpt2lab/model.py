@@ -1,0 +1,233 @@
+"""GPT-2 and its variants (rotary positions, grouped-query and sliding-window attention).
+
+Exact GPT-2 when the config is a GPT-2 preset: pre-LayerNorm blocks, tanh-GELU, LayerNorm eps 1e-5,
+attention scale 1/sqrt(head_dim), final ln_f, lm_head tied to wte. Module names follow HF's GPT-2 so
+checkpoint keys map one to one (only the Conv1D transposes differ; see gpt2lab.hf).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2lab.config import GPTConfig
+from gpt2lab.kv_cache import KVCache
+from gpt2lab.rope import Rotary, apply_rotary
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        kv_dim = config.n_kv_head * config.head_dim
+        self.split = (config.n_embd, kv_dim, kv_dim)
+        self.c_attn = nn.Linear(config.n_embd, sum(self.split))  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.window = config.layer_window(layer)
+        self.gqa = config.n_kv_head != config.n_head
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        window_mask: torch.Tensor | None,
+        step: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.split, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if step is not None:  # inference with the KV cache: step = (time steps (T,), left padding (B,))
+            k, v, mask = self.kv_cache.update(k, v, *step)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+        elif self.window is None:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
+            )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=window_mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
+            )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, window_mask, step) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, window_mask, step)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.rotary = (
+            Rotary(config.head_dim, config.rope_theta, config.block_size) if config.pos_emb == "rope" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._window_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for tokens idx (B, T), and the mean cross-entropy against
+        ``targets`` (B, T; -100 = ignore) when given.
+
+        Without ``input_pos`` the sequence starts at position 0 and no cache is used (training, full
+        evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
+        KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            step, pos = None, torch.arange(T, device=idx.device)[None]  # (1, T)
+            if self.config.max_positions is not None and self.config.max_positions < T:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        else:
+            step = (input_pos, self.cache_pad)
+            pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        rope = None
+        if self.rotary is not None:
+            if self.rotary.cos.shape[0] < T:
+                self.rotary.build(T)
+            rope = self.rotary(pos)
+        window_mask = self._window_mask(T, idx.device) if step is None and self.config.window else None
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope, window_mask, step)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def _window_mask(self, T: int, device: torch.device) -> torch.Tensor:
+        """Boolean (T, T) sliding-window causal mask, built once per (length, device)."""
+        key = (T, device)
+        if key not in self._window_masks:
+            i = torch.arange(T, device=device)
+            d = i[:, None] - i[None, :]  # query - key
+            self._window_masks[key] = (d >= 0) & (d < self.config.window)
+        return self._window_masks[key]
+
+    # --- inference cache -------------------------------------------------------------------------
+
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        pad: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Allocate each layer's KV cache for ``max_seq_len`` time steps (a window layer keeps only its
+        window). ``pad`` (B,) is each row's left padding, so prompts of different lengths share a batch."""
+        p = self.wte.weight
+        dtype = dtype or p.dtype
+        for block in self.h:
+            attn = block.attn
+            size = max_seq_len if attn.window is None else min(attn.window, max_seq_len)
+            attn.kv_cache = KVCache(
+                batch_size, attn.n_kv_head, attn.head_dim, size, attn.window, size < max_seq_len, dtype, p.device
+            )
+        self.cache_pad = (
+            pad.to(p.device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        )
+        if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
+            self.rotary.build(max_seq_len)
+
+    def clear_cache(self) -> None:
+        for block in self.h:
+            block.attn.kv_cache = None
+        self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
+
+    # --- construction helpers --------------------------------------------------------------------
+
+    def num_params(self, exclude_positions: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied lm_head is counted once
+        if exclude_positions and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
+        """Build on the meta device (no init cost, no double memory) and adopt the given tensors."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.lm_head.weight = model.wte.weight
+        device = torch.device(device)
+        if model.rotary is not None:  # non-persistent buffers are still on meta: make them real
+            model.rotary.build(config.block_size, device)
+        model.cache_pad = torch.zeros(0, dtype=torch.long, device=device)
+        return model.to(device)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device="cpu") -> GPT:
+        """Load an HF GPT-2 directory, a hub name (``gpt2``, ``gpt2-medium``, ...) or a gpt2lab directory."""
+        from gpt2lab.hf import load_pretrained
+
+        return load_pretrained(name_or_path, device=device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write an HF-format directory (``config.json`` + ``model.safetensors`` + tokenizer files)."""
+        from gpt2lab.hf import save_pretrained
+
+        save_pretrained(self, directory)

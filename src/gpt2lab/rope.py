@@ -1,0 +1,53 @@
+"""Rotary position embeddings, rotate-half convention (as HF Llama / GPT-NeoX).
+
+A pair of channels (i, i + head_dim/2) is rotated by the angle ``position * theta**(-2i/head_dim)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def inv_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """The rotation speed of each channel pair: ``theta ** (-2i / head_dim)``, shape (head_dim/2,)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, shape positions.shape + (head_dim,), float32."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs): both halves of a pair share an angle
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, head_dim) by tables broadcastable to it; computed in float32, returned in x's dtype."""
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Cached cos/sin tables indexed by position; grown on demand, so positions are not capped."""
+
+    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build(length)
+
+    def build(self, length: int, device: torch.device | None = None) -> None:
+        """(Re)compute the tables for positions [0, length) on ``device`` (default: where they are)."""
+        device = device or self.cos.device
+        positions = torch.arange(length, device=device)
+        self.cos, self.sin = rope_tables(positions, inv_frequencies(self.head_dim, self.theta, device))
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions ``pos`` (B, T), shaped (B, 1, T, hs) to broadcast over heads."""
+        return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)

