@@ -80,7 +80,7 @@ def _predict(p: argparse.ArgumentParser) -> None:
         probs = logits[0, -1].float().softmax(-1)
         top = probs.topk(min(args.top, probs.numel()))
         print(f"{'rank':>4}  {'id':>6}  {'prob':>8}  token")
-        for rank, (pr, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        for rank, (pr, i) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), 1):
             print(f"{rank:>4}  {i:>6}  {pr:8.4f}  {tok.decode([i])!r}")
 
     p.set_defaults(func=run)
