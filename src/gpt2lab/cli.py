@@ -123,6 +123,72 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("prepare", "tokenize a text corpus into token shards with a train/val split, for training")
+def _prepare(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="what to tokenize: text files (one document each), directories (every file below, sorted; hidden "
+        "ones skipped), globs such as 'books/**/*.txt' (quote them), or .jsonl files (one JSON object per "
+        "line, one document each); files must be UTF-8",
+    )
+    source.add_argument(
+        "--corpus",
+        choices=["stdlib", "shakespeare"],
+        help="a named corpus instead: stdlib = this Python's standard library sources (offline, about 12 MB); "
+        "shakespeare = tiny-shakespeare, downloaded and checked by sha256",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="directory to write: train_NNNNNN.bin / val_NNNNNN.bin (uint16 tokens) and meta.json; a previous "
+        "prepared directory there is replaced only once the new one is complete",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        metavar="F",
+        help="share of documents held out for validation, spread evenly (default 0.01); a corpus with too few "
+        "documents holds out its last one, a single document its last tokens",
+    )
+    p.add_argument(
+        "--shard-tokens", type=int, default=10_000_000, metavar="N", help="tokens per shard file (default 10,000,000)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="tokenizer processes (default: one per CPU core)"
+    )
+    p.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="the field holding the text in .jsonl inputs (default: text)",
+    )
+    p.add_argument(
+        "--max-docs", type=int, default=None, metavar="N", help="stop after this many documents (a quick sample)"
+    )
+
+    def run(args):
+        from gpt2lab.data import prepare
+
+        summary = prepare(
+            args.out,
+            args.input or (),
+            args.corpus,
+            val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens,
+            workers=args.workers,
+            text_field=args.text_field,
+            max_docs=args.max_docs,
+        )
+        print(summary)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 and its modern variants: load, generate, train, compare, benchmark."
