@@ -18,6 +18,40 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.rope import Rotary, apply_rotary
 
+try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sliding window masks out
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+
+# torch.compile(flex_attention), made on first use (by GPT._window_mask): compiling costs seconds, and
+# uncompiled flex_attention is an unfused reference that materializes all the scores.
+_flex_kernel = None
+
+
+def use_flex(device: torch.device, config: GPTConfig) -> bool:
+    """Whether window layers of a full forward (no cache) on ``device`` run FlexAttention.
+
+    CUDA only: flex has no CPU backward, so CPU keeps SDPA with a boolean mask. Flex has no attention
+    dropout, and torch < 2.7 kernels need a power-of-two head_dim of at least 16, so those keep SDPA too.
+    """
+    hs = config.head_dim
+    return (
+        flex_attention is not None
+        and device.type == "cuda"
+        and config.dropout == 0.0
+        and hs >= 16
+        and hs & (hs - 1) == 0
+    )
+
+
+def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
+    """Flex block mask of the sliding window: query q sees keys kv with q - window < kv <= q."""
+
+    def mask_mod(b, h, q, kv):
+        return (kv <= q) & (q - kv < window)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int) -> None:
@@ -54,10 +88,12 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
             )
-        else:
+        elif isinstance(window_mask, torch.Tensor):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=window_mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
             )
+        else:  # a flex BlockMask: GPT._window_mask chose FlexAttention for this device
+            y = _flex_kernel(q, k, v, block_mask=window_mask, enable_gqa=self.gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -102,7 +138,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
-        self._window_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -159,10 +195,18 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def _window_mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """Boolean (T, T) sliding-window causal mask, built once per (length, device)."""
+    def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
+        """The sliding-window causal mask for T tokens, built once per (length, device): a flex
+        BlockMask where ``use_flex`` says so (CUDA), else a boolean (T, T) mask for SDPA."""
+        global _flex_kernel
         key = (T, device)
-        if key not in self._window_masks:
+        if key in self._window_masks:
+            return self._window_masks[key]
+        if use_flex(device, self.config):
+            if _flex_kernel is None:
+                _flex_kernel = torch.compile(flex_attention)
+            self._window_masks[key] = window_block_mask(T, self.config.window, device)
+        else:
             i = torch.arange(T, device=device)
             d = i[:, None] - i[None, :]  # query - key
             self._window_masks[key] = (d >= 0) & (d < self.config.window)
