@@ -123,6 +123,43 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("convert", "turn a multi-head model into grouped-query attention by mean-pooling key/value heads")
+def _convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the model to convert: an HF GPT-2 directory, a hub name (gpt2, ...) or a gpt2lab directory",
+    )
+    p.add_argument(
+        "--n-kv-head",
+        type=int,
+        required=True,
+        help="key/value heads of the result; must divide the model's count (1 = multi-query)",
+    )
+    p.add_argument("--out", required=True, help="directory to write the converted model to (HF format)")
+
+    def run(args):
+        from pathlib import Path
+
+        from gpt2lab.convert import convert_to_gqa
+        from gpt2lab.hf import load_pretrained, resolve, save_pretrained
+
+        source = resolve(args.model)
+        out = Path(args.out).expanduser()
+        if out.exists() and out.resolve() == source.resolve():
+            raise GPT2LabError(f"--out {out} is the model's own directory; write the converted model elsewhere")
+        model = load_pretrained(source)
+        converted = convert_to_gqa(model, args.n_kv_head)
+        save_pretrained(converted, out)
+        print(
+            f"converted {args.model}: {model.config.n_kv_head} -> {args.n_kv_head} key/value heads "
+            f"({model.num_params():,} -> {converted.num_params():,} parameters); wrote {out}\n"
+            f"fine-tune it briefly to recover quality (pass --model {out})"
+        )
+
+    p.set_defaults(func=run)
+
+
 @command("prepare", "tokenize a text corpus into token shards with a train/val split, for training")
 def _prepare(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
