@@ -243,13 +243,14 @@ READ_BYTES = 1 << 20
 
 # A cut at one of these positions never changes GPT-2 tokenization (encode(a + b) == encode(a) + encode(b)):
 # the pre-tokenizer regex always ends a match there, and the match before it needs no lookahead past it.
-# 1) after "\n" between two printable non-space ASCII characters ("x\n|y"): the "\n" is a match of its own;
-# 2) before " " + letter after a letter ("x| y"): " y..." starts a new match. Checked exhaustively on
-# tiny-shakespeare, stdlib sources and random text in tests/test_data.py.
-_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[!-~])|(?<=[A-Za-z])(?= [A-Za-z])")
+# 1) after a "\n" that has non-space characters on both sides ("x\n|y"): the "\n" is a match of its own
+#    (Python's \S is narrower than the tokenizer's, so what Python calls non-space is non-space there too);
+# 2) before " " + letter after a letter ("x| y"; ASCII letters only): " y..." starts a new match.
+# Checked at every cut on tiny-shakespeare, stdlib sources and random text in tests/test_data.py.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=[A-Za-z])(?= [A-Za-z])")
 
 
-def _cut(text: str, limit: int = PIECE_CHARS) -> tuple[str, str]:
+def _cut(text: str, limit: int) -> tuple[str, str]:
     """(head, rest) with head ending at a safe cut, at most ``limit`` characters when such a cut exists.
 
     Returns ("", text) when ``text`` is not longer than ``limit`` or has no safe cut at all.
@@ -277,8 +278,9 @@ def split_text(text: str, limit: int = PIECE_CHARS) -> list[str]:
         pieces.append(head)
 
 
-# A source is a stream of (text, end_of_document, bytes_read) events: a long document arrives as several
-# pieces (each cut safely), so no document is ever held whole and one huge file still tokenizes in parallel.
+# A source is a stream of (text, end_of_document, bytes_read) events. A text file arrives as pieces (each
+# cut safely) read block by block, so a huge single-file corpus needs little memory and still tokenizes in
+# parallel; a JSONL record is parsed whole, then cut the same way.
 Events = Iterator[tuple[str, bool, int]]
 
 
@@ -338,6 +340,7 @@ def _file_events(path: Path, text_field: str) -> Events:
         return
     decoder = codecs.getincrementaldecoder("utf-8")()  # strict: a binary file is an error, not garbage tokens
     buf, pending, offset = "", 0, 0
+    retry_at = 0  # after a failed cut, wait for the buffer to double: a cut-free file costs linear time
     with open(path, "rb") as f:  # bytes, so "\r\n" stays as written and progress counts real bytes
         while block := f.read(READ_BYTES):
             try:
@@ -349,12 +352,13 @@ def _file_events(path: Path, text_field: str) -> Events:
                 ) from None
             offset += len(block)
             pending += len(block)
-            while True:
-                head, buf = _cut(buf)
+            while len(buf) > max(PIECE_CHARS, retry_at):
+                head, buf = _cut(buf, PIECE_CHARS)
                 if not head:
+                    retry_at = 2 * len(buf)
                     break
                 yield head, False, pending
-                pending = 0
+                pending, retry_at = 0, 0
         try:
             buf += decoder.decode(b"", final=True)
         except UnicodeDecodeError:
@@ -381,13 +385,13 @@ def _jsonl_events(path: Path, text_field: str) -> Events:
                     f"{path}:{lineno}: no string field {text_field!r} (found: {keys}); "
                     "name the field holding the text with --text-field"
                 )
-            pieces = split_text(record[text_field])
+            pieces = split_text(record[text_field], PIECE_CHARS)
             for i, piece in enumerate(pieces):
                 yield piece, i == len(pieces) - 1, len(line) if i == 0 else 0
 
 
 def _text_events(text: str) -> Events:
-    pieces = split_text(text)
+    pieces = split_text(text, PIECE_CHARS)
     for i, piece in enumerate(pieces):
         yield piece, i == len(pieces) - 1, len(piece.encode())
 
@@ -416,10 +420,14 @@ def download_shakespeare() -> str:
 _encoding = None  # loaded once per process: building the tokenizer takes seconds
 
 
-def _init_worker() -> None:
+def _load_encoding() -> None:
     global _encoding
+    _encoding = _encoding or load_tokenizer()
+
+
+def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
-    _encoding = _encoding or load_tokenizer()  # already there when the pool forks
+    _load_encoding()  # a no-op when the pool forks from a parent that has it
 
 
 def _encode_task(pieces: list[tuple[str, bool]]) -> list[np.ndarray]:
@@ -456,12 +464,11 @@ def _tasks(events: Events, max_docs: int | None) -> Iterator[tuple[list[tuple[st
 
 
 def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
-    """(pieces, token arrays, bytes read) per task, in input order, with at most a few tasks in flight."""
-    global _encoding
-    _encoding = _encoding or load_tokenizer()
+    """(end-of-document flags, token arrays, bytes read) per task, in input order, a few tasks in flight."""
+    _load_encoding()
     if workers == 1:
         for pieces, nbytes in tasks:
-            yield pieces, _encode_task(pieces), nbytes
+            yield [end for _, end in pieces], _encode_task(pieces), nbytes
         return
     # apply_async with a bounded window instead of Pool.imap: imap reads its input as fast as it can,
     # which would pull a large corpus into memory whenever reading outruns tokenizing
@@ -469,13 +476,13 @@ def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
     try:
         window: collections.deque = collections.deque()
         for pieces, nbytes in tasks:
-            window.append((pieces, pool.apply_async(_encode_task, (pieces,)), nbytes))
+            window.append(([end for _, end in pieces], pool.apply_async(_encode_task, (pieces,)), nbytes))
             if len(window) >= 2 * workers:
-                pieces, result, nbytes = window.popleft()
-                yield pieces, result.get(), nbytes
+                ends, result, nbytes = window.popleft()
+                yield ends, result.get(), nbytes
         while window:
-            pieces, result, nbytes = window.popleft()
-            yield pieces, result.get(), nbytes
+            ends, result, nbytes = window.popleft()
+            yield ends, result.get(), nbytes
         pool.close()
     finally:
         pool.terminate()
@@ -618,7 +625,7 @@ def prepare(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if max_docs is not None and max_docs < 1:
         raise ConfigError(f"max_docs must be at least 1, got {max_docs}")
-    out = Path(out)
+    out = Path(out).expanduser().absolute()  # absolute: "." must become a name that can be swapped
     if out.exists() and not out.is_dir():
         raise GPT2LabError(f"--out {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():
@@ -646,6 +653,7 @@ def prepare(
     if max_docs is not None:
         source["max_docs"] = max_docs
 
+    _load_encoding()  # before the clock: a one-time cost, not throughput
     out.parent.mkdir(parents=True, exist_ok=True)
     # not tempfile.mkdtemp: its 0700 mode would become the mode of out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -704,8 +712,8 @@ def _write_splits(
     doc_start = last_start = -1  # where the current / the last finished document begins in its split
     bytes_read = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
-        for pieces, arrays, nbytes in _encoded(_tasks(events, max_docs), workers):
-            for (_, end), ids in zip(pieces, arrays, strict=True):
+        for ends, arrays, nbytes in _encoded(_tasks(events, max_docs), workers):
+            for end, ids in zip(ends, arrays, strict=True):
                 split = "val" if _is_val(doc, frac) else "train"
                 if doc_start < 0:
                     doc_start = writers[split].tokens

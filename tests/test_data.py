@@ -1,0 +1,403 @@
+"""The data pipeline: prepare (corpus -> shards) and the readers (TokenData, Batches, val_batches, iter_windows)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2lab import data
+from gpt2lab.cli import main
+from gpt2lab.data import Batches, TokenData, iter_windows, prepare, split_text, stdlib_files, val_batches
+from gpt2lab.errors import GPT2LabError
+from gpt2lab.tokenizer import EOT, load_tokenizer
+
+SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not present")
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return load_tokenizer()
+
+
+def split_tokens(out: Path, split: str) -> np.ndarray:
+    d = TokenData(out, split)
+    return d.read(0, len(d))
+
+
+def documents(tokens: np.ndarray, enc) -> list[str]:
+    """Decode a split's stream back into its documents (each ends with EOT)."""
+    ends = np.flatnonzero(tokens == EOT)
+    assert len(ends) and ends[-1] == len(tokens) - 1, "a split must end with <|endoftext|>"
+    return [enc.decode(part[:-1].tolist()) for part in np.split(tokens, ends + 1)[:-1]]
+
+
+def all_documents(out: Path, enc, val_fraction: float) -> list[str]:
+    """The documents of a prepared directory in corpus order, merging the splits by the val rule."""
+    train, val = (iter(documents(split_tokens(out, s), enc)) for s in ("train", "val"))
+    meta = json.loads((out / "meta.json").read_text())
+    n = sum(meta["splits"][s]["documents"] for s in ("train", "val"))
+    frac = data.Fraction(val_fraction).limit_denominator(1_000_000)
+    held_out = [data._is_val(i, frac) for i in range(n)]
+    if not any(held_out):  # too few documents for the rule: prepare holds out the last one
+        held_out[-1] = True
+    return [next(val) if v else next(train) for v in held_out]
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """A small directory corpus: nested files, an empty file, a hidden directory that must be skipped."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "b.txt").write_text("Second document.\r\nWith a CRLF line.\n")
+    (root / "a.txt").write_text("First document: Hello, world!\n")
+    (root / "empty.txt").write_text("")
+    (root / "sub" / "c.md").write_text("Third, nested. It mentions <|endoftext|> literally.")
+    (root / ".git" / "objects").write_bytes(b"\x00\xff binary")
+    return root
+
+
+CORPUS_DOCS = [
+    "First document: Hello, world!\n",
+    "Second document.\r\nWith a CRLF line.\n",
+    "Third, nested. It mentions <|endoftext|> literally.",
+]
+
+
+# --- exact tokenization -------------------------------------------------------------------------
+
+
+@needs_shakespeare
+def test_split_text_pieces_tokenize_like_the_whole(enc):
+    rnd = random.Random(0)
+    texts = [
+        SHAKESPEARE.read_text()[:200_000],
+        *(p.read_text() for p in stdlib_files()[:40]),
+        "".join(rnd.choice("ab \n\n  \t\r.,'s1é😀X") for _ in range(50_000)),
+        # CJK, combining marks, and characters whose "space-ness" differs between Python and the tokenizer
+        "".join(rnd.choice("中文。\n\n 　e\u0301\x1c\x85\u2028\u200b\u180e'7") for _ in range(50_000)),
+    ]
+    n_cuts = 0
+    for text in texts:
+        whole = enc.encode_ordinary(text)
+        cuts = [0] + [m.start() for m in data._SAFE_CUT.finditer(text) if m.start() > 0] + [len(text)]
+        n_cuts += len(cuts) - 2
+        every = [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]  # cut at every safe place at once
+        assert [t for p in every for t in enc.encode_ordinary(p)] == whole
+        pieces = split_text(text, limit=500)
+        assert "".join(pieces) == text
+        assert [t for p in pieces for t in enc.encode_ordinary(p)] == whole
+    assert n_cuts > 50_000
+    assert max(len(p) for p in split_text(texts[0], limit=500)) <= 500
+
+
+def test_split_text_without_safe_cut_keeps_text_whole():
+    assert split_text("x" * 100, limit=10) == ["x" * 100]
+
+
+# --- prepare: round trips and input forms ---------------------------------------------------------
+
+
+@needs_shakespeare
+def test_round_trip_shakespeare_several_shards(tmp_path, enc):
+    out = tmp_path / "tok"
+    summary = prepare(out, [SHAKESPEARE], shard_tokens=100_000, workers=2, progress=False)
+    text = SHAKESPEARE.read_text()
+    expected = enc.encode_ordinary(text) + [EOT]
+    got = np.concatenate([split_tokens(out, "train"), split_tokens(out, "val")])
+    assert got.tolist() == expected
+    # one document: val is its last 1% of tokens
+    assert summary.tokens["val"] == round(0.01 * len(expected))
+    meta = json.loads((out / "meta.json").read_text())
+    assert [s["tokens"] for s in meta["splits"]["train"]["shards"]] == [100_000, 100_000, 100_000, 34_646]
+    for split in ("train", "val"):
+        for shard in meta["splits"][split]["shards"]:
+            assert data.hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert meta["bytes"] == SHAKESPEARE.stat().st_size == summary.bytes_read
+
+
+@needs_shakespeare
+def test_streamed_pieces_are_exact(tmp_path, enc, monkeypatch):
+    """Small read blocks and pieces: a file and a JSONL record are cut many times, tokens unchanged."""
+    monkeypatch.setattr(data, "PIECE_CHARS", 3000)
+    monkeypatch.setattr(data, "READ_BYTES", 1000)
+    text = SHAKESPEARE.read_text()[:100_000]
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tmp_path / "c.txt").write_text("x" * 20_000 + "\n" + text[:5000])  # no cut in the first 20k characters
+    out = tmp_path / "tok"
+    prepare(out, [tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], val_fraction=0.5, workers=2, progress=False)
+    assert all_documents(out, enc, 0.5) == [text, text, "x" * 20_000 + "\n" + text[:5000]]
+    expected = [enc.encode_ordinary(t) + [EOT] for t in (text, text, "x" * 20_000 + "\n" + text[:5000])]
+    got = [split_tokens(out, "train"), split_tokens(out, "val")]
+    assert got[0].tolist() == expected[0] + expected[2] and got[1].tolist() == expected[1]
+
+
+@pytest.mark.parametrize("form", ["dir", "glob", "files"])
+def test_input_forms(tmp_path, corpus, enc, form):
+    inputs = {
+        "dir": [corpus],
+        "glob": [str(corpus / "**" / "*.*")],
+        "files": [corpus / "a.txt", corpus / "b.txt", corpus / "sub" / "c.md", corpus / "a.txt"],
+    }[form]
+    out = tmp_path / "tok"
+    summary = prepare(out, inputs, val_fraction=0.5, workers=1, progress=False)
+    assert all_documents(out, enc, 0.5) == CORPUS_DOCS
+    assert summary.documents == {"train": 2, "val": 1}
+    # a literal "<|endoftext|>" is text: the only EOTs are the separators
+    assert sum(int((split_tokens(out, s) == EOT).sum()) for s in ("train", "val")) == 3
+
+
+def test_jsonl_input_and_text_field(tmp_path, enc):
+    src = tmp_path / "docs.jsonl"
+    rows = [{"body": "one", "id": 1}, {"body": "two\nlines"}, {"body": ""}, {"body": "three <|endoftext|>"}]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    out = tmp_path / "tok"
+    summary = prepare(out, [src], text_field="body", val_fraction=0.5, workers=1, progress=False)
+    assert all_documents(out, enc, 0.5) == ["one", "two\nlines", "three <|endoftext|>"]
+    assert summary.documents == {"train": 2, "val": 1}
+
+
+def test_stdlib_corpus_subset(tmp_path, enc):
+    files = stdlib_files()
+    assert len(files) > 300 and files == stdlib_files()
+    for f in files:
+        assert f.suffix == ".py"
+        assert not set(f.parts) & {"test", "tests", "idle_test", "site-packages"}, f
+    out = tmp_path / "tok"
+    summary = prepare(out, corpus="stdlib", max_docs=12, workers=2, progress=False)
+    expected = [t for f in files if (t := f.read_text(encoding="utf-8"))][:12]
+    assert all_documents(out, enc, 0.01) == expected
+    assert summary.documents == {"train": 11, "val": 1}  # fewer than 100 documents: the last one is val
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"]["corpus"] == "stdlib" and meta["source"]["max_docs"] == 12
+
+
+def test_val_split_spreads_documents(tmp_path, enc):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "tok"
+    summary = prepare(out, [src], val_fraction=0.1, workers=1, progress=False)
+    assert documents(split_tokens(out, "val"), enc) == [f"document {i}" for i in (9, 19, 29, 39)]
+    assert summary.documents == {"train": 36, "val": 4}
+
+
+@needs_shakespeare
+def test_deterministic_across_runs_and_workers(tmp_path, corpus):
+    inputs = [SHAKESPEARE, corpus]
+    outs = []
+    for i, workers in enumerate([1, 2, 2]):
+        out = tmp_path / f"tok{i}"
+        prepare(out, inputs, shard_tokens=60_000, workers=workers, progress=False)
+        outs.append(tree(out))
+    assert outs[0] == outs[1] == outs[2]
+    assert len(outs[0]) > 4
+
+
+def test_no_temp_files_left_and_rerun_replaces(tmp_path, corpus):
+    out = tmp_path / "tok"
+    prepare(out, [corpus / "a.txt"], workers=1, progress=False)
+    prepare(out, [corpus], workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert json.loads((out / "meta.json").read_text())["source"]["files"] == 4  # empty.txt is read, then skipped
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # a normal directory, not mkdtemp's private one
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_crash_leaves_previous_directory_intact(tmp_path, corpus, monkeypatch, exc):
+    out = tmp_path / "tok"
+    prepare(out, [corpus], shard_tokens=5, workers=1, progress=False)
+    before = tree(out)
+    calls = []
+    write = data._ShardWriter.write
+
+    def failing_write(self, ids):
+        calls.append(1)
+        if len(calls) == 2:
+            write(self, ids[: len(ids) // 2])  # a half-written shard, then the crash
+            raise exc
+        write(self, ids)
+
+    monkeypatch.setattr(data._ShardWriter, "write", failing_write)
+    with pytest.raises(type(exc)):
+        prepare(out, [corpus], shard_tokens=5, workers=1, progress=False)
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
+    # into a fresh directory: nothing at all appears
+    with pytest.raises(type(exc)):
+        calls.clear()
+        prepare(tmp_path / "new", [corpus], shard_tokens=5, workers=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
+
+
+def test_output_directory_is_never_read(tmp_path, corpus):
+    out = corpus / "tok"
+    prepare(out, [corpus], workers=1, progress=False)
+    summary = prepare(out, [corpus], workers=1, progress=False)  # tok/*.bin inside the input is skipped
+    assert summary.documents["train"] + summary.documents["val"] == 3
+
+
+# --- prepare: errors ------------------------------------------------------------------------------
+
+
+def test_prepare_errors(tmp_path, corpus):
+    out = tmp_path / "tok"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.txt").write_text("")
+    with pytest.raises(GPT2LabError, match="empty"):
+        prepare(out, [tmp_path / "empty"], workers=1, progress=False)
+    with pytest.raises(GPT2LabError, match="empty"):
+        prepare(out, [tmp_path / "empty" / "x.txt"], workers=1, progress=False)
+    with pytest.raises(GPT2LabError, match="does not exist"):
+        prepare(out, [tmp_path / "nope.txt"], progress=False)
+    with pytest.raises(GPT2LabError, match="matches no files"):
+        prepare(out, [str(tmp_path / "*.nothing")], progress=False)
+    (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe")
+    with pytest.raises(GPT2LabError, match="not UTF-8"):
+        prepare(out, [tmp_path / "bin.txt"], workers=1, progress=False)
+    with pytest.raises(GPT2LabError, match="not a prepared data directory"):
+        prepare(corpus, [tmp_path / "bin.txt"], progress=False)
+    with pytest.raises(GPT2LabError, match="val_fraction"):
+        prepare(out, [corpus], val_fraction=0, progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": oops}\n')
+    with pytest.raises(GPT2LabError, match=r"docs\.jsonl:4: not a JSON object"):
+        prepare(tmp_path / "tok", [src], workers=1, progress=False)
+    src.write_text('{"text": "fine"}\n{"content": "x"}\n')
+    with pytest.raises(GPT2LabError, match=r"docs\.jsonl:2: no string field 'text' \(found: 'content'\).*--text-field"):
+        prepare(tmp_path / "tok", [src], workers=1, progress=False)
+
+
+@needs_shakespeare
+def test_shakespeare_download_verified_or_clear_error(tmp_path, monkeypatch, enc):
+    def offline(url, timeout):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(GPT2LabError, match="--input"):
+        prepare(tmp_path / "tok", corpus="shakespeare", progress=False)
+
+    payload = SHAKESPEARE.read_bytes()
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    summary = prepare(tmp_path / "tok", corpus="shakespeare", workers=1, progress=False)
+    assert summary.tokens["train"] + summary.tokens["val"] == len(enc.encode_ordinary(payload.decode())) + 1
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload + b"!"))
+    with pytest.raises(GPT2LabError, match="sha256"):
+        prepare(tmp_path / "tok2", corpus="shakespeare", progress=False)
+
+
+def test_cli_prepare(tmp_path, corpus, capsys):
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--workers", "1"]) == 0
+    assert "3 documents (2 train, 1 val)" in capsys.readouterr().out
+    assert main(["prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "tok")]) == 2
+    assert "error: --input" in capsys.readouterr().err
+
+
+# --- readers --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting(tmp_path) -> Path:
+    """A prepared directory whose train stream is 0, 1, 2, ... in shards of 700 (so shift checks are exact)."""
+    out = tmp_path / "counting"
+    out.mkdir()
+    splits = {"train": np.arange(5000), "val": np.arange(300)}
+    meta = {"splits": {}}
+    for split, tokens in splits.items():
+        shards = []
+        for i, start in enumerate(range(0, len(tokens), 700)):
+            name = f"{split}_{i:06d}.bin"
+            tokens[start : start + 700].astype("<u2").tofile(out / name)
+            shards.append({"file": name, "tokens": len(tokens[start : start + 700])})
+        meta["splits"][split] = {"shards": shards}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_token_data_reads_across_shards(counting):
+    d = TokenData(counting, "train")
+    assert len(d) == 5000
+    assert d.read(690, 30).tolist() == list(range(690, 720))
+
+
+def test_token_data_errors(tmp_path, counting):
+    with pytest.raises(GPT2LabError, match="does not exist.*gpt2lab prepare"):
+        TokenData(tmp_path / "nope", "train")
+    with pytest.raises(GPT2LabError, match="no meta.json.*gpt2lab prepare"):
+        TokenData(tmp_path, "train")
+    with pytest.raises(GPT2LabError, match="300 tokens, fewer than block_size \\+ 1 = 301"):
+        TokenData(counting, "val", block_size=300)
+    TokenData(counting, "val", block_size=299)
+    (counting / "train_000001.bin").write_bytes(b"\x00\x00")
+    with pytest.raises(GPT2LabError, match="train_000001.bin is missing or has 2 bytes"):
+        TokenData(counting, "train")
+
+
+def test_batches_shapes_and_shift(counting):
+    x, y = Batches(TokenData(counting, "train"), batch_size=4, block_size=64).get(3)
+    assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
+    torch.testing.assert_close(y, x + 1)  # the stream counts up, so the next token is x + 1 everywhere
+
+
+def test_batches_deterministic_and_split_invariant(counting):
+    d = TokenData(counting, "train")
+    single = Batches(d, batch_size=8, block_size=16, seed=7)
+    x, _ = single.get(5)
+    torch.testing.assert_close(Batches(d, 8, 16, seed=7).get(5)[0], x)  # a fresh object: no hidden state
+    assert not torch.equal(single.get(6)[0], x) and not torch.equal(Batches(d, 8, 16, seed=8).get(5)[0], x)
+    parts = [Batches(d, 2, 16, grad_accum=2, rank=r, world_size=2, seed=7).get(5, m)[0] for m in (0, 1) for r in (0, 1)]
+    starts = [p[:, 0].tolist() for p in parts]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(starts) for b in starts[i + 1 :])
+    torch.testing.assert_close(torch.cat(parts), x)  # the same global batch, in block order
+    with pytest.raises(ValueError):
+        single.get(5, micro_step=1)
+    with pytest.raises(GPT2LabError):
+        Batches(TokenData(counting, "val"), 2, 300)
+
+
+def test_val_batches_fixed_and_sharded(counting):
+    d = TokenData(counting, "val")
+    full = val_batches(d, batch_size=2, block_size=32, n_batches=4)
+    again = val_batches(d, 2, 32, 4)
+    assert len(full) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(full, again, strict=True))
+    assert full[0][0][0, 0] == 0 and full[-1][1][-1, -1] == 299  # spans the whole split
+    ranks = [val_batches(d, 2, 32, 4, rank=r, world_size=2) for r in (0, 1)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ranks[0] + ranks[1], full[0::2] + full[1::2], strict=True))
+    with pytest.raises(GPT2LabError, match="multiple of world_size"):
+        val_batches(d, 2, 32, 3, rank=0, world_size=2)
+
+
+@pytest.mark.parametrize(("n", "block", "stride"), [(10, 4, 2), (100, 16, 16), (101, 16, 5), (7, 16, 8), (50, 8, 1)])
+def test_iter_windows_scores_every_token_once(n, block, stride):
+    tokens = np.arange(1000, 1000 + n)
+    scored = []
+    prev_begin = -1
+    for x, y in iter_windows(tokens, block, stride):
+        assert x.shape == y.shape and x.shape[0] == 1 and x.shape[1] <= block
+        begin = int(x[0, 0]) - 1000
+        assert begin > prev_begin
+        prev_begin = begin
+        kept = y[y != -100]
+        torch.testing.assert_close(kept, x[y != -100] + 1)  # y is x shifted by one where it counts
+        scored += kept.tolist()
+    assert scored == list(range(1001, 1000 + n))  # every token after the first, once, in order
+    with pytest.raises(GPT2LabError):
+        list(iter_windows([1], block, 1))
