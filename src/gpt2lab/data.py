@@ -56,7 +56,8 @@ class TokenData:
         meta_path = self.data_dir / META
         if not self.data_dir.is_dir():
             raise GPT2LabError(
-                f"data directory {self.data_dir} does not exist; create it with: gpt2lab prepare --input ... --out {self.data_dir}"
+                f"data directory {self.data_dir} does not exist; "
+                f"create it with: gpt2lab prepare --input ... --out {self.data_dir}"
             )
         if not meta_path.is_file():
             raise GPT2LabError(
@@ -609,8 +610,10 @@ def prepare(
     Document ``i`` (counting from 0, empty documents skipped) goes to val when ``floor((i + 1) * f)``
     exceeds ``floor(i * f)`` for ``f = val_fraction``: every 100th document for 0.01, deterministic and
     spread over the corpus. A corpus too small for that gives its last document to val, and a
-    one-document corpus its last ``val_fraction`` of tokens. Everything is written into a temporary directory beside ``out`` and swapped
-    in at the end, so an interrupted or failed run leaves an existing ``out`` as it was.
+    one-document corpus its last ``val_fraction`` of tokens.
+
+    Everything is written into a temporary directory beside ``out`` and swapped in at the end, so an
+    interrupted or failed run leaves an existing ``out`` as it was. ``max_docs`` stops early (a sample).
     """
     if bool(inputs) == (corpus is not None):
         raise ConfigError("give either input paths or a corpus name, not both and not neither")
