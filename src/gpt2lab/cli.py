@@ -226,6 +226,112 @@ def _prepare(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("train", "train or fine-tune a model (one process, or DDP/FSDP under torchrun); reruns resume")
+def _train(p: argparse.ArgumentParser) -> None:
+    from gpt2lab.config import describe_train_config
+
+    p.usage = "%(prog)s [-h] [--config FILE.toml] [--section.key=value ...]"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "Every setting below can be given in the TOML file ([section] then key = value) and overridden on the\n"
+        "command line as --section.key=value. Multi-process: torchrun --nproc_per_node=N -m gpt2lab train\n"
+        "--run.strategy=ddp|fsdp ... Running the same command again resumes from the newest checkpoint.\n\n"
+        + describe_train_config()
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="a TOML file with [model], [data], [optim], [run] tables")
+    p.set_defaults(overrides=[])
+
+    def run(args):
+        from gpt2lab.config import TrainConfig
+        from gpt2lab.train import train
+
+        train(TrainConfig.load(args.config, args.overrides))
+
+    p.set_defaults(func=run)
+
+
+@command("eval", "loss and perplexity of a model on a prepared data directory (val split) or a text file")
+def _eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR|FILE",
+        help="a directory made by gpt2lab prepare (its val split is scored) or a UTF-8 text file (tokenized here)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per window (default: the model's context; 1024 for rotary models)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="tokens between window starts; each window scores only tokens no earlier window scored, so a "
+        "stride below the block size gives every token more context (default: block size / 2)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_model_args(p)
+
+    def run(args):
+        import math
+        from pathlib import Path
+
+        from gpt2lab.data import TokenData
+        from gpt2lab.train import perplexity
+
+        path = Path(args.data).expanduser()
+        if not path.exists():
+            raise GPT2LabError(f"--data {path} does not exist; give a prepared directory or a text file")
+        if args.batch_size < 1:
+            raise GPT2LabError("--batch-size must be at least 1")
+        model, tok = load_model_from_args(args)
+        limit = model.config.max_positions
+        block_size = args.block_size or limit or 1024
+        if block_size < 1 or (limit is not None and block_size > limit):
+            raise GPT2LabError(f"--block-size must be between 1 and the model's context ({limit}), got {block_size}")
+        stride = args.stride or max(1, block_size // 2)
+        if path.is_dir():
+            data = TokenData(path, "val")
+            tokens = data.read(0, len(data))
+        else:
+            tokens = tok.encode_ordinary(path.read_text(encoding="utf-8", errors="replace"))
+        if len(tokens) < 2:
+            raise GPT2LabError(f"{path} has {len(tokens)} token(s); scoring needs at least 2")
+        loss, n = perplexity(model, tokens, block_size, stride, args.batch_size)
+        print(
+            f"{n:,} tokens scored (block {block_size}, stride {stride}): loss {loss:.4f}, perplexity {math.exp(loss):.3f}"
+        )
+
+    p.set_defaults(func=run)
+
+
+@command("export", "write a model (e.g. the newest checkpoint of a training run) as an HF-format directory")
+def _export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a training out_dir (newest complete checkpoint), one checkpoint directory, or any loadable model",
+    )
+    p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
+
+    def run(args):
+        from pathlib import Path
+
+        from gpt2lab.hf import load_pretrained, resolve, save_pretrained
+
+        source = resolve(args.model)
+        out = Path(args.out).expanduser()
+        if out.exists() and out.resolve() == source.resolve():
+            raise GPT2LabError(f"--out {out} is the model's own directory; export elsewhere")
+        model = load_pretrained(source)
+        save_pretrained(model, out)
+        print(f"exported {args.model} ({model.num_params():,} parameters) to {out}")
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 and its modern variants: load, generate, train, compare, benchmark."
@@ -238,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides"):  # only train takes free-form --section.key=value settings
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -32,8 +32,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """A GPT from an HF GPT-2 directory, a gpt2lab directory, or a hub name (cache first, then online)."""
+    """A GPT from an HF GPT-2 directory, a gpt2lab directory, a training out_dir (its newest complete
+    checkpoint) or checkpoint directory, or a hub name (cache first, then online)."""
     directory = resolve(name_or_path)
+    from gpt2lab import checkpoint  # imported here: it pulls in torch.distributed
+
+    if checkpoint.is_training_dir(directory):
+        return checkpoint.load_model(directory, device=device)
     config = read_config(directory)
     state_dict = from_hf_state_dict(read_weights(directory), config)
     return GPT.from_state_dict(config, state_dict, device=device)
