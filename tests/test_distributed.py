@@ -1,0 +1,141 @@
+"""DDP and FSDP as real torchrun processes (gloo on CPU) against one process with the same global batch.
+
+Every run trains the tiny byte-level model for 10 steps on 8 sequences per step, split differently:
+single 1 x 8; DDP 2 ranks x 2 micro-steps x 2 (so gradient sync is skipped on one micro-step);
+FSDP 2 ranks x 4; two "nodes" of one DDP rank x 4 each. The val set (eval_batches x batch_size
+sequences, spread over ranks) is the same 16 sequences in every run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dist_worker import byte_corpus, config, metrics, overrides, settings, trajectory
+
+from gpt2lab import checkpoint
+from gpt2lab.train import train
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("dist_worker.py")
+LOSS_ATOL = 1e-5
+# Final weights after 10 AdamW steps: the ranks' gradients are summed in another order than one
+# process sums its batch (relative noise ~1e-7), and Adam divides by sqrt(v), so for weights whose
+# gradient is tiny that noise moves the update by up to ~lr * 1e-3 = 3e-6 a step; 1e-4 bounds 10 steps.
+WEIGHT_ATOL = 1e-4
+SPLITS = {
+    "ddp": {"run.strategy": "ddp", "data.batch_size": 2, "data.grad_accum": 2, "run.eval_batches": 8},
+    "fsdp": {"run.strategy": "fsdp", "data.batch_size": 4, "run.eval_batches": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def bytes_dir(tmp_path_factory) -> Path:
+    return byte_corpus(tmp_path_factory.mktemp("bytes") / "data")
+
+
+@pytest.fixture(scope="module")
+def single(bytes_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun workers (OMP_NUM_THREADS=1)
+    try:
+        train(config(bytes_dir, out))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def torchrun(launcher: list[str], run: dict, env: dict | None = None, wait: bool = True):
+    """``python -m torch.distributed.run LAUNCHER dist_worker.py train RUN``; the finished process, or the
+    running one when ``wait`` is False."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(WORKER), "train", *overrides(run)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def standalone(bytes_dir: Path, out: Path, strategy: str, env: dict | None = None):
+    return torchrun(["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS[strategy])), env)
+
+
+def _dotted(d: dict) -> dict:
+    return {k.replace(".", "__"): v for k, v in d.items()}
+
+
+def assert_matches(out: Path, single: Path) -> None:
+    got, want = metrics(out), metrics(single)
+    assert [r["step"] for r in got] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], rtol=0, atol=LOSS_ATOL)
+    val = [[r["val_loss"] for r in m if "val_loss" in r] for m in (got, want)]
+    np.testing.assert_allclose(val[0], val[1], rtol=0, atol=LOSS_ATOL)
+    a, b = checkpoint.load_model(out), checkpoint.load_model(single)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(bytes_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    proc = standalone(bytes_dir, out, "fsdp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_ddp_matches_one_process(bytes_dir, single, tmp_path):
+    proc = standalone(bytes_dir, tmp_path / "out", "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategy ddp x 2" in proc.stderr and "2 micro-step(s) of 2 x 32" in proc.stderr
+    assert_matches(tmp_path / "out", single)
+
+
+def test_fsdp_matches_one_process(fsdp_run, single):
+    ckpt = checkpoint.latest(fsdp_run)
+    assert checkpoint.read_meta(ckpt)["format"] == "dcp" and (ckpt / "state" / ".metadata").is_file()
+    assert_matches(fsdp_run, single)  # load_model reassembles the shards without a process group
+
+
+def test_fsdp_resume_after_sigkill_during_checkpoint_write_is_exact(bytes_dir, fsdp_run, tmp_path):
+    out = tmp_path / "out"
+    killed = standalone(bytes_dir, out, "fsdp", env={"KILL_AT_COMMIT": "6"})
+    assert killed.returncode != 0
+    assert (out / ".tmp-ckpt-00000006" / "state" / ".metadata").is_file()  # shards written, never committed
+    assert checkpoint.latest(out).name == "ckpt-00000003"
+    resumed = standalone(bytes_dir, out, "fsdp")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 3" in resumed.stderr
+    assert trajectory(out) == trajectory(fsdp_run)
+    for p, q in zip(checkpoint.load_model(out).parameters(), checkpoint.load_model(fsdp_run).parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_two_nodes_with_c10d_rendezvous(bytes_dir, single, tmp_path):
+    with socket.socket() as s:  # a free port for the rendezvous store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=gpt2lab-test",
+    ]
+    run = settings(bytes_dir, tmp_path / "out", run__strategy="ddp", data__batch_size=4, run__eval_batches=4)
+    nodes = [torchrun(launcher, run, wait=False) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.send_signal(signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "strategy ddp x 2" in "".join(outputs)
+    assert_matches(tmp_path / "out", single)
