@@ -27,8 +27,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., T, head_dim) by tables broadcastable to it; computed in float32, returned in x's dtype."""
-    xf = x.float()
+    """Rotate x (..., T, head_dim) by tables broadcastable to it; computed in at least float32 (half precision
+    is upcast, float64 is kept), returned in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * cos + rotate_half(xf) * sin).type_as(x)
 
 

@@ -1,0 +1,258 @@
+"""The CLI: `predict` and `generate` on a tiny saved model, and clean one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gpt2lab import GPT, generate, load_tokenizer
+from gpt2lab.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([*argv, "--device", "cpu"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_clean_error(rc: int, out: str, err: str, *phrases: str) -> None:
+    assert rc != 0
+    assert "Traceback" not in out + err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for phrase in phrases:
+        assert phrase in err
+
+
+# --- happy paths -----------------------------------------------------------------------------------
+
+
+def test_predict_lists_the_models_top_tokens(capsys, tiny_dir):
+    """`predict` prints the --top most likely next tokens, best first, with the model's probabilities."""
+    rc, out, err = _run(capsys, "predict", "Hello, my name is", "--top", "3", "--model", str(tiny_dir))
+    assert rc == 0, err
+    rows = [line.split(maxsplit=3) for line in out.splitlines()[1:]]
+    assert len(rows) == 3
+    ids = load_tokenizer().encode("Hello, my name is")
+    with torch.no_grad():
+        probs = GPT.from_pretrained(tiny_dir)(torch.tensor([ids]))[0][0, -1].softmax(-1)
+    top = probs.topk(3)
+    assert [int(r[1]) for r in rows] == top.indices.tolist()
+    assert [float(r[2]) for r in rows] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_generate_greedy_is_the_library_continuation(capsys, tiny_dir):
+    """`generate --temperature 0` prints the prompt then gpt2lab.generate's greedy tokens, the same every run."""
+    args = ("generate", "--prompt", "Hello world", "--max-new-tokens", "8", "--temperature", "0")
+    rc, out, err = _run(capsys, *args, "--model", str(tiny_dir))
+    assert rc == 0, err
+    tok = load_tokenizer()
+    new = generate(GPT.from_pretrained(tiny_dir), [tok.encode("Hello world")], 8, temperature=0)[0]
+    assert out == "Hello world" + tok.decode(new) + "\n"
+    assert _run(capsys, *args, "--model", str(tiny_dir))[1] == out
+
+
+def test_generate_seed_is_reproducible(capsys, tiny_dir):
+    """`generate --seed` repeats its sample exactly; a different seed gives a different sample."""
+    args = ("generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--model", str(tiny_dir))
+    first = _run(capsys, *args, "--seed", "1")
+    assert first[0] == 0 and first[1].startswith("Once upon a time")
+    assert _run(capsys, *args, "--seed", "1") == first
+    assert _run(capsys, *args, "--seed", "2")[1] != first[1]
+
+
+def test_generate_num_samples(capsys, tiny_dir):
+    """`generate --num-samples 2` prints two labelled samples, each starting with the prompt."""
+    rc, out, err = _run(
+        capsys, "generate", "--prompt", "Hi", "--max-new-tokens", "5", "--num-samples", "2", "--seed", "0",
+        "--model", str(tiny_dir),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert out.count("--- sample") == 2 and out.count("\nHi") == 2
+
+
+# --- bad checkpoints -------------------------------------------------------------------------------
+
+
+class NotATensor:
+    """A custom class: loading it needs arbitrary unpickling."""
+
+
+class WritesMarker:
+    """Unpickling this runs code that creates a file: the marker proves whether it ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+def _copy(tiny_dir, tmp_path):
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_dir, directory)
+    return directory
+
+
+def _edit_weights(directory, fn) -> None:
+    sd = load_file(directory / "model.safetensors")
+    fn(sd)
+    save_file(sd, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def _bin_dir(directory, obj) -> None:
+    (directory / "model.safetensors").unlink()
+    torch.save(obj, directory / "pytorch_model.bin")
+
+
+def _missing(tiny_dir, tmp_path):
+    return tmp_path / "no-such-model", ["neither an existing directory"]
+
+
+def _file(tiny_dir, tmp_path):
+    return _copy(tiny_dir, tmp_path) / "model.safetensors", ["is a file"]
+
+
+def _empty_dir(tiny_dir, tmp_path):
+    return tmp_path, ["no config.json"]
+
+
+def _no_weights(tiny_dir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    return tmp_path, ["has no weights", "model.safetensors"]
+
+
+def _bad_json(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    (d / "config.json").write_text('{"n_layer": 2,')
+    return d, ["not valid JSON"]
+
+
+def _bad_config_value(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["gpt2lab"]["n_head"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, ["config.json", "n_head"]
+
+
+def _truncated(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return d, ["model.safetensors", "truncated or corrupt"]
+
+
+def _garbage(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    (d / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    return d, ["model.safetensors", "truncated or corrupt"]
+
+
+def _wrong_shape(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_positions"] = cfg["n_ctx"] = cfg["gpt2lab"]["block_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, ["wpe.weight", "(32, 32)", "(48, 32)"]
+
+
+def _missing_key(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _edit_weights(d, lambda sd: sd.pop("transformer.h.1.mlp.c_fc.bias"))
+    return d, ["missing keys", "h.1.mlp.c_fc.bias"]
+
+
+def _unknown_key(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _edit_weights(d, lambda sd: sd.update({"transformer.h.0.attn.rotary.inv_freq": torch.ones(8)}))
+    return d, ["unknown keys", "h.0.attn.rotary.inv_freq"]
+
+
+def _unsafe_class(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _bin_dir(d, {"wte.weight": torch.zeros(3), "extra": NotATensor()})
+    return d, ["refused", "pytorch_model.bin", "arbitrary unpickling"]
+
+
+def _truncated_bin(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _bin_dir(d, load_file(d / "model.safetensors"))
+    data = (d / "pytorch_model.bin").read_bytes()
+    (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    return d, ["pytorch_model.bin", "truncated"]
+
+
+def _bin_not_state_dict(tiny_dir, tmp_path):
+    d = _copy(tiny_dir, tmp_path)
+    _bin_dir(d, [torch.zeros(3)])
+    return d, ["not a state dict"]
+
+
+BAD_MODELS = [
+    _missing,
+    _file,
+    _empty_dir,
+    _no_weights,
+    _bad_json,
+    _bad_config_value,
+    _truncated,
+    _garbage,
+    _wrong_shape,
+    _missing_key,
+    _unknown_key,
+    _unsafe_class,
+    _truncated_bin,
+    _bin_not_state_dict,
+]
+
+
+@pytest.mark.parametrize("make_bad", BAD_MODELS, ids=[f.__name__.strip("_") for f in BAD_MODELS])
+@pytest.mark.parametrize("command", ["predict", "generate"])
+def test_bad_model_is_a_clean_error(capsys, tiny_dir, tmp_path, make_bad, command):
+    """Every broken model path or checkpoint exits non-zero with a one-line message naming the problem."""
+    path, phrases = make_bad(tiny_dir, tmp_path)
+    text = ["Hello"] if command == "predict" else ["--prompt", "Hello", "--max-new-tokens", "2"]
+    _assert_clean_error(*_run(capsys, command, *text, "--model", str(path)), *phrases)
+
+
+def test_pickle_payload_is_never_run(capsys, tiny_dir, tmp_path):
+    """A .bin whose unpickling would run code is refused before any of it runs (no marker file appears);
+    the same file unpickled without weights_only does run it, so the marker is a live probe."""
+    d = _copy(tiny_dir, tmp_path)
+    marker = tmp_path / "marker"
+    _bin_dir(d, {"wte.weight": torch.zeros(3), "payload": WritesMarker(str(marker))})
+    _assert_clean_error(*_run(capsys, "predict", "Hello", "--model", str(d)), "refused", "arbitrary unpickling")
+    assert not marker.exists()
+    torch.load(d / "pytorch_model.bin", weights_only=False)
+    assert marker.read_text() == "unpickled"
+
+
+# --- bad prompts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["predict", "generate"])
+def test_empty_prompt(capsys, tiny_dir, command):
+    """An empty prompt is refused with a hint instead of crashing the model."""
+    text = [""] if command == "predict" else ["--prompt", ""]
+    _assert_clean_error(*_run(capsys, command, *text, "--model", str(tiny_dir)), "prompt is empty")
+
+
+def test_predict_prompt_longer_than_context(capsys, tiny_dir):
+    """`predict` with 40 tokens on a 32-position model names both lengths."""
+    text = " word" * 40
+    assert len(load_tokenizer().encode(text)) == 40
+    _assert_clean_error(*_run(capsys, "predict", text, "--model", str(tiny_dir)), "40 tokens", "context of 32")
+
+
+def test_generate_prompt_plus_new_tokens_beyond_context(capsys, tiny_dir):
+    """`generate` with a 20-token prompt and 20 new tokens on a 32-position model is refused; 12 fit."""
+    args = ("generate", "--prompt", " word" * 20, "--temperature", "0", "--model", str(tiny_dir))
+    _assert_clean_error(*_run(capsys, *args, "--max-new-tokens", "20"), "exceeds the context of 32")
+    rc, _, err = _run(capsys, *args, "--max-new-tokens", "12")
+    assert rc == 0, err

@@ -1,0 +1,259 @@
+"""Generation: greedy parity with transformers, KV-cache decoding, batching, samplers, stopping, limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2lab import GPT, GPT2LabError, generate, stream
+from gpt2lab.generate import sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 311]
+SHORT = [5, 17, 3]  # within the 97-token vocabulary of the tiny models
+
+
+def _hf_greedy(hf_model, prompt: list[int], n: int, pad_token_id: int) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_matches_transformers_small(hf_small):
+    """40 greedy tokens from a small random model equal GPT2LMHeadModel.generate(do_sample=False)."""
+    model = GPT.from_pretrained(hf_small.safetensors_dir)
+    ours = generate(model, [PROMPT], 40, temperature=0, eos_id=None)[0]
+    assert len(ours) == 40
+    assert len(set(ours)) > 5, "a degenerate (repeating) continuation would prove little"
+    assert ours == _hf_greedy(hf_small.model, PROMPT, 40, pad_token_id=0)
+
+
+def test_greedy_matches_transformers_124m(hf_124m):
+    """10 greedy tokens of random-weight GPT-2 124M after "The dog" equal transformers' generate."""
+    model = GPT.from_pretrained(hf_124m.safetensors_dir)
+    prompt = [464, 3290]
+    ours = generate(model, [prompt], 10, temperature=0)[0]
+    assert ours == _hf_greedy(hf_124m.model, prompt, 10, pad_token_id=50256)
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_kv_cache_decoding_equals_full_forward(hf_small, B):
+    """Prefilling 7 tokens then decoding one token at a time through the KV cache reproduces the logits
+    of one full forward pass at every position (1e-5)."""
+    model = GPT.from_pretrained(hf_small.safetensors_dir).eval()
+    T, P = 40, 7
+    idx = torch.randint(0, 500, (B, T), generator=torch.Generator().manual_seed(B))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_cache(B, T)
+        steps = [model(idx[:, :P], input_pos=torch.arange(P))[0]]
+        for t in range(P, T):
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]))[0])
+    model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+BATCH_PROMPTS = [[11, 3, 58], [7, 80, 2, 44, 19, 61, 5, 33, 90], [42], [60, 1, 22, 71, 8, 13]]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(), dict(pos_emb="rope", n_kv_head=2, window=4, window_pattern="LG")],
+    ids=["gpt2", "rope-gqa-window"],
+)
+def test_batched_left_padded_generation_equals_per_prompt(make_gpt, variant):
+    """Prompts of lengths 3, 9, 1 and 6 generated as one left-padded batch give each prompt's own greedy
+    continuation (positions, masks and rolling window caches honour the padding)."""
+    model = make_gpt(seed=2, **variant)
+    batched = generate(model, BATCH_PROMPTS, 12, temperature=0, eos_id=None)
+    single = [generate(model, [p], 12, temperature=0, eos_id=None)[0] for p in BATCH_PROMPTS]
+    assert batched == single
+    assert len({tuple(row) for row in single}) == len(single)
+
+
+def test_same_seed_same_tokens(make_gpt):
+    """Sampling with a seed is reproducible, and another seed gives another sample."""
+    model = make_gpt(seed=4, std=0.05)  # flat-ish distribution: many tokens are plausible
+    a = generate(model, [SHORT], 20, temperature=1.0, seed=123, eos_id=None)
+    b = generate(model, [SHORT], 20, temperature=1.0, seed=123, eos_id=None)
+    c = generate(model, [SHORT], 20, temperature=1.0, seed=124, eos_id=None)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_1_is_greedy(make_gpt):
+    """top_k=1 samples the argmax at every step, whatever the temperature and seed."""
+    model = make_gpt(seed=4, std=0.05)
+    greedy = generate(model, BATCH_PROMPTS, 15, temperature=0, eos_id=None)
+    assert generate(model, BATCH_PROMPTS, 15, temperature=1.5, top_k=1, seed=9, eos_id=None) == greedy
+
+
+def _support(logits: list[float], n: int = 4000, **kwargs) -> tuple[set[int], torch.Tensor]:
+    """The set of tokens sample() draws from a fixed logits vector over n draws, and their frequencies."""
+    rows = torch.tensor(logits).log().expand(n, -1) if kwargs.pop("probs", False) else torch.tensor(logits)
+    rows = rows.expand(n, -1).clone()
+    tokens = sample(rows, generator=torch.Generator().manual_seed(0), **kwargs)
+    return set(tokens.tolist()), torch.bincount(tokens, minlength=rows.shape[1]).float() / n
+
+
+@pytest.mark.parametrize(
+    "k, expected",
+    [(1, {1}), (2, {1, 3}), (3, {1, 2, 3}), (5, {1, 2, 3, 4, 5}), (8, set(range(8)))],
+)
+def test_top_k_keeps_exactly_k_tokens(k, expected):
+    """Top-k samples from exactly the k best tokens; ties at the cut go to the lower token ids."""
+    logits = [1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5, -1.0]
+    support, _ = _support(logits, top_k=k)
+    assert support == expected
+
+
+def test_top_k_ties_are_cut_reproducibly():
+    """With 334 tokens tied for best in a 1000-token vocabulary, top_k=5 keeps the 5 lowest ids among them."""
+    logits = [1.0 if i % 3 == 0 else 0.0 for i in range(1000)]
+    support, _ = _support(logits, top_k=5)
+    assert support == {0, 3, 6, 9, 12}
+
+
+@pytest.mark.parametrize(
+    "p, expected",
+    [
+        (0.45, {1}),
+        (0.75, {1, 3}),
+        (0.85, {1, 2, 3}),
+        (0.92, {0, 1, 2, 3}),
+        (0.97, {0, 1, 2, 3, 4}),
+        (1.0, set(range(5))),
+    ],
+)
+def test_top_p_keeps_the_smallest_set_reaching_p(p, expected):
+    """Top-p samples from the smallest set of most likely tokens whose probability reaches p."""
+    support, _ = _support([0.05, 0.5, 0.1, 0.3, 0.05], probs=True, top_p=p)
+    assert support == expected
+
+
+def test_top_p_renormalises_and_follows_temperature():
+    """Within the top-p set tokens keep their relative probabilities; temperature is applied before the cut."""
+    probs = [0.05, 0.5, 0.1, 0.3, 0.05]
+    _, freq = _support(probs, n=20000, probs=True, top_p=0.85)
+    torch.testing.assert_close(freq, torch.tensor([0, 0.5, 0.1, 0.3, 0]) / 0.9, atol=0.02, rtol=0)
+    # temperature 2 flattens the distribution to ~[.11, .35, .16, .27, .11], so 0.7 needs three tokens
+    support, _ = _support(probs, probs=True, top_p=0.7, temperature=2.0)
+    assert support == {1, 2, 3}
+
+
+def test_eos_stops_a_row(make_gpt):
+    """A row stops at eos_id (its output ends with it), while other rows of the batch run to the end."""
+    model = make_gpt(seed=2)
+    first = generate(model, [SHORT], 5, temperature=0, eos_id=None)[0][0]
+    assert generate(model, [SHORT], 10, temperature=0, eos_id=first) == [[first]]
+    assert len(list(stream(model, [SHORT], 10, temperature=0, eos_id=first))) == 1  # no decode step after it
+    other = [9, 9, 4]
+    free = generate(model, [other], 10, temperature=0, eos_id=None)[0]
+    assert first not in free, "pick another second prompt: it must not produce the eos token"
+    assert generate(model, [SHORT, other], 10, temperature=0, eos_id=first) == [[first], free]
+
+
+def test_context_limit_of_learned_positions(make_gpt):
+    """Learned positions: prompt + max_new_tokens may reach block_size but not exceed it."""
+    model = make_gpt(block_size=16)
+    assert len(generate(model, [[1] * 6], 10, temperature=0, eos_id=None)[0]) == 10
+    with pytest.raises(GPT2LabError, match="exceeds the context"):
+        generate(model, [[1] * 6], 11, temperature=0)
+    with pytest.raises(GPT2LabError, match="exceeds the context"):
+        generate(model, [[1] * 17], 0, temperature=0)
+
+
+def test_rope_generates_past_block_size(make_gpt):
+    """Rotary models have no position table, so generation may run past block_size; each greedy token is
+    still the argmax of a full forward pass over the sequence so far."""
+    model = make_gpt(seed=6, block_size=8, pos_emb="rope")
+    prompt = [3, 1, 4, 1, 5, 9]
+    new = generate(model, [prompt], 10, temperature=0, eos_id=None)[0]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([prompt + new]))
+    assert new == logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("prompts", [[[]], [], [[1, 2], []]], ids=["empty", "no-prompts", "one-empty"])
+def test_empty_prompt_raises(make_gpt, prompts):
+    """An empty prompt (or no prompt at all) is an input error, not a crash."""
+    with pytest.raises(GPT2LabError, match="empty"):
+        generate(make_gpt(), prompts, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=98), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_sampling_arguments_raise(make_gpt, kwargs, field):
+    """Out-of-range sampling arguments raise GPT2LabError naming the argument."""
+    kwargs = dict(max_new_tokens=3) | kwargs
+    with pytest.raises(GPT2LabError, match=field):
+        generate(make_gpt(), [[1, 2]], **kwargs)
+
+
+# --- real GPT-2 weights, only where they are already in the local HF cache ------------------------------
+
+
+def cached_gpt2_dir(cache_dir: str | Path | None = None) -> Path | None:
+    """The local snapshot of the real GPT-2 (``openai-community/gpt2`` or legacy ``gpt2``) holding config.json
+    and weights, or None. Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo in ("openai-community/gpt2", "gpt2"):
+        config = try_to_load_from_cache(repo, "config.json", cache_dir=cache_dir)
+        if not isinstance(config, str):  # None (unknown) or the "cached as missing" sentinel
+            continue
+        for weights in ("model.safetensors", "pytorch_model.bin"):
+            path = try_to_load_from_cache(repo, weights, cache_dir=cache_dir)
+            if isinstance(path, str) and Path(path).parent == Path(config).parent:
+                return Path(config).parent
+    return None
+
+
+def test_cached_gpt2_dir_finds_only_complete_snapshots(tmp_path):
+    """The skip condition of the real-weights test: a snapshot counts only with config.json and weights."""
+    repo = tmp_path / "models--openai-community--gpt2"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert cached_gpt2_dir(tmp_path) is None
+    (snapshot / "config.json").write_text("{}")
+    assert cached_gpt2_dir(tmp_path) is None
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert cached_gpt2_dir(tmp_path) == snapshot
+
+
+REAL_GPT2 = cached_gpt2_dir()
+
+
+@pytest.mark.skipif(REAL_GPT2 is None, reason="the real GPT-2 weights are not in the local Hugging Face cache")
+def test_real_gpt2_greedy_matches_transformers():
+    """With the real GPT-2 weights, "The dog" continues greedily exactly as transformers continues it, and the
+    prompt's logits agree to 1e-3."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT.from_pretrained(REAL_GPT2)
+    hf = GPT2LMHeadModel.from_pretrained(REAL_GPT2, local_files_only=True).eval()
+    prompt = [464, 3290]  # "The dog"
+    with torch.no_grad():
+        ours_logits, theirs_logits = model(torch.tensor([prompt]))[0], hf(torch.tensor([prompt])).logits
+    assert (ours_logits - theirs_logits).abs().max().item() <= 1e-3
+    ours = generate(model, [prompt], 20, temperature=0)[0]
+    assert ours == _hf_greedy(hf, prompt, 20, pad_token_id=50256)

@@ -1,0 +1,93 @@
+"""The offline GPT-2 tokenizer equals transformers' GPT-2 tokenizer, and checkpoint dirs can bring their own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from gpt2lab import load_tokenizer
+from gpt2lab.tokenizer import EOT, bundled_files
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXTS = [
+    "Hello, world! The dog ran.",
+    "  leading spaces, trailing spaces   ",
+    "whitespace   runs\t\ttabs\n\n\nnewlines \n \r\n end",
+    "naïve café – “quotes” — Ελληνικά, русский, 日本語のテキスト, 한국어, עברית",
+    "emoji 👍🏽 🎉 family 👨‍👩‍👧 flags 🇫🇷",
+    "def f(x):\n    return x ** 2  # comment\n\nclass A:\n\tpass\n",
+    "<|endoftext|>a document<|endoftext|>The next one",
+    "I'm, you're, he's, we'll, they've, don't, I'd, can't, IT'S, y'all",
+    "numbers 3.14159 1,000,000 2024-01-01 0x1F 123456789 007",
+    'url https://example.com/a?b=c&d=e <b>html</b> {"json": [1, 2]}',
+    "\u00a0no-break space, zero\u200bwidth, combining e\u0301",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """transformers' GPT2TokenizerFast built offline from the bundled files under HF's names."""
+    from transformers import GPT2TokenizerFast
+
+    directory = tmp_path_factory.mktemp("hf_tok")
+    encoder_json, vocab_bpe = bundled_files()
+    shutil.copyfile(encoder_json, directory / "vocab.json")
+    shutil.copyfile(vocab_bpe, directory / "merges.txt")
+    tok = GPT2TokenizerFast.from_pretrained(directory)
+    assert len(tok) == 50257 and len(tok.get_vocab()) == 50257, "HF tokenizer built with an empty vocabulary"
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == EOT
+    return tok
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=range(len(TEXTS)))
+def test_matches_transformers(hf_tokenizer, text):
+    """Our ids equal HF's GPT-2 tokenizer on varied text, and both decode back to the text."""
+    tok = load_tokenizer()
+    ids = tok.encode(text, allowed_special="all")
+    assert ids == hf_tokenizer(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert hf_tokenizer.decode(ids) == text
+
+
+def test_all_texts_at_once_and_special_token(hf_tokenizer):
+    """The concatenation of all texts matches too, and <|endoftext|> is the single token 50256."""
+    tok = load_tokenizer()
+    text = "<|endoftext|>".join(TEXTS)
+    ids = tok.encode(text, allowed_special="all")
+    assert ids == hf_tokenizer(text)["input_ids"]
+    assert ids.count(EOT) == len(TEXTS) - 1 + sum(t.count("<|endoftext|>") for t in TEXTS)
+    assert tok.n_vocab == 50257 and tok.eot_token == EOT
+
+
+def test_checkpoint_dir_files_are_used(tmp_path):
+    """load_tokenizer(dir) builds from the dir's vocab.json/merges.txt: with the last merge removed, the
+    merged token no longer exists and <|endoftext|> moves to id 50255."""
+    encoder_json, vocab_bpe = bundled_files()
+    encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+    last = max((i, t) for t, i in encoder.items() if t != "<|endoftext|>")[1]  # token 50255, the last merge
+    merges = vocab_bpe.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    assert "".join(merges[-1].split()) == last
+    (tmp_path / "merges.txt").write_text("\n".join(merges[:-1]) + "\n", encoding="utf-8")
+    del encoder[last]
+    encoder["<|endoftext|>"] = 50255
+    (tmp_path / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+
+    bundled, custom = load_tokenizer(), load_tokenizer(tmp_path)
+    text = bundled.decode([50255])
+    assert bundled.encode(text) == [50255]
+    assert len(custom.encode(text)) > 1
+    assert custom.decode(custom.encode(text)) == text
+    assert custom.encode("<|endoftext|>", allowed_special="all") == [50255]
+    assert custom.n_vocab == 50256
+
+
+def test_dir_without_tokenizer_files_uses_bundled(tmp_path):
+    """A model dir without vocab.json/merges.txt falls back to the bundled GPT-2 files."""
+    (tmp_path / "vocab.json").write_text("{}")  # only one of the two files: not a tokenizer
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("Hello world") == [15496, 995]
