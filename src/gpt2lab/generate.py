@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -59,9 +59,14 @@ def stream(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = EOT,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step, until ``max_new_tokens`` or every row
-    has produced ``eos_id``. Prompts may differ in length (they are left-padded)."""
+    has produced ``eos_id``. Prompts may differ in length (they are left-padded).
+
+    ``compile=True`` runs the decode step through torch.compile (CUDA graphs on GPU). Compiling takes
+    a while the first time, so it pays for long or repeated generation; the KV cache then stays
+    allocated on the model for the next call of the same shape (``model.clear_cache()`` frees it)."""
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
@@ -85,6 +90,7 @@ def stream(
     was_training = model.training
     model.eval()
     model.setup_cache(len(prompts), P + max_new_tokens, pad=pad)
+    step = compiled_decode(device) if compile else decode_one_token
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -96,9 +102,10 @@ def stream(
             yield token
             if t == P + max_new_tokens - 1 or bool(done.all()):
                 break
-            logits = decode_one_token(model, token[:, None], torch.tensor([t], device=device))
+            logits = step(model, token[:, None], torch.tensor([t], device=device))
     finally:
-        model.clear_cache()
+        if not compile:
+            model.clear_cache()
         model.train(was_training)
 
 
@@ -114,6 +121,17 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -
     return logits[:, -1]
 
 
+_compiled: dict[str, Callable] = {}
+
+
+def compiled_decode(device: torch.device) -> Callable:
+    """``decode_one_token`` compiled once per device type; CUDA graphs remove launch overhead on GPU."""
+    if device.type not in _compiled:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled[device.type] = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return _compiled[device.type]
+
+
 def generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -123,11 +141,12 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_id: int | None = EOT,
+    compile: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt; a row ends with ``eos_id`` if it produced it."""
     rows: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for token in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id):
+    for token in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile):
         for row, tok in enumerate(token.tolist()):
             if not finished[row]:
                 rows[row].append(tok)

@@ -33,6 +33,10 @@ class KVCache(nn.Module):
         self.register_buffer("times", torch.full((size,), -1, dtype=torch.long, device=device), persistent=False)
         self.size, self.window, self.rolls = size, window, rolls
 
+    def reset(self) -> None:
+        """Forget every stored token (the buffers stay allocated)."""
+        self.times.fill_(-1)
+
     def update(
         self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

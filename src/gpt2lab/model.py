@@ -228,12 +228,24 @@ class GPT(nn.Module):
         for block in self.h:
             attn = block.attn
             size = max_seq_len if attn.window is None else min(attn.window, max_seq_len)
-            attn.kv_cache = KVCache(
-                batch_size, attn.n_kv_head, attn.head_dim, size, attn.window, size < max_seq_len, dtype, p.device
-            )
-        self.cache_pad = (
-            pad.to(p.device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=p.device)
-        )
+            shape = (batch_size, attn.n_kv_head, size, attn.head_dim)
+            old = attn.kv_cache
+            if old is not None and (old.k.shape, old.k.dtype, old.k.device, old.rolls) == (
+                shape,
+                dtype,
+                p.device,
+                size < max_seq_len,
+            ):
+                old.reset()  # same buffers again: a compiled decode step keeps its graph
+            else:
+                attn.kv_cache = KVCache(
+                    batch_size, attn.n_kv_head, attn.head_dim, size, attn.window, size < max_seq_len, dtype, p.device
+                )
+        pad = pad.to(p.device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=p.device)
+        if self.cache_pad.shape == pad.shape:
+            self.cache_pad.copy_(pad)
+        else:
+            self.cache_pad = pad
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
