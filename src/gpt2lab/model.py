@@ -32,7 +32,7 @@ def use_flex(device: torch.device, config: GPTConfig) -> bool:
     """Whether window layers of a full forward (no cache) on ``device`` run FlexAttention.
 
     CUDA only: flex has no CPU backward, so CPU keeps SDPA with a boolean mask. Flex has no attention
-    dropout, and torch < 2.7 kernels need a power-of-two head_dim of at least 16, so those keep SDPA too.
+    dropout, and older releases' kernels need a power-of-two head_dim of at least 16, so those keep SDPA too.
     """
     hs = config.head_dim
     return (
