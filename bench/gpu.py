@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, to check the script")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--presets", default="gpt2,gpt2-medium", help="models to train (default gpt2,gpt2-medium)")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -160,7 +161,7 @@ def main() -> None:
     print(f"ceilings: matmul {c['matmul_tflops']:.1f} TFLOP/s, copy {c['copy_gbs']:.0f} GB/s", flush=True)
     datasheet = next((tf for key, tf in BF16_PEAK_TFLOPS if key in name), None)
     results["train"] = []
-    shapes = [("gpt2", 16, 1024), ("gpt2-medium", 16, 1024)] if not dry else [("gpt2", 2, 32)]
+    shapes = [(p, 16, 1024) for p in args.presets.split(",")] if not dry else [("gpt2", 2, 32)]
     for preset, batch, seq in shapes:
         try:
             r = train_throughput(preset, batch, seq, device, dry, 2 if dry else args.steps)

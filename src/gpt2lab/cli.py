@@ -95,10 +95,14 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples of the prompt (batched)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)"
+    )
     add_model_args(p)
 
     def run(args):
         from gpt2lab.generate import stream
+        from gpt2lab.tokenizer import EOT
 
         if args.num_samples < 1:
             raise GPT2LabError("--num-samples must be at least 1")
@@ -107,7 +111,19 @@ def _generate(p: argparse.ArgumentParser) -> None:
         if args.num_samples == 1:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             sys.stdout.write(args.prompt)
-            for token in stream(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+            tokens = stream(
+                model,
+                [ids],
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                args.seed,
+                compile=args.compile,
+            )
+            for token in tokens:
+                if int(token[0]) == EOT:  # the end of the text, not part of it
+                    break
                 sys.stdout.write(decoder.decode(tok.decode_single_token_bytes(int(token[0]))))
                 sys.stdout.flush()
             sys.stdout.write(decoder.decode(b"", final=True) + "\n")
@@ -115,7 +131,14 @@ def _generate(p: argparse.ArgumentParser) -> None:
         from gpt2lab.generate import generate
 
         rows = generate(
-            model, [ids] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+            model,
+            [ids] * args.num_samples,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.seed,
+            compile=args.compile,
         )
         for i, row in enumerate(rows):
             print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(row)}")
@@ -328,6 +351,23 @@ def _export(p: argparse.ArgumentParser) -> None:
         model = load_pretrained(source)
         save_pretrained(model, out)
         print(f"exported {args.model} ({model.num_params():,} parameters) to {out}")
+
+    p.set_defaults(func=run)
+
+
+@command("demo", "the whole pipeline offline: prepare a corpus, train a small GPT-2 (~3 min on CPU), sample")
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", default="runs/demo", help="where the corpus, checkpoints and metrics go (default runs/demo)"
+    )
+    p.usage = "%(prog)s [-h] [--out DIR] [--section.key=value ...]"
+    p.epilog = "Training settings (see gpt2lab train --help) override the demo's, e.g. --run.steps=100."
+    p.set_defaults(overrides=[])
+
+    def run(args):
+        from gpt2lab.demo import run_demo
+
+        run_demo(args.out, args.overrides)
 
     p.set_defaults(func=run)
 

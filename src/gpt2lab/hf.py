@@ -31,10 +31,10 @@ IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu") -> GPT:
+def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu", offline: bool = False) -> GPT:
     """A GPT from an HF GPT-2 directory, a gpt2lab directory, a training out_dir (its newest complete
     checkpoint) or checkpoint directory, or a hub name (cache first, then online)."""
-    directory = resolve(name_or_path)
+    directory = resolve(name_or_path, offline=offline)
     from gpt2lab import checkpoint  # imported here: it pulls in torch.distributed
 
     if checkpoint.is_training_dir(directory):
@@ -44,8 +44,9 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     return GPT.from_state_dict(config, state_dict, device=device)
 
 
-def resolve(name_or_path: str | Path) -> Path:
-    """A local directory holding the model: the path itself, or the hub snapshot of a model name."""
+def resolve(name_or_path: str | Path, offline: bool = False) -> Path:
+    """A local directory holding the model: the path itself, or the hub snapshot of a model name
+    (from the local cache, else downloaded unless ``offline``)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -58,17 +59,18 @@ def resolve(name_or_path: str | Path) -> Path:
             f"{name!r} is neither an existing directory nor a known model name; "
             f"use a path, one of {sorted(HUB_REPOS)}, or an HF repo id like owner/name"
         )
-    return Path(_download(repo))
+    return Path(_download(repo, offline))
 
 
-def _download(repo: str) -> str:
+def _download(repo: str, offline: bool) -> str:
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
     try:
         return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
     except Exception:
-        pass  # not in the local cache: try the network
+        if offline:
+            raise CheckpointError(f"model {repo!r} is not in the local Hugging Face cache") from None
     try:
         return snapshot_download(repo, allow_patterns=patterns)
     except Exception as e:
