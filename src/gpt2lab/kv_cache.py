@@ -38,10 +38,14 @@ class KVCache(nn.Module):
         self.times.fill_(-1)
 
     def update(
-        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor
+        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor, filled: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hs) of time steps t (T,); return the keys, values and boolean mask
-        (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps."""
+        (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps.
+
+        ``filled`` (the last time step + 1, when known) lets a cache that does not roll attend over
+        its written slots only, instead of the whole preallocated buffer; a compiled step passes
+        None and keeps static shapes."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the
             # earlier of them still need, so attend over old + new and keep only the newest after.
@@ -52,6 +56,8 @@ class KVCache(nn.Module):
         else:
             self._write(k, v, t)
             keys, values, times = self.k, self.v, self.times
+            if filled is not None and not self.rolls:  # slot == time step here, so [:filled] is all there is
+                keys, values, times = keys[:, :, :filled], values[:, :, :filled], times[:filled]
         return keys, values, attention_mask(t, times, pad, self.window)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:

@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         window_mask: torch.Tensor | None,
-        step: tuple[torch.Tensor, torch.Tensor] | None,
+        step: tuple[torch.Tensor, torch.Tensor, int | None] | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.split, dim=2)
@@ -81,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if step is not None:  # inference with the KV cache: step = (time steps (T,), left padding (B,))
+        if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
             k, v, mask = self.kv_cache.update(k, v, *step)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         elif self.window is None:
@@ -172,7 +172,9 @@ class GPT(nn.Module):
             if self.config.max_positions is not None and self.config.max_positions < T:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
-            step = (input_pos, self.cache_pad)
+            # eager decode attends over the written part of the cache only; compiled keeps static shapes
+            filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+            step = (input_pos, self.cache_pad, filled)
             pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
         x = self.wte(idx)
         if self.wpe is not None:
