@@ -140,7 +140,7 @@ def test_lr_warmup_then_cosine_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices():
-    model = GPT(GPTConfig.from_name("debug"))
+    model = GPT(GPTConfig.from_name("debug", vocab_size=256))
     opt = configure_optimizer(model, TrainConfig().optim, torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -298,10 +298,12 @@ def test_checkpoint_of_another_model_is_refused(bytes_dir, tmp_path):
         train(config(bytes_dir, tmp_path / "out", model__n_layer=3, run__steps=4, run__eval_every=0))
 
 
-def test_finished_run_is_not_trained_again(bytes_dir, reference):
-    result = train(config(bytes_dir, reference))
+def test_finished_run_is_not_trained_again(bytes_dir, reference, capsys):
+    result = train(config(bytes_dir, reference, optim__lr=1e-3))
     assert result.step == 10 and result.loss is None
     assert len(metrics(reference)) == 10
+    err = capsys.readouterr().err
+    assert "settings changed since the checkpoint: optim.lr 0.003 -> 0.001" in err and "nothing to do" in err
 
 
 def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path):

@@ -78,7 +78,10 @@ def init(strategy: str, device: str = "auto") -> DistEnv:
         torch.cuda.set_device(dev)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":  # binding the device up front lets NCCL set up eagerly, on the right GPU
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     return DistEnv(strategy, rank, local_rank, world_size, dev, owns_group=owns)
 
 

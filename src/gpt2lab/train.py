@@ -150,9 +150,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     wrapped = distributed.wrap(model, env)
     optimizer = configure_optimizer(wrapped, cfg.optim, device)
 
-    start = 0
+    start, changed = 0, []
     if resume is not None:
-        start = checkpoint.load(resume, wrapped, optimizer, env)["step"]
+        saved = checkpoint.load(resume, wrapped, optimizer, env)
+        start, changed = saved["step"], _changed_settings(saved["train_config"], cfg.to_dict())
     if env.is_main:
         _start_out_dir(out_dir, cfg, start)
     meta = {"model_config": config.to_dict(), "train_config": cfg.to_dict()}
@@ -161,6 +162,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         f"{'resumed from ' + str(resume) + ' at step ' + str(start) if resume else 'training from step 0'}: "
         f"{model.num_params():,} parameters, strategy {env.strategy} x {env.world_size}, device {device}, "
         f"{'bf16 autocast' if bf16 else 'fp32'}, {accum} micro-step(s) of {cfg.data.batch_size} x {cfg.data.block_size}"
+        + (f"; settings changed since the checkpoint: {', '.join(changed)}" if changed else "")
     )
     if start >= run.steps:
         say(f"nothing to do: {out_dir} is already trained to step {start} (raise run.steps to continue)")
@@ -383,6 +385,16 @@ def _diverged_message(step: int, lr: float, last: Path | None) -> str:
         else f"No checkpoint had been saved yet: {fix} and start again"
     )
     return f"the loss or gradient norm became NaN/inf by step {step} (learning rate {lr:.3g}); stopped without saving. {then}"
+
+
+def _changed_settings(before: dict, after: dict) -> list[str]:
+    """``section.key old -> new`` for every setting that differs between two TrainConfig dicts."""
+    return [
+        f"{section}.{key} {before.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in after.items()
+        for key, value in values.items()
+        if before.get(section, {}).get(key) != value
+    ]
 
 
 def _start_out_dir(out_dir: Path, cfg: TrainConfig, start: int) -> None:
