@@ -176,7 +176,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         total=run.steps, initial=start, unit="step", disable=not (env.is_main and run.progress), dynamic_ncols=True
     )
     bad = torch.zeros((), device=device)  # non-finite losses / gradient norms since the last check
-    loss_sum = torch.zeros((), device=device)
     last_ckpt, loss_value, val_loss = resume, None, None
     wrapped.train()
     try:
@@ -186,20 +185,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 lr = lr_at(step, cfg.optim, run.steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum.zero_()
-                for micro in range(accum):
-                    x, y = batches.get(step, micro)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with grad_sync(wrapped, micro == accum - 1):
-                        with amp:
-                            _, loss = wrapped(x, y)
-                        (loss / accum).backward()
-                    loss_sum += loss.detach()
-                norm = torch.zeros((), device=device)
-                if cfg.optim.grad_clip > 0:
-                    norm = full_tensor(nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss_sum, norm = train_step(wrapped, optimizer, batches, step, amp, cfg.optim.grad_clip, device)
                 bad += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(norm)).float()
                 done, tokens_since = step + 1, tokens_since + tokens_per_step
                 bar.update(1)
@@ -209,9 +195,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                 if not (done % run.log_every == 0 or is_eval or is_ckpt or (stop.requested and not env.distributed)):
                     continue
                 # one synchronisation: mean loss over ranks, and whether any rank diverged or was interrupted
-                stats = torch.stack(
-                    [loss_sum / accum, bad, norm.float(), torch.tensor(float(stop.requested), device=device)]
-                )
+                stats = torch.stack([loss_sum / accum, bad, norm, torch.tensor(float(stop.requested), device=device)])
                 loss_value, n_bad, grad_norm, n_stop = all_reduce_sum(stats, env).tolist()
                 loss_value /= env.world_size
                 grad_norm /= env.world_size
@@ -253,6 +237,35 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
     )
     return TrainResult(run.steps, loss_value, val_loss, last_ckpt)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    step: int,
+    amp,
+    grad_clip: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``batches.grad_accum`` micro-steps; returns (sum of the micro-step losses,
+    gradient norm before clipping; 0 without clipping), both float32 on ``device``, not synchronised."""
+    accum = batches.grad_accum
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = batches.get(step, micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with grad_sync(model, micro == accum - 1):  # only the last micro-step all-reduces gradients
+            with amp:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach().float()
+    norm = torch.zeros((), device=device)
+    if grad_clip > 0:
+        norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, norm
 
 
 def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
