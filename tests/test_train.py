@@ -298,6 +298,13 @@ def test_checkpoint_of_another_model_is_refused(bytes_dir, tmp_path):
         train(config(bytes_dir, tmp_path / "out", model__n_layer=3, run__steps=4, run__eval_every=0))
 
 
+def test_resume_applies_changed_optimizer_settings(bytes_dir, tmp_path):
+    train(config(bytes_dir, tmp_path / "out", run__steps=2, run__eval_every=0))
+    train(config(bytes_dir, tmp_path / "out", run__steps=3, run__eval_every=0, optim__weight_decay=0.5))
+    groups = torch.load(tmp_path / "out" / "ckpt-00000003" / "optim.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+
+
 def test_finished_run_is_not_trained_again(bytes_dir, reference, capsys):
     result = train(config(bytes_dir, reference, optim__lr=1e-3))
     assert result.step == 10 and result.loss is None

@@ -75,6 +75,8 @@ def init(strategy: str, device: str = "auto") -> DistEnv:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
+        if dev.index is None:  # plain "cuda": one GPU per process, by local rank
+            dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     owns = not dist.is_initialized()
     if owns:

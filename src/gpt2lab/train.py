@@ -73,6 +73,14 @@ def configure_optimizer(model: nn.Module, optim: OptimSection, device: torch.dev
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **extra)
 
 
+def set_hyperparameters(optimizer: torch.optim.AdamW, optim: OptimSection) -> None:
+    """Apply betas, eps and weight decay to the (decay, no-decay) groups of ``configure_optimizer``."""
+    decay, no_decay = optimizer.param_groups
+    for group in (decay, no_decay):
+        group["betas"], group["eps"] = (optim.beta1, optim.beta2), optim.eps
+    decay["weight_decay"], no_decay["weight_decay"] = optim.weight_decay, 0.0
+
+
 def lr_at(step: int, optim: OptimSection, steps: int) -> float:
     """Learning rate of step ``step`` (0-based): linear warmup to ``lr``, then cosine decay to ``min_lr``
     at the last step."""
@@ -154,6 +162,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     if resume is not None:
         saved = checkpoint.load(resume, wrapped, optimizer, env)
         start, changed = saved["step"], _changed_settings(saved["train_config"], cfg.to_dict())
+        set_hyperparameters(optimizer, cfg.optim)  # loading restored the checkpoint's; the config wins
     if env.is_main:
         _start_out_dir(out_dir, cfg, start)
     meta = {"model_config": config.to_dict(), "train_config": cfg.to_dict()}
