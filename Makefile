@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -x
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/gpt2lab bench
+	cd bench && ../$(PY) cpu.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

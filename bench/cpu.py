@@ -1,0 +1,207 @@
+"""gpt2lab vs transformers on this CPU, one process, one run, one table (what `make bench` runs).
+
+    python bench/cpu.py [--threads 2] [--only forward,train,generate,int8,compile,tokenizer] [--quick]
+
+Both libraries get identical random GPT-2 124M weights (fp32, dropout 0) and are timed alternately
+in the same run, so machine noise hits both alike. Each row also shows the fraction of the machine's
+own ceiling that gpt2lab reaches: fp32 matmul GFLOP/s on GPT-2-shaped products for compute-bound rows
+(forward, training), memory read GB/s for decoding (every weight is read once per step).
+``--quick`` runs only the first benchmark's rows (forward 1x256, greedy 100 tokens at batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import hf_and_ours, interleaved, matmul_gflops, memory_read_gbs
+
+from gpt2lab.config import OptimSection
+from gpt2lab.generate import generate
+from gpt2lab.train import configure_optimizer, flops_per_token
+
+ROWS: list[tuple[str, float, float, str, str]] = []  # name, hf, ours, ratio text, ceiling text
+
+
+def row(name: str, hf: float, ours: float, higher_is_better: bool, unit: str, ceiling: str) -> None:
+    ratio = ours / hf
+    text = f"{ratio:.2f}x {'speed' if higher_is_better else 'time'}"
+    ROWS.append((f"{name} ({unit})", hf, ours, text, ceiling))
+    print(f"  {name:<34} HF {hf:10.2f}  gpt2lab {ours:10.2f} {unit:<6} {text:<12} {ceiling}", flush=True)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every parameter but the position table (one row is read)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
+
+
+def bench_forward(hf, ours, peak: float, repeat: int, shapes) -> None:
+    for B, T in shapes:
+        x = torch.randint(0, 50257, (B, T))
+        with torch.no_grad():
+            t = interleaved({"hf": lambda x=x: hf(x, use_cache=False), "ours": lambda x=x: ours(x)}, repeat=repeat)
+        gflop = flops_per_token(ours.config, T) / 3 * B * T / 1e9  # forward = 2N + 4LTC per token
+        row(
+            f"forward {B}x{T}", t["hf"] * 1e3, t["ours"] * 1e3, False, "ms", f"{gflop / t['ours'] / peak:.0%} of matmul"
+        )
+
+
+def bench_train(hf, ours, peak: float, repeat: int) -> None:
+    B, T = 4, 256
+    hf.train(), ours.train()
+    cpu = torch.device("cpu")
+    hf_opt, our_opt = configure_optimizer(hf, OptimSection(), cpu), configure_optimizer(ours, OptimSection(), cpu)
+    seq = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = seq[:, :-1], seq[:, 1:]
+
+    def hf_step():
+        hf(input_ids=x, labels=x).loss.backward()  # HF shifts the labels itself
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    def our_step():
+        ours(x, y)[1].backward()
+        our_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+
+    t = interleaved({"hf": hf_step, "ours": our_step}, repeat=repeat)
+    hf.eval(), ours.eval()
+    gflop = flops_per_token(ours.config, T) * B * T / 1e9
+    row(
+        f"train step {B}x{T} fwd+bwd+AdamW", t["hf"], t["ours"], False, "s", f"{gflop / t['ours'] / peak:.0%} of matmul"
+    )
+
+
+def bench_generate(hf, ours, bandwidth: float, cases, repeat: int) -> None:
+    for B, N in cases:
+        prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
+
+        def hf_gen(prompt=prompt, N=N):
+            return hf.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=50256)
+
+        def our_gen(prompt=prompt, N=N):
+            return generate(ours, prompt.tolist(), N, temperature=0, eos_id=None)
+
+        if B == 1 and N <= 100:
+            assert hf_gen()[0, 16:].tolist() == our_gen()[0], "greedy outputs differ"
+        t = interleaved({"hf": hf_gen, "ours": our_gen}, repeat=repeat, warmup=0 if N > 100 else 1)
+        tps_hf, tps = B * N / t["hf"], B * N / t["ours"]
+        frac = weight_bytes(ours) * (N / t["ours"]) / bandwidth  # steps/s x bytes per step
+        row(f"greedy b={B} {N} new tokens", tps_hf, tps, True, "tok/s", f"{frac:.0%} of mem. bandwidth")
+
+
+def bench_int8(hf, ours, bandwidth: float) -> None:
+    from gpt2lab.quantize import quantize_int8
+
+    q = quantize_int8(ours)
+    x = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = ours(x)[0], q(x)[0]
+    err = ((got - ref).abs().max() / ref.std()).item()
+    prompt = x[:, :16]
+
+    def hf_gen():
+        return hf.generate(prompt, max_new_tokens=100, min_new_tokens=100, do_sample=False, pad_token_id=50256)
+
+    t = interleaved({"hf": hf_gen, "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None)})
+    qbytes = sum(p.numel() for p in ours.parameters()) + 50257 * 768 * 3  # int8 weights + fp32 embedding lookups
+    row(
+        "greedy b=1 100 tok, int8 weights",
+        100 / t["hf"],
+        100 / t["ours"],
+        True,
+        "tok/s",
+        f"max logit err {err:.3f} std; {qbytes * 100 / t['ours'] / bandwidth:.0%} bw",
+    )
+
+
+def bench_compile(hf, ours, bandwidth: float) -> None:
+    prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
+    t0 = time.perf_counter()
+    generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
+    compile_s = time.perf_counter() - t0
+
+    def hf_gen():
+        return hf.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, pad_token_id=50256)
+
+    def our_gen():
+        return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
+
+    our_gen()  # the 1016-slot cache is a new shape: compile it before timing
+    t = interleaved({"hf": hf_gen, "ours": our_gen}, repeat=1, warmup=0)
+    row(
+        "greedy b=1 1000 tok, compiled decode",
+        1000 / t["hf"],
+        1000 / t["ours"],
+        True,
+        "tok/s",
+        f"compile {compile_s:.0f} s; {weight_bytes(ours) * 1000 / t['ours'] / bandwidth:.0%} bw",
+    )
+    ours.clear_cache()
+
+
+def bench_tokenizer() -> None:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import GPT2TokenizerFast
+
+    from gpt2lab.data import stdlib_files
+    from gpt2lab.tokenizer import bundled_files, load_tokenizer
+
+    text = ""
+    for path in stdlib_files():
+        text += path.read_text(encoding="utf-8", errors="replace")
+        if len(text) > 4_000_000:
+            break
+    with tempfile.TemporaryDirectory() as d:
+        encoder_json, vocab_bpe = bundled_files()
+        shutil.copyfile(encoder_json, Path(d) / "vocab.json")
+        shutil.copyfile(vocab_bpe, Path(d) / "merges.txt")
+        hf_tok = GPT2TokenizerFast.from_pretrained(d)
+    ours = load_tokenizer()
+    assert hf_tok(text[:20000])["input_ids"] == ours.encode_ordinary(text[:20000])
+    mb = len(text.encode()) / 1e6
+    t = interleaved({"hf": lambda: hf_tok(text)["input_ids"], "ours": lambda: ours.encode_ordinary(text)}, repeat=3)
+    row(f"tokenize {mb:.1f} MB of Python source", mb / t["hf"], mb / t["ours"], True, "MB/s", "one thread (tiktoken)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="forward,train,generate,int8,compile,tokenizer")
+    ap.add_argument("--quick", action="store_true", help="only forward 1x256 and greedy 100 tokens at batch 1")
+    ap.add_argument("--repeat", type=int, default=5, help="timed repetitions of the short benchmarks")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = {"forward", "generate"} if args.quick else set(args.only.split(","))
+    peak, bandwidth = matmul_gflops(), memory_read_gbs() * 1e9
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; machine ceilings: "
+        f"matmul {peak:.0f} GFLOP/s (1024x768 @ 768x3072), memory read {bandwidth / 1e9:.1f} GB/s",
+        flush=True,
+    )
+    hf, ours = hf_and_ours()
+    hf.eval(), ours.eval()
+    if "forward" in only:
+        bench_forward(hf, ours, peak, args.repeat, [(1, 256)] if args.quick else [(1, 256), (8, 256)])
+    if "train" in only:
+        bench_train(hf, ours, peak, max(2, args.repeat // 2))
+    if "generate" in only:
+        cases = [(1, 100)] if args.quick else [(1, 100), (1, 1000), (8, 100), (8, 1000)]
+        bench_generate(hf, ours, bandwidth, cases, repeat=3)
+    if "int8" in only:
+        bench_int8(hf, ours, bandwidth)
+    if "compile" in only:
+        bench_compile(hf, ours, bandwidth)
+    if "tokenizer" in only:
+        bench_tokenizer()
+    print("\n| benchmark | HF | gpt2lab | gpt2lab vs HF | of the machine's ceiling |\n|---|---:|---:|---:|---|")
+    for name, h, o, ratio, ceiling in ROWS:
+        print(f"| {name} | {h:.2f} | {o:.2f} | {ratio} | {ceiling} |")
+
+
+if __name__ == "__main__":
+    main()
