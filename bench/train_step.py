@@ -5,8 +5,8 @@
 One step = forward + backward + AdamW on a batch of 4 x 256 tokens, dropout 0 in both models, the
 same AdamW (gpt2lab's parameter groups: decay on matrices only) for both. The two are timed in the
 same run, alternating, and the ratio printed. Each is also put against the machine's fp32 matmul
-throughput, measured here on a GPT-2-shaped product (1024 x 768 @ 768 x 3072), counting
-6 N + 12 L T C FLOPs per token (gpt2lab.train.flops_per_token).
+throughput, measured in the same alternation on a GPT-2-shaped product (1024 x 768 @ 768 x 3072, the
+MLP's c_fc at 1024 tokens), counting 6 N + 12 L T C FLOPs per token (gpt2lab.train.flops_per_token).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import hf_and_ours, interleaved, matmul_gflops
+from common import hf_and_ours, interleaved
 
 from gpt2lab.config import TrainConfig
 from gpt2lab.train import configure_optimizer, flops_per_token
@@ -48,8 +48,15 @@ def main() -> None:
         our_opt.step()
         our_opt.zero_grad(set_to_none=True)
 
-    times = interleaved({"hf": hf_step, "ours": our_step}, repeat=args.repeat, warmup=1)
-    peak = matmul_gflops()
+    a, b = torch.randn(1024, 768), torch.randn(768, 3072)
+    n_matmul = 20
+
+    def matmuls():
+        for _ in range(n_matmul):
+            a @ b
+
+    times = interleaved({"hf": hf_step, "ours": our_step, "matmul": matmuls}, repeat=args.repeat, warmup=1)
+    peak = n_matmul * 2 * 1024 * 768 * 3072 / times["matmul"] / 1e9
     gflop = flops_per_token(ours.config, args.seq) * args.batch * args.seq / 1e9
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, GPT-2 124M, batch {args.batch}x{args.seq}, "
