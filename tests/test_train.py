@@ -349,6 +349,13 @@ def test_generate_and_export_use_the_newest_checkpoint(golden_run, tmp_path, cap
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(exported(x)[0], model(x)[0], rtol=0, atol=1e-6)
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:1000])
+    capsys.readouterr()
+    for source in (golden_run, tmp_path / "hf"):  # the HF-format directory scores the same
+        assert main(["eval", "--model", str(source), "--data", str(text), "--block-size", "32"]) == 0
+    ours, hf = capsys.readouterr().out.splitlines()
+    assert ours == hf and "perplexity" in ours
 
 
 def test_eval_of_a_text_file_and_a_prepared_dir(golden_run, gpt2_tokens_dir, tmp_path, capsys):
