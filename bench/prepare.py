@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from common import interleaved
 
 from gpt2lab.data import prepare, stdlib_files
 from gpt2lab.tokenizer import load_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def median_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds of each function, run in alternation so machine noise hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(name: str, files: list[Path], workers: int, repeat: int) -> None:
@@ -52,7 +40,7 @@ def bench(name: str, files: list[Path], workers: int, repeat: int) -> None:
             for text in texts:
                 enc.encode_ordinary(text)
 
-        t = median_times({"prepare": run_prepare, "tiktoken": run_tiktoken}, repeat)
+        t = interleaved({"prepare": run_prepare, "tiktoken": run_tiktoken}, repeat=repeat, warmup=0)
     ours, theirs = mb / t["prepare"], mb / t["tiktoken"]
     print(
         f"{name:<12} {mb:6.1f} MB  prepare ({workers} workers) {ours:6.2f} MB/s   "
