@@ -1,0 +1,35 @@
+"""The GPU benchmark script runs end to end on CPU with tiny shapes (--dry-run), so it is known to work
+before a GPU is lent for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_gpu_bench_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FAILED" not in proc.stdout, proc.stdout
+    results = json.loads(out.read_text())
+    [train] = results["train"]
+    assert train["tokens_per_s"] > 0 and train["model_tflops"] > 0
+    inference = results["inference"]
+    for key in (
+        "hf_prefill_tok_s",
+        "ours_prefill_tok_s",
+        "hf_decode_tok_s",
+        "ours_decode_tok_s",
+        "ours_compiled_decode_tok_s",
+    ):
+        assert inference[key] > 0, key
