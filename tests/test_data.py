@@ -401,3 +401,20 @@ def test_iter_windows_scores_every_token_once(n, block, stride):
     assert scored == list(range(1001, 1000 + n))  # every token after the first, once, in order
     with pytest.raises(GPT2LabError):
         list(iter_windows([1], block, 1))
+
+
+def test_empty_shard_is_skipped(tmp_path):
+    """A hand-made directory may list an empty shard: it is read as zero tokens, not a crash."""
+    import json
+
+    import numpy as np
+
+    from gpt2lab.data import TokenData
+
+    np.arange(100, dtype="<u2").tofile(tmp_path / "train_000000.bin")
+    (tmp_path / "train_000001.bin").write_bytes(b"")
+    shards = [{"file": "train_000000.bin", "tokens": 100}, {"file": "train_000001.bin", "tokens": 0}]
+    meta = {"splits": {"train": {"shards": shards, "tokens": 100}, "val": {"shards": [], "tokens": 0}}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    data = TokenData(tmp_path, "train", block_size=8)
+    assert len(data) == 100 and data.read(95, 5).tolist() == [95, 96, 97, 98, 99]

@@ -78,7 +78,8 @@ class TokenData:
                 raise GPT2LabError(
                     f"shard {path} is missing or has {size} bytes instead of {expected}; prepare the directory again"
                 )
-            self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
+            if expected:  # numpy cannot map an empty file; an empty shard adds nothing anyway
+                self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
         # starts[i] = offset of shard i in the split's stream; starts[-1] = total tokens
         self.starts = np.cumsum([0] + [len(s) for s in self.shards], dtype=np.int64)
         if block_size is not None:
