@@ -4,8 +4,9 @@
 
 Both libraries get identical random GPT-2 124M weights (fp32, dropout 0) and are timed alternately
 in the same run, so machine noise hits both alike. Each row also shows the fraction of the machine's
-own ceiling that gpt2lab reaches: fp32 matmul GFLOP/s on GPT-2-shaped products for compute-bound rows
-(forward, training), memory read GB/s for decoding (every weight is read once per step).
+own ceiling that gpt2lab reaches, measured just before that row (this machine's neighbours come and
+go): fp32 matmul GFLOP/s on GPT-2-shaped products for compute-bound rows (forward, training), memory
+read GB/s for decoding (every weight is read once per step).
 ``--quick`` runs only the first benchmark's rows (forward 1x256, greedy 100 tokens at batch 1).
 """
 
@@ -36,8 +37,9 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
 
 
-def bench_forward(hf, ours, peak: float, repeat: int, shapes) -> None:
+def bench_forward(hf, ours, repeat: int, shapes) -> None:
     for B, T in shapes:
+        peak = matmul_gflops()
         x = torch.randint(0, 50257, (B, T))
         with torch.no_grad():
             t = interleaved({"hf": lambda x=x: hf(x, use_cache=False), "ours": lambda x=x: ours(x)}, repeat=repeat)
@@ -47,8 +49,9 @@ def bench_forward(hf, ours, peak: float, repeat: int, shapes) -> None:
         )
 
 
-def bench_train(hf, ours, peak: float, repeat: int) -> None:
+def bench_train(hf, ours, repeat: int) -> None:
     B, T = 4, 256
+    peak = matmul_gflops()
     hf.train(), ours.train()
     cpu = torch.device("cpu")
     hf_opt, our_opt = configure_optimizer(hf, OptimSection(), cpu), configure_optimizer(ours, OptimSection(), cpu)
@@ -73,8 +76,9 @@ def bench_train(hf, ours, peak: float, repeat: int) -> None:
     )
 
 
-def bench_generate(hf, ours, bandwidth: float, cases, repeat: int) -> None:
+def bench_generate(hf, ours, cases, repeat: int) -> None:
     for B, N in cases:
+        bandwidth = memory_read_gbs() * 1e9
         prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
 
         def hf_gen(prompt=prompt, N=N):
@@ -92,9 +96,10 @@ def bench_generate(hf, ours, bandwidth: float, cases, repeat: int) -> None:
         row(f"greedy b={B} {N} new tokens", tps_hf, tps, True, "tok/s", f"{frac:.0%} of mem. bandwidth")
 
 
-def bench_int8(hf, ours, bandwidth: float) -> None:
+def bench_int8(hf, ours) -> None:
     from gpt2lab.quantize import quantize_int8
 
+    bandwidth = memory_read_gbs() * 1e9
     q = quantize_int8(ours)
     x = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -117,7 +122,8 @@ def bench_int8(hf, ours, bandwidth: float) -> None:
     )
 
 
-def bench_compile(hf, ours, bandwidth: float) -> None:
+def bench_compile(hf, ours) -> None:
+    bandwidth = memory_read_gbs() * 1e9
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
     t0 = time.perf_counter()
     generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
@@ -178,25 +184,24 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     only = {"forward", "generate"} if args.quick else set(args.only.split(","))
-    peak, bandwidth = matmul_gflops(), memory_read_gbs() * 1e9
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; machine ceilings: "
-        f"matmul {peak:.0f} GFLOP/s (1024x768 @ 768x3072), memory read {bandwidth / 1e9:.1f} GB/s",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; ceilings measured before each row: "
+        f"matmul {matmul_gflops():.0f} GFLOP/s (1024x768 @ 768x3072), memory read {memory_read_gbs():.1f} GB/s now",
         flush=True,
     )
     hf, ours = hf_and_ours()
     hf.eval(), ours.eval()
     if "forward" in only:
-        bench_forward(hf, ours, peak, args.repeat, [(1, 256)] if args.quick else [(1, 256), (8, 256)])
+        bench_forward(hf, ours, args.repeat, [(1, 256)] if args.quick else [(1, 256), (8, 256)])
     if "train" in only:
-        bench_train(hf, ours, peak, max(2, args.repeat // 2))
+        bench_train(hf, ours, max(2, args.repeat // 2))
     if "generate" in only:
         cases = [(1, 100)] if args.quick else [(1, 100), (1, 1000), (8, 100), (8, 1000)]
-        bench_generate(hf, ours, bandwidth, cases, repeat=3)
+        bench_generate(hf, ours, cases, repeat=3)
     if "int8" in only:
-        bench_int8(hf, ours, bandwidth)
+        bench_int8(hf, ours)
     if "compile" in only:
-        bench_compile(hf, ours, bandwidth)
+        bench_compile(hf, ours)
     if "tokenizer" in only:
         bench_tokenizer()
     print("\n| benchmark | HF | gpt2lab | gpt2lab vs HF | of the machine's ceiling |\n|---|---:|---:|---:|---|")
