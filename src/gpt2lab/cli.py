@@ -379,6 +379,64 @@ def _demo(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
+@command("compare", "train each architectural variant on the same data and budget; report what each costs and buys")
+def _compare(p: argparse.ArgumentParser) -> None:
+    from gpt2lab.experiments import DEFAULT_VARIANTS, describe_compare_config
+
+    p.usage = "%(prog)s [-h] [--config FILE.toml] [--variants A,B,...] [--seeds N] [--data DIR] [--out DIR] [--section.key=value ...]"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "Settings come from the built-in CPU default (about 15 minutes on 2 cores), then --config, then\n"
+        "--section.key=value, then the options above. A file setting model.preset drops the default model\n"
+        "size. Writes OUT/report.md, OUT/results.json and OUT/*.png; runs and data are kept under OUT/runs\n"
+        "and OUT/data, and a rerun with the same settings reuses finished runs.\n\n" + describe_compare_config()
+    )
+    p.add_argument(
+        "--config", metavar="FILE.toml", help="[model] [data] [optim] [run] tables as for train, plus [compare]"
+    )
+    p.add_argument(
+        "--variants",
+        metavar="A,B,...",
+        help=f"variants to compare (default {','.join(DEFAULT_VARIANTS)}): baseline, or changes joined by '+' "
+        "from rope, gqa, mqa, swa, mixed",
+    )
+    p.add_argument("--seeds", type=int, metavar="N", help="seeds per variant (default 2)")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="a prepared data directory (default: the offline stdlib corpus, prepared in OUT/data)",
+    )
+    p.add_argument("--steps", type=int, metavar="N", help="training steps per run (run.steps)")
+    p.add_argument("--out", default="compare", metavar="DIR", help="output directory (default: compare)")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (a smoke test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(overrides=[])
+
+    def run(args):
+        from gpt2lab.experiments import compare, load_config
+
+        cfg = load_config(
+            args.config,
+            args.overrides,
+            quick=args.quick,
+            variants=args.variants,
+            seeds=args.seeds,
+            data=args.data,
+            steps=args.steps,
+        )
+        command = ["gpt2lab compare"]
+        for flag in ("config", "variants", "seeds", "data", "steps", "out"):
+            if getattr(args, flag) is not None:
+                command.append(f"--{flag} {getattr(args, flag)}")
+        command += ["--quick"] * args.quick + list(args.overrides)
+        results = compare(cfg, args.out, " ".join(command), progress=not args.no_progress)
+        print(
+            f"compared {len(results['variants'])} variants in {results['runtime_s'] / 60:.1f} min; see {args.out}/report.md"
+        )
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 and its modern variants: load, generate, train, compare, benchmark."
