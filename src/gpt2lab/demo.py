@@ -16,7 +16,7 @@ DEMO_CONFIG = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 128},
     "data": {"batch_size": 8, "block_size": 128},
     "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30},
-    "run": {"steps": 400, "eval_every": 100, "eval_batches": 4, "ckpt_every": 100, "log_every": 10},
+    "run": {"steps": 300, "eval_every": 100, "eval_batches": 4, "ckpt_every": 100, "log_every": 10},
 }
 PROMPT = "def main("
 
