@@ -62,6 +62,18 @@ def load_model_from_args(args: argparse.Namespace):
     return model, load_tokenizer(resolve(args.model))
 
 
+def load_for_rewrite(model: str, out: str):
+    """The model named by --model and the --out path to write a new version of it to (never its own directory)."""
+    from pathlib import Path
+
+    from gpt2lab.hf import load_pretrained, resolve
+
+    source, target = resolve(model), Path(out).expanduser()
+    if target.exists() and target.resolve() == source.resolve():
+        raise GPT2LabError(f"--out {target} is the model's own directory; write the new model elsewhere")
+    return load_pretrained(source), target
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     if not text:
         raise GPT2LabError("the prompt is empty; pass some text, e.g. --prompt 'Hello, my name is'")
@@ -169,16 +181,10 @@ def _convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory to write the converted model to (HF format)")
 
     def run(args):
-        from pathlib import Path
-
         from gpt2lab.convert import convert_to_gqa
-        from gpt2lab.hf import load_pretrained, resolve, save_pretrained
+        from gpt2lab.hf import save_pretrained
 
-        source = resolve(args.model)
-        out = Path(args.out).expanduser()
-        if out.exists() and out.resolve() == source.resolve():
-            raise GPT2LabError(f"--out {out} is the model's own directory; write the converted model elsewhere")
-        model = load_pretrained(source)
+        model, out = load_for_rewrite(args.model, args.out)
         converted = convert_to_gqa(model, args.n_kv_head)
         save_pretrained(converted, out)
         print(
@@ -347,15 +353,9 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory to write config.json, model.safetensors and tokenizer files")
 
     def run(args):
-        from pathlib import Path
+        from gpt2lab.hf import save_pretrained
 
-        from gpt2lab.hf import load_pretrained, resolve, save_pretrained
-
-        source = resolve(args.model)
-        out = Path(args.out).expanduser()
-        if out.exists() and out.resolve() == source.resolve():
-            raise GPT2LabError(f"--out {out} is the model's own directory; export elsewhere")
-        model = load_pretrained(source)
+        model, out = load_for_rewrite(args.model, args.out)
         save_pretrained(model, out)
         print(f"exported {args.model} ({model.num_params():,} parameters) to {out}")
 
