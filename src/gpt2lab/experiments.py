@@ -82,13 +82,13 @@ class CompareSection:
     extrapolation: list[int] = _opt([1, 2, 4], "context lengths to score, as multiples of the training context")
     extrapolation_sequences: int = _opt(16, "val stretches of (largest multiple x context) tokens scored")
     decode_context: int = _opt(1024, "context length at which cache memory and decode speed are measured")
-    decode_tokens: int = _opt(32, "tokens decoded (and timed) to reach decode_context")
+    decode_tokens: int = _opt(128, "tokens decoded (and timed) to reach decode_context")
     recall_seeds: int = _opt(1, "recall runs per variant, with the first seeds (each costs about one LM run)")
-    recall_steps: int = _opt(400, "training steps of each recall model")
+    recall_steps: int = _opt(550, "training steps of each recall model")
     recall_batch_size: int = _opt(16, "sequences (of data.block_size tokens) per recall training step")
     recall_lr: float = _opt(3e-3, "peak learning rate of recall training (the rest of [optim] is shared)")
     recall_keys: int = _opt(8, "distinct keys (and as many values) of the recall task")
-    recall_pairs: int = _opt(4, "key/value pairs planted per recall sequence")
+    recall_pairs: int = _opt(8, "key/value pairs planted per recall sequence (at most recall_keys)")
     recall_sequences: int = _opt(256, "recall evaluation sequences (every position but the pairs is a query)")
 
     def __post_init__(self) -> None:
@@ -97,6 +97,11 @@ class CompareSection:
         for name in ("recall_seeds", "recall_steps", "recall_batch_size", "recall_keys", "recall_pairs"):
             _positive(name, getattr(self, name))
         _positive("recall_sequences", self.recall_sequences)
+        if self.recall_pairs > self.recall_keys:
+            raise ConfigError(
+                f"compare.recall_pairs ({self.recall_pairs}) exceeds compare.recall_keys ({self.recall_keys}): "
+                "each planted pair needs its own key"
+            )
         if self.recall_seeds > self.seeds:
             raise ConfigError(f"compare.recall_seeds ({self.recall_seeds}) exceeds compare.seeds ({self.seeds})")
         if self.vocab < 0 or self.vocab == 1 or self.vocab > 65536:
@@ -181,8 +186,8 @@ def variant_overrides(name: str, spec: CompareSection, n_head: int, n_layer: int
 DEFAULT_CONFIG: dict = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64},
     "data": {"batch_size": 16, "block_size": 64},
-    "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 10},
-    "run": {"steps": 100, "eval_every": 20, "eval_batches": 8, "log_every": 5, "ckpt_every": 0, "keep_last": 1},
+    "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 6},
+    "run": {"steps": 60, "eval_every": 15, "eval_batches": 8, "log_every": 5, "ckpt_every": 0, "keep_last": 1},
     "compare": {"threads": 1},
 }
 
@@ -870,9 +875,9 @@ def render_report(results: dict) -> str:
         "# Architectural variants compared",
         "",
         f"Produced by {command} in {results['runtime_s'] / 60:.1f} min on {env['device']} "
-        f"({env['torch_threads']} torch threads, torch {env['torch']}). Every number below is read from "
-        f"`{RESULTS}` beside this file, which holds the per-run values behind each mean; the runs' own "
-        "`metrics.jsonl` files are under `runs/`.",
+        f"(torch threads: {env['torch_threads']}, torch {env['torch']}). Every number below is read from "
+        f"`{RESULTS}` beside this file, which holds the per-run values behind each mean; each run's "
+        "`metrics.jsonl` (the training log the curves and speeds come from) is in `runs/<variant>/seed<seed>/`.",
         "",
         "## Setup",
         "",

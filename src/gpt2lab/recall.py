@@ -42,7 +42,7 @@ class RecallTask:
 
     n_keys: int = 8
     n_values: int = 8
-    n_pairs: int = 4
+    n_pairs: int = 8
 
     def __post_init__(self) -> None:
         if self.n_keys < 1 or self.n_values < 1 or not 1 <= self.n_pairs <= self.n_keys:
