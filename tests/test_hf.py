@@ -38,6 +38,7 @@ def test_logits_match_transformers(which, fmt, request):
     model = GPT.from_pretrained(ckpt.safetensors_dir if fmt == "safetensors" else ckpt.bin_dir).eval()
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (cfg.n_layer, cfg.n_head, cfg.n_embd)
     assert (model.config.block_size, model.config.vocab_size) == (cfg.n_positions, cfg.vocab_size)
+    assert all(p.is_contiguous() for p in model.parameters())  # Conv1D weights transposed into (out, in) copies
     T = 24 if which == "hf_124m" else cfg.n_positions
     idx = _tokens(cfg.vocab_size, T)
     ref = _hf_logits(ckpt.model, idx)

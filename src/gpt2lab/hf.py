@@ -163,7 +163,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
         key = key.removeprefix("transformer.")
         if IGNORED.match(key):
             continue
-        out[key] = tensor.t() if CONV1D.match(key) else tensor
+        # a contiguous (out, in) copy: a transposed view would leave every matmul on a strided weight
+        out[key] = tensor.t().contiguous() if CONV1D.match(key) else tensor
     with torch.device("meta"):
         expected = GPT(config).state_dict()
     lm_head = out.pop("lm_head.weight", None)
