@@ -257,3 +257,17 @@ def test_real_gpt2_greedy_matches_transformers():
     assert (ours_logits - theirs_logits).abs().max().item() <= 1e-3
     ours = generate(model, [prompt], 20, temperature=0)[0]
     assert ours == _hf_greedy(hf, prompt, 20, pad_token_id=50256)
+
+
+def test_unpadded_decode_step_needs_no_mask():
+    """One query over the written slots of an unpadded batch sees every slot: no mask is built. A padded
+    row still gets one that hides its padding."""
+    from gpt2lab.kv_cache import KVCache
+
+    cache = KVCache(1, 2, 4, 8, None, False, torch.float32, torch.device("cpu"))
+    kv = torch.randn(1, 2, 3, 4)
+    cache.update(kv, kv, torch.arange(3), None, 3)
+    keys, values, mask = cache.update(kv[:, :, :1], kv[:, :, :1], torch.tensor([3]), None, 4)
+    assert mask is None and keys.shape == values.shape == (1, 2, 4, 4)
+    _, _, mask = cache.update(kv[:, :, :1], kv[:, :, :1], torch.tensor([3]), torch.tensor([2]), 4)
+    assert mask.tolist() == [[[[False, False, True, True]]]]

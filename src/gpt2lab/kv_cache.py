@@ -38,14 +38,16 @@ class KVCache(nn.Module):
         self.times.fill_(-1)
 
     def update(
-        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor, filled: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor | None, filled: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store k, v (B, nkv, T, hs) of time steps t (T,); return the keys, values and boolean mask
-        (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps.
+        (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps (None: no
+        row is padded).
 
         ``filled`` (the last time step + 1, when known) lets a cache that does not roll attend over
         its written slots only, instead of the whole preallocated buffer; a compiled step passes
-        None and keeps static shapes."""
+        None and keeps static shapes. One query over the written slots of an unpadded batch sees
+        all of them, so it gets no mask (None)."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the
             # earlier of them still need, so attend over old + new and keep only the newest after.
@@ -58,6 +60,8 @@ class KVCache(nn.Module):
             keys, values, times = self.k, self.v, self.times
             if filled is not None and not self.rolls:  # slot == time step here, so [:filled] is all there is
                 keys, values, times = keys[:, :, :filled], values[:, :, :filled], times[:filled]
+                if pad is None and t.numel() == 1:
+                    return keys, values, None
         return keys, values, attention_mask(t, times, pad, self.window)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
@@ -67,7 +71,9 @@ class KVCache(nn.Module):
         self.times.index_copy_(0, slots, t)
 
 
-def attention_mask(q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask(
+    q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
     """Which keys (times k_t, (S,)) each query (times q_t, (T,)) of each row may see: (B, 1, T, S).
 
     Causal, within the window (q - W < k), and never a padding step; a padding query sees itself
@@ -77,5 +83,7 @@ def attention_mask(q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor, wind
     visible = (k <= q) & (k >= 0)
     if window is not None:
         visible &= k > q - window
+    if pad is None:
+        return visible[None, None]  # (1, 1, T, S): broadcast over the batch
     real = k[None] >= pad[:, None, None]  # (B, 1, S)
     return (visible[None] & (real | (k == q)[None])).unsqueeze(1)
