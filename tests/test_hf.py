@@ -68,6 +68,36 @@ def test_save_pretrained_round_trips_through_transformers(which, request, tmp_pa
     assert torch.equal(_logits(reloaded, idx), _logits(model, idx))
 
 
+@pytest.mark.parametrize("which", ["hf_124m", "hf_small"])
+def test_loss_and_gradients_match_transformers(which, request):
+    """The training loss (given targets, with ignored positions) and every weight's gradient equal
+    transformers' loss and gradients for the same labels (Conv1D gradients transposed)."""
+    import copy
+
+    from gpt2lab.hf import CONV1D
+
+    ckpt = request.getfixturevalue(which)
+    hf = copy.deepcopy(ckpt.model).train()
+    for module in hf.modules():  # dropout off in both: same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model = GPT.from_pretrained(ckpt.safetensors_dir).train()
+    idx = _tokens(ckpt.model.config.vocab_size, 33, seed=2)
+    labels = idx.clone()
+    labels[0, 5:9] = -100
+    hf_loss = hf(input_ids=idx, labels=labels).loss  # transformers shifts the labels itself
+    logits, loss = model(idx[:, :-1], labels[:, 1:])
+    assert logits is None
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    hf_loss.backward()
+    loss.backward()
+    hf_grads = {n.removeprefix("transformer."): p.grad for n, p in hf.named_parameters()}
+    for name, p in model.named_parameters():
+        want = hf_grads[name]
+        want = want.t() if CONV1D.match(name) else want
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 VARIANTS = {
     "rope": dict(pos_emb="rope", rope_theta=500.0),
     "gqa": dict(n_kv_head=2),

@@ -71,9 +71,7 @@ class KVCache(nn.Module):
         self.times.index_copy_(0, slots, t)
 
 
-def attention_mask(
-    q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor | None, window: int | None
-) -> torch.Tensor:
+def attention_mask(q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:
     """Which keys (times k_t, (S,)) each query (times q_t, (T,)) of each row may see: (B, 1, T, S).
 
     Causal, within the window (q - W < k), and never a padding step; a padding query sees itself

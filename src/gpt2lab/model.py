@@ -16,6 +16,7 @@ from torch import nn
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.kv_cache import KVCache
+from gpt2lab.ops import Linear, linear_cross_entropy, use_onednn
 from gpt2lab.rope import Rotary, apply_rotary
 
 try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sliding window masks out
@@ -59,8 +60,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.split = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = nn.Linear(config.n_embd, sum(self.split))  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, sum(self.split))  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.layer_window(layer)
@@ -101,8 +102,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +136,10 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.cache_padded = False
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -158,9 +160,9 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for tokens idx (B, T), and the mean cross-entropy against
-        ``targets`` (B, T; -100 = ignore) when given.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for tokens idx (B, T); or, given ``targets`` (B, T; -100 = ignore),
+        the mean cross-entropy against them instead (logits None: the loss never needs them whole).
 
         Without ``input_pos`` the sequence starts at position 0 and no cache is used (training, full
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
@@ -174,7 +176,7 @@ class GPT(nn.Module):
         else:
             # eager decode attends over the written part of the cache only; compiled keeps static shapes
             filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
-            step = (input_pos, self.cache_pad, filled)
+            step = (input_pos, self.cache_pad if self.cache_padded else None, filled)
             pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
         x = self.wte(idx)
         if self.wpe is not None:
@@ -189,13 +191,16 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x, rope, window_mask, step)
         x = self.ln_f(x)
-        logits = self.lm_head(x)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            logits = self.lm_head(x)
+            if self.config.padded_vocab_size != self.config.vocab_size:
+                logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
+            return logits, None
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        if use_onednn(x, weight):  # CPU: the loss a chunk of tokens at a time, without the full logits
+            return None, linear_cross_entropy(x.view(-1, x.size(-1)), weight, targets.reshape(-1))
+        logits = F.linear(x, weight)
+        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
@@ -248,6 +253,7 @@ class GPT(nn.Module):
             self.cache_pad.copy_(pad)
         else:
             self.cache_pad = pad
+        self.cache_padded = bool(pad.any())  # without padding, a decode step needs no attention mask
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
@@ -255,6 +261,7 @@ class GPT(nn.Module):
         for block in self.h:
             block.attn.kv_cache = None
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
+        self.cache_padded = False
 
     # --- construction helpers --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+from gpt2lab.ops import Linear
 
 
 def quantize_int8(model: GPT) -> GPT:
@@ -30,6 +31,9 @@ def quantize_int8(model: GPT) -> GPT:
     ):
         raise GPT2LabError("this PyTorch build has no x86 int8 kernels (fbgemm); run without int8 quantization")
     quantized = copy.deepcopy(model).eval()
+    for module in quantized.modules():
+        if isinstance(module, Linear):
+            module.__class__ = nn.Linear  # torch.ao swaps exact nn.Linear modules only; same parameters
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torch.ao deprecation notice, see the module docstring
         torch.ao.quantization.quantize_dynamic(

@@ -1,0 +1,118 @@
+"""The linear layer's CPU kernel choice.
+
+On x86 CPUs, PyTorch's ``F.linear`` in float32 calls MKL's sgemm, which is slow for the products a GPT
+makes: at batch 1 it reads the weight at about half the machine's memory bandwidth (decoding), and the
+256 x 768 x 50257 lm_head product runs at half the throughput of the same product in oneDNN (measured in
+bench/cpu.py's table and in docs/benchmarks.md). oneDNN's inner product, which ships inside every x86
+PyTorch build, takes the same row-major weight and is as fast or faster for every GPT-2 shape, so
+``Linear`` runs its forward there; the backward products (grad @ W, grad^T @ x) stay with MKL, which
+is the faster of the two for them.
+
+The result equals ``F.linear`` to float32 rounding (only the summation order differs). Anything else
+(CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` runs oneDNN for this input: float32 on the CPU, outside autocast and compile."""
+    return (
+        _onednn is not None
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with the forward in oneDNN and the backward in MKL (x is 2-D here)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN where ``use_onednn`` says so."""
+    if not use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        y = _OneDNNLinear.apply(x2, weight, bias)
+    else:
+        y = _onednn(x2, weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits x W^T against targets, a chunk of rows at a time, gradients included.
+
+    Each chunk's logits are made, turned in place into their gradient (softmax minus one-hot, over
+    the count of scored rows) and multiplied back into the gradients of x and W before the next chunk,
+    so the (rows, vocab) logits never exist whole: at 4 x 256 tokens and GPT-2's 50,257 tokens that is
+    four 206 MB tensors (logits, log-softmax and their gradients) a step that are never allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk: int, need_grad: bool) -> torch.Tensor:
+        scored = targets != -100
+        count = scored.sum()
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight) if need_grad else None
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            xc, tc, sc = x[rows], targets[rows].clamp_min(0), scored[rows]
+            logits = linear(xc, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * sc).sum()
+            if need_grad:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(len(tc), device=x.device), tc] -= 1.0
+                grad *= (sc / count)[:, None]  # mean over scored rows; ignored rows get no gradient
+                grad = grad.to(x.dtype)
+                torch.mm(grad, weight, out=grad_x[rows])
+                grad_w.addmm_(grad.t(), xc)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad, grad_w * grad, None, None, None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 2**24
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(x, weight), targets, ignore_index=-100)`` for x (N, C), weight (V, C),
+    targets (N,), computed ``chunk_elems // V`` rows at a time without the (N, V) logits."""
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, max(1, chunk_elems // weight.shape[0]), need_grad)

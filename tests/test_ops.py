@@ -1,0 +1,86 @@
+"""The oneDNN linear layer: same results and gradients as F.linear, F.linear wherever it must be."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2lab import ops
+
+needs_onednn = pytest.mark.skipif(ops._onednn is None, reason="this PyTorch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (3, 1, 64), (2, 17, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(96, 64, generator=g, requires_grad=True)
+    b = torch.randn(96, generator=g, requires_grad=True) if bias else None
+    assert ops.use_onednn(x, w)  # the path under test is the oneDNN one
+    y = ops.linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(ref.shape, generator=g)
+    got = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
+    want = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), dy)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_no_grad_and_frozen_weight():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear(x, w), F.linear(x, w))
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(ops.linear(x, w).sum(), x)  # weight frozen: only the input's gradient
+    torch.testing.assert_close(gx, w.sum(0).expand(4, 8))
+
+
+def test_falls_back_to_f_linear_where_it_must():
+    x, w = torch.randn(4, 8), torch.randn(5, 8)
+    assert not ops.use_onednn(x.bfloat16(), w.bfloat16())
+    assert not ops.use_onednn(x.double(), w.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ops.use_onednn(x, w)
+        assert ops.linear(x, w).dtype == torch.bfloat16  # autocast applies, as to F.linear
+    assert torch.equal(ops.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+
+
+def test_linear_module_is_an_nn_linear():
+    torch.manual_seed(0)
+    ours, plain = ops.Linear(8, 5), nn.Linear(8, 5)
+    plain.load_state_dict(ours.state_dict())
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ours(x), plain(x))
+
+
+@pytest.mark.parametrize("chunk_elems", [97 * 5, 97 * 64, 2**24])  # 5 rows a chunk, 64, all at once
+def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(97, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 97, (37,), generator=g)
+    targets[[0, 5, 6, 30]] = -100  # ignored rows: no loss, no gradient
+    loss = ops.linear_cross_entropy(x, w, targets, chunk_elems=chunk_elems)
+    ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    (2.5 * loss).backward()  # the upstream gradient scales both
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    (2.5 * ref).backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    assert gx[[0, 5, 6, 30]].abs().max() == 0
+
+
+def test_linear_cross_entropy_without_grad():
+    x, w, targets = torch.randn(6, 8), torch.randn(11, 8), torch.tensor([1, 2, 3, -100, 4, 10])
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(x, w.requires_grad_(), targets, chunk_elems=22)
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), targets).detach())
+    assert loss.grad_fn is None
