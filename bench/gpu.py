@@ -64,7 +64,7 @@ def train_throughput(preset: str, batch: int, seq: int, device: torch.device, dr
     config = GPTConfig.from_name(preset, padded_vocab_size=50304, **overrides)
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, OptimSection(), device)
+    optimizer = configure_optimizer(model, OptimSection())
     step_model = model if dry else torch.compile(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)

@@ -141,7 +141,7 @@ def test_lr_warmup_then_cosine_to_min_lr():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(GPTConfig.from_name("debug", vocab_size=256))
-    opt = configure_optimizer(model, TrainConfig().optim, torch.device("cpu"))
+    opt = configure_optimizer(model, TrainConfig().optim)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])

@@ -672,7 +672,7 @@ def _warm_up(config: GPTConfig, cfg: TrainConfig, device: torch.device) -> None:
     from gpt2lab.train import configure_optimizer
 
     model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, cfg.optim, device)
+    optimizer = configure_optimizer(model, cfg.optim)
     x = torch.randint(0, config.vocab_size, (cfg.data.batch_size, cfg.data.block_size), device=device)
     _, loss = model(x, x)
     loss.backward()

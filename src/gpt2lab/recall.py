@@ -165,7 +165,7 @@ def train_recall(
 
     torch.manual_seed(seed)
     model.to(device)
-    optimizer = configure_optimizer(model, optim, device)
+    optimizer = configure_optimizer(model, optim)
     rng = np.random.default_rng([seed, 1])
     curve = []
     model.train()

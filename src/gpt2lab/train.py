@@ -61,7 +61,7 @@ class TrainResult:
 # --- optimizer, schedule, FLOPs ------------------------------------------------------------------
 
 
-def configure_optimizer(model: nn.Module, optim: OptimSection, device: torch.device) -> torch.optim.AdamW:
+def configure_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and embeddings (dim >= 2) only: biases and LayerNorm gains
     are not decayed. The fused kernel (one pass over each tensor) on every device: on CPU it is about
     three times faster than the default per-tensor loop, and it handles FSDP2's DTensor parameters."""
@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         for block in model.h:
             block.compile()
     wrapped = distributed.wrap(model, env)
-    optimizer = configure_optimizer(wrapped, cfg.optim, device)
+    optimizer = configure_optimizer(wrapped, cfg.optim)
 
     start, changed = 0, []
     if resume is not None:
