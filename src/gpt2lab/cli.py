@@ -115,7 +115,10 @@ def _generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples of the prompt (batched)")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (pays off for long generations)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: on a GPU it runs as CUDA graphs, several times faster for long "
+        "generations; on the CPU the default eager step is the faster one (docs/benchmarks.md)",
     )
     add_model_args(p)
 
@@ -437,18 +440,24 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed; only ``command``'s own options are built (None: all), since
+    some builders import heavy modules for their help text and a run uses one subcommand."""
     parser = argparse.ArgumentParser(
         prog="gpt2lab", description="GPT-2 and its modern variants: load, generate, train, compare, benchmark."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (build, help) in COMMANDS.items():
-        build(sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + "."))
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        if command in (None, name):
+            build(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    named = next((a for a in argv if not a.startswith("-")), "")  # the subcommand, if any (no top-level options)
+    parser = build_parser(named)
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides"):  # only train takes free-form --section.key=value settings
