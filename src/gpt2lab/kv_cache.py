@@ -65,7 +65,7 @@ class KVCache(nn.Module):
         return keys, values, attention_mask(t, times, pad, self.window)
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
-        slots = t % self.size
+        slots = t % self.size if self.rolls else t  # a cache that never wraps holds time step t in slot t
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         self.times.index_copy_(0, slots, t)
