@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def hf_and_ours(config_kwargs: dict | None = None, dropout: float = 0.0):
@@ -51,11 +52,23 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: i
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_gflops(m: int = 1024, k: int = 768, n: int = 3072, repeat: int = 10) -> float:
-    """The machine's fp32 matmul throughput on a GPT-2-shaped product, GFLOP/s."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    t = timeit(lambda: a @ b, repeat=repeat, warmup=2)
-    return 2 * m * k * n / t / 1e9
+def matmul_probes(m: int = 1024, k: int = 768, n: int = 3072) -> tuple[dict[str, Callable[[], object]], float]:
+    """One GPT-2-shaped fp32 product (x (m, k) times a (n, k) weight, transposed) through each of the
+    CPU's two matmul libraries in torch: MKL (F.linear) and oneDNN (what gpt2lab.ops uses); and its GFLOP.
+    The machine's matmul ceiling is the faster of the two."""
+    from gpt2lab import ops
+
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    probes = {"matmul mkl": lambda: F.linear(x, w)}
+    if ops._onednn is not None:
+        probes["matmul onednn"] = lambda: ops.linear(x, w)
+    return probes, 2 * m * k * n / 1e9
+
+
+def matmul_gflops(repeat: int = 10) -> float:
+    """The machine's fp32 matmul ceiling on a GPT-2-shaped product, GFLOP/s (see ``matmul_probes``)."""
+    probes, gflop = matmul_probes()
+    return gflop / min(timeit(fn, repeat=repeat, warmup=2) for fn in probes.values())
 
 
 def memory_read_gbs(n_bytes: int = 512 * 2**20, repeat: int = 5) -> float:

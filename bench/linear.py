@@ -1,0 +1,75 @@
+"""MKL (F.linear) vs oneDNN (gpt2lab.ops.linear) on every GPT-2 124M linear shape, fp32, this CPU.
+
+    python bench/linear.py [--threads 2] [--repeat 5]
+
+The evidence for gpt2lab.ops' kernel choice. For batch-1 rows (decoding) the figure is GB/s of weight
+read, over a stack of distinct weights larger than the caches (as in a real decode step); for the
+others it is GFLOP/s. Forward products only, plus the two backward products of the lm_head. Both
+kernels are timed alternately; the ratio is oneDNN's speed over MKL's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import interleaved
+
+from gpt2lab import ops
+
+SHAPES = {  # name: (in, out)
+    "attn.c_attn": (768, 2304),
+    "attn.c_proj": (768, 768),
+    "mlp.c_fc": (768, 3072),
+    "mlp.c_proj": (3072, 768),
+    "lm_head": (768, 50257),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if ops._onednn is None:
+        raise SystemExit("this PyTorch build has no oneDNN: gpt2lab uses F.linear everywhere")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32\n")
+    print("| product | tokens | MKL | oneDNN | oneDNN / MKL |\n|---|---:|---:|---:|---:|")
+    for tokens in (1, 256, 1024):
+        for name, (k, n) in SHAPES.items():
+            # batch 1 reads the weight once: use ~400 MB of distinct weights so they come from memory
+            count = max(1, 400_000_000 // (4 * k * n)) if tokens == 1 else 1
+            weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
+            x = torch.randn(tokens, k)
+            t = interleaved(
+                {
+                    "mkl": lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
+                    "onednn": lambda x=x, ws=weights: [ops.linear(x, w) for w in ws],
+                },
+                repeat=args.repeat,
+            )
+            if tokens == 1:
+                work, unit = count * 4 * k * n / 1e9, "GB/s"
+            else:
+                work, unit = count * 2 * tokens * k * n / 1e9, "GFLOP/s"
+            print(
+                f"| {name} {k}x{n} | {tokens} | {work / t['mkl']:.1f} {unit} | {work / t['onednn']:.1f} {unit} "
+                f"| {t['mkl'] / t['onednn']:.2f}x |",
+                flush=True,
+            )
+    k, n = SHAPES["lm_head"]
+    for tokens in (256, 1024):  # the backward products ops.Linear leaves to MKL: grad @ W and grad^T @ x
+        w, x, grad = torch.randn(n, k), torch.randn(tokens, k), torch.randn(tokens, n)
+        fns = {"dx": lambda g=grad, w=w: g @ w, "dw": lambda g=grad, x=x: g.t() @ x}
+        t = interleaved(fns, repeat=args.repeat)
+        gflop = 2 * tokens * k * n / 1e9
+        print(
+            f"| lm_head backward (MKL), {tokens} tokens | grad @ W {gflop / t['dx']:.1f} GFLOP/s "
+            f"| grad^T @ x {gflop / t['dw']:.1f} GFLOP/s | | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
