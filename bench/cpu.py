@@ -88,7 +88,14 @@ def bench_generate(hf, ours, cases, repeat: int) -> None:
         prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
 
         def hf_gen(prompt=prompt, N=N):
-            return hf.generate(prompt, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=50256)
+            return hf.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=N,
+                min_new_tokens=N,
+                do_sample=False,
+                pad_token_id=50256,
+            )
 
         def our_gen(prompt=prompt, N=N):
             return generate(ours, prompt.tolist(), N, temperature=0, eos_id=None)
@@ -111,10 +118,18 @@ def bench_int8(hf, ours) -> None:
     with torch.no_grad():
         ref, got = ours(x)[0], q(x)[0]
     err = ((got - ref).abs().max() / ref.std()).item()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()  # same next token as fp32
     prompt = x[:, :16]
 
     def hf_gen():
-        return hf.generate(prompt, max_new_tokens=100, min_new_tokens=100, do_sample=False, pad_token_id=50256)
+        return hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=100,
+            min_new_tokens=100,
+            do_sample=False,
+            pad_token_id=50256,
+        )
 
     t = interleaved({"hf": hf_gen, "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None)})
     qbytes = sum(p.numel() for p in ours.parameters()) + 50257 * 768 * 3  # int8 weights + fp32 embedding lookups
@@ -124,7 +139,7 @@ def bench_int8(hf, ours) -> None:
         100 / t["ours"],
         True,
         "tok/s",
-        f"max logit err {err:.3f} std; {qbytes * 100 / t['ours'] / bandwidth:.0%} bw",
+        f"max logit err {err:.2f} std, top-1 same {top1:.0%}; {qbytes * 100 / t['ours'] / bandwidth:.0%} bw",
     )
 
 
@@ -136,7 +151,14 @@ def bench_compile(hf, ours) -> None:
     compile_s = time.perf_counter() - t0
 
     def hf_gen():
-        return hf.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, pad_token_id=50256)
+        return hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=1000,
+            min_new_tokens=1000,
+            do_sample=False,
+            pad_token_id=50256,
+        )
 
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
@@ -203,7 +225,7 @@ def main() -> None:
         bench_train(hf, ours, max(2, args.repeat // 2))
     if "generate" in only:
         cases = [(1, 100)] if args.quick else [(1, 100), (1, 1000), (8, 100), (8, 1000)]
-        bench_generate(hf, ours, cases, repeat=3)
+        bench_generate(hf, ours, cases, repeat=5)
     if "int8" in only:
         bench_int8(hf, ours)
     if "compile" in only:

@@ -4,8 +4,9 @@
 
 The evidence for gpt2lab.ops' kernel choice. For batch-1 rows (decoding) the figure is GB/s of weight
 read, over a stack of distinct weights larger than the caches (as in a real decode step); for the
-others it is GFLOP/s. Forward products only, plus the two backward products of the lm_head. Both
-kernels are timed alternately; the ratio is oneDNN's speed over MKL's.
+others it is GFLOP/s. Forward products, then the two backward products of the lm_head (oneDNN's
+grad @ W needs W transposed into a copy, which is counted). Both kernels are timed alternately; the
+ratio is oneDNN's speed over MKL's.
 """
 
 from __future__ import annotations
@@ -59,15 +60,23 @@ def main() -> None:
                 f"| {t['mkl'] / t['onednn']:.2f}x |",
                 flush=True,
             )
-    k, n = SHAPES["lm_head"]
-    for tokens in (256, 1024):  # the backward products ops.Linear leaves to MKL: grad @ W and grad^T @ x
-        w, x, grad = torch.randn(n, k), torch.randn(tokens, k), torch.randn(tokens, n)
-        fns = {"dx": lambda g=grad, w=w: g @ w, "dw": lambda g=grad, x=x: g.t() @ x}
-        t = interleaved(fns, repeat=args.repeat)
-        gflop = 2 * tokens * k * n / 1e9
+    for tokens in (256, 1024):  # the lm_head's backward products, which ops.Linear leaves to MKL
+        backward_rows(*SHAPES["lm_head"], tokens, args.repeat)
+
+
+def backward_rows(k: int, n: int, tokens: int, repeat: int) -> None:
+    w, x, grad = torch.randn(n, k), torch.randn(tokens, k), torch.randn(tokens, n)
+    gflop = 2 * tokens * k * n / 1e9
+    products = {
+        "grad @ W": (lambda: grad @ w, lambda: ops._onednn(grad, w.t().contiguous(), None, "none", [], "")),
+        "grad^T @ x": (lambda: grad.t() @ x, lambda: ops._onednn(grad.t(), x.t(), None, "none", [], "")),
+    }
+    for name, (mkl, onednn) in products.items():
+        t = interleaved({"mkl": mkl, "onednn": onednn}, repeat=repeat)
         print(
-            f"| lm_head backward (MKL), {tokens} tokens | grad @ W {gflop / t['dx']:.1f} GFLOP/s "
-            f"| grad^T @ x {gflop / t['dw']:.1f} GFLOP/s | | |"
+            f"| lm_head backward {name} | {tokens} | {gflop / t['mkl']:.1f} GFLOP/s "
+            f"| {gflop / t['onednn']:.1f} GFLOP/s | {t['mkl'] / t['onednn']:.2f}x |",
+            flush=True,
         )
 
 
