@@ -84,3 +84,27 @@ def test_linear_cross_entropy_without_grad():
         loss = ops.linear_cross_entropy(x, w.requires_grad_(), targets, chunk_elems=22)
     torch.testing.assert_close(loss, F.cross_entropy(x @ w.t(), targets).detach())
     assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_model_loss_paths_agree(make_gpt, monkeypatch, padded):
+    """GPT.forward's CPU loss (chunked, oneDNN) and its loss over full logits (every other device) give
+    the same loss and gradients, with a padded vocabulary too (its extra rows are never predicted)."""
+    from gpt2lab import model as model_module
+
+    model = make_gpt(seed=4, **({"padded_vocab_size": 128} if padded else {})).train()
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -100
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(model_module, "use_onednn", lambda x, w, fused=fused: fused)
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, targets)
+        loss.backward()
+        assert logits is None
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

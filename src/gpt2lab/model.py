@@ -191,16 +191,14 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x, rope, window_mask, step)
         x = self.ln_f(x)
+        vocab = self.config.vocab_size  # rows of a padded vocabulary (GPU-friendly shapes) are never predicted
+        if targets is not None and use_onednn(x, self.lm_head.weight):
+            # CPU: the loss a chunk of tokens at a time, without ever holding the full logits
+            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight[:vocab], targets.reshape(-1))
+        logits = self.lm_head(x)[..., :vocab]
         if targets is None:
-            logits = self.lm_head(x)
-            if self.config.padded_vocab_size != self.config.vocab_size:
-                logits = logits[..., : self.config.vocab_size]  # padding rows are never predicted
             return logits, None
-        weight = self.lm_head.weight[: self.config.vocab_size]
-        if use_onednn(x, weight):  # CPU: the loss a chunk of tokens at a time, without the full logits
-            return None, linear_cross_entropy(x.view(-1, x.size(-1)), weight, targets.reshape(-1))
-        logits = F.linear(x, weight)
-        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return None, F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
