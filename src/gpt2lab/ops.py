@@ -2,11 +2,11 @@
 
 On x86 CPUs, PyTorch's ``F.linear`` in float32 calls MKL's sgemm, which is slow for the products a GPT
 makes: at batch 1 it reads the weight at about half the machine's memory bandwidth (decoding), and the
-256 x 768 x 50257 lm_head product runs at half the throughput of the same product in oneDNN (measured in
-bench/cpu.py's table and in docs/benchmarks.md). oneDNN's inner product, which ships inside every x86
-PyTorch build, takes the same row-major weight and is as fast or faster for every GPT-2 shape, so
-``Linear`` runs its forward there; the backward products (grad @ W, grad^T @ x) stay with MKL, which
-is the faster of the two for them.
+256 x 768 x 50257 lm_head product runs at half the throughput of the same product in oneDNN
+(``bench/linear.py``; its table is in docs/benchmarks.md). oneDNN's inner product, which ships inside
+every x86 PyTorch build, takes the same row-major weight and is faster for the larger GPT-2 shapes and
+about even for the smallest, so ``Linear`` runs its forward there; the backward products
+(grad @ W, grad^T @ x) stay with MKL, which is the faster of the two for them.
 
 The result equals ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
@@ -91,12 +91,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             xc, tc, sc = x[rows], targets[rows].clamp_min(0), scored[rows]
             logits = linear(xc, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * sc).sum()
-            if need_grad:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                grad[torch.arange(len(tc), device=x.device), tc] -= 1.0
-                grad *= (sc / count)[:, None]  # mean over scored rows; ignored rows get no gradient
+            target = logits.gather(1, tc[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()  # in place: the logits are not needed again
+            norm = exp.sum(dim=-1, keepdim=True)
+            total += ((peak + norm.log()).squeeze(1) - target).mul_(sc).sum()  # logsumexp - target logit
+            if need_grad:  # d loss / d logits = (softmax - one-hot) / count; ignored rows get none
+                weight_of_row = (sc / count)[:, None]
+                grad = exp.mul_(weight_of_row / norm)
+                grad[torch.arange(len(tc), device=x.device), tc] -= weight_of_row.squeeze(1)
                 grad = grad.to(x.dtype)
                 torch.mm(grad, weight, out=grad_x[rows])
                 grad_w.addmm_(grad.t(), xc)
