@@ -11,7 +11,8 @@ from pathlib import Path
 
 from gpt2lab.errors import GPT2LabError
 
-# About three minutes of training on 2 CPU cores; override any of it with --section.key=value.
+# Three to six minutes of training on 2 CPU cores (six on the development VM on 2026-11-27, whose matmul
+# throughput varies by day); override any of it with --section.key=value.
 DEMO_CONFIG = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 128},
     "data": {"batch_size": 8, "block_size": 128},
