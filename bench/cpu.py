@@ -82,20 +82,25 @@ def bench_train(hf, ours, repeat: int) -> None:
     row(f"train step {B}x{T} fwd+bwd+AdamW", t["hf"], t["ours"], False, "s", frac)
 
 
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy generation of exactly n new tokens (unpadded prompt, explicit mask)."""
+    return hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=50256,
+    )
+
+
 def bench_generate(hf, ours, cases, repeat: int) -> None:
     for B, N in cases:
         bandwidth = memory_read_gbs() * 1e9
         prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
 
         def hf_gen(prompt=prompt, N=N):
-            return hf.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=N,
-                min_new_tokens=N,
-                do_sample=False,
-                pad_token_id=50256,
-            )
+            return hf_greedy(hf, prompt, N)
 
         def our_gen(prompt=prompt, N=N):
             return generate(ours, prompt.tolist(), N, temperature=0, eos_id=None)
@@ -121,17 +126,12 @@ def bench_int8(hf, ours) -> None:
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()  # same next token as fp32
     prompt = x[:, :16]
 
-    def hf_gen():
-        return hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=100,
-            min_new_tokens=100,
-            do_sample=False,
-            pad_token_id=50256,
-        )
-
-    t = interleaved({"hf": hf_gen, "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None)})
+    t = interleaved(
+        {
+            "hf": lambda: hf_greedy(hf, prompt, 100),
+            "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None),
+        }
+    )
     qbytes = sum(p.numel() for p in ours.parameters()) + 50257 * 768 * 3  # int8 weights + fp32 embedding lookups
     row(
         "greedy b=1 100 tok, int8 weights",
@@ -150,21 +150,11 @@ def bench_compile(hf, ours) -> None:
     generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
     compile_s = time.perf_counter() - t0
 
-    def hf_gen():
-        return hf.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=1000,
-            min_new_tokens=1000,
-            do_sample=False,
-            pad_token_id=50256,
-        )
-
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
 
     our_gen()  # the 1016-slot cache is a new shape: compile it before timing
-    t = interleaved({"hf": hf_gen, "ours": our_gen}, repeat=1, warmup=0)
+    t = interleaved({"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen}, repeat=1, warmup=0)
     row(
         "greedy b=1 1000 tok, compiled decode",
         1000 / t["hf"],
