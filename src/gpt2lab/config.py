@@ -141,7 +141,9 @@ _FINETUNE_FIELDS = ("dropout", "padded_vocab_size")
 
 
 def _opt(default, help: str):
-    """A config field with its help text (listed by ``gpt2lab train --help``)."""
+    """A config field with its help text (listed by ``--help``); a list default is copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

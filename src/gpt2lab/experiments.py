@@ -30,14 +30,14 @@ import time
 import typing
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from gpt2lab.config import GPTConfig, TrainConfig, parse_overrides, read_toml
+from gpt2lab.config import GPTConfig, TrainConfig, _opt, _positive, parse_overrides, read_toml
 from gpt2lab.data import DTYPE, META, TokenData, prepare
 from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.model import GPT
@@ -49,12 +49,6 @@ RESULTS, REPORT = "results.json", "report.md"
 PLOTS = ("loss_curves.png", "memory_speed.png", "extrapolation.png", "recall.png")
 CACHE = "compare_cache.json"  # in each run directory: settings and measurements of finished work
 MIB = 2**20
-
-
-def _opt(default, help: str):
-    if isinstance(default, list):  # a fresh list per instance
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -92,11 +86,9 @@ class CompareSection:
     recall_sequences: int = _opt(256, "recall evaluation sequences (every position but the pairs is a query)")
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "max_docs", "window", "extrapolation_sequences", "decode_context", "decode_tokens"):
-            _positive(name, getattr(self, name))
-        for name in ("recall_seeds", "recall_steps", "recall_batch_size", "recall_keys", "recall_pairs"):
-            _positive(name, getattr(self, name))
-        _positive("recall_sequences", self.recall_sequences)
+        _positive(self, "compare", "seeds", "max_docs", "window", "extrapolation_sequences", "decode_context")
+        _positive(self, "compare", "decode_tokens", "recall_seeds", "recall_steps", "recall_batch_size")
+        _positive(self, "compare", "recall_keys", "recall_pairs", "recall_sequences")
         if self.recall_pairs > self.recall_keys:
             raise ConfigError(
                 f"compare.recall_pairs ({self.recall_pairs}) exceeds compare.recall_keys ({self.recall_keys}): "
@@ -294,11 +286,6 @@ def _coerce(key: str, value, hint):
         return hint(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
-
-
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"compare.{name} must be a positive integer, got {value}")
 
 
 def describe_compare_config() -> str:
