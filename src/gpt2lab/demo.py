@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gpt2lab.errors import GPT2LabError
 
-# Three to six minutes of training on 2 CPU cores (six on the development VM on 2026-11-27, whose matmul
+# Three to seven minutes of training on 2 CPU cores (six to seven on the development VM on 2026-11-27, whose matmul
 # throughput varies by day); override any of it with --section.key=value.
 DEMO_CONFIG = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 128},
