@@ -6,7 +6,9 @@ The evidence for gpt2lab.ops' kernel choice. For batch-1 rows (decoding) the fig
 read, over a stack of distinct weights larger than the caches (as in a real decode step); for the
 others it is GFLOP/s. Forward products, then the two backward products of the lm_head (oneDNN's
 grad @ W needs W transposed into a copy, which is counted). Both kernels are timed alternately; the
-ratio is oneDNN's speed over MKL's.
+ratio is oneDNN's speed over MKL's. Last, oneDNN alone at 1 and 8 rows on each weight as stored
+(out, in) against an (in, out)-contiguous copy of it: GPT's batch-1 decoding reads its lm_head from
+such a copy.
 """
 
 from __future__ import annotations
@@ -62,6 +64,31 @@ def main() -> None:
             )
     for tokens in (256, 1024):  # the lm_head's backward products, which ops.Linear leaves to MKL
         backward_rows(*SHAPES["lm_head"], tokens, args.repeat)
+    print("\n| product (oneDNN) | tokens | (out, in) weight | (in, out) copy | copy / weight |\n|---|---:|---:|---:|---:|")
+    for tokens in (1, 8):  # the weight layout at one row: GPT's batch-1 decode reads the lm_head from a copy
+        for name, (k, n) in SHAPES.items():
+            layout_row(name, k, n, tokens, args.repeat)
+
+
+def layout_row(name: str, k: int, n: int, tokens: int, repeat: int) -> None:
+    """oneDNN's speed on the stored (out, in) weight against a view of an (in, out)-contiguous copy."""
+    count = max(1, 400_000_000 // (4 * k * n))  # distinct weights larger than the caches
+    weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
+    copies = [w.t().contiguous().t() for w in weights]
+    x = torch.randn(tokens, k)
+    t = interleaved(
+        {
+            "weight": lambda: [ops.linear(x, w) for w in weights],
+            "copy": lambda: [ops.linear(x, w) for w in copies],
+        },
+        repeat=repeat,
+    )
+    gb = count * 4 * k * n / 1e9
+    print(
+        f"| {name} {k}x{n} | {tokens} | {gb / t['weight']:.1f} GB/s | {gb / t['copy']:.1f} GB/s "
+        f"| {t['weight'] / t['copy']:.2f}x |",
+        flush=True,
+    )
 
 
 def backward_rows(k: int, n: int, tokens: int, repeat: int) -> None:

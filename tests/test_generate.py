@@ -271,3 +271,28 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask is None and keys.shape == values.shape == (1, 2, 4, 4)
     _, _, mask = cache.update(kv[:, :, :1], kv[:, :, :1], torch.tensor([3]), torch.tensor([2]), 4)
     assert mask.tolist() == [[[[False, False, True, True]]]]
+
+
+def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
+    """A batch-1 CPU decode step reads the lm_head from an (n_embd, vocab) copy of the tied weight; the
+    next step sees the weight changed in place or replaced (the copy is remade), clear_cache drops it."""
+    model = make_gpt()
+    idx = torch.tensor([SHORT])
+    P = len(SHORT) - 1
+
+    def decode_last() -> torch.Tensor:  # prefill again (same cache slots, no setup_cache), then one step
+        model(idx[:, :P], input_pos=torch.arange(P))
+        return model(idx[:, P:], input_pos=torch.tensor([P]))[0][:, -1]
+
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        first = decode_last()
+        copy = model._head_copy[2]
+        assert copy.stride() == (1, model.config.padded_vocab_size)  # the transposed layout is in use
+        torch.testing.assert_close(first, model(idx)[0][:, -1], atol=1e-5, rtol=0)
+        model.wte.weight.mul_(-2.0)  # in place (an optimizer step, load_state_dict)
+        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
+        model.wte.weight = model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.wte.weight))
+        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
+    model.clear_cache()
+    assert model._head_copy is None
