@@ -64,7 +64,9 @@ def main() -> None:
             )
     for tokens in (256, 1024):  # the lm_head's backward products, which ops.Linear leaves to MKL
         backward_rows(*SHAPES["lm_head"], tokens, args.repeat)
-    print("\n| product (oneDNN) | tokens | (out, in) weight | (in, out) copy | copy / weight |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| product (oneDNN) | tokens | (out, in) weight | (in, out) copy | copy / weight |\n|---|---:|---:|---:|---:|"
+    )
     for tokens in (1, 8):  # the weight layout at one row: GPT's batch-1 decode reads the lm_head from a copy
         for name, (k, n) in SHAPES.items():
             layout_row(name, k, n, tokens, args.repeat)
