@@ -59,8 +59,9 @@ def test_linear_module_is_an_nn_linear():
     torch.testing.assert_close(ours(x), plain(x))
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.5])  # a loss's own gradient (handed back as made), a scaled one
 @pytest.mark.parametrize("chunk_elems", [97 * 5, 97 * 64, 2**24])  # 5 rows a chunk, 64, all at once
-def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems):
+def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems, scale):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(37, 16, generator=g, requires_grad=True)
     w = torch.randn(97, 16, generator=g, requires_grad=True)
@@ -69,13 +70,32 @@ def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems):
     loss = ops.linear_cross_entropy(x, w, targets, chunk_elems=chunk_elems)
     ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-100)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    (2.5 * loss).backward()  # the upstream gradient scales both
+    (scale * loss).backward()
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
-    (2.5 * ref).backward()
+    (scale * ref).backward()
     torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
     assert gx[[0, 5, 6, 30]].abs().max() == 0
+
+
+def test_linear_cross_entropy_scores_the_first_vocab_rows():
+    """``vocab`` leaves the weight's padding rows out of the softmax; they get an exact zero gradient,
+    the scored rows the same gradient as the unpadded product."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 8, generator=g, requires_grad=True)
+    w = torch.randn(16, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (9,), generator=g)
+    loss = ops.linear_cross_entropy(x, w, targets, vocab=11, chunk_elems=11 * 4)
+    loss.backward()
+    ref = F.cross_entropy(x @ w[:11].t(), targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref.backward()
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    assert gw.shape == (16, 8) and gw[11:].abs().max() == 0
 
 
 def test_linear_cross_entropy_without_grad():

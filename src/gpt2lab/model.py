@@ -195,7 +195,7 @@ class GPT(nn.Module):
         vocab = self.config.vocab_size  # rows of a padded vocabulary (GPU-friendly shapes) are never predicted
         if targets is not None and use_onednn(x, self.lm_head.weight):
             # CPU: the loss a chunk of tokens at a time, without ever holding the full logits
-            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight[:vocab], targets.reshape(-1))
+            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), vocab)
         head = self._one_row_head(x) if step is not None and B * T == 1 else None  # batch-1 decoding
         logits = (self.lm_head(x) if head is None else linear(x, head))[..., :vocab]
         if targets is None:
