@@ -4,7 +4,7 @@ A small rotary model (4 layers, 256 wide, 8 heads of 32; rotary so 16k positions
 five variants: multi-head, grouped-query (2 kv heads), multi-query, a sliding window of 256 on every
 layer, and window + GQA. For each generation length the cache is allocated by ``setup_cache`` exactly
 as ``generate`` does and its K/V buffers are measured; decode speed is greedy generation through
-``gpt2lab.generate.stream`` from a 16-token prompt (tokens/s over the whole run, prefill included).
+``gpt2lab.stream`` from a 16-token prompt (tokens/s over the whole run, prefill included).
 In the longest run, the speed of its first and last 1024 tokens shows how a step's cost depends on
 the context so far.
 
@@ -21,7 +21,7 @@ import time
 import torch
 
 from gpt2lab import GPT, GPTConfig
-from gpt2lab.generate import stream
+from gpt2lab.generation import stream
 
 BASE = dict(n_layer=4, n_embd=256, n_head=8, pos_emb="rope", block_size=1024)
 VARIANTS = {

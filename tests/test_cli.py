@@ -256,3 +256,26 @@ def test_generate_prompt_plus_new_tokens_beyond_context(capsys, tiny_dir):
     _assert_clean_error(*_run(capsys, *args, "--max-new-tokens", "20"), "exceeds the context of 32")
     rc, _, err = _run(capsys, *args, "--max-new-tokens", "12")
     assert rc == 0, err
+
+
+def test_help_and_usage_errors_do_not_load_torch():
+    """`gpt2lab --help`, a subcommand's --help and a mistyped option answer at once: the package imports
+    torch only when a command runs or a library name (gpt2lab.GPT, ...) is first used."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from gpt2lab.cli import main\n"
+        "for argv in (['--help'], ['generate', '--help'], ['train', '--help'], ['generate', '--bogus']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "print('torch' in sys.modules)\n"
+        "import gpt2lab\n"
+        "print(gpt2lab.generate.__module__, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "gpt2lab.generation", "True"]

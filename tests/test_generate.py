@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPT2LabError, generate, stream
-from gpt2lab.generate import sample
+from gpt2lab.generation import sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

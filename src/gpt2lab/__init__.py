@@ -1,10 +1,42 @@
-"""gpt2lab: exact GPT-2 and its modern variants in plain PyTorch."""
+"""gpt2lab: exact GPT-2 and its modern variants in plain PyTorch.
 
-from gpt2lab.config import GPTConfig
-from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
-from gpt2lab.generate import generate, stream
-from gpt2lab.model import GPT
-from gpt2lab.tokenizer import load_tokenizer
+The names below are imported on first use, so ``import gpt2lab`` (and ``gpt2lab --help``, and a
+command line with a mistake in it) answers without loading torch.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpt2lab.config import GPTConfig
+    from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
+    from gpt2lab.generation import generate, stream
+    from gpt2lab.model import GPT
+    from gpt2lab.tokenizer import load_tokenizer
+
+_HOME = {
+    "GPT": "gpt2lab.model",
+    "GPTConfig": "gpt2lab.config",
+    "GPT2LabError": "gpt2lab.errors",
+    "CheckpointError": "gpt2lab.errors",
+    "ConfigError": "gpt2lab.errors",
+    "generate": "gpt2lab.generation",
+    "stream": "gpt2lab.generation",
+    "load_tokenizer": "gpt2lab.tokenizer",
+}
 __all__ = ["GPT", "GPTConfig", "GPT2LabError", "CheckpointError", "ConfigError", "generate", "stream", "load_tokenizer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'gpt2lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

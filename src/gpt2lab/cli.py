@@ -123,7 +123,7 @@ def _generate(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
 
     def run(args):
-        from gpt2lab.generate import stream
+        from gpt2lab.generation import stream
         from gpt2lab.tokenizer import EOT
 
         if args.num_samples < 1:
@@ -150,7 +150,7 @@ def _generate(p: argparse.ArgumentParser) -> None:
                 sys.stdout.flush()
             sys.stdout.write(decoder.decode(b"", final=True) + "\n")
             return
-        from gpt2lab.generate import generate
+        from gpt2lab.generation import generate
 
         rows = generate(
             model,

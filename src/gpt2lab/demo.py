@@ -25,7 +25,7 @@ PROMPT = "def main("
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, max_new_tokens: int = 60) -> None:
     from gpt2lab.config import TrainConfig
     from gpt2lab.data import prepare
-    from gpt2lab.generate import generate
+    from gpt2lab.generation import generate
     from gpt2lab.hf import load_pretrained
     from gpt2lab.tokenizer import load_tokenizer
     from gpt2lab.train import train

@@ -464,7 +464,7 @@ def decode_benchmark(
     context and at ``context``, and greedy decode speed at ``context`` tokens, with random weights.
     Learned-position variants get a position table as long as ``context`` for this, since speed and
     memory do not depend on what it holds."""
-    from gpt2lab.generate import stream
+    from gpt2lab.generation import stream
 
     config = dataclasses.replace(config, block_size=max(config.block_size, context), dropout=0.0)
     torch.manual_seed(0)
@@ -944,7 +944,7 @@ def render_report(results: dict) -> str:
         "",
         f"{command}; cache buffers as `setup_cache` allocates them for one sequence ({variants[next(iter(variants))]['decode']['dtype']}), "
         f"summed over layers (a window layer keeps only its {spec['window']} newest positions). Decode: greedy "
-        f"generation through `gpt2lab.generate.stream` with random weights, prompt of "
+        f"generation through `gpt2lab.stream` with random weights, prompt of "
         f"{spec['decode_context'] - spec['decode_tokens']} tokens, the {spec['decode_tokens']} decode steps up to "
         f"{spec['decode_context']} tokens timed (prefill excluded); learned-position variants get a position table "
         "that long for this measurement only.",
