@@ -24,6 +24,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def _assert_clean_error(rc: int, out: str, err: str, *phrases: str) -> None:
     assert rc != 0
     assert "Traceback" not in out + err
+    assert out == "", f"output before the error: {out!r}"
     assert err.startswith("error: ") and err.count("\n") == 1, err
     for phrase in phrases:
         assert phrase in err

@@ -296,3 +296,12 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
         torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
     model.clear_cache()
     assert model._head_copy is None
+
+
+def test_stream_checks_its_arguments_when_called(make_gpt):
+    """A caller (the CLI prints the prompt first) learns of bad arguments from the call, not from the
+    first next()."""
+    with pytest.raises(GPT2LabError, match="top_p"):
+        stream(make_gpt(), [[1, 2]], 5, top_p=2.0)
+    with pytest.raises(GPT2LabError, match="exceeds the context"):
+        stream(make_gpt(), [[1] * 60], 5)

@@ -132,8 +132,7 @@ def _generate(p: argparse.ArgumentParser) -> None:
         ids = encode_prompt(tok, args.prompt)
         if args.num_samples == 1:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            sys.stdout.write(args.prompt)
-            tokens = stream(
+            tokens = stream(  # checks the arguments: an error comes before any output
                 model,
                 [ids],
                 args.max_new_tokens,
@@ -143,6 +142,7 @@ def _generate(p: argparse.ArgumentParser) -> None:
                 args.seed,
                 compile=args.compile,
             )
+            sys.stdout.write(args.prompt)
             for token in tokens:
                 if int(token[0]) == EOT:  # the end of the text, not part of it
                     break

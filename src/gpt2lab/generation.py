@@ -49,7 +49,6 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, v
         raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
 
 
-@torch.no_grad()
 def stream(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -62,7 +61,8 @@ def stream(
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step, until ``max_new_tokens`` or every row
-    has produced ``eos_id``. Prompts may differ in length (they are left-padded).
+    has produced ``eos_id``. Prompts may differ in length (they are left-padded). Bad arguments raise
+    here, before the first token is asked for.
 
     ``compile=True`` runs the decode step through torch.compile (CUDA graphs on GPU). Compiling takes
     a while the first time, so it pays for long or repeated generation; the KV cache then stays
@@ -80,6 +80,13 @@ def stream(
             f"context of {config.max_positions} tokens (learned positions end there); shorten the prompt "
             f"or lower max_new_tokens (rope models have no such limit)"
         )
+    return _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile)
+
+
+@torch.no_grad()
+def _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile):
+    """``stream``'s loop, once its arguments are checked."""
+    P = max(len(p) for p in prompts)
     device = model.wte.weight.device
     idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
