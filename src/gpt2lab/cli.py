@@ -76,7 +76,7 @@ def load_for_rewrite(model: str, out: str):
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
     if not text:
-        raise GPT2LabError("the prompt is empty; pass some text, e.g. --prompt 'Hello, my name is'")
+        raise GPT2LabError("the prompt is empty; give some text to continue, e.g. 'Hello, my name is'")
     return tokenizer.encode(text, allowed_special="all")
 
 
