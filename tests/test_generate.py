@@ -273,9 +273,12 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask.tolist() == [[[[False, False, True, True]]]]
 
 
-def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
-    """A batch-1 CPU decode step reads the lm_head from an (n_embd, vocab) copy of the tied weight; the
-    next step sees the weight changed in place or replaced (the copy is remade), clear_cache drops it."""
+def test_batch1_decode_head_copy_follows_the_weight(make_gpt, monkeypatch):
+    """A batch-1 CPU decode step with enough steps ahead reads the lm_head from an (n_embd, vocab) copy
+    of the tied weight; the next step sees the weight changed in place or replaced (the copy is
+    remade), clear_cache drops it, and a short generation never pays for making it."""
+    from gpt2lab import model as model_module
+
     model = make_gpt()
     idx = torch.tensor([SHORT])
     P = len(SHORT) - 1
@@ -286,9 +289,11 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
 
     with torch.no_grad():
         model.setup_cache(1, 8)
+        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
+        assert model._head_copy is None  # 5 steps left: not worth a copy
+        monkeypatch.setattr(model_module, "HEAD_COPY_MIN_STEPS", 4)
         first = decode_last()
-        copy = model._head_copy[2]
-        assert copy.stride() == (1, model.config.padded_vocab_size)  # the transposed layout is in use
+        assert model._head_copy[2].stride() == (1, model.config.padded_vocab_size)  # the copy is in use
         torch.testing.assert_close(first, model(idx)[0][:, -1], atol=1e-5, rtol=0)
         model.wte.weight.mul_(-2.0)  # in place (an optimizer step, load_state_dict)
         torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
