@@ -268,7 +268,7 @@ def test_help_and_usage_errors_do_not_load_torch():
     probe = (
         "import sys, contextlib, io\n"
         "from gpt2lab.cli import main\n"
-        "for argv in (['--help'], ['generate', '--help'], ['train', '--help'], ['generate', '--bogus']):\n"
+        "for argv in (['--help'], ['generate', '--help'], ['train', '--help'], ['compare', '--help'], ['generate', '--bogus']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
         "        try:\n"
         "            main(argv)\n"

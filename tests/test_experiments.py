@@ -14,6 +14,7 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.cli import main
+from gpt2lab.compare_config import load_config, variant_changes, variant_overrides
 from gpt2lab.errors import ConfigError
 from gpt2lab.experiments import (
     PLOTS,
@@ -25,9 +26,6 @@ from gpt2lab.experiments import (
     context_losses,
     fmt_stats,
     fmt_value,
-    load_config,
-    variant_changes,
-    variant_overrides,
 )
 from gpt2lab.recall import IGNORE, RecallTask, distance_bins, recall_batch
 

@@ -384,7 +384,7 @@ def _demo(p: argparse.ArgumentParser) -> None:
 
 @command("compare", "train each architectural variant on the same data and budget; report what each costs and buys")
 def _compare(p: argparse.ArgumentParser) -> None:
-    from gpt2lab.experiments import DEFAULT_VARIANTS, describe_compare_config
+    from gpt2lab.compare_config import DEFAULT_VARIANTS, describe_compare_config
 
     p.usage = "%(prog)s [-h] [--config FILE.toml] [--variants A,B,...] [--seeds N] [--data DIR] [--out DIR] [--section.key=value ...]"
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -416,7 +416,8 @@ def _compare(p: argparse.ArgumentParser) -> None:
     p.set_defaults(overrides=[])
 
     def run(args):
-        from gpt2lab.experiments import compare, load_config
+        from gpt2lab.compare_config import load_config
+        from gpt2lab.experiments import compare
 
         cfg = load_config(
             args.config,
