@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -80,29 +81,38 @@ def stream(
             f"context of {config.max_positions} tokens (learned positions end there); shorten the prompt "
             f"or lower max_new_tokens (rope models have no such limit)"
         )
-    return _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile)
-
-
-@torch.no_grad()
-def _stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile):
-    """``stream``'s loop, once its arguments are checked."""
-    P = max(len(p) for p in prompts)
     device = model.wte.weight.device
     idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         idx[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return _stream(model, idx, pad, max_new_tokens, pick, eos_id, compile)
 
+
+@torch.no_grad()
+def _stream(
+    model: GPT,
+    idx: torch.Tensor,
+    pad: torch.Tensor,
+    max_new_tokens: int,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    eos_id: int | None,
+    compile: bool,
+) -> Iterator[torch.Tensor]:
+    """``stream``'s loop over the left-padded prompts idx (B, P), once its arguments are checked;
+    ``pick`` turns next-token logits (B, V) into tokens (B,)."""
+    (B, P), device = idx.shape, idx.device
     was_training = model.training
     model.eval()
-    model.setup_cache(len(prompts), P + max_new_tokens, pad=pad)
+    model.setup_cache(B, P + max_new_tokens, pad=pad)
     step = compiled_decode(device) if compile else decode_one_token
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(P, P + max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)
+            token = pick(logits)
             if eos_id is not None:
                 token = token.masked_fill(done, eos_id)
                 done |= token == eos_id

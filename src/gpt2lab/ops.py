@@ -88,10 +88,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scored = targets != -100
         count = scored.sum()
         w = weight[:vocab]
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.empty_like(weight) if need_grad else None
+        grad_x = grad_w = None
         if need_grad:
-            grad_w[vocab:] = 0
+            grad_x, grad_w = torch.empty_like(x), torch.empty_like(weight)
+            grad_w[vocab:] = 0  # padding rows: never scored
         total = x.new_zeros((), dtype=torch.float32)
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
