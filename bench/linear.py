@@ -42,9 +42,8 @@ def main() -> None:
     print("| product | tokens | MKL | oneDNN | oneDNN / MKL |\n|---|---:|---:|---:|---:|")
     for tokens in (1, 256, 1024):
         for name, (k, n) in SHAPES.items():
-            # batch 1 reads the weight once: use ~400 MB of distinct weights so they come from memory
-            count = max(1, 400_000_000 // (4 * k * n)) if tokens == 1 else 1
-            weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
+            weights = distinct_weights(k, n) if tokens == 1 else [torch.randn(n, k) * 0.02]
+            count = len(weights)
             x = torch.randn(tokens, k)
             t = interleaved(
                 {
@@ -72,10 +71,16 @@ def main() -> None:
             layout_row(name, k, n, tokens, args.repeat)
 
 
+def distinct_weights(k: int, n: int) -> list[torch.Tensor]:
+    """(n, k) weights, about 400 MB of them: a one-row product reads each once, as a decode step does,
+    so they must come from memory, not from the caches."""
+    return [torch.randn(n, k) * 0.02 for _ in range(max(1, 400_000_000 // (4 * k * n)))]
+
+
 def layout_row(name: str, k: int, n: int, tokens: int, repeat: int) -> None:
     """oneDNN's speed on the stored (out, in) weight against a view of an (in, out)-contiguous copy."""
-    count = max(1, 400_000_000 // (4 * k * n))  # distinct weights larger than the caches
-    weights = [torch.randn(n, k) * 0.02 for _ in range(count)]
+    weights = distinct_weights(k, n)
+    count = len(weights)
     copies = [w.t().contiguous().t() for w in weights]
     x = torch.randn(tokens, k)
     t = interleaved(
