@@ -59,6 +59,16 @@ def test_linear_module_is_an_nn_linear():
     torch.testing.assert_close(ours(x), plain(x))
 
 
+def _assert_same_loss_and_grads(loss, ref, x, w, scale: float = 1.0):
+    """loss equals ref, and (scale x loss)'s gradients of x and w equal (scale x ref)'s; returns ours."""
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    gx, gw = torch.autograd.grad(scale * loss, [x, w])
+    want_x, want_w = torch.autograd.grad(scale * ref, [x, w])
+    torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-7)
+    return gx, gw
+
+
 @pytest.mark.parametrize("scale", [1.0, 2.5])  # a loss's own gradient (handed back as made), a scaled one
 @pytest.mark.parametrize("chunk_elems", [97 * 5, 97 * 64, 2**24])  # 5 rows a chunk, 64, all at once
 def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems, scale):
@@ -68,14 +78,7 @@ def test_linear_cross_entropy_matches_f_cross_entropy(chunk_elems, scale):
     targets = torch.randint(0, 97, (37,), generator=g)
     targets[[0, 5, 6, 30]] = -100  # ignored rows: no loss, no gradient
     loss = ops.linear_cross_entropy(x, w, targets, chunk_elems=chunk_elems)
-    ref = F.cross_entropy(x @ w.t(), targets, ignore_index=-100)
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    (scale * loss).backward()
-    gx, gw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
-    (scale * ref).backward()
-    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    gx, _ = _assert_same_loss_and_grads(loss, F.cross_entropy(x @ w.t(), targets, ignore_index=-100), x, w, scale)
     assert gx[[0, 5, 6, 30]].abs().max() == 0
 
 
@@ -87,14 +90,7 @@ def test_linear_cross_entropy_scores_the_first_vocab_rows():
     w = torch.randn(16, 8, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (9,), generator=g)
     loss = ops.linear_cross_entropy(x, w, targets, vocab=11, chunk_elems=11 * 4)
-    loss.backward()
-    ref = F.cross_entropy(x @ w[:11].t(), targets)
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    gx, gw = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
-    ref.backward()
-    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-7)
+    _, gw = _assert_same_loss_and_grads(loss, F.cross_entropy(x @ w[:11].t(), targets), x, w)
     assert gw.shape == (16, 8) and gw[11:].abs().max() == 0
 
 
