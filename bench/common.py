@@ -15,14 +15,14 @@ def hf_and_ours(config_kwargs: dict | None = None, dropout: float = 0.0):
     """A random-weight transformers GPT2LMHeadModel and our GPT loaded from the same files."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2lab import GPT
+    from gpt2lab import load_model
 
     torch.manual_seed(0)
     kw = dict(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout) | (config_kwargs or {})
     hf = GPT2LMHeadModel(GPT2Config(**kw))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = GPT.from_pretrained(d)
+        ours = load_model(d)
     return hf, ours
 
 

@@ -20,9 +20,9 @@ import time
 import torch
 from common import hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs
 
-from gpt2lab.config import OptimSection
 from gpt2lab.generation import generate
 from gpt2lab.train import configure_optimizer, flops_per_token
+from gpt2lab.train_config import OptimSection
 
 ROWS: list[tuple[str, float, float, str, str]] = []  # name, hf, ours, ratio text, ceiling text
 

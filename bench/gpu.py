@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
-from gpt2lab.config import OptimSection  # noqa: E402
+from gpt2lab import GPT, GPTConfig, load_model  # noqa: E402
 from gpt2lab.generation import compiled_decode, decode_one_token, prefill  # noqa: E402
 from gpt2lab.train import BF16_PEAK_TFLOPS, configure_optimizer, flops_per_token  # noqa: E402
+from gpt2lab.train_config import OptimSection  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -107,7 +107,7 @@ def inference_vs_hf(device: torch.device, dry: bool) -> dict:
     hf = GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = GPT.from_pretrained(d)
+        ours = load_model(d)
     dtype = torch.float32 if dry else torch.bfloat16
     hf, ours = hf.to(device, dtype).eval(), ours.to(device, dtype).eval()
     P, N = (32, 16) if dry else (1024, 256)

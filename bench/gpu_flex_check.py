@@ -13,7 +13,6 @@ Exit status 1 if any comparison fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -22,23 +21,12 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab.model as model_module
-from gpt2lab import GPT
+from gpt2lab import GPT, Backends
 from gpt2lab.config import GPTConfig
 
 CONFIG = dict(
     n_layer=2, n_head=12, n_kv_head=4, n_embd=768, block_size=1024, pos_emb="rope", window=256, window_pattern="LG"
 )
-
-
-@contextlib.contextmanager
-def sdpa_only():
-    """Make the model pick SDPA with the boolean mask even on CUDA (the CPU route)."""
-    chosen = model_module.use_flex
-    model_module.use_flex = lambda device, config: False
-    try:
-        yield
-    finally:
-        model_module.use_flex = chosen
 
 
 def run(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -59,11 +47,10 @@ def check_model(device: torch.device, compile_model: bool) -> bool:
     torch.manual_seed(0)
     config = GPTConfig(**CONFIG)
     idx = torch.randint(0, config.vocab_size, (2, 1024), device=device)
-    with sdpa_only():
-        reference = GPT(config).to(device)
-        want = run(reference, idx)
-        assert isinstance(reference._window_masks[(1024, idx.device)], torch.Tensor)
-    flexed = GPT(config).to(device)
+    reference = GPT(config, Backends(attention="sdpa")).to(device)  # the CPU route: SDPA with a boolean mask
+    want = run(reference, idx)
+    assert isinstance(reference._window_masks[(1024, idx.device)], torch.Tensor)
+    flexed = GPT(config, Backends(attention="flex")).to(device)
     flexed.load_state_dict(reference.state_dict())
     t0 = time.perf_counter()
     got = run(torch.compile(flexed) if compile_model else flexed, idx)

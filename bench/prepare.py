@@ -17,10 +17,10 @@ from pathlib import Path
 
 from common import interleaved
 
-from gpt2lab.data import prepare, stdlib_files
+from gpt2lab.data import Source, prepare, stdlib_files
 from gpt2lab.tokenizer import load_tokenizer
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinyshakespeare-200k.txt"
 
 
 def bench(name: str, files: list[Path], workers: int, repeat: int) -> None:
@@ -32,9 +32,9 @@ def bench(name: str, files: list[Path], workers: int, repeat: int) -> None:
 
         def run_prepare():
             if inputs:
-                prepare(Path(tmp) / "out", inputs, workers=workers, progress=False)
+                prepare(Path(tmp) / "out", Source(inputs), workers=workers, progress=False)
             else:
-                prepare(Path(tmp) / "out", corpus="stdlib", workers=workers, progress=False)
+                prepare(Path(tmp) / "out", Source(corpus="stdlib"), workers=workers, progress=False)
 
         def run_tiktoken():
             for text in texts:

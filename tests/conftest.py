@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab import GPT, GPTConfig
+from gpt2lab import GPT, Backends, GPTConfig
+from gpt2lab.load import save_pretrained
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
@@ -85,10 +86,10 @@ def hf_small(tmp_path_factory) -> HFCheckpoint:
 def make_gpt():
     """Factory: a tiny eval-mode GPT with fully random weights (biases and LayerNorms included)."""
 
-    def make(seed: int = 0, std: float = 0.2, **overrides) -> GPT:
+    def make(seed: int = 0, std: float = 0.2, backends: Backends | None = None, **overrides) -> GPT:
         kwargs = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32) | overrides
         torch.manual_seed(seed)
-        model = GPT(GPTConfig(**kwargs)).eval()
+        model = GPT(GPTConfig(**kwargs), backends).eval()
         randomize_(model, seed, std=std)
         return model
 
@@ -99,7 +100,7 @@ def make_gpt():
 def tiny_dir(tmp_path_factory, make_gpt) -> Path:
     """A tiny plain GPT-2 (full 50257 vocabulary, 32 positions) saved with save_pretrained."""
     directory = tmp_path_factory.mktemp("tiny") / "model"
-    make_gpt(seed=7, vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32).save_pretrained(directory)
+    save_pretrained(make_gpt(seed=7, vocab_size=50257, block_size=32, n_layer=2, n_head=2, n_embd=32), directory)
     return directory
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2lab.config import TrainConfig
+from gpt2lab.data import write_token_dir
+from gpt2lab.train_config import TrainConfig
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+# The first 200,000 bytes of tiny-shakespeare (public domain): fixed text for the data and training tests.
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-200k.txt"
 # A model small enough that a step takes milliseconds: byte-level tokens (vocabulary 256).
 TINY_MODEL = {
     "model.preset": "debug",
@@ -33,23 +35,10 @@ TINY_MODEL = {
 }
 
 
-def write_token_dir(directory: Path, train: np.ndarray, val: np.ndarray) -> Path:
-    """A prepared data directory (the format gpt2lab.data documents) holding the given token ids."""
-    directory.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, tokens in (("train", train), ("val", val)):
-        name = f"{split}_000000.bin"
-        np.asarray(tokens, dtype="<u2").tofile(directory / name)
-        shards = [{"file": name, "tokens": len(tokens)}] if len(tokens) else []  # as prepare: no empty shards
-        splits[split] = {"shards": shards, "tokens": len(tokens), "documents": 1}
-    (directory / "meta.json").write_text(json.dumps({"format": "gpt2lab-tokens", "version": 1, "splits": splits}))
-    return directory
-
-
 def byte_corpus(directory: Path, n_train: int = 100_000, n_val: int = 10_000) -> Path:
     """tiny-shakespeare as bytes (token id = byte value)."""
     data = np.frombuffer(SHAKESPEARE.read_bytes()[: n_train + n_val], dtype=np.uint8)
-    return write_token_dir(directory, data[:n_train], data[n_train:])
+    return write_token_dir(directory, {"train": data[:n_train], "val": data[n_train:]}, vocab_size=256)
 
 
 def overrides(settings: dict) -> list[str]:

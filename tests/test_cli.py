@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpt2lab import GPT, generate, load_tokenizer
+from gpt2lab import generate, load_tokenizer
 from gpt2lab.cli import main
+from gpt2lab.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +42,7 @@ def test_predict_lists_the_models_top_tokens(capsys, tiny_dir):
     assert len(rows) == 3
     ids = load_tokenizer().encode("Hello, my name is")
     with torch.no_grad():
-        probs = GPT.from_pretrained(tiny_dir)(torch.tensor([ids]))[0][0, -1].softmax(-1)
+        probs = load_model(tiny_dir)(torch.tensor([ids]))[0][0, -1].softmax(-1)
     top = probs.topk(3)
     assert [int(r[1]) for r in rows] == top.indices.tolist()
     assert [float(r[2]) for r in rows] == pytest.approx(top.values.tolist(), abs=1e-4)
@@ -53,7 +54,7 @@ def test_generate_greedy_is_the_library_continuation(capsys, tiny_dir):
     rc, out, err = _run(capsys, *args, "--model", str(tiny_dir))
     assert rc == 0, err
     tok = load_tokenizer()
-    new = generate(GPT.from_pretrained(tiny_dir), [tok.encode("Hello world")], 8, temperature=0)[0]
+    new = generate(load_model(tiny_dir), [tok.encode("Hello world")], 8, temperature=0)[0]
     assert out == "Hello world" + tok.decode(new) + "\n"
     assert _run(capsys, *args, "--model", str(tiny_dir))[1] == out
 
@@ -178,7 +179,7 @@ def _unknown_key(tiny_dir, tmp_path):
 def _unsafe_class(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path)
     _bin_dir(d, {"wte.weight": torch.zeros(3), "extra": NotATensor()})
-    return d, ["refused", "pytorch_model.bin", "arbitrary unpickling"]
+    return d, ["refused", "pytorch_model.bin", "carries Python code"]
 
 
 def _truncated_bin(tiny_dir, tmp_path):
@@ -228,7 +229,9 @@ def test_pickle_payload_is_never_run(capsys, tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path)
     marker = tmp_path / "marker"
     _bin_dir(d, {"wte.weight": torch.zeros(3), "payload": WritesMarker(str(marker))})
-    _assert_clean_error(*_run(capsys, "predict", "Hello", "--model", str(d)), "refused", "arbitrary unpickling")
+    _assert_clean_error(
+        *_run(capsys, "predict", "Hello", "--model", str(d)), "refused", "carries Python code", "is not loaded"
+    )
     assert not marker.exists()
     torch.load(d / "pytorch_model.bin", weights_only=False)
     assert marker.read_text() == "unpickled"

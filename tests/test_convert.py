@@ -10,6 +10,7 @@ from gpt2lab.cli import main
 from gpt2lab.config import GPTConfig
 from gpt2lab.convert import convert_to_gqa
 from gpt2lab.errors import ConfigError
+from gpt2lab.load import load_model, save_pretrained
 
 # Full GPT-2 vocabulary so the CLI's tokenizer ids are all valid; tiny everywhere else.
 CONFIG = dict(n_layer=2, n_head=4, n_embd=32, block_size=32)
@@ -106,19 +107,19 @@ def test_bad_targets_are_refused(overrides, n_kv_head, message):
 
 def test_converted_directory_loads(tmp_path):
     gqa = convert_to_gqa(tiny(), 2)
-    gqa.save_pretrained(tmp_path)
-    loaded = GPT.from_pretrained(tmp_path).eval()
+    save_pretrained(gqa, tmp_path)
+    loaded = load_model(tmp_path).eval()
     assert loaded.config.n_kv_head == 2
     assert torch.equal(logits(loaded), logits(gqa))
 
 
 def test_cli_converts_and_the_result_runs_everywhere(tmp_path, capsys):
     model = tiny()
-    model.save_pretrained(tmp_path / "mha")
+    save_pretrained(model, tmp_path / "mha")
     out = tmp_path / "gqa"
     assert main(["convert", "--model", str(tmp_path / "mha"), "--n-kv-head", "1", "--out", str(out)]) == 0
     assert "4 -> 1 key/value heads" in capsys.readouterr().out
-    loaded = GPT.from_pretrained(out).eval()
+    loaded = load_model(out).eval()
     torch.testing.assert_close(logits(loaded), logits(convert_to_gqa(model, 1)), rtol=0, atol=0)
     assert main(["predict", "Hello", "--model", str(out), "--device", "cpu", "--top", "2"]) == 0
     assert "rank" in capsys.readouterr().out
@@ -131,7 +132,7 @@ def test_cli_converts_and_the_result_runs_everywhere(tmp_path, capsys):
     [("3", "gqa", "must divide n_head"), ("4", "gqa", "already has 2"), ("1", "mha", "own directory")],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, n_kv_head, out, message):
-    tiny(n_kv_head=2).save_pretrained(tmp_path / "mha")
+    save_pretrained(tiny(n_kv_head=2), tmp_path / "mha")
     argv = ["convert", "--model", str(tmp_path / "mha"), "--n-kv-head", n_kv_head, "--out", str(tmp_path / out)]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import urllib.error
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from dist_worker import SHAKESPEARE
 
-from gpt2lab import data
 from gpt2lab.cli import main
-from gpt2lab.data import Batches, TokenData, iter_windows, prepare, split_text, stdlib_files, val_batches
+from gpt2lab.data import (
+    Batches,
+    Source,
+    TokenData,
+    iter_windows,
+    prepare,
+    sources,
+    split_text,
+    stdlib_files,
+    val_batches,
+    write_token_dir,
+)
+from gpt2lab.data import format as data_format
+from gpt2lab.data.prepare import MIN_VAL_TOKENS, _is_val
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import EOT, load_tokenizer
-
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not present")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +56,8 @@ def all_documents(out: Path, enc, val_fraction: float) -> list[str]:
     train, val = (iter(documents(split_tokens(out, s), enc)) for s in ("train", "val"))
     meta = json.loads((out / "meta.json").read_text())
     n = sum(meta["splits"][s]["documents"] for s in ("train", "val"))
-    frac = data.Fraction(val_fraction).limit_denominator(1_000_000)
-    held_out = [data._is_val(i, frac) for i in range(n)]
+    frac = Fraction(val_fraction).limit_denominator(1_000_000)
+    held_out = [_is_val(i, frac) for i in range(n)]
     if not any(held_out):  # too few documents for the rule: prepare holds out the last one
         held_out[-1] = True
     return [next(val) if v else next(train) for v in held_out]
@@ -79,7 +91,6 @@ CORPUS_DOCS = [
 # --- exact tokenization -------------------------------------------------------------------------
 
 
-@needs_shakespeare
 def test_split_text_pieces_tokenize_like_the_whole(enc):
     rnd = random.Random(0)
     texts = [
@@ -92,7 +103,7 @@ def test_split_text_pieces_tokenize_like_the_whole(enc):
     n_cuts = 0
     for text in texts:
         whole = enc.encode_ordinary(text)
-        cuts = [0] + [m.start() for m in data._SAFE_CUT.finditer(text) if m.start() > 0] + [len(text)]
+        cuts = [0] + [m.start() for m in sources._SAFE_CUT.finditer(text) if m.start() > 0] + [len(text)]
         n_cuts += len(cuts) - 2
         every = [text[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]  # cut at every safe place at once
         assert [t for p in every for t in enc.encode_ordinary(p)] == whole
@@ -110,35 +121,40 @@ def test_split_text_without_safe_cut_keeps_text_whole():
 # --- prepare: round trips and input forms ---------------------------------------------------------
 
 
-@needs_shakespeare
 def test_round_trip_shakespeare_several_shards(tmp_path, enc):
     out = tmp_path / "tok"
-    summary = prepare(out, [SHAKESPEARE], shard_tokens=100_000, workers=2, progress=False)
+    summary = prepare(out, Source([SHAKESPEARE]), shard_tokens=20_000, workers=2, progress=False)
     text = SHAKESPEARE.read_text()
     expected = enc.encode_ordinary(text) + [EOT]
     got = np.concatenate([split_tokens(out, "train"), split_tokens(out, "val")])
     assert got.tolist() == expected
-    # one document: val is its last 1% of tokens
-    assert summary.tokens["val"] == round(0.01 * len(expected))
+    # one document: val is its last 1% of tokens, topped up to MIN_VAL_TOKENS
+    assert summary.tokens["val"] == max(round(0.01 * len(expected)), MIN_VAL_TOKENS)
     meta = json.loads((out / "meta.json").read_text())
-    assert [s["tokens"] for s in meta["splits"]["train"]["shards"]] == [100_000, 100_000, 100_000, 34_646]
+    n_train = len(expected) - summary.tokens["val"]
+    sizes = [s["tokens"] for s in meta["splits"]["train"]["shards"]]
+    assert sizes == [20_000] * (n_train // 20_000) + [n_train % 20_000]
     for split in ("train", "val"):
         for shard in meta["splits"][split]["shards"]:
-            assert data.hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
+            assert hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]
     assert meta["bytes"] == SHAKESPEARE.stat().st_size == summary.bytes_read
+    # bytes of text per split: exactly the file's, split where the tokens are
+    assert meta["splits"]["train"]["bytes"] + meta["splits"]["val"]["bytes"] == len(text.encode())
+    assert meta["splits"]["val"]["bytes"] == len(enc.decode_bytes(expected[n_train:-1]))
 
 
-@needs_shakespeare
 def test_streamed_pieces_are_exact(tmp_path, enc, monkeypatch):
     """Small read blocks and pieces: a file and a JSONL record are cut many times, tokens unchanged."""
-    monkeypatch.setattr(data, "PIECE_CHARS", 3000)
-    monkeypatch.setattr(data, "READ_BYTES", 1000)
+    monkeypatch.setattr(sources, "PIECE_CHARS", 3000)
+    monkeypatch.setattr(sources, "READ_BYTES", 1000)
     text = SHAKESPEARE.read_text()[:100_000]
     (tmp_path / "a.txt").write_text(text)
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": text}) + "\n")
     (tmp_path / "c.txt").write_text("x" * 20_000 + "\n" + text[:5000])  # no cut in the first 20k characters
     out = tmp_path / "tok"
-    prepare(out, [tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")], val_fraction=0.5, workers=2, progress=False)
+    prepare(
+        out, Source([tmp_path / n for n in ("a.txt", "b.jsonl", "c.txt")]), val_fraction=0.5, workers=2, progress=False
+    )
     assert all_documents(out, enc, 0.5) == [text, text, "x" * 20_000 + "\n" + text[:5000]]
     expected = [enc.encode_ordinary(t) + [EOT] for t in (text, text, "x" * 20_000 + "\n" + text[:5000])]
     got = [split_tokens(out, "train"), split_tokens(out, "val")]
@@ -153,7 +169,7 @@ def test_input_forms(tmp_path, corpus, enc, form):
         "files": [corpus / "a.txt", corpus / "b.txt", corpus / "sub" / "c.md", corpus / "a.txt"],
     }[form]
     out = tmp_path / "tok"
-    summary = prepare(out, inputs, val_fraction=0.5, workers=1, progress=False)
+    summary = prepare(out, Source(inputs), val_fraction=0.5, workers=1, progress=False)
     assert all_documents(out, enc, 0.5) == CORPUS_DOCS
     assert summary.documents == {"train": 2, "val": 1}
     # a literal "<|endoftext|>" is text: the only EOTs are the separators
@@ -165,7 +181,7 @@ def test_jsonl_input_and_text_field(tmp_path, enc):
     rows = [{"body": "one", "id": 1}, {"body": "two\nlines"}, {"body": ""}, {"body": "three <|endoftext|>"}]
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     out = tmp_path / "tok"
-    summary = prepare(out, [src], text_field="body", val_fraction=0.5, workers=1, progress=False)
+    summary = prepare(out, Source([src], text_field="body"), val_fraction=0.5, workers=1, progress=False)
     assert all_documents(out, enc, 0.5) == ["one", "two\nlines", "three <|endoftext|>"]
     assert summary.documents == {"train": 2, "val": 1}
 
@@ -177,7 +193,7 @@ def test_stdlib_corpus_subset(tmp_path, enc):
         assert f.suffix == ".py"
         assert not set(f.parts) & {"test", "tests", "idle_test", "site-packages"}, f
     out = tmp_path / "tok"
-    summary = prepare(out, corpus="stdlib", max_docs=12, workers=2, progress=False)
+    summary = prepare(out, Source(corpus="stdlib", max_docs=12), workers=2, progress=False)
     expected = [t for f in files if (t := f.read_text(encoding="utf-8"))][:12]
     assert all_documents(out, enc, 0.01) == expected
     assert summary.documents == {"train": 11, "val": 1}  # fewer than 100 documents: the last one is val
@@ -189,18 +205,17 @@ def test_val_split_spreads_documents(tmp_path, enc):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(40)))
     out = tmp_path / "tok"
-    summary = prepare(out, [src], val_fraction=0.1, workers=1, progress=False)
+    summary = prepare(out, Source([src]), val_fraction=0.1, workers=1, progress=False)
     assert documents(split_tokens(out, "val"), enc) == [f"document {i}" for i in (9, 19, 29, 39)]
     assert summary.documents == {"train": 36, "val": 4}
 
 
-@needs_shakespeare
 def test_deterministic_across_runs_and_workers(tmp_path, corpus):
     inputs = [SHAKESPEARE, corpus]
     outs = []
     for i, workers in enumerate([1, 2, 2]):
         out = tmp_path / f"tok{i}"
-        prepare(out, inputs, shard_tokens=60_000, workers=workers, progress=False)
+        prepare(out, Source(inputs), shard_tokens=20_000, workers=workers, progress=False)
         outs.append(tree(out))
     assert outs[0] == outs[1] == outs[2]
     assert len(outs[0]) > 4
@@ -208,8 +223,8 @@ def test_deterministic_across_runs_and_workers(tmp_path, corpus):
 
 def test_no_temp_files_left_and_rerun_replaces(tmp_path, corpus):
     out = tmp_path / "tok"
-    prepare(out, [corpus / "a.txt"], workers=1, progress=False)
-    prepare(out, [corpus], workers=1, progress=False)
+    prepare(out, Source([corpus / "a.txt"]), workers=1, progress=False)
+    prepare(out, Source([corpus]), workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert json.loads((out / "meta.json").read_text())["source"]["files"] == 4  # empty.txt is read, then skipped
@@ -219,10 +234,10 @@ def test_no_temp_files_left_and_rerun_replaces(tmp_path, corpus):
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_crash_leaves_previous_directory_intact(tmp_path, corpus, monkeypatch, exc):
     out = tmp_path / "tok"
-    prepare(out, [corpus], shard_tokens=5, workers=1, progress=False)
+    prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
     before = tree(out)
     calls = []
-    write = data._ShardWriter.write
+    write = data_format.ShardWriter.write
 
     def failing_write(self, ids):
         calls.append(1)
@@ -231,22 +246,22 @@ def test_crash_leaves_previous_directory_intact(tmp_path, corpus, monkeypatch, e
             raise exc
         write(self, ids)
 
-    monkeypatch.setattr(data._ShardWriter, "write", failing_write)
+    monkeypatch.setattr(data_format.ShardWriter, "write", failing_write)
     with pytest.raises(type(exc)):
-        prepare(out, [corpus], shard_tokens=5, workers=1, progress=False)
+        prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
     assert tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
     # into a fresh directory: nothing at all appears
     with pytest.raises(type(exc)):
         calls.clear()
-        prepare(tmp_path / "new", [corpus], shard_tokens=5, workers=1, progress=False)
+        prepare(tmp_path / "new", Source([corpus]), shard_tokens=5, workers=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
 
 
 def test_output_directory_is_never_read(tmp_path, corpus):
     out = corpus / "tok"
-    prepare(out, [corpus], workers=1, progress=False)
-    summary = prepare(out, [corpus], workers=1, progress=False)  # tok/*.bin inside the input is skipped
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    summary = prepare(out, Source([corpus]), workers=1, progress=False)  # tok/*.bin inside the input is skipped
     assert summary.documents["train"] + summary.documents["val"] == 3
 
 
@@ -258,20 +273,20 @@ def test_prepare_errors(tmp_path, corpus):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.txt").write_text("")
     with pytest.raises(GPT2LabError, match="empty"):
-        prepare(out, [tmp_path / "empty"], workers=1, progress=False)
+        prepare(out, Source([tmp_path / "empty"]), workers=1, progress=False)
     with pytest.raises(GPT2LabError, match="empty"):
-        prepare(out, [tmp_path / "empty" / "x.txt"], workers=1, progress=False)
+        prepare(out, Source([tmp_path / "empty" / "x.txt"]), workers=1, progress=False)
     with pytest.raises(GPT2LabError, match="does not exist"):
-        prepare(out, [tmp_path / "nope.txt"], progress=False)
+        prepare(out, Source([tmp_path / "nope.txt"]), progress=False)
     with pytest.raises(GPT2LabError, match="matches no files"):
-        prepare(out, [str(tmp_path / "*.nothing")], progress=False)
+        prepare(out, Source([str(tmp_path / "*.nothing")]), progress=False)
     (tmp_path / "bin.txt").write_bytes(b"ok\xff\xfe")
     with pytest.raises(GPT2LabError, match="not UTF-8"):
-        prepare(out, [tmp_path / "bin.txt"], workers=1, progress=False)
+        prepare(out, Source([tmp_path / "bin.txt"]), workers=1, progress=False)
     with pytest.raises(GPT2LabError, match="not a prepared data directory"):
-        prepare(corpus, [tmp_path / "bin.txt"], progress=False)
+        prepare(corpus, Source([tmp_path / "bin.txt"]), progress=False)
     with pytest.raises(GPT2LabError, match="val_fraction"):
-        prepare(out, [corpus], val_fraction=0, progress=False)
+        prepare(out, Source([corpus]), val_fraction=0, progress=False)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -279,29 +294,29 @@ def test_bad_jsonl_names_the_line(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": oops}\n')
     with pytest.raises(GPT2LabError, match=r"docs\.jsonl:4: not a JSON object"):
-        prepare(tmp_path / "tok", [src], workers=1, progress=False)
+        prepare(tmp_path / "tok", Source([src]), workers=1, progress=False)
     src.write_text('{"text": "fine"}\n{"content": "x"}\n')
     with pytest.raises(GPT2LabError, match=r"docs\.jsonl:2: no string field 'text' \(found: 'content'\).*--text-field"):
-        prepare(tmp_path / "tok", [src], workers=1, progress=False)
+        prepare(tmp_path / "tok", Source([src]), workers=1, progress=False)
 
 
-@needs_shakespeare
 def test_shakespeare_download_verified_or_clear_error(tmp_path, monkeypatch, enc):
     def offline(url, timeout):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(sources.urllib.request, "urlopen", offline)
     with pytest.raises(GPT2LabError, match="--input"):
-        prepare(tmp_path / "tok", corpus="shakespeare", progress=False)
+        prepare(tmp_path / "tok", Source(corpus="shakespeare"), progress=False)
 
-    payload = SHAKESPEARE.read_bytes()
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
-    summary = prepare(tmp_path / "tok", corpus="shakespeare", workers=1, progress=False)
+    payload = SHAKESPEARE.read_bytes()  # a slice of the real file: its own digest stands in for the real one's
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    summary = prepare(tmp_path / "tok", Source(corpus="shakespeare"), workers=1, progress=False)
     assert summary.tokens["train"] + summary.tokens["val"] == len(enc.encode_ordinary(payload.decode())) + 1
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload + b"!"))
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload + b"!"))
     with pytest.raises(GPT2LabError, match="sha256"):
-        prepare(tmp_path / "tok2", corpus="shakespeare", progress=False)
+        prepare(tmp_path / "tok2", Source(corpus="shakespeare"), progress=False)
 
 
 def test_cli_prepare(tmp_path, corpus, capsys):
@@ -317,19 +332,8 @@ def test_cli_prepare(tmp_path, corpus, capsys):
 @pytest.fixture
 def counting(tmp_path) -> Path:
     """A prepared directory whose train stream is 0, 1, 2, ... in shards of 700 (so shift checks are exact)."""
-    out = tmp_path / "counting"
-    out.mkdir()
     splits = {"train": np.arange(5000), "val": np.arange(300)}
-    meta = {"splits": {}}
-    for split, tokens in splits.items():
-        shards = []
-        for i, start in enumerate(range(0, len(tokens), 700)):
-            name = f"{split}_{i:06d}.bin"
-            tokens[start : start + 700].astype("<u2").tofile(out / name)
-            shards.append({"file": name, "tokens": len(tokens[start : start + 700])})
-        meta["splits"][split] = {"shards": shards}
-    (out / "meta.json").write_text(json.dumps(meta))
-    return out
+    return write_token_dir(tmp_path / "counting", splits, vocab_size=5000, shard_tokens=700)
 
 
 def test_token_data_reads_across_shards(counting):

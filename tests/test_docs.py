@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2lab import GPT
-from gpt2lab.config import GPTConfig
-from gpt2lab.costs import BEGIN, END, kv_cache_bytes, main, param_count, replace_tables, tables
+from gpt2lab.config import PRESETS, GPTConfig
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+sys.path.insert(0, str(ROOT / "tools"))
+from costs import BEGIN, END, main, param_count, replace_tables, tables  # noqa: E402
 
 
 def test_tables_in_the_doc_are_up_to_date():
     doc = DOC.read_text()
     block = doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)].strip()
-    assert block == tables(), "regenerate them: python -m gpt2lab.costs --write docs/architecture.md"
+    assert block == tables(), "regenerate them: python tools/costs.py --write docs/architecture.md"
 
 
 def test_doc_states_the_conventions():
@@ -38,6 +41,14 @@ def test_param_count_matches_a_built_model():
     assert param_count(config) == GPT(config).num_params()
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("variant", [{}, {"pos_emb": "rope"}, {"n_kv_head": 1}, {"padded_vocab_size": 50304}])
+def test_config_param_formula_matches_the_model(preset, variant):
+    """GPTConfig.num_params (arithmetic, used to refuse models too big for memory) counts what GPT builds."""
+    config = GPTConfig.from_name(preset, **variant)
+    assert config.num_params() == param_count(config)
+
+
 @pytest.mark.parametrize("context", [3, 8, 21])  # shorter than, equal to and past the window
 def test_kv_cache_bytes_match_the_allocated_buffers(context):
     config = GPTConfig(n_layer=5, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100, window=8, window_pattern="LLG")
@@ -45,7 +56,7 @@ def test_kv_cache_bytes_match_the_allocated_buffers(context):
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
         model.setup_cache(1, context, dtype=dtype)
         allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.h)
-        assert kv_cache_bytes(config, context, size) == allocated
+        assert config.kv_cache_bytes(context, size) == allocated
         model.clear_cache()
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpt2lab.model as model_module
-from gpt2lab import GPT
+from gpt2lab import GPT, Backends
 from gpt2lab.config import GPTConfig
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -30,7 +30,7 @@ CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 )
 def test_flex_is_chosen_on_cuda_only(device, overrides, chosen):
     config = GPTConfig(**({"n_layer": 1, "n_head": 2, "n_embd": 128, "window": 4} | overrides))
-    assert model_module.use_flex(device, config) is chosen
+    assert model_module.flex_applies(device, config) is chosen
 
 
 def test_cpu_window_layers_keep_the_boolean_mask():
@@ -58,17 +58,15 @@ def test_block_mask_is_the_window(T):
         {"window": 8, "n_kv_head": 1},
     ],
 )
-def test_flex_path_matches_sdpa(monkeypatch, overrides):
+def test_flex_path_matches_sdpa(overrides):
     config = GPTConfig(**({"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 100, "block_size": 256} | overrides))
     torch.manual_seed(0)
     reference = GPT(config).eval()
     idx = torch.randint(0, 100, (2, 200))
     with torch.no_grad():
         want, _ = reference(idx)
-    # Make the CPU take the CUDA route, with flex's eager kernel (compiling on CPU takes a minute).
-    monkeypatch.setattr(model_module, "use_flex", lambda device, config: True)
-    monkeypatch.setattr(model_module, "_flex_kernel", flex.flex_attention)
-    flexed = GPT(config).eval()
+    # FlexAttention on the CPU runs its eager kernel (forward only): the same masks as on CUDA
+    flexed = GPT(config, Backends(attention="flex")).eval()
     flexed.load_state_dict(reference.state_dict())
     with torch.no_grad():
         got, _ = flexed(idx)

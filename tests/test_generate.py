@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab import GPT, GPT2LabError, generate, stream
+from gpt2lab import Backends, GPT2LabError, generate, stream
 from gpt2lab.generation import sample
+from gpt2lab.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,7 @@ def _hf_greedy(hf_model, prompt: list[int], n: int, pad_token_id: int) -> list[i
 
 def test_greedy_matches_transformers_small(hf_small):
     """40 greedy tokens from a small random model equal GPT2LMHeadModel.generate(do_sample=False)."""
-    model = GPT.from_pretrained(hf_small.safetensors_dir)
+    model = load_model(hf_small.safetensors_dir)
     ours = generate(model, [PROMPT], 40, temperature=0, eos_id=None)[0]
     assert len(ours) == 40
     assert len(set(ours)) > 5, "a degenerate (repeating) continuation would prove little"
@@ -38,7 +39,7 @@ def test_greedy_matches_transformers_small(hf_small):
 
 def test_greedy_matches_transformers_124m(hf_124m):
     """10 greedy tokens of random-weight GPT-2 124M after "The dog" equal transformers' generate."""
-    model = GPT.from_pretrained(hf_124m.safetensors_dir)
+    model = load_model(hf_124m.safetensors_dir)
     prompt = [464, 3290]
     ours = generate(model, [prompt], 10, temperature=0)[0]
     assert ours == _hf_greedy(hf_124m.model, prompt, 10, pad_token_id=50256)
@@ -48,7 +49,7 @@ def test_greedy_matches_transformers_124m(hf_124m):
 def test_kv_cache_decoding_equals_full_forward(hf_small, B):
     """Prefilling 7 tokens then decoding one token at a time through the KV cache reproduces the logits
     of one full forward pass at every position (1e-5)."""
-    model = GPT.from_pretrained(hf_small.safetensors_dir).eval()
+    model = load_model(hf_small.safetensors_dir).eval()
     T, P = 40, 7
     idx = torch.randint(0, 500, (B, T), generator=torch.Generator().manual_seed(B))
     with torch.no_grad():
@@ -249,7 +250,7 @@ def test_real_gpt2_greedy_matches_transformers():
     prompt's logits agree to 1e-3."""
     from transformers import GPT2LMHeadModel
 
-    model = GPT.from_pretrained(REAL_GPT2)
+    model = load_model(REAL_GPT2)
     hf = GPT2LMHeadModel.from_pretrained(REAL_GPT2, local_files_only=True).eval()
     prompt = [464, 3290]  # "The dog"
     with torch.no_grad():
@@ -273,12 +274,10 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask.tolist() == [[[[False, False, True, True]]]]
 
 
-def test_batch1_decode_head_copy_follows_the_weight(make_gpt, monkeypatch):
+def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
     """A batch-1 CPU decode step with enough steps ahead reads the lm_head from an (n_embd, vocab) copy
     of the tied weight; the next step sees the weight changed in place or replaced (the copy is
     remade), clear_cache drops it, and a short generation never pays for making it."""
-    from gpt2lab import model as model_module
-
     model = make_gpt()
     idx = torch.tensor([SHORT])
     P = len(SHORT) - 1
@@ -291,7 +290,8 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt, monkeypatch):
         model.setup_cache(1, 8)
         torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
         assert model._head_copy is None  # 5 steps left: not worth a copy
-        monkeypatch.setattr(model_module, "HEAD_COPY_MIN_STEPS", 4)
+        model = make_gpt(backends=Backends(head_copy_min_steps=4))  # the same weights, a copy from 4 steps
+        model.setup_cache(1, 8)
         first = decode_last()
         assert model._head_copy[2].stride() == (1, model.config.padded_vocab_size)  # the copy is in use
         torch.testing.assert_close(first, model(idx)[0][:, -1], atol=1e-5, rtol=0)

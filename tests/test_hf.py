@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gpt2lab import GPT, GPTConfig
+from gpt2lab.load import load_model, save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,7 @@ def test_logits_match_transformers(which, fmt, request):
     gives transformers' logits to 1e-4 (124M defaults, and a small non-default config at full context)."""
     ckpt = request.getfixturevalue(which)
     cfg = ckpt.model.config
-    model = GPT.from_pretrained(ckpt.safetensors_dir if fmt == "safetensors" else ckpt.bin_dir).eval()
+    model = load_model(ckpt.safetensors_dir if fmt == "safetensors" else ckpt.bin_dir).eval()
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (cfg.n_layer, cfg.n_head, cfg.n_embd)
     assert (model.config.block_size, model.config.vocab_size) == (cfg.n_positions, cfg.vocab_size)
     assert all(p.is_contiguous() for p in model.parameters())  # Conv1D weights transposed into (out, in) copies
@@ -55,8 +56,8 @@ def test_save_pretrained_round_trips_through_transformers(which, request, tmp_pa
     from transformers import GPT2LMHeadModel
 
     ckpt = request.getfixturevalue(which)
-    model = GPT.from_pretrained(ckpt.safetensors_dir).eval()
-    model.save_pretrained(tmp_path)
+    model = load_model(ckpt.safetensors_dir).eval()
+    save_pretrained(model, tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     ref_sd, got_sd = ckpt.model.state_dict(), hf.state_dict()
     assert set(got_sd) == set(ref_sd)
@@ -64,7 +65,7 @@ def test_save_pretrained_round_trips_through_transformers(which, request, tmp_pa
         assert torch.equal(got_sd[key], tensor), key
     idx = _tokens(ckpt.model.config.vocab_size, 16, seed=1)
     assert torch.equal(_hf_logits(hf, idx), _hf_logits(ckpt.model, idx))
-    reloaded = GPT.from_pretrained(tmp_path).eval()
+    reloaded = load_model(tmp_path).eval()
     assert torch.equal(_logits(reloaded, idx), _logits(model, idx))
 
 
@@ -81,7 +82,7 @@ def test_loss_and_gradients_match_transformers(which, request):
     for module in hf.modules():  # dropout off in both: same function
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model = GPT.from_pretrained(ckpt.safetensors_dir).train()
+    model = load_model(ckpt.safetensors_dir).train()
     idx = _tokens(ckpt.model.config.vocab_size, 33, seed=2)
     labels = idx.clone()
     labels[0, 5:9] = -100
@@ -112,8 +113,8 @@ VARIANTS = {
 def test_variant_round_trip_is_exact(variant, make_gpt, tmp_path):
     """A variant model survives save_pretrained -> from_pretrained with its config and bitwise-equal logits."""
     model = make_gpt(seed=11, **VARIANTS[variant])
-    model.save_pretrained(tmp_path)
-    reloaded = GPT.from_pretrained(tmp_path).eval()
+    save_pretrained(model, tmp_path)
+    reloaded = load_model(tmp_path).eval()
     assert reloaded.config == model.config
     idx = _tokens(model.config.vocab_size, 20, seed=2)
     assert torch.equal(_logits(reloaded, idx), _logits(model, idx))
@@ -125,10 +126,10 @@ def test_padded_plain_gpt2_saves_as_transformers_gpt2(make_gpt, tmp_path):
     from transformers import GPT2LMHeadModel
 
     model = make_gpt(seed=5, padded_vocab_size=128)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     assert hf.transformer.wte.weight.shape == (97, 32)
-    reloaded = GPT.from_pretrained(tmp_path).eval()
+    reloaded = load_model(tmp_path).eval()
     idx = _tokens(97, 12, seed=4)
     assert torch.equal(_logits(reloaded, idx), _logits(model, idx))
     assert (_hf_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= ATOL
@@ -136,7 +137,7 @@ def test_padded_plain_gpt2_saves_as_transformers_gpt2(make_gpt, tmp_path):
 
 def test_variant_config_is_not_labelled_gpt2(make_gpt, tmp_path):
     """A variant dir does not claim to be a plain GPT-2 (transformers would load it with wrong semantics)."""
-    make_gpt(n_kv_head=2).save_pretrained(tmp_path)
+    save_pretrained(make_gpt(n_kv_head=2), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] != "gpt2"
     assert GPTConfig.from_dict(cfg["gpt2lab"]).n_kv_head == 2

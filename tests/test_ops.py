@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lab import ops
+from gpt2lab import Backends, ops
 
 needs_onednn = pytest.mark.skipif(ops._onednn is None, reason="this PyTorch build has no oneDNN")
 
@@ -103,19 +103,17 @@ def test_linear_cross_entropy_without_grad():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_model_loss_paths_agree(make_gpt, monkeypatch, padded):
-    """GPT.forward's CPU loss (chunked, oneDNN) and its loss over full logits (every other device) give
-    the same loss and gradients, with a padded vocabulary too (its extra rows are never predicted)."""
-    from gpt2lab import model as model_module
-
-    model = make_gpt(seed=4, **({"padded_vocab_size": 128} if padded else {})).train()
+def test_model_loss_paths_agree(make_gpt, padded):
+    """GPT.forward's CPU loss (chunked, oneDNN) and its loss over full logits (every other device, or the
+    torch linear kernel) give the same loss and gradients, with a padded vocabulary too (its extra rows
+    are never predicted)."""
     idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     targets = idx.roll(-1, dims=1)
     targets[:, -1] = -100
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(model_module, "use_onednn", lambda x, w, fused=fused: fused)
-        model.zero_grad(set_to_none=True)
+    for kernel in ("onednn", "torch"):
+        model = make_gpt(seed=4, backends=Backends(linear=kernel), **({"padded_vocab_size": 128} if padded else {}))
+        model.train()
         logits, loss = model(idx, targets)
         loss.backward()
         assert logits is None

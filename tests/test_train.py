@@ -24,16 +24,18 @@ from dist_worker import (
     overrides,
     settings,
     trajectory,
-    write_token_dir,
 )
 
 from gpt2lab import checkpoint
 from gpt2lab.cli import main
-from gpt2lab.config import GPTConfig, ModelSection, TrainConfig
+from gpt2lab.config import GPTConfig
+from gpt2lab.data import Source, prepare, write_token_dir
 from gpt2lab.errors import CheckpointError, ConfigError
-from gpt2lab.hf import load_pretrained
+from gpt2lab.eval import perplexity
+from gpt2lab.load import load_model
 from gpt2lab.model import GPT
-from gpt2lab.train import TrainingDiverged, configure_optimizer, lr_at, perplexity, train
+from gpt2lab.train import TrainingDiverged, configure_optimizer, lr_at, train
+from gpt2lab.train_config import ModelSection, TrainConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,12 +55,10 @@ def bytes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_tokens_dir(tmp_path_factory) -> Path:
     """The first 60 kB of tiny-shakespeare through ``gpt2lab prepare`` (GPT-2 tokens)."""
-    from gpt2lab.data import prepare
-
     root = tmp_path_factory.mktemp("shk")
     text = root / "shakespeare.txt"
     text.write_bytes(SHAKESPEARE.read_bytes()[:60_000])
-    prepare(root / "data", [text], val_fraction=0.1, workers=1, progress=False)
+    prepare(root / "data", Source([text]), val_fraction=0.1, workers=1, progress=False)
     return root / "data"
 
 
@@ -194,7 +194,7 @@ def test_golden_first_losses(golden_run):
 
 def test_tiny_model_overfits_one_batch(tmp_path):
     text = np.frombuffer(SHAKESPEARE.read_bytes()[:33], dtype=np.uint8)
-    data = write_token_dir(tmp_path / "data", text, text)  # 33 tokens: every batch is the same sequence
+    data = write_token_dir(tmp_path / "data", {"train": text, "val": text}, 256)  # every batch: the same sequence
     cfg = config(
         data,
         tmp_path / "out",
@@ -325,7 +325,7 @@ def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path)
             run__eval_every=0,
         )
     )
-    base = load_pretrained(tmp_path / "hf")
+    base = load_model(tmp_path / "hf")
     from gpt2lab.data import Batches, TokenData
 
     x, y = Batches(TokenData(bytes_dir, "train"), 8, 32, seed=0).get(0)
@@ -344,7 +344,7 @@ def test_generate_and_export_use_the_newest_checkpoint(golden_run, tmp_path, cap
     assert main(["generate", "--model", str(golden_run / "ckpt-00000003"), *args]) == 0
     assert first == capsys.readouterr().out and first.startswith("ROMEO:")
     assert main(["export", "--model", str(golden_run), "--out", str(tmp_path / "hf")]) == 0
-    exported, model = load_pretrained(tmp_path / "hf"), checkpoint.load_model(golden_run)
+    exported, model = load_model(tmp_path / "hf"), checkpoint.load_model(golden_run)
     assert exported.config.padded_vocab_size == 50257 and model.config.padded_vocab_size == 50304
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
@@ -393,7 +393,7 @@ def test_cli_bad_inputs(bytes_dir, tmp_path, capsys):
     args = ["train", *overrides(settings(bytes_dir, tmp_path / "out"))]
     assert "did you mean 'optim.lr'" in run_cli([*args, "--optim.lrr=1"], capsys)
     assert "data directory" in run_cli([*args, f"--data.dir={tmp_path / 'missing'}"], capsys)
-    empty = write_token_dir(tmp_path / "empty", np.zeros(0), np.zeros(0))
+    empty = write_token_dir(tmp_path / "empty", {"train": np.zeros(0), "val": np.zeros(0)}, 256)
     assert "has 0 tokens" in run_cli([*args, f"--data.dir={empty}"], capsys)
     assert "not a multiple of data.batch_size" in run_cli([*args, "--data.global_batch_size=12"], capsys)
     assert "needs the torchrun launcher" in run_cli([*args, "--run.strategy=ddp"], capsys)

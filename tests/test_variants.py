@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt2lab import GPTConfig
-from gpt2lab.config import ConfigError
+from gpt2lab.errors import ConfigError
 from gpt2lab.rope import apply_rotary, inv_frequencies, rope_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,11 +13,15 @@ if TYPE_CHECKING:
     from gpt2lab.config import GPTConfig
     from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
     from gpt2lab.generation import generate, stream
-    from gpt2lab.model import GPT
+    from gpt2lab.load import load_model, save_pretrained
+    from gpt2lab.model import GPT, Backends
     from gpt2lab.tokenizer import load_tokenizer
 
 _HOME = {
     "GPT": "gpt2lab.model",
+    "Backends": "gpt2lab.model",
+    "load_model": "gpt2lab.load",
+    "save_pretrained": "gpt2lab.load",
     "GPTConfig": "gpt2lab.config",
     "GPT2LabError": "gpt2lab.errors",
     "CheckpointError": "gpt2lab.errors",
@@ -26,7 +30,19 @@ _HOME = {
     "stream": "gpt2lab.generation",
     "load_tokenizer": "gpt2lab.tokenizer",
 }
-__all__ = ["GPT", "GPTConfig", "GPT2LabError", "CheckpointError", "ConfigError", "generate", "stream", "load_tokenizer"]
+__all__ = [
+    "GPT",
+    "Backends",
+    "GPTConfig",
+    "GPT2LabError",
+    "CheckpointError",
+    "ConfigError",
+    "generate",
+    "stream",
+    "load_model",
+    "save_pretrained",
+    "load_tokenizer",
+]
 __version__ = "0.1.0"
 
 

@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpt2lab import files
 from gpt2lab.config import GPTConfig
+from gpt2lab.device import check_fits
 from gpt2lab.distributed import DistEnv, all_gather_object, barrier, unwrap
-from gpt2lab.errors import CheckpointError
-from gpt2lab.model import GPT
+from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
+from gpt2lab.model import GPT, Backends
 
 CHECKPOINT_JSON = "checkpoint.json"
 TRAIN_CONFIG_JSON = "train_config.json"
@@ -89,15 +91,23 @@ def find(path: str | Path) -> Path:
     return newest
 
 
+_META_KEYS = {"step": int, "format": str, "world_size": int, "model_config": dict, "train_config": dict}
+
+
 def read_meta(ckpt: Path) -> dict:
+    """The checked checkpoint.json of a checkpoint directory."""
+    path = ckpt / CHECKPOINT_JSON
     try:
-        meta = json.loads((ckpt / CHECKPOINT_JSON).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {ckpt / CHECKPOINT_JSON} ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{ckpt} has checkpoint format version {meta.get('format_version')!r}, not {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"cannot read {path} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{ckpt} has checkpoint format version {version!r}, not {FORMAT_VERSION}")
+    bad = [k for k, kind in _META_KEYS.items() if not isinstance(meta.get(k), kind)]
+    if bad or meta["format"] not in ("full", "dcp"):
+        what = f"missing or malformed {', '.join(bad)}" if bad else f"unknown format {meta['format']!r}"
+        raise CheckpointError(f"{path} is damaged ({what}); resume from another checkpoint or start a new run")
     return meta
 
 
@@ -135,26 +145,67 @@ def save(
         tmp.mkdir(parents=True)
     barrier(env)
     rng = all_gather_object(rng_state(), env)
-    if fmt == "dcp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
-    elif env.is_main:
-        _save_tensors(unwrap(model).state_dict(), tmp / "model.pt")
-        _save_tensors(optimizer.state_dict(), tmp / "optim.pt")
-    if env.is_main:
-        _save_tensors({"ranks": rng}, tmp / "rng.pt")
-        record = {"format_version": FORMAT_VERSION, "step": step, "format": fmt, "world_size": env.world_size}
-        _write_json(tmp / CHECKPOINT_JSON, record | meta)
-        _fsync(tmp)
-    barrier(env)  # every rank's shards are on disk before the checkpoint is declared complete
+    try:
+        _every_rank(env, lambda: _write(tmp, fmt, model, optimizer, env, rng, step, meta))
+    except BaseException:
+        if env.is_main:  # nothing half-written may stay behind taking space
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if env.is_main:
         _commit(tmp, final)
         _prune(out_dir, keep_last)
     barrier(env)
     return final
+
+
+def _write(tmp: Path, fmt: str, model, optimizer, env: DistEnv, rng: list, step: int, meta: dict) -> None:
+    """This rank's part of a checkpoint: its shards (dcp), or everything (rank 0 of a full checkpoint)."""
+    if fmt == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with files.disk_space(tmp / "state", _state_bytes(model_sd, optim_sd)):
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
+    elif env.is_main:
+        model_sd = unwrap(model).state_dict()
+        optim_sd = optimizer.state_dict()
+        need = _state_bytes(model_sd, optim_sd)
+        _save_tensors(model_sd, tmp / "model.pt", need)
+        _save_tensors(optim_sd, tmp / "optim.pt", need)
+    if env.is_main:
+        _save_tensors({"ranks": rng}, tmp / "rng.pt")
+        record = {"format_version": FORMAT_VERSION, "step": step, "format": fmt, "world_size": env.world_size}
+        files.write_json(tmp / CHECKPOINT_JSON, record | meta)
+        files.fsync_dir(tmp)
+
+
+def _every_rank(env: DistEnv, fn) -> None:
+    """Run ``fn`` on every rank; if it fails with a user-facing error on any rank, raise it on all of
+    them (so no rank waits forever for one that gave up). Collective, with a barrier."""
+    error = None
+    try:
+        fn()
+    except GPT2LabError as e:
+        error = str(e)
+    errors = [e for e in all_gather_object(error, env) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+def _state_bytes(*state_dicts: dict) -> int:
+    """Bytes of the tensors in (nested) state dicts: what a checkpoint needs on disk, about."""
+
+    def size(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(size(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(size(v) for v in obj)
+        return 0
+
+    return sum(size(sd) for sd in state_dicts)
 
 
 def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
@@ -176,24 +227,33 @@ def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: Di
         dcp.load(state, checkpoint_id=ckpt / "state")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        unwrap(model).load_state_dict(_load_tensors(ckpt / "model.pt"))
-        optimizer.load_state_dict(_load_tensors(ckpt / "optim.pt"))
-    ranks = _load_tensors(ckpt / "rng.pt")["ranks"]
+        unwrap(model).load_state_dict(load_tensors(ckpt / "model.pt"))
+        optimizer.load_state_dict(load_tensors(ckpt / "optim.pt"))
+    ranks = load_tensors(ckpt / "rng.pt")["ranks"]
     if len(ranks) == env.world_size:  # with another world size the per-rank streams cannot carry over
         set_rng_state(ranks[env.rank])
     return meta
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+def load_model(path: str | Path, device: str | torch.device = "cpu", backends: Backends | None = None) -> GPT:
     """The model of a checkpoint (or of the newest one in an out_dir), in one process, any format."""
     ckpt = find(path)
     meta = read_meta(ckpt)
-    config = GPTConfig.from_dict(meta["model_config"])
+    try:
+        config = GPTConfig.from_dict(meta["model_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / CHECKPOINT_JSON}: {e}") from None
+    check_fits(config)
     if meta["format"] == "full":
-        state_dict = _load_tensors(ckpt / "model.pt")
+        state_dict = load_tensors(ckpt / "model.pt")
     else:
         state_dict = _load_dcp_model(ckpt / "state", config)
-    return GPT.from_state_dict(config, state_dict, device=device)
+    try:
+        return GPT.from_state_dict(config, state_dict, device=device, backends=backends)
+    except RuntimeError as e:  # wrong keys or shapes
+        raise CheckpointError(
+            f"{ckpt} does not hold the model its {CHECKPOINT_JSON} describes: {_first_line(e)}"
+        ) from None
 
 
 def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
@@ -209,8 +269,11 @@ def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # DCP warns that no process group exists, which is the point here
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": state_dict}, checkpoint_id=path, no_dist=True)
-    except (CheckpointException, OSError, RuntimeError) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {e}") from None
+    except (CheckpointException, Exception) as e:  # CheckpointException is a BaseException
+        raise CheckpointError(
+            f"cannot read the sharded checkpoint {path} ({_first_line(e)}); it is incomplete or damaged: resume "
+            "from another checkpoint"
+        ) from None
     return state_dict
 
 
@@ -248,59 +311,44 @@ def set_rng_state(state: dict) -> None:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _save_tensors(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+def _save_tensors(obj, path: Path, need_bytes: int | None = None) -> None:
+    files.write_atomic(path, lambda f: torch.save(obj, f), need_bytes)
 
 
-def _load_tensors(path: Path):
+def load_tensors(path: Path):
+    """What a tensors-only file holds, unpickled safely (``weights_only``): a file that would need
+    arbitrary unpickling carries code and is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refused to load {path}: it needs arbitrary unpickling ({e})") from None
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read {path}: it is missing or corrupt ({e})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"refused to load {path}: it carries Python code (not plain tensors), so it is not loaded"
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"cannot read {path}: it is missing") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read {path}: it is truncated or not a PyTorch tensor file ({_first_line(e)})"
+        ) from None
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(directory: Path) -> None:
-    """Flush a directory's entries (the names of new files and renames) to disk."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _commit(tmp: Path, final: Path) -> None:
     """Declare a fully written checkpoint complete: one atomic rename."""
     if final.exists():  # the same step saved again (a rerun after a crash right after this rename)
-        _remove(final)
+        files.remove_dir(final)
     os.rename(tmp, final)
-    _fsync(final.parent)
+    files.fsync_dir(final.parent)
 
 
 def _prune(out_dir: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints, and debris of killed runs."""
     for old in complete_checkpoints(out_dir)[:-keep_last]:
-        _remove(old)
+        files.remove_dir(old)
     for debris in out_dir.glob(".trash-*"):
         shutil.rmtree(debris, ignore_errors=True)
     for stale in out_dir.glob(".tmp-ckpt-*"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _remove(ckpt: Path) -> None:
-    """Rename first, then delete: a half-deleted directory must never look like a complete checkpoint."""
-    trash = ckpt.with_name(f".trash-{ckpt.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(ckpt, trash)
-    shutil.rmtree(trash)

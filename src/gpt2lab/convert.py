@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from gpt2lab.config import GPTConfig, _divisors
+from gpt2lab.config import GPTConfig, divisors
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT
 
@@ -26,17 +26,17 @@ def check_target(config: GPTConfig, n_kv_head: int) -> None:
     if config.n_head % n_kv_head:
         raise ConfigError(
             f"n_kv_head ({n_kv_head}) must divide n_head ({config.n_head}); "
-            f"pick one of {_divisors(config.n_head)} (1 = multi-query)"
+            f"pick one of {divisors(config.n_head)} (1 = multi-query)"
         )
     if n_kv_head > current:
         raise ConfigError(
             f"the model already has {current} key/value heads, fewer than the {n_kv_head} asked for; "
-            f"conversion only pools heads, pick one of {_divisors(current)}"
+            f"conversion only pools heads, pick one of {divisors(current)}"
         )
     if current % n_kv_head:
         raise ConfigError(
             f"the model has {current} key/value heads, which cannot be pooled evenly into {n_kv_head}; "
-            f"pick one of {_divisors(current)}"
+            f"pick one of {divisors(current)}"
         )
 
 

@@ -9,50 +9,48 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpt2lab.data import Source, prepare
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.generation import generate
+from gpt2lab.load import load_model
+from gpt2lab.tokenizer import load_tokenizer
+from gpt2lab.train import train
+from gpt2lab.train_config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
 
-# Three to seven minutes of training on 2 CPU cores (six to seven on the development VM on 2026-11-27, whose matmul
-# throughput varies by day); override any of it with --section.key=value.
-DEMO_CONFIG = {
-    "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 192, "block_size": 128},
-    "data": {"batch_size": 8, "block_size": 128},
-    "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30},
-    "run": {"steps": 300, "eval_every": 100, "eval_batches": 4, "ckpt_every": 100, "log_every": 10},
-}
 PROMPT = "def main("
 
 
-def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, max_new_tokens: int = 60) -> None:
-    from gpt2lab.config import TrainConfig
-    from gpt2lab.data import prepare
-    from gpt2lab.generation import generate
-    from gpt2lab.hf import load_pretrained
-    from gpt2lab.tokenizer import load_tokenizer
-    from gpt2lab.train import train
+def demo_config(data_dir: Path, run_dir: Path) -> TrainConfig:
+    """The demo's training: a small GPT-2 that trains in minutes on a laptop CPU."""
+    return TrainConfig(
+        model=ModelSection(preset="gpt2", n_layer=4, n_head=4, n_embd=192, block_size=128),
+        data=DataSection(dir=str(data_dir), batch_size=8, block_size=128),
+        optim=OptimSection(lr=2e-3, min_lr=2e-4, warmup_steps=30),
+        run=RunSection(steps=300, eval_every=100, eval_batches=4, ckpt_every=100, log_every=10, out_dir=str(run_dir)),
+    )
 
+
+def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, max_new_tokens: int = 60) -> None:
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     print(f"[1/3] corpus: the Python standard library's sources -> {data_dir}")
     if (data_dir / "meta.json").is_file():
         print("      already prepared; reusing it")
     else:
-        print(prepare(data_dir, corpus="stdlib", val_fraction=0.02))
+        print(prepare(data_dir, Source(corpus="stdlib"), val_fraction=0.02))
 
     print(f"[2/3] training a small GPT-2 -> {run_dir} (Ctrl-C stops cleanly; rerun to resume)")
-    base = {"data": {"dir": str(data_dir)}, "run": {"out_dir": str(run_dir)}}
-    sections = {k: DEMO_CONFIG.get(k, {}) | base.get(k, {}) for k in DEMO_CONFIG}
-    args = [f"--{s}.{k}={v}" for s, kv in sections.items() for k, v in kv.items()] + list(overrides or [])
-    cfg = TrainConfig.load(None, args)
+    cfg = TrainConfig.load(None, overrides or [], defaults=demo_config(data_dir, run_dir))
     result = train(cfg)
 
     print(f"[3/3] sampling from {run_dir} (prompt {PROMPT!r}, temperature 0.8, top-k 40)")
     tok = load_tokenizer()
-    model = load_pretrained(run_dir).eval()
+    model = load_model(run_dir).eval()
     [new] = generate(model, [tok.encode(PROMPT)], max_new_tokens, temperature=0.8, top_k=40, seed=0)
     print("-" * 60 + "\n" + PROMPT + tok.decode(new) + "\n" + "-" * 60)
 
     try:
-        gpt2 = load_pretrained("gpt2", offline=True).eval()
+        gpt2 = load_model("gpt2", offline=True).eval()
     except GPT2LabError:
         print(
             "real GPT-2 weights are not in the local Hugging Face cache; with a network, "

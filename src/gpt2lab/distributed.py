@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2lab.device import resolve_device
 from gpt2lab.errors import ConfigError
 
 
@@ -39,18 +40,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.strategy != "single"
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda:LOCAL_RANK when CUDA is available, else cpu; other names are checked to be usable."""
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ConfigError(f"run.device {device!r} is not usable here ({e}); use cpu or auto") from None
-    return dev
 
 
 def init(strategy: str, device: str = "auto") -> DistEnv:
@@ -153,15 +142,6 @@ def all_gather_object(obj, env: DistEnv) -> list:
     out = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, env: DistEnv):
-    """Rank 0's ``obj`` on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

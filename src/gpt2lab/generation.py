@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -42,8 +44,8 @@ def sample(
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
-    if temperature < 0:
-        raise GPT2LabError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GPT2LabError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise GPT2LabError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -169,3 +171,53 @@ def generate(
                 rows[row].append(tok)
                 finished[row] = tok == eos_id
     return rows
+
+
+def stream_text(
+    model: GPT,
+    tokenizer,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    compile: bool = False,
+) -> Iterator[str]:
+    """The continuation of one prompt as text, piece by piece as tokens arrive, ending before
+    ``<|endoftext|>``. A character split across tokens comes out whole, with the token that completes it.
+    Bad arguments raise here, before anything is yielded."""
+    tokens = stream(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
+    return _text_pieces(tokenizer, tokens)
+
+
+def _text_pieces(tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        if int(token[0]) == EOT:  # the end of the text, not part of it
+            break
+        piece = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0])))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+@torch.no_grad()
+def next_token_probs(model: GPT, prompt: Sequence[int], k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely next tokens after ``prompt`` with their probabilities, best first."""
+    limit = model.config.max_positions
+    if not prompt:
+        raise GPT2LabError("the prompt is empty; give some text to continue, e.g. 'Hello, my name is'")
+    if limit is not None and len(prompt) > limit:
+        raise GPT2LabError(f"the text is {len(prompt)} tokens, longer than the model's context of {limit}; shorten it")
+    if not k >= 1:
+        raise GPT2LabError(f"the number of tokens to list must be at least 1, got {k}")
+    was_training = model.training
+    model.eval()
+    logits, _ = model(torch.tensor([list(prompt)], device=model.wte.weight.device))
+    model.train(was_training)
+    probs = logits[0, -1].float().softmax(-1)
+    top = probs.topk(min(k, probs.numel()))
+    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))

@@ -7,8 +7,9 @@ checkpoint keys map one to one (only the Conv1D transposes differ; see gpt2lab.h
 
 from __future__ import annotations
 
+import functools
 import math
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 
 from gpt2lab.config import GPTConfig
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.ops import Linear, linear, linear_cross_entropy, use_onednn
+from gpt2lab.ops import LINEAR_KERNELS, Linear, linear, linear_cross_entropy, use_onednn
 from gpt2lab.rope import Rotary, apply_rotary
 
 try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sliding window masks out
@@ -24,17 +25,33 @@ try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sli
 except ImportError:
     BlockMask = create_block_mask = flex_attention = None
 
-# torch.compile(flex_attention), made on first use (by GPT._window_mask): compiling costs seconds, and
-# uncompiled flex_attention is an unfused reference that materializes all the scores.
-_flex_kernel = None
-
-# Batch-1 decoding on the CPU reads the lm_head from a transposed copy once this many steps remain to
-# repay making it (see GPT._one_row_head).
-HEAD_COPY_MIN_STEPS = 256
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 
 
-def use_flex(device: torch.device, config: GPTConfig) -> bool:
-    """Whether window layers of a full forward (no cache) on ``device`` run FlexAttention.
+@dataclass(frozen=True)
+class Backends:
+    """Kernel choices, fixed when a model is built. They change speed, never results beyond rounding.
+
+    ``attention``: how window layers of a full forward (training, evaluation) attend: ``sdpa`` with a
+    boolean mask, ``flex`` (FlexAttention, which skips the blocks the window masks out), or ``auto``
+    (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer
+    (gpt2lab.ops). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
+    copy once at least this many steps remain to repay making it (``GPT._one_row_head``; 0 = never).
+    """
+
+    attention: str = "auto"
+    linear: str = "auto"
+    head_copy_min_steps: int = 256
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if self.linear not in LINEAR_KERNELS:
+            raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {self.linear!r}")
+
+
+def flex_applies(device: torch.device, config: GPTConfig) -> bool:
+    """Whether ``auto`` picks FlexAttention for window layers of a full forward on ``device``.
 
     CUDA only: flex has no CPU backward, so CPU keeps SDPA with a boolean mask. Flex has no attention
     dropout, and older releases' kernels need a power-of-two head_dim of at least 16, so those keep SDPA too.
@@ -49,6 +66,13 @@ def use_flex(device: torch.device, config: GPTConfig) -> bool:
     )
 
 
+@functools.cache
+def flex_kernel(device_type: str):
+    """FlexAttention for a device type: compiled on CUDA (compiling takes seconds, once per process);
+    elsewhere the eager reference, which materializes all the scores (forward only on the CPU)."""
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
 def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     """Flex block mask of the sliding window: query q sees keys kv with q - window < kv <= q."""
 
@@ -59,13 +83,13 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int) -> None:
+    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.split = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = Linear(config.n_embd, sum(self.split))  # fused q, k, v
-        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, sum(self.split), kernel=backends.linear)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd, kernel=backends.linear)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.layer_window(layer)
@@ -98,16 +122,16 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, attn_mask=window_mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
             )
         else:  # a flex BlockMask: GPT._window_mask chose FlexAttention for this device
-            y = _flex_kernel(q, k, v, block_mask=window_mask, enable_gqa=self.gqa)
+            y = flex_kernel(x.device.type)(q, k, v, block_mask=window_mask, enable_gqa=self.gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, backends: Backends) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, kernel=backends.linear)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, kernel=backends.linear)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,12 +139,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int) -> None:
+    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer)
+        self.attn = CausalSelfAttention(config, layer, backends)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, backends)
 
     def forward(self, x, rope, window_mask, step) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, window_mask, step)
@@ -128,9 +152,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, backends: Backends | None = None) -> None:
         super().__init__()
         self.config = config
+        self.backends = backends = backends or Backends()
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
@@ -138,9 +163,9 @@ class GPT(nn.Module):
             Rotary(config.head_dim, config.rope_theta, config.block_size) if config.pos_emb == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, i, backends) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False, kernel=backends.linear)
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False
@@ -198,25 +223,25 @@ class GPT(nn.Module):
             x = block(x, rope, window_mask, step)
         x = self.ln_f(x)
         vocab = self.config.vocab_size  # rows of a padded vocabulary (GPU-friendly shapes) are never predicted
-        if targets is not None and use_onednn(x, self.lm_head.weight):
+        kernel = self.backends.linear
+        if targets is not None and use_onednn(x, self.lm_head.weight, kernel):
             # CPU: the loss a chunk of tokens at a time, without ever holding the full logits
-            return None, linear_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), vocab)
+            flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
+            return None, linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
         head = self._one_row_head(x, step[2]) if step is not None and B * T == 1 else None  # batch-1 decoding
-        logits = (self.lm_head(x) if head is None else linear(x, head))[..., :vocab]
+        logits = (self.lm_head(x) if head is None else linear(x, head, kernel=kernel))[..., :vocab]
         if targets is None:
             return logits, None
         return None, F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
-        BlockMask where ``use_flex`` says so (CUDA), else a boolean (T, T) mask for SDPA."""
-        global _flex_kernel
+        BlockMask where the attention backend chooses FlexAttention, else a boolean (T, T) mask for SDPA."""
         key = (T, device)
         if key in self._window_masks:
             return self._window_masks[key]
-        if use_flex(device, self.config):
-            if _flex_kernel is None:
-                _flex_kernel = torch.compile(flex_attention)
+        attention = self.backends.attention
+        if attention == "flex" or (attention == "auto" and flex_applies(device, self.config)):
             self._window_masks[key] = window_block_mask(T, self.config.window, device)
         else:
             i = torch.arange(T, device=device)
@@ -280,15 +305,17 @@ class GPT(nn.Module):
         At one row, oneDNN reads the output embedding about 1.4x faster in that layout than from the
         tied weight (``python bench/linear.py``), and it is a third of a GPT-2 124M decode step's
         reads: 3 ms a step saved. Making the copy costs 150-250 ms, so it is made only when at least
-        ``HEAD_COPY_MIN_STEPS`` steps remain in the cache. It lives until ``clear_cache`` (one more
+        ``backends.head_copy_min_steps`` steps remain in the cache. It lives until ``clear_cache`` (one more
         wte-sized tensor while generating) and is not used once the weight is replaced or changed.
         """
-        w = self.lm_head.weight
-        if filled is None or torch.is_grad_enabled() or not isinstance(self.lm_head, Linear) or not use_onednn(x, w):
+        w, min_steps = self.lm_head.weight, self.backends.head_copy_min_steps
+        if filled is None or not min_steps or torch.is_grad_enabled() or not isinstance(self.lm_head, Linear):
+            return None
+        if not use_onednn(x, w, self.backends.linear):
             return None
         key = (w.data_ptr(), w._version)
         if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
-            if self.cache_len - filled < HEAD_COPY_MIN_STEPS:
+            if self.cache_len - filled < min_steps:
                 return None
             self._head_copy = (w, key, w.detach().t().contiguous().t())
         return self._head_copy[2]
@@ -302,10 +329,12 @@ class GPT(nn.Module):
         return n
 
     @classmethod
-    def from_state_dict(cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
+    def from_state_dict(
+        cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu", backends: Backends | None = None
+    ) -> GPT:
         """Build on the meta device (no init cost, no double memory) and adopt the given tensors."""
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, backends)
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.lm_head.weight = model.wte.weight
         device = torch.device(device)
@@ -313,16 +342,3 @@ class GPT(nn.Module):
             model.rotary.build(config.block_size, device)
         model.cache_pad = torch.zeros(0, dtype=torch.long, device=device)
         return model.to(device)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device="cpu") -> GPT:
-        """Load an HF GPT-2 directory, a hub name (``gpt2``, ``gpt2-medium``, ...) or a gpt2lab directory."""
-        from gpt2lab.hf import load_pretrained
-
-        return load_pretrained(name_or_path, device=device)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write an HF-format directory (``config.json`` + ``model.safetensors`` + tokenizer files)."""
-        from gpt2lab.hf import save_pretrained
-
-        save_pretrained(self, directory)

@@ -10,6 +10,10 @@ about even for the smallest, so ``Linear`` runs its forward there; the backward 
 
 The result equals ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
+
+The kernel is chosen per layer when the model is built (``GPT(config, Backends(linear=...))``):
+``auto`` follows the rule above, ``onednn`` is the same where oneDNN can run, ``torch`` is always
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear`` runs oneDNN for this input: float32 on the CPU, outside autocast and compile."""
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, kernel: str = "auto") -> bool:
+    """Whether ``linear`` runs oneDNN for this input: not when ``kernel`` is ``torch``, else for float32
+    on the CPU, outside autocast and compile."""
     return (
-        _onednn is not None
+        kernel != "torch"
+        and _onednn is not None
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
@@ -50,9 +57,11 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto"
+) -> torch.Tensor:
     """``F.linear``, through oneDNN where ``use_onednn`` says so."""
-    if not use_onednn(x, weight):
+    if not use_onednn(x, weight, kernel):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (
@@ -65,10 +74,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above."""
+    """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above with the
+    layer's ``kernel`` (one of LINEAR_KERNELS)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto") -> None:
+        super().__init__(in_features, out_features, bias)
+        if kernel not in LINEAR_KERNELS:
+            raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
+        self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.kernel)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -84,7 +100,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab: int, chunk: int, need_grad: bool) -> torch.Tensor:
+    def forward(ctx, x, weight, targets, vocab: int, chunk: int, need_grad: bool, kernel: str) -> torch.Tensor:
         scored = targets != -100
         count = scored.sum()
         w = weight[:vocab]
@@ -96,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, x.shape[0], chunk):
             rows = slice(start, start + chunk)
             xc, tc, sc = x[rows], targets[rows].clamp_min(0), scored[rows]
-            logits = linear(xc, w).float()
+            logits = linear(xc, w, kernel=kernel).float()
             target = logits.gather(1, tc[:, None]).squeeze(1)
             peak = logits.amax(dim=-1, keepdim=True)
             exp = logits.sub_(peak).exp_()  # in place: the logits are not needed again
@@ -120,7 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         if grad.item() != 1.0:  # a scaled loss; else the saved gradients are the answer
             grad_x, grad_w = grad_x * grad, grad_w * grad
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -129,10 +145,11 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     vocab: int | None = None,
     chunk_elems: int = 2**24,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(x, weight[:vocab]), targets, ignore_index=-100)`` for x (N, C), weight
     (V, C), targets (N,), computed ``chunk_elems // vocab`` rows at a time without the (N, vocab) logits.
     ``vocab`` (default: every row) leaves out padding rows of the weight, which get zero gradient."""
     vocab = weight.shape[0] if vocab is None else vocab
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, vocab, max(1, chunk_elems // vocab), need_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, vocab, max(1, chunk_elems // vocab), need_grad, kernel)

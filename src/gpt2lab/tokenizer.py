@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -63,6 +64,16 @@ def _encoding(encoder_json: str, encoder_sha: str, vocab_bpe: str, vocab_sha: st
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": len(ranks)},
     )
+
+
+def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:
+    """Bytes of text each token id stands for (0 for ``<|endoftext|>``, a separator rather than text).
+    GPT-2's BPE is byte-level, so a token array's text is exactly ``lengths[ids].sum()`` bytes."""
+    lengths = np.zeros(encoding.n_vocab, dtype=np.int64)
+    for i in range(encoding.n_vocab):
+        if i != encoding.eot_token:
+            lengths[i] = len(encoding.decode_single_token_bytes(i))
+    return lengths
 
 
 def _sha256(path: Path) -> str:

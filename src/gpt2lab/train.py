@@ -1,37 +1,40 @@
-"""train(cfg): one loop for a single process, DDP and FSDP; and sliding-window perplexity of a text.
+"""train(cfg): one loop for a single process, DDP and FSDP: ``setup``, then ``train_step`` in ``loop``.
 
 A step is ``grad_accum`` micro-steps of ``batch_size`` sequences on each rank; only the last one
 all-reduces gradients. Then the global gradient norm is clipped, AdamW steps with the scheduled
 learning rate, and, every ``log_every`` steps, the mean loss over all ranks goes to metrics.jsonl.
 Batches are a pure function of (seed, step), so a run stopped anywhere resumes exactly from its newest
-checkpoint by running the same command again.
+checkpoint by running the same command again. The run directory is locked while a run uses it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from gpt2lab import checkpoint, distributed
-from gpt2lab.config import GPTConfig, OptimSection, TrainConfig
-from gpt2lab.data import Batches, TokenData, iter_windows, val_batches
+from gpt2lab import checkpoint, distributed, files
+from gpt2lab.config import GPTConfig
+from gpt2lab.data import Batches, TokenData, val_batches
+from gpt2lab.device import autocast, check_fits, uses_bf16_autocast
 from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync
 from gpt2lab.errors import ConfigError, GPT2LabError
+from gpt2lab.eval import bits_per_byte
+from gpt2lab.load import load_model
 from gpt2lab.model import GPT
+from gpt2lab.train_config import OptimSection, TrainConfig
 
 METRICS = "metrics.jsonl"
 # Dense bf16 tensor-core peak TFLOP/s per GPU (vendor datasheets, no sparsity), matched in this order
@@ -56,6 +59,24 @@ class TrainResult:
     loss: float | None  # training loss of the last logged step (None if no step ran in this call)
     val_loss: float | None  # last evaluation (None if none ran in this call)
     checkpoint: Path | None  # newest complete checkpoint
+    val_bpb: float | None = None  # the last evaluation in bits per byte, where the data records its bytes
+
+
+class BatchSource(Protocol):
+    grad_accum: int
+
+    def get(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class TrainData:
+    """What a run trains and evaluates on: training batches, this rank's share of the fixed val batches,
+    the vocabulary the ids lie below, and text bytes per token of each split (None: unknown)."""
+
+    train: BatchSource
+    val: list[tuple[torch.Tensor, torch.Tensor]]
+    vocab_size: int
+    bytes_per_token: dict[str, float | None] = field(default_factory=dict)
 
 
 # --- optimizer, schedule, FLOPs ------------------------------------------------------------------
@@ -94,8 +115,7 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token, forward + backward: 6 per weight plus 12 * n_layer * seq_len * n_embd for
     the attention scores (PaLM, appendix B). The tied wte counts once, for the lm_head matmul; the
     position table is a lookup and is left out."""
-    with torch.device("meta"):  # shapes only, no memory
-        n = GPT(config).num_params(exclude_positions=True)
+    n = config.num_params() - (config.block_size * config.n_embd if config.pos_emb == "learned" else 0)
     return 6.0 * n + 12.0 * config.n_layer * seq_len * config.n_embd
 
 
@@ -109,172 +129,108 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None) 
     return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS if key in name), None)
 
 
-# --- the loop ------------------------------------------------------------------------------------
+# --- setup ---------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) as configured; every rank of a torchrun job calls this."""
+def train(cfg: TrainConfig, data: TrainData | Callable[[DistEnv, int], TrainData] | None = None) -> TrainResult:
+    """Train (or resume) as configured; every rank of a torchrun job calls this. ``data`` replaces the
+    prepared directory of ``cfg.data.dir`` (a task generated in memory): the data itself, or a function
+    of (this rank's DistEnv, micro-steps per step) that makes it."""
     env = distributed.init(cfg.run.strategy, cfg.run.device)
     try:
-        return _train(cfg, env)
+        with ExitStack() as stack:
+            if env.is_main:  # one run per directory: a second one is refused, naming this process
+                stack.enter_context(files.locked(Path(cfg.run.out_dir), "training run"))
+            return loop(setup(cfg, env, data))
     finally:
         distributed.shutdown(env)
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    run, device = cfg.run, env.device
-    out_dir = Path(run.out_dir)
-    accum = cfg.data.accum_steps(env.world_size)
+@dataclass
+class Run:
+    """Everything the loop needs, made by ``setup``."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    model: GPT
+    wrapped: nn.Module  # the model as the strategy trains it (itself, DDP, or FSDP-sharded)
+    optimizer: torch.optim.AdamW
+    data: TrainData
+    amp: AbstractContextManager
+    start: int  # steps already done (from the checkpoint resumed)
+    resumed: Path | None
+    resumed_config: dict | None  # the train config recorded in that checkpoint
+    meta: dict  # model and train config, recorded in every checkpoint
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.run.out_dir)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.data.block_size * self.data.train.grad_accum * self.env.world_size
+
+    def say(self, message: str) -> None:
+        """A message from rank 0, printed above the progress bar."""
+        if self.env.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+
+def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = None) -> Run:
+    """Data, model (fresh, fine-tuned from ``model.init``, or resumed), wrapping and optimizer."""
+    run = cfg.run
     if run.eval_every and run.eval_batches % env.world_size:
+        fix = run.eval_batches // env.world_size * env.world_size or env.world_size
         raise ConfigError(
             f"run.eval_batches ({run.eval_batches}) must be a multiple of the world size ({env.world_size}) so that "
-            f"every rank runs the same number of forward passes; use {run.eval_batches // env.world_size * env.world_size or env.world_size}"
+            f"every rank runs the same number of forward passes; use {fix}"
         )
-    bf16 = run.dtype == "bfloat16" or (run.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-
+    accum = cfg.data.accum_steps(env.world_size)
     # data first: a wrong path should fail before any model is built
-    if not cfg.data.dir:
-        raise ConfigError("data.dir is not set; pass --data.dir=DIR (made by: gpt2lab prepare --input FILE --out DIR)")
-    train_data = TokenData(cfg.data.dir, "train", cfg.data.block_size)
-    batches = Batches(
-        train_data, cfg.data.batch_size, cfg.data.block_size, accum, env.rank, env.world_size, seed=run.seed
-    )
-    val = []
-    if run.eval_every:
-        val_data = TokenData(cfg.data.dir, "val", cfg.data.block_size)
-        val = val_batches(
-            val_data, cfg.data.batch_size, cfg.data.block_size, run.eval_batches, env.rank, env.world_size
-        )
-
-    resume = checkpoint.latest(out_dir)
+    data = data(env, accum) if callable(data) else data or load_data(cfg, env, accum)
+    resume = checkpoint.latest(run.out_dir)
     model = build_model(cfg, resume)
-    config = model.config
-    model.to(device)
+    if data.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"the data's token ids go up to {data.vocab_size - 1}, but the model predicts {model.config.vocab_size} "
+            f"tokens; set model.vocab_size to at least {data.vocab_size} (or train on data made for this model)"
+        )
+    model.to(env.device)
     torch.manual_seed(run.seed + env.rank)  # dropout streams differ per rank
     if run.compile:
         for block in model.h:
             block.compile()
     wrapped = distributed.wrap(model, env)
     optimizer = configure_optimizer(wrapped, cfg.optim)
-
-    start, changed = 0, []
+    start, saved = 0, None
     if resume is not None:
         saved = checkpoint.load(resume, wrapped, optimizer, env)
-        start, changed = saved["step"], _changed_settings(saved["train_config"], cfg.to_dict())
+        start = saved["step"]
         set_hyperparameters(optimizer, cfg.optim)  # loading restored the checkpoint's; the config wins
-    if env.is_main:
-        _start_out_dir(out_dir, cfg, start)
-    meta = {"model_config": config.to_dict(), "train_config": cfg.to_dict()}
-    say = _Say(env)
-    say(
-        f"{'resumed from ' + str(resume) + ' at step ' + str(start) if resume else 'training from step 0'}: "
-        f"{model.num_params():,} parameters, strategy {env.strategy} x {env.world_size}, device {device}, "
-        f"{'bf16 autocast' if bf16 else 'fp32'}, {accum} micro-step(s) of {cfg.data.batch_size} x {cfg.data.block_size}"
-        + (f"; settings changed since the checkpoint: {', '.join(changed)}" if changed else "")
+    meta = {"model_config": model.config.to_dict(), "train_config": cfg.to_dict()}
+    amp = autocast(env.device, run.dtype)
+    return Run(cfg, env, model, wrapped, optimizer, data, amp, start, resume, saved and saved["train_config"], meta)
+
+
+def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
+    """The training batches and this rank's val batches of the prepared directory ``data.dir``, checked."""
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is not set; pass --data.dir=DIR (made by: gpt2lab prepare --input FILE --out DIR)")
+    splits = {"train": TokenData(cfg.data.dir, "train", cfg.data.block_size)}
+    if cfg.run.eval_every:
+        splits["val"] = TokenData(cfg.data.dir, "val", cfg.data.block_size)
+    for split in splits.values():
+        split.verify(progress=env.is_main and cfg.run.progress)
+    batch, block = cfg.data.batch_size, cfg.data.block_size
+    val = []
+    if cfg.run.eval_every:
+        val = val_batches(splits["val"], batch, block, cfg.run.eval_batches, env.rank, env.world_size)
+    return TrainData(
+        train=Batches(splits["train"], batch, block, accum, env.rank, env.world_size, seed=cfg.run.seed),
+        val=val,
+        vocab_size=splits["train"].vocab_size,
+        bytes_per_token={name: split.bytes_per_token for name, split in splits.items()},
     )
-    if start >= run.steps:
-        say(f"nothing to do: {out_dir} is already trained to step {start} (raise run.steps to continue)")
-        return TrainResult(start, None, None, resume)
-
-    tokens_per_step = cfg.data.batch_size * cfg.data.block_size * accum * env.world_size
-    flops_step = flops_per_token(config, cfg.data.block_size) * tokens_per_step
-    peak = peak_flops(device, bf16, run.peak_tflops)
-    writer = _tensorboard(out_dir) if run.tensorboard and env.is_main else None
-    bar = tqdm(
-        total=run.steps, initial=start, unit="step", disable=not (env.is_main and run.progress), dynamic_ncols=True
-    )
-    bad = torch.zeros((), device=device)  # non-finite losses / gradient norms since the last check
-    last_ckpt, loss_value, val_loss = resume, None, None
-    wrapped.train()
-    try:
-        with _GracefulStop(force_on_repeat=not env.distributed) as stop:
-            t_last, tokens_since = time.perf_counter(), 0
-            for step in range(start, run.steps):
-                lr = lr_at(step, cfg.optim, run.steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum, norm = train_step(wrapped, optimizer, batches, step, amp, cfg.optim.grad_clip, device)
-                bad += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(norm)).float()
-                done, tokens_since = step + 1, tokens_since + tokens_per_step
-                bar.update(1)
-
-                is_eval = bool(run.eval_every) and (done % run.eval_every == 0 or done == run.steps)
-                is_ckpt = done == run.steps or (run.ckpt_every > 0 and done % run.ckpt_every == 0)
-                if not (done % run.log_every == 0 or is_eval or is_ckpt or (stop.requested and not env.distributed)):
-                    continue
-                # one synchronisation: mean loss over ranks, and whether any rank diverged or was interrupted
-                stats = torch.stack([loss_sum / accum, bad, norm, torch.tensor(float(stop.requested), device=device)])
-                loss_value, n_bad, grad_norm, n_stop = all_reduce_sum(stats, env).tolist()
-                loss_value /= env.world_size
-                grad_norm /= env.world_size
-                if n_bad:
-                    raise TrainingDiverged(_diverged_message(done, lr, last_ckpt))
-                elapsed = time.perf_counter() - t_last
-                record = {
-                    "step": done,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": done * tokens_per_step,
-                    "tokens_per_s": tokens_since / elapsed,
-                }
-                if peak:
-                    record["mfu"] = flops_step * (tokens_since / tokens_per_step) / elapsed / (peak * env.world_size)
-                if is_eval:
-                    val_loss = evaluate(wrapped, val, env, amp)
-                    record |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-                    say(f"step {done}: val loss {val_loss:.4f}, perplexity {record['val_ppl']:.2f}")
-                if env.is_main:
-                    _append_metrics(out_dir, record, writer)
-                    postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-                    if "mfu" in record:
-                        postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
-                    bar.set_postfix(postfix, refresh=False)
-                if is_ckpt or n_stop:
-                    last_ckpt = checkpoint.save(out_dir, done, wrapped, optimizer, env, meta, run.keep_last)
-                if n_stop:
-                    say(f"stopped at step {done}; saved {last_ckpt}. Run the same command again to resume.")
-                    raise KeyboardInterrupt
-                t_last, tokens_since = time.perf_counter(), 0
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    say(
-        f"done: step {run.steps}, loss {loss_value:.4f}"
-        + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
-    )
-    return TrainResult(run.steps, loss_value, val_loss, last_ckpt)
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Batches,
-    step: int,
-    amp,
-    grad_clip: float,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``batches.grad_accum`` micro-steps; returns (sum of the micro-step losses,
-    gradient norm before clipping; 0 without clipping), both float32 on ``device``, not synchronised."""
-    accum = batches.grad_accum
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
-        x, y = batches.get(step, micro)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with grad_sync(model, micro == accum - 1):  # only the last micro-step all-reduces gradients
-            with amp:
-                _, loss = model(x, y)
-            (loss / accum).backward()
-        loss_sum += loss.detach().float()
-    norm = torch.zeros((), device=device)
-    if grad_clip > 0:
-        norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), grad_clip)).float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, norm
 
 
 def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
@@ -284,11 +240,10 @@ def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
         config = cfg.model.build()
         if resume is not None:
             checkpoint.check_model_config(resume, config)
+        check_fits(config, bytes_per_param=16)  # weights, gradients, AdamW's two moments
         torch.manual_seed(cfg.run.seed)  # every rank draws the same weights
         return GPT(config)
-    from gpt2lab.hf import load_pretrained
-
-    base = load_pretrained(cfg.model.init)
+    base = load_model(cfg.model.init)
     config = cfg.model.build(base.config)
     if resume is not None:
         checkpoint.check_model_config(resume, config)
@@ -304,6 +259,38 @@ def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
     return GPT.from_state_dict(config, state_dict)
 
 
+# --- one step ------------------------------------------------------------------------------------
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchSource,
+    step: int,
+    amp: AbstractContextManager,
+    grad_clip: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``batches.grad_accum`` micro-steps; returns (sum of the micro-step losses,
+    gradient norm before clipping), both float32 on ``device``, not synchronised. The gradient is the
+    mean over micro-steps, so accumulating equals one big batch."""
+    accum = batches.grad_accum
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = batches.get(step, micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with grad_sync(model, micro == accum - 1):  # only the last micro-step all-reduces gradients
+            with amp:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach().float()
+    max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
+    norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), max_norm)).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, norm
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv, amp) -> float:
     """Mean loss over the val batches of all ranks (each rank holds its share)."""
@@ -317,44 +304,147 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
     return all_reduce_sum(total, env).item() / (len(batches) * env.world_size)
 
 
-# --- perplexity of a text ------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def perplexity(
-    model: GPT,
-    tokens: np.ndarray | torch.Tensor | Iterable[int],
-    block_size: int,
-    stride: int,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> tuple[float, int]:
-    """(mean loss per token, tokens scored) over one long text: windows of ``block_size`` every
-    ``stride`` tokens, each token scored once with up to ``block_size - stride`` tokens of extra context."""
-    model.eval()
-    device = model.wte.weight.device
-    tokens = np.asarray(tokens)
-    n_windows = math.ceil(max(len(tokens) - 1, 0) / stride)
-    nll, count = 0.0, 0
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+def loop(run: Run) -> TrainResult:
+    """Train from ``run.start`` to ``run.steps``: log, evaluate and checkpoint on schedule; stop cleanly
+    (with a checkpoint) on Ctrl-C or SIGTERM; stop with a clear error if the loss diverges."""
+    cfg, env = run.cfg, run.env
+    run.say(_start_line(run))
+    if run.start >= cfg.run.steps:
+        run.say(f"nothing to do: {run.out_dir} is already trained to step {run.start} (raise run.steps to continue)")
+        return TrainResult(run.start, None, None, run.resumed)
+    if env.is_main:
+        _start_out_dir(run)
+    log = _Log(run)
+    bad = torch.zeros((), device=env.device)  # non-finite losses / gradient norms since the last check
+    run.wrapped.train()
+    try:
+        with _GracefulStop(force_on_repeat=not env.distributed) as stop:
+            for step in range(run.start, cfg.run.steps):
+                lr = lr_at(step, cfg.optim, cfg.run.steps)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, norm = train_step(
+                    run.wrapped, run.optimizer, run.data.train, step, run.amp, cfg.optim.grad_clip, env.device
+                )
+                bad += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(norm)).float()
+                log.bar.update(1)
+                if log.due(step + 1, stop.requested):
+                    log.record(step + 1, lr, loss_sum, norm, bad, stop.requested)
+    finally:
+        log.close()
+    run.say(
+        f"done: step {cfg.run.steps}, loss {log.loss:.4f}"
+        + (f", val loss {log.val_loss:.4f}" if log.val_loss is not None else "")
+        + (f" ({log.val_bpb:.4f} bits per byte)" if log.val_bpb is not None else "")
+    )
+    return TrainResult(cfg.run.steps, log.loss, log.val_loss, log.last_ckpt, log.val_bpb)
 
-    def flush() -> None:
-        nonlocal nll, count
-        x, y = torch.cat([p[0] for p in pending]).to(device), torch.cat([p[1] for p in pending]).to(device)
-        _, loss = model(x, y)
-        n = int((y != -100).sum())
-        nll, count = nll + float(loss) * n, count + n
-        pending.clear()
 
-    for x, y in tqdm(iter_windows(tokens, block_size, stride), total=n_windows, disable=not progress, unit="window"):
-        if pending and x.shape[1] != pending[0][0].shape[1]:  # only the last window is shorter
-            flush()
-        pending.append((x, y))
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    return nll / count, count
+class _Log:
+    """The loop's bookkeeping: when to synchronise, what to write to metrics.jsonl, when to checkpoint."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.loss = self.val_loss = self.val_bpb = None
+        self.last_ckpt = run.resumed
+        self.t_last, self.tokens_since = time.perf_counter(), 0
+        bf16 = uses_bf16_autocast(run.env.device, run.cfg.run.dtype)
+        self.peak = peak_flops(run.env.device, bf16, run.cfg.run.peak_tflops)
+        self.flops_step = flops_per_token(run.model.config, run.cfg.data.block_size) * run.tokens_per_step
+        self.writer = _tensorboard(run.out_dir) if run.cfg.run.tensorboard and run.env.is_main else None
+        show = run.env.is_main and run.cfg.run.progress
+        self.bar = tqdm(total=run.cfg.run.steps, initial=run.start, unit="step", disable=not show, dynamic_ncols=True)
+
+    def due(self, done: int, stop_requested: bool) -> bool:
+        r = self.run.cfg.run
+        self.tokens_since += self.run.tokens_per_step
+        return bool(
+            done % r.log_every == 0
+            or self._is_eval(done)
+            or self._is_ckpt(done)
+            or (stop_requested and not self.run.env.distributed)
+        )
+
+    def _is_eval(self, done: int) -> bool:
+        r = self.run.cfg.run
+        return bool(r.eval_every) and (done % r.eval_every == 0 or done == r.steps)
+
+    def _is_ckpt(self, done: int) -> bool:
+        r = self.run.cfg.run
+        return done == r.steps or (r.ckpt_every > 0 and done % r.ckpt_every == 0)
+
+    def record(self, done: int, lr: float, loss_sum, norm, bad, stop_requested: bool) -> None:
+        """One synchronisation (mean loss over ranks, and whether any rank diverged or was interrupted),
+        then the metrics record, the evaluation and the checkpoint that are due."""
+        run, env = self.run, self.run.env
+        flag = torch.tensor(float(stop_requested), device=env.device)
+        stats = torch.stack([loss_sum / run.data.train.grad_accum, bad, norm, flag])
+        loss, n_bad, grad_norm, n_stop = all_reduce_sum(stats, env).tolist()
+        self.loss = loss / env.world_size
+        if n_bad:
+            raise TrainingDiverged(_diverged_message(done, lr, self.last_ckpt))
+        record = self._metrics(done, lr, grad_norm / env.world_size)
+        if self._is_eval(done):
+            self._evaluate(record)
+        if env.is_main:
+            self._write(record)
+        if self._is_ckpt(done) or n_stop:
+            r = run.cfg.run
+            self.last_ckpt = checkpoint.save(run.out_dir, done, run.wrapped, run.optimizer, env, run.meta, r.keep_last)
+        if n_stop:
+            run.say(f"stopped at step {done}; saved {self.last_ckpt}. Run the same command again to resume.")
+            raise KeyboardInterrupt
+        self.t_last, self.tokens_since = time.perf_counter(), 0
+
+    def _metrics(self, done: int, lr: float, grad_norm: float) -> dict:
+        run = self.run
+        elapsed = time.perf_counter() - self.t_last
+        record = {
+            "step": done,
+            "loss": self.loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": done * run.tokens_per_step,
+            "tokens_per_s": self.tokens_since / elapsed,
+        }
+        train_bpb = bits_per_byte(self.loss, 1, run.data.bytes_per_token.get("train"))
+        if train_bpb is not None:
+            record["bpb"] = train_bpb
+        if self.peak:
+            steps = self.tokens_since / run.tokens_per_step
+            record["mfu"] = self.flops_step * steps / elapsed / (self.peak * run.env.world_size)
+        return record
+
+    def _evaluate(self, record: dict) -> None:
+        run = self.run
+        self.val_loss = evaluate(run.wrapped, run.data.val, run.env, run.amp)
+        record |= {"val_loss": self.val_loss, "val_ppl": math.exp(min(self.val_loss, 50.0))}
+        self.val_bpb = bits_per_byte(self.val_loss, 1, run.data.bytes_per_token.get("val"))
+        bpb = ""
+        if self.val_bpb is not None:
+            record["val_bpb"] = self.val_bpb
+            bpb = f", {self.val_bpb:.4f} bits per byte"
+        run.say(f"step {record['step']}: val loss {self.val_loss:.4f}, perplexity {record['val_ppl']:.2f}{bpb}")
+
+    def _write(self, record: dict) -> None:
+        files.append_line(self.run.out_dir / METRICS, json.dumps(record))
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+        postfix = {"loss": f"{self.loss:.4f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if "mfu" in record:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -388,15 +478,17 @@ class _GracefulStop:
             signal.signal(sig, handler)
 
 
-class _Say:
-    """Messages from rank 0, printed above the progress bar."""
-
-    def __init__(self, env: DistEnv) -> None:
-        self.enabled = env.is_main
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            tqdm.write(message, file=sys.stderr)
+def _start_line(run: Run) -> str:
+    cfg, env = run.cfg, run.env
+    where = f"resumed from {run.resumed} at step {run.start}" if run.resumed else "training from step 0"
+    changed = _changed_settings(run.resumed_config, cfg.to_dict()) if run.resumed_config else []
+    precision = "bf16 autocast" if uses_bf16_autocast(env.device, cfg.run.dtype) else "fp32"
+    micro = f"{run.data.train.grad_accum} micro-step(s) of {cfg.data.batch_size} x {cfg.data.block_size}"
+    return (
+        f"{where}: {run.model.num_params():,} parameters, strategy {env.strategy} x {env.world_size}, device "
+        f"{env.device}, {precision}, {micro}"
+        + (f"; settings changed since the checkpoint: {', '.join(changed)}" if changed else "")
+    )
 
 
 def _diverged_message(step: int, lr: float, last: Path | None) -> str:
@@ -419,31 +511,21 @@ def _changed_settings(before: dict, after: dict) -> list[str]:
     ]
 
 
-def _start_out_dir(out_dir: Path, cfg: TrainConfig, start: int) -> None:
-    """Write train_config.json, and drop metrics of steps after ``start`` (logged by a run that was killed
-    before its next checkpoint, and about to be redone)."""
+def _start_out_dir(run: Run) -> None:
+    """Write train_config.json, and drop metrics of steps after the start (logged by a run that was
+    killed before its next checkpoint, and about to be redone) and a record torn by a crash."""
+    out_dir = run.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_text(out_dir / checkpoint.TRAIN_CONFIG_JSON, json.dumps(cfg.to_dict(), indent=2) + "\n")
+    files.write_json(out_dir / checkpoint.TRAIN_CONFIG_JSON, run.cfg.to_dict())
     metrics = out_dir / METRICS
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        _replace_text(metrics, "".join(line + "\n" for line in kept))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _append_metrics(out_dir: Path, record: dict, writer) -> None:
-    with open(out_dir / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step":
-                writer.add_scalar(key, value, record["step"])
-        writer.flush()
+    if not metrics.is_file():
+        return
+    records, torn = files.read_jsonl(metrics)
+    if torn:
+        run.say(f"{metrics}: dropped a last record cut off by a crash (it is logged again)")
+    kept = [r for r in records if r.get("step", 0) <= run.start]
+    if torn or len(kept) < len(records):
+        files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _tensorboard(out_dir: Path):

@@ -14,20 +14,15 @@ import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.cli import main
-from gpt2lab.compare_config import load_config, variant_changes, variant_overrides
+from gpt2lab.compare import compare
+from gpt2lab.compare.measure import PeakMemory
+from gpt2lab.compare.plots import PLOTS
+from gpt2lab.compare.recall import IGNORE, RecallTask, distance_bins, recall_batch
+from gpt2lab.compare.report import REPORT, RESULTS, fmt_stats, fmt_value
+from gpt2lab.compare.settings import load_config, variant_changes, variant_overrides
+from gpt2lab.data import Source, TokenData, compact_vocabulary, prepare
 from gpt2lab.errors import ConfigError
-from gpt2lab.experiments import (
-    PLOTS,
-    REPORT,
-    RESULTS,
-    PeakMemory,
-    compact_vocabulary,
-    compare,
-    context_losses,
-    fmt_stats,
-    fmt_value,
-)
-from gpt2lab.recall import IGNORE, RecallTask, distance_bins, recall_batch
+from gpt2lab.eval import context_losses
 
 # --- the recall task -------------------------------------------------------------------------------
 
@@ -101,7 +96,9 @@ def test_variant_names():
 
 def test_load_config_layers():
     cfg = load_config(
-        None, ["--compare.window=16", "--compare.extrapolation=1,2", "--optim.lr=1e-3"], variants="rope,swa", seeds=3
+        None,
+        ["--compare.window=16", "--compare.extrapolation=1,2", "--optim.lr=1e-3"],
+        named={"compare.variants": "rope,swa", "compare.seeds": 3},
     )
     assert cfg.compare.window == 16 and cfg.compare.extrapolation == [1, 2] and cfg.train.optim.lr == 1e-3
     assert cfg.compare.variants == ["rope", "swa"] and cfg.compare.seeds == 3
@@ -109,7 +106,7 @@ def test_load_config_layers():
     with pytest.raises(ConfigError, match="did you mean 'compare.window'"):
         load_config(None, ["--compare.windw=3"])
     with pytest.raises(ConfigError, match="unknown variant"):
-        load_config(None, variants="baseline,flash")
+        load_config(None, named={"compare.variants": "baseline,flash"})
 
 
 def test_config_file_with_a_preset_uses_the_preset_size(tmp_path):
@@ -125,14 +122,10 @@ def test_config_file_with_a_preset_uses_the_preset_size(tmp_path):
 
 
 def test_compact_vocabulary(tmp_path):
-    from gpt2lab.data import prepare
-
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 200 + "a rare zebra appears once.\n")
-    prepare(tmp_path / "src", [text], val_fraction=0.1, workers=1, progress=False)
+    prepare(tmp_path / "src", Source([text]), val_fraction=0.1, workers=1, progress=False)
     compact_vocabulary(tmp_path / "src", tmp_path / "dst", 4, {"test": True})
-    from gpt2lab.data import TokenData
-
     src, dst = TokenData(tmp_path / "src", "train"), TokenData(tmp_path / "dst", "train")
     original, mapped = src.read(0, len(src)).astype(int), dst.read(0, len(dst)).astype(int)
     counts = np.bincount(original)
@@ -268,7 +261,7 @@ def test_report_marks_what_cannot_run(quick_run):
 def test_rerun_reuses_finished_runs(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
     stamps = {p: p.stat().st_mtime_ns for p in quick_run.glob("runs/*/*/*.json*")}
-    cfg = load_config(None, quick=True, variants=VARIANTS)
+    cfg = load_config(None, quick=True, named={"compare.variants": VARIANTS})
     again = compare(cfg, quick_run, "again", progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
     for name, v in again["variants"].items():

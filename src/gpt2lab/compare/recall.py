@@ -22,14 +22,11 @@ reports that level per distance, so accuracy above it is real key lookup.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from gpt2lab.config import GPTConfig, OptimSection
 from gpt2lab.errors import ConfigError
 from gpt2lab.model import GPT
 
@@ -123,66 +120,18 @@ def distance_bins(window: int | None, seq_len: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def recall_config(base: GPTConfig, task: RecallTask, seq_len: int) -> GPTConfig:
-    """The variant's architecture with the task's small vocabulary (and room for ``seq_len`` positions)."""
-    return dataclasses.replace(
-        base,
-        vocab_size=task.vocab_size,
-        padded_vocab_size=task.vocab_size,
-        block_size=max(base.block_size, seq_len),
-        dropout=0.0,
-    )
+class RecallBatches:
+    """Training batches of the task as a pure function of (seed, step), like gpt2lab.data.Batches: each
+    rank and micro-step draws its own sequences, so a run resumes exactly."""
 
+    def __init__(self, task: RecallTask, seq_len: int, batch_size: int, grad_accum: int, rank: int, seed: int):
+        self.task, self.seq_len, self.batch_size = task, seq_len, batch_size
+        self.grad_accum, self.rank, self.seed = grad_accum, rank, seed
 
-def recall_model(lm: GPT, task: RecallTask, seq_len: int) -> GPT:
-    """A model for the task that starts from a trained language model: every weight is the LM's except the
-    token table, which keeps the LM's first ``task.vocab_size`` rows (trained vectors, arbitrary meaning)."""
-    model = GPT(recall_config(lm.config, task, seq_len)).to(lm.wte.weight.device)
-    state = {k: v.clone() for k, v in lm.state_dict().items()}
-    state["wte.weight"] = state["lm_head.weight"] = state["wte.weight"][: task.vocab_size]
-    if lm.wpe is not None and model.wpe.weight.shape != lm.wpe.weight.shape:
-        state["wpe.weight"] = torch.cat([state["wpe.weight"], model.wpe.weight.detach()[lm.config.block_size :]])
-    model.load_state_dict(state)
-    model.lm_head.weight = model.wte.weight
-    return model
-
-
-def train_recall(
-    model: GPT,
-    task: RecallTask,
-    seq_len: int,
-    steps: int,
-    batch_size: int,
-    optim: OptimSection,
-    seed: int,
-    device: torch.device,
-    amp,
-    progress: bool = True,
-) -> tuple[GPT, list[tuple[int, float]]]:
-    """Train ``model`` on the task with the project's AdamW and schedule; return it and its (step, loss)
-    curve."""
-    from gpt2lab.train import configure_optimizer, lr_at  # train imports torch.distributed: load it late
-
-    torch.manual_seed(seed)
-    model.to(device)
-    optimizer = configure_optimizer(model, optim)
-    rng = np.random.default_rng([seed, 1])
-    curve = []
-    model.train()
-    for step in tqdm(range(steps), desc="recall", unit="step", leave=False, disable=not progress):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, optim, steps)
-        batch = recall_batch(task, seq_len, batch_size, rng)
-        with amp:
-            _, loss = model(batch.x.to(device), batch.y.to(device))
-        loss.backward()
-        if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-            curve.append((step + 1, loss.item()))
-    return model.eval(), curve
+    def get(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro_step, self.rank])
+        batch = recall_batch(self.task, self.seq_len, self.batch_size, rng)
+        return batch.x, batch.y
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """What each variant costs in parameters and KV-cache memory, computed from the configs themselves.
 
-``python -m gpt2lab.costs`` prints the tables of docs/architecture.md; ``--write docs/architecture.md``
+``python tools/costs.py`` prints the tables of docs/architecture.md; ``--write docs/architecture.md``
 replaces them there (between the ``costs:begin`` / ``costs:end`` markers). Parameters are counted on
-the meta device, so even gpt2-xl costs no memory or time.
+the meta device, so even gpt2-xl costs no memory or time; cache bytes come from
+``GPTConfig.kv_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab.config import GPTConfig, _divisors
+from gpt2lab.config import GPTConfig, divisors
 from gpt2lab.model import GPT
 
 PRESET_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -31,20 +32,9 @@ def param_count(config: GPTConfig) -> int:
         return GPT(config).num_params()
 
 
-def kv_cache_bytes(config: GPTConfig, context: int, bytes_per_element: int = 2) -> int:
-    """K and V bytes of one sequence's cache at ``context`` tokens: a full-attention layer holds every
-    token, a window layer at most ``window`` (its rolling cache); as ``GPT.setup_cache`` allocates."""
-    per_layer_token = config.kv_cache_bytes_per_token(bytes_per_element) // config.n_layer
-    slots = 0
-    for layer in range(config.n_layer):
-        window = config.layer_window(layer)
-        slots += context if window is None else min(window, context)
-    return per_layer_token * slots
-
-
 def gqa_heads(n_head: int) -> int:
     """A typical GQA group count for a preset: the largest divisor of n_head that is at most n_head / 4."""
-    return max(d for d in _divisors(n_head) if d <= n_head // 4)
+    return max(d for d in divisors(n_head) if d <= n_head // 4)
 
 
 def variants(name: str) -> dict[str, GPTConfig]:
@@ -92,7 +82,7 @@ def tables() -> str:
         )
         per_token.append([name] + [_kib(c.kv_cache_bytes_per_token(b)) for c in (base, gqa, mqa) for b in (2, 4)])
         for label, config in variants(name).items():
-            context.append([name, label] + [_mib(kv_cache_bytes(config, n, b)) for b in (2, 4) for n in CONTEXTS])
+            context.append([name, label] + [_mib(config.kv_cache_bytes(n, b)) for b in (2, 4) for n in CONTEXTS])
     k = [f"{n // 1024}k" for n in CONTEXTS]
     return "\n\n".join(
         [
@@ -119,7 +109,7 @@ def replace_tables(doc: str, text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2lab.costs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python tools/costs.py", description=__doc__.splitlines()[0])
     parser.add_argument("--write", metavar="DOC.md", help="replace the tables in this document instead of printing")
     args = parser.parse_args(argv)
     text = tables()

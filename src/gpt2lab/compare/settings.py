@@ -1,22 +1,22 @@
 """The settings of ``gpt2lab compare``: which variants, how each is measured, the default training.
 
-Kept apart from gpt2lab.experiments (which runs the comparison) so that reading, checking and
-describing them, as ``gpt2lab compare --help`` does, needs no torch.
+The training sections are ``gpt2lab train``'s, plus a ``[compare]`` section, all on the settings
+engine (gpt2lab.settings). Reading, checking and describing them, as ``gpt2lab compare --help`` does,
+needs no torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import difflib
-import json
-import textwrap
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2lab.config import TrainConfig, _opt, _positive, parse_overrides, read_toml
+from gpt2lab import settings
 from gpt2lab.errors import ConfigError
+from gpt2lab.settings import opt, positive
+from gpt2lab.train_config import SECTIONS, TrainConfig
 
 DEFAULT_VARIANTS = ["baseline", "rope", "gqa", "mqa", "swa", "rope+gqa+swa", "mixed"]
 PARTS = ("rope", "gqa", "mqa", "swa", "mixed")
@@ -26,40 +26,40 @@ PARTS = ("rope", "gqa", "mqa", "swa", "mixed")
 class CompareSection:
     """What to compare and how to measure it (the [compare] table of a config file)."""
 
-    variants: list[str] = _opt(
+    variants: list[str] = opt(
         DEFAULT_VARIANTS, "variants to train: baseline, or changes joined by '+': " + ", ".join(PARTS)
     )
-    seeds: int = _opt(2, "seeds per variant: run.seed, run.seed + 1, ... (initial weights and data order)")
-    vocab: int = _opt(
+    seeds: int = opt(2, "seeds per variant: run.seed, run.seed + 1, ... (initial weights and data order)")
+    vocab: int = opt(
         4096,
         "compact vocabulary: keep the (vocab - 1) most frequent training tokens and map all others to one "
         "'rare' token, so a small model is not mostly an embedding table (0 = the full GPT-2 vocabulary)",
     )
-    threads: int = _opt(
+    threads: int = opt(
         0,
         "torch threads on CPU (0 = torch's default, one per core). On a machine shared with other work, 1 avoids "
         "the stalls of multi-threaded kernels waiting for a descheduled thread (10x slower steps seen here)",
     )
-    max_docs: int = _opt(200, "documents of the offline stdlib corpus to prepare when no data.dir is given")
-    window: int = _opt(8, "sliding window (tokens, the current one included) of swa and mixed layers")
-    local_global: str = _opt("LLLG", "layer pattern of 'mixed' (L = window layer, G = global), repeated over layers")
-    gqa_kv_heads: int = _opt(0, "key/value heads of 'gqa' (0 = half the query heads)")
-    extrapolation: list[int] = _opt([1, 2, 4], "context lengths to score, as multiples of the training context")
-    extrapolation_sequences: int = _opt(16, "val stretches of (largest multiple x context) tokens scored")
-    decode_context: int = _opt(1024, "context length at which cache memory and decode speed are measured")
-    decode_tokens: int = _opt(128, "tokens decoded (and timed) to reach decode_context")
-    recall_seeds: int = _opt(1, "recall runs per variant, with the first seeds (each costs about one LM run)")
-    recall_steps: int = _opt(550, "training steps of each recall model")
-    recall_batch_size: int = _opt(16, "sequences (of data.block_size tokens) per recall training step")
-    recall_lr: float = _opt(3e-3, "peak learning rate of recall training (the rest of [optim] is shared)")
-    recall_keys: int = _opt(8, "distinct keys (and as many values) of the recall task")
-    recall_pairs: int = _opt(8, "key/value pairs planted per recall sequence (at most recall_keys)")
-    recall_sequences: int = _opt(256, "recall evaluation sequences (every position but the pairs is a query)")
+    max_docs: int = opt(200, "documents of the offline stdlib corpus to prepare when no data.dir is given")
+    window: int = opt(8, "sliding window (tokens, the current one included) of swa and mixed layers")
+    local_global: str = opt("LLLG", "layer pattern of 'mixed' (L = window layer, G = global), repeated over layers")
+    gqa_kv_heads: int = opt(0, "key/value heads of 'gqa' (0 = half the query heads)")
+    extrapolation: list[int] = opt([1, 2, 4], "context lengths to score, as multiples of the training context")
+    extrapolation_sequences: int = opt(16, "val stretches of (largest multiple x context) tokens scored")
+    decode_context: int = opt(1024, "context length at which cache memory and decode speed are measured")
+    decode_tokens: int = opt(128, "tokens decoded (and timed) to reach decode_context")
+    recall_seeds: int = opt(1, "recall runs per variant, with the first seeds (each costs about one LM run)")
+    recall_steps: int = opt(550, "training steps of each recall model")
+    recall_batch_size: int = opt(16, "sequences (of data.block_size tokens) per recall training step")
+    recall_lr: float = opt(3e-3, "peak learning rate of recall training (the rest of [optim] is shared)")
+    recall_keys: int = opt(8, "distinct keys (and as many values) of the recall task")
+    recall_pairs: int = opt(8, "key/value pairs planted per recall sequence (at most recall_keys)")
+    recall_sequences: int = opt(256, "recall evaluation sequences (every position but the pairs is a query)")
 
     def __post_init__(self) -> None:
-        _positive(self, "compare", "seeds", "max_docs", "window", "extrapolation_sequences", "decode_context")
-        _positive(self, "compare", "decode_tokens", "recall_seeds", "recall_steps", "recall_batch_size")
-        _positive(self, "compare", "recall_keys", "recall_pairs", "recall_sequences")
+        positive(self, "compare", "seeds", "max_docs", "window", "extrapolation_sequences", "decode_context")
+        positive(self, "compare", "decode_tokens", "recall_seeds", "recall_steps", "recall_batch_size")
+        positive(self, "compare", "recall_keys", "recall_pairs", "recall_sequences")
         if self.recall_pairs > self.recall_keys:
             raise ConfigError(
                 f"compare.recall_pairs ({self.recall_pairs}) exceeds compare.recall_keys ({self.recall_keys}): "
@@ -176,6 +176,7 @@ QUICK_CONFIG: dict = {
 }
 
 _ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+COMPARE_SECTIONS = {**SECTIONS, "compare": CompareSection}
 
 
 @dataclass
@@ -189,85 +190,39 @@ def load_config(
     overrides: Sequence[str] = (),
     *,
     quick: bool = False,
-    variants: str | None = None,
-    seeds: int | None = None,
-    data: str | None = None,
-    steps: int | None = None,
+    named: dict[str, object] | None = None,
 ) -> CompareConfig:
     """The defaults (or the --quick ones), then a TOML file, then ``--section.key=value`` overrides,
-    then the named options. A file that sets ``model.preset`` drops the default model size, so the
-    preset's own size applies."""
-    d = json.loads(json.dumps(QUICK_CONFIG if quick else DEFAULT_CONFIG))  # a deep copy
+    then the named options (``{"compare.seeds": 3, "data.dir": ...}``). A file that sets
+    ``model.preset`` drops the default model size, so the preset's own size applies."""
+    defaults = copy.deepcopy(QUICK_CONFIG if quick else DEFAULT_CONFIG)
+    layers = [defaults]
     if path is not None:
-        user = read_toml(Path(path))
-        if "preset" in user.get("model", {}):
+        user = settings.read_toml(path)
+        if isinstance(user.get("model"), dict) and "preset" in user["model"]:
             for key in _ARCH_KEYS:
-                d["model"].pop(key)
-        for section, values in user.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"config section {section!r} must be a table of key = value, got {values!r}")
-            d.setdefault(section, {}).update(values)
-    for key, value in parse_overrides(overrides):
-        section, _, name = key.partition(".")
-        if not name:
-            raise ConfigError(f"--{key}: config keys are section.key, e.g. --compare.window=64 or --run.steps=100")
-        d.setdefault(section, {})[name] = value
-    named = {
-        ("compare", "variants"): variants,
-        ("compare", "seeds"): seeds,
-        ("data", "dir"): data,
-        ("run", "steps"): steps,
-    }
-    for (section, name), value in named.items():
+                defaults["model"].pop(key)
+        layers.append(user)
+    layers.append(settings.parse_overrides(overrides))
+    for key, value in (named or {}).items():
         if value is not None:
-            d.setdefault(section, {})[name] = value
-    compare = d.pop("compare", {})
-    d.setdefault("data", {}).setdefault("dir", "")
-    d.setdefault("run", {})["out_dir"] = "compare"  # placeholder: every run gets its own directory
-    return CompareConfig(TrainConfig.from_dict(d), _compare_section(compare))
-
-
-def _compare_section(values: dict) -> CompareSection:
-    hints = typing.get_type_hints(CompareSection)
-    known = [f.name for f in dataclasses.fields(CompareSection)]
-    parsed = {}
-    for key, value in values.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean 'compare.{close[0]}'?" if close else f"; known: {', '.join(known)}"
-            raise ConfigError(f"unknown config key compare.{key}{hint}")
-        parsed[key] = _coerce(f"compare.{key}", value, hints[key])
-    return CompareSection(**parsed)
-
-
-def _coerce(key: str, value, hint):
-    """A TOML value, or a command-line string ("a,b" for lists), as the field's type."""
-    if typing.get_origin(hint) is list:
-        item = typing.get_args(hint)[0]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(key, v, item) for v in value]
-    if isinstance(value, bool) or (isinstance(value, float) and hint is int):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
-    try:
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}") from None
+            section, _, name = key.partition(".")
+            layers.append({section: {name: value}})
+    values = settings.merge(*layers)
+    values.setdefault("data", {}).setdefault("dir", "")
+    values.setdefault("run", {})["out_dir"] = "compare"  # placeholder: every run gets its own directory
+    built = settings.build(COMPARE_SECTIONS, values)
+    compare = built.pop("compare")
+    return CompareConfig(TrainConfig(**built), compare)
 
 
 def describe_compare_config() -> str:
     """The [compare] keys with defaults and help, and the default training settings, for --help."""
-    lines = ["[compare]  " + CompareSection.__doc__]
-    for f in dataclasses.fields(CompareSection):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        lines.append(f"  --compare.{f.name}={shown}")
-        lines.append(textwrap.fill(f.metadata["help"], 100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    lines = [settings.describe({"compare": CompareSection})]
     lines.append(
         "\nDefault training settings (any [model]/[data]/[optim]/[run] key of `gpt2lab train --help` applies):"
     )
     for section, values in DEFAULT_CONFIG.items():
-        lines.append(f"  [{section}] " + " ".join(f"{k}={v}" for k, v in values.items()))
+        if section != "compare":
+            lines.append(f"  [{section}] " + " ".join(f"{k}={v}" for k, v in values.items()))
     return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Scoring a trained model on held-out text: strided perplexity of one long text (``gpt2lab eval``),
+losses at several context lengths and by position (``gpt2lab compare``), and bits per byte."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gpt2lab.data import TokenData
+from gpt2lab.data.batches import count_windows, iter_windows
+from gpt2lab.errors import GPT2LabError
+from gpt2lab.model import GPT
+
+
+@dataclass
+class Score:
+    """Mean loss (nats per token) over ``tokens`` scored tokens that stand for ``bytes`` bytes of text."""
+
+    loss: float
+    tokens: int
+    bytes: int | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        """Loss in bits per byte of text: comparable across tokenizers and vocabularies."""
+        return bits_per_byte(self.loss, self.tokens, self.bytes)
+
+    def __str__(self) -> str:
+        bpb = f", {self.bits_per_byte:.4f} bits per byte" if self.bytes else ""
+        return f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}{bpb}"
+
+
+def bits_per_byte(loss: float, tokens: int, nbytes: int | None) -> float | None:
+    """Nats per token -> bits per byte, given how many bytes of text the tokens stand for."""
+    if not nbytes:
+        return None
+    return loss * tokens / nbytes / math.log(2)
+
+
+@torch.no_grad()
+def perplexity(
+    model: GPT,
+    tokens: np.ndarray | torch.Tensor | Iterable[int],
+    block_size: int,
+    stride: int,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[float, int]:
+    """(mean loss per token, tokens scored) over one long text: windows of ``block_size`` every
+    ``stride`` tokens, each token scored once with up to ``block_size - stride`` tokens of extra context."""
+    model.eval()
+    device = model.wte.weight.device
+    tokens = np.asarray(tokens)
+    nll, count = 0.0, 0
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        nonlocal nll, count
+        x, y = torch.cat([p[0] for p in pending]).to(device), torch.cat([p[1] for p in pending]).to(device)
+        _, loss = model(x, y)
+        n = int((y != -100).sum())
+        nll, count = nll + float(loss) * n, count + n
+        pending.clear()
+
+    with tqdm(total=count_windows(len(tokens), block_size, stride), disable=not progress, unit="window") as bar:
+        for x, y in iter_windows(tokens, block_size, stride):
+            if pending and x.shape[1] != pending[0][0].shape[1]:  # only the last window is shorter
+                flush()
+            pending.append((x, y))
+            bar.update()
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    return nll / count, count
+
+
+def score_path(
+    model: GPT,
+    tokenizer,
+    path: str | Path,
+    block_size: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[Score, int, int]:
+    """``gpt2lab eval``: the strided perplexity of a prepared directory's val split or of a UTF-8 text
+    file, and the block size and stride used (defaults: the model's context, 1024 for rotary models;
+    half the block). Returns (score, block_size, stride)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise GPT2LabError(f"--data {path} does not exist; give a prepared directory or a text file")
+    if batch_size < 1:
+        raise GPT2LabError(f"--batch-size must be at least 1, got {batch_size}")
+    limit = model.config.max_positions
+    block_size = (limit or 1024) if block_size is None else block_size
+    if block_size < 1 or (limit is not None and block_size > limit):
+        raise GPT2LabError(
+            f"--block-size must be between 1 and the model's context ({limit or 'unbounded'}), got {block_size}"
+        )
+    stride = max(1, block_size // 2) if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise GPT2LabError(f"--stride must be between 1 and the block size ({block_size}), got {stride}")
+    tokens, nbytes = _read_scored_text(path, tokenizer)
+    if len(tokens) < 2:
+        raise GPT2LabError(f"{path} has {len(tokens)} token(s); scoring needs at least 2")
+    if int(np.max(tokens)) >= model.config.vocab_size:
+        raise GPT2LabError(
+            f"{path} holds token ids up to {int(np.max(tokens))}, outside the model's vocabulary of {model.config.vocab_size}"
+        )
+    loss, n = perplexity(model, tokens, block_size, stride, batch_size, progress)
+    return Score(loss, n, nbytes), block_size, stride
+
+
+def _read_scored_text(path: Path, tokenizer) -> tuple[np.ndarray, int | None]:
+    """The tokens of a prepared directory's val split or of a text file, and the bytes of text they
+    stand for (what bits per byte divides by: every token but the first is scored)."""
+    if path.is_dir():
+        data = TokenData(path, "val")
+        data.verify()
+        tokens = data.read(0, len(data))
+        per_token = data.bytes_per_token
+        return tokens, round(per_token * (len(tokens) - 1)) if per_token else None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2LabError(
+            f"{path} is not UTF-8 text (bad byte near offset {e.start}); give a text file or a prepared directory"
+        ) from None
+    if "\0" in text:
+        raise GPT2LabError(f"{path} is a binary file, not text; give a text file or a prepared directory")
+    tokens = np.asarray(tokenizer.encode_ordinary(text))
+    first = len(tokenizer.decode_single_token_bytes(int(tokens[0]))) if len(tokens) else 0
+    return tokens, len(raw) - first
+
+
+def stretches(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:
+    """``count`` evenly spaced stretches of ``length + 1`` tokens (inputs and their targets), int64."""
+    if len(tokens) < length + 1:
+        raise GPT2LabError(
+            f"the text has {len(tokens)} tokens, too few for one {length}-token stretch; "
+            "use more data or a shorter context"
+        )
+    starts = np.linspace(0, len(tokens) - length - 1, count).round().astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def context_losses(
+    model: GPT,
+    tokens: np.ndarray,
+    context: int,
+    factors: Sequence[int],
+    n_stretches: int,
+    batch_tokens: int,
+    amp: AbstractContextManager | None = None,
+) -> dict[str, float | str]:
+    """Mean loss at each context multiple, on the same tokens for every multiple: ``n_stretches`` evenly
+    spaced stretches of (largest multiple x context) tokens, cut into windows of the length tested.
+    A length past a learned position table is reported as such instead of scored."""
+    rows = stretches(tokens, max(factors) * context, n_stretches)
+    device, limit = model.wte.weight.device, model.config.max_positions
+    out: dict[str, float | str] = {}
+    for f in factors:
+        length = f * context
+        if limit is not None and length > limit:
+            out[f"{f}x"] = f"n/a: learned positions end at block_size ({limit})"
+            continue
+        x, y = rows[:, :-1].reshape(-1, length), rows[:, 1:].reshape(-1, length)
+        per_batch = max(1, batch_tokens // length)
+        total = 0.0
+        for i in range(0, len(x), per_batch):
+            with amp or nullcontext():
+                _, loss = model(x[i : i + per_batch].to(device), y[i : i + per_batch].to(device))
+            total += loss.item() * len(x[i : i + per_batch])
+        out[f"{f}x"] = total / len(x)
+    return out
+
+
+@torch.no_grad()
+def position_losses(model: GPT, rows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Mean loss at each position (T,) over sequences ``rows`` (N, T + 1): how the loss falls (or rises)
+    with the context a token has."""
+    device = model.wte.weight.device
+    total = torch.zeros(rows.shape[1] - 1, dtype=torch.float64)
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size].to(device)
+        logits, _ = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+        total += loss.sum(0).double().cpu()
+    return (total / len(rows)).numpy()

@@ -1,0 +1,177 @@
+"""Writing files so that a crash, a kill or a full disk never leaves a torn one under its final name.
+
+Every file is written to a temporary name beside its target, flushed and fsynced, then renamed over
+it (a rename is atomic); a directory is filled the same way and swapped in. Running out of disk space
+becomes one clear error that names the device and the file, with the temporary file removed. A run
+directory is held by an exclusive OS lock, which the kernel drops when the process dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from gpt2lab.errors import GPT2LabError
+
+LOCK_FILE = ".lock"
+
+
+class DiskFullError(GPT2LabError):
+    """A write failed because its file system is full."""
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (the names of new files and renames) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def disk_space(path: Path, need_bytes: int | None = None) -> Iterator[None]:
+    """Turn "no space left on device" inside the block into a DiskFullError naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(_full_message(path, need_bytes)) from None
+    except RuntimeError:  # torch.save reports a failed write as a RuntimeError
+        if not _disk_is_full(path):
+            raise
+        raise DiskFullError(_full_message(path, need_bytes)) from None
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], need_bytes: int | None = None) -> None:
+    """Create or replace ``path`` with what ``write(file)`` writes: all of it or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with disk_space(path, need_bytes):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data), len(data))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append one line; a record torn by a crash is the last line, which readers drop (``read_jsonl``)."""
+    path = Path(path)
+    with disk_space(path), open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict], bool]:
+    """The records of a JSON-lines file and whether a torn last line (cut off by a crash) was dropped.
+    A bad line before the last is corruption, not a torn write: it raises GPT2LabError."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                return records, True
+            raise GPT2LabError(f"{path}:{i + 1} is not a JSON record; the file is corrupt") from None
+        records.append(record)
+    return records, False
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put directory ``new`` at ``out``, replacing what is there (a previous version, or nothing)."""
+    if not out.exists():
+        os.replace(new, out)
+        fsync_dir(out.parent)
+        return
+    # two renames: if the process dies between them the old version survives as .NAME.old-PID beside out
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    fsync_dir(out.parent)
+    shutil.rmtree(old)
+
+
+def remove_dir(path: Path) -> None:
+    """Rename first, then delete: a half-deleted directory never keeps its name."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+@contextmanager
+def locked(directory: Path, what: str = "run") -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (created if needed) for the block; a second holder is
+    refused at once with the first one's pid. The kernel releases the lock when the process ends, so a
+    killed run never leaves a stale one."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise GPT2LabError(
+                f"{directory} is in use by another {what} (pid {holder}); wait for it to finish, stop it, "
+                "or use another directory"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _disk_is_full(path: Path) -> bool:
+    probe = path if path.is_dir() else path.parent
+    try:
+        stat = os.statvfs(probe)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 1 << 20
+
+
+def _full_message(path: Path, need_bytes: int | None) -> str:
+    need = f" (need about {need_bytes / 1e6:,.0f} MB)" if need_bytes else ""
+    return f"no space left on {_device_of(path)} writing {path}{need}; free some space and run the same command again"
+
+
+def _device_of(path: Path) -> str:
+    """The mount point holding ``path`` (what a user knows the disk by)."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    while not os.path.ismount(probe) and probe != probe.parent:
+        probe = probe.parent
+    return str(probe)
