@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Install torch on its own first: a bare "torch" requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -x
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -x -m "not slow"
 
 bench: $(VENV)/.installed
 	cd bench && ../$(PY) cpu.py

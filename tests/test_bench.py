@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[1] / "bench"
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(

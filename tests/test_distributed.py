@@ -23,7 +23,7 @@ from dist_worker import byte_corpus, config, metrics, overrides, settings, traje
 from gpt2lab import checkpoint
 from gpt2lab.train import train
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSS_ATOL = 1e-5
 # Final weights after 10 AdamW steps: the ranks' gradients are summed in another order than one

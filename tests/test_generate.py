@@ -37,6 +37,7 @@ def test_greedy_matches_transformers_small(hf_small):
     assert ours == _hf_greedy(hf_small.model, PROMPT, 40, pad_token_id=0)
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_124m(hf_124m):
     """10 greedy tokens of random-weight GPT-2 124M after "The dog" equal transformers' generate."""
     model = load_model(hf_124m.safetensors_dir)

@@ -49,7 +49,7 @@ def test_logits_match_transformers(which, fmt, request):
     assert (ours - ref).abs().max().item() <= ATOL
 
 
-@pytest.mark.parametrize("which", ["hf_124m", "hf_small"])
+@pytest.mark.parametrize("which", [pytest.param("hf_124m", marks=pytest.mark.slow), "hf_small"])
 def test_save_pretrained_round_trips_through_transformers(which, request, tmp_path):
     """Our save_pretrained writes a dir that transformers loads with the exact original weights (so identical
     logits), and that our from_pretrained reloads bit for bit."""
@@ -69,7 +69,7 @@ def test_save_pretrained_round_trips_through_transformers(which, request, tmp_pa
     assert torch.equal(_logits(reloaded, idx), _logits(model, idx))
 
 
-@pytest.mark.parametrize("which", ["hf_124m", "hf_small"])
+@pytest.mark.parametrize("which", [pytest.param("hf_124m", marks=pytest.mark.slow), "hf_small"])
 def test_loss_and_gradients_match_transformers(which, request):
     """The training loss (given targets, with ignored positions) and every weight's gradient equal
     transformers' loss and gradients for the same labels (Conv1D gradients transposed)."""

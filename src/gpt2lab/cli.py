@@ -71,15 +71,15 @@ def _generate(args: argparse.Namespace) -> None:
         raise GPT2LabError(f"--num-samples must be at least 1, got {args.num_samples}")
     model, tok = load_for_inference(args.model, args.device, args.dtype, args.int8)
     ids = _encode(tok, args.prompt)
-    sampling = (args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.num_samples == 1:
-        pieces = stream_text(model, tok, ids, args.max_new_tokens, *sampling, compile=args.compile)  # checks first
+        pieces = stream_text(model, tok, ids, args.max_new_tokens, **sampling, compile=args.compile)  # checks first
         print(args.prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return
-    rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, *sampling, compile=args.compile)
+    rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, **sampling, compile=args.compile)
     for i, row in enumerate(rows):
         print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(row)}")
 

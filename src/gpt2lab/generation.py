@@ -151,21 +151,13 @@ def compiled_decode(device: torch.device) -> Callable:
     return _compiled[device.type]
 
 
-def generate(
-    model: GPT,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    eos_id: int | None = EOT,
-    compile: bool = False,
-) -> list[list[int]]:
-    """New tokens for each prompt; a row ends with ``eos_id`` if it produced it."""
+def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> list[list[int]]:
+    """New tokens for each prompt; a row ends with ``eos_id`` if it produced it. ``options`` are
+    ``stream``'s: temperature, top_k, top_p, seed, eos_id, compile."""
+    eos_id = options.get("eos_id", EOT)
     rows: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    for token in stream(model, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, compile):
+    for token in stream(model, prompts, max_new_tokens, **options):
         for row, tok in enumerate(token.tolist()):
             if not finished[row]:
                 rows[row].append(tok)

@@ -102,11 +102,6 @@ def build(sections: Mapping[str, type], values: Mapping[str, Mapping]) -> dict:
     return built
 
 
-def as_layer(sections: Mapping[str, object]) -> Layer:
-    """Built sections back as a layer of plain values (what ``build`` reads)."""
-    return {name: dataclasses.asdict(section) for name, section in sections.items()}
-
-
 def coerce(key: str, value, hint):
     """``value`` (from TOML, or a string from the command line) as the type ``hint`` of setting ``key``.
 

@@ -8,6 +8,26 @@ RESULTS, REPORT = "results.json", "report.md"
 MIB = 2**20
 
 
+def _parts(results: dict) -> tuple:
+    """What the sections quote: config, variants, compare/run/data settings, context, seeds, command,
+    tokens per run, data description, environment."""
+    cfg, variants = results["config"], results["variants"]
+    tokens = variants[next(iter(variants))]["runs"][0]["tokens"]
+    command = f"`{results['command']}`"
+    sections = cfg["compare"], cfg["run"], cfg["data"]
+    return (
+        cfg,
+        variants,
+        *sections,
+        results["context"],
+        results["seeds"],
+        command,
+        tokens,
+        results["data"],
+        results["environment"],
+    )
+
+
 def render_report(results: dict) -> str:
     """report.md: every number in it is read from ``results``."""
     sections = (_header, _setup, _quality, _inference, _extrapolation, _recall, _every_run)
@@ -16,8 +36,7 @@ def render_report(results: dict) -> str:
 
 def _header(results: dict) -> list[str]:
     """The title and where every number comes from."""
-    command = f"`{results['command']}`"
-    env = results["environment"]
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "# Architectural variants compared",
         "",
@@ -31,15 +50,7 @@ def _header(results: dict) -> list[str]:
 
 def _setup(results: dict) -> list[str]:
     """What was compared and how it was trained."""
-    cfg = results["config"]
-    variants = results["variants"]
-    spec = cfg["compare"]
-    run = cfg["run"]
-    data = cfg["data"]
-    T = results["context"]
-    seeds = results["seeds"]
-    tokens = variants[next(iter(variants))]["runs"][0]["tokens"]
-    source = results["data"]
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Setup",
         "",
@@ -70,14 +81,7 @@ def _setup(results: dict) -> list[str]:
 
 def _quality(results: dict) -> list[str]:
     """Final val loss, parameters, training speed and memory."""
-    cfg = results["config"]
-    variants = results["variants"]
-    run = cfg["run"]
-    data = cfg["data"]
-    T = results["context"]
-    seeds = results["seeds"]
-    command = f"`{results['command']}`"
-    env = results["environment"]
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Quality and training cost",
         "",
@@ -116,11 +120,7 @@ def _quality(results: dict) -> list[str]:
 
 def _inference(results: dict) -> list[str]:
     """KV-cache bytes and decode speed."""
-    cfg = results["config"]
-    variants = results["variants"]
-    spec = cfg["compare"]
-    T = results["context"]
-    command = f"`{results['command']}`"
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Inference memory and speed",
         "",
@@ -156,11 +156,7 @@ def _inference(results: dict) -> list[str]:
 
 def _extrapolation(results: dict) -> list[str]:
     """Val loss at each context multiple."""
-    cfg = results["config"]
-    variants = results["variants"]
-    spec = cfg["compare"]
-    T = results["context"]
-    command = f"`{results['command']}`"
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Context extrapolation",
         "",
@@ -184,8 +180,7 @@ def _extrapolation(results: dict) -> list[str]:
 
 def _recall(results: dict) -> list[str]:
     """Recall accuracy by distance."""
-    variants = results["variants"]
-    command = f"`{results['command']}`"
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Long-range recall",
         "",
@@ -204,8 +199,7 @@ def _recall(results: dict) -> list[str]:
 
 def _every_run(results: dict) -> list[str]:
     """One row per training run."""
-    variants = results["variants"]
-    command = f"`{results['command']}`"
+    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
     return [
         "## Every run",
         "",
