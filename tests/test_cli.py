@@ -283,3 +283,17 @@ def test_help_and_usage_errors_do_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "gpt2lab.generation", "True"]
+
+
+def test_help_texts_say_what_exists(capsys):
+    """Top-level help lists only real commands; compare's usage line names every option; train's help
+    agrees with the docs on the vocabulary padding."""
+    for argv in (["--help"], ["compare", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    top, compare, train = capsys.readouterr().out.split("usage: ")[1:4]
+    assert "benchmark" not in top
+    usage = compare.split("\n\n")[0]
+    for option in ("--config", "--variants", "--seeds", "--data", "--steps", "--out", "--quick", "--no-progress"):
+        assert option in usage, option
+    assert "world sizes up to 128" in " ".join(train.split())

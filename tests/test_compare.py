@@ -23,6 +23,7 @@ from gpt2lab.compare.settings import load_config, variant_changes, variant_overr
 from gpt2lab.data import Source, TokenData, compact_vocabulary, prepare
 from gpt2lab.errors import ConfigError
 from gpt2lab.eval import context_losses
+from gpt2lab.tokenizer import CompactTokenizer, load_tokenizer
 
 # --- the recall task -------------------------------------------------------------------------------
 
@@ -121,21 +122,30 @@ def test_config_file_with_a_preset_uses_the_preset_size(tmp_path):
 # --- measurements ----------------------------------------------------------------------------------
 
 
-def test_compact_vocabulary(tmp_path):
+def test_compact_vocabulary_is_lossless(tmp_path):
+    """The compacted copy keeps the most frequent tokens, spells the others as bytes, and decodes to
+    exactly the original text, so its recorded bytes (and bits per byte) are unchanged."""
     text = tmp_path / "t.txt"
-    text.write_text("the cat sat on the mat. " * 200 + "a rare zebra appears once.\n")
+    text.write_text("the cat sat on the mat. " * 200 + "a rare zebra appears once, 😀.\n")
     prepare(tmp_path / "src", Source([text]), val_fraction=0.1, workers=1, progress=False)
-    compact_vocabulary(tmp_path / "src", tmp_path / "dst", 4, {"test": True})
+    coverage = compact_vocabulary(tmp_path / "src", tmp_path / "dst", 260, {"test": True})
     src, dst = TokenData(tmp_path / "src", "train"), TokenData(tmp_path / "dst", "train")
-    original, mapped = src.read(0, len(src)).astype(int), dst.read(0, len(dst)).astype(int)
-    counts = np.bincount(original)
-    top = np.argsort(-counts, kind="stable")[:3]
-    for new_id, old_id in enumerate(top):
-        assert (mapped[original == old_id] == new_id).all()
-    assert (mapped[~np.isin(original, top)] == 3).all()
+    original = src.read(0, len(src)).astype(int)
+    counts = np.bincount(original, minlength=50257)
+    counts[50256] = len(original)  # the separator always keeps its id
+    top = np.argsort(-counts, kind="stable")[:4]
     meta = json.loads((tmp_path / "dst" / "meta.json").read_text())
-    assert meta["kept_gpt2_ids"] == top.tolist()
-    assert meta["coverage"]["train_rare_fraction"] == pytest.approx(np.mean(~np.isin(original, top)))
+    assert meta["vocabulary"]["kept_gpt2_ids"] == top.tolist() and meta["vocab_size"] == 260
+    tokenizer = CompactTokenizer(meta["vocabulary"]["kept_gpt2_ids"])
+    gpt2 = load_tokenizer()
+    assert tokenizer.decode_bytes(dst.read(0, len(dst))) == gpt2.decode_bytes(original.tolist())
+    assert (
+        meta["splits"]["val"]["bytes"]
+        == json.loads((tmp_path / "src" / "meta.json").read_text())["splits"]["val"]["bytes"]
+    )
+    assert coverage["train_spelled_fraction"] == pytest.approx(np.mean(~np.isin(original, top)))
+    with pytest.raises(ConfigError, match="between 257"):
+        compact_vocabulary(tmp_path / "src", tmp_path / "bad", 100)
 
 
 def test_context_losses_score_the_same_tokens_and_refuse_learned_positions_past_their_table():

@@ -29,6 +29,7 @@ from gpt2lab.data import (
     write_token_dir,
 )
 from gpt2lab.data import format as data_format
+from gpt2lab.data.batches import count_windows
 from gpt2lab.data.prepare import MIN_VAL_TOKENS, _is_val
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import EOT, load_tokenizer
@@ -422,3 +423,44 @@ def test_empty_shard_is_skipped(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     data = TokenData(tmp_path, "train", block_size=8)
     assert len(data) == 100 and data.read(95, 5).tolist() == [95, 96, 97, 98, 99]
+
+
+def test_binary_files_in_a_directory_are_skipped_and_counted(tmp_path, corpus, capsys):
+    """`prepare --input docs/` skips what is not text (images, archives) and says how many; a binary
+    file named explicitly is still an error."""
+    (corpus / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(range(256)))
+    (corpus / "sub" / "data.bin").write_bytes(b"\xff\xfe\xfd" * 100)
+    summary = prepare(tmp_path / "tok", Source([corpus]), workers=1, progress=False)
+    assert summary.skipped_binary_files == 2 and "skipped 2 binary files" in str(summary)
+    assert summary.documents["train"] + summary.documents["val"] == 3
+    assert main(["prepare", "--input", str(corpus / "logo.png"), "--out", str(tmp_path / "x")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_val_split_is_always_usable(tmp_path, enc):
+    """A corpus whose held-out documents are a few tokens gets whole documents from the end of train until
+    val has MIN_VAL_TOKENS; a corpus too small for that keeps its split and is warned about."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(120):  # every 100th document (0.01) is val: one tiny one
+        text = "x = 1\n" if i == 99 else SHAKESPEARE.read_text()[i * 1500 : (i + 1) * 1500]
+        (docs / f"{i:03d}.txt").write_text(text)
+    summary = prepare(tmp_path / "tok", Source([docs]), workers=1, progress=False)
+    assert summary.tokens["val"] >= MIN_VAL_TOKENS and not summary.warnings
+    val = documents(split_tokens(tmp_path / "tok", "val"), enc)
+    assert val[0] == "x = 1\n" and all(d in [p.read_text() for p in docs.iterdir()] for d in val)  # whole documents
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("one short document\n")
+    (small / "b.txt").write_text("and another\n")
+    summary = prepare(tmp_path / "tok2", Source([small]), workers=1, progress=False)
+    assert summary.tokens["val"] > 0 and "the corpus is small" in summary.warnings[0]
+
+
+def test_window_count_matches_the_windows():
+    """The eval progress bar's total is the number of windows iter_windows yields (no bar stuck at n-1)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        n, block = rng.randint(2, 400), rng.randint(1, 64)
+        stride = rng.randint(1, block)
+        assert count_windows(n, block, stride) == sum(1 for _ in iter_windows(list(range(n)), block, stride))

@@ -139,3 +139,29 @@ def test_two_nodes_with_c10d_rendezvous(bytes_dir, single, tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "strategy ddp x 2" in "".join(outputs)
     assert_matches(tmp_path / "out", single)
+
+
+def test_ddp_resume_with_dropout_is_exact(bytes_dir, tmp_path):
+    """With dropout every rank's random stream decides each step: killed mid-run, resumed, identical."""
+    dropout = {**SPLITS["ddp"], "model.dropout": 0.1}
+    run = lambda out: torchrun(["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(dropout)))  # noqa: E731
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "out"
+    launcher = ["--standalone", "--nproc_per_node=2"]
+    killed = torchrun(launcher, settings(bytes_dir, out, **_dotted(dropout)), env={"KILL_AT_STEP": "7"})
+    assert killed.returncode != 0 and checkpoint.latest(out).name == "ckpt-00000006"
+    resumed = run(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert trajectory(out) == trajectory(tmp_path / "reference")
+
+
+def test_an_error_under_torchrun_is_one_line(tmp_path):
+    """Every rank hits the same bad setting: rank 0 prints it once, the others exit with the same code
+    and print nothing, and no worker traceback follows (torchrun's own failure summary does)."""
+    proc = torchrun(["--standalone", "--nproc_per_node=2"], {"run.strategy": "ddp", "data.dir": tmp_path / "missing"})
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and "data directory" in errors[0], output[-3000:]
+    assert "gpt2lab/" not in output.replace(str(WORKER), "")  # no frame of ours in any traceback
+    assert output.count("exitcode  : 2") == 2  # both ranks, the same code

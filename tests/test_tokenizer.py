@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from gpt2lab import load_tokenizer
-from gpt2lab.tokenizer import EOT, bundled_files
+from gpt2lab.tokenizer import EOT, CompactTokenizer, bundled_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,3 +91,26 @@ def test_dir_without_tokenizer_files_uses_bundled(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")  # only one of the two files: not a tokenizer
     tok = load_tokenizer(tmp_path)
     assert tok.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("size", [257, 1024])
+def test_compact_tokenizer_round_trips_any_text(size):
+    """A compact vocabulary spells what it does not keep as bytes: every text survives encode/decode,
+    special token, emoji and invalid surrogate-free Unicode included."""
+    base = load_tokenizer()
+    kept = [EOT, *range(200, 200 + size - 257)]
+    tok = CompactTokenizer(kept)
+    texts = ["def main():\n    return 0\n", "naïve café 😀 — 中文", "a<|endoftext|>b", "", " " * 9]
+    for text in texts:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and all(0 <= i < tok.n_vocab for i in ids)
+        assert tok.decode_bytes(tok.from_gpt2(base.encode(text, allowed_special="all"))) == text.encode()
+    assert tok.encode("<|endoftext|>") == [tok.eot_token] and tok.eot_token == 256
+    assert len(tok.encode_ordinary(chr(200) * 3)) >= 3 if 200 not in kept else True
+
+
+def test_compact_tokenizer_file_round_trip(tmp_path):
+    tok = CompactTokenizer([EOT, 11, 13])
+    tok.to_file(tmp_path / "vocabulary.json")
+    again = load_tokenizer(tmp_path)
+    assert again.kept == tok.kept and again.encode("a, b.") == tok.encode("a, b.")

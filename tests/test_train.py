@@ -3,7 +3,9 @@ checkpoints, failure modes, and the train/eval/export/generate commands on a tra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import pytest
 import torch
 from dist_worker import (
     SHAKESPEARE,
+    TINY_MODEL,
     byte_corpus,
     config,
     losses,
@@ -26,7 +29,7 @@ from dist_worker import (
     trajectory,
 )
 
-from gpt2lab import checkpoint
+from gpt2lab import checkpoint, files
 from gpt2lab.cli import main
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import Source, prepare, write_token_dir
@@ -405,3 +408,135 @@ def test_cli_huge_learning_rate_diverges_cleanly(bytes_dir, tmp_path, capsys):
     assert err.splitlines()[-1].startswith("error: the loss or gradient norm became NaN/inf")
     assert "No checkpoint had been saved yet" in err
     assert "no complete checkpoint" in run_cli(["generate", "--model", str(tmp_path / "out"), "--prompt", "x"], capsys)
+
+
+# --- what a crash, a full disk or a second run must not break --------------------------------------
+
+
+def test_grad_accumulation_averages_the_gradient(bytes_dir, tmp_path):
+    """Accumulated micro-steps give the big batch's gradient, not its sum (AdamW and clipping would hide
+    a constant factor in the weights; the logged gradient norm does not)."""
+    run = dict(run__steps=3, run__eval_every=0, optim__grad_clip=0)
+    train(config(bytes_dir, tmp_path / "big", data__batch_size=16, **run))
+    train(config(bytes_dir, tmp_path / "acc", data__batch_size=4, data__grad_accum=4, **run))
+    big, acc = metrics(tmp_path / "big"), metrics(tmp_path / "acc")
+    np.testing.assert_allclose([r["grad_norm"] for r in acc], [r["grad_norm"] for r in big], rtol=1e-4)
+
+
+def test_exact_resume_with_dropout(bytes_dir, tmp_path):
+    """With dropout the random streams decide every step: a run killed mid-way resumes exactly."""
+    dropout = {**TINY_MODEL, "model.dropout": 0.1}
+    reference = tmp_path / "reference"
+    train(config(bytes_dir, reference, dropout))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("dist_worker.py")),
+            "train",
+            *overrides(settings(bytes_dir, out, dropout)),
+        ],
+        env=os.environ | {"KILL_AT_STEP": "7"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert checkpoint.latest(out).name == "ckpt-00000006"
+    train(config(bytes_dir, out, dropout))
+    assert trajectory(out) == trajectory(reference)
+
+
+def test_a_second_run_on_the_same_directory_is_refused(bytes_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with files.locked(out, "training run"):
+        err = run_cli(["train", *overrides(settings(bytes_dir, out))], capsys)
+    assert f"in use by another training run (pid {os.getpid()})" in err and err.count("\n") == 1
+    assert not (out / "metrics.jsonl").exists()  # the refused run wrote nothing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from gpt2lab import files; import os, pathlib\n"
+         f"with files.locked(pathlib.Path({str(out)!r})): os.kill(os.getpid(), 9)"]
+    )  # fmt: skip
+    holder.wait(timeout=60)
+    train(config(bytes_dir, out, run__steps=2, run__eval_every=0))  # a killed holder leaves no stale lock
+
+
+def test_resume_drops_a_torn_metrics_record(bytes_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    train(config(bytes_dir, out, run__steps=4, run__ckpt_every=2, run__eval_every=0))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 2.7')  # the power went off mid-record
+    train(config(bytes_dir, out, run__steps=6, run__ckpt_every=2, run__eval_every=0))
+    assert "dropped a last record cut off by a crash" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nothing_to_do_leaves_the_run_as_it_was(bytes_dir, reference):
+    before = {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()}
+    train(config(bytes_dir, reference, optim__lr=1e-3))
+    assert {p.name: p.read_bytes() for p in reference.iterdir() if p.is_file()} == before
+
+
+WIDE = {**TINY_MODEL, "model.n_embd": 192, "model.n_head": 4}  # ~1 M parameters: a 12 MB checkpoint
+
+
+def test_full_disk_is_one_clear_error_and_loses_nothing(bytes_dir, tmp_path, capsys, monkeypatch):
+    """A checkpoint write that runs out of space: one line naming the device and the file, the partial
+    checkpoint removed, the previous one intact, and the run resumable once there is room."""
+    out = tmp_path / "out"
+    train(config(bytes_dir, out, WIDE, run__steps=3, run__ckpt_every=3, run__eval_every=0))
+    before = {p: p.read_bytes() for p in (out / "ckpt-00000003").iterdir()}
+    save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    args = overrides(settings(bytes_dir, out, WIDE, run__steps=6, run__ckpt_every=3, run__eval_every=0))
+    err = run_cli(["train", *args], capsys).splitlines()[-1]  # after the start line: one error line
+    assert err.startswith("error: no space left on ") and "ckpt-00000006" in err and "need about" in err
+    assert not list(out.glob(".tmp-*")) and [p.name for p in checkpoint.complete_checkpoints(out)] == ["ckpt-00000003"]
+    assert {p: p.read_bytes() for p in (out / "ckpt-00000003").iterdir()} == before
+    monkeypatch.setattr(torch, "save", save)
+    train(config(bytes_dir, out, WIDE, run__steps=6, run__ckpt_every=3, run__eval_every=0))
+    assert checkpoint.latest(out).name == "ckpt-00000006"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MB tmpfs, where the machine lets this process mount one (root in a container that allows it)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here; test_full_disk_is_one_clear_error_and_loses_nothing covers the logic")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_really_full_disk(bytes_dir, small_disk, tmp_path, capsys):
+    """The same on a real 16 MB file system: the first checkpoint fits, the second does not; then the
+    rerun, export and prepare onto the full disk each fail with one line, and nothing is left behind."""
+    out = small_disk / "out"
+    args = overrides(
+        settings(bytes_dir, out, WIDE, run__steps=4, run__ckpt_every=2, run__keep_last=5, run__eval_every=0)
+    )
+    err = run_cli(["train", *args], capsys).splitlines()[-1]
+    assert err.startswith(f"error: no space left on {small_disk}") and "ckpt-00000004" in err, err
+    assert [p.name for p in checkpoint.complete_checkpoints(out)] == ["ckpt-00000002"] and not list(out.glob(".tmp-*"))
+    assert checkpoint.load_model(out).config.n_embd == 192  # the checkpoint that fitted is whole
+    text, data = tmp_path / "text.txt", small_disk / "data"
+    text.write_bytes(SHAKESPEARE.read_bytes())
+    assert main(["prepare", "--input", str(text), "--out", str(data), "--workers", "1"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with open(small_disk / "filler", "wb") as f, contextlib.suppress(OSError):  # take what space is left
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    err = run_cli(["export", "--model", str(out), "--out", str(small_disk / "hf")], capsys)
+    assert err.startswith(f"error: no space left on {small_disk}") and "need about" in err
+    err = run_cli(["prepare", "--input", str(text), "--out", str(data), "--workers", "1"], capsys).splitlines()[-1]
+    assert err == f"error: no space left on {small_disk} writing {data}; free some space and run the same command again"
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert not [p for p in small_disk.rglob("*") if p.name.startswith(".tmp") or ".tmp-" in p.name]

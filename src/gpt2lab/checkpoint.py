@@ -244,16 +244,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", backends: B
     except ConfigError as e:
         raise CheckpointError(f"{ckpt / CHECKPOINT_JSON}: {e}") from None
     check_fits(config)
+    damaged = f"{ckpt} does not hold the model its {CHECKPOINT_JSON} describes"
     if meta["format"] == "full":
         state_dict = load_tensors(ckpt / "model.pt")
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"{damaged}: model.pt is not a state dict")
     else:
+        layers = GPT.layers_in(_dcp_keys(ckpt / "state"))
+        if layers != config.n_layer:  # before building anything to read the shards into
+            raise CheckpointError(f"{damaged}: its n_layer is {config.n_layer} but the weights hold {layers} layers")
         state_dict = _load_dcp_model(ckpt / "state", config)
     try:
         return GPT.from_state_dict(config, state_dict, device=device, backends=backends)
-    except RuntimeError as e:  # wrong keys or shapes
+    except CheckpointError as e:
+        raise CheckpointError(f"{damaged}: {e}") from None
+
+
+def _dcp_keys(path: Path) -> list[str]:
+    """The model tensors' names in a sharded checkpoint, from its metadata alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        names = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:
         raise CheckpointError(
-            f"{ckpt} does not hold the model its {CHECKPOINT_JSON} describes: {_first_line(e)}"
+            f"cannot read the sharded checkpoint {path} ({_first_line(e)}); it is incomplete or damaged: resume "
+            "from another checkpoint"
         ) from None
+    return [k.removeprefix("model.") for k in names if k.startswith("model.")]
 
 
 def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:

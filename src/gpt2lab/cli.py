@@ -72,25 +72,27 @@ def _generate(args: argparse.Namespace) -> None:
     model, tok = load_for_inference(args.model, args.device, args.dtype, args.int8)
     ids = _encode(tok, args.prompt)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if args.num_samples == 1:
+    if args.num_samples == 1:  # stream_text stops at the tokenizer's own end of text
         pieces = stream_text(model, tok, ids, args.max_new_tokens, **sampling, compile=args.compile)  # checks first
         print(args.prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return
-    rows = generate(model, [ids] * args.num_samples, args.max_new_tokens, **sampling, compile=args.compile)
+    rows = generate(
+        model, [ids] * args.num_samples, args.max_new_tokens, **sampling, eos_id=tok.eot_token, compile=args.compile
+    )
     for i, row in enumerate(rows):
         print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(row)}")
 
 
 def _convert(args: argparse.Namespace) -> None:
     from gpt2lab.convert import convert_to_gqa
-    from gpt2lab.load import load_for_rewrite, save_pretrained
+    from gpt2lab.load import load_for_rewrite, save_pretrained, tokenizer_of
 
     model, out = load_for_rewrite(args.model, args.out)
     converted = convert_to_gqa(model, args.n_kv_head)
-    save_pretrained(converted, out)
+    save_pretrained(converted, out, tokenizer_of(args.model))
     print(
         f"converted {args.model}: {model.config.n_kv_head} -> {args.n_kv_head} key/value heads "
         f"({model.num_params():,} -> {converted.num_params():,} parameters); wrote {out}\n"
@@ -127,10 +129,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from gpt2lab.load import load_for_rewrite, save_pretrained
+    from gpt2lab.load import load_for_rewrite, save_pretrained, tokenizer_of
 
     model, out = load_for_rewrite(args.model, args.out)
-    save_pretrained(model, out)
+    save_pretrained(model, out, tokenizer_of(args.model))
     print(f"exported {args.model} ({model.num_params():,} parameters) to {out}")
 
 

@@ -44,11 +44,11 @@ def disk_space(path: Path, need_bytes: int | None = None) -> Iterator[None]:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise DiskFullError(_full_message(path, need_bytes)) from None
-    except RuntimeError:  # torch.save reports a failed write as a RuntimeError
-        if not _disk_is_full(path):
+        raise DiskFullError(full_message(path, need_bytes)) from None
+    except Exception as e:  # torch.save and safetensors report a failed write as their own errors
+        if "No space left on device" not in str(e) and not _disk_is_full(path):
             raise
-        raise DiskFullError(_full_message(path, need_bytes)) from None
+        raise DiskFullError(full_message(path, need_bytes)) from None
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], need_bytes: int | None = None) -> None:
@@ -162,7 +162,7 @@ def _disk_is_full(path: Path) -> bool:
     return stat.f_bavail * stat.f_frsize < 1 << 20
 
 
-def _full_message(path: Path, need_bytes: int | None) -> str:
+def full_message(path: Path, need_bytes: int | None = None) -> str:
     need = f" (need about {need_bytes / 1e6:,.0f} MB)" if need_bytes else ""
     return f"no space left on {_device_of(path)} writing {path}{need}; free some space and run the same command again"
 

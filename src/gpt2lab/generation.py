@@ -179,14 +179,15 @@ def stream_text(
     """The continuation of one prompt as text, piece by piece as tokens arrive, ending before
     ``<|endoftext|>``. A character split across tokens comes out whole, with the token that completes it.
     Bad arguments raise here, before anything is yielded."""
-    tokens = stream(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, compile=compile)
+    eos_id = tokenizer.eot_token
+    tokens = stream(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed, eos_id=eos_id, compile=compile)
     return _text_pieces(tokenizer, tokens)
 
 
 def _text_pieces(tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in tokens:
-        if int(token[0]) == EOT:  # the end of the text, not part of it
+        if int(token[0]) == tokenizer.eot_token:  # the end of the text, not part of it
             break
         piece = decoder.decode(tokenizer.decode_single_token_bytes(int(token[0])))
         if piece:

@@ -27,7 +27,7 @@ from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.hf import config_from_json, from_hf_state_dict, hf_config, to_hf_state_dict
 from gpt2lab.model import GPT, Backends
 from gpt2lab.quantize import quantize_int8
-from gpt2lab.tokenizer import bundled_files, load_tokenizer
+from gpt2lab.tokenizer import VOCABULARY_JSON, CompactTokenizer, bundled_files, load_tokenizer
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -46,7 +46,10 @@ def load_model(
     config = read_config(directory)
     check_fits(config)
     state_dict = from_hf_state_dict(read_weights(directory), config)
-    return GPT.from_state_dict(config, state_dict, device=device, backends=backends)
+    try:
+        return GPT.from_state_dict(config, state_dict, device=device, backends=backends)
+    except CheckpointError as e:
+        raise CheckpointError(f"{directory}: {e}; the weights and config.json come from different models") from None
 
 
 def load_for_inference(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", int8: bool = False):
@@ -57,7 +60,19 @@ def load_for_inference(name_or_path: str | Path, device: str = "auto", dtype: st
     model = load_model(name_or_path, device=dev).to(inference_dtype(dev, dtype)).eval()
     if int8:
         model = quantize_int8(model)
-    return model, load_tokenizer(resolve(name_or_path))
+    return model, tokenizer_of(name_or_path)
+
+
+def tokenizer_of(name_or_path: str | Path):
+    """The tokenizer a model was trained with: GPT-2's, or the compact vocabulary recorded beside it
+    (a checkpoint directory finds its run's)."""
+    directory = resolve(name_or_path)
+    for candidate in (directory, directory.parent):
+        if (candidate / VOCABULARY_JSON).is_file():
+            return load_tokenizer(candidate)
+        if not (candidate / checkpoint.CHECKPOINT_JSON).is_file():
+            break  # only a checkpoint directory looks at its run's directory
+    return load_tokenizer(directory)
 
 
 def load_for_rewrite(name_or_path: str | Path, out: str | Path) -> tuple[GPT, Path]:
@@ -163,14 +178,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def save_pretrained(model: GPT, directory: str | Path) -> None:
+def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
     """Write config.json, model.safetensors and the tokenizer files (vocab.json, merges.txt: what
-    transformers, CTranslate2's and llama.cpp's converters read); files appear complete or not at all."""
+    transformers, CTranslate2's and llama.cpp's converters read; or vocabulary.json for a model trained
+    in a compact vocabulary); files appear complete or not at all."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")
     directory.mkdir(parents=True, exist_ok=True)
-    encoder_json, vocab_bpe = bundled_files()
     state_dict = to_hf_state_dict(model)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
         tmp = Path(tmp)
@@ -178,13 +193,23 @@ def save_pretrained(model: GPT, directory: str | Path) -> None:
         with files.disk_space(directory, need):
             save_file(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
-            shutil.copyfile(encoder_json, tmp / "vocab.json")
-            shutil.copyfile(vocab_bpe, tmp / "merges.txt")
+            names = ["model.safetensors", "config.json", *_write_tokenizer(tokenizer, tmp)]
         mode = 0o666 & ~_umask()  # as any new file: safetensors' own files are readable by their owner only
-        for name in ("model.safetensors", "config.json", "vocab.json", "merges.txt"):
+        for name in names:
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, directory / name)
     files.fsync_dir(directory)
+
+
+def _write_tokenizer(tokenizer, directory: Path) -> list[str]:
+    """The tokenizer files of a model directory: GPT-2's vocab.json + merges.txt, or vocabulary.json."""
+    if isinstance(tokenizer, CompactTokenizer):
+        tokenizer.to_file(directory / VOCABULARY_JSON)
+        return [VOCABULARY_JSON]
+    encoder_json, vocab_bpe = bundled_files()
+    shutil.copyfile(encoder_json, directory / "vocab.json")
+    shutil.copyfile(vocab_bpe, directory / "merges.txt")
+    return ["vocab.json", "merges.txt"]
 
 
 def _umask() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.ops import LINEAR_KERNELS, Linear, linear, linear_cross_entropy, use_onednn
 from gpt2lab.rope import Rotary, apply_rotary
@@ -26,6 +28,7 @@ except ImportError:
     BlockMask = create_block_mask = flex_attention = None
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+_BLOCK_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -328,11 +331,41 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
+    @staticmethod
+    def layers_in(keys) -> int:
+        """How many transformer blocks a state dict's keys (``h.N.…``, HF prefix or not) hold: a cheap
+        check of a config against its weights before any module is built."""
+        indices = {int(m.group(1)) for k in keys if (m := _BLOCK_KEY.match(k))}
+        return max(indices) + 1 if indices else 0
+
+    @classmethod
+    def check_state_dict(cls, state_dict: dict[str, torch.Tensor], config: GPTConfig) -> None:
+        """Raise CheckpointError unless ``state_dict`` holds exactly the tensors of a GPT of ``config``,
+        names and shapes. The layer count is compared first, before any module is built."""
+        layers = cls.layers_in(state_dict)
+        if layers != config.n_layer:
+            raise CheckpointError(f"the config says n_layer={config.n_layer} but the weights hold {layers} layers")
+        with torch.device("meta"):
+            expected = cls(config).state_dict()
+        missing = sorted(k for k in expected if state_dict.get(k) is None)
+        unknown = sorted(set(state_dict) - set(expected))
+        if missing or unknown:
+            found = [f"missing keys {_few(missing)}"] * bool(missing) + [f"unknown keys {_few(unknown)}"] * bool(
+                unknown
+            )
+            raise CheckpointError("the weights do not match the config: " + "; ".join(found))
+        for key, ref in expected.items():
+            if state_dict[key].shape != ref.shape:
+                raise CheckpointError(
+                    f"tensor {key} has shape {tuple(state_dict[key].shape)} but the config needs {tuple(ref.shape)}"
+                )
+
     @classmethod
     def from_state_dict(
         cls, config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu", backends: Backends | None = None
     ) -> GPT:
-        """Build on the meta device (no init cost, no double memory) and adopt the given tensors."""
+        """Build on the meta device (no init cost, no double memory) and adopt the given tensors, checked."""
+        cls.check_state_dict(state_dict, config)
         with torch.device("meta"):
             model = cls(config, backends)
         model.load_state_dict(state_dict, strict=True, assign=True)
@@ -342,3 +375,7 @@ class GPT(nn.Module):
             model.rotary.build(config.block_size, device)
         model.cache_pad = torch.zeros(0, dtype=torch.long, device=device)
         return model.to(device)
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")

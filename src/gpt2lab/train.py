@@ -34,6 +34,7 @@ from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import bits_per_byte
 from gpt2lab.load import load_model
 from gpt2lab.model import GPT
+from gpt2lab.tokenizer import VOCABULARY_JSON
 from gpt2lab.train_config import OptimSection, TrainConfig
 
 METRICS = "metrics.jsonl"
@@ -77,6 +78,7 @@ class TrainData:
     val: list[tuple[torch.Tensor, torch.Tensor]]
     vocab_size: int
     bytes_per_token: dict[str, float | None] = field(default_factory=dict)
+    vocabulary: dict | None = None  # a compact vocabulary (written to out_dir/vocabulary.json), or GPT-2's
 
 
 # --- optimizer, schedule, FLOPs ------------------------------------------------------------------
@@ -230,6 +232,7 @@ def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
         val=val,
         vocab_size=splits["train"].vocab_size,
         bytes_per_token={name: split.bytes_per_token for name, split in splits.items()},
+        vocabulary=splits["train"].vocabulary,
     )
 
 
@@ -517,6 +520,8 @@ def _start_out_dir(run: Run) -> None:
     out_dir = run.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / checkpoint.TRAIN_CONFIG_JSON, run.cfg.to_dict())
+    if run.data.vocabulary is not None:  # the model's token ids are this vocabulary's, not GPT-2's
+        files.write_json(out_dir / VOCABULARY_JSON, run.data.vocabulary)
     metrics = out_dir / METRICS
     if not metrics.is_file():
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from gpt2lab import settings
 
 RESULTS, REPORT = "results.json", "report.md"
 MIB = 2**20
@@ -62,8 +62,9 @@ def _setup(results: dict) -> list[str]:
         f"{', '.join(map(str, seeds))} (the seed sets the initial weights and the order of the batches).",
         f"- Data: `{source['source']}`"
         + (
-            f", compacted to a {spec['vocab']}-token vocabulary (the {spec['vocab'] - 1} most frequent training "
-            f"tokens; the rest, {100 * source['val_rare_fraction']:.1f}% of val tokens, share one id); "
+            f", in a {spec['vocab']}-token compact vocabulary (256 bytes and the {spec['vocab'] - 256} most frequent "
+            f"training tokens; the other {100 * source['val_spelled_fraction']:.1f}% of val GPT-2 tokens are spelled as "
+            "bytes, losslessly); "
             f"{source['train_tokens']:,} train and {source['val_tokens']:,} val tokens"
             if spec["vocab"]
             else " (full GPT-2 vocabulary)"
@@ -73,7 +74,7 @@ def _setup(results: dict) -> list[str]:
         "Configuration (defaults plus the command's options; `gpt2lab compare --help` explains each key):",
         "",
         "```toml",
-        _toml(cfg),
+        settings.to_toml(cfg),
         "```",
         "",
     ]
@@ -311,15 +312,3 @@ def _recall_text(results: dict) -> str:
         f"d < {W} in one attention step; through {n_layer} stacked window layers information can travel at most "
         f"{n_layer} x {W - 1} = {n_layer * (W - 1)} tokens."
     )
-
-
-def _toml(cfg: dict) -> str:
-    lines = []
-    for section, values in cfg.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                continue
-            lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines).rstrip()

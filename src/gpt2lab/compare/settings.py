@@ -32,8 +32,8 @@ class CompareSection:
     seeds: int = opt(2, "seeds per variant: run.seed, run.seed + 1, ... (initial weights and data order)")
     vocab: int = opt(
         4096,
-        "compact vocabulary: keep the (vocab - 1) most frequent training tokens and map all others to one "
-        "'rare' token, so a small model is not mostly an embedding table (0 = the full GPT-2 vocabulary)",
+        "compact vocabulary: 256 byte ids plus the (vocab - 256) most frequent training tokens, other tokens "
+        "spelled as bytes (lossless), so a small model is not mostly an embedding table (0 = GPT-2's own)",
     )
     threads: int = opt(
         0,
@@ -67,8 +67,8 @@ class CompareSection:
             )
         if self.recall_seeds > self.seeds:
             raise ConfigError(f"compare.recall_seeds ({self.recall_seeds}) exceeds compare.seeds ({self.seeds})")
-        if self.vocab < 0 or self.vocab == 1 or self.vocab > 65536:
-            raise ConfigError(f"compare.vocab must be 0 (full vocabulary) or in [2, 65536], got {self.vocab}")
+        if self.vocab and not 257 <= self.vocab <= 65536:
+            raise ConfigError(f"compare.vocab must be 0 (GPT-2's vocabulary) or in [257, 65536], got {self.vocab}")
         if self.threads < 0:
             raise ConfigError(f"compare.threads must be >= 0 (0 = torch's default), got {self.threads}")
         if self.gqa_kv_heads < 0:
@@ -159,7 +159,7 @@ QUICK_CONFIG: dict = {
     "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2},
     "run": {"steps": 4, "eval_every": 2, "eval_batches": 2, "log_every": 1, "ckpt_every": 0, "keep_last": 1},
     "compare": {
-        "vocab": 256,
+        "vocab": 320,
         "max_docs": 12,
         "window": 8,
         "local_global": "LG",

@@ -105,6 +105,7 @@ class TokenData:
             raise GPT2LabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         self.meta = read_meta(self.data_dir)
         self.vocab_size: int = self.meta.get("vocab_size", 65536)
+        self.vocabulary: dict | None = self.meta.get("vocabulary")  # a compact vocabulary's description
         self.records: list[dict] = self.meta["splits"][split]["shards"]
         self.shards: list[np.memmap] = []
         for shard in self.records:

@@ -153,13 +153,7 @@ def prepare(
     one-document corpus its last ``val_fraction`` of tokens. Val is then topped up from the end of train
     to at least ``MIN_VAL_TOKENS`` tokens where the corpus has ten times that.
     """
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if shard_tokens < 1:
-        raise ConfigError(f"shard_tokens must be at least 1, got {shard_tokens}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
+    workers = _check_options(val_fraction, shard_tokens, workers)
     out = _check_out(out)
     events, total, info = source.open(exclude=out)
     _load_encoding()  # before the clock: a one-time cost, not throughput
@@ -179,6 +173,9 @@ def prepare(
         )  # fmt: skip
         with files.disk_space(out):
             files.replace_dir(tmp, out)
+    except files.DiskFullError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise files.DiskFullError(files.full_message(out)) from None  # name the directory, not its temp twin
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -192,6 +189,18 @@ def prepare(
         skipped_binary_files=info.get("skipped_binary_files", 0),
         warnings=splits.warnings(),
     )
+
+
+def _check_options(val_fraction: float, shard_tokens: int, workers: int | None) -> int:
+    """The options checked; returns the number of tokenizer processes (default: one per core)."""
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ConfigError(f"shard_tokens must be at least 1, got {shard_tokens}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    return workers
 
 
 def _check_out(out: str | Path) -> Path:

@@ -1,0 +1,298 @@
+"""Bad input through the CLI: each is one line on stderr naming the problem, a non-zero exit, no
+traceback, nothing on stdout, and every file that existed before left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dist_worker import byte_corpus, overrides, settings
+from safetensors.torch import load_file, save_file
+
+from gpt2lab.cli import main
+from gpt2lab.data import write_token_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _assert_one_line_error(capsys, argv: list[str], *phrases: str) -> str:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert out == "", f"output before the error: {out!r}"
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for phrase in phrases:
+        assert phrase in err, err
+    return err
+
+
+# --- model directories -----------------------------------------------------------------------------
+
+
+def _model(tiny_dir: Path, tmp: Path, edit=None, config=None) -> Path:
+    d = tmp / "model"
+    shutil.copytree(tiny_dir, d)
+    if config is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        config(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+    if edit is not None:
+        edit(d)
+    return d
+
+
+def _set(key, value):
+    def change(cfg):
+        cfg["gpt2lab"][key] = value
+
+    return change
+
+
+def _hf_style(key, value):
+    def change(cfg):
+        del cfg["gpt2lab"]
+        cfg[key] = value
+
+    return change
+
+
+def _empty_weights(d: Path) -> None:
+    (d / "model.safetensors").write_bytes(b"")
+
+
+def _bad_index(d: Path) -> None:
+    (d / "model.safetensors").rename(d / "model-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
+
+
+MODEL_CASES = {
+    "dropout not a number": (dict(config=_set("dropout", "high")), ["dropout must be a number"]),
+    "rope_theta not a number": (dict(config=_set("rope_theta", "big")), ["rope_theta must be a number"]),
+    "padded_vocab_size not a number": (dict(config=_set("padded_vocab_size", "x")), ["padded_vocab_size"]),
+    "layer_norm_epsilon not a number": (dict(config=_set("layer_norm_epsilon", [1])), ["layer_norm_epsilon"]),
+    "layer_norm_epsilon negative": (dict(config=_set("layer_norm_epsilon", -1)), ["layer_norm_epsilon", "positive"]),
+    "window_pattern a number": (dict(config=_set("window_pattern", 5)), ["window_pattern must be a string"]),
+    "config a list": (dict(config=lambda cfg: cfg.clear()), []),  # replaced below by a real list
+    "n_embd a float": (dict(config=_hf_style("n_embd", 1e9)), ["n_embd must be a positive integer"]),
+    "n_layer absurd": (dict(config=_set("n_layer", 100_000)), ["n_layer=100000", "the weights hold 2 layers"]),
+    "n_embd absurd": (dict(config=_set("n_embd", 1_200_000)), ["more than this machine's memory", "n_embd"]),
+    "empty weights file": (dict(edit=_empty_weights), ["model.safetensors", "truncated or corrupt"]),
+    "malformed safetensors index": (dict(edit=_bad_index), ["model.safetensors.index.json", "malformed"]),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_bad_model_directory(case, tiny_dir, tmp_path, capsys):
+    kwargs, phrases = MODEL_CASES[case]
+    d = _model(tiny_dir, tmp_path, **kwargs)
+    if case == "config a list":
+        (d / "config.json").write_text("[1, 2]")
+        phrases = ["config.json", "JSON object"]
+    before = _tree(tmp_path)
+    started = time.perf_counter()
+    _assert_one_line_error(capsys, ["predict", "Hello", "--model", str(d), "--device", "cpu"], *phrases)
+    assert time.perf_counter() - started < 30  # refused before anything is built, however absurd
+    assert _tree(tmp_path) == before
+
+
+# --- training checkpoints --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bytes_dir(tmp_path_factory) -> Path:
+    return byte_corpus(tmp_path_factory.mktemp("bytes") / "data", n_train=20_000, n_val=4_000)
+
+
+@pytest.fixture(scope="module")
+def trained(bytes_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "out"
+    args = overrides(settings(bytes_dir, out, run__steps=2, run__eval_every=0, run__ckpt_every=0))
+    assert main(["train", *args]) == 0
+    return out
+
+
+def _checkpoint_copy(trained: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    return out / "ckpt-00000002"
+
+
+def _edit_meta(ckpt: Path, change) -> None:
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    change(meta)
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _sharded(ckpt: Path) -> None:
+    """The same weights as an FSDP-format checkpoint (torch.distributed.checkpoint shards)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    with warnings.catch_warnings():  # "no process group": one process writing shards is the point
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": state}, checkpoint_id=ckpt / "state", no_dist=True)
+    (ckpt / "model.pt").unlink()
+    _edit_meta(ckpt, lambda m: m.update(format="dcp"))
+
+
+def _corrupt_shard(ckpt: Path) -> None:
+    _sharded(ckpt)
+    shard = next(p for p in (ckpt / "state").iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _no_metadata(ckpt: Path) -> None:
+    _sharded(ckpt)
+    (ckpt / "state" / ".metadata").unlink()
+
+
+CHECKPOINT_CASES = {
+    "metadata without model_config": (lambda c: _edit_meta(c, lambda m: m.pop("model_config")), ["model_config"]),
+    "metadata with absurd n_layer": (
+        lambda c: _edit_meta(c, lambda m: m["model_config"].update(n_layer=100_000)),
+        ["n_layer=100000", "the weights hold 2 layers"],
+    ),
+    "corrupt FSDP shard": (_corrupt_shard, ["sharded checkpoint", "damaged"]),
+    "FSDP checkpoint without .metadata": (_no_metadata, ["sharded checkpoint", "damaged"]),
+    "wrong-shape weights": (
+        lambda c: torch.save(
+            {k: v[:1] if k == "wpe.weight" else v for k, v in torch.load(c / "model.pt").items()}, c / "model.pt"
+        ),
+        ["does not hold the model", "wpe.weight", "(1, 32)"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_bad_checkpoint(case, trained, tmp_path, capsys):
+    damage, phrases = CHECKPOINT_CASES[case]
+    ckpt = _checkpoint_copy(trained, tmp_path)
+    damage(ckpt)
+    before = _tree(tmp_path)
+    _assert_one_line_error(capsys, ["generate", "--prompt", "hi", "--model", str(ckpt), "--device", "cpu"], *phrases)
+    assert _tree(tmp_path) == before
+
+
+# --- commands and their options --------------------------------------------------------------------
+
+
+def _out_of_range(tmp: Path) -> list[str]:
+    data = write_token_dir(tmp / "data", {"train": np.full(2000, 255), "val": np.full(500, 255)}, 256)
+    shard = data / "train_000000.bin"
+    shard.write_bytes(np.full(2000, 60_000, dtype="<u2").tobytes())  # same size, ids past the vocabulary
+    return ["train", *overrides(settings(data, tmp / "out"))]
+
+
+def _changed_shard(tmp: Path) -> list[str]:
+    data = write_token_dir(tmp / "data", {"train": np.arange(2000) % 200, "val": np.arange(500) % 200}, 256)
+    shard = data / "train_000000.bin"
+    shard.write_bytes(((np.arange(2000) + 1) % 200).astype("<u2").tobytes())  # valid ids, other tokens
+    return ["train", *overrides(settings(data, tmp / "out"))]
+
+
+def _bad_token_count(tmp: Path) -> list[str]:
+    data = write_token_dir(tmp / "data", {"train": np.arange(2000) % 200, "val": np.arange(500) % 200}, 256)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["tokens"] = "many"
+    (data / "meta.json").write_text(json.dumps(meta))
+    return ["train", *overrides(settings(data, tmp / "out"))]
+
+
+def _gpt2_data_small_vocab(tmp: Path) -> list[str]:
+    data = write_token_dir(tmp / "data", {"train": np.arange(3000) * 16, "val": np.arange(600) * 16}, 50257)
+    return ["train", *overrides(settings(data, tmp / "out", model__vocab_size=100))]
+
+
+def _train_with(**extra):
+    return lambda tmp: ["train", *overrides(settings(byte_corpus(tmp / "data", 5_000, 2_000), tmp / "out", **extra))]
+
+
+def _text(tmp: Path, content: bytes = b"some text to score, long enough for a few tokens\n" * 20) -> Path:
+    path = tmp / "text.txt"
+    path.write_bytes(content)
+    return path
+
+
+COMMAND_CASES = {
+    "config is a folder": (lambda tmp: ["train", "--config", str(tmp)], ["is a directory"]),
+    "config not UTF-8": (
+        lambda tmp: ["train", "--config", str(_text(tmp, b"[run]\nsteps = 1 # \xff\xfe\n"))],
+        ["not UTF-8"],
+    ),
+    "grad_clip nan": (_train_with(optim__grad_clip="nan"), ["optim.grad_clip must be a finite number"]),
+    "data.dir is a file": (lambda tmp: ["train", f"--data.dir={_text(tmp)}"], ["is a file"]),
+    "shard ids past the vocabulary": (_out_of_range, ["token id 60000", "outside the vocabulary"]),
+    "shard changed after preparation": (_changed_shard, ["sha256"]),
+    "token count not a number": (_bad_token_count, ["meta.json is malformed"]),
+    "vocab_size below the data's": (_gpt2_data_small_vocab, ["model.vocab_size to at least 50257"]),
+}
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_bad_command_input(case, tmp_path, capsys):
+    make, phrases = COMMAND_CASES[case]
+    argv = make(tmp_path)
+    before = _tree(tmp_path)
+    _assert_one_line_error(capsys, argv, *phrases)
+    assert _tree(tmp_path) == before
+
+
+INFERENCE_CASES = {
+    "temperature nan": (["generate", "--prompt", "hi", "--temperature", "nan"], ["temperature"]),
+    "top -1": (["predict", "hi", "--top", "-1"], ["--top must be at least 1"]),
+    "top 0": (["predict", "hi", "--top", "0"], ["--top must be at least 1"]),
+    "eval stride 0": (["eval", "--data", "TEXT", "--stride", "0"], ["--stride"]),
+    "eval block size 0": (["eval", "--data", "TEXT", "--block-size", "0"], ["--block-size"]),
+    "eval of a binary file": (["eval", "--data", "BINARY"], ["not UTF-8 text"]),
+    "export over a file": (["export", "--out", "TEXT"], ["is an existing file"]),
+}
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+def test_bad_inference_option(case, tiny_dir, tmp_path, capsys):
+    argv, phrases = INFERENCE_CASES[case]
+    text, binary = _text(tmp_path), tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    argv = [{"TEXT": str(text), "BINARY": str(binary)}.get(a, a) for a in argv]
+    before = _tree(tmp_path)
+    _assert_one_line_error(
+        capsys, [*argv, "--model", str(tiny_dir)] + (["--device", "cpu"] if argv[0] != "export" else []), *phrases
+    )
+    assert _tree(tmp_path) == before
+
+
+def test_malicious_pickle_message_never_suggests_turning_the_protection_off(tiny_dir, tmp_path, capsys):
+    d = _model(tiny_dir, tmp_path)
+    (d / "model.safetensors").unlink()
+    torch.save({"wte.weight": torch.zeros(3), "x": _Unsafe()}, d / "pytorch_model.bin")
+    err = _assert_one_line_error(capsys, ["predict", "hi", "--model", str(d)], "carries Python code")
+    assert "weights_only" not in err
+
+
+class _Unsafe:
+    pass
+
+
+def test_exported_weights_follow_the_umask(tiny_dir, tmp_path, capsys):
+    assert main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "hf")]) == 0
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors like every other file
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file(sd, tmp_path / "again.safetensors")  # the file itself loads and re-saves
