@@ -43,9 +43,10 @@ def test_same_head_count_is_an_exact_copy():
     assert copy.wte.weight.data_ptr() != model.wte.weight.data_ptr()  # a copy, not an alias
 
 
-def test_pooled_weights_are_the_group_means():
+@pytest.mark.parametrize("method", ["mean", "first"])
+def test_pooled_weights_are_the_group_means_or_first_heads(method):
     model = tiny()
-    gqa = convert_to_gqa(model, 2)
+    gqa = convert_to_gqa(model, 2, method)
     C, hs = 32, 8
     for old, new in zip(model.h, gqa.h, strict=True):
         for name in ("weight", "bias"):
@@ -56,7 +57,8 @@ def test_pooled_weights_are_the_group_means():
                 heads = [w_old[C + part * C + h * hs : C + part * C + (h + 1) * hs] for h in range(4)]
                 for g in range(2):  # kv head g pools query heads 2g and 2g + 1 (h // 2)
                     start = C + part * 2 * hs + g * hs
-                    torch.testing.assert_close(w_new[start : start + hs], (heads[2 * g] + heads[2 * g + 1]) / 2)
+                    want = (heads[2 * g] + heads[2 * g + 1]) / 2 if method == "mean" else heads[2 * g]
+                    torch.testing.assert_close(w_new[start : start + hs], want)
         assert torch.equal(new.attn.c_proj.weight, old.attn.c_proj.weight)
         assert torch.equal(new.mlp.c_fc.weight, old.mlp.c_fc.weight)
 

@@ -307,3 +307,26 @@ def test_bad_config_raises_config_error(kwargs, field):
     """Impossible settings raise ConfigError with a message naming the field to change."""
     with pytest.raises(ConfigError, match=field):
         GPTConfig(**(dict(n_layer=2, n_head=4, n_embd=32) | kwargs))
+
+
+def test_position_interpolation_scales_the_rotary_angles(make_gpt):
+    """rope_interpolation = s makes position p look like position p * s: a model with s = 1/2 on a
+    sequence of 2T tokens gives each token the angles of plain RoPE at half its position, and its
+    cached decode equals its full forward."""
+    plain = make_gpt(seed=3, pos_emb="rope", block_size=16)
+    half = make_gpt(seed=3, pos_emb="rope", block_size=16, rope_interpolation=0.5)
+    positions = torch.arange(32)
+    plain.rotary.build(32), half.rotary.build(32)
+    torch.testing.assert_close(half.rotary(positions[None])[0][0, 0, 2], plain.rotary(positions[None])[0][0, 0, 1])
+    idx = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = half(idx)[0]
+        half.setup_cache(1, 32)
+        half(idx[:, :20], input_pos=torch.arange(20))
+        steps = [half(idx[:, t : t + 1], input_pos=torch.tensor([t]))[0][:, -1] for t in range(20, 32)]
+        half.clear_cache()
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 20:], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="needs pos_emb='rope'"):
+        GPTConfig(rope_interpolation=0.5)
+    with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
+        GPTConfig(pos_emb="rope", rope_interpolation=2.0)

@@ -91,7 +91,7 @@ def _convert(args: argparse.Namespace) -> None:
     from gpt2lab.load import load_for_rewrite, save_pretrained, tokenizer_of
 
     model, out = load_for_rewrite(args.model, args.out)
-    converted = convert_to_gqa(model, args.n_kv_head)
+    converted = convert_to_gqa(model, args.n_kv_head, args.method)
     save_pretrained(converted, out, tokenizer_of(args.model))
     print(
         f"converted {args.model}: {model.config.n_kv_head} -> {args.n_kv_head} key/value heads "
@@ -231,6 +231,13 @@ COMMANDS: dict[str, Command] = {
                 type=int,
                 required=True,
                 help="key/value heads of the result; must divide the model's count (1 = multi-query)",
+            ),
+            opt(
+                "--method",
+                choices=["mean", "first"],
+                default="mean",
+                help="each new key/value head is the mean of its group's heads (default; the GQA paper's "
+                "recipe) or the group's first head",
             ),
             opt("--out", required=True, help="directory to write the converted model to (HF format)"),
         ],

@@ -33,6 +33,9 @@ class GPTConfig:
     n_kv_head: int | None = _arch(None, "key/value heads (fewer than n_head: grouped-query; 1: multi-query)")
     pos_emb: str = _arch("learned", "learned (GPT-2's position table) or rope (rotary, no table)")
     rope_theta: float = _arch(10000.0, "rotary base: pair i turns by position * rope_theta^(-2i/head_dim)")
+    rope_interpolation: float = _arch(
+        1.0, "rotary position interpolation: positions are multiplied by this (train length / target length)"
+    )
     window: int | None = _arch(None, "sliding window of local layers: query i sees keys i - window < j <= i")
     window_pattern: str = _arch("L", "L (local window) / G (global) per layer, repeated over the layers")
     dropout: float = _arch(0.0, "dropout on embeddings, attention weights and residual branches")
@@ -59,6 +62,12 @@ class GPTConfig:
             raise ConfigError(f"rope needs an even head_dim (n_embd / n_head), got {self.head_dim}")
         if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if not (math.isfinite(self.rope_interpolation) and 0 < self.rope_interpolation <= 1):
+            raise ConfigError(
+                f"rope_interpolation must be in (0, 1] (train length / target length), got {self.rope_interpolation}"
+            )
+        if self.rope_interpolation != 1 and self.pos_emb != "rope":
+            raise ConfigError("rope_interpolation scales rotary positions; it needs pos_emb='rope'")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"window must be a positive integer or None (full attention), got {self.window!r}")
         if not self.window_pattern or set(self.window_pattern) - {"L", "G"}:
@@ -94,7 +103,7 @@ class GPTConfig:
             if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 continue
             raise ConfigError(f"{name} must be a positive integer{' or null' if optional else ''}, got {value!r}")
-        for name in ("rope_theta", "dropout", "layer_norm_epsilon"):
+        for name in ("rope_theta", "rope_interpolation", "dropout", "layer_norm_epsilon"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {value!r}")

@@ -162,8 +162,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        rope = config.pos_emb == "rope"
         self.rotary = (
-            Rotary(config.head_dim, config.rope_theta, config.block_size) if config.pos_emb == "rope" else None
+            Rotary(config.head_dim, config.rope_theta, config.block_size, config.rope_interpolation) if rope else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i, backends) for i in range(config.n_layer))

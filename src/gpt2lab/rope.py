@@ -1,6 +1,8 @@
 """Rotary position embeddings, rotate-half convention (as HF Llama / GPT-NeoX).
 
 A pair of channels (i, i + head_dim/2) is rotated by the angle ``position * theta**(-2i/head_dim)``.
+With position interpolation (Chen et al., 2023) positions are first multiplied by a scale below 1
+(train length / target length), so a longer sequence spans only the angles seen in training.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Rotary(nn.Module):
-    """Cached cos/sin tables indexed by position; grown on demand, so positions are not capped."""
+    """Cached cos/sin tables indexed by position; grown on demand, so positions are not capped.
+    ``scale`` multiplies every position (1: plain RoPE; below 1: position interpolation)."""
 
-    def __init__(self, head_dim: int, theta: float, length: int) -> None:
+    def __init__(self, head_dim: int, theta: float, length: int, scale: float = 1.0) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scale = head_dim, theta, scale
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.build(length)
@@ -46,7 +49,7 @@ class Rotary(nn.Module):
     def build(self, length: int, device: torch.device | None = None) -> None:
         """(Re)compute the tables for positions [0, length) on ``device`` (default: where they are)."""
         device = device or self.cos.device
-        positions = torch.arange(length, device=device)
+        positions = torch.arange(length, device=device) * self.scale
         self.cos, self.sin = rope_tables(positions, inv_frequencies(self.head_dim, self.theta, device))
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
