@@ -2,9 +2,9 @@
 
 Prepare the offline corpus (the Python standard library's sources), recode it in a compact vocabulary
 (256 bytes plus the most frequent GPT-2 tokens, lossless: a small model then spends its compute on the
-transformer, not on a 50,257-row output layer), train a small GPT-2 on it, sample Python from the
-checkpoint and print the next commands, runnable as printed. Running it again resumes (or reuses)
-what is already there.
+transformer, not on a 50,257-row output layer), train a small GPT-2 with rotary positions on it,
+sample Python from the checkpoint and print the next commands, runnable as printed. Running it again
+resumes (or reuses) what is already there.
 """
 
 from __future__ import annotations
@@ -24,17 +24,19 @@ from gpt2lab.model import GPT
 from gpt2lab.train import configure_optimizer, train, train_step
 from gpt2lab.train_config import DataSection, ModelSection, OptimSection, RunSection, TrainConfig
 
-PROMPT = "import os\n\n\ndef "
-VOCAB = 2048
+PROMPT = "import os\n\n\ndef"
+VOCAB = 1024
 
 
 def demo_config(data_dir: Path, run_dir: Path) -> TrainConfig:
-    """The demo's training: a small GPT-2 that trains in about four minutes on two CPU cores."""
+    """The demo's training: a small GPT-2 with rotary positions that trains in about four minutes on two
+    CPU cores. Narrow and rotary because, for this budget, that reaches the lowest validation loss: a
+    narrow model takes more steps, and learned positions are the slowest part of a small model to train."""
     return TrainConfig(
-        model=ModelSection(preset="gpt2", n_layer=6, n_head=6, n_embd=192, block_size=256, vocab_size=VOCAB),
+        model=ModelSection(n_layer=4, n_head=4, n_embd=64, block_size=256, vocab_size=VOCAB, pos_emb="rope"),
         data=DataSection(dir=str(data_dir), batch_size=16, block_size=256),
         optim=OptimSection(lr=3e-3, min_lr=3e-4, warmup_steps=20),
-        run=RunSection(steps=240, eval_every=80, eval_batches=8, ckpt_every=80, log_every=10, out_dir=str(run_dir)),
+        run=RunSection(steps=1000, eval_every=250, eval_batches=8, ckpt_every=250, log_every=20, out_dir=str(run_dir)),
     )
 
 
@@ -61,7 +63,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
 
 def ensure_data(directory: Path) -> Path:
     """The stdlib corpus in GPT-2 tokens (``directory/stdlib``) and in the demo's compact vocabulary
-    (``directory/stdlib-v2048``), prepared once and reused."""
+    (``directory/stdlib-v1024``), prepared once and reused."""
     gpt2, compact = directory / "stdlib", directory / f"stdlib-v{VOCAB}"
     print(f"[1/3] corpus: the Python standard library's sources -> {compact}")
     if not (gpt2 / META).is_file():
