@@ -199,6 +199,14 @@ class GPT(nn.Module):
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
         KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
         """
+        x = self.hidden_states(idx, input_pos)
+        if targets is None:
+            return self.logits(x, input_pos), None
+        return None, self.loss(x, targets)
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ``ln_f``, of tokens idx (B, T); ``input_pos`` as
+        in ``forward``. Generation calls this and ``logits`` itself, on the last position only."""
         B, T = idx.shape
         if input_pos is None:
             step, pos = None, torch.arange(T, device=idx.device)[None]  # (1, T)
@@ -221,18 +229,27 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, window_mask, step)
-        x = self.ln_f(x)
-        vocab = self.config.vocab_size  # rows of a padded vocabulary (GPU-friendly shapes) are never predicted
-        kernel = self.backends.linear
-        if targets is not None and use_onednn(x, self.lm_head.weight, kernel):
-            # CPU: the loss a chunk of tokens at a time, without ever holding the full logits
+        return self.ln_f(x)
+
+    def logits(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd); ``input_pos`` as in
+        ``forward`` (a one-row decode step may read the lm_head from a copy, see ``_one_row_head``)."""
+        head = None
+        if input_pos is not None and x.shape[0] * x.shape[1] == 1:  # batch-1 decoding
+            filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+            head = self._one_row_head(x, filled)
+        logits = self.lm_head(x) if head is None else linear(x, head, kernel=self.backends.linear)
+        return logits[..., : self.config.vocab_size]  # rows of a padded vocabulary are never predicted
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
+        -100 = ignore). On the CPU a chunk of tokens at a time, without ever holding the full logits."""
+        vocab, kernel = self.config.vocab_size, self.backends.linear
+        if use_onednn(x, self.lm_head.weight, kernel):
             flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
-            return None, linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
-        head = self._one_row_head(x, step[2]) if step is not None and B * T == 1 else None  # batch-1 decoding
-        logits = (self.lm_head(x) if head is None else linear(x, head, kernel=kernel))[..., :vocab]
-        if targets is None:
-            return logits, None
-        return None, F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
+            return linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
+        logits = self.lm_head(x)[..., :vocab]
+        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
