@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.ops import LINEAR_KERNELS, Linear, linear, linear_cross_entropy, use_onednn
@@ -34,8 +36,10 @@ class Backends:
 
     ``attention``: how window layers of a full forward (training, evaluation) attend: ``sdpa`` with a
     boolean mask, ``flex`` (FlexAttention, which skips the blocks the window masks out), or ``auto``
-    (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer
-    (gpt2lab.ops). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
+    (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer:
+    ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
+    shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
+    names the environment variables that override it). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
     copy once at least this many steps remain to repay making it (``GPT._one_row_head``; 0 = never).
     """
 
@@ -83,13 +87,13 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.split = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = Linear(config.n_embd, sum(self.split), kernel=backends.linear)  # fused q, k, v
-        self.c_proj = Linear(config.n_embd, config.n_embd, kernel=backends.linear)
+        self.c_attn = make_linear(config.n_embd, sum(self.split))  # fused q, k, v
+        self.c_proj = make_linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.layer_window(layer)
@@ -128,10 +132,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, kernel=backends.linear)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, kernel=backends.linear)
+        self.c_fc = make_linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = make_linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +143,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer, backends)
+        self.attn = CausalSelfAttention(config, layer, make_linear)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config, backends)
+        self.mlp = MLP(config, make_linear)
 
     def forward(self, x, rope, window_mask, step) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, window_mask, step)
@@ -156,6 +160,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.backends = backends = backends or Backends()
+        kernel, table = kernels.resolve(backends.linear)  # one table: every layer's measured choices
+        make_linear = functools.partial(Linear, kernel=kernel, table=table)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
@@ -163,9 +169,9 @@ class GPT(nn.Module):
             Rotary(config.head_dim, config.rope_theta, config.block_size) if config.pos_emb == "rope" else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i, backends) for i in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, i, make_linear) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False, kernel=backends.linear)
+        self.lm_head = make_linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False

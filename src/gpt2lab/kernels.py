@@ -1,0 +1,169 @@
+"""Which CPU kernel runs each linear product: measured on the machine at hand, remembered per CPU.
+
+The fastest float32 kernel for a product depends on the CPU, on the product's shape and on how many
+rows (tokens) it has: oneDNN's inner product and MKL's sgemm (``F.linear``) trade places between an
+AVX2-only AMD EPYC and an AVX-512/AMX Intel Xeon, and between one row (decoding, bound by how fast the
+weight streams from memory) and hundreds (prefill and training, bound by arithmetic). So, like
+cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a layer meets a
+(out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
+faster is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
+Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
+weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
+step), at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole).
+
+Overrides, most specific first: an explicit ``Backends(linear="onednn" | "torch")``; the environment
+variable ``GPT2LAB_LINEAR_KERNEL`` (``onednn``, ``torch`` or ``auto``) for models built with ``auto``;
+an edited ``"kernel"`` entry in the file. ``GPT2LAB_KERNEL_CACHE`` names the file (default
+``$XDG_CACHE_HOME/gpt2lab/linear-kernels.json``, else ``~/.cache/...``). Products too small to matter
+(``MIN_CALIBRATED`` weight elements), and any machine where the file cannot be written, still work:
+small ones take the fallback (oneDNN where it runs), an unwritable file keeps its choices in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2lab import files, ops
+
+ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
+ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
+CANDIDATES = ("onednn", "torch")
+MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
+MIN_CALIBRATED = 2**16  # weight elements
+MAX_OUT = 8192
+STREAM_BYTES = 64 * 2**20
+FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
+MARGIN = 0.03  # another kernel must be this much faster than the fallback to be chosen
+
+
+def fallback() -> str:
+    """The kernel of a product that is not measured: oneDNN where this torch has it."""
+    return "onednn" if ops.onednn_available() else "torch"
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``, at most MAX_BUCKET: products are measured per bucket."""
+    return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux) and its vector extensions, as torch sees them."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def machine_key() -> str:
+    """What a measurement is valid for: the CPU, the torch build and the thread count."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def default_path() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gpt2lab" / "linear-kernels.json"
+
+
+def resolve(setting: str) -> tuple[str, KernelTable | None]:
+    """The kernel that linear layers built with ``setting`` (a ``Backends.linear``) run, and the table
+    that chooses for them when that kernel is ``auto``. The environment overrides ``auto`` only."""
+    if setting == "auto" and os.environ.get(ENV_KERNEL):
+        setting = os.environ[ENV_KERNEL]
+        if setting not in ops.LINEAR_KERNELS:
+            raise ValueError(f"{ENV_KERNEL} must be one of {ops.LINEAR_KERNELS}, got {setting!r}")
+    return setting, (KernelTable() if setting == "auto" else None)
+
+
+class KernelTable:
+    """The kernel of each (out, in, rows bucket) product on this machine: read from ``path``, else
+    measured once and written there (``path`` None: ``default_path()`` when first needed)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self._chosen: dict[tuple[int, int, int, int], str] = {}
+        self._saved: dict | None = None  # the file's entries for this machine, read on first need
+
+    def choose(self, out_features: int, in_features: int, rows: int) -> str:
+        """The kernel for a product of ``rows`` rows by an (out, in) weight; measured if not known."""
+        key = (out_features, in_features, rows_bucket(rows), torch.get_num_threads())
+        kernel = self._chosen.get(key)
+        if kernel is None:
+            kernel = self._chosen[key] = self._lookup_or_measure(*key[:3])
+        return kernel
+
+    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int) -> str:
+        if out_features * in_features < MIN_CALIBRATED or not ops.onednn_available():
+            return fallback()
+        name = f"{out_features}x{in_features} rows {rows}"
+        entry = self._entries().get(name)
+        if isinstance(entry, dict) and entry.get("kernel") in CANDIDATES:
+            return entry["kernel"]
+        times = measure(out_features, in_features, rows)
+        best = min(times, key=times.get)
+        kernel = best if times[best] < (1 - MARGIN) * times[fallback()] else fallback()
+        self._record(name, {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}})
+        return kernel
+
+    def file(self) -> Path:
+        """The JSON file this table reads and writes."""
+        if self.path is None:
+            self.path = default_path()
+        return self.path
+
+    def _read_all(self) -> dict:
+        try:
+            data = json.loads(self.file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _entries(self) -> dict:
+        if self._saved is None:
+            saved = self._read_all().get(machine_key(), {})
+            self._saved = saved if isinstance(saved, dict) else {}
+        return self._saved
+
+    def _record(self, name: str, entry: dict) -> None:
+        """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile."""
+        self._entries()[name] = entry
+        data = self._read_all()
+        data.setdefault(machine_key(), {})[name] = entry
+        try:
+            self.file().parent.mkdir(parents=True, exist_ok=True)
+            files.write_json(self.file(), data)
+        except (OSError, files.DiskFullError):
+            pass  # a read-only or full cache: the choice lives in memory for this process
+
+
+@torch.no_grad()
+def measure(out_features: int, in_features: int, rows: int, repeat: int = 5) -> dict[str, float]:
+    """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) float32 weight,
+    medians of runs taken in alternation (so a busy machine slows both alike)."""
+    n = min(out_features, MAX_OUT)
+    copies = max(1, STREAM_BYTES // (4 * n * in_features)) if rows <= FEW_ROWS else 1
+    weights = [torch.full((n, in_features), 0.01) for _ in range(copies)]
+    x = torch.full((rows, in_features), 0.5)
+    times: dict[str, list[float]] = {k: [] for k in CANDIDATES}
+    for i in range(repeat + 1):
+        for kernel in CANDIDATES:
+            start = time.perf_counter()
+            for w in weights:
+                ops.linear(x, w, kernel=kernel)
+            if i:  # the first round warms up
+                times[kernel].append(time.perf_counter() - start)
+    scale = out_features / n / copies
+    return {k: statistics.median(v) * scale for k, v in times.items()}
