@@ -27,16 +27,16 @@ def test_measured_once_then_remembered_and_overridable(tmp_path):
     path = tmp_path / "k.json"
     table = kernels.KernelTable(path)
     chosen = table.choose(512, 256, 3)
-    assert chosen in kernels.CANDIDATES
+    assert chosen in kernels.FLOAT32_KERNELS
     [(machine, entries)] = json.loads(path.read_text()).items()
     assert machine == kernels.machine_key()
-    entry = entries["512x256 rows 4"]  # 3 rows fall in the bucket of 4
-    assert entry["kernel"] == chosen and set(entry["us_per_product"]) == set(kernels.CANDIDATES)
+    entry = entries["float32 512x256 rows 4"]  # 3 rows fall in the bucket of 4
+    assert entry["kernel"] == chosen and set(entry["us_per_product"]) == set(kernels.FLOAT32_KERNELS)
     assert table.choose(512, 256, 4) == chosen  # same bucket: nothing measured again
     assert json.loads(path.read_text())[machine] == entries
     # a hand-edited file wins over what was measured, in a new table (process)
     other = "torch" if chosen == "onednn" else "onednn"
-    entries["512x256 rows 4"]["kernel"] = other
+    entries["float32 512x256 rows 4"]["kernel"] = other
     path.write_text(json.dumps({machine: entries}))
     assert kernels.KernelTable(path).choose(512, 256, 4) == other
 
@@ -51,7 +51,7 @@ def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     table = kernels.KernelTable(blocker / "k.json")  # its directory cannot be made: a file is in the way
-    assert table.choose(512, 256, 1) in kernels.CANDIDATES
+    assert table.choose(512, 256, 1) in kernels.FLOAT32_KERNELS
 
 
 def test_environment_overrides_auto_only(monkeypatch):
@@ -79,11 +79,11 @@ def test_auto_model_matches_fixed_kernels(make_gpt, kernel_cache):
             fixed = make_gpt(seed=3, backends=Backends(linear=kernel), **config)
             torch.testing.assert_close(got, fixed(idx)[0], atol=1e-5, rtol=1e-5)
     entries = json.loads(kernel_cache.read_text())[kernels.machine_key()]
-    assert "1024x128 rows 32" in entries  # the lm_head at 18 rows
+    assert "float32 1024x128 rows 32" in entries  # the lm_head at 18 rows
 
 
 def test_measure_is_quick_and_honest():
     times = kernels.measure(768, 768, 1, repeat=2)
-    assert set(times) == set(kernels.CANDIDATES) and all(0 < t < 1 for t in times.values())
+    assert set(times) == set(kernels.FLOAT32_KERNELS) and all(0 < t < 1 for t in times.values())
     x, w = torch.randn(3, 64), torch.randn(80, 64)
     torch.testing.assert_close(ops.linear(x, w, kernel="onednn"), F.linear(x, w))

@@ -1,12 +1,14 @@
 """Which CPU kernel runs each linear product: measured on the machine at hand, remembered per CPU.
 
-The fastest float32 kernel for a product depends on the CPU, on the product's shape and on how many
+The fastest kernel for a product depends on the CPU, on the product's shape and on how many
 rows (tokens) it has: oneDNN's inner product and MKL's sgemm (``F.linear``) trade places between an
 AVX2-only AMD EPYC and an AVX-512/AMX Intel Xeon, and between one row (decoding, bound by how fast the
 weight streams from memory) and hundreds (prefill and training, bound by arithmetic). So, like
 cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a layer meets a
 (out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
-faster is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
+fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
+Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
+between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step), at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole).
@@ -16,7 +18,7 @@ variable ``GPT2LAB_LINEAR_KERNEL`` (``onednn``, ``torch`` or ``auto``) for model
 an edited ``"kernel"`` entry in the file. ``GPT2LAB_KERNEL_CACHE`` names the file (default
 ``$XDG_CACHE_HOME/gpt2lab/linear-kernels.json``, else ``~/.cache/...``). Products too small to matter
 (``MIN_CALIBRATED`` weight elements), and any machine where the file cannot be written, still work:
-small ones take the fallback (oneDNN where it runs), an unwritable file keeps its choices in memory.
+small ones take the fallback (the first of ``candidates``), an unwritable file keeps its choices in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from gpt2lab import files, ops
 
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
-CANDIDATES = ("onednn", "torch")
+FLOAT32_KERNELS = ("onednn", "torch")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MIN_CALIBRATED = 2**16  # weight elements
 MAX_OUT = 8192
@@ -43,9 +45,16 @@ FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
 MARGIN = 0.03  # another kernel must be this much faster than the fallback to be chosen
 
 
-def fallback() -> str:
-    """The kernel of a product that is not measured: oneDNN where this torch has it."""
-    return "onednn" if ops.onednn_available() else "torch"
+def candidates(kind: str, rows: int) -> tuple[str, ...]:
+    """The kernels that may run a ``kind`` ("float32" or "int8") product of ``rows`` rows, the
+    fallback first: the kernel of a product that is not measured."""
+    if kind == "int8":
+        return ops.int8_kernels(rows)
+    return FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
+
+
+def fallback(kind: str = "float32", rows: int = 1) -> str:
+    return candidates(kind, rows)[0]
 
 
 def rows_bucket(rows: int) -> int:
@@ -53,17 +62,32 @@ def rows_bucket(rows: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux) and its vector extensions, as torch sees them."""
-    name = platform.processor() or platform.machine()
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the widest vector instructions torch uses on it."""
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def int8_reduce_range() -> bool:
+    """Whether fbgemm's int8 kernel needs 7-bit inputs here: yes without AVX-512 VNNI, whose
+    instruction sums into 32 bits, where the AVX2 kernel's 16-bit pair sums could saturate."""
+    return "avx512_vnni" not in cpu_flags()
 
 
 def machine_key() -> str:
@@ -97,24 +121,25 @@ class KernelTable:
         self._chosen: dict[tuple[int, int, int, int], str] = {}
         self._saved: dict | None = None  # the file's entries for this machine, read on first need
 
-    def choose(self, out_features: int, in_features: int, rows: int) -> str:
-        """The kernel for a product of ``rows`` rows by an (out, in) weight; measured if not known."""
-        key = (out_features, in_features, rows_bucket(rows), torch.get_num_threads())
+    def choose(self, out_features: int, in_features: int, rows: int, kind: str = "float32") -> str:
+        """The kernel for a ``kind`` product of ``rows`` rows by an (out, in) weight; measured if not known."""
+        key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
         kernel = self._chosen.get(key)
         if kernel is None:
-            kernel = self._chosen[key] = self._lookup_or_measure(*key[:3])
+            kernel = self._chosen[key] = self._lookup_or_measure(*key[:4])
         return kernel
 
-    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int) -> str:
-        if out_features * in_features < MIN_CALIBRATED or not ops.onednn_available():
-            return fallback()
-        name = f"{out_features}x{in_features} rows {rows}"
+    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> str:
+        options = candidates(kind, rows)
+        if out_features * in_features < MIN_CALIBRATED or len(options) == 1:
+            return options[0]
+        name = f"{kind} {out_features}x{in_features} rows {rows}"
         entry = self._entries().get(name)
-        if isinstance(entry, dict) and entry.get("kernel") in CANDIDATES:
+        if isinstance(entry, dict) and entry.get("kernel") in options:
             return entry["kernel"]
-        times = measure(out_features, in_features, rows)
+        times = measure(out_features, in_features, rows, kind)
         best = min(times, key=times.get)
-        kernel = best if times[best] < (1 - MARGIN) * times[fallback()] else fallback()
+        kernel = best if times[best] < (1 - MARGIN) * times[options[0]] else options[0]
         self._record(name, {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}})
         return kernel
 
@@ -150,20 +175,31 @@ class KernelTable:
 
 
 @torch.no_grad()
-def measure(out_features: int, in_features: int, rows: int, repeat: int = 5) -> dict[str, float]:
-    """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) float32 weight,
-    medians of runs taken in alternation (so a busy machine slows both alike)."""
+def measure(out_features: int, in_features: int, rows: int, kind: str = "float32", repeat: int = 5) -> dict[str, float]:
+    """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
+    medians of runs taken in alternation (so a busy machine slows all alike)."""
     n = min(out_features, MAX_OUT)
-    copies = max(1, STREAM_BYTES // (4 * n * in_features)) if rows <= FEW_ROWS else 1
-    weights = [torch.full((n, in_features), 0.01) for _ in range(copies)]
+    element = 1 if kind == "int8" else 4
+    copies = max(1, STREAM_BYTES // (element * n * in_features)) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
-    times: dict[str, list[float]] = {k: [] for k in CANDIDATES}
+    runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeat + 1):
-        for kernel in CANDIDATES:
+        for kernel, run in runs.items():
             start = time.perf_counter()
-            for w in weights:
-                ops.linear(x, w, kernel=kernel)
+            run()
             if i:  # the first round warms up
                 times[kernel].append(time.perf_counter() - start)
     scale = out_features / n / copies
     return {k: statistics.median(v) * scale for k, v in times.items()}
+
+
+def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):
+    """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights."""
+    if kind == "int8":
+        reduce_range = int8_reduce_range()
+        scale = torch.full((n,), 0.01)
+        packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
+        return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
+    weights = [torch.full((n, k), 0.01) for _ in range(copies)]
+    return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]

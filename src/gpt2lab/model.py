@@ -251,7 +251,7 @@ class GPT(nn.Module):
         """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
         -100 = ignore). On the CPU a chunk of tokens at a time, without ever holding the full logits."""
         vocab, kernel = self.config.vocab_size, self.backends.linear
-        if use_onednn(x, self.lm_head.weight, kernel):
+        if isinstance(self.lm_head, Linear) and use_onednn(x, self.lm_head.weight, kernel):
             flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
             return linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
         logits = self.lm_head(x)[..., :vocab]
@@ -331,8 +331,10 @@ class GPT(nn.Module):
         ``backends.head_copy_min_steps`` steps remain in the cache. It lives until ``clear_cache`` (one more
         wte-sized tensor while generating) and is not used once the weight is replaced or changed.
         """
+        if filled is None or not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
+            return None
         w, min_steps = self.lm_head.weight, self.backends.head_copy_min_steps
-        if filled is None or not min_steps or torch.is_grad_enabled() or not isinstance(self.lm_head, Linear):
+        if not min_steps:
             return None
         if not use_onednn(x, w, self.backends.linear):
             return None

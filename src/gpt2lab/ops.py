@@ -13,6 +13,8 @@ The results equal ``F.linear`` to float32 rounding (only the summation order dif
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,6 +93,49 @@ class Linear(nn.Linear):
         if kernel == "auto" and self.table is not None and use_onednn(x, self.weight):
             kernel = self.table.choose(self.out_features, self.in_features, x.numel() // self.in_features)
         return linear(x, self.weight, self.bias, kernel)
+
+
+INT8_KERNELS = ("fbgemm", "int_mm")
+
+
+def int8_kernels(rows: int) -> tuple[str, ...]:
+    """The int8 kernels that may run a product of ``rows`` rows. Both quantize the input per row (one
+    scale per token): fbgemm quantizes its whole input with one scale, which is per row only at one
+    row, so it runs one-row products; ``torch._int_mm`` (oneDNN, with AMX or VNNI where present) runs all."""
+    has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    return INT8_KERNELS if rows == 1 and has_fbgemm else ("int_mm",)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output channel): symmetric, the largest magnitude of each row
+    of ``weight`` (out, in) maps to 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
+    """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel."""
+    if kernel == "fbgemm":
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing takes only them
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+    return qweight.t(), scale, None if bias is None else bias.detach().float()  # (in, out) view: _int_mm's B
+
+
+def int8_linear(x: torch.Tensor, packed, kernel: str, reduce_range: bool) -> torch.Tensor:
+    """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
+    quantized to 8 bits per row, int32 accumulation, float32 out. ``reduce_range`` (7-bit inputs)
+    keeps fbgemm's AVX2 kernel from saturating its 16-bit pair sums; VNNI CPUs need it not."""
+    if kernel == "fbgemm":
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    qweight_t, scale, bias = packed
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
+    qx = torch.div(x, x_scale).round_().to(torch.int8)
+    y = torch._int_mm(qx, qweight_t).float().mul_(x_scale).mul_(scale)
+    return y if bias is None else y.add_(bias)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
