@@ -87,3 +87,25 @@ def test_measure_is_quick_and_honest():
     assert set(times) == set(kernels.FLOAT32_KERNELS) and all(0 < t < 1 for t in times.values())
     x, w = torch.randn(3, 64), torch.randn(80, 64)
     torch.testing.assert_close(ops.linear(x, w, kernel="onednn"), F.linear(x, w))
+
+
+@pytest.mark.parametrize("layout", ["torch_t", "torch"])
+def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, layout):
+    """A batch-1 decode step reads the lm_head from a transposed copy only when the kernel file says that
+    layout is the faster here (kind "head"); the logits are the same either way."""
+    assert kernels.candidates("head", 1)[0] == "onednn_t"  # the choice of a model with an explicit onednn kernel
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    entry = {"kernel": layout, "us_per_product": {}}
+    data.setdefault(kernels.machine_key(), {})["head 1024x128 rows 1"] = entry
+    kernel_cache.write_text(json.dumps(data))
+    model = make_gpt(seed=2, backends=Backends(linear="auto", head_copy_min_steps=2), **config)
+    fixed = make_gpt(seed=2, backends=Backends(linear="torch"), **config)
+    idx = torch.randint(0, 1024, (1, 5))
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        model(idx[:, :4], input_pos=torch.arange(4))
+        step = model(idx[:, 4:], input_pos=torch.tensor([4]))[0]
+        assert (model._head_copy is not None) == layout.endswith("_t")
+        model.clear_cache()
+        torch.testing.assert_close(step[0, -1], fixed(idx)[0][0, -1], atol=1e-5, rtol=1e-5)

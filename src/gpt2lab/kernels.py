@@ -37,6 +37,7 @@ from gpt2lab import files, ops
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
+HEAD_KERNELS = ("onednn_t", "onednn", "torch", "torch_t")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MIN_CALIBRATED = 2**16  # weight elements
 MAX_OUT = 8192
@@ -46,10 +47,12 @@ MARGIN = 0.03  # another kernel must be this much faster than the fallback to be
 
 
 def candidates(kind: str, rows: int) -> tuple[str, ...]:
-    """The kernels that may run a ``kind`` ("float32" or "int8") product of ``rows`` rows, the
-    fallback first: the kernel of a product that is not measured."""
+    """The kernels that may run a ``kind`` ("float32", "int8", or "head": the tied lm_head of a one-row
+    decode step) product of ``rows`` rows, the fallback first: the kernel of a product not measured."""
     if kind == "int8":
         return ops.int8_kernels(rows)
+    if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
+        return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
     return FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
 
 
@@ -202,4 +205,6 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
         return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
+    if kernel.endswith("_t"):  # the same weight, read from an (in, out)-contiguous copy
+        weights, kernel = [w.t().contiguous().t() for w in weights], kernel.removesuffix("_t")
     return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]

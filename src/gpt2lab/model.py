@@ -244,7 +244,7 @@ class GPT(nn.Module):
         if input_pos is not None and x.shape[0] * x.shape[1] == 1:  # batch-1 decoding
             filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
             head = self._one_row_head(x, filled)
-        logits = self.lm_head(x) if head is None else linear(x, head, kernel=self.backends.linear)
+        logits = self.lm_head(x) if head is None else linear(x, head[0], kernel=head[1])
         return logits[..., : self.config.vocab_size]  # rows of a padded vocabulary are never predicted
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -320,30 +320,34 @@ class GPT(nn.Module):
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
         self.cache_padded = False
 
-    def _one_row_head(self, x: torch.Tensor, filled: int | None) -> torch.Tensor | None:
+    def _one_row_head(self, x: torch.Tensor, filled: int | None) -> tuple[torch.Tensor, str] | None:
         """For a one-row decode step on the CPU without grad, the lm_head weight (vocab, n_embd) as a
-        view of an (n_embd, vocab)-contiguous copy; else None (use the lm_head as it is). ``filled``:
-        the cache slots written after this step (None when compiling).
+        view of an (n_embd, vocab)-contiguous copy and the kernel to read it with, when that layout is
+        the faster here; else None (use the lm_head as it is). ``filled``: the cache slots written after
+        this step (None when compiling).
 
-        At one row, oneDNN reads the output embedding about 1.4x faster in that layout than from the
-        tied weight (``python bench/linear.py``), and it is a third of a GPT-2 124M decode step's
-        reads: 3 ms a step saved. Making the copy costs 150-250 ms, so it is made only when at least
-        ``backends.head_copy_min_steps`` steps remain in the cache. It lives until ``clear_cache`` (one more
-        wte-sized tensor while generating) and is not used once the weight is replaced or changed.
+        The lm_head is a third of a GPT-2 124M decode step's reads, and at one row a kernel may read it
+        faster from the transposed layout (``python bench/linear.py``). An ``auto`` model measures the
+        four choices (oneDNN or MKL, either layout: kind ``head`` in gpt2lab.kernels); an ``onednn``
+        one takes oneDNN on the copy. Making the copy costs as much as tens of steps save, so it is made
+        only when at least ``backends.head_copy_min_steps`` steps remain in the cache. It lives until
+        ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
+        replaced or changed.
         """
         if filled is None or not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
             return None
-        w, min_steps = self.lm_head.weight, self.backends.head_copy_min_steps
-        if not min_steps:
+        w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
+        if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
             return None
-        if not use_onednn(x, w, self.backends.linear):
+        kernel = table.choose(w.shape[0], w.shape[1], 1, kind="head") if table is not None else "onednn_t"
+        if not kernel.endswith("_t"):
             return None
         key = (w.data_ptr(), w._version)
         if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
             if self.cache_len - filled < min_steps:
                 return None
             self._head_copy = (w, key, w.detach().t().contiguous().t())
-        return self._head_copy[2]
+        return self._head_copy[2], kernel.removesuffix("_t")
 
     # --- construction helpers --------------------------------------------------------------------
 
