@@ -283,7 +283,11 @@ def main() -> None:
         import llama_cpp
 
         versions += f", llama-cpp-python {llama_cpp.__version__}"
-    print(cpu_header(args.threads) + f"\n{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
+    policy = (
+        f"{os.environ['OMP_WAIT_POLICY']} for all" if _USER_POLICY else "PASSIVE for gpt2lab, the default for the peers"
+    )
+    print(cpu_header(args.threads).split(", OMP_WAIT_POLICY")[0] + f"; OpenMP wait policy {policy}", flush=True)
+    print(f"{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt2")).eval()
     with tempfile.TemporaryDirectory() as tmp:
