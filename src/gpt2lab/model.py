@@ -86,6 +86,23 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, enable_gqa: bool
+) -> torch.Tensor:
+    """SDPA for one query per row (a decode step): q (B, nh, 1, hs), k and v (B, nkv, S, hs), a boolean
+    mask broadcastable to (B, 1, 1, S) or None. Three small products on one thread: CPU SDPA's flash
+    kernel pays a parallel region and buffers per call, which at one query cost more than the attention
+    itself (docs/benchmarks.md). Each kv head's group of queries (h // group, as SDPA's enable_gqa) is
+    one block of rows, so grouped heads need no copies of k and v."""
+    B, nh, _, hs = q.shape
+    nkv = k.shape[1]
+    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, group, hs)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    return (att.softmax(dim=-1) @ v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
@@ -116,7 +133,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
             k, v, mask = self.kv_cache.update(k, v, *step)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+            attend = one_query_attention if T == 1 else F.scaled_dot_product_attention
+            y = attend(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         elif self.window is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
