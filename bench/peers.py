@@ -178,7 +178,12 @@ def decode_bytes(model: GPT, bytes_per_weight: float) -> float:
     return total
 
 
-BYTES_PER_WEIGHT = {"float32": 4.0, "int8": 1.0, "q8_0": 34 / 32}  # q8_0: 32 int8 and one fp16 scale a block
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "f32": 4.0,
+    "int8": 1.0,
+    "q8_0": 34 / 32,
+}  # q8_0: 32 int8 and one fp16 scale a block
 
 
 DECODE_CASES = [("float32", 1, 128), ("float32", 1, 512), ("float32", 8, 128), ("int8", 1, 128), ("int8", 8, 128)]
@@ -273,6 +278,7 @@ def main() -> None:
     ap.add_argument("--only", default="decode,prefill,forward,quality")
     ap.add_argument("--llama-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (llama.cpp rows)")
     ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
+    ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
@@ -289,7 +295,7 @@ def main() -> None:
     print(cpu_header(args.threads).split(", OMP_WAIT_POLICY")[0] + f"; OpenMP wait policy {policy}", flush=True)
     print(f"{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name("gpt2")).eval()
+    model = GPT(GPTConfig.from_name(args.preset, block_size=1024)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "gpt2-random"
         save_pretrained(model, directory)
