@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,3 +79,26 @@ def memory_read_gbs(n_bytes: int = 512 * 2**20, repeat: int = 5) -> float:
     x = torch.ones(n_bytes // 4)
     t = timeit(lambda: x.sum(), repeat=repeat, warmup=1)
     return n_bytes / t / 1e9
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_header(threads: int) -> str:
+    """The CPU model and its vector extensions (the ones matmul kernels use), torch's version and the
+    thread count: what a benchmark's figures hold for."""
+    from gpt2lab.kernels import cpu_model
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    present = [f for f in VECTOR_FLAGS if f in flags] or ["(flags unknown on this OS)"]
+    return (
+        f"CPU: {cpu_model()}, {platform.machine()}; flags: {' '.join(present)}\n"
+        f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}"
+    )

@@ -18,7 +18,7 @@ import copy
 import time
 
 import torch
-from common import hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs
+from common import cpu_header, hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs
 
 from gpt2lab.generation import generate
 from gpt2lab.train import configure_optimizer, flops_per_token
@@ -202,8 +202,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     only = {"forward", "generate"} if args.quick else set(args.only.split(","))
+    print(cpu_header(args.threads), flush=True)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; ceilings measured before each row: "
+        f"fp32; ceilings measured before each row: "
         f"matmul {matmul_gflops():.0f} GFLOP/s (1024x768 by a 3072x768 weight, best of MKL and oneDNN), memory read {memory_read_gbs():.1f} GB/s now",
         flush=True,
     )

@@ -2,7 +2,8 @@
 
     python bench/linear.py [--threads 2] [--repeat 5]
 
-The evidence for gpt2lab.ops' kernel choice. For batch-1 rows (decoding) the figure is GB/s of weight
+What ``Backends(linear="auto")`` measures for itself (gpt2lab.kernels), at more length, and its
+choices on this machine at the end. For batch-1 rows (decoding) the figure is GB/s of weight
 read, over a stack of distinct weights larger than the caches (as in a real decode step); for the
 others it is GFLOP/s. Forward products, then the two backward products of the lm_head (oneDNN's
 grad @ W needs W transposed into a copy, which is counted). Both kernels are timed alternately; the
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from common import interleaved
 
-from gpt2lab import ops
+from gpt2lab import kernels, ops
 
 SHAPES = {  # name: (in, out)
     "attn.c_attn": (768, 2304),
@@ -69,6 +70,11 @@ def main() -> None:
     for tokens in (1, 8):  # the weight layout at one row: GPT's batch-1 decode reads the lm_head from a copy
         for name, (k, n) in SHAPES.items():
             layout_row(name, k, n, tokens, args.repeat)
+    table = kernels.KernelTable()
+    print(f"\nBackends(linear='auto') on {kernels.machine_key()} ({table.file()}):\n")
+    print("| product | 1 row | 8 rows | 256 rows |\n|---|---|---|---|")
+    for name, (k, n) in SHAPES.items():
+        print(f"| {name} {k}x{n} | " + " | ".join(table.choose(n, k, rows) for rows in (1, 8, 256)) + " |")
 
 
 def distinct_weights(k: int, n: int) -> list[torch.Tensor]:

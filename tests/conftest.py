@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,8 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab import GPT, Backends, GPTConfig
+from gpt2lab import GPT, Backends, GPTConfig, kernels
 from gpt2lab.load import save_pretrained
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """The file of measured linear kernels (Backends(linear="auto")) lives in a temporary directory
+    during the tests, through its documented environment variable: tests never write the user's cache."""
+    previous = os.environ.get(kernels.ENV_CACHE)
+    path = tmp_path_factory.mktemp("kernels") / "linear-kernels.json"
+    os.environ[kernels.ENV_CACHE] = str(path)
+    yield path
+    if previous is None:
+        del os.environ[kernels.ENV_CACHE]
+    else:
+        os.environ[kernels.ENV_CACHE] = previous
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -297,3 +298,22 @@ def test_help_texts_say_what_exists(capsys):
     for option in ("--config", "--variants", "--seeds", "--data", "--steps", "--out", "--quick", "--no-progress"):
         assert option in usage, option
     assert "world sizes up to 128" in " ".join(train.split())
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    """The command line asks torch's OpenMP threads to sleep while they wait (set before torch loads),
+    and leaves a policy the user set alone; once torch is loaded (as here) it changes nothing."""
+    import subprocess
+    import sys
+
+    from gpt2lab.cli import passive_openmp
+
+    probe = "import os\nfrom gpt2lab.cli import passive_openmp\npassive_openmp(os.environ)\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    run = lambda env: subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout
+    assert run(env).strip() == "PASSIVE"
+    assert run(env | {"OMP_WAIT_POLICY": "ACTIVE"}).strip() == "ACTIVE"
+    assert run(env | {"GOMP_SPINCOUNT": "1000"}).strip() == "None"
+    environ: dict[str, str] = {}
+    passive_openmp(environ)  # torch is loaded in this process: too late to matter, so nothing is set
+    assert environ == {}

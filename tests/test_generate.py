@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gpt2lab import Backends, GPT2LabError, generate, stream
-from gpt2lab.generation import sample
+from gpt2lab.generation import next_token_probs, prefill, sample
 from gpt2lab.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +61,24 @@ def test_kv_cache_decoding_equals_full_forward(hf_small, B):
             steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]))[0])
     model.clear_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_prefill_logits_equal_the_full_forwards_last_row(make_gpt, B):
+    """Prefill computes the lm_head for the last prompt position only; those logits equal the last row of
+    a full forward, and next_token_probs (which does the same) ranks as the full forward's softmax."""
+    model = make_gpt(seed=5)
+    idx = torch.randint(0, 97, (B, 11), generator=torch.Generator().manual_seed(B))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_cache(B, 16)
+        last = prefill(model, idx, torch.arange(11))
+    model.clear_cache()
+    assert last.shape == (B, 97)
+    torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=0)
+    [(token, prob), *_] = next_token_probs(model, idx[0].tolist(), 3)
+    assert token == int(full[0, -1].argmax())
+    assert prob == pytest.approx(float(full[0, -1].softmax(-1).max()), abs=1e-6)
 
 
 BATCH_PROMPTS = [[11, 3, 58], [7, 80, 2, 44, 19, 61, 5, 33, 90], [42], [60, 1, 22, 71, 8, 13]]

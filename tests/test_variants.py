@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gpt2lab import GPTConfig
 from gpt2lab.errors import ConfigError
@@ -330,3 +331,18 @@ def test_position_interpolation_scales_the_rotary_angles(make_gpt):
         GPTConfig(rope_interpolation=0.5)
     with pytest.raises(ConfigError, match=r"in \(0, 1\]"):
         GPTConfig(pos_emb="rope", rope_interpolation=2.0)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_query_attention_equals_sdpa(n_kv_head, masked):
+    """A decode step's attention (three small products, grouped heads as blocks of rows) equals SDPA with
+    enable_gqa, with and without a per-row boolean mask."""
+    from gpt2lab.model import one_query_attention
+
+    g = torch.Generator().manual_seed(n_kv_head)
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    k, v = torch.randn(3, n_kv_head, 9, 16, generator=g), torch.randn(3, n_kv_head, 9, 16, generator=g)
+    mask = (torch.rand(3, 1, 1, 9, generator=g) > 0.4) | (torch.arange(9) == 8) if masked else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv_head != 4)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask, n_kv_head != 4), ref, atol=1e-6, rtol=1e-5)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 from gpt2lab.errors import GPT2LabError
@@ -415,8 +415,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def passive_openmp(environ: MutableMapping[str, str]) -> None:
+    """Let OpenMP threads that wait for work sleep instead of spin (OMP_WAIT_POLICY=PASSIVE), unless the
+    user chose a policy. On a CPU shared with other jobs a spinning thread burns the time slice its
+    partner thread needs, and a decode step is dozens of short parallel products: with the default
+    policy it ran several times slower there (docs/benchmarks.md). Read once, when torch loads its
+    OpenMP runtime, so it is set only before torch is imported."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    passive_openmp(os.environ)
     named = next((a for a in argv if not a.startswith("-")), "")  # the subcommand, if any (no top-level options)
     parser = build_parser(named)
     args, extra = parser.parse_known_args(argv)

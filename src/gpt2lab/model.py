@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache
@@ -37,8 +39,10 @@ class Backends:
 
     ``attention``: how window layers of a full forward (training, evaluation) attend: ``sdpa`` with a
     boolean mask, ``flex`` (FlexAttention, which skips the blocks the window masks out), or ``auto``
-    (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer
-    (gpt2lab.ops). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
+    (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer:
+    ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
+    shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
+    names the environment variables that override it). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
     copy once at least this many steps remain to repay making it (``GPT._one_row_head``; 0 = never).
     """
 
@@ -85,14 +89,31 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+def one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, enable_gqa: bool
+) -> torch.Tensor:
+    """SDPA for one query per row (a decode step): q (B, nh, 1, hs), k and v (B, nkv, S, hs), a boolean
+    mask broadcastable to (B, 1, 1, S) or None. Three small products on one thread: CPU SDPA's flash
+    kernel pays a parallel region and buffers per call, which at one query cost more than the attention
+    itself (docs/benchmarks.md). Each kv head's group of queries (h // group, as SDPA's enable_gqa) is
+    one block of rows, so grouped heads need no copies of k and v."""
+    B, nh, _, hs = q.shape
+    nkv = k.shape[1]
+    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, group, hs)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    return (att.softmax(dim=-1) @ v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
         self.split = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = Linear(config.n_embd, sum(self.split), kernel=backends.linear)  # fused q, k, v
-        self.c_proj = Linear(config.n_embd, config.n_embd, kernel=backends.linear)
+        self.c_attn = make_linear(config.n_embd, sum(self.split))  # fused q, k, v
+        self.c_proj = make_linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.layer_window(layer)
@@ -115,7 +136,8 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
             k, v, mask = self.kv_cache.update(k, v, *step)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+            attend = one_query_attention if T == 1 else F.scaled_dot_product_attention
+            y = attend(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         elif self.window is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
@@ -131,10 +153,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, kernel=backends.linear)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, kernel=backends.linear)
+        self.c_fc = make_linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = make_linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +164,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, backends: Backends) -> None:
+    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer, backends)
+        self.attn = CausalSelfAttention(config, layer, make_linear)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config, backends)
+        self.mlp = MLP(config, make_linear)
 
     def forward(self, x, rope, window_mask, step) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, window_mask, step)
@@ -159,6 +181,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.backends = backends = backends or Backends()
+        kernel, table = kernels.resolve(backends.linear)  # one table: every layer's measured choices
+        make_linear = functools.partial(Linear, kernel=kernel, table=table)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
@@ -167,9 +191,9 @@ class GPT(nn.Module):
             Rotary(config.head_dim, config.rope_theta, config.block_size, config.rope_interpolation) if rope else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i, backends) for i in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, i, make_linear) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=False, kernel=backends.linear)
+        self.lm_head = make_linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False
@@ -203,6 +227,14 @@ class GPT(nn.Module):
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
         KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
         """
+        x = self.hidden_states(idx, input_pos)
+        if targets is None:
+            return self.logits(x, input_pos), None
+        return None, self.loss(x, targets)
+
+    def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after ``ln_f``, of tokens idx (B, T); ``input_pos`` as
+        in ``forward``. Generation calls this and ``logits`` itself, on the last position only."""
         B, T = idx.shape
         if input_pos is None:
             step, pos = None, torch.arange(T, device=idx.device)[None]  # (1, T)
@@ -225,18 +257,27 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, window_mask, step)
-        x = self.ln_f(x)
-        vocab = self.config.vocab_size  # rows of a padded vocabulary (GPU-friendly shapes) are never predicted
-        kernel = self.backends.linear
-        if targets is not None and use_onednn(x, self.lm_head.weight, kernel):
-            # CPU: the loss a chunk of tokens at a time, without ever holding the full logits
+        return self.ln_f(x)
+
+    def logits(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd); ``input_pos`` as in
+        ``forward`` (a one-row decode step may read the lm_head from a copy, see ``_one_row_head``)."""
+        head = None
+        if input_pos is not None and x.shape[0] * x.shape[1] == 1:  # batch-1 decoding
+            filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+            head = self._one_row_head(x, filled)
+        logits = self.lm_head(x) if head is None else linear(x, head[0], kernel=head[1])
+        return logits[..., : self.config.vocab_size]  # rows of a padded vocabulary are never predicted
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
+        -100 = ignore). On the CPU a chunk of tokens at a time, without ever holding the full logits."""
+        vocab, kernel = self.config.vocab_size, self.backends.linear
+        if isinstance(self.lm_head, Linear) and use_onednn(x, self.lm_head.weight, kernel):
             flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
-            return None, linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
-        head = self._one_row_head(x, step[2]) if step is not None and B * T == 1 else None  # batch-1 decoding
-        logits = (self.lm_head(x) if head is None else linear(x, head, kernel=kernel))[..., :vocab]
-        if targets is None:
-            return logits, None
-        return None, F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
+            return linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
+        logits = self.lm_head(x)[..., :vocab]
+        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
@@ -301,28 +342,34 @@ class GPT(nn.Module):
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
         self.cache_padded = False
 
-    def _one_row_head(self, x: torch.Tensor, filled: int | None) -> torch.Tensor | None:
+    def _one_row_head(self, x: torch.Tensor, filled: int | None) -> tuple[torch.Tensor, str] | None:
         """For a one-row decode step on the CPU without grad, the lm_head weight (vocab, n_embd) as a
-        view of an (n_embd, vocab)-contiguous copy; else None (use the lm_head as it is). ``filled``:
-        the cache slots written after this step (None when compiling).
+        view of an (n_embd, vocab)-contiguous copy and the kernel to read it with, when that layout is
+        the faster here; else None (use the lm_head as it is). ``filled``: the cache slots written after
+        this step (None when compiling).
 
-        At one row, oneDNN reads the output embedding about 1.4x faster in that layout than from the
-        tied weight (``python bench/linear.py``), and it is a third of a GPT-2 124M decode step's
-        reads: 3 ms a step saved. Making the copy costs 150-250 ms, so it is made only when at least
-        ``backends.head_copy_min_steps`` steps remain in the cache. It lives until ``clear_cache`` (one more
-        wte-sized tensor while generating) and is not used once the weight is replaced or changed.
+        The lm_head is a third of a GPT-2 124M decode step's reads, and at one row a kernel may read it
+        faster from the transposed layout (``python bench/linear.py``). An ``auto`` model measures the
+        four choices (oneDNN or MKL, either layout: kind ``head`` in gpt2lab.kernels); an ``onednn``
+        one takes oneDNN on the copy. Making the copy costs as much as tens of steps save, so it is made
+        only when at least ``backends.head_copy_min_steps`` steps remain in the cache. It lives until
+        ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
+        replaced or changed.
         """
-        w, min_steps = self.lm_head.weight, self.backends.head_copy_min_steps
-        if filled is None or not min_steps or torch.is_grad_enabled() or not isinstance(self.lm_head, Linear):
+        if filled is None or not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
             return None
-        if not use_onednn(x, w, self.backends.linear):
+        w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
+        if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
+            return None
+        kernel = table.choose(w.shape[0], w.shape[1], 1, kind="head") if table is not None else "onednn_t"
+        if not kernel.endswith("_t"):
             return None
         key = (w.data_ptr(), w._version)
         if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
             if self.cache_len - filled < min_steps:
                 return None
             self._head_copy = (w, key, w.detach().t().contiguous().t())
-        return self._head_copy[2]
+        return self._head_copy[2], kernel.removesuffix("_t")
 
     # --- construction helpers --------------------------------------------------------------------
 

@@ -1,22 +1,19 @@
-"""The linear layer's CPU kernel choice.
+"""The linear layer's CPU kernels, and the chunked linear + cross-entropy loss.
 
-On x86 CPUs, PyTorch's ``F.linear`` in float32 calls MKL's sgemm, which is slow for the products a GPT
-makes: at batch 1 it reads the weight at about half the machine's memory bandwidth (decoding), and the
-256 x 768 x 50257 lm_head product runs at half the throughput of the same product in oneDNN
-(``bench/linear.py``; its table is in docs/benchmarks.md). oneDNN's inner product, which ships inside
-every x86 PyTorch build, takes the same row-major weight and is faster for the larger GPT-2 shapes and
-about even for the smallest, so ``Linear`` runs its forward there; the backward products
-(grad @ W, grad^T @ x) stay with MKL, which is the faster of the two for them.
+On x86 CPUs a float32 product can run in two libraries that ship inside every x86 PyTorch build:
+MKL's sgemm (what ``F.linear`` calls) and oneDNN's inner product, which takes the same row-major
+weight. Which is faster depends on the CPU, the shape and the row count (``python bench/linear.py``),
+so each ``Linear`` is built with a kernel: ``torch`` (always ``F.linear``), ``onednn``, or ``auto``
+(the faster of the two for this product on this machine, measured once: ``gpt2lab.kernels``). The
+backward products (grad @ W, grad^T @ x) always run in MKL, the faster of the two for them.
 
-The result equals ``F.linear`` to float32 rounding (only the summation order differs). Anything else
+The results equal ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
-
-The kernel is chosen per layer when the model is built (``GPT(config, Backends(linear=...))``):
-``auto`` follows the rule above, ``onednn`` is the same where oneDNN can run, ``torch`` is always
-``F.linear``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +23,14 @@ _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's float32 linear kernel."""
+    return _onednn is not None
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor, kernel: str = "auto") -> bool:
-    """Whether ``linear`` runs oneDNN for this input: not when ``kernel`` is ``torch``, else for float32
-    on the CPU, outside autocast and compile."""
+    """Whether ``linear`` may run oneDNN for this input: not when ``kernel`` is ``torch``, else for
+    float32 on the CPU, outside autocast and compile."""
     return (
         kernel != "torch"
         and _onednn is not None
@@ -75,16 +77,65 @@ def linear(
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above with the
-    layer's ``kernel`` (one of LINEAR_KERNELS)."""
+    layer's ``kernel`` (one of LINEAR_KERNELS); ``auto`` asks ``table`` (a ``gpt2lab.kernels.KernelTable``)
+    for each product's kernel, or takes oneDNN where it runs when there is no table."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto") -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto", table=None
+    ) -> None:
         super().__init__(in_features, out_features, bias)
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel, self.table = kernel, table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.kernel)
+        kernel = self.kernel
+        if kernel == "auto" and self.table is not None and use_onednn(x, self.weight):
+            kernel = self.table.choose(self.out_features, self.in_features, x.numel() // self.in_features)
+        return linear(x, self.weight, self.bias, kernel)
+
+
+INT8_KERNELS = ("fbgemm", "int_mm")
+
+
+def int8_kernels(rows: int) -> tuple[str, ...]:
+    """The int8 kernels that may run a product of ``rows`` rows. Both quantize the input per row (one
+    scale per token): fbgemm quantizes its whole input with one scale, which is per row only at one
+    row, so it runs one-row products; ``torch._int_mm`` (oneDNN, with AMX or VNNI where present) runs all."""
+    has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    return INT8_KERNELS if rows == 1 and has_fbgemm else ("int_mm",)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per output channel): symmetric, the largest magnitude of each row
+    of ``weight`` (out, in) maps to 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
+    """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel."""
+    if kernel == "fbgemm":
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing takes only them
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+    return qweight.t(), scale, None if bias is None else bias.detach().float()  # (in, out) view: _int_mm's B
+
+
+def int8_linear(x: torch.Tensor, packed, kernel: str, reduce_range: bool) -> torch.Tensor:
+    """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
+    quantized to 8 bits per row, int32 accumulation, float32 out. ``reduce_range`` (7-bit inputs)
+    keeps fbgemm's AVX2 kernel from saturating its 16-bit pair sums; VNNI CPUs need it not."""
+    if kernel == "fbgemm":
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    qweight_t, scale, bias = packed
+    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
+    qx = torch.div(x, x_scale).round_().to(torch.int8)
+    y = torch._int_mm(qx, qweight_t).float().mul_(x_scale).mul_(scale)
+    return y if bias is None else y.add_(bias)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

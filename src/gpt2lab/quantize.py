@@ -1,45 +1,67 @@
-"""int8 linear layers for CPU inference.
+"""8-bit linear layers for CPU inference.
 
 A decode step at batch 1 reads every weight once per token, so it is bound by memory bandwidth; int8
-weights read a quarter of fp32's bytes. The kernels are fbgemm's dynamic quantization (torch.ao):
-weights int8 per output channel, activations quantized per tensor on the fly, fp32 accumulation and
-output. The embedding table stays fp32 (a lookup reads one row); the tied lm_head gets its own int8 copy.
-torch.ao marks these kernels deprecated in favour of torchao, whose CPU int8 kernels are slower on
-AVX2-only machines; the logit error is measured in bench/cpu.py and tests/test_quantize.py.
+weights read a quarter of float32's bytes. Each weight row (output channel) gets its own float32 scale
+(its largest magnitude maps to 127); each input row (token) is quantized on the fly with its own
+scale; products accumulate in int32 and come out in float32, plus the float32 bias. Which int8 kernel
+runs a product (fbgemm, or ``torch._int_mm`` on oneDNN, which uses AMX or VNNI where the CPU has them)
+is measured per shape and row count like the float32 ones (``gpt2lab.kernels``). The embedding table
+stays float32 (a lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and
+the top-1 agreement with float32 are measured in bench/peers.py and checked in tests/test_quantize.py.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from torch import nn
 
+from gpt2lab import kernels, ops
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
-from gpt2lab.ops import Linear
+
+
+class Int8Linear(nn.Module):
+    """An inference-only ``ops.Linear`` with an int8 weight and a float32 scale per output channel;
+    the kernel of each product comes from ``table`` (a ``kernels.KernelTable``; None: the fallback)."""
+
+    def __init__(self, linear: nn.Linear, table: kernels.KernelTable | None, reduce_range: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qweight, scale = ops.quantize_weight(linear.weight)
+        self.register_buffer("qweight", qweight)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.table, self.reduce_range = table, reduce_range
+        self._packed: dict[str, object] = {}  # kernel -> the weight as it reads it, made on first use
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        rows = x2.shape[0]
+        if self.table is None:
+            kernel = kernels.fallback("int8", rows)
+        else:
+            kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
+        if kernel not in self._packed:
+            self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+        y = ops.int8_linear(x2, self._packed[kernel], kernel, self.reduce_range)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """An inference copy of ``model`` (fp32, CPU) whose linear layers run in int8."""
+    """An inference copy of ``model`` (float32, CPU) whose linear layers, the lm_head included, run in
+    int8; the original is left as it is."""
     if model.wte.weight.device.type != "cpu" or model.wte.weight.dtype != torch.float32:
         raise GPT2LabError("int8 quantization is for float32 models on the CPU; load with --device cpu --dtype float32")
-    if (
-        "fbgemm" not in torch.backends.quantized.supported_engines
-        and "x86" not in torch.backends.quantized.supported_engines
-    ):
-        raise GPT2LabError("this PyTorch build has no x86 int8 kernels (fbgemm); run without int8 quantization")
+    reduce_range = kernels.int8_reduce_range()
+    table = model.lm_head.table if isinstance(model.lm_head, ops.Linear) else None
     quantized = copy.deepcopy(model).eval()
-    for module in quantized.modules():
-        if isinstance(module, Linear):
-            module.__class__ = nn.Linear  # torch.ao swaps exact nn.Linear modules only; same parameters
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the torch.ao deprecation notice, see the module docstring
-        torch.ao.quantization.quantize_dynamic(
-            quantized,
-            {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-            dtype=torch.qint8,
-            inplace=True,
-        )
+    for module in list(quantized.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, ops.Linear):
+                setattr(module, name, Int8Linear(child, table, reduce_range))
     return quantized

@@ -1,0 +1,324 @@
+"""gpt2lab against the CPU inference engines users pick for speed: CTranslate2 and llama.cpp.
+
+    pip install -e ".[bench]"        # ctranslate2, transformers (CTranslate2's converter reads with it), gguf
+    python bench/peers.py [--threads 2] [--repeat 5] [--only decode,prefill,forward,quality] [--quick]
+                          [--llama-convert PATH/TO/llama.cpp/convert_hf_to_gguf.py]
+
+One random-weight GPT-2 124M, written once by gpt2lab's ``save_pretrained``; each peer's own converter
+reads that directory as it is: CTranslate2's ``TransformersConverter`` (float32, and int8 =
+compute_type "int8"), llama.cpp's ``convert_hf_to_gguf.py`` (f32 and q8_0). llama.cpp, through
+llama-cpp-python, is optional: it needs a long source build, and its converter ships with llama.cpp's
+sources, not with the wheel; rows without it say so. Every engine runs on ``--threads`` threads.
+
+Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports
+the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
+Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
+tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
+logits of every position. A decode row also states each engine's decode speed as a fraction of the
+memory-bandwidth ceiling: the bytes of weights one step reads times steps per second, over the read
+bandwidth of a 1 GiB buffer timed in the same alternation. The 8-bit quality rows compare each
+8-bit engine's logits with gpt2lab's float32 logits on 2 x 256 random tokens.
+
+Each engine runs with the OpenMP wait policy it is fastest with here: gpt2lab's threads sleep while
+waiting (OMP_WAIT_POLICY=PASSIVE, what its command line sets), CTranslate2's spin (its default: it
+ran slower passive). Set OMP_WAIT_POLICY yourself to run every engine with one policy.
+"""
+
+from __future__ import annotations
+
+import os
+
+# gpt2lab runs as its command line runs it: torch's OpenMP threads sleep while they wait (gpt2lab.cli's
+# passive_openmp). The peers keep their own default: each loads its own OpenMP runtime, which reads the
+# environment when it loads, so the variable is removed again once torch has loaded (see the docstring).
+_USER_POLICY = "OMP_WAIT_POLICY" in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from common import cpu_header, memory_read_gbs  # noqa: E402
+
+if not _USER_POLICY:
+    del os.environ["OMP_WAIT_POLICY"]
+
+from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
+from gpt2lab.quantize import quantize_int8  # noqa: E402
+
+PROMPT = 16
+ROWS: list[str] = []
+
+
+def paired(ours, peer, repeat: int, probe=None) -> dict[str, list[float]]:
+    """Times of ``ours`` and ``peer`` (and of the bandwidth probe), run in turn ``repeat`` times after a
+    warm-up of each."""
+    fns = {"ours": ours, "peer": peer} | ({"probe": probe} if probe else {})
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_text(times: dict[str, list[float]]) -> str:
+    ratios = sorted(p / o for o, p in zip(times["ours"], times["peer"], strict=True))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
+def report(row: str, peer: str, times: dict[str, list[float]], unit: str, extra: str = "") -> None:
+    ours, theirs = statistics.median(times["ours"]), statistics.median(times["peer"])
+    line = f"| {row} | {peer} | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {ratio_text(times)} | {extra} |"
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+class Peers:
+    """The converted models and how to run each engine on them."""
+
+    def __init__(self, directory: Path, threads: int, llama_convert: Path | None) -> None:
+        import ctranslate2
+
+        self.threads = threads
+        vocab = json.loads((directory / "vocab.json").read_text())
+        self.token_of = {i: t for t, i in vocab.items()}
+        self.ct2 = {}
+        for quant in ("float32", "int8"):
+            out = directory.parent / f"ct2-{quant}"
+            ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out), quantization=quant)
+            self.ct2[quant] = ctranslate2.Generator(
+                str(out), device="cpu", compute_type=quant, intra_threads=threads, inter_threads=1
+            )
+        self.llama, self.llama_note = {}, llama_available(llama_convert)
+        if not self.llama_note:
+            for quant in ("f32", "q8_0"):
+                gguf = directory.parent / f"gpt2-{quant}.gguf"
+                cmd = [sys.executable, str(llama_convert), str(directory), "--outtype", quant, "--outfile", str(gguf)]
+                subprocess.run(cmd, check=True, capture_output=True)
+                self.llama[quant] = load_llama(gguf, threads)
+
+    def ct2_greedy(self, quant: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+        tokens = [[self.token_of[i] for i in p] for p in prompts]
+        results = self.ct2[quant].generate_batch(
+            tokens, max_length=n, sampling_topk=1, end_token=[], include_prompt_in_result=False
+        )
+        return [r.sequences_ids[0] for r in results]
+
+    def llama_greedy(self, quant: str, prompt: list[int], n: int) -> list[int]:
+        import llama_cpp
+
+        llm = self.llama[quant]
+        llm.reset()
+        llm.eval(prompt)
+        out = []
+        for i in range(n):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            out.append(int(logits.argmax()))
+            if i < n - 1:
+                llm.eval([out[-1]])
+        return out
+
+
+def llama_available(convert: Path | None) -> str:
+    """Why llama.cpp's rows cannot run, or "" when they can."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (a long source build: pip install llama-cpp-python)"
+    if convert is None or not convert.is_file():
+        return "no --llama-convert: pass llama.cpp's convert_hf_to_gguf.py (in its source tree)"
+    return ""
+
+
+def load_llama(path: Path, threads: int, logits_all: bool = False):
+    """A llama.cpp model on ``threads`` threads, weights in plain buffers: its repacked (AMX) q8_0 buffers
+    crashed in decoding on an AMX Xeon, and llama-cpp-python has no argument for them, so its default
+    model parameters are wrapped to switch them off."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    if not getattr(low.llama_model_default_params, "plain_buffers", False):
+        default = low.llama_model_default_params
+
+        def plain():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        plain.plain_buffers = True
+        low.llama_model_default_params = plain
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=1024,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+    )
+
+
+def decode_bytes(model: GPT, bytes_per_weight: float) -> float:
+    """Bytes of weights one decode step reads: every linear weight (the lm_head too) at
+    ``bytes_per_weight``, the rest in float32; one row of each embedding table is noise."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name == "wpe.weight":
+            continue
+        total += p.numel() * (bytes_per_weight if p.dim() == 2 else 4)
+    return total
+
+
+BYTES_PER_WEIGHT = {
+    "float32": 4.0,
+    "f32": 4.0,
+    "int8": 1.0,
+    "q8_0": 34 / 32,
+}  # q8_0: 32 int8 and one fp16 scale a block
+
+
+DECODE_CASES = [("float32", 1, 128), ("float32", 1, 512), ("float32", 8, 128), ("int8", 1, 128), ("int8", 8, 128)]
+
+
+def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_CASES) -> None:
+    """Greedy generation of N new tokens after a 16-token prompt: gpt2lab against each peer."""
+    probe_buffer = torch.ones(2**28)  # 1 GiB: read it and time it in the same alternation
+    for quant, batch, n in cases:
+        ours_model = model if quant == "float32" else int8
+        prompts = torch.randint(0, 50257, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).tolist()
+        row = f"greedy b={batch} {'fp32' if quant == 'float32' else '8-bit'}, {n} new tokens"
+        ours = lambda m=ours_model, p=prompts, n=n: generate(m, p, n, temperature=0, eos_id=None)
+        engines = {f"CTranslate2 {quant}": (lambda q=quant, p=prompts, n=n: peers.ct2_greedy(q, p, n), quant)}
+        llama_quant = "f32" if quant == "float32" else "q8_0"
+        if batch == 1 and llama_quant in peers.llama:
+            engines[f"llama.cpp {llama_quant}"] = (
+                lambda q=llama_quant, p=prompts, n=n: [peers.llama_greedy(q, p[0], n)],
+                llama_quant,
+            )
+        same = ours()
+        for peer, (fn, peer_quant) in engines.items():
+            agree = np.mean(np.array(same) == np.array(fn()))
+            times = paired(ours, fn, repeat, probe=lambda: probe_buffer.sum())
+            bandwidth = probe_buffer.numel() * 4 / statistics.median(times["probe"])
+            steps = n / statistics.median(times["ours"]), n / statistics.median(times["peer"])
+            ours_bw = decode_bytes(model, BYTES_PER_WEIGHT[quant]) * steps[0] / bandwidth
+            peer_bw = decode_bytes(model, BYTES_PER_WEIGHT[peer_quant]) * steps[1] / bandwidth
+            extra = (
+                f"{batch * steps[0]:.1f} vs {batch * steps[1]:.1f} tok/s; of mem. bandwidth ({bandwidth / 1e9:.1f} GB/s): "
+                f"{ours_bw:.0%} vs {peer_bw:.0%}; same tokens {agree:.0%}"
+            )
+            report(row, peer, times, "ms", extra)
+
+
+def prefill_rows(model: GPT, peers: Peers, repeat: int) -> None:
+    """A 256-token prompt to its first new token (batch 1 and 8); llama.cpp runs the 8 one after another."""
+    for batch in (1, 8):
+        prompts = torch.randint(0, 50257, (batch, 256), generator=torch.Generator().manual_seed(256 + batch)).tolist()
+        ours = lambda p=prompts: generate(model, p, 1, temperature=0, eos_id=None)
+        engines = {"CTranslate2 float32": lambda p=prompts: peers.ct2_greedy("float32", p, 1)}
+        if "f32" in peers.llama:
+            engines["llama.cpp f32"] = lambda p=prompts: [peers.llama_greedy("f32", q, 1) for q in p]
+        for peer, fn in engines.items():
+            note = "one prompt after another" if batch > 1 and peer.startswith("llama") else ""
+            report(f"prefill {batch}x256, to the first token", peer, paired(ours, fn, repeat), "ms", note)
+
+
+def forward_rows(model: GPT, peers: Peers, repeat: int) -> None:
+    """Logits of every position of 1 or 8 sequences of 256 tokens (CTranslate2's forward_batch)."""
+    for batch in (1, 8):
+        idx = torch.randint(0, 50257, (batch, 256), generator=torch.Generator().manual_seed(512 + batch))
+        rows = idx.tolist()
+
+        def ours(idx=idx):
+            with torch.no_grad():
+                return model(idx)[0]
+
+        peer = lambda rows=rows: np.asarray(peers.ct2["float32"].forward_batch(rows))
+        report(f"forward {batch}x256, all logits", "CTranslate2 float32", paired(ours, peer, repeat), "ms")
+
+
+def quality_rows(model: GPT, int8: GPT, peers: Peers) -> None:
+    """Each 8-bit engine's logits against gpt2lab's float32 ones, 2 x 256 random tokens: top-1 agreement,
+    mean and max absolute error over the logits' standard deviation."""
+    idx = torch.randint(0, 50257, (2, 256), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(idx)[0].numpy()
+        got = {"gpt2lab int8": int8(idx)[0].numpy()}
+    got["CTranslate2 int8"] = np.asarray(peers.ct2["int8"].forward_batch(idx.tolist()))
+    if "q8_0" in peers.llama:
+        llm = load_llama(peers.llama["q8_0"].model_path, peers.threads, logits_all=True)
+        rows = []
+        for row in idx.tolist():
+            llm.reset()
+            llm.eval(row)
+            rows.append(np.array(llm.scores[: len(row)]))
+        got["llama.cpp q8_0"] = np.stack(rows)
+    std = ref.std()
+    for engine, logits in got.items():
+        err = np.abs(logits - ref)
+        top1 = (logits.argmax(-1) == ref.argmax(-1)).mean()
+        line = f"| 8-bit quality | {engine} | top-1 same as fp32 {top1:.1%} | mean err {err.mean() / std:.3f} std | max err {err.max() / std:.3f} std |"
+        ROWS.append(line)
+        print(line, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="timed pairs per row")
+    ap.add_argument("--only", default="decode,prefill,forward,quality")
+    ap.add_argument("--llama-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (llama.cpp rows)")
+    ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
+    ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    only = set(args.only.split(","))
+    import ctranslate2
+
+    versions = f"ctranslate2 {ctranslate2.__version__}"
+    if importlib.util.find_spec("llama_cpp"):
+        import llama_cpp
+
+        versions += f", llama-cpp-python {llama_cpp.__version__}"
+    policy = (
+        f"{os.environ['OMP_WAIT_POLICY']} for all" if _USER_POLICY else "PASSIVE for gpt2lab, the default for the peers"
+    )
+    print(cpu_header(args.threads).split(", OMP_WAIT_POLICY")[0] + f"; OpenMP wait policy {policy}", flush=True)
+    print(f"{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name(args.preset, block_size=1024)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "gpt2-random"
+        save_pretrained(model, directory)
+        peers = Peers(directory, args.threads, args.llama_convert)
+        if peers.llama_note:
+            print(f"llama.cpp rows skipped: {peers.llama_note}\n", flush=True)
+        int8 = quantize_int8(model)
+        print("| row | peer | gpt2lab ms | peer ms | peer time / gpt2lab time | |\n|---|---|---:|---:|---:|---|")
+        if args.quick:
+            decode_rows(model, int8, peers, args.repeat, [("float32", 1, 32), ("int8", 1, 32)])
+            only = {"quality"}
+        if "decode" in only:
+            decode_rows(model, int8, peers, args.repeat)
+        if "prefill" in only:
+            prefill_rows(model, peers, args.repeat)
+        if "forward" in only:
+            forward_rows(model, peers, args.repeat)
+        if "quality" in only:
+            quality_rows(model, int8, peers)
+    print("\nKernels Backends(linear='auto') chose here (gpt2lab.kernels):")
+    for name, entry in sorted(model.lm_head.table._entries().items()):
+        print(f"  {name}: {entry['kernel']}  (us per product: {entry['us_per_product']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Which CPU kernel runs each linear product: measured on the machine at hand, remembered per CPU.
+
+The fastest kernel for a product depends on the CPU, on the product's shape and on how many
+rows (tokens) it has: oneDNN's inner product and MKL's sgemm (``F.linear``) trade places between an
+AVX2-only AMD EPYC and an AVX-512/AMX Intel Xeon, and between one row (decoding, bound by how fast the
+weight streams from memory) and hundreds (prefill and training, bound by arithmetic). So, like
+cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a layer meets a
+(out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
+fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
+Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
+between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``).
+Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
+weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
+step), at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole).
+
+Overrides, most specific first: an explicit ``Backends(linear="onednn" | "torch")``; the environment
+variable ``GPT2LAB_LINEAR_KERNEL`` (``onednn``, ``torch`` or ``auto``) for models built with ``auto``;
+an edited ``"kernel"`` entry in the file. ``GPT2LAB_KERNEL_CACHE`` names the file (default
+``$XDG_CACHE_HOME/gpt2lab/linear-kernels.json``, else ``~/.cache/...``). Products too small to matter
+(``MIN_CALIBRATED`` weight elements), and any machine where the file cannot be written, still work:
+small ones take the fallback (the first of ``candidates``), an unwritable file keeps its choices in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2lab import files, ops
+
+ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
+ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
+FLOAT32_KERNELS = ("onednn", "torch")
+HEAD_KERNELS = ("onednn_t", "onednn", "torch", "torch_t")
+MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
+MIN_CALIBRATED = 2**16  # weight elements
+MAX_OUT = 8192
+STREAM_BYTES = 64 * 2**20
+FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
+MARGIN = 0.03  # another kernel must be this much faster than the fallback to be chosen
+
+
+def candidates(kind: str, rows: int) -> tuple[str, ...]:
+    """The kernels that may run a ``kind`` ("float32", "int8", or "head": the tied lm_head of a one-row
+    decode step) product of ``rows`` rows, the fallback first: the kernel of a product not measured."""
+    if kind == "int8":
+        return ops.int8_kernels(rows)
+    if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
+        return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
+    return FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
+
+
+def fallback(kind: str = "float32", rows: int = 1) -> str:
+    return candidates(kind, rows)[0]
+
+
+def rows_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``, at most MAX_BUCKET: products are measured per bucket."""
+    return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo (Linux), else None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name and the widest vector instructions torch uses on it."""
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux; empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def int8_reduce_range() -> bool:
+    """Whether fbgemm's int8 kernel needs 7-bit inputs here: yes without AVX-512 VNNI, whose
+    instruction sums into 32 bits, where the AVX2 kernel's 16-bit pair sums could saturate."""
+    return "avx512_vnni" not in cpu_flags()
+
+
+def machine_key() -> str:
+    """What a measurement is valid for: the CPU, the torch build and the thread count."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def default_path() -> Path:
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "gpt2lab" / "linear-kernels.json"
+
+
+def resolve(setting: str) -> tuple[str, KernelTable | None]:
+    """The kernel that linear layers built with ``setting`` (a ``Backends.linear``) run, and the table
+    that chooses for them when that kernel is ``auto``. The environment overrides ``auto`` only."""
+    if setting == "auto" and os.environ.get(ENV_KERNEL):
+        setting = os.environ[ENV_KERNEL]
+        if setting not in ops.LINEAR_KERNELS:
+            raise ValueError(f"{ENV_KERNEL} must be one of {ops.LINEAR_KERNELS}, got {setting!r}")
+    return setting, (KernelTable() if setting == "auto" else None)
+
+
+class KernelTable:
+    """The kernel of each (out, in, rows bucket) product on this machine: read from ``path``, else
+    measured once and written there (``path`` None: ``default_path()`` when first needed)."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self._chosen: dict[tuple[int, int, int, int], str] = {}
+        self._saved: dict | None = None  # the file's entries for this machine, read on first need
+
+    def choose(self, out_features: int, in_features: int, rows: int, kind: str = "float32") -> str:
+        """The kernel for a ``kind`` product of ``rows`` rows by an (out, in) weight; measured if not known."""
+        key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
+        kernel = self._chosen.get(key)
+        if kernel is None:
+            kernel = self._chosen[key] = self._lookup_or_measure(*key[:4])
+        return kernel
+
+    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> str:
+        options = candidates(kind, rows)
+        if out_features * in_features < MIN_CALIBRATED or len(options) == 1:
+            return options[0]
+        name = f"{kind} {out_features}x{in_features} rows {rows}"
+        entry = self._entries().get(name)
+        if isinstance(entry, dict) and entry.get("kernel") in options:
+            return entry["kernel"]
+        times = measure(out_features, in_features, rows, kind)
+        best = min(times, key=times.get)
+        kernel = best if times[best] < (1 - MARGIN) * times[options[0]] else options[0]
+        self._record(name, {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}})
+        return kernel
+
+    def file(self) -> Path:
+        """The JSON file this table reads and writes."""
+        if self.path is None:
+            self.path = default_path()
+        return self.path
+
+    def _read_all(self) -> dict:
+        try:
+            data = json.loads(self.file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _entries(self) -> dict:
+        if self._saved is None:
+            saved = self._read_all().get(machine_key(), {})
+            self._saved = saved if isinstance(saved, dict) else {}
+        return self._saved
+
+    def _record(self, name: str, entry: dict) -> None:
+        """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile."""
+        self._entries()[name] = entry
+        data = self._read_all()
+        data.setdefault(machine_key(), {})[name] = entry
+        try:
+            self.file().parent.mkdir(parents=True, exist_ok=True)
+            files.write_json(self.file(), data)
+        except (OSError, files.DiskFullError):
+            pass  # a read-only or full cache: the choice lives in memory for this process
+
+
+@torch.no_grad()
+def measure(out_features: int, in_features: int, rows: int, kind: str = "float32", repeat: int = 5) -> dict[str, float]:
+    """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
+    medians of runs taken in alternation (so a busy machine slows all alike)."""
+    n = min(out_features, MAX_OUT)
+    element = 1 if kind == "int8" else 4
+    copies = max(1, STREAM_BYTES // (element * n * in_features)) if rows <= FEW_ROWS else 1
+    x = torch.full((rows, in_features), 0.5)
+    runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(repeat + 1):
+        for kernel, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if i:  # the first round warms up
+                times[kernel].append(time.perf_counter() - start)
+    scale = out_features / n / copies
+    return {k: statistics.median(v) * scale for k, v in times.items()}
+
+
+def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):
+    """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights."""
+    if kind == "int8":
+        reduce_range = int8_reduce_range()
+        scale = torch.full((n,), 0.01)
+        packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
+        return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
+    weights = [torch.full((n, k), 0.01) for _ in range(copies)]
+    if kernel.endswith("_t"):  # the same weight, read from an (in, out)-contiguous copy
+        weights, kernel = [w.t().contiguous().t() for w in weights], kernel.removesuffix("_t")
+    return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]

@@ -1,0 +1,111 @@
+"""The measured choice of linear kernel: measured once per product and row bucket, remembered per CPU in
+a file, overridable (explicit kernel, environment, edited file), and exact whichever kernel runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2lab import GPT, Backends, GPTConfig, kernels, ops
+
+pytestmark = [
+    pytest.mark.skipif(not ops.onednn_available(), reason="this PyTorch build has no oneDNN"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+
+def test_rows_buckets():
+    assert [kernels.rows_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 200, 256, 257, 4096)] == [
+        1, 2, 4, 4, 8, 8, 16, 256, 256, 256, 256,
+    ]  # fmt: skip
+
+
+def test_measured_once_then_remembered_and_overridable(tmp_path):
+    path = tmp_path / "k.json"
+    table = kernels.KernelTable(path)
+    chosen = table.choose(512, 256, 3)
+    assert chosen in kernels.FLOAT32_KERNELS
+    [(machine, entries)] = json.loads(path.read_text()).items()
+    assert machine == kernels.machine_key()
+    entry = entries["float32 512x256 rows 4"]  # 3 rows fall in the bucket of 4
+    assert entry["kernel"] == chosen and set(entry["us_per_product"]) == set(kernels.FLOAT32_KERNELS)
+    assert table.choose(512, 256, 4) == chosen  # same bucket: nothing measured again
+    assert json.loads(path.read_text())[machine] == entries
+    # a hand-edited file wins over what was measured, in a new table (process)
+    other = "torch" if chosen == "onednn" else "onednn"
+    entries["float32 512x256 rows 4"]["kernel"] = other
+    path.write_text(json.dumps({machine: entries}))
+    assert kernels.KernelTable(path).choose(512, 256, 4) == other
+
+
+def test_small_products_are_not_measured(tmp_path):
+    table = kernels.KernelTable(tmp_path / "k.json")
+    assert table.choose(16, 32, 1) == kernels.fallback()
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    table = kernels.KernelTable(blocker / "k.json")  # its directory cannot be made: a file is in the way
+    assert table.choose(512, 256, 1) in kernels.FLOAT32_KERNELS
+
+
+def test_environment_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_KERNEL, "torch")
+    assert kernels.resolve("auto") == ("torch", None)
+    assert kernels.resolve("onednn") == ("onednn", None)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert model.lm_head.kernel == "torch" and model.h[0].mlp.c_fc.table is None
+    monkeypatch.setenv(kernels.ENV_KERNEL, "fastest")
+    with pytest.raises(ValueError, match=kernels.ENV_KERNEL):
+        kernels.resolve("auto")
+
+
+def test_auto_model_matches_fixed_kernels(make_gpt, kernel_cache):
+    """Every layer of an auto model shares one table; its logits equal those of the fixed kernels to float32
+    rounding, with products large enough to be measured (recorded in the session's kernel file)."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    auto = make_gpt(seed=3, backends=Backends(linear="auto"), **config)
+    tables = {id(m.table) for m in auto.modules() if isinstance(m, ops.Linear)}
+    assert len(tables) == 1 and auto.lm_head.table is not None
+    idx = torch.randint(0, 1024, (2, 9))
+    with torch.no_grad():
+        got = auto(idx)[0]
+        for kernel in ("onednn", "torch"):
+            fixed = make_gpt(seed=3, backends=Backends(linear=kernel), **config)
+            torch.testing.assert_close(got, fixed(idx)[0], atol=1e-5, rtol=1e-5)
+    entries = json.loads(kernel_cache.read_text())[kernels.machine_key()]
+    assert "float32 1024x128 rows 32" in entries  # the lm_head at 18 rows
+
+
+def test_measure_is_quick_and_honest():
+    times = kernels.measure(768, 768, 1, repeat=2)
+    assert set(times) == set(kernels.FLOAT32_KERNELS) and all(0 < t < 1 for t in times.values())
+    x, w = torch.randn(3, 64), torch.randn(80, 64)
+    torch.testing.assert_close(ops.linear(x, w, kernel="onednn"), F.linear(x, w))
+
+
+@pytest.mark.parametrize("layout", ["torch_t", "torch"])
+def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, layout):
+    """A batch-1 decode step reads the lm_head from a transposed copy only when the kernel file says that
+    layout is the faster here (kind "head"); the logits are the same either way."""
+    assert kernels.candidates("head", 1)[0] == "onednn_t"  # the choice of a model with an explicit onednn kernel
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    entry = {"kernel": layout, "us_per_product": {}}
+    data.setdefault(kernels.machine_key(), {})["head 1024x128 rows 1"] = entry
+    kernel_cache.write_text(json.dumps(data))
+    model = make_gpt(seed=2, backends=Backends(linear="auto", head_copy_min_steps=2), **config)
+    fixed = make_gpt(seed=2, backends=Backends(linear="torch"), **config)
+    idx = torch.randint(0, 1024, (1, 5))
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        model(idx[:, :4], input_pos=torch.arange(4))
+        step = model(idx[:, 4:], input_pos=torch.tensor([4]))[0]
+        assert (model._head_copy is not None) == layout.endswith("_t")
+        model.clear_cache()
+        torch.testing.assert_close(step[0, -1], fixed(idx)[0][0, -1], atol=1e-5, rtol=1e-5)
