@@ -1,189 +1,261 @@
-"""gpt2lab compare: the recall task generator, configuration, measurements, and one end-to-end run of
-the whole machinery on a tiny configuration whose report numbers are traced back to the runs."""
+"""gpt2lab compare: the MQAR generator, statistics, paired initialisation, settings, the plan and its budget,
+the GPU profile's dry run, and one --quick run of the whole machinery whose report numbers are traced back to
+results.json and from there to the runs."""
 
 from __future__ import annotations
 
 import json
-import re
-import statistics
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from gpt2lab import GPT, GPTConfig
 from gpt2lab.cli import main
-from gpt2lab.compare import compare
-from gpt2lab.compare.measure import PeakMemory
+from gpt2lab.compare import compare, stats
+from gpt2lab.compare.analysis import SCHEMA
+from gpt2lab.compare.mqar import IGNORE, MQARTask, distance_edges, mqar_batch, reach
+from gpt2lab.compare.plan import build_plan, estimate, lm_config
 from gpt2lab.compare.plots import PLOTS
-from gpt2lab.compare.recall import IGNORE, RecallTask, distance_bins, recall_batch
-from gpt2lab.compare.report import REPORT, RESULTS, fmt_stats, fmt_value
-from gpt2lab.compare.settings import load_config, variant_changes, variant_overrides
-from gpt2lab.data import Source, TokenData, compact_vocabulary, prepare
+from gpt2lab.compare.pool import JOB_JSON, Job, makespan, run_jobs
+from gpt2lab.compare.report import REPORT, RESULTS, ci, ratio
+from gpt2lab.compare.settings import load_config, reference_of, variant_changes, variant_overrides
+from gpt2lab.compare.training import paired_state_dict
+from gpt2lab.config import GPTConfig
 from gpt2lab.errors import ConfigError
-from gpt2lab.eval import context_losses
-from gpt2lab.tokenizer import CompactTokenizer, load_tokenizer
+from gpt2lab.eval import token_losses
+from gpt2lab.model import GPT
 
-# --- the recall task -------------------------------------------------------------------------------
+# --- MQAR ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seq_len", [16, 64])
-def test_recall_answer_lies_exactly_at_the_stated_distance(seq_len):
-    task = RecallTask(n_keys=8, n_values=5, n_pairs=4)
-    batch = recall_batch(task, seq_len, 64, np.random.default_rng(seq_len))
-    n_pairs, n_keys, n_values = task.n_pairs, task.n_keys, task.n_values
-    answered = 0
+def _pairs(task: MQARTask, row: np.ndarray) -> dict[int, tuple[int, int]]:
+    """position -> (key, value) of every fused pair token of a sequence."""
+    first = task.pair(0, 0)
+    return {i: divmod(int(t) - first, task.n_values) for i, t in enumerate(row) if t >= first}
+
+
+@pytest.mark.parametrize("distances", ["log-uniform", "uniform", [1, 4, 8, 10, 15, 17, 32, 63]])
+def test_mqar_answers_lie_exactly_at_the_planted_distance(distances):
+    task = MQARTask(seq_len=64, n_keys=8, n_values=8, groups=4)
+    b = mqar_batch(task, 64, np.random.default_rng(0), distances)
     for row in range(64):
-        x, y, dist = batch.x[row].tolist(), batch.y[row].tolist(), batch.distance[row].tolist()
-        pairs = {i: divmod(t, n_values) for i, t in enumerate(x) if t < n_keys * n_values}  # pos -> (key, value)
-        assert len(pairs) == n_pairs and len({k for k, _ in pairs.values()}) == n_pairs  # distinct keys
-        for i, t in enumerate(x):
-            if i in pairs:
-                assert y[i] == IGNORE and dist[i] == -1
-                continue
-            key = t - task.query(0)
-            assert 0 <= key < n_keys
-            before = [(p, v) for p, (k, v) in pairs.items() if k == key and p < i]
-            assert batch.visible[row, i] == sum(p < i for p in pairs)
-            if batch.visible[row, i] == 0:  # no pair yet: the query is not scored
-                assert y[i] == IGNORE and dist[i] == -1
-            else:
-                # the asked key was planted exactly dist[i] tokens back, only there, with the answer's value
-                assert before == [(i - dist[i], y[i] - task.answer(0))]
-                assert x[i - dist[i]] == task.pair(key, y[i] - task.answer(0))
-                answered += 1
-    assert answered > 64 * (seq_len - 2 * n_pairs) // 2
+        pairs = _pairs(task, b.x[row])
+        assert len(pairs) == 2 * task.groups and len({k for k, _ in pairs.values()}) == 2 * task.groups
+        scored = np.flatnonzero(b.y[row] != IGNORE)
+        assert b.controlled[row].sum() == 2 * task.groups and set(np.flatnonzero(b.controlled[row])) <= set(scored)
+        for q in scored:
+            key = int(b.x[row, q]) - task.key(0)
+            d = int(b.distance[row, q])
+            # the queried key was planted exactly d tokens back, holding the target value
+            assert pairs[q - d] == (key, int(b.y[row, q]) - task.value(0))
+            assert not any(k == key and p > q - d for p, (k, _) in pairs.items() if p < q)  # planted once
+        assert (b.distance[row][b.y[row] == IGNORE] == -1).all()
 
 
-def test_recall_distances_cover_the_whole_context():
-    task = RecallTask()
-    batch = recall_batch(task, 128, 256, np.random.default_rng(0))
-    d = batch.distance[batch.distance > 0]
-    for lo, hi in distance_bins(16, 128):
-        assert ((d >= lo) & (d < hi)).sum() > 50, (lo, hi)
-    assert distance_bins(16, 128) == [(1, 8), (8, 16), (16, 32), (32, 48), (48, 64), (64, 96), (96, 128)]
-    assert distance_bins(None, 64) == [(1, 8), (8, 16), (16, 32), (32, 48), (48, 64)]
+def test_mqar_key_swap_moves_every_answer_to_the_twin():
+    """The counterfactual copy exchanges the keys of each group's two pairs and nothing else: each query's
+    answer becomes its twin's value, and the twins' values always differ."""
+    task = MQARTask()
+    b = mqar_batch(task, 32, np.random.default_rng(1))
+    for row in range(32):
+        pairs, swapped = _pairs(task, b.x[row]), _pairs(task, b.xs[row])
+        assert set(pairs) == set(swapped)
+        positions = sorted(pairs)
+        groups = [(p, p + 1) for p in positions if p + 1 in pairs and (positions.index(p) % 2 == 0)]
+        assert len(groups) == task.groups
+        for a, c in groups:
+            (ka, va), (kc, vc) = pairs[a], pairs[c]
+            assert swapped[a] == (kc, va) and swapped[c] == (ka, vc) and va != vc
+        others = [i for i in range(task.seq_len) if i not in pairs]
+        assert (b.x[row, others] == b.xs[row, others]).all()
+        for q in np.flatnonzero(b.y[row] != IGNORE):
+            key = int(b.x[row, q]) - task.key(0)
+            twin_value = next(v for p, (k, v) in swapped.items() if k == key)
+            assert b.ys[row, q] == task.value(twin_value) != b.y[row, q]
 
 
-def test_recall_rejects_impossible_settings():
-    with pytest.raises(ConfigError, match="n_pairs"):
-        RecallTask(n_keys=2, n_pairs=3)
-    with pytest.raises(ConfigError, match="cannot hold"):
-        recall_batch(RecallTask(n_pairs=4), 4, 1, np.random.default_rng(0))
+def test_mqar_evaluation_distances_cover_every_bin_and_training_favours_short_ones():
+    task = MQARTask()
+    edges = distance_edges(8, [7, 14], 64)
+    assert edges == [1, 4, 8, 10, 15, 17, 32, 63]
+    b = mqar_batch(task, 512, np.random.default_rng(2), edges)
+    counts = np.histogram(b.distance[b.controlled], bins=edges)[0]
+    assert counts.min() > 400  # about an equal share per bin, whatever its width
+    train = mqar_batch(task, 512, np.random.default_rng(3), "log-uniform").distance
+    uniform = mqar_batch(task, 512, np.random.default_rng(3), "uniform").distance
+    assert (train[train > 0] < 8).mean() > 1.5 * (uniform[uniform > 0] < 8).mean()
 
 
-# --- configuration ---------------------------------------------------------------------------------
+def test_reach_of_window_stacks():
+    base = dict(vocab_size=81, block_size=64, n_head=4, n_embd=64)
+    assert reach(GPTConfig(n_layer=1, window=8, **base), 64) == 7
+    assert reach(GPTConfig(n_layer=2, window=8, **base), 64) == 14
+    assert reach(GPTConfig(n_layer=2, window=8, window_pattern="LG", **base), 64) == 64
+    assert reach(GPTConfig(n_layer=2, **base), 64) == 64
 
 
-def test_variant_names():
-    assert variant_changes("baseline") == []
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_t_quantiles_and_paired_interval():
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert stats.t_quantile(0.80, 4) == pytest.approx(0.9410, abs=1e-4)
+    d = stats.paired([2.0, 2.1, 2.3, 2.0, 2.2], [2.1, 2.3, 2.4, 2.2, 2.3])  # differences -0.1 -0.2 -0.1 -0.2 -0.1
+    sd = np.std([-0.1, -0.2, -0.1, -0.2, -0.1], ddof=1)
+    assert d["mean"] == pytest.approx(-0.14) and d["sd"] == pytest.approx(sd)
+    assert d["hi"] == pytest.approx(-0.14 + 2.7764451 * sd / math.sqrt(5))
+    assert d["mdd80"] == pytest.approx((2.7764451 + 0.9409646) * sd / math.sqrt(5))
+    assert d["verdict"] == "better" and d["p"] < 0.01
+
+
+def test_verdicts_never_say_same():
+    assert stats.paired([1.0, 1.2, 1.1], [1.1, 1.1, 1.1])["verdict"] == "no difference detected"
+    assert stats.paired([2.0, 2.1, 2.2], [1.0, 1.0, 1.1])["verdict"] == "worse"
+    higher = stats.paired([0.9, 0.95, 0.92], [0.5, 0.55, 0.5], below="worse", above="better")
+    assert higher["verdict"] == "better"
+    assert stats.paired([1.0], [0.5])["verdict"].startswith("n/a")
+
+
+def test_holm_steps_down():
+    assert stats.holm([0.01, 0.04, 0.03, None]) == [True, False, False, False]  # 0.01 < 0.05/3; 0.03 > 0.05/2
+    assert stats.holm([0.001, 0.01, 0.02]) == [True, True, True]
+    assert stats.seeds_needed(sd=0.017, delta=0.028, n=5) == 6
+
+
+# --- paired initialisation -----------------------------------------------------------------------
+
+
+def test_every_variant_of_a_seed_starts_from_the_baselines_weights():
+    base = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    ref = paired_state_dict(base, seed=7)
+    variant = GPTConfig(**{**base.to_dict(), "pos_emb": "rope", "n_kv_head": 2, "window": 8, "window_pattern": "LG"})
+    sd = paired_state_dict(variant, seed=7)
+    assert "wpe.weight" in ref and "wpe.weight" not in sd
+    for key, tensor in sd.items():
+        if "c_attn" in key:
+            q, k, v = ref[key].split((32, 32, 32))
+            assert torch.equal(tensor, torch.cat((q, k[:16], v[:16])))  # the first 2 of 4 key/value heads
+        else:
+            assert torch.equal(tensor, ref[key]), key
+    assert not torch.equal(paired_state_dict(base, seed=8)["wte.weight"], ref["wte.weight"])
+    GPT.from_state_dict(variant, sd)  # a complete, loadable state dict
+
+
+def test_token_losses_are_per_token_cross_entropy_within_windows():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, pos_emb="rope")).eval()
+    rows = torch.randint(0, 50, (3, 33))
+    losses = token_losses(model, rows, 16)
+    assert losses.shape == (3, 32)
+    second = model(rows[1:2, 16:32])[0][0]  # the second window of row 1 starts with no context
+    expected = torch.nn.functional.cross_entropy(second, rows[1, 17:33], reduction="none")
+    np.testing.assert_allclose(losses[1, 16:], expected.detach().numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot be cut"):
+        token_losses(model, rows, 10)
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_variant_names_and_references():
     assert variant_changes("rope+gqa+swa") == ["rope", "gqa", "swa"]
-    cfg = load_config()
-    assert variant_overrides("rope+gqa+swa", cfg.compare, 4, 4) == {
-        "pos_emb": "rope",
-        "n_kv_head": 2,
-        "window": 8,
-        "window_pattern": "L",
-    }
-    assert variant_overrides("mixed", cfg.compare, 4, 4)["window_pattern"] == "LLLG"
+    assert [reference_of(v) for v in ("baseline", "rope", "rope+swa", "swa")] == [None, "baseline", "rope", "baseline"]
+    assert variant_overrides("rope+gqa+swa", 4, 4, 8, "LLLG") == {
+        "pos_emb": "rope", "n_kv_head": 2, "window": 8, "window_pattern": "L",
+    }  # fmt: skip
     with pytest.raises(ConfigError, match="did you mean 'rope'"):
         variant_changes("rop")
     with pytest.raises(ConfigError, match="contradicts"):
         variant_changes("gqa+mqa")
     with pytest.raises(ConfigError, match="only L"):
-        variant_overrides("mixed", cfg.compare, 4, 2)  # LLLG over 2 layers has no global layer
+        variant_overrides("mixed", 4, 2, 8, "LLLG")  # no global layer among 2
 
 
-def test_load_config_layers():
-    cfg = load_config(
-        None,
-        ["--compare.window=16", "--compare.extrapolation=1,2", "--optim.lr=1e-3"],
-        named={"compare.variants": "rope,swa", "compare.seeds": 3},
-    )
-    assert cfg.compare.window == 16 and cfg.compare.extrapolation == [1, 2] and cfg.train.optim.lr == 1e-3
-    assert cfg.compare.variants == ["rope", "swa"] and cfg.compare.seeds == 3
-    assert cfg.train.model.n_layer == 4  # the CPU default
-    with pytest.raises(ConfigError, match="did you mean 'compare.window'"):
-        load_config(None, ["--compare.windw=3"])
+def test_load_config_layers_and_errors():
+    cfg = load_config(None, ["--mqar.window=4", "--extrapolation.pi_factors=2"], named={"compare.seeds": 3})
+    assert cfg.mqar.window == 4 and cfg.extrapolation.pi_factors == [2] and cfg.compare.seeds == 3
+    assert cfg.train.model.n_embd == 64 and cfg.train.run.steps == 400  # the default profile
+    assert load_config(profile="quick").compare.seeds == 2
+    with pytest.raises(ConfigError, match="did you mean 'mqar.window'"):
+        load_config(None, ["--mqar.windw=3"])
     with pytest.raises(ConfigError, match="unknown variant"):
         load_config(None, named={"compare.variants": "baseline,flash"})
+    with pytest.raises(ConfigError, match="does not train"):
+        load_config(None, ["--compare.variants=baseline,rope", "--extrapolation.variants=rope+swa"])
+    with pytest.raises(ConfigError, match="unknown profile"):
+        load_config(profile="huge")
 
 
-def test_config_file_with_a_preset_uses_the_preset_size(tmp_path):
-    path = tmp_path / "gpu.toml"
-    path.write_text('[model]\npreset = "gpt2"\nblock_size = 1024\n[data]\nblock_size = 1024\n[compare]\nvocab = 0\n')
-    cfg = load_config(path)
-    config = cfg.train.model.build()
-    assert (config.n_layer, config.n_embd, config.block_size) == (12, 768, 1024)
-    assert cfg.compare.vocab == 0
+# --- plan and budget -----------------------------------------------------------------------------
 
 
-# --- measurements ----------------------------------------------------------------------------------
+def test_plan_has_every_job_with_its_dependencies():
+    cfg = load_config()
+    plan = build_plan(cfg, {"dir": "d", "overfit_dir": "o", "id": "x"}, 1024)
+    names = {j.name for j in plan.jobs}
+    seeds = range(1337, 1342)
+    assert {f"lm/{v}/seed{s}" for v in cfg.compare.variants for s in seeds} <= names
+    assert {"calibration/rope/seed1337", "calibration/rope+swa/seed1337", "efficiency"} <= names
+    assert len([n for n in names if n.startswith("mqar/")]) == 5 * 6
+    for job in plan.jobs:
+        assert set(job.deps) <= names, job.name
+    extrap = next(j for j in plan.jobs if j.name == "extrapolation/rope/seed1338")
+    assert set(extrap.deps) == {"lm/rope/seed1338", "pi-finetune/rope/seed1338"}
+    efficiency = next(j for j in plan.jobs if j.name == "efficiency")
+    assert "lm/rope/seed1337" in efficiency.deps and "extrapolation/rope/seed1337" not in efficiency.deps
+    assert lm_config(cfg, "rope+mixed", 1024).window_pattern == "LLLG"
 
 
-def test_compact_vocabulary_is_lossless(tmp_path):
-    """The compacted copy keeps the most frequent tokens, spells the others as bytes, and decodes to
-    exactly the original text, so its recorded bytes (and bits per byte) are unchanged."""
-    text = tmp_path / "t.txt"
-    text.write_text("the cat sat on the mat. " * 200 + "a rare zebra appears once, 😀.\n")
-    prepare(tmp_path / "src", Source([text]), val_fraction=0.1, workers=1, progress=False)
-    coverage = compact_vocabulary(tmp_path / "src", tmp_path / "dst", 260, {"test": True})
-    src, dst = TokenData(tmp_path / "src", "train"), TokenData(tmp_path / "dst", "train")
-    original = src.read(0, len(src)).astype(int)
-    counts = np.bincount(original, minlength=50257)
-    counts[50256] = len(original)  # the separator always keeps its id
-    top = np.argsort(-counts, kind="stable")[:4]
-    meta = json.loads((tmp_path / "dst" / "meta.json").read_text())
-    assert meta["vocabulary"]["kept_gpt2_ids"] == top.tolist() and meta["vocab_size"] == 260
-    tokenizer = CompactTokenizer(meta["vocabulary"]["kept_gpt2_ids"])
-    gpt2 = load_tokenizer()
-    assert tokenizer.decode_bytes(dst.read(0, len(dst))) == gpt2.decode_bytes(original.tolist())
-    assert (
-        meta["splits"]["val"]["bytes"]
-        == json.loads((tmp_path / "src" / "meta.json").read_text())["splits"]["val"]["bytes"]
-    )
-    assert coverage["train_spelled_fraction"] == pytest.approx(np.mean(~np.isin(original, top)))
-    with pytest.raises(ConfigError, match="between 257"):
-        compact_vocabulary(tmp_path / "src", tmp_path / "bad", 100)
+def test_estimate_uses_the_calibration_and_the_schedule():
+    cfg = load_config()
+    plan = build_plan(cfg, {"dir": "d", "overfit_dir": "o", "id": "x"}, 1024)
+    c = {"step_s": 0.25, "forward_s_per_token": 1e-5, "decode_step_s": 5e-3, "bytes_per_s": 5e9, "flops_per_s": 1e10}
+    costs = {j.shape: c for j in plan.jobs}
+    estimate(cfg, plan, costs)
+    lm = next(j for j in plan.jobs if j.name == "lm/rope/seed1337")
+    scored = 102400 + 8 * 4 * 16 * 256  # the final val tokens and 8 curve evaluations
+    assert lm.cost == pytest.approx(400 * 0.25 + scored * 1e-5)
+    jobs = [Job("a", "x", {}, "p", cost=4), Job("b", "x", {}, "p", cost=3), Job("c", "x", {}, "p", cost=3, deps=("a",))]
+    assert makespan(jobs, 2) == 7  # a and b start; c waits for a
+    assert makespan(jobs, 1) == 10
 
 
-def test_context_losses_score_the_same_tokens_and_refuse_learned_positions_past_their_table():
-    torch.manual_seed(0)
-    tokens = np.random.default_rng(0).integers(0, 50, 2000)
-    learned = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
-    out = context_losses(learned, tokens, 16, [1, 2, 4], 3, 64, torch.autocast("cpu", enabled=False))
-    assert isinstance(out["1x"], float)
-    assert out["2x"] == out["4x"] == "n/a: learned positions end at block_size (16)"
-    rope = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, pos_emb="rope")).eval()
-    out = context_losses(rope, tokens, 16, [1, 2, 4], 3, 64, torch.autocast("cpu", enabled=False))
-    assert all(isinstance(v, float) for v in out.values())
-    # 1x by hand: the three 64-token stretches cut into windows of 16
-    starts = np.linspace(0, len(tokens) - 65, 3).round().astype(int)
-    rows = torch.tensor(np.stack([tokens[s : s + 65] for s in starts]))
-    _, loss = rope(rows[:, :-1].reshape(-1, 16), rows[:, 1:].reshape(-1, 16))
-    assert out["1x"] == pytest.approx(loss.item(), rel=1e-5)
+def _fake(kind: str, params: dict, run_dir: Path, root: Path) -> dict:
+    (run_dir / "touched").write_text(str(params["x"]))
+    return {"x2": 2 * params["x"]}
 
 
-def test_peak_memory_sees_an_allocation():
-    with PeakMemory(torch.device("cpu")) as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del block
-    if peak.bytes is None:
-        pytest.skip("no /proc/self/clear_refs here")
-    assert peak.bytes >= 60 * 2**20
+def test_jobs_are_cached_by_their_key(tmp_path):
+    jobs = [Job("one", "fake", {"x": 1}, "p"), Job("two", "fake", {"x": 2}, "p", deps=("one",))]
+    assert run_jobs(jobs, tmp_path, _fake, 1, None, False)["two"]["x2"] == 4
+    stamp = (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns
+    assert run_jobs(jobs, tmp_path, _fake, 1, None, False)["one"]["x2"] == 2
+    assert (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns == stamp  # reused
+    jobs[0].params = {"x": 5}  # a changed job is redone, and so is every job that reads it
+    results = run_jobs(jobs, tmp_path, _fake, 1, None, False)
+    assert results["one"]["x2"] == 10 and (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns != stamp
 
 
-# --- the whole machinery, end to end ---------------------------------------------------------------
+def test_gpu_profile_dry_run_on_the_cpu(capsys):
+    """The GPU profile's plan builds every model and trains one step of each shape here, and its FLOP-based
+    estimate fits the 5 minutes it is sized for."""
+    assert main(["compare", "--profile", "gpu", "--dry-run", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "dry run: every model" in captured.out
+    assert "GPU seconds from FLOPs" in captured.err and "language models" in captured.err
+    minutes = float(captured.err.split("estimated time: ")[1].split(" min")[0])
+    assert 2 < minutes < 6
 
-VARIANTS = "baseline,rope+gqa+swa,mixed"  # every code path: learned and rotary, GQA, window, local/global
+
+# --- the whole machinery, end to end -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, one_thread) -> Path:
+def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("compare") / "out"
-    argv = ["compare", "--quick", "--variants", VARIANTS, "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
+    assert main(["compare", "--quick", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -194,16 +266,16 @@ def test_compare_writes_every_artefact(quick_run):
     for name in PLOTS:
         assert (quick_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((quick_run / RESULTS).read_text())
-    assert list(results["variants"]) == VARIANTS.split(",")
-    assert results["command"].startswith("gpt2lab compare --variants")
+    assert results["schema"] == SCHEMA and results["profile"] == "quick"
+    assert {"lm", "mqar", "extrapolation", "uptraining", "overfitting", "efficiency"} <= set(results)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _job(out: Path, name: str) -> dict:
+    return json.loads((out / "runs" / name / JOB_JSON).read_text())["value"]
 
 
 def _row(report: str, first_cell: str, table_header: str) -> list[str]:
-    """The cells of the row starting with ``first_cell`` in the table under ``table_header``."""
+    """The cells of the row starting with ``first_cell`` in the first table after ``table_header``."""
     section = report[report.index(table_header) :]
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -212,68 +284,69 @@ def _row(report: str, first_cell: str, table_header: str) -> list[str]:
     raise AssertionError(f"no row {first_cell!r} under {table_header!r}")
 
 
-def test_report_numbers_come_from_the_runs(quick_run):
+def test_language_model_numbers_come_from_the_runs(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
     report = (quick_run / REPORT).read_text()
-    for name, v in results["variants"].items():
-        final, speeds = [], []
-        for run in v["runs"]:
-            records = _metrics(Path(run["out_dir"]))
-            vals = [r for r in records if "val_loss" in r]
-            # results.json per run == metrics.jsonl
-            assert run["final_val_loss"] == vals[-1]["val_loss"]
-            assert run["val_curve"] == [[r["step"], r["val_loss"]] for r in vals]
-            assert run["tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in records[1:])
-            final.append(vals[-1]["val_loss"])
-            speeds.append(run["tokens_per_s"])
-        summary = v["summary"]
-        # results.json summary == statistics of the runs
-        assert summary["final_val_loss"]["mean"] == pytest.approx(statistics.fmean(final), abs=0, rel=1e-12)
-        assert summary["final_val_loss"]["std"] == pytest.approx(statistics.stdev(final), rel=1e-12)
-        # report.md == results.json
-        row = _row(report, name, "## Quality and training cost")
-        assert row[1] == f"{v['params']:,}"
-        assert row[3] == fmt_stats(summary["final_val_loss"])
-        assert row[3].startswith(f"{statistics.fmean(final):.4f} ± ")
-        assert row[4] == fmt_stats(summary["tokens_per_s"], 0)
-        row = _row(report, name, "## Inference memory and speed")
-        assert row[1:] == [
-            fmt_value(v["decode"]["kv_bytes_per_token"], 0),
-            fmt_value(v["decode"]["cache_bytes"], 2, 2**20),
-            fmt_value(v["decode"]["tokens_per_s"], 1),
+    seeds = results["seeds"]
+    for v, entry in results["lm"]["variants"].items():
+        finals = []
+        for s in seeds:
+            job = _job(quick_run, f"lm/{v}/seed{s}")
+            records = [
+                json.loads(line) for line in (quick_run / f"runs/lm/{v}/seed{s}/metrics.jsonl").read_text().splitlines()
+            ]
+            assert job["val_curve"] == [[r["step"], r["val_loss"]] for r in records if "val_loss" in r]
+            assert job["final_loss"] == pytest.approx(float(np.mean(job["per_sequence"])), rel=1e-6)
+            finals.append(job["final_loss"])
+        assert entry["per_seed"] == finals
+        assert entry["final_loss"]["mean"] == pytest.approx(np.mean(finals), rel=1e-12)
+        assert _row(report, v, "## Language models")[1] == ci(entry["final_loss"])
+    for c in results["lm"]["comparisons"]:
+        v, ref = c["variant"], c["reference"]
+        diffs = [
+            a - b
+            for a, b in zip(
+                results["lm"]["variants"][v]["per_seed"], results["lm"]["variants"][ref]["per_seed"], strict=True
+            )
         ]
-        row = _row(report, name, "## Context extrapolation")
-        assert row[1] == fmt_stats(summary["context_loss"]["1x"])
-        row = _row(report, name, "## Long-range recall")
-        per_bin = zip(*(r["recall"]["accuracy"] for r in v["runs"]), strict=True)
-        means = [statistics.fmean(acc) if None not in acc else None for acc in per_bin]
-        cells = [None if c == "n/a" else float(c.split()[0]) for c in row[1:]]
-        assert cells == [None if m is None else round(m, 2) for m in means]
-        for run in v["runs"]:
-            row = _row(report, name, f"| {name} | {run['seed']} |")
-            assert row[2] == fmt_value(run["final_val_loss"])
+        assert c["final"]["values"] == pytest.approx(diffs)
+        assert _row(report, f"{v} - {ref}", "Paired differences")[1] == ci(c["final"], 4, True)
 
 
-def test_report_marks_what_cannot_run(quick_run):
+def test_mqar_and_efficiency_numbers_come_from_the_runs(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
-    v = results["variants"]
-    assert v["baseline"]["summary"]["context_loss"]["4x"].startswith("n/a: learned positions end at block_size")
-    assert isinstance(v["rope+gqa+swa"]["summary"]["context_loss"]["4x"], dict)  # rotary runs past it
     report = (quick_run / REPORT).read_text()
-    assert re.search(r"\| baseline \| [\d.]+ ± [\d.]+ \| n/a: learned positions end at block_size \(32\)", report)
-    # a window layer keeps window positions, a global layer all of them: the cache sizes show it
-    kv = {name: v[name]["decode"]["kv_bytes_per_token"] for name in v}
-    assert kv["mixed"] > kv["rope+gqa+swa"] and kv["baseline"] > kv["mixed"]
-    reference = _row(report, "key ignored (reference)", "## Long-range recall")
-    assert reference[1:] == [fmt_value(r, 2) for r in results["recall_reference"]]
+    m = results["mqar"]
+    for name, model in m["models"].items():
+        per_seed = []
+        for s in results["seeds"]:
+            ev = _job(quick_run, f"mqar/{name}/seed{s}")["eval"]
+            lo, hi = m["edges"][0], m["edges"][1]
+            per_seed.append(sum(ev["both"][lo:hi]) / sum(ev["n"][lo:hi]))
+        assert model["bins"][0]["both"]["mean"] == pytest.approx(np.mean(per_seed))
+        assert f"**{name}**" in report
+    rows = results["efficiency"]["decode"]
+    job = _job(quick_run, "efficiency")
+    first = rows[0]
+    pairs = next(d for d in job["decode"] if (d["batch"], d["context"]) == (first["batch"], first["context"]))["rates"][
+        first["variant"]
+    ]
+    assert first["ratio"]["mean"] == pytest.approx(math.exp(np.mean([math.log(v / r) for r, v in pairs])))
+    assert _row(report, str(first["batch"]), "## Efficiency")[5] == ratio(first["ratio"])
+
+
+def test_learned_positions_report_their_error_and_windows_keep_their_cache(quick_run):
+    results = json.loads((quick_run / RESULTS).read_text())
+    assert results["extrapolation"]["variants"]["baseline"]["full"].startswith("error: sequence of 256 tokens exceeds")
+    assert "error: sequence of 256 tokens exceeds block_size 64" in (quick_run / REPORT).read_text()
+    kv = results["efficiency"]["kv_cache"]["bytes"]
+    assert kv["rope+swa"][-1] == kv["rope+swa"][0] and kv["rope"][-1] > kv["rope+mixed"][-1] > kv["rope+swa"][-1]
+    assert kv["baseline"][-1] is None  # no cache past the learned position table
 
 
 def test_rerun_reuses_finished_runs(quick_run):
+    stamps = {p: p.stat().st_mtime_ns for p in quick_run.glob("runs/**/job.json")}
     results = json.loads((quick_run / RESULTS).read_text())
-    stamps = {p: p.stat().st_mtime_ns for p in quick_run.glob("runs/*/*/*.json*")}
-    cfg = load_config(None, quick=True, named={"compare.variants": VARIANTS})
-    again = compare(cfg, quick_run, "again", progress=False)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
-    for name, v in again["variants"].items():
-        assert v["summary"]["final_val_loss"] == results["variants"][name]["summary"]["final_val_loss"]
-        assert v["summary"]["recall_accuracy"] == results["variants"][name]["summary"]["recall_accuracy"]
+    again = compare(load_config(profile="quick"), quick_run, "again", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran again
+    assert again["lm"]["variants"] == results["lm"]["variants"]

@@ -337,6 +337,44 @@ def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path)
     assert losses(tmp_path / "ft")[0] == pytest.approx(expected, abs=1e-6)
 
 
+def test_fine_tune_may_change_rope_interpolation(bytes_dir, tmp_path):
+    """Position interpolation is fine-tuned into a rotary model: model.rope_interpolation may change when
+    fine-tuning (no other architecture field may), and the trained checkpoint records it."""
+    rope = {**TINY_MODEL, "model.pos_emb": "rope"}
+    train(config(bytes_dir, tmp_path / "base", rope, optim__warmup_steps=0, run__steps=1, run__eval_every=0))
+    ft = {"model.init": tmp_path / "base", "model.rope_interpolation": 0.5}
+    train(
+        config(
+            bytes_dir, tmp_path / "pi", ft, data__block_size=128, optim__warmup_steps=0, run__steps=1, run__eval_every=0
+        )
+    )
+    assert checkpoint.load_model(tmp_path / "pi").config.rope_interpolation == 0.5
+    with pytest.raises(ConfigError, match="only model.dropout and model.rope_interpolation may change"):
+        config(bytes_dir, tmp_path / "bad", {"model.init": tmp_path / "base", "model.n_kv_head": 1})
+
+
+def test_extra_evaluations_land_in_the_metrics(bytes_dir, tmp_path):
+    """TrainData.evaluations adds its fields to the record of every evaluation, with the model in eval mode."""
+    from gpt2lab.data import Batches, TokenData, val_batches
+    from gpt2lab.train import TrainData
+
+    seen_modes = []
+
+    def evaluations(model) -> dict:
+        seen_modes.append(model.training)
+        return {"probe": float(len(seen_modes))}
+
+    def data(env, accum):
+        train_split, val_split = TokenData(bytes_dir, "train"), TokenData(bytes_dir, "val")
+        return TrainData(Batches(train_split, 8, 32, accum), val_batches(val_split, 8, 32, 2), 256,
+                         evaluations=evaluations)  # fmt: skip
+
+    train(config(bytes_dir, tmp_path / "run", run__steps=4, run__eval_every=2, run__log_every=1), data)
+    records = metrics(tmp_path / "run")
+    assert [(r["step"], r.get("probe")) for r in records] == [(1, None), (2, 1.0), (3, None), (4, 2.0)]
+    assert seen_modes == [False, False]
+
+
 # --- commands on a training out_dir --------------------------------------------------------------
 
 

@@ -146,17 +146,19 @@ def _compare(args: argparse.Namespace) -> None:
     from gpt2lab.compare import compare
     from gpt2lab.compare.settings import load_config
 
+    profile = "quick" if args.quick else args.profile
     named = {"compare.variants": args.variants, "compare.seeds": args.seeds, "data.dir": args.data}
-    cfg = load_config(args.config, args.overrides, quick=args.quick, named=named | {"run.steps": args.steps})
+    cfg = load_config(args.config, args.overrides, profile=profile, named=named | {"run.steps": args.steps})
     command = ["gpt2lab compare"]
     for flag in ("config", "variants", "seeds", "data", "steps", "out"):
         if getattr(args, flag) is not None:
             command.append(f"--{flag} {getattr(args, flag)}")
-    command += ["--quick"] * args.quick + list(args.overrides)
-    results = compare(cfg, args.out, " ".join(command), progress=not args.no_progress)
-    print(
-        f"compared {len(results['variants'])} variants in {results['runtime_s'] / 60:.1f} min; see {args.out}/report.md"
-    )
+    command += [f"--profile {profile}"] * (profile != "default") + list(args.overrides)
+    results = compare(cfg, args.out, " ".join(command), progress=not args.no_progress, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: every model of the {results['jobs']} jobs builds and trains a step; nothing was written")
+    else:
+        print(f"compared in {results['runtime_s'] / 60:.1f} min; see {args.out}/report.md")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -180,9 +182,10 @@ def _compare_epilog() -> str:
     from gpt2lab.compare.settings import describe_compare_config
 
     return (
-        "Settings come from the built-in CPU default, then --config, then --section.key=value, then the\n"
-        "options above. A file setting model.preset drops the default model size. Writes OUT/report.md,\n"
-        "OUT/results.json and OUT/*.png; runs and data are kept under OUT/runs and OUT/data, and a rerun\n"
+        "Settings come from the profile, then --config, then --section.key=value, then the options above.\n"
+        "A file setting model.preset drops the profile's model size. The plan (jobs, steps, estimated time)\n"
+        "is printed before anything runs. Writes OUT/report.md, OUT/results.json and OUT/*.png; every job's\n"
+        "directory is kept under OUT/runs (data under OUT/data), and a rerun\n"
         "with the same settings reuses finished runs.\n\n" + describe_compare_config()
     )
 
@@ -361,12 +364,14 @@ COMMANDS: dict[str, Command] = {
         _compare,
         [
             opt(
-                "--config", metavar="FILE.toml", help="[model] [data] [optim] [run] tables as for train, plus [compare]"
+                "--config",
+                metavar="FILE.toml",
+                help="[model] [data] [optim] [run] tables as for train, plus [compare] and one per experiment",
             ),
             opt(
                 "--variants",
                 metavar="A,B,...",
-                help="variants to compare (default: see [compare] below): baseline, or changes joined by '+' "
+                help="language-model variants (compare.variants): baseline, or changes joined by '+' "
                 "from rope, gqa, mqa, swa, mixed",
             ),
             opt("--seeds", type=int, metavar="N", help="seeds per variant (compare.seeds)"),
@@ -377,11 +382,24 @@ COMMANDS: dict[str, Command] = {
             ),
             opt("--steps", type=int, metavar="N", help="training steps per run (run.steps)"),
             opt("--out", default="compare", metavar="DIR", help="output directory (default: compare)"),
-            opt("--quick", action="store_true", help="a tiny configuration that runs in seconds (a smoke test)"),
+            opt(
+                "--profile",
+                default="default",
+                choices=["default", "quick", "full", "gpu"],
+                help="the defaults: default (about 55 min on 2 CPU cores), quick (a smoke test of every code path), "
+                "full (3x the steps, about 2.5 h), gpu (one H100/H200, about 5 min)",
+            ),
+            opt("--quick", action="store_true", help="the same as --profile quick"),
+            opt(
+                "--dry-run",
+                action="store_true",
+                help="build every model of the plan, run one training step of each shape on the CPU, print the plan "
+                "and its time estimate, and stop",
+            ),
             opt("--no-progress", action="store_true", help="no progress bars"),
         ],
         settings="%(prog)s [-h] [--config FILE.toml] [--variants A,B,...] [--seeds N] [--data DIR] [--steps N] "
-        "[--out DIR] [--quick] [--no-progress] [--section.key=value ...]",
+        "[--out DIR] [--profile NAME] [--quick] [--dry-run] [--no-progress] [--section.key=value ...]",
         epilog=_compare_epilog,
     ),
 }

@@ -1,16 +1,16 @@
 """Scoring a trained model on held-out text: strided perplexity of one long text (``gpt2lab eval``),
-losses at several context lengths and by position (``gpt2lab compare``), and bits per byte."""
+the loss of every token of fixed rows at a given context length (``gpt2lab compare``), and bits per byte."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2lab.data import TokenData
@@ -158,46 +158,19 @@ def stretches(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def context_losses(
-    model: GPT,
-    tokens: np.ndarray,
-    context: int,
-    factors: Sequence[int],
-    n_stretches: int,
-    batch_tokens: int,
-    amp: AbstractContextManager | None = None,
-) -> dict[str, float | str]:
-    """Mean loss at each context multiple, on the same tokens for every multiple: ``n_stretches`` evenly
-    spaced stretches of (largest multiple x context) tokens, cut into windows of the length tested.
-    A length past a learned position table is reported as such instead of scored."""
-    rows = stretches(tokens, max(factors) * context, n_stretches)
-    device, limit = model.wte.weight.device, model.config.max_positions
-    out: dict[str, float | str] = {}
-    for f in factors:
-        length = f * context
-        if limit is not None and length > limit:
-            out[f"{f}x"] = f"n/a: learned positions end at block_size ({limit})"
-            continue
-        x, y = rows[:, :-1].reshape(-1, length), rows[:, 1:].reshape(-1, length)
-        per_batch = max(1, batch_tokens // length)
-        total = 0.0
-        for i in range(0, len(x), per_batch):
-            with amp or nullcontext():
-                _, loss = model(x[i : i + per_batch].to(device), y[i : i + per_batch].to(device))
-            total += loss.item() * len(x[i : i + per_batch])
-        out[f"{f}x"] = total / len(x)
-    return out
-
-
-@torch.no_grad()
-def position_losses(model: GPT, rows: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Mean loss at each position (T,) over sequences ``rows`` (N, T + 1): how the loss falls (or rises)
-    with the context a token has."""
+def token_losses(model: GPT, rows: torch.Tensor, length: int, batch_tokens: int = 16384) -> np.ndarray:
+    """The loss of every target of ``rows`` (N, L + 1: inputs and their targets) when each row is cut into
+    consecutive windows of ``length`` tokens (L a multiple of it), so a token's context starts at its
+    window's start: (N, L) float32. How the loss falls (or rises) with the context a token has."""
+    n, L = rows.shape[0], rows.shape[1] - 1
+    if L % length:
+        raise ValueError(f"rows of {L} tokens cannot be cut into windows of {length}")
     device = model.wte.weight.device
-    total = torch.zeros(rows.shape[1] - 1, dtype=torch.float64)
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i : i + batch_size].to(device)
-        logits, _ = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        total += loss.sum(0).double().cpu()
-    return (total / len(rows)).numpy()
+    x, y = rows[:, :-1].reshape(-1, length), rows[:, 1:].reshape(-1, length)
+    per_batch = max(1, batch_tokens // length)
+    out = []
+    for i in range(0, len(x), per_batch):
+        logits, _ = model(x[i : i + per_batch].to(device))
+        target = y[i : i + per_batch].to(device)
+        out.append(F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").cpu())
+    return torch.cat(out).reshape(n, L).numpy()

@@ -79,6 +79,8 @@ class TrainData:
     vocab_size: int
     bytes_per_token: dict[str, float | None] = field(default_factory=dict)
     vocabulary: dict | None = None  # a compact vocabulary (written to out_dir/vocabulary.json), or GPT-2's
+    # more measurements at every evaluation (a task's accuracy, say): model in eval mode -> fields of the record
+    evaluations: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 # --- optimizer, schedule, FLOPs ------------------------------------------------------------------
@@ -425,6 +427,11 @@ class _Log:
         run = self.run
         self.val_loss = evaluate(run.wrapped, run.data.val, run.env, run.amp)
         record |= {"val_loss": self.val_loss, "val_ppl": math.exp(min(self.val_loss, 50.0))}
+        if run.data.evaluations is not None:
+            run.wrapped.eval()
+            with torch.no_grad(), run.amp:
+                record |= run.data.evaluations(run.wrapped)
+            run.wrapped.train()
         self.val_bpb = bits_per_byte(self.val_loss, 1, run.data.bytes_per_token.get("val"))
         bpb = ""
         if self.val_bpb is not None:

@@ -23,7 +23,7 @@ from gpt2lab.settings import opt, positive
 STRATEGIES = ("single", "ddp", "fsdp")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
 # GPTConfig fields that may differ from the model being fine-tuned (the rest is its architecture)
-FINETUNE_FIELDS = ("dropout", "padded_vocab_size")
+FINETUNE_FIELDS = ("dropout", "padded_vocab_size", "rope_interpolation")
 
 
 class _ModelSettings:
@@ -43,7 +43,7 @@ class _ModelSettings:
         if fixed:
             raise ConfigError(
                 f"model.{fixed[0]} cannot be set when fine-tuning from {self.init!r}: the architecture is that "
-                f"model's. Remove {', '.join('model.' + k for k in fixed)} (only model.dropout may change), "
+                f"model's. Remove {', '.join('model.' + k for k in fixed)} (only model.dropout and model.rope_interpolation may change), "
                 "or train from scratch with model.init=scratch"
             )
 

@@ -1,11 +1,12 @@
-"""``gpt2lab compare``: train every architectural variant on the same data, token budget, seeds and
-optimizer, measure what each costs and buys, and write ``report.md``, ``results.json`` and plots.
+"""``gpt2lab compare``: decisive evidence on what each architectural variant costs and buys.
 
-A variant is ``baseline`` (GPT-2: learned positions, multi-head, full attention) or a ``+``-joined list
-of changes to it: ``rope``, ``gqa``, ``mqa``, ``swa`` (a sliding window on every layer) and ``mixed``
-(local window layers with periodic global ones). The package: ``settings`` (what to compare, no torch),
-``runs`` (training and the order of work), ``measure`` (memory, logs, decode speed, statistics),
-``recall`` (the synthetic recall task), ``report`` and ``plots`` (drawn from results.json alone).
+Language models of every variant trained from paired initial weights over several seeds (paired differences
+with intervals and verdicts), synthetic recall with planted distances and a key-swap control (MQAR), length
+extrapolation, GQA uptraining, overfitting against n_kv_head, and decode and kernel speed timed in alternation.
+The package: ``settings`` (what to run, no torch), ``plan`` (the jobs and their estimated cost), ``pool``
+(worker processes, caching per job), ``training`` (paired initial weights, runs of the training loop), the
+experiments (``lm``, ``mqar``, ``extrapolation``, ``efficiency``), ``stats`` and ``analysis`` (results.json),
+``report`` and ``plots`` (drawn from results.json alone), and ``runs`` (the whole command).
 """
 
 from __future__ import annotations

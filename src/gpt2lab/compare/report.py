@@ -1,314 +1,476 @@
-"""report.md: every number in it is read from results.json."""
+"""report.md: every number in it is read from results.json (and formatted by the helpers below)."""
 
 from __future__ import annotations
 
 from gpt2lab import settings
 
 RESULTS, REPORT = "results.json", "report.md"
-MIB = 2**20
-
-
-def _parts(results: dict) -> tuple:
-    """What the sections quote: config, variants, compare/run/data settings, context, seeds, command,
-    tokens per run, data description, environment."""
-    cfg, variants = results["config"], results["variants"]
-    tokens = variants[next(iter(variants))]["runs"][0]["tokens"]
-    command = f"`{results['command']}`"
-    sections = cfg["compare"], cfg["run"], cfg["data"]
-    return (
-        cfg,
-        variants,
-        *sections,
-        results["context"],
-        results["seeds"],
-        command,
-        tokens,
-        results["data"],
-        results["environment"],
-    )
+NOT_RUN = "not run"
 
 
 def render_report(results: dict) -> str:
-    """report.md: every number in it is read from ``results``."""
-    sections = (_header, _setup, _quality, _inference, _extrapolation, _recall, _every_run)
+    """report.md from ``results`` alone."""
+    sections = (_header, _setup, _language_models, _mqar, _extrapolation, _uptraining, _overfitting, _efficiency, _runs)
     return "\n".join(line for section in sections for line in section(results))
 
 
-def _header(results: dict) -> list[str]:
-    """The title and where every number comes from."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
+# --- formatting ----------------------------------------------------------------------------------
+
+
+def num(value, digits: int = 4, sign: bool = False) -> str:
+    """A number as the report prints it (``n/a`` for None)."""
+    if value is None:
+        return "n/a"
+    return f"{value:{'+' if sign else ''},.{digits}f}"
+
+
+def ci(d: dict | None, digits: int = 4, sign: bool = False) -> str:
+    """``mean [lo, hi]``: a mean and its 95% interval (the mean alone with one seed)."""
+    if d is None:
+        return "n/a"
+    if d.get("lo") is None:
+        return num(d["mean"], digits, sign)
+    return f"{num(d['mean'], digits, sign)} [{num(d['lo'], digits, sign)}, {num(d['hi'], digits, sign)}]"
+
+
+def ratio(d: dict) -> str:
+    """A geometric-mean ratio with its interval: ``1.23x [1.10, 1.37]``."""
+    if d.get("lo") is None:
+        return f"{d['mean']:.2f}x"
+    return f"{d['mean']:.2f}x [{d['lo']:.2f}, {d['hi']:.2f}]"
+
+
+def verdict(d: dict, digits: int = 4) -> str:
+    """The verdict, with the minimal detectable difference where nothing was detected, and Holm's mark."""
+    text = d["verdict"]
+    if text == "no difference detected" and d.get("mdd80") is not None:
+        text += f" (MDD80 {num(d['mdd80'], digits)})"
+    return text + (" †" if d.get("holm") else "")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _header(r: dict) -> list[str]:
+    env, plan = r["environment"], r["plan"]
+    rows = [
+        [p["piece"], str(p["jobs"]), num(p["cost_s"], 0), num(plan["measured"].get(p["piece"]), 0)]
+        for p in plan["pieces"]
+    ]
+    rows.append(
+        [
+            "total",
+            str(sum(p["jobs"] for p in plan["pieces"])),
+            num(sum(p["cost_s"] for p in plan["pieces"]), 0),
+            num(sum(plan["measured"].values()), 0),
+        ]
+    )
     return [
         "# Architectural variants compared",
         "",
-        f"Produced by {command} in {results['runtime_s'] / 60:.1f} min on {env['device']} "
-        f"(torch threads: {env['torch_threads']}, torch {env['torch']}). Every number below is read from "
-        f"`{RESULTS}` beside this file, which holds the per-run values behind each mean; each run's "
-        "`metrics.jsonl` (the training log the curves and speeds come from) is in `runs/<variant>/seed<seed>/`.",
+        f"Produced by `{r['command']}` (profile {r['profile']}) in {r['runtime_s'] / 60:.1f} min on {env['device']}, "
+        f"{plan['workers']} worker process(es), torch {env['torch']}, Python {env['python']}. Every number below is "
+        f"read from `{RESULTS}` beside this file; each training run's `metrics.jsonl` is under `runs/<job>/`.",
         "",
+        f"**How to read it.** Every quality figure is over {len(r['seeds'])} paired seeds ({', '.join(map(str, r['seeds']))}): "
+        "per seed, every variant starts from the same initial weights (copied where names and shapes match; fewer "
+        "key/value heads take the first ones) and sees the same batches, so each comparison is a paired difference, "
+        "reported as its mean and 95% t-interval [lo, hi]. The verdict names the side of 0 the whole interval lies on; "
+        'otherwise it says "no difference detected" with MDD80, the smallest true difference this run would have '
+        "detected four times in five (80% power): a smaller effect is not excluded. † marks verdicts that survive "
+        f"Holm's correction over the {r['holm_family']} headline tests (family level 5%).",
+        "",
+        f"Plan (printed before the run; estimated {plan['estimated_wall_s'] / 60:.1f} min, {plan['how']}) against what "
+        "each piece took (seconds summed over its jobs):",
+        "",
+        *table(["piece", "jobs", "estimated s", "measured s"], rows),
     ]
 
 
-def _setup(results: dict) -> list[str]:
-    """What was compared and how it was trained."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
+def _setup(r: dict) -> list[str]:
+    data = r["data"]
+    rows = [
+        [
+            name,
+            f"{m['params']:,}",
+            f"{m['non_embedding_params']:,}",
+            f"{m['kv_bytes_per_token_fp32']:,}",
+            _describe(m["config"]),
+        ]
+        for name, m in r["models"].items()
+    ]
+    cov = data.get("coverage") or {}
+    spelled = (
+        f", {100 * cov['val_spelled_fraction']:.1f}% of val GPT-2 tokens spelled as bytes"
+        if "val_spelled_fraction" in cov
+        else ""
+    )
     return [
         "## Setup",
         "",
-        "- Variants: " + "; ".join(f"**{n}** = {_describe(v)}" for n, v in variants.items()) + ".",
-        f"- Model: {_arch(variants[next(iter(variants))]['model_config'])}.",
-        f"- Training (identical for every variant): {run['steps']} steps of {data['batch_size']} x {T} tokens "
-        f"({tokens:,} tokens per run), AdamW lr {cfg['optim']['lr']} -> {cfg['optim']['min_lr']} (cosine, "
-        f"{cfg['optim']['warmup_steps']} warmup steps), weight decay {cfg['optim']['weight_decay']}, seeds "
-        f"{', '.join(map(str, seeds))} (the seed sets the initial weights and the order of the batches).",
-        f"- Data: `{source['source']}`"
-        + (
-            f", in a {spec['vocab']}-token compact vocabulary (256 bytes and the {spec['vocab'] - 256} most frequent "
-            f"training tokens; the other {100 * source['val_spelled_fraction']:.1f}% of val GPT-2 tokens are spelled as "
-            "bytes, losslessly); "
-            f"{source['train_tokens']:,} train and {source['val_tokens']:,} val tokens"
-            if spec["vocab"]
-            else " (full GPT-2 vocabulary)"
-        )
-        + ".",
+        f"Data: `{data['source']}` (Python {data['python']}; the stdlib differs between Python versions), vocabulary "
+        f"{data['vocab_size']}{spelled}; {data['train_tokens']:,} train and {data['val_tokens']:,} val tokens "
+        f"(digest {data['id']}). Final losses are on the same {r['config']['compare']['val_tokens']:,} val tokens for "
+        "every run (evenly spaced windows of the training context, every token scored).",
         "",
-        "Configuration (defaults plus the command's options; `gpt2lab compare --help` explains each key):",
+        *table(["variant", "parameters", "non-embedding", "KV bytes per token (fp32)", "architecture"], rows),
+        "Configuration (the profile plus the command's options; `gpt2lab compare --help` explains each key):",
         "",
         "```toml",
-        settings.to_toml(cfg),
+        settings.to_toml(r["config"]),
         "```",
         "",
     ]
 
 
-def _quality(results: dict) -> list[str]:
-    """Final val loss, parameters, training speed and memory."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
-    return [
-        "## Quality and training cost",
+def _describe(c: dict) -> str:
+    parts = [f"{c['n_layer']} layers, {c['n_head']} heads of {c['n_embd'] // c['n_head']}, {c['pos_emb']} positions"]
+    if c["n_kv_head"] != c["n_head"]:
+        parts.append(f"{c['n_kv_head']} key/value heads")
+    if c["window"]:
+        parts.append(f"window {c['window']} ({c['window_pattern']})")
+    return ", ".join(parts)
+
+
+def _language_models(r: dict) -> list[str]:
+    lm, cfg = r["lm"], r["config"]
+    n = len(r["seeds"])
+    rows = [
+        [v, ci(e["final_loss"]), str(e["final_loss"]["n"]), f"{e['tokens']:,}", ci(e["tokens_per_s"], 0)]
+        for v, e in lm["variants"].items()
+    ]
+    lines = [
+        "## Language models",
         "",
-        _table(
-            ["variant", "parameters", "non-embedding", "final val loss", "train tokens/s", "peak train memory (MiB)"],
-            [
-                [
-                    name,
-                    f"{v['params']:,}",
-                    f"{v['non_embedding_params']:,}",
-                    fmt_stats(v["summary"]["final_val_loss"]),
-                    fmt_stats(v["summary"]["tokens_per_s"], 0),
-                    fmt_stats(v["summary"]["peak_memory_bytes"], 1, MIB),
-                ]
-                for name, v in variants.items()
-            ],
-        ),
+        f"{cfg['run']['steps']} steps of {cfg['data']['batch_size']} x {cfg['data']['block_size']} tokens, AdamW "
+        f"{cfg['optim']['lr']} -> {cfg['optim']['min_lr']} (cosine, {cfg['optim']['warmup_steps']} warmup steps). "
+        "Final val loss (nats per token), mean [95% interval] over seeds:",
         "",
-        f"{command}; mean ± standard deviation over {len(seeds)} seeds. Val loss: the last evaluation of each "
-        f"run (`val_loss` in its metrics.jsonl: {run['eval_batches']} x {data['batch_size']} fixed val sequences of "
-        f"{T} tokens). Tokens/s: median over the logged intervals of a run after the first (evaluation time "
-        "excluded). Peak memory: "
-        + (
-            "the CUDA allocator's peak during training above what was allocated before it."
-            if "cpu" not in env["device"]
-            else "rise of the process's peak resident set (VmHWM, reset before each run) during the whole "
-            "training call: weights, gradients, AdamW state, activations, batches and allocator slack."
+        *table(["variant", "final val loss", "n", "tokens per run", "train tokens/s"], rows),
+        f"Paired differences (variant minus reference, n = {n}); a difference is *settled* when the calibration "
+        "run (first seed, more steps) agrees with it within MDD80, else the verdict is transient:",
+        "",
+    ]
+    rows = []
+    for c in lm["comparisons"]:
+        cal = c.get("calibration")
+        settled = (
+            "not calibrated"
+            if cal is None
+            else (
+                f"{'settled' if cal['settled'] else 'TRANSIENT'}: {num(cal['difference'], 4, True)} at {cal['factor']}x steps "
+                f"(first seed {num(cal['first_seed_difference'], 4, True)} here)"
+            )
         )
-        + f" Non-embedding parameters exclude the token and position tables. Load average at the end: "
-        f"{_load(env)}: on a shared machine speeds carry that noise.",
-        "",
-        "![validation loss](loss_curves.png)",
-        "",
-    ]
-
-
-def _inference(results: dict) -> list[str]:
-    """KV-cache bytes and decode speed."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
-    return [
-        "## Inference memory and speed",
-        "",
-        _table(
+        rows.append(
             [
-                "variant",
-                f"KV bytes/token at {T}",
-                f"KV cache at {spec['decode_context']} (MiB)",
-                f"decode tokens/s at {spec['decode_context']}",
-            ],
-            [
-                [
-                    name,
-                    fmt_value(v["decode"]["kv_bytes_per_token"], 0),
-                    fmt_value(v["decode"]["cache_bytes"], 2, MIB),
-                    fmt_value(v["decode"]["tokens_per_s"], 1),
-                ]
-                for name, v in variants.items()
-            ],
-        ),
-        "",
-        f"{command}; cache buffers as `setup_cache` allocates them for one sequence ({variants[next(iter(variants))]['decode']['dtype']}), "
-        f"summed over layers (a window layer keeps only its {spec['window']} newest positions). Decode: greedy "
-        f"generation through `gpt2lab.stream` with random weights, prompt of "
-        f"{spec['decode_context'] - spec['decode_tokens']} tokens, the {spec['decode_tokens']} decode steps up to "
-        f"{spec['decode_context']} tokens timed (prefill excluded); learned-position variants get a position table "
-        "that long for this measurement only.",
-        "",
-        "![memory and speed](memory_speed.png)",
-        "",
-    ]
-
-
-def _extrapolation(results: dict) -> list[str]:
-    """Val loss at each context multiple."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
-    return [
-        "## Context extrapolation",
-        "",
-        _table(
-            ["variant"] + [f"{f}x ({f * T} tokens)" for f in spec["extrapolation"]],
-            [
-                [name] + [_fmt_context(v["summary"]["context_loss"][f"{f}x"]) for f in spec["extrapolation"]]
-                for name, v in variants.items()
-            ],
-        ),
-        "",
-        f"{command}; mean val loss over all positions of windows of each length, cut from the same "
-        f"{spec['extrapolation_sequences']} val stretches of {max(spec['extrapolation']) * T} tokens, so every column "
-        "scores the same tokens; only the context each token gets differs. Trained at "
-        f"{T} tokens. Mean ± std over seeds.",
-        "",
-        "![extrapolation](extrapolation.png)",
-        "",
-    ]
-
-
-def _recall(results: dict) -> list[str]:
-    """Recall accuracy by distance."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
-    return [
-        "## Long-range recall",
-        "",
-        _table(
-            ["variant"] + [f"d {lo}-{hi - 1}" for lo, hi in results["recall_bins"]],
-            [[name] + [_fmt_acc(a) for a in v["summary"]["recall_accuracy"]] for name, v in variants.items()]
-            + [["key ignored (reference)"] + [fmt_value(r, 2) for r in results["recall_reference"] or []]],
-        ),
-        "",
-        f"{command}; {_recall_text(results)}",
-        "",
-        "![recall](recall.png)",
-        "",
-    ]
-
-
-def _every_run(results: dict) -> list[str]:
-    """One row per training run."""
-    cfg, variants, spec, run, data, T, seeds, command, tokens, source, env = _parts(results)
-    return [
-        "## Every run",
-        "",
-        _table(
-            [
-                "variant",
-                "seed",
-                "final val loss",
-                "train tokens/s",
-                "peak train memory (MiB)",
-                "train wall s",
-                "mean recall",
-            ],
-            [
-                [
-                    name,
-                    str(r["seed"]),
-                    fmt_value(r["final_val_loss"]),
-                    fmt_value(r["tokens_per_s"], 0),
-                    fmt_value(r["peak_memory_bytes"], 1, MIB),
-                    fmt_value(r["wall_s"], 1),
-                    fmt_value(_recall_mean(r["recall"]), 3) if "recall" in r else "not run",
-                ]
-                for name, v in variants.items()
-                for r in v["runs"]
-            ],
-        ),
-        "",
-        f"{command}; one row per training run (its directory: `runs/<variant>/seed<seed>`).",
-        "",
-    ]
-
-
-def fmt_stats(stats: dict | None, digits: int = 4, scale: float = 1.0) -> str:
-    """``mean ± std`` of a measurement over seeds (``n/a`` when it could not be measured)."""
-    if stats is None:
-        return "n/a"
-    return f"{stats['mean'] / scale:.{digits}f} ± {stats['std'] / scale:.{digits}f}"
-
-
-def fmt_value(value, digits: int = 4, scale: float = 1.0) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, str):
-        return value
-    return f"{value / scale:,.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _describe(variant: dict) -> str:
-    if not variant["changes"]:
-        return "GPT-2 (learned positions, multi-head, full attention)"
-    return ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in variant["overrides"].items())
-
-
-def _arch(c: dict) -> str:
-    return (
-        f"{c['n_layer']} layers, {c['n_head']} heads of {c['n_embd'] // c['n_head']}, width {c['n_embd']}, "
-        f"{c['block_size']} positions, vocabulary {c['vocab_size']}"
+                f"{c['variant']} - {c['reference']}",
+                ci(c["final"], 4, True),
+                num(c["final"]["sd"]),
+                num(c["final"]["mdd80"]),
+                verdict(c["final"]),
+                settled,
+                num(c["sequence_noise_sd"]),
+            ]
+        )
+    lines += table(
+        [
+            "comparison",
+            "mean difference [95%]",
+            "sd of differences",
+            "MDD80",
+            "verdict",
+            "calibration",
+            "val-set noise (one seed)",
+        ],
+        rows,
     )
+    lines += _difference_curves(lm) + _by_position(lm)
+    return lines + ["![language models](lm.png)", ""]
 
 
-def _fmt_context(value) -> str:
-    return value if isinstance(value, str) else fmt_stats(value)
+def _difference_curves(lm: dict) -> list[str]:
+    if not lm["comparisons"]:
+        return []
+    steps = lm["comparisons"][0]["curve"]["steps"]
+    rows = [
+        [f"{c['variant']} - {c['reference']}", *(ci(v, 3, True) for v in c["curve"]["values"])]
+        for c in lm["comparisons"]
+    ]
+    return [
+        "Difference to the reference over training (val loss on the curve set at each evaluation):",
+        "",
+        *table(["comparison", *(f"step {s}" for s in steps)], rows),
+    ]
 
 
-def _fmt_acc(stats: dict | None) -> str:
-    if stats is None:
-        return "n/a"
-    return f"{stats['mean']:.2f} ({stats['min']:.2f}-{stats['max']:.2f})"
+def _by_position(lm: dict) -> list[str]:
+    edges = lm["position_edges"]
+    header = ["variant", *(f"pos {lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True))]
+    rows = [[v, *(ci(b, 3) for b in e["by_position"])] for v, e in lm["variants"].items()]
+    return [
+        "Final loss by position in the context (a model that uses its context gets better with position):",
+        "",
+        *table(header, rows),
+    ]
 
 
-def _recall_mean(recall: dict) -> float:
-    """A run's recall accuracy over all its answered queries (bins weighted by their query counts)."""
-    pairs = [(a, n) for a, n in zip(recall["accuracy"], recall["queries"], strict=True) if n]
-    return sum(a * n for a, n in pairs) / sum(n for _, n in pairs)
+def _mqar(r: dict) -> list[str]:
+    if "mqar" not in r:
+        return ["## Multi-query associative recall", "", NOT_RUN, ""]
+    m, task = r["mqar"], r["mqar"]["task"]
+    lines = [
+        "## Multi-query associative recall (MQAR)",
+        "",
+        f"Sequences of {task['seq_len']} tokens with {task['groups']} twin groups of fused key-value pairs "
+        f"({task['n_keys']} keys, {task['n_values']} values), every pair queried once at a planted distance d (training "
+        f"distances {task['distances']}), every other position a query too. Orig: right on the sequence; both: right on "
+        "it and on the copy whose twins' keys are swapped (a rule that ignores the key is right on at most one of the "
+        f"two: both <= {m['both_ceiling_without_lookup']}); twin: answered the twin's value. Chance is {num(m['chance'], 3)}. "
+        "Verdict per bin: lookup (both's interval above 0.25), positional guessing (orig above chance, both not above "
+        "0.25), chance. Bins use the runs whose in-reach accuracy had plateaued (last 20% of steps moved < 0.02) "
+        "when at least two had; the table says how many.",
+        "",
+    ]
+    for name, model in m["models"].items():
+        lines += _mqar_model(name, model)
+    lines += _mqar_comparisons(m)
+    return lines + ["![MQAR](mqar.png)", ""]
 
 
-def _load(env: dict) -> str:
-    load = env.get("load_average")
-    return ", ".join(f"{x:.1f}" for x in load) + f" on {env['cpu_count']} cores" if load else "unknown"
+def _mqar_model(name: str, model: dict) -> list[str]:
+    n, done = len(model["converged"]), sum(model["converged"])
+    header = ["metric", *(f"d {b['lo']}-{b['hi'] - 1}" for b in model["bins"])]
+    rows = [[metric, *(ci(b[metric], 2) for b in model["bins"])] for metric in ("orig", "both", "twin")]
+    rows.append(["verdict", *(b["verdict"] for b in model["bins"])])
+    rows.append(["queries (fewest per seed)", *(str(b["queries"]) for b in model["bins"])])
+    return [
+        f"**{name}** ({_describe(model['config'])}; reach {model['reach']}; {model['steps']} steps; plateaued "
+        f"{done}/{n}; bins from {model['verdict_seeds']} seeds):",
+        "",
+        *table(header, rows),
+    ]
 
 
-def _recall_text(results: dict) -> str:
-    spec, task, T = results["config"]["compare"], results["recall_task"], results["context"]
-    n_layer = next(iter(results["variants"].values()))["model_config"]["n_layer"]
-    seeds = ", ".join(map(str, results["seeds"][: spec["recall_seeds"]]))
-    W = spec["window"]
-    return (
-        "exact-match accuracy (argmax over the whole vocabulary) of the queries whose key's pair lies d tokens "
-        f"back, mean (min-max) over the recall runs (seed {seeds}), on the same {spec['recall_sequences']} evaluation "
-        "sequences for every model. Task (`gpt2lab.recall`): sequences of "
-        f'{T} tokens in which {task["n_pairs"]} pair tokens "key k holds value v" ({task["n_keys"]} keys, '
-        f"{task['n_values']} values) are planted at random positions and every other position asks for the value of "
-        "a key planted before it. The reference row is the accuracy of ignoring the key and naming one of the "
-        "planted values at random; above it, the model looks the key up. Each variant's trained language model "
-        f"(same seed) is trained further on the task, {spec['recall_steps']} steps of {spec['recall_batch_size']} "
-        f"sequences (AdamW as above, peak lr {spec['recall_lr']}; the task's tokens are the first ids of the LM's vocabulary). Why a "
-        "dedicated run: it measures what each attention pattern can reach, not how a mixing ratio trades against "
-        "language modelling, and the LM runs are far too short to pick the skill up on the side. Why start from "
-        "the LM: from random weights the task sat on a plateau for 300-600 steps at this size when this was built "
-        "(the attention must first learn to look anywhere in particular), which a 2-core CPU cannot pay for "
-        f"every variant; the LM-trained attention starts learning it within ~150 steps. A window of {W} reaches "
-        f"d < {W} in one attention step; through {n_layer} stacked window layers information can travel at most "
-        f"{n_layer} x {W - 1} = {n_layer * (W - 1)} tokens."
+def _mqar_comparisons(m: dict) -> list[str]:
+    if not m["comparisons"]:
+        return []
+    first = m["comparisons"][0]["bins"]
+    header = ["model - reference", "metric", *(f"d {b['lo']}-{b['hi'] - 1}" for b in first)]
+    rows = []
+    for c in m["comparisons"]:
+        for metric in ("orig", "both"):
+            rows.append(
+                [
+                    f"{c['model']} - {c['reference']}",
+                    metric,
+                    *(f"{ci(b[metric], 2, True)} {verdict(b[metric], 2)}" for b in c["bins"]),
+                ]
+            )
+    return [
+        "Paired differences per bin: each model minus full attention (rotary) at its depth, and the mixed stack "
+        "minus the window stack:",
+        "",
+        *table(header, rows),
+    ]
+
+
+def _extrapolation(r: dict) -> list[str]:
+    if "extrapolation" not in r:
+        return ["## Length extrapolation", "", NOT_RUN, ""]
+    e, T = r["extrapolation"], r["extrapolation"]["context"]
+    lines = [
+        "## Length extrapolation",
+        "",
+        f"Loss of every token of {r['config']['extrapolation']['stretches']} val stretches with a longer context "
+        f"minus its loss with the context cut at multiples of the training length T = {T} (the 1x reference), on "
+        "the same tokens, mean [95% interval] over seeds: below 0 the longer context helps, above 0 it hurts. "
+        "pi<f>: zero-shot position interpolation to f x T; pi_finetuned: interpolation after a short fine-tune at "
+        "that length.",
+        "",
+    ]
+    rows = []
+    for v, entry in e["variants"].items():
+        for mode, value in entry.items():
+            if mode in ("chunked_loss", "by_position_1x"):
+                continue
+            if isinstance(value, str):
+                rows.append([v, mode, value, "", ""])
+                continue
+            rows.append(
+                [
+                    v,
+                    f"{mode} ({value['length']} tokens)",
+                    ci(value["loss"]),
+                    _headline(value.get("near")),
+                    _headline(value.get("far")),
+                ]
+            )
+    lines += table(
+        ["variant", "scored as", "mean loss", f"just past T ({T}-{3 * T // 2 - 1})", f"far past T ({2 * T}-)"], rows
     )
+    for v, entry in e["variants"].items():
+        lines += _extrapolation_bins(v, entry)
+    return lines + ["![extrapolation](extrapolation.png)", ""]
+
+
+def _headline(d: dict | None) -> str:
+    return "n/a" if d is None else f"{ci(d, 3, True)} {verdict(d, 3)}"
+
+
+def _extrapolation_bins(v: str, entry: dict) -> list[str]:
+    modes = [(k, m) for k, m in entry.items() if isinstance(m, dict) and "bins" in m]
+    if not modes:
+        return []
+    longest = max(modes, key=lambda km: km[1]["length"])[1]["edges"]
+    header = [f"{v}: minus 1x", *(f"{lo}-{hi - 1}" for lo, hi in zip(longest[:-1], longest[1:], strict=True))]
+    rows = [[k, *(ci(b, 3, True) for b in m["bins"])] + [""] * (len(header) - 1 - len(m["bins"])) for k, m in modes]
+    return table(header, rows)
+
+
+def _uptraining(r: dict) -> list[str]:
+    if "uptraining" not in r:
+        return ["## GQA uptraining", "", NOT_RUN, ""]
+    u = r["uptraining"]
+    lines = [
+        "## GQA uptraining",
+        "",
+        f"The rope (multi-head) runs converted to fewer key/value heads (mean-pooled or first head of each group), "
+        f"uptrained for fractions of their {r['config']['run']['steps']} steps (AdamW restarted, fresh batches), "
+        f"against the converted shape trained from scratch. Multi-head: {ci(u['mha'])}. A share of a gap closed is "
+        "given only where that gap (scratch - MHA) is detected.",
+        "",
+    ]
+    for t in u["targets"]:
+        for name, ref in t["references"].items():
+            lines.append(
+                f"- {t['kv_heads']} key/value head(s) from scratch, {name.replace('_', ' ')}: {ci(ref['loss'])}; "
+                f"minus MHA {ci(ref['vs_mha'], 4, True)}, {verdict(ref['vs_mha'])}"
+            )
+        lines.append("")
+        refs = list(t["references"])
+        header = [
+            "kv heads",
+            "method",
+            "uptraining",
+            "loss",
+            "minus MHA",
+            *(f"minus {n.replace('_', ' ')}" for n in refs),
+            *(f"share of the {n.replace('_', ' ')} gap closed" for n in refs),
+        ]
+        rows = [
+            [
+                str(t["kv_heads"]),
+                a["method"],
+                f"{100 * a['fraction']:g}%",
+                ci(a["loss"]),
+                f"{ci(a['vs_mha'], 4, True)} {verdict(a['vs_mha'])}",
+                *(f"{ci(a[f'vs_{n}'], 4, True)} {verdict(a[f'vs_{n}'])}" for n in refs),
+                *(_share(a[f"closes_{n}_gap"]) for n in refs),
+            ]
+            for a in t["arms"]
+        ]
+        lines += table(header, rows)
+        for c in t["conversion_gap_closed"]:
+            share = "(no conversion gap detected)" if c["share"] is None else f"{100 * c['share']:.0f}%"
+            lines.append(
+                f"- {c['method']}, {100 * c['fraction']:g}% uptraining: closes {share} of the conversion "
+                f"gap ({num(c['gap'], 4, True)}: converted, not trained, minus MHA)"
+            )
+        lines.append("")
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "no gap detected" if value is None else f"{100 * value:.0f}%"
+
+
+def _overfitting(r: dict) -> list[str]:
+    if "overfitting" not in r:
+        return ["## Overfitting against n_kv_head", "", NOT_RUN, ""]
+    o, cfg = r["overfitting"], r["config"]
+    tokens, steps = cfg["overfitting"]["tokens"], cfg["overfitting"]["steps"]
+    epochs = steps * cfg["data"]["batch_size"] * cfg["data"]["block_size"] / tokens
+    rows = [
+        [v, str(e["n_kv_head"]), ci(e["train_loss"]), ci(e["val_loss"]), ci(e["gap"])] for v, e in o["variants"].items()
+    ]
+    lines = [
+        "## Overfitting against n_kv_head",
+        "",
+        f"{steps} steps on the first {tokens:,} training tokens ({epochs:.0f} epochs); train loss on all of those "
+        "tokens, val loss on the fixed val tokens; gap = val - train.",
+        "",
+        *table(["variant", "kv heads", "train-set loss", "val loss", "gap"], rows),
+    ]
+    rows = [[f"{c['variant']} - {c['reference']}", ci(c["gap"], 4, True), verdict(c["gap"])] for c in o["comparisons"]]
+    return lines + table(["gap difference", "mean [95%]", "verdict"], rows) + ["![overfitting](overfitting.png)", ""]
+
+
+def _efficiency(r: dict) -> list[str]:
+    f = r["efficiency"]
+    rows = [
+        [
+            str(d["batch"]),
+            f"{d['context']:,}",
+            d["variant"],
+            ci(d["reference_tokens_per_s"], 0),
+            ci(d["tokens_per_s"], 0),
+            ratio(d["ratio"]),
+            d["ratio"]["verdict"],
+        ]
+        for d in f["decode"]
+    ]
+    lines = [
+        "## Efficiency",
+        "",
+        f"Decode on {f['device']} ({f['dtype']}, random weights): tokens/s of greedy one-token steps with the KV "
+        f"cache, each variant timed back to back with the reference ({f['reference']}) in every round; ratio = "
+        "variant / reference, geometric mean over rounds [95% interval].",
+        "",
+        *table(["batch", "context", "variant", "reference tokens/s", "variant tokens/s", "ratio", "verdict"], rows),
+    ]
+    kernels = sorted({k for row in f["kernels"] for k in row["ms"]})
+    rows = [
+        [
+            f"{k['context']:,}",
+            str(k["window"]),
+            str(k["ratio"]),
+            *(num(k["ms"].get(n), 2) for n in kernels),
+            *(f"{ratio(v)} {v['verdict']}" for v in k["vs_full"].values()),
+        ]
+        for k in f["kernels"]
+    ]
+    window_kernels = [n for n in kernels if n != "full causal (SDPA)"]
+    lines += [
+        "Attention kernels, forward, one sequence (median ms of interleaved rounds; time ratio window / full "
+        "causal, below 1 = the window is faster):",
+        "",
+        *table(["T", "W", "T/W", *(f"{n} ms" for n in kernels), *(f"{n} / full" for n in window_kernels)], rows),
+    ]
+    kv = f["kv_cache"]
+    rows = [
+        [name, *("n/a" if b is None else f"{b / 2**20:,.3f}" for b in values)] for name, values in kv["bytes"].items()
+    ]
+    lines += [
+        f"KV cache of one sequence, MiB ({kv['bytes_per_element']}-byte elements), computed:",
+        "",
+        *table(["variant", *(f"{c:,}" for c in kv["contexts"])], rows),
+        "![efficiency](efficiency.png)",
+        "",
+    ]
+    return lines
+
+
+def _runs(r: dict) -> list[str]:
+    return [
+        "## Runs",
+        "",
+        "Every job's directory is `runs/<job>/` (its `job.json` holds the result this report "
+        "reads, and training jobs their `metrics.jsonl`).",
+        "",
+    ]

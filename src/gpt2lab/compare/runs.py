@@ -1,317 +1,192 @@
-"""Running a comparison: the data, then per variant and seed a language-model run, its context losses
-and (for the first ``compare.recall_seeds`` seeds) a recall run, then the variant's decode measurement.
+"""Running a comparison: prepare the data, print the plan, run every job on the worker pool (cached per run
+directory, so an interrupted comparison resumes), then analyse, plot and report.
 
-Every training run goes through ``gpt2lab.train.train``, the loop of ``gpt2lab train``. Finished runs
-are kept under ``OUT/runs`` and reused when the command is run again with the same settings, so an
-interrupted comparison resumes at the run it was in.
+Every training run goes through ``gpt2lab.train.train``, the loop of ``gpt2lab train``, and leaves its
+``metrics.jsonl`` in ``OUT/runs/<job>/``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
-import shutil
+import os
+import platform
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from gpt2lab import checkpoint, files
-from gpt2lab.compare.measure import PeakMemory, decode_benchmark, environment, run_summary, stats
+from gpt2lab import files
+from gpt2lab.compare import analysis, plan
+from gpt2lab.compare.efficiency import efficiency_job
+from gpt2lab.compare.extrapolation import extrapolation_job
+from gpt2lab.compare.lm import lm_job, pi_finetune_job, uptrain_job
+from gpt2lab.compare.mqar import mqar_batch, mqar_job, reach
 from gpt2lab.compare.plots import write_plots
-from gpt2lab.compare.recall import RecallBatches, RecallTask, distance_bins, recall_accuracy
+from gpt2lab.compare.pool import RUNS, cached, job_keys, makespan, run_jobs
 from gpt2lab.compare.report import REPORT, RESULTS, render_report
-from gpt2lab.compare.settings import CompareConfig, variant_changes, variant_overrides
-from gpt2lab.config import GPTConfig
-from gpt2lab.data import META, Source, TokenData, compact_vocabulary, prepare
-from gpt2lab.device import autocast, resolve_device
+from gpt2lab.compare.settings import CompareConfig
+from gpt2lab.data import META, Source, TokenData, compact_vocabulary, prepare, write_token_dir
 from gpt2lab.errors import ConfigError
-from gpt2lab.eval import context_losses
 from gpt2lab.model import GPT
-from gpt2lab.train import TrainData, configure_optimizer, train
-from gpt2lab.train_config import DataSection, ModelSection, TrainConfig
+from gpt2lab.train import BF16_PEAK_TFLOPS
 
-CACHE = "compare_cache.json"  # in each run directory: settings and measurements of finished work
+# OUT/.gitignore: what a commit of the results leaves out (data, and the weights later jobs read)
+GITIGNORE = "# written by gpt2lab compare: commit the results, not the data or the weights\ndata/\nruns/**/ckpt-*/\n"
+JOBS = {
+    "lm": lm_job,
+    "mqar": mqar_job,
+    "pi_finetune": pi_finetune_job,
+    "uptrain": uptrain_job,
+    "extrapolation": extrapolation_job,
+    "efficiency": efficiency_job,
+}
+DRY_RUN_TOKENS = 160  # the dry run's step of each shape: more than two windows, cheap on a CPU
+KV_LONGEST = 32768  # the KV-cache table's contexts: the training context doubled up to this
 
 
-def compare(cfg: CompareConfig, out: str | Path, command: str, progress: bool = True) -> dict:
-    """Run the whole comparison into ``out`` and return the results (also written to results.json)."""
-    device = resolve_device(cfg.train.run.device)
-    with _threads(device, cfg.compare.threads):
-        started = time.perf_counter()
-        plan = _plan(cfg, Path(out).expanduser(), device, progress)
-        _warm_up(plan.baseline, cfg.train, device)
-        variants: dict[str, dict] = {}
-        spec = cfg.compare
-        jobs = len(spec.variants) * (spec.seeds + spec.recall_seeds + 1)  # LM runs, recall runs, decode
-        with tqdm(total=jobs, desc="compare", unit="job", disable=not progress) as bar:
-            for name in spec.variants:
-                variants[name] = _variant(plan, name, bar)
-        results = _results(plan, variants, command, time.perf_counter() - started)
-    files.write_text(plan.out / RESULTS, json.dumps(results, indent=1) + "\n")
-    write_plots(results, plan.out)
-    files.write_text(plan.out / REPORT, render_report(results))
+def execute(kind: str, params: dict, run_dir: Path, root: Path) -> dict:
+    """Run one job (what the worker processes call)."""
+    return JOBS[kind](params, run_dir, root)
+
+
+def compare(cfg: CompareConfig, out: str | Path, command: str, progress: bool = True, dry_run: bool = False) -> dict:
+    """Run the whole comparison into ``out`` and return the results (also written to results.json); with
+    ``dry_run``, build and check every model of the plan and print the plan instead."""
+    out = Path(out).expanduser()
+    gpu = _targets_gpu(cfg)
+    if dry_run:
+        return _dry_run(cfg, gpu)
+    if cfg.train.model.init != "scratch":
+        raise ConfigError("compare trains every variant from paired initial weights; remove model.init")
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_text(out / ".gitignore", GITIGNORE)
+    data = ensure_data(cfg, out, progress)
+    p = plan.build_plan(cfg, data, data["vocab_size"])
+    workers = _workers(cfg, gpu)
+    estimate = _estimate(cfg, p, out, workers, gpu)
+    threads = None if gpu else 1
+    job_results = run_jobs(p.jobs, out, execute, workers, threads, progress)
+    results = _results(cfg, p, job_results, data, command, estimate, time.perf_counter() - started, gpu)
+    files.write_text(out / RESULTS, json.dumps(results, indent=1) + "\n")
+    write_plots(results, out)
+    files.write_text(out / REPORT, render_report(results))
     return results
 
 
-@dataclass
-class _Plan:
-    """What every run of one comparison shares."""
-
-    cfg: CompareConfig
-    out: Path
-    device: torch.device
-    progress: bool
-    data_dir: Path
-    data_info: dict
-    model: ModelSection  # the baseline's model section (vocabulary compacted where asked)
-    baseline: GPTConfig
-    seeds: list[int]
-    task: RecallTask
-    bins: list[tuple[int, int]]
-    val_tokens: np.ndarray
-
-    @property
-    def context(self) -> int:
-        return self.cfg.train.data.block_size
+def _targets_gpu(cfg: CompareConfig) -> bool:
+    device = cfg.train.run.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
-def _plan(cfg: CompareConfig, out: Path, device: torch.device, progress: bool) -> _Plan:
-    out.mkdir(parents=True, exist_ok=True)
-    spec, base = cfg.compare, cfg.train
-    model = base.model
-    if spec.vocab:
-        model = dataclasses.replace(model, vocab_size=spec.vocab, padded_vocab_size=None)
-    if model.init != "scratch":
-        raise ConfigError(
-            f"compare trains every variant from scratch; model.init={model.init!r} cannot be changed "
-            "into other architectures. Remove model.init (compare fine-tuned models with gpt2lab eval)"
+def _workers(cfg: CompareConfig, gpu: bool) -> int:
+    return cfg.compare.workers or (4 if gpu else os.cpu_count() or 1)
+
+
+def _estimate(cfg: CompareConfig, p: plan.Plan, out: Path, workers: int, gpu: bool) -> dict:
+    """Job costs, the printed plan, and what it says (kept in results.json beside what the run took)."""
+    keys = job_keys(p.jobs)
+    todo = [job for job in p.jobs if cached(out / RUNS / job.name, keys[job.name]) is None]
+    shapes = plan.shapes(cfg, p)
+    if gpu:
+        peak = (cfg.train.run.peak_tflops or dict(BF16_PEAK_TFLOPS)["H100"]) * 1e12
+        costs, how = (
+            plan.flop_costs(shapes, peak * cfg.compare.gpu_mfu),
+            f"GPU seconds from FLOPs at {cfg.compare.gpu_mfu:.0%} MFU",
         )
-    data_dir, data_info = ensure_data(cfg, out, progress)
-    val = TokenData(data_dir, "val")
-    return _Plan(
-        cfg=cfg,
-        out=out,
-        device=device,
-        progress=progress,
-        data_dir=data_dir,
-        data_info=data_info,
-        model=model,
-        baseline=model.build(),
-        seeds=[base.run.seed + i for i in range(spec.seeds)],
-        task=RecallTask(spec.recall_keys, spec.recall_keys, spec.recall_pairs),
-        bins=distance_bins(spec.window, base.data.block_size),
-        val_tokens=val.read(0, len(val)),
-    )
+    else:
+        costs, how = plan.calibrate(shapes), "CPU seconds per step calibrated here, one thread per worker"
+    plan.estimate(cfg, p, costs)
+    rows = plan.pieces(p.jobs)
+    wall = makespan(todo, 1 if gpu else workers)  # on a GPU the FLOP estimate is for the device as a whole
+    text = plan.describe(rows, len(p.jobs) - len(todo), workers, wall, how)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if not gpu and load > cores:
+        text += (
+            f"\nwarning: load average {load:.1f} on {cores} cores: wall times will be about {load / cores:.1f}x "
+            "longer than estimated; the results are unaffected"
+        )
+    print(text, file=sys.stderr, flush=True)
+    return {"pieces": rows, "workers": workers, "estimated_wall_s": wall, "how": how, "load_average": load}
 
 
-def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> tuple[Path, dict]:
-    """The token directory the runs train on, and a description of it.
+def _dry_run(cfg: CompareConfig, gpu: bool) -> dict:
+    """Every model of the plan built and run forward and backward once on the CPU (batch 1, one thread, at
+    most DRY_RUN_TOKENS tokens), one MQAR batch generated, and the plan with its estimate printed; nothing is
+    trained or written."""
+    vocab = cfg.compare.vocab or 50257
+    data = {"dir": "data", "overfit_dir": "data-overfit", "id": "dry-run", "vocab_size": vocab}
+    p = plan.build_plan(cfg, data, vocab)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for shape in plan.shapes(cfg, p).values():
+            model = GPT(shape.config)
+            x = torch.randint(0, shape.config.vocab_size, (1, min(shape.seq_len, DRY_RUN_TOKENS)))
+            model(x, x)[1].backward()
+    finally:
+        torch.set_num_threads(previous)
+    mqar_batch(p.task, 2, np.random.default_rng(0), cfg.mqar.distances)
+    estimate = _estimate(cfg, p, Path(os.devnull), _workers(cfg, gpu), gpu)
+    return {"plan": estimate, "jobs": len(p.jobs)}
 
-    Without data.dir, the offline stdlib corpus (its first compare.max_docs files) is prepared under
-    ``out/data``. With compare.vocab > 0 a compacted copy is made beside it (and reused)."""
+
+def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> dict:
+    """The token directories the runs train on (prepared under ``out/data`` and reused): the corpus (the
+    offline stdlib one without data.dir), its compact-vocabulary copy, and the overfitting slice."""
     if cfg.train.data.dir:
-        source = Path(cfg.train.data.dir).expanduser()
+        source = Path(cfg.train.data.dir).expanduser().resolve()
     else:
         source = out / "data" / "stdlib"
         meta = _read_json(source / META)
-        if meta is None or meta.get("source", {}).get("max_docs") != cfg.compare.max_docs:
-            stdlib = Source(corpus="stdlib", max_docs=cfg.compare.max_docs)
-            prepare(source, stdlib, val_fraction=0.05, progress=progress)
+        max_docs = cfg.compare.max_docs or None
+        if meta is None or meta.get("source", {}).get("max_docs") != max_docs:
+            prepare(source, Source(corpus="stdlib", max_docs=max_docs), val_fraction=0.05, progress=progress)
     TokenData(source, "train")  # a clear error for a missing or unprepared directory
-    info = {"source": str(source), "vocab": cfg.compare.vocab or None}
-    if not cfg.compare.vocab:
-        return source, info
-    target = out / "data" / f"{source.name}-v{cfg.compare.vocab}"
-    key = {"compact_of": str(source.resolve()), "vocab": cfg.compare.vocab, "meta": _read_json(source / META)}
+    target = source
+    if cfg.compare.vocab:
+        target = out / "data" / f"{source.name}-v{cfg.compare.vocab}"
+        key = {"compact_of": _digest(source), "vocab": cfg.compare.vocab}
+        if (_read_json(target / META) or {}).get("compact") != key:
+            compact_vocabulary(source, target, cfg.compare.vocab, key)
     meta = _read_json(target / META)
-    if meta is None or meta.get("compact") != key:
-        compact_vocabulary(source, target, cfg.compare.vocab, key)
-        meta = _read_json(target / META)
-    return target, info | meta["coverage"]
-
-
-def _variant(plan: _Plan, name: str, bar: tqdm) -> dict:
-    """Every run of one variant, its decode measurement and the summary over seeds."""
-    spec = plan.cfg.compare
-    overrides = variant_overrides(name, spec, plan.baseline.n_head, plan.baseline.n_layer)
-    section = dataclasses.replace(plan.model, **overrides)
-    config = section.build()
-    with torch.device("meta"):
-        meta_model = GPT(config)
-    entry: dict = {
-        "changes": variant_changes(name),
-        "overrides": overrides,
-        "model_config": config.to_dict(),
-        "params": meta_model.num_params(),
-        "non_embedding_params": meta_model.num_params(exclude_positions=True) - meta_model.wte.weight.numel(),
-        "runs": [],
-    }
-    for seed in plan.seeds:
-        entry["runs"].append(_seed_run(plan, name, section, seed, bar))
-    bar.set_description(f"{name}: decode")
-    dtype = torch.bfloat16 if plan.device.type == "cuda" else torch.float32
-    entry["decode"] = decode_benchmark(
-        config, spec.decode_context, spec.decode_tokens, plan.context, plan.device, dtype
-    )
-    bar.update()
-    entry["summary"] = _summarize(entry["runs"], spec.extrapolation)
-    return entry
-
-
-def _seed_run(plan: _Plan, name: str, section: ModelSection, seed: int, bar: tqdm) -> dict:
-    """One language-model run (trained, or reused), scored at each context multiple; then its recall run."""
-    spec, base = plan.cfg.compare, plan.cfg.train
-    run_dir = plan.out / "runs" / name.replace("+", "-") / f"seed{seed}"
-    run_cfg = TrainConfig(
-        model=section,
-        data=dataclasses.replace(base.data, dir=str(plan.data_dir)),
-        optim=base.optim,
-        run=dataclasses.replace(base.run, out_dir=str(run_dir), seed=seed, progress=plan.progress),
-    )
-    bar.set_description(f"{name} seed {seed}: train")
-    key = {"train_config": run_cfg.to_dict(), "data": plan.data_info}
-    measured = _cached(run_dir / CACHE, key, lambda: _train_run(run_cfg, run_dir, plan.device))
-    run = {"seed": seed, "out_dir": str(run_dir), **measured, **run_summary(run_dir)}
-    model = checkpoint.load_model(run_dir, device=plan.device).eval()
-    amp = autocast(plan.device, base.run.dtype)
-    batch_tokens = base.data.batch_size * plan.context
-    run["context_loss"] = context_losses(
-        model, plan.val_tokens, plan.context, spec.extrapolation, spec.extrapolation_sequences, batch_tokens, amp
-    )
-    bar.update()
-    if seed in plan.seeds[: spec.recall_seeds]:
-        bar.set_description(f"{name} seed {seed}: recall")
-        rkey = {"lm": key, "task": dataclasses.asdict(plan.task), "bins": plan.bins, "seed": seed}
-        rkey["spec"] = [spec.recall_steps, spec.recall_batch_size, spec.recall_sequences, spec.recall_lr]
-        run["recall"] = _cached(run_dir / "recall.json", rkey, lambda: _recall_run(plan, run_dir, seed))
-        bar.update()
-    return run
-
-
-def _train_run(cfg: TrainConfig, run_dir: Path, device: torch.device) -> dict:
-    shutil.rmtree(run_dir, ignore_errors=True)  # left by other settings or an interrupted run: start clean
-    started = time.perf_counter()
-    with PeakMemory(device) as peak:
-        train(cfg)
-    return {"peak_memory_bytes": peak.bytes, "wall_s": time.perf_counter() - started}
-
-
-def _recall_run(plan: _Plan, lm_dir: Path, seed: int) -> dict:
-    """The language model of ``lm_dir`` trained further on the recall task (the same training loop, on
-    generated batches), then its accuracy by distance."""
-    spec, base = plan.cfg.compare, plan.cfg.train
-    out_dir = lm_dir / "recall"
-    shutil.rmtree(out_dir, ignore_errors=True)
-    steps = spec.recall_steps
-    optim = dataclasses.replace(
-        base.optim,
-        lr=spec.recall_lr,
-        min_lr=spec.recall_lr * base.optim.min_lr / base.optim.lr,
-        warmup_steps=round(base.optim.warmup_steps * steps / base.run.steps),
-    )
-    run = dataclasses.replace(
-        base.run, steps=steps, out_dir=str(out_dir), seed=seed, eval_every=0, ckpt_every=0, keep_last=1,
-        log_every=max(1, steps // 20), progress=False,
-    )  # fmt: skip
-    cfg = TrainConfig(
-        ModelSection(init=str(lm_dir)),
-        DataSection(batch_size=spec.recall_batch_size, block_size=plan.context),
-        optim,
-        run,
-    )
-
-    def task_data(env, accum: int) -> TrainData:
-        batches = RecallBatches(plan.task, plan.context, spec.recall_batch_size, accum, env.rank, seed)
-        return TrainData(batches, [], plan.task.vocab_size)
-
-    train(cfg, task_data)
-    model = checkpoint.load_model(out_dir, device=plan.device).eval()
-    amp = autocast(plan.device, base.run.dtype)
-    accuracy = recall_accuracy(model, plan.task, plan.context, plan.bins, spec.recall_sequences, amp)
-    curve = [[r["step"], r["loss"]] for r in files.read_jsonl(out_dir / "metrics.jsonl")[0]]
-    return accuracy | {"loss_curve": curve}
-
-
-def _summarize(runs: list[dict], factors: list[int]) -> dict:
-    """Mean and spread over seeds of each per-run measurement."""
-    recall = [r for r in runs if "recall" in r]
-    summary = {
-        "final_val_loss": stats([r["final_val_loss"] for r in runs]),
-        "tokens_per_s": stats([r["tokens_per_s"] for r in runs]),
-        "peak_memory_bytes": stats([r["peak_memory_bytes"] for r in runs]),
-        "context_loss": {},
-        "recall_accuracy": [stats(list(acc)) for acc in zip(*(r["recall"]["accuracy"] for r in recall), strict=True)],
-    }
-    for f in factors:
-        values = [r["context_loss"][f"{f}x"] for r in runs]
-        summary["context_loss"][f"{f}x"] = values[0] if isinstance(values[0], str) else stats(values)
-    return summary
-
-
-def _results(plan: _Plan, variants: dict, command: str, seconds: float) -> dict:
-    spec = plan.cfg.compare
+    small = _overfit_slice(target, meta, cfg.overfitting.tokens, out)
+    rel = lambda p: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)  # noqa: E731
     return {
-        "command": command,
-        "config": {**plan.cfg.train.to_dict(), "compare": dataclasses.asdict(spec)},
-        "data": {"dir": str(plan.data_dir), **plan.data_info},
-        "environment": environment(plan.device),
-        "seeds": plan.seeds,
-        "context": plan.context,
-        "recall_bins": plan.bins,
-        "recall_reference": _recall_reference(variants),
-        "recall_task": dataclasses.asdict(plan.task),
-        "variants": variants,
-        "runtime_s": seconds,
+        "dir": rel(target),
+        "overfit_dir": rel(small),
+        "id": _digest(target),
+        "vocab_size": meta["vocab_size"],
+        "source": str(source),
+        "coverage": meta.get("coverage"),
+        "python": sys.version.split()[0],
+        "train_tokens": meta["splits"]["train"]["tokens"],
+        "val_tokens": meta["splits"]["val"]["tokens"],
     }
 
 
-def _recall_reference(variants: dict) -> list[float | None] | None:
-    """The key-ignoring reference accuracy per distance bin (the same evaluation sequences for every model)."""
-    for v in variants.values():
-        for r in v["runs"]:
-            if "recall" in r:
-                return r["recall"]["reference"]
-    return None
+def _overfit_slice(source: Path, meta: dict, tokens: int, out: Path) -> Path:
+    """A copy of ``source`` whose training split is its first ``tokens`` tokens (the val split whole)."""
+    target = out / "data" / f"{source.name}-first{tokens}"
+    key = {"slice_of": _digest(source), "tokens": tokens}
+    if (_read_json(target / META) or {}).get("slice") != key:
+        train, val = TokenData(source, "train"), TokenData(source, "val")
+        if len(train) < tokens + 2:
+            raise ConfigError(f"overfitting.tokens ({tokens}) exceeds the {len(train)} training tokens; lower it")
+        splits = {"train": train.read(0, tokens), "val": val.read(0, len(val))}
+        write_token_dir(target, splits, meta["vocab_size"], vocabulary=meta.get("vocabulary"), slice=key)
+    return target
 
 
-def _warm_up(config: GPTConfig, cfg: TrainConfig, device: torch.device) -> None:
-    """One throwaway training step, so that one-time costs (thread pools, kernel scratch buffers, lazy
-    initialisation) are not charged to the memory and speed of whichever variant runs first."""
-    model = GPT(config).to(device)
-    optimizer = configure_optimizer(model, cfg.optim)
-    x = torch.randint(0, config.vocab_size, (cfg.data.batch_size, cfg.data.block_size), device=device)
-    _, loss = model(x, x)
-    loss.backward()
-    optimizer.step()
-
-
-@contextmanager
-def _threads(device: torch.device, threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if device.type == "cpu" and threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _cached(path: Path, key: dict, compute: Callable[[], dict]) -> dict:
-    """``compute()``, or what it returned before with the same ``key`` (stored in ``path``)."""
-    stored = _read_json(path) or {}
-    key = json.loads(json.dumps(key))  # as it reads back from JSON
-    if stored.get("key") == key:
-        return stored["value"]
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, json.dumps({"key": key, "value": value}, indent=1) + "\n")
-    return value
+def _digest(data_dir: Path) -> str:
+    """A digest of a prepared directory's tokens (its shards' checksums)."""
+    splits = json.loads((data_dir / META).read_text())["splits"]
+    shards = [s.get("sha256") for split in sorted(splits) for s in splits[split]["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict | None:
@@ -319,3 +194,73 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _results(
+    cfg: CompareConfig, p: plan.Plan, jobs: dict, data: dict, command: str, estimate: dict, seconds: float, gpu: bool
+) -> dict:
+    """results.json: settings, environment, plan against what it took, and every experiment's analysis."""
+    seeds = p.seeds
+    results: dict = {
+        "schema": analysis.SCHEMA,
+        "command": command,
+        "profile": cfg.profile,
+        "config": cfg.to_dict(),
+        "data": {k: v for k, v in data.items() if k != "overfit_dir"},
+        "environment": _environment(gpu),
+        "seeds": seeds,
+        "runtime_s": seconds,
+        "plan": estimate | {"measured": _measured(p.jobs, jobs)},
+        "models": analysis.model_table({v: p.lm[v] for v in cfg.compare.variants}),
+    }
+    results["lm"] = analysis.lm_section(
+        jobs, cfg.compare.variants, seeds, cfg.compare.calibration, cfg.compare.calibration_factor
+    )
+    if cfg.overfitting.variants:
+        kv = {v: p.lm[v].n_kv_head for v in cfg.overfitting.variants}
+        results["overfitting"] = analysis.overfitting_section(jobs, cfg.overfitting.variants, seeds, kv)
+    u = cfg.uptraining
+    if u.kv_heads:
+        results["uptraining"] = analysis.uptraining_section(jobs, seeds, u.kv_heads, u.methods, u.scratch)
+    if p.mqar:
+        models = {
+            name: {
+                "config": c.to_dict(),
+                "reach": reach(c, p.task.seq_len),
+                "steps": cfg.mqar.one_layer_steps if name.startswith("L1/") else cfg.mqar.two_layer_steps,
+            }
+            for name, c in p.mqar.items()
+        }
+        results["mqar"] = analysis.mqar_section(jobs, models, seeds, p.edges, 1 / p.task.n_values)
+        results["mqar"]["task"] = p.task.__dict__ | {"vocab_size": p.task.vocab_size, "distances": cfg.mqar.distances}
+    if cfg.extrapolation.variants:
+        results["extrapolation"] = analysis.extrapolation_section(
+            jobs, cfg.extrapolation.variants, seeds, cfg.train.data.block_size
+        )
+    configs = {name: p.lm[name] for name in [cfg.efficiency.reference, *cfg.efficiency.variants]}
+    T = cfg.train.data.block_size
+    contexts = [T * 2**i for i in range(max(1, (KV_LONGEST // T).bit_length()))]
+    results["efficiency"] = analysis.efficiency_section(jobs["efficiency"], configs, cfg.efficiency.reference, contexts)
+    results["holm_family"] = analysis.mark_holm(results)
+    return results
+
+
+def _measured(planned: list, jobs: dict) -> dict[str, float]:
+    """CPU (or device) seconds each piece took, summed over its jobs, as recorded when they ran."""
+    out: dict[str, float] = {}
+    for job in planned:
+        out[job.piece] = out.get(job.piece, 0.0) + jobs[job.name]["cpu_s"]
+    return out
+
+
+def _environment(gpu: bool) -> dict:
+    """Where a comparison ran: device, versions, cores, load."""
+    device = torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }

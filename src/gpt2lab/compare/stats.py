@@ -1,0 +1,82 @@
+"""Statistics over seeds (or timing rounds): the unit of replication is the seed, and a comparison is paired.
+
+For a metric m and seeds s = 1..n, d_s = m(variant, s) - m(reference, s). ``paired`` reports the mean of d,
+its 95% t-interval ``mean ± t(0.975, n-1) sd / sqrt(n)``, the minimal detectable difference at 80% power
+``MDD80 = (t(0.975, n-1) + t(0.80, n-1)) sd / sqrt(n)`` (the true difference a two-sided 5% paired t-test finds
+four times in five), and a verdict: the interval entirely on one side of 0 names that side; otherwise "no
+difference detected", never "the same". ``holm`` marks which of a family of verdicts survive Holm's correction.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from scipy.special import stdtr, stdtrit  # Student t CDF and quantile (scipy.stats imports far more)
+
+NO_DIFFERENCE = "no difference detected"
+LEVEL = 0.05  # two-sided test level of every interval and verdict
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom."""
+    return float(stdtrit(df, p))
+
+
+def interval(values: list[float]) -> dict:
+    """Mean of ``values`` with its 95% t-interval (``lo`` = ``hi`` = mean when n = 1), sd and n."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "lo": None, "hi": None}
+    sd = statistics.stdev(values)
+    half = t_quantile(1 - LEVEL / 2, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+
+
+def paired(variant: list[float], reference: list[float], below: str = "better", above: str = "worse") -> dict:
+    """Paired comparison of ``variant`` with ``reference`` (same seeds, same order): mean difference, 95%
+    interval, MDD80, two-sided p-value, and the verdict (``below`` when the whole interval is below 0,
+    ``above`` when above, else "no difference detected"). Fewer than two pairs give no interval."""
+    if len(variant) != len(reference):
+        raise ValueError(f"paired values need the same seeds: {len(variant)} vs {len(reference)}")
+    return differences([v - r for v, r in zip(variant, reference, strict=True)], below, above)
+
+
+def differences(d: list[float], below: str = "better", above: str = "worse") -> dict:
+    """``paired`` for differences already taken (e.g. log-ratios of alternated timings)."""
+    out = interval(d) | {"values": d}
+    n = len(d)
+    if n < 2:
+        return out | {"mdd80": None, "p": None, "verdict": "n/a (one pair: no interval)"}
+    se = out["sd"] / math.sqrt(n)
+    out["mdd80"] = (t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)) * se
+    out["p"] = 1.0 if se == 0 and out["mean"] == 0 else 2 * float(stdtr(n - 1, -abs(out["mean"]) / se))
+    if out["hi"] < 0:
+        out["verdict"] = below
+    elif out["lo"] > 0:
+        out["verdict"] = above
+    else:
+        out["verdict"] = NO_DIFFERENCE
+    return out
+
+
+def seeds_needed(sd: float, delta: float, n: int) -> int | None:
+    """Seeds a paired comparison needs to detect a true difference ``delta`` with 80% power, given the
+    paired sd measured with ``n`` seeds (its t quantiles used as the planning values)."""
+    if not sd or not delta or n < 2:
+        return None
+    factor = t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)
+    return max(2, math.ceil((factor * sd / abs(delta)) ** 2))
+
+
+def holm(p_values: list[float | None], level: float = LEVEL) -> list[bool]:
+    """Which hypotheses Holm's step-down procedure rejects at family level ``level`` (None: not tested)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    rejected = [False] * len(p_values)
+    m = len(tested)
+    for rank, (p, i) in enumerate(tested):
+        if p > level / (m - rank):
+            break
+        rejected[i] = True
+    return rejected
