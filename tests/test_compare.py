@@ -176,7 +176,7 @@ def test_variant_names_and_references():
 def test_load_config_layers_and_errors():
     cfg = load_config(None, ["--mqar.window=4", "--extrapolation.pi_factors=2"], named={"compare.seeds": 3})
     assert cfg.mqar.window == 4 and cfg.extrapolation.pi_factors == [2] and cfg.compare.seeds == 3
-    assert cfg.train.model.n_embd == 64 and cfg.train.run.steps == 400  # the default profile
+    assert cfg.train.model.n_embd == 64 and cfg.train.run.steps == 300  # the default profile
     assert load_config(profile="quick").compare.seeds == 2
     with pytest.raises(ConfigError, match="did you mean 'mqar.window'"):
         load_config(None, ["--mqar.windw=3"])
@@ -215,8 +215,8 @@ def test_estimate_uses_the_calibration_and_the_schedule():
     costs = {j.shape: c for j in plan.jobs}
     estimate(cfg, plan, costs)
     lm = next(j for j in plan.jobs if j.name == "lm/rope/seed1337")
-    scored = 102400 + 8 * 4 * 16 * 256  # the final val tokens and 8 curve evaluations
-    assert lm.cost == pytest.approx(400 * 0.25 + scored * 1e-5)
+    scored = 102400 + 6 * 4 * 12 * 256  # the final val tokens and 6 curve evaluations
+    assert lm.cost == pytest.approx(300 * 0.25 + scored * 1e-5)
     jobs = [Job("a", "x", {}, "p", cost=4), Job("b", "x", {}, "p", cost=3), Job("c", "x", {}, "p", cost=3, deps=("a",))]
     assert makespan(jobs, 2) == 7  # a and b start; c waits for a
     assert makespan(jobs, 1) == 10

@@ -88,7 +88,7 @@ class MqarSection:
     two_layers: list[str] = opt(
         ["rope+swa", "rope+mixed"], "variants of the two-layer models (a window stack, and window + global)"
     )
-    two_layer_steps: int = opt(1800, "training steps of a two-layer model")
+    two_layer_steps: int = opt(1400, "training steps of a two-layer model")
     two_layer_pattern: str = opt("LG", "layer pattern of 'mixed' in the two-layer models")
     eval_every: int = opt(100, "steps between accuracy checks (the plateau curve)")
     eval_sequences: int = opt(512, "fixed evaluation sequences (every distance bin gets about an equal share)")
@@ -113,7 +113,7 @@ class ExtrapolationSection:
         "language-model variants scored (learned positions report their error instead)",
     )
     factor: int = opt(8, "longest context scored, as a multiple of the training context")
-    stretches: int = opt(32, "val stretches of factor x context tokens scored")
+    stretches: int = opt(16, "val stretches of factor x context tokens scored")
     pi_factors: list[int] = opt([2, 4, 8], "zero-shot position interpolation of rope to these multiples")
     pi_finetune_factor: int = opt(4, "rope fine-tuned with position interpolation to this multiple (0 = none)")
     pi_finetune_fraction: float = opt(0.05, "its fine-tuning steps, as a fraction of run.steps (tokens per step kept)")
@@ -261,9 +261,9 @@ _LM_RUN = {"ckpt_every": 0, "keep_last": 1, "log_every": 10}
 # About 55 minutes on 2 idle CPU cores (the plan printed before a run re-estimates it).
 DEFAULT_CONFIG: dict = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 256},
-    "data": {"batch_size": 16, "block_size": 256},
+    "data": {"batch_size": 12, "block_size": 256},
     "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
-    "run": {"steps": 400, "eval_every": 50, "eval_batches": 4, **_LM_RUN},
+    "run": {"steps": 300, "eval_every": 50, "eval_batches": 4, **_LM_RUN},
 }
 
 # Every code path at toy sizes, for the tests: well under 2 minutes on 2 cores.
@@ -326,7 +326,7 @@ FULL_CONFIG: dict = copy.deepcopy(DEFAULT_CONFIG) | {
     "uptraining": {"kv_heads": [1, 2]},
     "efficiency": {"rounds": 10},
 }
-FULL_CONFIG["run"] = FULL_CONFIG["run"] | {"steps": 1200, "eval_every": 100}
+FULL_CONFIG["run"] = FULL_CONFIG["run"] | {"steps": 900, "eval_every": 100}
 
 # One H100/H200 for about 5 minutes (FLOP-based estimate; check with --dry-run): 6 layers of 256, T = 1024,
 # W = 64, so a window stack reaches 6 x 63 = 378 < 1024 and the reach cliff lies inside the context.
