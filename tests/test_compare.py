@@ -118,6 +118,39 @@ def test_verdicts_never_say_same():
     assert stats.paired([1.0], [0.5])["verdict"].startswith("n/a")
 
 
+def test_recall_verdicts_separate_lookup_guessing_chance_and_undecided():
+    """Lookup needs the key-swap ("both") interval above 0.25; guessing needs it at or below 0.25 with the
+    original above chance; an interval that spans 0.25 (seeds split between lookup and guessing) decides
+    nothing."""
+    from gpt2lab.compare.analysis import _recall_verdict
+
+    def row(orig, both):
+        return {
+            "queries": 500,
+            "orig": dict(zip(("mean", "lo", "hi"), orig, strict=True)),
+            "both": dict(zip(("mean", "lo", "hi"), both, strict=True)),
+        }
+
+    assert _recall_verdict(row((1.0, 0.99, 1.0), (0.98, 0.9, 1.0)), 0.125) == "lookup"
+    assert _recall_verdict(row((0.5, 0.4, 0.6), (0.1, 0.05, 0.15)), 0.125) == "positional guessing"
+    assert _recall_verdict(row((0.13, 0.12, 0.13), (0.03, 0.02, 0.04)), 0.125) == "chance"
+    assert _recall_verdict(row((0.74, 0.31, 1.0), (0.62, -0.03, 1.0)), 0.125) == "undecided"
+    assert _recall_verdict({"queries": 50, "orig": {}, "both": {}}, 0.125).startswith("n/a")
+
+
+def test_uptraining_shares_only_where_there_is_a_gap_to_close():
+    """A share of the (scratch - MHA) gap is computed only where the scratch model is detected worse."""
+    from gpt2lab.compare.analysis import _arm
+
+    mha = [2.0, 2.1, 2.2, 2.3, 2.4]
+    worse = [m + 0.1 + 0.001 * i for i, m in enumerate(mha)]
+    better = [m - 0.1 + 0.001 * i for i, m in enumerate(mha)]
+    up = [m + 0.05 + 0.002 * (i % 2) for i, m in enumerate(mha)]
+    arm = _arm("mean", 0.1, up, mha, {"scratch_worse": worse, "scratch_better": better})
+    assert arm["closes_scratch_worse_gap"] == pytest.approx((0.102 - 0.0508) / 0.102)
+    assert arm["closes_scratch_better_gap"] is None
+
+
 def test_holm_steps_down():
     assert stats.holm([0.01, 0.04, 0.03, None]) == [True, False, False, False]  # 0.01 < 0.05/3; 0.03 > 0.05/2
     assert stats.holm([0.001, 0.01, 0.02]) == [True, True, True]

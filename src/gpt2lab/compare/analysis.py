@@ -154,7 +154,7 @@ def overfitting_section(results: dict, variants: list[str], seeds: list[int], kv
 
 def uptraining_section(results: dict, seeds: list[int], kv_heads: list[int], methods: list[str], scratch: bool) -> dict:
     """Each uptraining arm's loss against multi-head (rope) and against the converted shape from scratch; the
-    share of each gap it closes, only where the gap is detected."""
+    share of each gap it closes, only where the scratch model is detected worse than MHA (a gap to close)."""
     mha = [results[f"lm/rope/seed{s}"]["final_loss"] for s in seeds]
     out: dict = {"mha": stats.interval(mha), "targets": []}
     for k in kv_heads:
@@ -182,9 +182,8 @@ def _arm(method: str, fraction: float, values: list[float], mha: list[float], re
     arm = {"method": method, "fraction": fraction, "loss": stats.interval(values), "vs_mha": stats.paired(values, mha)}
     for name, ref in references.items():
         arm[f"vs_{name}"] = stats.paired(values, ref)
-        gap = stats.paired(ref, mha)
-        detected = gap["verdict"] in ("better", "worse")
-        closed = (np.mean(ref) - np.mean(values)) / (np.mean(ref) - np.mean(mha)) if detected else None
+        gap = stats.paired(ref, mha)  # a gap to close only where the scratch model is detected worse than MHA
+        closed = (np.mean(ref) - np.mean(values)) / (np.mean(ref) - np.mean(mha)) if gap["verdict"] == "worse" else None
         arm[f"closes_{name}_gap"] = None if closed is None else float(closed)
     return arm
 
@@ -255,15 +254,20 @@ def _bin_fractions(ev: dict, edges: list[int]) -> dict[str, list[float]]:
 
 def _recall_verdict(row: dict, chance: float) -> str:
     """lookup: "both" above 0.25 with its whole interval; positional guessing: right above chance on the
-    original, but not on both copies; chance otherwise (point estimates with one seed)."""
+    original with its whole interval while "both" lies at or below 0.25 with its whole interval; chance: the
+    original not above chance and "both" at or below 0.25; undecided otherwise (intervals too wide to say,
+    as with seeds that split between lookup and guessing). One seed: point estimates."""
     if row["queries"] < 100:
         return "n/a (fewer than 100 queries)"
     both, orig = row["both"], row["orig"]
-    if (both["lo"] if both["lo"] is not None else both["mean"]) > CHANCE_BOTH:
+    both_lo = both["lo"] if both["lo"] is not None else both["mean"]
+    both_hi = both["hi"] if both["hi"] is not None else both["mean"]
+    orig_lo = orig["lo"] if orig["lo"] is not None else orig["mean"]
+    if both_lo > CHANCE_BOTH:
         return "lookup"
-    if (orig["lo"] if orig["lo"] is not None else orig["mean"]) > chance:
-        return "positional guessing"
-    return "chance"
+    if both_hi <= CHANCE_BOTH:
+        return "positional guessing" if orig_lo > chance else "chance"
+    return "undecided"
 
 
 def _mqar_comparisons(per_bin: dict, edges: list[int]) -> list[dict]:

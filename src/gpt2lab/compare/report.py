@@ -232,8 +232,9 @@ def _mqar(r: dict) -> list[str]:
         f"distances {task['distances']}), every other position a query too. Orig: right on the sequence; both: right on "
         "it and on the copy whose twins' keys are swapped (a rule that ignores the key is right on at most one of the "
         f"two: both <= {m['both_ceiling_without_lookup']}); twin: answered the twin's value. Chance is {num(m['chance'], 3)}. "
-        "Verdict per bin: lookup (both's interval above 0.25), positional guessing (orig above chance, both not above "
-        "0.25), chance. Bins use the runs whose in-reach accuracy had plateaued (last 20% of steps moved < 0.02) "
+        "Verdict per bin: lookup (both's interval above 0.25), positional guessing (orig's interval above chance, "
+        "both's at or below 0.25), chance (orig not above chance, both's interval at or below 0.25), undecided (the "
+        "intervals allow either). Bins use the runs whose in-reach accuracy had plateaued (last 20% of steps moved < 0.02) "
         "when at least two had; the table says how many.",
         "",
     ]
@@ -342,8 +343,9 @@ def _uptraining(r: dict) -> list[str]:
         "",
         f"The rope (multi-head) runs converted to fewer key/value heads (mean-pooled or first head of each group), "
         f"uptrained for fractions of their {r['config']['run']['steps']} steps (AdamW restarted, fresh batches), "
-        f"against the converted shape trained from scratch. Multi-head: {ci(u['mha'])}. A share of a gap closed is "
-        "given only where that gap (scratch - MHA) is detected.",
+        f"against the converted shape trained from scratch. Multi-head: {ci(u['mha'])}. A share of a gap closed "
+        "is given only where the scratch model is detected worse than MHA: 100% = as good as MHA, 0% = as good as "
+        "the scratch model, below 0 = worse than it.",
         "",
     ]
     for t in u["targets"]:
@@ -387,7 +389,7 @@ def _uptraining(r: dict) -> list[str]:
 
 
 def _share(value: float | None) -> str:
-    return "no gap detected" if value is None else f"{100 * value:.0f}%"
+    return "no gap to close" if value is None else f"{100 * value:.0f}%"
 
 
 def _overfitting(r: dict) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2lab import files
+from gpt2lab import files, kernels
 from gpt2lab.compare import analysis, plan
 from gpt2lab.compare.efficiency import efficiency_job
 from gpt2lab.compare.extrapolation import extrapolation_job
@@ -255,7 +255,7 @@ def _measured(planned: list, jobs: dict) -> dict[str, float]:
 
 def _environment(gpu: bool) -> dict:
     """Where a comparison ran: device, versions, cores, load."""
-    device = torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name() if gpu else f"CPU: {kernels.cpu_model()}"
     return {
         "device": device,
         "cpu_count": os.cpu_count(),
