@@ -258,7 +258,7 @@ EXPERIMENTS = {
 COMPARE_SECTIONS = {**SECTIONS, **EXPERIMENTS}
 _LM_RUN = {"ckpt_every": 0, "keep_last": 1, "log_every": 10}
 
-# About 55 minutes on 2 idle CPU cores (the plan printed before a run re-estimates it).
+# About 45 minutes on 2 idle CPU cores (the plan printed before a run re-estimates it).
 DEFAULT_CONFIG: dict = {
     "model": {"preset": "gpt2", "n_layer": 4, "n_head": 4, "n_embd": 64, "block_size": 256},
     "data": {"batch_size": 12, "block_size": 256},
