@@ -73,8 +73,9 @@ def _header(r: dict) -> list[str]:
     return [
         "# Architectural variants compared",
         "",
-        f"Produced by `{r['command']}` (profile {r['profile']}) in {r['runtime_s'] / 60:.1f} min on {env['device']}, "
-        f"{plan['workers']} worker process(es), torch {env['torch']}, Python {env['python']}. Every number below is "
+        f"Produced by `{r['command']}` (profile {r['profile']}) in {r['runtime_s'] / 60:.1f} min{_reused(r)} on "
+        f"{env['device']}, {plan['workers']} worker process(es), torch {env['torch']}, Python {env['python']}. "
+        "Every number below is "
         f"read from `{RESULTS}` beside this file; each training run's `metrics.jsonl` is under `runs/<job>/`.",
         "",
         f"**How to read it.** Every quality figure is over {len(r['seeds'])} paired seeds ({', '.join(map(str, r['seeds']))}): "
@@ -85,11 +86,18 @@ def _header(r: dict) -> list[str]:
         "detected four times in five (80% power): a smaller effect is not excluded. † marks verdicts that survive "
         f"Holm's correction over the {r['holm_family']} headline tests (family level 5%).",
         "",
-        f"Plan (printed before the run; estimated {plan['estimated_wall_s'] / 60:.1f} min, {plan['how']}) against what "
-        "each piece took (seconds summed over its jobs):",
+        f"Plan (printed before the run; all {num(sum(row['jobs'] for row in plan['pieces']), 0)} jobs estimated at "
+        f"{plan.get('estimated_all_s', plan['estimated_wall_s']) / 60:.1f} min over {plan['workers']} worker(s), "
+        f"{plan['how']}) against what each piece took when it ran (seconds summed over its jobs):",
         "",
         *table(["piece", "jobs", "estimated s", "measured s"], rows),
     ]
+
+
+def _reused(r: dict) -> str:
+    """How much of the run an earlier invocation in the same directory did (its finished jobs are reused)."""
+    reused, total = r["plan"].get("reused", 0), sum(row["jobs"] for row in r["plan"]["pieces"])
+    return f", reusing {reused} of {total} jobs finished by an earlier run in this directory" if reused else ""
 
 
 def _setup(r: dict) -> list[str]:

@@ -111,7 +111,15 @@ def _estimate(cfg: CompareConfig, p: plan.Plan, out: Path, workers: int, gpu: bo
             "longer than estimated; the results are unaffected"
         )
     print(text, file=sys.stderr, flush=True)
-    return {"pieces": rows, "workers": workers, "estimated_wall_s": wall, "how": how, "load_average": load}
+    return {
+        "pieces": rows,
+        "workers": workers,
+        "estimated_wall_s": wall,
+        "estimated_all_s": makespan(p.jobs, 1 if gpu else workers),
+        "reused": len(p.jobs) - len(todo),
+        "how": how,
+        "load_average": load,
+    }
 
 
 def _dry_run(cfg: CompareConfig, gpu: bool) -> dict:
