@@ -68,7 +68,7 @@ def test_next_commands_run_as_printed(demo, capsys):
     train = _arguments(commands[4])
     assert train[:2] == ["train", "--config"] and Path(train[2]).is_file()
     # the suggested run differs from the demo's in one setting: the demo is rotary, the suggestion learned
-    assert "pos_emb = \"rope\"" in Path(train[2]).read_text() and "--model.pos_emb=learned" in train
+    assert 'pos_emb = "rope"' in Path(train[2]).read_text() and "--model.pos_emb=learned" in train
 
 
 def _arguments(command: str) -> list[str]:
