@@ -90,15 +90,17 @@ def _lm(plt, r: dict):
     ax.set_xticks(range(len(lm["variants"])), list(lm["variants"]), rotation=30, fontsize=8)
     ax.set(ylabel="final val loss", title=f"Final loss on the fixed val tokens (n = {n} seeds, 95% intervals)")
     ax = axes[1, 0]
+    names = list(lm["variants"])
     for i, c in enumerate(lm["comparisons"]):
-        _band(ax, c["curve"]["steps"], c["curve"]["values"], i, f"{c['variant']} - {c['reference']}", offset=i)
+        k = names.index(c["variant"])  # coloured as its variant in the other panels
+        _band(ax, c["curve"]["steps"], c["curve"]["values"], k, f"{c['variant']} - {c['reference']}", offset=i)
         if "calibration" in c:
             steps, diffs = zip(*c["calibration"]["curve"], strict=True)
             ax.plot(
                 steps,
                 diffs,
                 linestyle="--",
-                color=_style(i)["color"],
+                color=_style(k)["color"],
                 label=f"  calibration, {c['calibration']['factor']}x steps (1 seed)",
             )
     ax.axhline(0, color="black", linewidth=0.8)
@@ -242,10 +244,12 @@ def _efficiency(plt, r: dict):
     ax = axes[0]
     settings = sorted({(d["batch"], d["context"]) for d in f["decode"]})
     variants = list(dict.fromkeys(d["variant"] for d in f["decode"]))
+    order = r["config"]["compare"]["variants"]  # one colour per variant in every panel, as in the LM plots
+    colour = lambda name: order.index(name) if name in order else len(order)
     for i, v in enumerate(variants):
         rows = [d for d in f["decode"] if d["variant"] == v]
         x = [settings.index((d["batch"], d["context"])) for d in rows]
-        _errorbars(ax, x, [d["ratio"] for d in rows], i, v, offset=0.08 * (i - len(variants) / 2))
+        _errorbars(ax, x, [d["ratio"] for d in rows], colour(v), v, offset=0.08 * (i - len(variants) / 2))
     rounds = f["decode"][0]["ratio"]["n"] if f["decode"] else 0
     ax.axhline(1, color="black", linewidth=0.8)
     ax.set_yscale("log")
@@ -280,7 +284,7 @@ def _efficiency(plt, r: dict):
         if not points:
             continue
         x, y = zip(*points, strict=True)
-        ax.plot(np.asarray(x) * (1 + 0.03 * i), np.asarray(y) / 2**20, label=name, **_style(i))
+        ax.plot(np.asarray(x) * (1 + 0.03 * i), np.asarray(y) / 2**20, label=name, **_style(colour(name)))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set(xlabel="context (tokens)", ylabel="KV cache of one sequence (MiB)", title="KV cache, computed (log-log)")
