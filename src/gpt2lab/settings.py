@@ -187,6 +187,13 @@ def _suggest_key(sections: Mapping[str, type], section: str, name: str) -> str:
     return f"; did you mean {elsewhere[0]!r}?" if elsewhere else _suggest(f"{section}.{name}", keys)
 
 
+def nonnegative(obj, section: str, *names: str) -> None:
+    """Raise ConfigError unless each named field of ``obj`` is >= 0."""
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(obj, name)}")
+
+
 def positive(obj, section: str, *names: str, optional: bool = False) -> None:
     """Raise ConfigError unless each named field of ``obj`` is a positive integer (or None, if ``optional``)."""
     for name in names:

@@ -18,7 +18,7 @@ from pathlib import Path
 from gpt2lab import settings
 from gpt2lab.config import PRESETS, GPTConfig
 from gpt2lab.errors import ConfigError
-from gpt2lab.settings import opt, positive
+from gpt2lab.settings import nonnegative, opt, positive
 
 STRATEGIES = ("single", "ddp", "fsdp")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")
@@ -171,9 +171,7 @@ class OptimSection:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        nonnegative(self, "optim", "warmup_steps", "weight_decay", "grad_clip")
         if not self.eps > 0:
             raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
 
@@ -200,9 +198,7 @@ class RunSection:
 
     def __post_init__(self) -> None:
         positive(self, "run", "steps", "eval_batches", "keep_last", "log_every")
-        for name in ("eval_every", "ckpt_every", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        nonnegative(self, "run", "eval_every", "ckpt_every", "seed")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype not in TRAIN_DTYPES:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpt2lab import settings
 from gpt2lab.errors import ConfigError
-from gpt2lab.settings import opt, positive
+from gpt2lab.settings import nonnegative, opt, positive
 from gpt2lab.train_config import SECTIONS, TrainConfig
 
 PARTS = ("rope", "gqa", "mqa", "swa", "mixed")
@@ -58,9 +58,7 @@ class CompareSection:
         positive(self, "compare", "seeds", "window", "val_tokens", "calibration_factor")
         if self.vocab and not 257 <= self.vocab <= 65536:
             raise ConfigError(f"compare.vocab must be 0 (GPT-2's vocabulary) or in [257, 65536], got {self.vocab}")
-        for name in ("max_docs", "workers", "gqa_kv_heads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"compare.{name} must be >= 0, got {getattr(self, name)}")
+        nonnegative(self, "compare", "max_docs", "workers", "gqa_kv_heads")
         if not 0 < self.gpu_mfu <= 1:
             raise ConfigError(f"compare.gpu_mfu must be in (0, 1], got {self.gpu_mfu}")
         check_variants("compare.variants", self.variants, empty_ok=False)
