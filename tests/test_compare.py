@@ -219,6 +219,8 @@ def test_load_config_layers_and_errors():
         load_config(None, ["--compare.variants=baseline,rope", "--extrapolation.variants=rope+swa"])
     with pytest.raises(ConfigError, match="unknown profile"):
         load_config(profile="huge")
+    with pytest.raises(ConfigError, match=r"compare.workers must be >= 0, got -1"):
+        load_config(None, ["--compare.workers=-1"])
 
 
 # --- plan and budget -----------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def test_toml_then_overrides(tmp_path):
         (["--model.preset=debug", "--data.block_size=256"], "exceeds the model's block_size (128)"),
         (["--run.strategy=deepspeed"], "run.strategy must be one of single, ddp, fsdp"),
         (["--run.dtype=float16"], "use bfloat16"),
+        (["--optim.grad_clip=-1"], "optim.grad_clip must be >= 0, got -1.0"),
+        (["--run.ckpt_every=-5"], "run.ckpt_every must be >= 0, got -5"),
     ],
 )
 def test_config_errors_say_what_to_change(args, message):
