@@ -41,8 +41,9 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median time of each function, measured in alternation so machine noise hits all of them alike."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Every time of each function, measured in alternation (after ``warmup`` calls of each) so machine
+    noise hits all of them alike; round i of every function is its i-th entry."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -52,7 +53,12 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: i
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median time of each function, measured in alternation (``interleaved_times``)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeat, warmup).items()}
 
 
 def matmul_probes(m: int = 1024, k: int = 768, n: int = 3072) -> tuple[dict[str, Callable[[], object]], float]:

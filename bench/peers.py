@@ -40,12 +40,11 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_header, memory_read_gbs  # noqa: E402
+from common import cpu_header, interleaved_times, memory_read_gbs  # noqa: E402
 
 if not _USER_POLICY:
     del os.environ["OMP_WAIT_POLICY"]
@@ -60,16 +59,7 @@ ROWS: list[str] = []
 def paired(ours, peer, repeat: int, probe=None) -> dict[str, list[float]]:
     """Times of ``ours`` and ``peer`` (and of the bandwidth probe), run in turn ``repeat`` times after a
     warm-up of each."""
-    fns = {"ours": ours, "peer": peer} | ({"probe": probe} if probe else {})
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+    return interleaved_times({"ours": ours, "peer": peer} | ({"probe": probe} if probe else {}), repeat)
 
 
 def ratio_text(times: dict[str, list[float]]) -> str:
