@@ -387,7 +387,7 @@ COMMANDS: dict[str, Command] = {
                 default="default",
                 choices=["default", "quick", "full", "gpu"],
                 help="the defaults: default (about 45 min on 2 CPU cores), quick (a smoke test of every code path), "
-                "full (3x the steps, about 2.5 h), gpu (one H100/H200, about 5 min)",
+                "full (3x the steps, about 1.5 h), gpu (one H100/H200, about 5 min)",
             ),
             opt("--quick", action="store_true", help="the same as --profile quick"),
             opt(

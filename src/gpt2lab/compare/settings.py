@@ -311,7 +311,7 @@ QUICK_CONFIG: dict = {
     },
 }
 
-# The default at three times the steps (its calibration pair for every variant), rope+gqa added: ~2.5 h on 2 cores.
+# The default at three times the steps (its calibration pair for every variant), rope+gqa added: ~1.5 h on 2 cores.
 FULL_CONFIG: dict = copy.deepcopy(DEFAULT_CONFIG) | {
     "compare": {"variants": ["baseline", "rope", "rope+gqa", "rope+mqa", "rope+swa", "rope+mixed"], "calibration": []},
     "mqar": {
