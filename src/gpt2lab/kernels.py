@@ -186,15 +186,24 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     copies = max(1, STREAM_BYTES // (element * n * in_features)) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(repeat + 1):
-        for kernel, run in runs.items():
-            start = time.perf_counter()
-            run()
-            if i:  # the first round warms up
-                times[kernel].append(time.perf_counter() - start)
     scale = out_features / n / copies
-    return {k: statistics.median(v) * scale for k, v in times.items()}
+    return {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
+
+
+def alternated(fns: dict, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Seconds of every call of each function, called in turn for ``rounds`` rounds after one warm-up call
+    of each, so a busy machine slows all alike; ``sync`` waits for queued device work around each call."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import resolve_device
 from gpt2lab.generation import decode_one_token, prefill
+from gpt2lab.kernels import alternated
 from gpt2lab.model import GPT, flex_applies, flex_kernel, window_block_mask
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill call: bounds the attention scores' memory at long contexts
@@ -115,18 +116,8 @@ def _time_kernels(q, k, v, window: int, rounds: int) -> dict[str, list[float]]:
     if flex_applies(device, probe):
         block_mask = window_block_mask(T, window, device)
         kernels["window: FlexAttention"] = lambda: flex_kernel(device.type)(q, k, v, block_mask=block_mask)
-    seconds: dict[str, list[float]] = {name: [] for name in kernels}
     with torch.no_grad():
-        for fn in kernels.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in kernels.items():
-                _sync(device)
-                began = time.perf_counter()
-                fn()
-                _sync(device)
-                seconds[name].append(time.perf_counter() - began)
-    return seconds
+        return alternated(kernels, rounds, sync=lambda: _sync(device))
 
 
 def _sync(device: torch.device) -> None:
