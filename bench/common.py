@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2lab.kernels import alternated
+
 
 def hf_and_ours(config_kwargs: dict | None = None, dropout: float = 0.0):
     """A random-weight transformers GPT2LMHeadModel and our GPT loaded from the same files."""
@@ -41,24 +43,10 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, list[float]]:
-    """Every time of each function, measured in alternation (after ``warmup`` calls of each) so machine
-    noise hits all of them alike; round i of every function is its i-th entry."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median time of each function, measured in alternation (``interleaved_times``)."""
-    return {k: statistics.median(v) for k, v in interleaved_times(fns, repeat, warmup).items()}
+    """Median time of each function, measured in alternation (``gpt2lab.kernels.alternated``) so machine noise
+    hits all of them alike."""
+    return {k: statistics.median(v) for k, v in alternated(fns, repeat, warmup=warmup).items()}
 
 
 def matmul_probes(m: int = 1024, k: int = 768, n: int = 3072) -> tuple[dict[str, Callable[[], object]], float]:

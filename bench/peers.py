@@ -44,12 +44,13 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_header, interleaved_times, memory_read_gbs  # noqa: E402
+from common import cpu_header, memory_read_gbs  # noqa: E402
 
 if not _USER_POLICY:
     del os.environ["OMP_WAIT_POLICY"]
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
+from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.quantize import quantize_int8  # noqa: E402
 
 PROMPT = 16
@@ -59,7 +60,7 @@ ROWS: list[str] = []
 def paired(ours, peer, repeat: int, probe=None) -> dict[str, list[float]]:
     """Times of ``ours`` and ``peer`` (and of the bandwidth probe), run in turn ``repeat`` times after a
     warm-up of each."""
-    return interleaved_times({"ours": ours, "peer": peer} | ({"probe": probe} if probe else {}), repeat)
+    return alternated({"ours": ours, "peer": peer} | ({"probe": probe} if probe else {}), repeat)
 
 
 def ratio_text(times: dict[str, list[float]]) -> str:

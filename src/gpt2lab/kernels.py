@@ -190,11 +190,12 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     return {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
 
 
-def alternated(fns: dict, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
-    """Seconds of every call of each function, called in turn for ``rounds`` rounds after one warm-up call
+def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of every call of each function, called in turn for ``rounds`` rounds after ``warmup`` calls
     of each, so a busy machine slows all alike; ``sync`` waits for queued device work around each call."""
     for fn in fns.values():
-        fn()
+        for _ in range(warmup):
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
