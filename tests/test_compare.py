@@ -116,6 +116,10 @@ def test_verdicts_never_say_same():
     higher = stats.paired([0.9, 0.95, 0.92], [0.5, 0.55, 0.5], below="worse", above="better")
     assert higher["verdict"] == "better"
     assert stats.paired([1.0], [0.5])["verdict"].startswith("n/a")
+    # every seed the same difference (e.g. accuracy 1.00 against 0.00): decided, with no spread to divide by
+    same = stats.paired([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    assert same["verdict"] == "better" and same["p"] == 0.0 and same["mdd80"] == 0.0
+    assert stats.paired([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
 
 
 def test_recall_verdicts_separate_lookup_guessing_chance_and_undecided():

@@ -51,7 +51,10 @@ def differences(d: list[float], below: str = "better", above: str = "worse") -> 
         return out | {"mdd80": None, "p": None, "verdict": "n/a (one pair: no interval)"}
     se = out["sd"] / math.sqrt(n)
     out["mdd80"] = (t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)) * se
-    out["p"] = 1.0 if se == 0 and out["mean"] == 0 else 2 * float(stdtr(n - 1, -abs(out["mean"]) / se))
+    if se == 0:  # every difference the same: no spread to test against
+        out["p"] = 1.0 if out["mean"] == 0 else 0.0
+    else:
+        out["p"] = 2 * float(stdtr(n - 1, -abs(out["mean"]) / se))
     if out["hi"] < 0:
         out["verdict"] = below
     elif out["lo"] > 0:
