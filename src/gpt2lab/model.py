@@ -106,6 +106,12 @@ def one_query_attention(
     return (att.softmax(dim=-1) @ v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
+def _filled(input_pos: torch.Tensor) -> int | None:
+    """The KV-cache slots written once a step at time steps ``input_pos`` is done: eager decoding attends
+    over those only; None while compiling, which keeps static shapes."""
+    return None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
@@ -242,8 +248,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
             # eager decode attends over the written part of the cache only; compiled keeps static shapes
-            filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
-            step = (input_pos, self.cache_pad if self.cache_padded else None, filled)
+            step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos))
             pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
         x = self.wte(idx)
         if self.wpe is not None:
@@ -264,8 +269,7 @@ class GPT(nn.Module):
         ``forward`` (a one-row decode step may read the lm_head from a copy, see ``_one_row_head``)."""
         head = None
         if input_pos is not None and x.shape[0] * x.shape[1] == 1:  # batch-1 decoding
-            filled = None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
-            head = self._one_row_head(x, filled)
+            head = self._one_row_head(x, input_pos)
         logits = self.lm_head(x) if head is None else linear(x, head[0], kernel=head[1])
         return logits[..., : self.config.vocab_size]  # rows of a padded vocabulary are never predicted
 
@@ -342,11 +346,10 @@ class GPT(nn.Module):
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
         self.cache_padded = False
 
-    def _one_row_head(self, x: torch.Tensor, filled: int | None) -> tuple[torch.Tensor, str] | None:
+    def _one_row_head(self, x: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, str] | None:
         """For a one-row decode step on the CPU without grad, the lm_head weight (vocab, n_embd) as a
         view of an (n_embd, vocab)-contiguous copy and the kernel to read it with, when that layout is
-        the faster here; else None (use the lm_head as it is). ``filled``: the cache slots written after
-        this step (None when compiling).
+        the faster here; else None (use the lm_head as it is). ``input_pos``: the step's time steps.
 
         The lm_head is a third of a GPT-2 124M decode step's reads, and at one row a kernel may read it
         faster from the transposed layout (``python bench/linear.py``). An ``auto`` model measures the
@@ -356,10 +359,13 @@ class GPT(nn.Module):
         ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
         replaced or changed.
         """
-        if filled is None or not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
+        if not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
             return None
         w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
         if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
+            return None
+        filled = _filled(input_pos)  # read only here: off the CPU it would wait for the device
+        if filled is None:
             return None
         kernel = table.choose(w.shape[0], w.shape[1], 1, kind="head") if table is not None else "onednn_t"
         if not kernel.endswith("_t"):
