@@ -8,7 +8,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,16 +80,9 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
 def cpu_header(threads: int) -> str:
     """The CPU model and its vector extensions (the ones matmul kernels use), torch's version and the
     thread count: what a benchmark's figures hold for."""
-    from gpt2lab.kernels import cpu_model
+    from gpt2lab.kernels import cpu_flags, cpu_model
 
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = cpu_flags()
     present = [f for f in VECTOR_FLAGS if f in flags] or ["(flags unknown on this OS)"]
     return (
         f"CPU: {cpu_model()}, {platform.machine()}; flags: {' '.join(present)}\n"

@@ -15,13 +15,13 @@ Usage: python bench/variants.py [--lengths 1024 4096 16384] [--threads N] [--var
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 from gpt2lab import GPT, GPTConfig
 from gpt2lab.generation import stream
+from gpt2lab.kernels import cpu_model
 
 BASE = dict(n_layer=4, n_embd=256, n_head=8, pos_emb="rope", block_size=1024)
 VARIANTS = {
@@ -57,14 +57,6 @@ def decode(model: GPT, new_tokens: int) -> tuple[float, float, float]:
     return new_tokens / (stamps[-1] - stamps[0]), first, last
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="KV-cache bytes and decode tokens/s of the attention variants (CPU)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="generated tokens")
@@ -74,7 +66,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, prompt {PROMPT} tokens"
+        f"{cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, prompt {PROMPT} tokens"
     )
     print(f"model: {BASE}, vocab 50257\n")
     longest = max(args.lengths)
