@@ -22,9 +22,8 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -x -m "not slow"
 
-# OpenMP threads sleep while waiting, as under the gpt2lab command line (gpt2lab.cli.passive_openmp)
 bench: $(VENV)/.installed
-	cd bench && OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} ../$(PY) cpu.py
+	cd bench && ../$(PY) cpu.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -13,16 +13,21 @@ memory read GB/s measured just before (a decode step reads every weight once).
 
 from __future__ import annotations
 
-import argparse
-import copy
-import time
+import os
 
-import torch
-from common import cpu_header, hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs
+from gpt2lab.cli import openmp_wait_policy
 
-from gpt2lab.generation import generate
-from gpt2lab.train import configure_optimizer, flops_per_token
-from gpt2lab.train_config import OptimSection
+openmp_wait_policy(os.environ)  # as the command line does, before torch loads its OpenMP runtime
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from common import cpu_header, hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs  # noqa: E402
+
+from gpt2lab.generation import generate  # noqa: E402
+from gpt2lab.train import configure_optimizer, flops_per_token  # noqa: E402
+from gpt2lab.train_config import OptimSection  # noqa: E402
 
 ROWS: list[tuple[str, float, float, str, str]] = []  # name, hf, ours, ratio text, ceiling text
 

@@ -1,53 +1,53 @@
 """gpt2lab against the CPU inference engines users pick for speed: CTranslate2 and llama.cpp.
 
     pip install -e ".[bench]"        # ctranslate2, transformers (CTranslate2's converter reads with it), gguf
-    python bench/peers.py [--threads 2] [--repeat 5] [--only decode,prefill,forward,quality] [--quick]
+    python bench/peers.py [--threads 2] [--repeat 5] [--only decode,prefill,forward,quality] [--quick] [--compile]
                           [--llama-convert PATH/TO/llama.cpp/convert_hf_to_gguf.py]
 
 One random-weight GPT-2 124M, written once by gpt2lab's ``save_pretrained``; each peer's own converter
 reads that directory as it is: CTranslate2's ``TransformersConverter`` (float32, and int8 =
 compute_type "int8"), llama.cpp's ``convert_hf_to_gguf.py`` (f32 and q8_0). llama.cpp, through
 llama-cpp-python, is optional: it needs a long source build, and its converter ships with llama.cpp's
-sources, not with the wheel; rows without it say so. Every engine runs on ``--threads`` threads.
+sources, not with the wheel; rows without it say so. Every engine runs on ``--threads`` threads,
+each peer in a process of its own (gpt2lab in this one): engines sharing a process slowed each other.
 
 Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports
 the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
 Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
 tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
-logits of every position. A decode row also states each engine's decode speed as a fraction of the
-memory-bandwidth ceiling: the bytes of weights one step reads times steps per second, over the read
-bandwidth of a 1 GiB buffer timed in the same alternation. The 8-bit quality rows compare each
+logits of every position. With ``--compile`` the greedy rows of up to 128 tokens run a second time
+with gpt2lab's compiled decode step. A decode row also states each engine's decode speed as a
+fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
+the rate at which torch reads a 1 GiB matrix in a matrix-vector product, timed in the same
+alternation (an engine with a faster read than torch's can pass 100%). The 8-bit quality rows compare each
 8-bit engine's logits with gpt2lab's float32 logits on 2 x 256 random tokens.
 
-Each engine runs with the OpenMP wait policy it is fastest with here: gpt2lab's threads sleep while
-waiting (OMP_WAIT_POLICY=PASSIVE, what its command line sets), CTranslate2's spin (its default: it
-ran slower passive). Set OMP_WAIT_POLICY yourself to run every engine with one policy.
+Every engine runs with the OpenMP wait policy gpt2lab's command line would choose (gpt2lab.cli's
+``openmp_wait_policy``: the runtimes' default, threads that spin briefly, unless the CPU is already
+busy); the header says which. Set OMP_WAIT_POLICY yourself to choose it.
 """
 
 from __future__ import annotations
 
 import os
 
-# gpt2lab runs as its command line runs it: torch's OpenMP threads sleep while they wait (gpt2lab.cli's
-# passive_openmp). The peers keep their own default: each loads its own OpenMP runtime, which reads the
-# environment when it loads, so the variable is removed again once torch has loaded (see the docstring).
-_USER_POLICY = "OMP_WAIT_POLICY" in os.environ
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from gpt2lab.cli import openmp_wait_policy
+
+openmp_wait_policy(os.environ)  # before any OpenMP runtime loads: each reads the environment once
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_header, memory_read_gbs  # noqa: E402
-
-if not _USER_POLICY:
-    del os.environ["OMP_WAIT_POLICY"]
+from common import cpu_header, memory_read_gbs, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
@@ -76,40 +76,114 @@ def report(row: str, peer: str, times: dict[str, list[float]], unit: str, extra:
 
 
 class Peers:
-    """The converted models and how to run each engine on them."""
+    """The peers, each in a process of its own (``EngineProcess``), and how to run them.
+
+    One process per engine, apart from gpt2lab's: once CTranslate2 has generated in a process, gpt2lab's
+    decoding in that same process runs markedly slower (each library brings its own OpenMP runtime);
+    with CTranslate2 in another process it does not (docs/benchmarks.md)."""
 
     def __init__(self, directory: Path, threads: int, llama_convert: Path | None) -> None:
+        self.ct2 = EngineProcess("ctranslate2", directory, threads)
+        self.llama_note = llama_available(llama_convert)
+        self.llama = None if self.llama_note else EngineProcess("llama.cpp", directory, threads, llama_convert)
+        self.llama_quants = () if self.llama is None else ("f32", "q8_0")
+
+    def ct2_greedy(self, quant: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+        return self.ct2.call("greedy", quant, prompts, n)
+
+    def llama_greedy(self, quant: str, prompt: list[int], n: int) -> list[int]:
+        return self.llama.call("greedy", quant, prompt, n)
+
+    def close(self) -> None:
+        for engine in (self.ct2, self.llama):
+            if engine is not None:
+                engine.close()
+
+
+class EngineProcess:
+    """A peer engine loaded in a child process (``serve``); ``call`` runs one of its methods there and
+    returns the (small) answer, so a timed call costs the pipe's round trip on top of the engine's work."""
+
+    def __init__(self, engine: str, directory: Path, threads: int, llama_convert: Path | None = None) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, engine, directory, threads, llama_convert))
+        self.process.start()
+        child.close()
+        self.call("ready")
+
+    def call(self, method: str, *args):
+        self.conn.send((method, args))
+        ok, answer = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"peer engine failed: {answer}")
+        return answer
+
+    def close(self) -> None:
+        self.conn.send(("stop", ()))
+        self.process.join(timeout=30)
+
+
+def serve(conn, engine: str, directory: Path, threads: int, llama_convert: Path | None) -> None:
+    """The child process's loop: convert and load ``engine``'s models, then answer calls until "stop"."""
+    torch.set_num_threads(threads)  # gpt2lab is not run here; torch only converts
+    server = (
+        Ct2Server(directory, threads) if engine == "ctranslate2" else LlamaServer(directory, threads, llama_convert)
+    )
+    while True:
+        method, args = conn.recv()
+        if method == "stop":
+            return
+        try:
+            conn.send((True, None if method == "ready" else getattr(server, method)(*args)))
+        except Exception as e:  # the parent raises it with the message
+            conn.send((False, f"{type(e).__name__}: {e}"))
+
+
+class Ct2Server:
+    """CTranslate2's float32 and int8 models, converted by its own converter from ``directory``."""
+
+    def __init__(self, directory: Path, threads: int) -> None:
         import ctranslate2
 
-        self.threads = threads
         vocab = json.loads((directory / "vocab.json").read_text())
         self.token_of = {i: t for t, i in vocab.items()}
-        self.ct2 = {}
+        self.models = {}
         for quant in ("float32", "int8"):
             out = directory.parent / f"ct2-{quant}"
             ctranslate2.converters.TransformersConverter(str(directory)).convert(str(out), quantization=quant)
-            self.ct2[quant] = ctranslate2.Generator(
+            self.models[quant] = ctranslate2.Generator(
                 str(out), device="cpu", compute_type=quant, intra_threads=threads, inter_threads=1
             )
-        self.llama, self.llama_note = {}, llama_available(llama_convert)
-        if not self.llama_note:
-            for quant in ("f32", "q8_0"):
-                gguf = directory.parent / f"gpt2-{quant}.gguf"
-                cmd = [sys.executable, str(llama_convert), str(directory), "--outtype", quant, "--outfile", str(gguf)]
-                subprocess.run(cmd, check=True, capture_output=True)
-                self.llama[quant] = load_llama(gguf, threads)
 
-    def ct2_greedy(self, quant: str, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def greedy(self, quant: str, prompts: list[list[int]], n: int) -> list[list[int]]:
         tokens = [[self.token_of[i] for i in p] for p in prompts]
-        results = self.ct2[quant].generate_batch(
+        results = self.models[quant].generate_batch(
             tokens, max_length=n, sampling_topk=1, end_token=[], include_prompt_in_result=False
         )
         return [r.sequences_ids[0] for r in results]
 
-    def llama_greedy(self, quant: str, prompt: list[int], n: int) -> list[int]:
+    def forward(self, quant: str, rows: list[list[int]], whole: bool = False):
+        """Logits of every position; only their argmax unless ``whole`` (the timed rows send little back)."""
+        logits = np.asarray(self.models[quant].forward_batch(rows))
+        return logits if whole else logits.argmax(-1)
+
+
+class LlamaServer:
+    """llama.cpp's f32 and q8_0 models, converted by its own ``convert_hf_to_gguf.py`` from ``directory``."""
+
+    def __init__(self, directory: Path, threads: int, convert: Path) -> None:
+        self.threads, self.models, self.paths = threads, {}, {}
+        for quant in ("f32", "q8_0"):
+            gguf = directory.parent / f"gpt2-{quant}.gguf"
+            cmd = [sys.executable, str(convert), str(directory), "--outtype", quant, "--outfile", str(gguf)]
+            subprocess.run(cmd, check=True, capture_output=True)
+            self.models[quant], self.paths[quant] = load_llama(gguf, threads), gguf
+
+    def greedy(self, quant: str, prompt: list[int], n: int) -> list[int]:
         import llama_cpp
 
-        llm = self.llama[quant]
+        llm = self.models[quant]
         llm.reset()
         llm.eval(prompt)
         out = []
@@ -119,6 +193,16 @@ class Peers:
             if i < n - 1:
                 llm.eval([out[-1]])
         return out
+
+    def scores(self, quant: str, rows: list[list[int]]):
+        """The logits of every position of each row (a model loaded with every position's logits kept)."""
+        llm = load_llama(self.paths[quant], self.threads, logits_all=True)
+        out = []
+        for row in rows:
+            llm.reset()
+            llm.eval(row)
+            out.append(np.array(llm.scores[: len(row)]))
+        return np.stack(out)
 
 
 def llama_available(convert: Path | None) -> str:
@@ -180,34 +264,43 @@ BYTES_PER_WEIGHT = {
 DECODE_CASES = [("float32", 1, 128), ("float32", 1, 512), ("float32", 8, 128), ("int8", 1, 128), ("int8", 8, 128)]
 
 
-def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_CASES) -> None:
-    """Greedy generation of N new tokens after a 16-token prompt: gpt2lab against each peer."""
-    probe_buffer = torch.ones(2**28)  # 1 GiB: read it and time it in the same alternation
+def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_CASES, compiled: bool = False) -> None:
+    """Greedy generation of N new tokens after a 16-token prompt: gpt2lab against each peer; with
+    ``compiled``, the rows of up to 128 tokens run again with gpt2lab's compiled decode step (compiled
+    before timing; the compile time is printed)."""
+    probe = read_probe(2**30)  # 1 GiB, read in the same alternation as each row
     for quant, batch, n in cases:
-        ours_model = model if quant == "float32" else int8
-        prompts = torch.randint(0, 50257, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).tolist()
-        row = f"greedy b={batch} {'fp32' if quant == 'float32' else '8-bit'}, {n} new tokens"
-        ours = lambda m=ours_model, p=prompts, n=n: generate(m, p, n, temperature=0, eos_id=None)
-        engines = {f"CTranslate2 {quant}": (lambda q=quant, p=prompts, n=n: peers.ct2_greedy(q, p, n), quant)}
-        llama_quant = "f32" if quant == "float32" else "q8_0"
-        if batch == 1 and llama_quant in peers.llama:
-            engines[f"llama.cpp {llama_quant}"] = (
-                lambda q=llama_quant, p=prompts, n=n: [peers.llama_greedy(q, p[0], n)],
-                llama_quant,
-            )
-        same = ours()
-        for peer, (fn, peer_quant) in engines.items():
-            agree = np.mean(np.array(same) == np.array(fn()))
-            times = paired(ours, fn, repeat, probe=lambda: probe_buffer.sum())
-            bandwidth = probe_buffer.numel() * 4 / statistics.median(times["probe"])
-            steps = n / statistics.median(times["ours"]), n / statistics.median(times["peer"])
-            ours_bw = decode_bytes(model, BYTES_PER_WEIGHT[quant]) * steps[0] / bandwidth
-            peer_bw = decode_bytes(model, BYTES_PER_WEIGHT[peer_quant]) * steps[1] / bandwidth
-            extra = (
-                f"{batch * steps[0]:.1f} vs {batch * steps[1]:.1f} tok/s; of mem. bandwidth ({bandwidth / 1e9:.1f} GB/s): "
-                f"{ours_bw:.0%} vs {peer_bw:.0%}; same tokens {agree:.0%}"
-            )
-            report(row, peer, times, "ms", extra)
+        for compile in (False, True) if compiled and n <= 128 else (False,):
+            decode_row(model, model if quant == "float32" else int8, quant, batch, n, compile, peers, repeat, probe)
+
+
+def decode_row(model, ours_model, quant, batch, n, compile, peers, repeat, probe) -> None:
+    """One greedy row: ``ours_model`` (``model`` or its int8 copy) against each peer."""
+    prompts = torch.randint(0, 50257, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).tolist()
+    row = f"greedy b={batch} {'fp32' if quant == 'float32' else '8-bit'}, {n} new tokens"
+    if compile:
+        row += ", gpt2lab compiled"
+    ours = lambda: generate(ours_model, prompts, n, temperature=0, eos_id=None, compile=compile)
+    engines = {f"CTranslate2 {quant}": (lambda: peers.ct2_greedy(quant, prompts, n), quant)}
+    llama_quant = "f32" if quant == "float32" else "q8_0"
+    if batch == 1 and llama_quant in peers.llama_quants:
+        engines[f"llama.cpp {llama_quant}"] = (lambda: [peers.llama_greedy(llama_quant, prompts[0], n)], llama_quant)
+    start = time.perf_counter()
+    same = ours()
+    if compile:
+        print(f"({row}: compiled and ran once in {time.perf_counter() - start:.0f} s)", flush=True)
+    for peer, (fn, peer_quant) in engines.items():
+        agree = np.mean(np.array(same) == np.array(fn()))
+        times = paired(ours, fn, repeat, probe=probe)
+        bandwidth = 2**30 / statistics.median(times["probe"])
+        steps = n / statistics.median(times["ours"]), n / statistics.median(times["peer"])
+        ours_bw = decode_bytes(model, BYTES_PER_WEIGHT[quant]) * steps[0] / bandwidth
+        peer_bw = decode_bytes(model, BYTES_PER_WEIGHT[peer_quant]) * steps[1] / bandwidth
+        extra = (
+            f"{batch * steps[0]:.1f} vs {batch * steps[1]:.1f} tok/s; of mem. bandwidth ({bandwidth / 1e9:.1f} GB/s): "
+            f"{ours_bw:.0%} vs {peer_bw:.0%}; same tokens {agree:.0%}"
+        )
+        report(row, peer, times, "ms", extra)
 
 
 def prefill_rows(model: GPT, peers: Peers, repeat: int) -> None:
@@ -216,7 +309,7 @@ def prefill_rows(model: GPT, peers: Peers, repeat: int) -> None:
         prompts = torch.randint(0, 50257, (batch, 256), generator=torch.Generator().manual_seed(256 + batch)).tolist()
         ours = lambda p=prompts: generate(model, p, 1, temperature=0, eos_id=None)
         engines = {"CTranslate2 float32": lambda p=prompts: peers.ct2_greedy("float32", p, 1)}
-        if "f32" in peers.llama:
+        if "f32" in peers.llama_quants:
             engines["llama.cpp f32"] = lambda p=prompts: [peers.llama_greedy("f32", q, 1) for q in p]
         for peer, fn in engines.items():
             note = "one prompt after another" if batch > 1 and peer.startswith("llama") else ""
@@ -233,7 +326,7 @@ def forward_rows(model: GPT, peers: Peers, repeat: int) -> None:
             with torch.no_grad():
                 return model(idx)[0]
 
-        peer = lambda rows=rows: np.asarray(peers.ct2["float32"].forward_batch(rows))
+        peer = lambda rows=rows: peers.ct2.call("forward", "float32", rows)
         report(f"forward {batch}x256, all logits", "CTranslate2 float32", paired(ours, peer, repeat), "ms")
 
 
@@ -244,15 +337,9 @@ def quality_rows(model: GPT, int8: GPT, peers: Peers) -> None:
     with torch.no_grad():
         ref = model(idx)[0].numpy()
         got = {"gpt2lab int8": int8(idx)[0].numpy()}
-    got["CTranslate2 int8"] = np.asarray(peers.ct2["int8"].forward_batch(idx.tolist()))
-    if "q8_0" in peers.llama:
-        llm = load_llama(peers.llama["q8_0"].model_path, peers.threads, logits_all=True)
-        rows = []
-        for row in idx.tolist():
-            llm.reset()
-            llm.eval(row)
-            rows.append(np.array(llm.scores[: len(row)]))
-        got["llama.cpp q8_0"] = np.stack(rows)
+    got["CTranslate2 int8"] = peers.ct2.call("forward", "int8", idx.tolist(), True)
+    if "q8_0" in peers.llama_quants:
+        got["llama.cpp q8_0"] = peers.llama.call("scores", "q8_0", idx.tolist())
     std = ref.std()
     for engine, logits in got.items():
         err = np.abs(logits - ref)
@@ -268,6 +355,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="timed pairs per row")
     ap.add_argument("--only", default="decode,prefill,forward,quality")
     ap.add_argument("--llama-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (llama.cpp rows)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run the greedy rows of up to 128 tokens with gpt2lab's compiled step",
+    )
     ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
     ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
     args = ap.parse_args()
@@ -280,10 +372,7 @@ def main() -> None:
         import llama_cpp
 
         versions += f", llama-cpp-python {llama_cpp.__version__}"
-    policy = (
-        f"{os.environ['OMP_WAIT_POLICY']} for all" if _USER_POLICY else "PASSIVE for gpt2lab, the default for the peers"
-    )
-    print(cpu_header(args.threads).split(", OMP_WAIT_POLICY")[0] + f"; OpenMP wait policy {policy}", flush=True)
+    print(cpu_header(args.threads) + " (every engine)", flush=True)
     print(f"{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name(args.preset, block_size=1024)).eval()
@@ -296,16 +385,17 @@ def main() -> None:
         int8 = quantize_int8(model)
         print("| row | peer | gpt2lab ms | peer ms | peer time / gpt2lab time | |\n|---|---|---:|---:|---:|---|")
         if args.quick:
-            decode_rows(model, int8, peers, args.repeat, [("float32", 1, 32), ("int8", 1, 32)])
+            decode_rows(model, int8, peers, args.repeat, [("float32", 1, 32), ("int8", 1, 32)], args.compile)
             only = {"quality"}
         if "decode" in only:
-            decode_rows(model, int8, peers, args.repeat)
+            decode_rows(model, int8, peers, args.repeat, compiled=args.compile)
         if "prefill" in only:
             prefill_rows(model, peers, args.repeat)
         if "forward" in only:
             forward_rows(model, peers, args.repeat)
         if "quality" in only:
             quality_rows(model, int8, peers)
+        peers.close()
     print("\nKernels Backends(linear='auto') chose here (gpt2lab.kernels):")
     for name, entry in sorted(model.lm_head.table._entries().items()):
         print(f"  {name}: {entry['kernel']}  (us per product: {entry['us_per_product']})")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -300,20 +300,31 @@ def test_help_texts_say_what_exists(capsys):
     assert "world sizes up to 128" in " ".join(train.split())
 
 
-def test_openmp_threads_wait_passively_unless_the_user_chose():
-    """The command line asks torch's OpenMP threads to sleep while they wait (set before torch loads),
-    and leaves a policy the user set alone; once torch is loaded (as here) it changes nothing."""
+def test_openmp_threads_sleep_only_where_the_cpu_is_busy_and_the_user_chose_nothing():
+    """The command line lets torch's OpenMP threads spin (the runtime's default) on an idle CPU and asks
+    them to sleep where other programs keep half a CPU busy; a policy the user set is left alone, and
+    once torch is loaded (as here) nothing changes. The decision is made before torch loads."""
     import subprocess
     import sys
 
-    from gpt2lab.cli import passive_openmp
+    from gpt2lab.cli import BUSY_CPUS, openmp_wait_policy
 
-    probe = "import os\nfrom gpt2lab.cli import passive_openmp\npassive_openmp(os.environ)\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    run = lambda env: subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout
-    assert run(env).strip() == "PASSIVE"
-    assert run(env | {"OMP_WAIT_POLICY": "ACTIVE"}).strip() == "ACTIVE"
-    assert run(env | {"GOMP_SPINCOUNT": "1000"}).strip() == "None"
-    environ: dict[str, str] = {}
-    passive_openmp(environ)  # torch is loaded in this process: too late to matter, so nothing is set
-    assert environ == {}
+    def decided(environ, load, torch_loaded=False):
+        environ = dict(environ)
+        with mock.patch.dict(sys.modules):  # restored on exit
+            if not torch_loaded:
+                del sys.modules["torch"]
+            openmp_wait_policy(environ, busy=lambda: load)
+        return environ
+
+    assert decided({}, 0.0) == {}
+    assert decided({}, BUSY_CPUS - 0.01) == {}
+    assert decided({}, BUSY_CPUS) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert decided({}, None) == {}  # load unknown (not Linux): the runtime's default
+    assert decided({"OMP_WAIT_POLICY": "ACTIVE"}, 2.0) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert decided({"GOMP_SPINCOUNT": "1000"}, 2.0) == {"GOMP_SPINCOUNT": "1000"}
+    assert decided({}, 2.0, torch_loaded=True) == {}  # too late to matter
+    # the real measurement, in a fresh process: a number of CPUs between 0 and the CPUs it may use
+    probe = "import os\nfrom gpt2lab.cli import cpu_busy\nprint(cpu_busy(0.05), len(os.sched_getaffinity(0)))\n"
+    load, cpus = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()
+    assert 0 <= float(load) <= int(cpus)

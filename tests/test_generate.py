@@ -329,3 +329,24 @@ def test_stream_checks_its_arguments_when_called(make_gpt):
         stream(make_gpt(), [[1, 2]], 5, top_p=2.0)
     with pytest.raises(GPT2LabError, match="exceeds the context"):
         stream(make_gpt(), [[1] * 60], 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
+    """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
+    step; an int8 model compiles its products as torch._int_mm, so it is checked against eager int8
+    run on that kernel."""
+    from gpt2lab.quantize import Int8Linear, quantize_int8
+
+    model = make_gpt(seed=4)
+    if int8:
+        model = quantize_int8(model)
+        for layer in model.modules():
+            if isinstance(layer, Int8Linear):
+                layer.table = type("IntMM", (), {"choose": lambda self, *a, **k: "int_mm"})()
+    prompts = [SHORT, SHORT[:2]]
+    eager = generate(model, prompts, 10, temperature=0, eos_id=None)
+    compiled = generate(model, prompts, 10, temperature=0, eos_id=None, compile=True)
+    model.clear_cache()
+    assert compiled == eager

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
 from gpt2lab.errors import GPT2LabError
+
+BUSY_CPUS = 0.5  # other programs' load (CPUs) at which OpenMP threads sleep instead of spinning
 
 
 @dataclass
@@ -214,8 +217,9 @@ COMMANDS: dict[str, Command] = {
             opt(
                 "--compile",
                 action="store_true",
-                help="torch.compile the decode step: on a GPU it runs as CUDA graphs, several times faster for "
-                "long generations; on the CPU the default eager step is the faster one (docs/benchmarks.md)",
+                help="torch.compile the decode step (CUDA graphs on a GPU, a C++ wrapper on the CPU): faster per "
+                "token (several times on a GPU, about 1.2-1.4x on the CPU), after a compile of 20-60 s the "
+                "first time in a process: for long generations (docs/benchmarks.md)",
             ),
             *MODEL_OPTIONS,
         ],
@@ -433,19 +437,43 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def passive_openmp(environ: MutableMapping[str, str]) -> None:
-    """Let OpenMP threads that wait for work sleep instead of spin (OMP_WAIT_POLICY=PASSIVE), unless the
-    user chose a policy. On a CPU shared with other jobs a spinning thread burns the time slice its
-    partner thread needs, and a decode step is dozens of short parallel products: with the default
-    policy it ran several times slower there (docs/benchmarks.md). Read once, when torch loads its
-    OpenMP runtime, so it is set only before torch is imported."""
-    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+def cpu_busy(seconds: float = 0.1) -> float | None:
+    """How many CPUs' worth of work other programs ran over the next ``seconds`` (Linux's /proc/stat:
+    the non-idle share of all CPU time, times the CPUs this process may use); None where unknown."""
+
+    def times() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+
+    try:
+        before = times()
+        time.sleep(seconds)
+        after = times()
+        cpus = len(os.sched_getaffinity(0))
+    except (OSError, ValueError, AttributeError):
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total, idle = sum(delta), sum(delta[3:5])  # idle and iowait
+    return (total - idle) / total * cpus if total > 0 else None
+
+
+def openmp_wait_policy(environ: MutableMapping[str, str], busy: Callable[[], float | None] = cpu_busy) -> None:
+    """Choose how torch's OpenMP threads wait between parallel regions, before torch loads it (the
+    runtime reads the environment once). A decode step is dozens of short products: on an idle CPU,
+    threads that spin briefly (OpenMP's default) start the next product at once; where other programs
+    already keep ``BUSY_CPUS`` busy, a spinning thread takes the time slice its partner needs, so they
+    sleep instead (OMP_WAIT_POLICY=PASSIVE). The load is measured first (``busy``, a tenth of a
+    second); docs/benchmarks.md has both cases' figures. A policy the user set (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT) is kept."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return
+    load = busy()
+    if load is not None and load >= BUSY_CPUS:
         environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    passive_openmp(os.environ)
     named = next((a for a in argv if not a.startswith("-")), "")  # the subcommand, if any (no top-level options)
     parser = build_parser(named)
     args, extra = parser.parse_known_args(argv)
@@ -456,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    openmp_wait_policy(os.environ)
     try:
         args.func(args)
     except GPT2LabError as e:

@@ -94,8 +94,10 @@ def int8_reduce_range() -> bool:
 
 
 def machine_key() -> str:
-    """What a measurement is valid for: the CPU, the torch build and the thread count."""
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    """What a measurement is valid for: the CPU, the torch build, the thread count and how idle threads
+    wait (a kernel call's fixed cost depends on it: ``gpt2lab.cli.openmp_wait_policy``)."""
+    wait = os.environ.get("OMP_WAIT_POLICY", "default").lower()
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | wait {wait}"
 
 
 def default_path() -> Path:
