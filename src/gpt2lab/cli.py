@@ -218,8 +218,8 @@ COMMANDS: dict[str, Command] = {
                 "--compile",
                 action="store_true",
                 help="torch.compile the decode step (CUDA graphs on a GPU, a C++ wrapper on the CPU): faster per "
-                "token (several times on a GPU, about 1.2-1.4x on the CPU), after a compile of 20-60 s the "
-                "first time in a process: for long generations (docs/benchmarks.md)",
+                "token (several times on a GPU; on the CPU about 1.2-1.4x at batch 1, less on long generations), "
+                "after a compile of 20-60 s the first time in a process (docs/benchmarks.md)",
             ),
             *MODEL_OPTIONS,
         ],
