@@ -9,7 +9,8 @@ reads that directory as it is: CTranslate2's ``TransformersConverter`` (float32,
 compute_type "int8"), llama.cpp's ``convert_hf_to_gguf.py`` (f32 and q8_0). llama.cpp, through
 llama-cpp-python, is optional: it needs a long source build, and its converter ships with llama.cpp's
 sources, not with the wheel; rows without it say so. Every engine runs on ``--threads`` threads,
-each peer in a process of its own (gpt2lab in this one): engines sharing a process slowed each other.
+each peer in a process of its own (gpt2lab in this one): once CTranslate2 had run in gpt2lab's
+process, gpt2lab ran slower there.
 
 Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports
 the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
