@@ -39,16 +39,18 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         rows = x2.shape[0]
-        if torch.compiler.is_compiling():  # plain tensor ops that inductor compiles: torch._int_mm's path
-            y = ops.int8_linear(x2, (self.qweight.t(), self.scale, self.bias), "int_mm", self.reduce_range)
-            return y.view(*x.shape[:-1], self.out_features)
-        if self.table is None:
-            kernel = kernels.fallback("int8", rows)
+        if torch.compiler.is_compiling():  # torch._int_mm's path: plain tensor ops that inductor compiles
+            kernel = "int_mm"
+            packed = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
         else:
-            kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
-        if kernel not in self._packed:
-            self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
-        y = ops.int8_linear(x2, self._packed[kernel], kernel, self.reduce_range)
+            if self.table is None:
+                kernel = kernels.fallback("int8", rows)
+            else:
+                kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
+            if kernel not in self._packed:
+                self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+            packed = self._packed[kernel]
+        y = ops.int8_linear(x2, packed, kernel, self.reduce_range)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
