@@ -87,7 +87,7 @@ class Peers:
         self.ct2 = EngineProcess("ctranslate2", directory, threads)
         self.llama_note = llama_available(llama_convert)
         self.llama = None if self.llama_note else EngineProcess("llama.cpp", directory, threads, llama_convert)
-        self.llama_quants = () if self.llama is None else ("f32", "q8_0")
+        self.llama_quants = () if self.llama is None else LlamaServer.QUANTS
 
     def ct2_greedy(self, quant: str, prompts: list[list[int]], n: int) -> list[list[int]]:
         return self.ct2.call("greedy", quant, prompts, n)
@@ -108,7 +108,10 @@ class EngineProcess:
     def __init__(self, engine: str, directory: Path, threads: int, llama_convert: Path | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=serve, args=(child, engine, directory, threads, llama_convert))
+        # a daemon: a run that fails in a row must not wait at exit for a child blocked on the pipe
+        self.process = context.Process(
+            target=serve, args=(child, engine, directory, threads, llama_convert), daemon=True
+        )
         self.process.start()
         child.close()
         self.call("ready")
@@ -173,9 +176,11 @@ class Ct2Server:
 class LlamaServer:
     """llama.cpp's f32 and q8_0 models, converted by its own ``convert_hf_to_gguf.py`` from ``directory``."""
 
+    QUANTS = ("f32", "q8_0")
+
     def __init__(self, directory: Path, threads: int, convert: Path) -> None:
         self.threads, self.models, self.paths = threads, {}, {}
-        for quant in ("f32", "q8_0"):
+        for quant in self.QUANTS:
             gguf = directory.parent / f"gpt2-{quant}.gguf"
             cmd = [sys.executable, str(convert), str(directory), "--outtype", quant, "--outfile", str(gguf)]
             subprocess.run(cmd, check=True, capture_output=True)
