@@ -41,10 +41,19 @@ def test_measured_once_then_remembered_and_overridable(tmp_path):
     assert kernels.KernelTable(path).choose(512, 256, 4) == other
 
 
-def test_small_products_are_not_measured(tmp_path):
+def test_small_products_are_measured_on_a_bounded_number_of_copies(tmp_path, monkeypatch):
+    """A small model's decode step is made of small products, where the kernels' fixed cost per call
+    decides: they are measured like the others, on at most MAX_COPIES copies of the weight."""
+    made = []
+    runner = kernels._runner
+    monkeypatch.setattr(kernels, "_runner", lambda *args: made.append(args[4]) or runner(*args))
     table = kernels.KernelTable(tmp_path / "k.json")
-    assert table.choose(16, 32, 1) == kernels.fallback()
-    assert not (tmp_path / "k.json").exists()
+    chosen = table.choose(16, 32, 1)
+    [entries] = json.loads((tmp_path / "k.json").read_text()).values()
+    assert entries["float32 16x32 rows 1"]["kernel"] == chosen
+    assert made == [kernels.MAX_COPIES] * len(kernels.FLOAT32_KERNELS)
+    table.choose(768, 768, 1)  # 28 weights of 2.4 MB stream from memory, fewer than the cap
+    assert made[-1] == kernels.STREAM_BYTES // (4 * 768 * 768) < kernels.MAX_COPIES
 
 
 def test_unwritable_cache_keeps_the_choice_in_memory(tmp_path):
@@ -109,3 +118,4 @@ def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, lay
         assert (model._head_copy is not None) == layout.endswith("_t")
         model.clear_cache()
         torch.testing.assert_close(step[0, -1], fixed(idx)[0][0, -1], atol=1e-5, rtol=1e-5)
+

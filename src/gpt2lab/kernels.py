@@ -11,14 +11,16 @@ Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 on
 between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
-step), at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole).
+step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call),
+at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole). Small products are
+measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger
+on some CPUs), and a small model's decode step is made of such calls.
 
 Overrides, most specific first: an explicit ``Backends(linear="onednn" | "torch")``; the environment
 variable ``GPT2LAB_LINEAR_KERNEL`` (``onednn``, ``torch`` or ``auto``) for models built with ``auto``;
 an edited ``"kernel"`` entry in the file. ``GPT2LAB_KERNEL_CACHE`` names the file (default
-``$XDG_CACHE_HOME/gpt2lab/linear-kernels.json``, else ``~/.cache/...``). Products too small to matter
-(``MIN_CALIBRATED`` weight elements), and any machine where the file cannot be written, still work:
-small ones take the fallback (the first of ``candidates``), an unwritable file keeps its choices in memory.
+``$XDG_CACHE_HOME/gpt2lab/linear-kernels.json``, else ``~/.cache/...``). A machine where the file
+cannot be written still works: the choices are kept in memory for the process.
 """
 
 from __future__ import annotations
@@ -39,16 +41,16 @@ ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 HEAD_KERNELS = ("onednn_t", "onednn", "torch", "torch_t")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
-MIN_CALIBRATED = 2**16  # weight elements
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
+MAX_COPIES = 128
 FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
 MARGIN = 0.03  # another kernel must be this much faster than the fallback to be chosen
 
 
 def candidates(kind: str, rows: int) -> tuple[str, ...]:
     """The kernels that may run a ``kind`` ("float32", "int8", or "head": the tied lm_head of a one-row
-    decode step) product of ``rows`` rows, the fallback first: the kernel of a product not measured."""
+    decode step) product of ``rows`` rows, the fallback first: kept unless another is ``MARGIN`` faster."""
     if kind == "int8":
         return ops.int8_kernels(rows)
     if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
@@ -136,7 +138,7 @@ class KernelTable:
 
     def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> str:
         options = candidates(kind, rows)
-        if out_features * in_features < MIN_CALIBRATED or len(options) == 1:
+        if len(options) == 1:
             return options[0]
         name = f"{kind} {out_features}x{in_features} rows {rows}"
         entry = self._entries().get(name)
@@ -185,7 +187,7 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     medians of runs taken in alternation (so a busy machine slows all alike)."""
     n = min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
-    copies = max(1, STREAM_BYTES // (element * n * in_features)) if rows <= FEW_ROWS else 1
+    copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
