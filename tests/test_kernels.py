@@ -119,3 +119,27 @@ def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, lay
         model.clear_cache()
         torch.testing.assert_close(step[0, -1], fixed(idx)[0][0, -1], atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.parametrize("chosen", ["torch", "onednn"])
+def test_chunked_loss_runs_the_kernel_measured_for_its_chunk(make_gpt, kernel_cache, monkeypatch, chosen):
+    """The training loss scores the lm_head a chunk of rows at a time (ops.linear_cross_entropy): the
+    kernel of that product is the table's for the chunk's row count, and the loss is the same either way."""
+    import gpt2lab.model
+
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    data.setdefault(kernels.machine_key(), {})["float32 1024x128 rows 32"] = {"kernel": chosen, "us_per_product": {}}
+    kernel_cache.write_text(json.dumps(data))
+    kernels_used = []
+
+    def recorded(*args, kernel, **kwargs):
+        kernels_used.append(kernel)
+        return ops.linear_cross_entropy(*args, kernel=kernel, **kwargs)
+
+    monkeypatch.setattr(gpt2lab.model, "linear_cross_entropy", recorded)
+    model = make_gpt(seed=4, backends=Backends(linear="auto"), **config)
+    idx = torch.randint(0, 1024, (2, 9))  # 18 rows: the bucket of 32
+    loss = model(idx, idx)[1]
+    assert kernels_used == [chosen]
+    logits = make_gpt(seed=4, backends=Backends(linear="torch"), **config)(idx)[0]
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 1024), idx.view(-1)), atol=1e-5, rtol=1e-5)

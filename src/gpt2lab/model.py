@@ -21,7 +21,7 @@ from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.ops import LINEAR_KERNELS, Linear, linear, linear_cross_entropy, use_onednn
+from gpt2lab.ops import LINEAR_KERNELS, Linear, chunk_rows, linear, linear_cross_entropy, use_onednn
 from gpt2lab.rope import Rotary, apply_rotary
 
 try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sliding window masks out
@@ -276,10 +276,11 @@ class GPT(nn.Module):
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
         -100 = ignore). On the CPU a chunk of tokens at a time, without ever holding the full logits."""
-        vocab, kernel = self.config.vocab_size, self.backends.linear
-        if isinstance(self.lm_head, Linear) and use_onednn(x, self.lm_head.weight, kernel):
+        vocab, head = self.config.vocab_size, self.lm_head
+        if isinstance(head, Linear) and use_onednn(x, head.weight, head.kernel):
             flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
-            return linear_cross_entropy(flat_x, self.lm_head.weight, flat_y, vocab, kernel=kernel)
+            kernel = head.kernel_for(min(len(flat_x), chunk_rows(vocab)))  # each chunk's product
+            return linear_cross_entropy(flat_x, head.weight, flat_y, vocab, kernel=kernel)
         logits = self.lm_head(x)[..., :vocab]
         return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
 

@@ -90,9 +90,15 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
-        if kernel == "auto" and self.table is not None and use_onednn(x, self.weight):
-            kernel = self.table.choose(self.out_features, self.in_features, x.numel() // self.in_features)
+        if use_onednn(x, self.weight, kernel):
+            kernel = self.kernel_for(x.numel() // self.in_features)
         return linear(x, self.weight, self.bias, kernel)
+
+    def kernel_for(self, rows: int) -> str:
+        """The kernel of a float32 CPU product of ``rows`` rows: ``auto`` asks the table (if any)."""
+        if self.kernel == "auto" and self.table is not None:
+            return self.table.choose(self.out_features, self.in_features, rows)
+        return self.kernel
 
 
 INT8_KERNELS = ("fbgemm", "int_mm")
@@ -136,6 +142,9 @@ def int8_linear(x: torch.Tensor, packed, kernel: str, reduce_range: bool) -> tor
     qx = torch.div(x, x_scale).round_().to(torch.int8)
     y = torch._int_mm(qx, qweight_t).float().mul_(x_scale).mul_(scale)
     return y if bias is None else y.add_(bias)
+
+
+CHUNK_ELEMS = 2**24  # logits a chunk of linear_cross_entropy holds
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -195,12 +204,17 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     vocab: int | None = None,
-    chunk_elems: int = 2**24,
+    chunk_elems: int = CHUNK_ELEMS,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(x, weight[:vocab]), targets, ignore_index=-100)`` for x (N, C), weight
-    (V, C), targets (N,), computed ``chunk_elems // vocab`` rows at a time without the (N, vocab) logits.
-    ``vocab`` (default: every row) leaves out padding rows of the weight, which get zero gradient."""
+    (V, C), targets (N,), computed ``chunk_rows(vocab, chunk_elems)`` rows at a time without the (N, vocab)
+    logits. ``vocab`` (default: every row) leaves out padding rows of the weight, which get zero gradient."""
     vocab = weight.shape[0] if vocab is None else vocab
     need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(x, weight, targets, vocab, max(1, chunk_elems // vocab), need_grad, kernel)
+    return _LinearCrossEntropy.apply(x, weight, targets, vocab, chunk_rows(vocab, chunk_elems), need_grad, kernel)
+
+
+def chunk_rows(vocab: int, chunk_elems: int = CHUNK_ELEMS) -> int:
+    """How many rows ``linear_cross_entropy`` scores at a time: ``chunk_elems`` logits' worth."""
+    return max(1, chunk_elems // vocab)
