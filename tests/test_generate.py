@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gpt2lab import Backends, GPT2LabError, generate, stream
+from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
 from gpt2lab.generation import next_token_probs, prefill, sample
 from gpt2lab.load import load_model
 
@@ -320,6 +322,40 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt):
         torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
     model.clear_cache()
     assert model._head_copy is None
+
+
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_packed_decoding_gives_the_same_tokens_and_follows_the_weight(make_gpt, kernel_cache, monkeypatch):
+    """Where the kernel file says products of a decode step's row count are faster from MKL's packed
+    layout, generation reads each linear layer from a packed copy: the same tokens as F.linear (equal
+    to float32 rounding), the copies dropped at the end, none made for a short generation, and a layer whose
+    weight changed reads the weight itself."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    entries = data.setdefault(kernels.machine_key(), {})
+    for m in linears:
+        entries[f"packed {m.out_features}x{m.in_features} rows 2"] = {"kernel": "mkl_packed", "us_per_product": {}}
+    kernel_cache.write_text(json.dumps(data))
+    packed_rows = []
+    pack = ops.Linear.pack
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, rows: packed_rows.append(rows) or pack(self, rows))
+    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
+    reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    assert generate(model, prompts, 8, temperature=0) == generate(reference, prompts, 8, temperature=0)
+    assert packed_rows == [2] * len(linears)
+    assert all(m.packed is None for m in model.modules() if isinstance(m, ops.Linear))
+    packed_rows.clear()
+    generate(model, prompts, 4, temperature=0)  # 3 decode steps: fewer than pack_min_steps
+    assert not packed_rows
+    layer, x = model.h[0].mlp.c_fc, torch.randn(2, 128)
+    layer.pack(2)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer.weight.mul_(2.0)  # in place, after packing: the copy is stale
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert layer(x).requires_grad  # with grad the copy is never read (it has no backward)
 
 
 def test_stream_checks_its_arguments_when_called(make_gpt):

@@ -143,3 +143,23 @@ def test_chunked_loss_runs_the_kernel_measured_for_its_chunk(make_gpt, kernel_ca
     assert kernels_used == [chosen]
     logits = make_gpt(seed=4, backends=Backends(linear="torch"), **config)(idx)[0]
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 1024), idx.view(-1)), atol=1e-5, rtol=1e-5)
+
+
+def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch):
+    """A kernel listed later replaces the choice so far only when MARGIN faster: MKL's packed layout is
+    chosen for a decode step's products only where it beats both float32 kernels."""
+    assert kernels.candidates("packed", 8)[-1] == "mkl_packed" or not ops.packing_available()
+    for times, expected in [
+        ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 79.0}, "torch"),  # packed within 3% of torch
+        ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 60.0}, "mkl_packed"),
+        ({"onednn": 100.0, "torch": 98.0, "mkl_packed": 99.0}, "onednn"),  # neither 3% faster than oneDNN
+    ]:
+        monkeypatch.setattr(kernels, "candidates", lambda kind, rows, t=times: tuple(t))
+        monkeypatch.setattr(kernels, "measure", lambda *args, t=times: t)
+        assert kernels.KernelTable(tmp_path / f"{expected}.json").choose(768, 768, 8, kind="packed") == expected
+
+
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_packed_kernel_is_measured_on_the_rows_it_was_packed_for():
+    times = kernels.measure(768, 768, 4, kind="packed", repeat=2)
+    assert set(times) == {"onednn", "torch", "mkl_packed"} and all(0 < t < 1 for t in times.values())

@@ -111,6 +111,8 @@ def _stream(
     model.setup_cache(B, P + max_new_tokens, pad=pad)
     step = compiled_decode(device) if compile else decode_one_token
     try:
+        if not compile:  # a compiled step takes F.linear
+            model.pack_for_decoding(B, max_new_tokens - 1)
         logits = prefill(model, idx, torch.arange(P, device=device))
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(P, P + max_new_tokens):

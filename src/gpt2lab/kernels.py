@@ -45,17 +45,22 @@ MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 128
 FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
-MARGIN = 0.03  # another kernel must be this much faster than the fallback to be chosen
+MARGIN = 0.03  # a later candidate must be this much faster than the choice so far to be chosen
 
 
 def candidates(kind: str, rows: int) -> tuple[str, ...]:
-    """The kernels that may run a ``kind`` ("float32", "int8", or "head": the tied lm_head of a one-row
-    decode step) product of ``rows`` rows, the fallback first: kept unless another is ``MARGIN`` faster."""
+    """The kernels that may run a ``kind`` product of ``rows`` rows, the fallback first; each later one
+    is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
+    "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a decode step of
+    ``rows`` rows reads the weight from an MKL-packed copy: ``mkl_packed`` against the float32 kernels)."""
     if kind == "int8":
         return ops.int8_kernels(rows)
+    float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
         return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
-    return FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
+    if kind == "packed":
+        return float32 + ("mkl_packed",) if ops.packing_available() else float32
+    return float32
 
 
 def fallback(kind: str = "float32", rows: int = 1) -> str:
@@ -145,8 +150,10 @@ class KernelTable:
         if isinstance(entry, dict) and entry.get("kernel") in options:
             return entry["kernel"]
         times = measure(out_features, in_features, rows, kind)
-        best = min(times, key=times.get)
-        kernel = best if times[best] < (1 - MARGIN) * times[options[0]] else options[0]
+        kernel = options[0]
+        for other in options[1:]:
+            if times[other] < (1 - MARGIN) * times[kernel]:
+                kernel = other
         self._record(name, {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}})
         return kernel
 
@@ -219,6 +226,9 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
         return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
+    if kernel == "mkl_packed":
+        packed = [ops.pack_weight(w, len(x)) for w in weights]
+        return lambda: [ops.packed_linear(x, p, len(x), w, None) for p, w in zip(packed, weights, strict=True)]
     if kernel.endswith("_t"):  # the same weight, read from an (in, out)-contiguous copy
         weights, kernel = [w.t().contiguous().t() for w in weights], kernel.removesuffix("_t")
     return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]

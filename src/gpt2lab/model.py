@@ -42,12 +42,16 @@ class Backends:
     (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer:
     ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
     shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
-    names the environment variables that override it). ``head_copy_min_steps``: batch-1 CPU decoding reads the lm_head from a transposed
-    copy once at least this many steps remain to repay making it (``GPT._one_row_head``; 0 = never).
+    names the environment variables that override it). ``pack_min_steps``: CPU decoding of at least
+    this many steps reads each linear layer's weight from an MKL-packed copy where the table measures
+    that faster for the step's row count (``GPT.pack_for_decoding``; 0 = never). ``head_copy_min_steps``:
+    batch-1 CPU decoding reads an unpacked lm_head from a transposed copy once at least this many steps
+    remain to repay making it (``GPT._one_row_head``; 0 = never).
     """
 
     attention: str = "auto"
     linear: str = "auto"
+    pack_min_steps: int = 64
     head_copy_min_steps: int = 256
 
     def __post_init__(self) -> None:
@@ -339,7 +343,24 @@ class GPT(nn.Module):
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
+    def pack_for_decoding(self, rows: int, steps: int) -> None:
+        """Before ``steps`` CPU decode steps of ``rows`` rows each: give every linear layer of an ``auto``
+        kernel an MKL-packed copy of its weight (``Linear.pack``) where the kernel table measures
+        products of that many rows faster from it (kind ``packed`` in gpt2lab.kernels), if at least
+        ``backends.pack_min_steps`` steps will repay making the copies. The copies add up to about 1.5x
+        the weights' memory and live until ``clear_cache``. The logits change by float32 rounding only."""
+        min_steps, p = self.backends.pack_min_steps, self.wte.weight
+        if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
+            return
+        for m in self.modules():
+            auto = isinstance(m, Linear) and m.kernel == "auto" and m.table is not None
+            if auto and m.table.choose(m.out_features, m.in_features, rows, kind="packed") == "mkl_packed":
+                m.pack(rows)
+
     def clear_cache(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.unpack()
         for block in self.h:
             block.attn.kv_cache = None
         self.cache_len = 0
@@ -360,8 +381,8 @@ class GPT(nn.Module):
         ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
         replaced or changed.
         """
-        if not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
-            return None
+        if not isinstance(self.lm_head, Linear) or self.lm_head.packed is not None or torch.is_grad_enabled():
+            return None  # a packed lm_head reads its own copy
         w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
         if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
             return None

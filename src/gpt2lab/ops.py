@@ -20,12 +20,31 @@ import torch.nn.functional as F
 from torch import nn
 
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN's float32 linear kernel."""
     return _onednn is not None
+
+
+def packing_available() -> bool:
+    """Whether this torch build has MKL's packed sgemm (``Linear.pack``)."""
+    return _mkl_pack is not None
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """MKL's packed copy of a float32 weight (out, in) for products of ``rows`` rows (about 1.5x its size)."""
+    return _mkl_pack(weight.detach(), rows)
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, rows: int, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` read from ``packed = pack_weight(weight, rows)``: MKL's packed sgemm
+    where x has ``rows`` rows, its plain sgemm on ``weight`` otherwise; no gradient."""
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor, kernel: str = "auto") -> bool:
@@ -78,7 +97,10 @@ def linear(
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above with the
     layer's ``kernel`` (one of LINEAR_KERNELS); ``auto`` asks ``table`` (a ``gpt2lab.kernels.KernelTable``)
-    for each product's kernel, or takes oneDNN where it runs when there is no table."""
+    for each product's kernel, or takes oneDNN where it runs when there is no table.
+
+    ``pack(rows)`` adds a third kernel for decoding: MKL's packed sgemm, which reads a copy of the
+    weight laid out for products of exactly ``rows`` rows (``unpack`` drops it)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto", table=None
@@ -87,11 +109,15 @@ class Linear(nn.Linear):
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
         self.kernel, self.table = kernel, table
+        self.packed: tuple[int, tuple[int, int], torch.Tensor] | None = None  # rows, weight version, copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if use_onednn(x, self.weight, kernel):
-            kernel = self.kernel_for(x.numel() // self.in_features)
+            rows = x.numel() // self.in_features
+            if self._packed_for(rows):
+                return packed_linear(x, self.packed[2], rows, self.weight, self.bias)
+            kernel = self.kernel_for(rows)
         return linear(x, self.weight, self.bias, kernel)
 
     def kernel_for(self, rows: int) -> str:
@@ -99,6 +125,25 @@ class Linear(nn.Linear):
         if self.kernel == "auto" and self.table is not None:
             return self.table.choose(self.out_features, self.in_features, rows)
         return self.kernel
+
+    def pack(self, rows: int) -> None:
+        """Keep MKL's packed copy of the weight for products of ``rows`` rows (about 1.5x the weight's
+        memory), read instead of the weight by such products on the CPU without grad until ``unpack``;
+        not once the weight is replaced or changed. Results equal ``F.linear``'s to float32 rounding."""
+        w = self.weight
+        self.packed = (rows, (w.data_ptr(), w._version), pack_weight(w, rows))
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def _packed_for(self, rows: int) -> bool:
+        packed, w = self.packed, self.weight
+        return (
+            packed is not None
+            and packed[0] == rows
+            and packed[1] == (w.data_ptr(), w._version)
+            and not torch.is_grad_enabled()
+        )
 
 
 INT8_KERNELS = ("fbgemm", "int_mm")
