@@ -149,6 +149,7 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
     """A kernel listed later replaces the choice so far only when MARGIN faster: MKL's packed layout is
     chosen for a decode step's products only where it beats both float32 kernels."""
     assert kernels.candidates("packed", 8)[-1] == "mkl_packed" or not ops.packing_available()
+    assert "mkl_packed" not in kernels.candidates("packed", 1)  # one row streams the weight as it is
     for times, expected in [
         ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 79.0}, "torch"),  # packed within 3% of torch
         ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 60.0}, "mkl_packed"),

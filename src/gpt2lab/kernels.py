@@ -52,14 +52,15 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     """The kernels that may run a ``kind`` product of ``rows`` rows, the fallback first; each later one
     is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
     "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a decode step of
-    ``rows`` rows reads the weight from an MKL-packed copy: ``mkl_packed`` against the float32 kernels)."""
+    ``rows`` rows, two or more, reads the weight from an MKL-packed copy: ``mkl_packed`` against the
+    float32 kernels)."""
     if kind == "int8":
         return ops.int8_kernels(rows)
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
         return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
-    if kind == "packed":
-        return float32 + ("mkl_packed",) if ops.packing_available() else float32
+    if kind == "packed":  # at one row MKL's sgemv streams the weight as it is: packing did not pay there
+        return float32 + ("mkl_packed",) if ops.packing_available() and rows > 1 else float32
     return float32
 
 
