@@ -352,6 +352,8 @@ class GPT(nn.Module):
         min_steps, p = self.backends.pack_min_steps, self.wte.weight
         if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
             return
+        if "mkl_packed" not in kernels.candidates("packed", rows):  # one row, or no MKL
+            return
         for m in self.modules():
             auto = isinstance(m, Linear) and m.kernel == "auto" and m.table is not None
             if auto and m.table.choose(m.out_features, m.in_features, rows, kind="packed") == "mkl_packed":
