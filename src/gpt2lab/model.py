@@ -348,7 +348,8 @@ class GPT(nn.Module):
         kernel an MKL-packed copy of its weight (``Linear.pack``) where the kernel table measures
         products of that many rows faster from it (kind ``packed`` in gpt2lab.kernels), if at least
         ``backends.pack_min_steps`` steps will repay making the copies. The copies hold about as much
-        memory again as the weights they copy, and live until ``clear_cache``. The logits change by float32 rounding only."""
+        memory again as the weights they copy and live until ``clear_cache``; the logits change by
+        float32 rounding only."""
         min_steps, p = self.backends.pack_min_steps, self.wte.weight
         if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
             return

@@ -7,6 +7,9 @@ so each ``Linear`` is built with a kernel: ``torch`` (always ``F.linear``), ``on
 (the faster of the two for this product on this machine, measured once: ``gpt2lab.kernels``). The
 backward products (grad @ W, grad^T @ x) always run in MKL, the faster of the two for them.
 
+A decode step of a few rows may also read a layer's weight from MKL's packed copy (``Linear.pack``,
+``pack_weight``, ``packed_linear``), made while generating where it measures faster.
+
 The results equal ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
 """
