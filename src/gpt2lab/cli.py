@@ -218,7 +218,8 @@ COMMANDS: dict[str, Command] = {
                 "--compile",
                 action="store_true",
                 help="torch.compile the decode step (CUDA graphs on a GPU, a C++ wrapper on the CPU): faster per "
-                "token (several times on a GPU; on the CPU about 1.2-1.4x at batch 1, less on long generations), "
+                "token (several times on a GPU; on the CPU about 1.2-1.4x at batch 1, less on long generations; "
+                "with --num-samples > 1 the CPU's eager step, which reads MKL-packed weights, is the faster), "
                 "after a compile of 20-60 s the first time in a process (docs/benchmarks.md)",
             ),
             *MODEL_OPTIONS,
