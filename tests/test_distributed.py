@@ -9,6 +9,7 @@ sequences, spread over ranks) is the same 16 sequences in every run.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -158,10 +159,13 @@ def test_ddp_resume_with_dropout_is_exact(bytes_dir, tmp_path):
 
 def test_an_error_under_torchrun_is_one_line(tmp_path):
     """Every rank hits the same bad setting: rank 0 prints it once, the others exit with the same code
-    and print nothing, and no worker traceback follows (torchrun's own failure summary does)."""
+    and print nothing, and no worker traceback follows (torchrun's own failure summary does). A rank
+    still running when another has failed may be stopped by torchrun first (SIGTERM), a race of the
+    launcher's own."""
     proc = torchrun(["--standalone", "--nproc_per_node=2"], {"run.strategy": "ddp", "data.dir": tmp_path / "missing"})
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1 and "data directory" in errors[0], output[-3000:]
     assert "gpt2lab/" not in output.replace(str(WORKER), "")  # no frame of ours in any traceback
-    assert output.count("exitcode  : 2") == 2  # both ranks, the same code
+    codes = re.findall(r"exitcode\s+:\s+(-?\d+)", output)  # torchrun's summary: one line per rank
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", str(-signal.SIGTERM)}, codes
