@@ -45,7 +45,7 @@ class Backends:
     names the environment variables that override it). ``pack_min_steps``: CPU decoding of at least
     this many steps reads each linear layer's weight from an MKL-packed copy where the table measures
     that faster for the step's row count (``GPT.pack_for_decoding``; 0 = never). ``head_copy_min_steps``:
-    batch-1 CPU decoding reads an unpacked lm_head from a transposed copy once at least this many steps
+    batch-1 CPU decoding reads the lm_head from a transposed copy once at least this many steps
     remain to repay making it (``GPT._one_row_head``; 0 = never).
     """
 
@@ -384,8 +384,8 @@ class GPT(nn.Module):
         ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
         replaced or changed.
         """
-        if not isinstance(self.lm_head, Linear) or self.lm_head.packed is not None or torch.is_grad_enabled():
-            return None  # a packed lm_head reads its own copy
+        if not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
+            return None
         w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
         if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
             return None
