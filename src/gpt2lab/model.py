@@ -21,7 +21,15 @@ from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
 from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache
-from gpt2lab.ops import LINEAR_KERNELS, Linear, chunk_rows, linear, linear_cross_entropy, use_onednn
+from gpt2lab.ops import (
+    LINEAR_KERNELS,
+    Linear,
+    chunk_rows,
+    linear,
+    linear_cross_entropy,
+    use_onednn,
+    weight_key,
+)
 from gpt2lab.rope import Rotary, apply_rotary
 
 try:  # FlexAttention (torch >= 2.5): a fused kernel that skips the blocks a sliding window masks out
@@ -395,7 +403,7 @@ class GPT(nn.Module):
         kernel = table.choose(w.shape[0], w.shape[1], 1, kind="head") if table is not None else "onednn_t"
         if not kernel.endswith("_t"):
             return None
-        key = (w.data_ptr(), w._version)
+        key = weight_key(w)
         if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
             if self.cache_len - filled < min_steps:
                 return None

@@ -51,6 +51,12 @@ def packed_linear(
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
+def weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    """What tells whether a copy made from ``weight`` still matches it: its storage and its count of
+    in-place changes (an optimizer step, ``load_state_dict``)."""
+    return weight.data_ptr(), weight._version
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor, kernel: str = "auto") -> bool:
     """Whether ``linear`` may run oneDNN for this input: not when ``kernel`` is ``torch``, else for
     float32 on the CPU, outside autocast and compile."""
@@ -135,17 +141,17 @@ class Linear(nn.Linear):
         again), read instead of the weight by such products on the CPU without grad until ``unpack``;
         not once the weight is replaced or changed. Results equal ``F.linear``'s to float32 rounding."""
         w = self.weight
-        self.packed = (rows, (w.data_ptr(), w._version), pack_weight(w, rows))
+        self.packed = (rows, weight_key(w), pack_weight(w, rows))
 
     def unpack(self) -> None:
         self.packed = None
 
     def _packed_for(self, rows: int) -> bool:
-        packed, w = self.packed, self.weight
+        packed = self.packed
         return (
             packed is not None
             and packed[0] == rows
-            and packed[1] == (w.data_ptr(), w._version)
+            and packed[1] == weight_key(self.weight)
             and not torch.is_grad_enabled()
         )
 
