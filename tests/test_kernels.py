@@ -164,3 +164,31 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
 def test_packed_kernel_is_measured_on_the_rows_it_was_packed_for():
     times = kernels.measure(768, 768, 4, kind="packed", repeat=2)
     assert set(times) == {"onednn", "torch", "mkl_packed"} and all(0 < t < 1 for t in times.values())
+
+
+@pytest.mark.parametrize("chosen", ["onednn_gelu", "torch"])
+def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, kernel_cache, monkeypatch, chosen):
+    """An auto model's MLP takes its first product and GELU in one oneDNN call only where the table
+    (kind "gelu") measured that the fastest for the row count; the logits are the same either way."""
+    assert kernels.candidates("gelu", 4) == kernels.FLOAT32_KERNELS + ("onednn_gelu",)
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    data.setdefault(kernels.machine_key(), {})["gelu 512x128 rows 32"] = {"kernel": chosen, "us_per_product": {}}
+    kernel_cache.write_text(json.dumps(data))
+    fused = []
+    real = ops.linear_gelu
+    monkeypatch.setattr(ops, "linear_gelu", lambda *args: fused.append(args[3]) or real(*args))
+    model = make_gpt(seed=5, backends=Backends(linear="auto"), **config)
+    fixed = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
+    idx = torch.randint(0, 1024, (2, 9))  # 18 rows: the bucket of 32
+    with torch.no_grad():
+        got, want = model(idx)[0], fixed(idx)[0]
+    assert fused == ([chosen] * model.config.n_layer if chosen == "onednn_gelu" else [])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model(idx, idx)[1].backward()  # training never fuses: its backward needs the product before the GELU
+    assert len(fused) == (model.config.n_layer if chosen == "onednn_gelu" else 0)
+
+
+def test_gelu_kind_times_the_product_and_its_activation():
+    times = kernels.measure(512, 128, 32, kind="gelu", repeat=2)
+    assert set(times) == {"onednn", "torch", "onednn_gelu"} and all(0 < t < 1 for t in times.values())

@@ -122,3 +122,37 @@ def test_model_loss_paths_agree(make_gpt, padded):
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (2, 17, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_gelu_matches_gelu_of_the_product(shape, bias):
+    """oneDNN's product with the tanh-GELU fused in equals F.gelu of F.linear to float32 rounding, and a
+    layer fuses it only where no gradient is needed (the backward needs the product before the GELU)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(*shape, generator=g), torch.randn(96, 64, generator=g) / 8
+    b = torch.randn(96, generator=g) if bias else None
+    ref = F.gelu(F.linear(x, w, b), approximate="tanh")
+    for kernel in ("onednn_gelu", "onednn", "torch"):
+        torch.testing.assert_close(ops.linear_gelu(x, w, b, kernel), ref, rtol=1e-5, atol=1e-5)
+    layer = ops.Linear(64, 96, bias=bias, kernel="onednn")
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias:
+            layer.bias.copy_(b)
+    fused = []
+    real = ops.linear_gelu
+    ops.linear_gelu = lambda *args: fused.append(args[3]) or real(*args)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(layer.gelu(x), ref, rtol=1e-5, atol=1e-5)
+        assert fused == ["onednn_gelu"]
+        y = layer.gelu(x.requires_grad_())  # training: the product, then F.gelu, with their gradients
+        assert fused == ["onednn_gelu"] and y.requires_grad
+        (gx,) = torch.autograd.grad(y.sum(), x)
+        xr = x.detach().requires_grad_()
+        (want,) = torch.autograd.grad(F.gelu(F.linear(xr, w, b), approximate="tanh").sum(), xr)
+        torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+    finally:
+        ops.linear_gelu = real

@@ -8,7 +8,8 @@ cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a l
 (out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
 fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
-between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``).
+between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's first product outside
+training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call),
@@ -53,10 +54,13 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
     "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a decode step of
     ``rows`` rows, two or more, reads the weight from an MKL-packed copy: ``mkl_packed`` against the
-    float32 kernels)."""
+    float32 kernels), "gelu" (an MLP's first product and its tanh-GELU without gradients: one oneDNN
+    call with the activation fused in, ``onednn_gelu``, against either float32 kernel then ``F.gelu``)."""
     if kind == "int8":
         return ops.int8_kernels(rows)
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
+    if kind == "gelu":
+        return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
     if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
         return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
     if kind == "packed":  # at one row MKL's sgemv streams the weight as it is: packing did not pay there
@@ -227,6 +231,8 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
         return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
+    if kind == "gelu":  # the product and its activation, fused or one after the other
+        return lambda: [ops.linear_gelu(x, w, kernel=kernel) for w in weights]
     if kernel == "mkl_packed":
         packed = [ops.pack_weight(w, len(x)) for w in weights]
         return lambda: [ops.packed_linear(x, p, len(x), w, None) for p, w in zip(packed, weights, strict=True)]

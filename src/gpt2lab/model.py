@@ -178,7 +178,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        fc = self.c_fc  # Linear.gelu may fuse the activation into the product; an int8 layer cannot
+        h = fc.gelu(x) if isinstance(fc, Linear) else F.gelu(fc(x), approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):

@@ -8,7 +8,9 @@ so each ``Linear`` is built with a kernel: ``torch`` (always ``F.linear``), ``on
 backward products (grad @ W, grad^T @ x) always run in MKL, the faster of the two for them.
 
 A decode step of a few rows may also read a layer's weight from MKL's packed copy (``Linear.pack``,
-``pack_weight``, ``packed_linear``), made while generating where it measures faster.
+``pack_weight``, ``packed_linear``), made while generating where it measures faster. Without gradients,
+an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
+``linear_gelu``), where that measures faster.
 
 The results equal ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
@@ -95,13 +97,30 @@ def linear(
     if not use_onednn(x, weight, kernel):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if needs_grad(x, weight, bias):
         y = _OneDNNLinear.apply(x2, weight, bias)
     else:
         y = _onednn(x2, weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto"
+) -> torch.Tensor:
+    """``F.gelu(linear(x, weight, bias, kernel), approximate="tanh")``. The kernel ``onednn_gelu`` makes it
+    one oneDNN call that applies the GELU to each block of the output while the block is still in cache,
+    instead of a second pass over the whole output; it has no gradient (inference only)."""
+    if kernel != "onednn_gelu":
+        return F.gelu(linear(x, weight, bias, kernel), approximate="tanh")
+    y = _onednn(x.reshape(-1, x.shape[-1]), weight, bias, "gelu", [], "tanh")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether autograd records a product of these tensors."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 class Linear(nn.Linear):
@@ -130,10 +149,23 @@ class Linear(nn.Linear):
             kernel = self.kernel_for(rows)
         return linear(x, self.weight, self.bias, kernel)
 
-    def kernel_for(self, rows: int) -> str:
-        """The kernel of a float32 CPU product of ``rows`` rows: ``auto`` asks the table (if any)."""
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation): one oneDNN
+        call with the GELU fused in (``linear_gelu``) where no gradient is needed and either the kernel is
+        ``onednn`` or the table measures the fused call the fastest for this many rows (kind ``gelu``)."""
+        if use_onednn(x, self.weight, self.kernel) and not needs_grad(x, self.weight, self.bias):
+            rows = x.numel() // self.in_features
+            if not self._packed_for(rows):
+                kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
+                if kernel == "onednn_gelu":
+                    return linear_gelu(x, self.weight, self.bias, kernel)
+        return F.gelu(self(x), approximate="tanh")
+
+    def kernel_for(self, rows: int, kind: str = "float32") -> str:
+        """The kernel of a ``kind`` CPU product of ``rows`` rows (``gpt2lab.kernels.candidates``): ``auto``
+        asks the table (if any)."""
         if self.kernel == "auto" and self.table is not None:
-            return self.table.choose(self.out_features, self.in_features, rows)
+            return self.table.choose(self.out_features, self.in_features, rows, kind=kind)
         return self.kernel
 
     def pack(self, rows: int) -> None:
@@ -266,7 +298,7 @@ def linear_cross_entropy(
     (V, C), targets (N,), computed ``chunk_rows(vocab, chunk_elems)`` rows at a time without the (N, vocab)
     logits. ``vocab`` (default: every row) leaves out padding rows of the weight, which get zero gradient."""
     vocab = weight.shape[0] if vocab is None else vocab
-    need_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    need_grad = needs_grad(x, weight, None)
     return _LinearCrossEntropy.apply(x, weight, targets, vocab, chunk_rows(vocab, chunk_elems), need_grad, kernel)
 
 
