@@ -1,0 +1,145 @@
+"""Where the time of one eager batch-1 decode step goes (random GPT-2 124M weights, CPU).
+
+    python bench/decode_step.py [--rounds 20] [--threads 2] [--int8]
+
+Four things are timed in one process, in alternation, ``--rounds`` times each:
+
+- the step: ``generation.decode_one_token`` at position 64 of a 64-token prompt;
+- its products inside it: a timer around every linear layer's call during that step (with the GELU
+  where the MLP's first product takes it);
+- the same products back to back: each layer called on a ready input, in the step's order;
+- the step without products: every linear layer returns a ready-made output of its shape, so only
+  the rest of the step runs (layer norms, attention, residual adds, the Python between them).
+
+The memory read rate (``common.read_probe`` over as many bytes as the step's weights) is timed in the
+same alternation. The step minus its products is what the rest costs inside a real step; against the
+step without products, it shows how much slower the same small operations run right after a product
+has streamed megabytes of weights through the caches.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gpt2lab.cli import openmp_wait_policy
+
+openmp_wait_policy(os.environ)  # as the command line does, before torch loads its OpenMP runtime
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from common import cpu_header, read_probe  # noqa: E402
+
+from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab.generation import decode_one_token, prefill  # noqa: E402
+from gpt2lab.kernels import alternated  # noqa: E402
+from gpt2lab.ops import Linear  # noqa: E402
+from gpt2lab.quantize import Int8Linear, quantize_int8  # noqa: E402
+
+PROMPT = 64
+
+
+def linear_layers(model: GPT) -> list[torch.nn.Module]:
+    """The step's linear layers in the order it calls them."""
+    layers = []
+    for block in model.h:
+        layers += [block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj]
+    return layers + [model.lm_head]
+
+
+def weight_bytes(layer: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+
+class Timers:
+    """Replaces the calls of each layer (``forward`` and, on an ``ops.Linear``, ``gelu``, which calls
+    ``forward`` when it does not fuse) with a timed or stubbed version, per instance."""
+
+    def __init__(self, layers: list[torch.nn.Module]) -> None:
+        self.layers, self.spent, self.depth, self.stub = layers, 0.0, 0, False
+        self.outputs: dict[tuple, torch.Tensor] = {}
+        for layer in layers:
+            for name in ("forward", "gelu"):
+                if hasattr(layer, name):
+                    setattr(layer, name, self._wrap(layer, getattr(layer, name)))
+
+    def _wrap(self, layer, fn):
+        def call(x):
+            if self.stub:
+                key = (*x.shape[:-1], layer.out_features)
+                if key not in self.outputs:
+                    self.outputs[key] = torch.zeros(key)
+                return self.outputs[key]
+            if self.depth:  # gelu calling forward: timed once, by the outer call
+                return fn(x)
+            self.depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(x)
+            finally:
+                self.spent += time.perf_counter() - start
+                self.depth -= 1
+
+        return call
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int8", action="store_true", help="int8 weights (gpt2lab.quantize)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(cpu_header(args.threads))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    if args.int8:
+        model = quantize_int8(model)
+    layers = linear_layers(model)
+    assert all(isinstance(m, (Linear, Int8Linear)) for m in layers)
+    n_bytes = sum(weight_bytes(m) for m in layers)
+    inputs = [torch.randn(1, 1, m.in_features) for m in layers]
+    read = read_probe(n_bytes)
+    timers = Timers(layers)
+    token, pos = torch.tensor([[5]]), torch.tensor([PROMPT])
+    in_step: list[float] = []
+
+    def step() -> None:
+        timers.spent = 0.0
+        decode_one_token(model, token, pos)
+        in_step.append(timers.spent)
+
+    def stubbed() -> None:
+        timers.stub = True
+        decode_one_token(model, token, pos)
+        timers.stub = False
+
+    def alone() -> None:
+        for layer, x in zip(layers, inputs, strict=True):
+            layer(x)
+
+    with torch.no_grad():
+        model.setup_cache(1, PROMPT + 1)
+        prefill(model, torch.randint(0, model.config.vocab_size, (1, PROMPT)), torch.arange(PROMPT))
+        fns = {"step": step, "products back to back": alone, "step without products": stubbed, "read": read}
+        times = alternated(fns, args.rounds, warmup=2)
+    in_step = in_step[2:]  # the warm-up calls
+    rest = [s - p for s, p in zip(times["step"], in_step, strict=True)]
+    rows = {
+        "step": times["step"],
+        "  its products, inside it": in_step,
+        "  the rest of it": rest,
+        "products back to back": times["products back to back"],
+        "step without products": times["step without products"],
+        f"read {n_bytes / 1e6:.0f} MB (memory ceiling)": times["read"],
+    }
+    print(f"{'int8' if args.int8 else 'fp32'} weights, {len(layers)} products, {args.rounds} rounds in alternation")
+    print("| measure | median ms | range (ms) |\n|---|---:|---|")
+    for name, values in rows.items():
+        ms = [1000 * v for v in values]
+        print(f"| {name} | {statistics.median(ms):.2f} | {min(ms):.2f}-{max(ms):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
