@@ -110,12 +110,13 @@ def one_query_attention(
     itself (docs/benchmarks.md). Each kv head's group of queries (h // group, as SDPA's enable_gqa) is
     one block of rows, so grouped heads need no copies of k and v."""
     B, nh, _, hs = q.shape
-    nkv = k.shape[1]
-    q = q.reshape(B, nkv, nh // nkv, hs)  # (B, nkv, group, hs)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
+    nkv, S = k.shape[1], k.shape[2]
+    q = q.reshape(B * nkv, nh // nkv, hs)  # (B * nkv, group, hs)
+    k, v = k.reshape(B * nkv, S, hs), v.reshape(B * nkv, S, hs)  # views of the cache
+    att = torch.bmm(q, k.transpose(1, 2)).mul_(1.0 / math.sqrt(hs))  # (B * nkv, group, S)
     if attn_mask is not None:
-        att = att.masked_fill(~attn_mask, float("-inf"))
-    return (att.softmax(dim=-1) @ v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
+        att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
+    return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
 def _filled(input_pos: torch.Tensor) -> int | None:
@@ -128,9 +129,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        kv_dim = config.n_kv_head * config.head_dim
-        self.split = (config.n_embd, kv_dim, kv_dim)
-        self.c_attn = make_linear(config.n_embd, sum(self.split))  # fused q, k, v
+        self.heads = (config.n_head, config.n_kv_head, config.n_kv_head)  # of q, k and v, side by side
+        self.c_attn = make_linear(config.n_embd, sum(self.heads) * config.head_dim)  # fused q, k, v
         self.c_proj = make_linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -146,10 +146,8 @@ class CausalSelfAttention(nn.Module):
         step: tuple[torch.Tensor, torch.Tensor, int | None] | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.split, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        heads = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+        q, k, v = heads.split(self.heads, dim=1)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
