@@ -127,7 +127,7 @@ def test_model_loss_paths_agree(make_gpt, padded):
 @needs_onednn
 @pytest.mark.parametrize("shape", [(1, 64), (2, 17, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_gelu_matches_gelu_of_the_product(shape, bias):
+def test_fused_gelu_matches_gelu_of_the_product(shape, bias, monkeypatch):
     """oneDNN's product with the tanh-GELU fused in equals F.gelu of F.linear to float32 rounding, and a
     layer fuses it only where no gradient is needed (the backward needs the product before the GELU)."""
     g = torch.Generator().manual_seed(1)
@@ -143,16 +143,13 @@ def test_fused_gelu_matches_gelu_of_the_product(shape, bias):
             layer.bias.copy_(b)
     fused = []
     real = ops.linear_gelu
-    ops.linear_gelu = lambda *args: fused.append(args[3]) or real(*args)
-    try:
-        with torch.no_grad():
-            torch.testing.assert_close(layer.gelu(x), ref, rtol=1e-5, atol=1e-5)
-        assert fused == ["onednn_gelu"]
-        y = layer.gelu(x.requires_grad_())  # training: the product, then F.gelu, with their gradients
-        assert fused == ["onednn_gelu"] and y.requires_grad
-        (gx,) = torch.autograd.grad(y.sum(), x)
-        xr = x.detach().requires_grad_()
-        (want,) = torch.autograd.grad(F.gelu(F.linear(xr, w, b), approximate="tanh").sum(), xr)
-        torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
-    finally:
-        ops.linear_gelu = real
+    monkeypatch.setattr(ops, "linear_gelu", lambda *args: fused.append(args[3]) or real(*args))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.gelu(x), ref, rtol=1e-5, atol=1e-5)
+    assert fused == ["onednn_gelu"]
+    y = layer.gelu(x.requires_grad_())  # training: the product, then F.gelu, with their gradients
+    assert fused == ["onednn_gelu"] and y.requires_grad
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    xr = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(F.gelu(F.linear(xr, w, b), approximate="tanh").sum(), xr)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
