@@ -57,7 +57,7 @@ class Timers:
     ``forward`` when it does not fuse) with a timed or stubbed version, per instance."""
 
     def __init__(self, layers: list[torch.nn.Module]) -> None:
-        self.layers, self.spent, self.depth, self.stub = layers, 0.0, 0, False
+        self.spent, self.depth, self.stub = 0.0, 0, False
         self.outputs: dict[tuple, torch.Tensor] = {}
         for layer in layers:
             for name in ("forward", "gelu"):
