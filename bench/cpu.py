@@ -23,7 +23,15 @@ import copy  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from common import cpu_header, hf_and_ours, interleaved, matmul_gflops, matmul_probes, memory_read_gbs  # noqa: E402
+from common import (  # noqa: E402
+    REPEATED_WARMUP,
+    cpu_header,
+    hf_and_ours,
+    interleaved,
+    matmul_gflops,
+    matmul_probes,
+    memory_read_gbs,
+)
 
 from gpt2lab.generation import generate  # noqa: E402
 from gpt2lab.train import configure_optimizer, flops_per_token  # noqa: E402
@@ -55,7 +63,7 @@ def bench_forward(hf, ours, repeat: int, shapes) -> None:
         x = torch.randint(0, 50257, (B, T))
         with torch.no_grad():
             fns = {"hf": lambda x=x: hf(x, use_cache=False), "ours": lambda x=x: ours(x)} | probes
-            t = interleaved(fns, repeat=repeat)
+            t = interleaved(fns, repeat=repeat, warmup=REPEATED_WARMUP)
         peak = ceiling(t, probe_gflop)
         gflop = flops_per_token(ours.config, T) / 3 * B * T / 1e9  # forward = 2N + 4LTC per token
         frac = f"{gflop / t['ours'] / peak:.0%} of matmul"

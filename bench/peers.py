@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import cpu_header, memory_read_gbs, read_probe  # noqa: E402
+from common import REPEATED_WARMUP, cpu_header, memory_read_gbs, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
@@ -58,10 +58,10 @@ PROMPT = 16
 ROWS: list[str] = []
 
 
-def paired(ours, peer, repeat: int, probe=None) -> dict[str, list[float]]:
-    """Times of ``ours`` and ``peer`` (and of the bandwidth probe), run in turn ``repeat`` times after a
-    warm-up of each."""
-    return alternated({"ours": ours, "peer": peer} | ({"probe": probe} if probe else {}), repeat)
+def paired(ours, peer, repeat: int, probe=None, warmup: int = 1) -> dict[str, list[float]]:
+    """Times of ``ours`` and ``peer`` (and of the bandwidth probe), run in turn ``repeat`` times after
+    ``warmup`` calls of each."""
+    return alternated({"ours": ours, "peer": peer} | ({"probe": probe} if probe else {}), repeat, warmup=warmup)
 
 
 def ratio_text(times: dict[str, list[float]]) -> str:
@@ -319,7 +319,8 @@ def prefill_rows(model: GPT, peers: Peers, repeat: int) -> None:
             engines["llama.cpp f32"] = lambda p=prompts: [peers.llama_greedy("f32", q, 1) for q in p]
         for peer, fn in engines.items():
             note = "one prompt after another" if batch > 1 and peer.startswith("llama") else ""
-            report(f"prefill {batch}x256, to the first token", peer, paired(ours, fn, repeat), "ms", note)
+            times = paired(ours, fn, repeat, warmup=REPEATED_WARMUP)
+            report(f"prefill {batch}x256, to the first token", peer, times, "ms", note)
 
 
 def forward_rows(model: GPT, peers: Peers, repeat: int) -> None:
@@ -333,7 +334,8 @@ def forward_rows(model: GPT, peers: Peers, repeat: int) -> None:
                 return model(idx)[0]
 
         peer = lambda rows=rows: peers.ct2.call("forward", "float32", rows)
-        report(f"forward {batch}x256, all logits", "CTranslate2 float32", paired(ours, peer, repeat), "ms")
+        times = paired(ours, peer, repeat, warmup=REPEATED_WARMUP)
+        report(f"forward {batch}x256, all logits", "CTranslate2 float32", times, "ms")
 
 
 def quality_rows(model: GPT, int8: GPT, peers: Peers) -> None:

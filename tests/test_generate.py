@@ -335,12 +335,14 @@ def test_packed_decoding_gives_the_same_tokens_and_follows_the_weight(make_gpt, 
     data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
     entries = data.setdefault(kernels.machine_key(), {})
     for m in linears:
-        entries[f"packed {m.out_features}x{m.in_features} rows 2"] = {"kernel": "mkl_packed", "us_per_product": {}}
+        us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}
+        entries[f"packed {m.out_features}x{m.in_features} rows 2"] = {"kernel": "mkl_packed", "us_per_product": us}
     kernel_cache.write_text(json.dumps(data))
     packed_rows = []
     pack = ops.Linear.pack
     monkeypatch.setattr(ops.Linear, "pack", lambda self, rows: packed_rows.append(rows) or pack(self, rows))
-    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
+    backends = Backends(linear="auto", pack_min_steps=4, pack_repeated=False)  # decoding's copies only
+    model = make_gpt(seed=5, backends=backends, **config)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     assert generate(model, prompts, 8, temperature=0) == generate(reference, prompts, 8, temperature=0)
@@ -386,3 +388,33 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
     compiled = generate(model, prompts, 10, temperature=0, eos_id=None, compile=True)
     model.clear_cache()
     assert compiled == eager
+
+
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, kernel_cache):
+    """Prompts of one length make the same prefill products call after call: once the kernel file says a
+    copy has repaid (here on the second call), each block's layers read an MKL-packed copy for that row
+    count, which outlives the call (the decode steps between are counted apart); the tokens stay the
+    same, and clear_cache frees the copies."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+    entries = data.setdefault(kernels.machine_key(), {})
+    model = make_gpt(seed=6, backends=Backends(linear="auto"), **config)
+    blocks = [m for m in model.h.modules() if isinstance(m, ops.Linear)]
+    us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}  # repaid by the second product
+    for m in model.modules():
+        if isinstance(m, ops.Linear):
+            shape = f"{m.out_features}x{m.in_features}"
+            entries[f"packed {shape} rows 8"] = {"kernel": "mkl_packed", "us_per_product": us}
+            entries[f"packed {shape} rows 2"] = {"kernel": "torch", "us_per_product": us}  # decode steps: never
+    kernel_cache.write_text(json.dumps(data))
+    reference = make_gpt(seed=6, backends=Backends(linear="torch"), **config)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]  # 8 rows in each prefill product
+    expected = generate(reference, prompts, 3, temperature=0)
+    assert generate(model, prompts, 3, temperature=0) == expected
+    assert all(m.packed is None for m in blocks)
+    assert generate(model, prompts, 3, temperature=0) == expected
+    assert all(m.packed is not None and m.packed[0] == 8 for m in blocks)
+    assert generate(model, prompts, 3, temperature=0) == expected  # read from the copies
+    model.clear_cache()
+    assert all(m.packed is None for m in blocks)

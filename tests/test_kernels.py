@@ -4,6 +4,7 @@ a file, overridable (explicit kernel, environment, edited file), and exact which
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -163,13 +164,36 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
 def test_packed_kernel_is_measured_on_the_rows_it_was_packed_for():
     times = kernels.measure(768, 768, 4, kind="packed", repeat=2)
-    assert set(times) == {"onednn", "torch", "mkl_packed"} and all(0 < t < 1 for t in times.values())
+    assert set(times) == {"onednn", "torch", "mkl_packed", "pack"} and all(0 < t < 1 for t in times.values())
+
+
+def test_pack_repays_weighs_the_copys_time_against_each_products_saving(tmp_path, monkeypatch):
+    """A packed copy repays after (its making) / (the time each product saves against the faster float32
+    kernel) products; never where the packed kernel is not chosen. A remembered entry without the copy's
+    time (written before it was measured) is measured again."""
+    options = ("onednn", "torch", "mkl_packed")
+    monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
+    for times, repays in [
+        ({"onednn": 100e-6, "torch": 80e-6, "mkl_packed": 60e-6, "pack": 200e-6}, 10),
+        ({"onednn": 100e-6, "torch": 80e-6, "mkl_packed": 79e-6, "pack": 1e-6}, math.inf),  # not chosen
+    ]:
+        monkeypatch.setattr(kernels, "measure", lambda *args, t=times: t)
+        assert kernels.KernelTable(tmp_path / f"{repays}.json").pack_repays(768, 768, 256) == pytest.approx(repays)
+    old = tmp_path / "old.json"
+    entry = {"kernel": "mkl_packed", "us_per_product": {"onednn": 100.0, "torch": 80.0, "mkl_packed": 60.0}}
+    old.write_text(json.dumps({kernels.machine_key(): {"packed 768x768 rows 256": entry}}))
+    measured = {"onednn": 1e-4, "torch": 8e-5, "mkl_packed": 4e-5, "pack": 4e-4}
+    monkeypatch.setattr(kernels, "measure", lambda *args: measured)
+    assert kernels.KernelTable(old).pack_repays(768, 768, 256) == pytest.approx(10)
+    remembered = json.loads(old.read_text())[kernels.machine_key()]["packed 768x768 rows 256"]
+    assert remembered["us_per_product"]["pack"] == 400
 
 
 @pytest.mark.parametrize("chosen", ["onednn_gelu", "torch"])
 def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, kernel_cache, monkeypatch, chosen):
-    """An auto model's MLP takes its first product and GELU in one oneDNN call only where the table
-    (kind "gelu") measured that the fastest for the row count; the logits are the same either way."""
+    """Without grad an auto model's MLP runs its first product and GELU with the kernel the table (kind
+    "gelu") measured the fastest for the row count: one oneDNN call with the GELU fused in only where
+    that won; the logits are the same either way."""
     assert kernels.candidates("gelu", 4) == kernels.FLOAT32_KERNELS + ("onednn_gelu",)
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
@@ -183,10 +207,10 @@ def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, kernel_cache, monkey
     idx = torch.randint(0, 1024, (2, 9))  # 18 rows: the bucket of 32
     with torch.no_grad():
         got, want = model(idx)[0], fixed(idx)[0]
-    assert fused == ([chosen] * model.config.n_layer if chosen == "onednn_gelu" else [])
+    assert fused == [chosen] * model.config.n_layer  # each MLP runs the kernel measured with its GELU
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     model(idx, idx)[1].backward()  # training never fuses: its backward needs the product before the GELU
-    assert len(fused) == (model.config.n_layer if chosen == "onednn_gelu" else 0)
+    assert len(fused) == model.config.n_layer
 
 
 def test_gelu_kind_times_the_product_and_its_activation():

@@ -153,3 +153,54 @@ def test_fused_gelu_matches_gelu_of_the_product(shape, bias, monkeypatch):
     xr = x.detach().requires_grad_()
     (want,) = torch.autograd.grad(F.gelu(F.linear(xr, w, b), approximate="tanh").sum(), xr)
     torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_repeated_products_read_a_packed_copy_once_it_repays():
+    """Under pack_repeated a layer packs its weight on the product that the table says repays the copy
+    (here the third of one row count since the weight or the copy changed); one-row products never
+    count, products with grad never pack, and a changed weight drops its copy and starts counting again.
+    Every result equals F.linear (or the GELU of it) to float32 rounding."""
+
+    class Table:  # a measured table's answers: MKL's plain kernel, and a copy repaid by the third product
+        def choose(self, out_features, in_features, rows, kind="float32"):
+            return "torch"
+
+        def pack_repays(self, out_features, in_features, rows):
+            return 3
+
+    torch.manual_seed(0)
+    layer = ops.Linear(64, 32, kernel="auto", table=Table(), pack_repeated=True)
+    x1, x4, x8 = torch.randn(1, 64), torch.randn(4, 64), torch.randn(2, 4, 64)
+
+    def check(x, gelu=False):
+        y = layer.gelu(x) if gelu else layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(y, F.gelu(expected, approximate="tanh") if gelu else expected)
+
+    for _ in range(5):
+        check(x8)  # with grad: never counted
+    assert layer.packed is None
+    with torch.no_grad():
+        for x in (x8, x1, x4, x8, x1):  # other row counts in between: each row count is counted apart
+            check(x)
+        assert layer.packed is None
+        check(x8, gelu=True)  # the third product of 8 rows: it makes the copy and reads it
+        assert layer.packed[0] == 8
+        for _ in range(2):
+            check(x4)  # the product of 4 rows before the copy does not count towards the next
+            check(x8)
+        assert layer.packed[0] == 8  # the copy stays until another row count repays its own
+        check(x4)
+        assert layer.packed[0] == 4
+        layer.weight.mul_(2.0)  # in place: the copy is stale, and counting starts again
+        for _ in range(2):
+            check(x4)
+            assert layer.packed is None
+        check(x4)
+        assert layer.packed[0] == 4
+    plain = ops.Linear(64, 32, kernel="auto", table=Table())  # pack_repeated off: never
+    with torch.no_grad():
+        for _ in range(5):
+            plain(x8)
+    assert plain.packed is None

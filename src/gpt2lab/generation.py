@@ -110,9 +110,10 @@ def _stream(
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad)
     step = compiled_decode(device) if compile else decode_one_token
+    packed = []
     try:
         if not compile:  # a compiled step takes F.linear
-            model.pack_for_decoding(B, max_new_tokens - 1)
+            packed = model.pack_for_decoding(B, max_new_tokens - 1)
         logits = prefill(model, idx, torch.arange(P, device=device))
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(P, P + max_new_tokens):
@@ -125,8 +126,10 @@ def _stream(
                 break
             logits = step(model, token[:, None], torch.tensor([t], device=device))
     finally:
-        if not compile:
-            model.clear_cache()
+        if not compile:  # free the cache and this call's decode copies; those of repeated prompts stay
+            for layer in packed:
+                layer.unpack()
+            model.clear_cache(packs=False)
         model.train(was_training)
 
 

@@ -27,6 +27,7 @@ cannot be written still works: the choices are kept in memory for the process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,9 +53,9 @@ MARGIN = 0.03  # a later candidate must be this much faster than the choice so f
 def candidates(kind: str, rows: int) -> tuple[str, ...]:
     """The kernels that may run a ``kind`` product of ``rows`` rows, the fallback first; each later one
     is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
-    "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a decode step of
-    ``rows`` rows, two or more, reads the weight from an MKL-packed copy: ``mkl_packed`` against the
-    float32 kernels), "gelu" (an MLP's first product and its tanh-GELU without gradients: one oneDNN
+    "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a product of ``rows``
+    rows, two or more, without gradients reads the weight from an MKL-packed copy: ``mkl_packed``
+    against the float32 kernels), "gelu" (an MLP's first product and its tanh-GELU without gradients: one oneDNN
     call with the activation fused in, ``onednn_gelu``, against either float32 kernel then ``F.gelu``)."""
     if kind == "int8":
         return ops.int8_kernels(rows)
@@ -140,27 +141,43 @@ class KernelTable:
 
     def choose(self, out_features: int, in_features: int, rows: int, kind: str = "float32") -> str:
         """The kernel for a ``kind`` product of ``rows`` rows by an (out, in) weight; measured if not known."""
-        key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
-        kernel = self._chosen.get(key)
-        if kernel is None:
-            kernel = self._chosen[key] = self._lookup_or_measure(*key[:4])
-        return kernel
+        return self._entry(out_features, in_features, rows, kind)["kernel"]
 
-    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> str:
+    def pack_repays(self, out_features: int, in_features: int, rows: int) -> float:
+        """After how many products of ``rows`` rows by an (out, in) weight the time that reading an
+        MKL-packed copy saves has repaid making the copy, as measured (kind ``packed``): the copy's
+        time over the saving per product against the faster float32 kernel; infinite where the packed
+        kernel is not the one chosen."""
+        entry = self._entry(out_features, in_features, rows, "packed")
+        us = entry.get("us_per_product", {})
+        plain = [us[k] for k in FLOAT32_KERNELS if k in us]
+        if entry["kernel"] != "mkl_packed" or "pack" not in us or not plain or min(plain) <= us["mkl_packed"]:
+            return math.inf
+        return us["pack"] / (min(plain) - us["mkl_packed"])
+
+    def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
+        key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
+        entry = self._chosen.get(key)
+        if entry is None:
+            entry = self._chosen[key] = self._lookup_or_measure(*key[:4])
+        return entry
+
+    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         options = candidates(kind, rows)
         if len(options) == 1:
-            return options[0]
+            return {"kernel": options[0]}
         name = f"{kind} {out_features}x{in_features} rows {rows}"
         entry = self._entries().get(name)
-        if isinstance(entry, dict) and entry.get("kernel") in options:
-            return entry["kernel"]
+        if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options):
+            return entry
         times = measure(out_features, in_features, rows, kind)
         kernel = options[0]
         for other in options[1:]:
             if times[other] < (1 - MARGIN) * times[kernel]:
                 kernel = other
-        self._record(name, {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}})
-        return kernel
+        entry = {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}}
+        self._record(name, entry)
+        return entry
 
     def file(self) -> Path:
         """The JSON file this table reads and writes."""
@@ -196,14 +213,27 @@ class KernelTable:
 @torch.no_grad()
 def measure(out_features: int, in_features: int, rows: int, kind: str = "float32", repeat: int = 5) -> dict[str, float]:
     """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
-    medians of runs taken in alternation (so a busy machine slows all alike)."""
+    medians of runs taken in alternation (so a busy machine slows all alike); where ``mkl_packed`` is a
+    candidate, also ``pack``: the seconds of making its packed copy of the whole weight."""
     n = min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
-    return {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
+    times = {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
+    if "mkl_packed" in runs:  # and the time of making one packed copy of the whole weight
+        weight = torch.full((n, in_features), 0.01)
+        made = alternated({"pack": lambda: ops.pack_weight(weight, rows)}, 3, warmup=0)["pack"]
+        times["pack"] = statistics.median(made) * out_features / n
+    return times
+
+
+def _complete(entry: dict, options: tuple[str, ...]) -> bool:
+    """Whether a remembered entry has every measurement its kind reads: a packed kernel's also the time
+    of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs against its saving."""
+    us = entry.get("us_per_product")
+    return "mkl_packed" not in options or (isinstance(us, dict) and "pack" in us)
 
 
 def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> dict[str, list[float]]:

@@ -52,7 +52,11 @@ class Backends:
     shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
     names the environment variables that override it). ``pack_min_steps``: CPU decoding of at least
     this many steps reads each linear layer's weight from an MKL-packed copy where the table measures
-    that faster for the step's row count (``GPT.pack_for_decoding``; 0 = never). ``head_copy_min_steps``:
+    that faster for the step's row count (``GPT.pack_for_decoding``; 0 = never). ``pack_repeated``: a
+    layer whose CPU products without grad keep one row count (evaluation batches, same-length prompts,
+    forwards of one shape) reads an MKL-packed copy once they have repeated often enough to repay it, as
+    measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
+    ``GPT.clear_cache``. ``head_copy_min_steps``:
     batch-1 CPU decoding reads the lm_head from a transposed copy once at least this many steps
     remain to repay making it (``GPT._one_row_head``; 0 = never).
     """
@@ -60,6 +64,7 @@ class Backends:
     attention: str = "auto"
     linear: str = "auto"
     pack_min_steps: int = 64
+    pack_repeated: bool = True
     head_copy_min_steps: int = 256
 
     def __post_init__(self) -> None:
@@ -200,7 +205,7 @@ class GPT(nn.Module):
         self.config = config
         self.backends = backends = backends or Backends()
         kernel, table = kernels.resolve(backends.linear)  # one table: every layer's measured choices
-        make_linear = functools.partial(Linear, kernel=kernel, table=table)
+        make_linear = functools.partial(Linear, kernel=kernel, table=table, pack_repeated=backends.pack_repeated)
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
@@ -351,27 +356,33 @@ class GPT(nn.Module):
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
-    def pack_for_decoding(self, rows: int, steps: int) -> None:
+    def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
         """Before ``steps`` CPU decode steps of ``rows`` rows each: give every linear layer of an ``auto``
         kernel an MKL-packed copy of its weight (``Linear.pack``) where the kernel table measures
         products of that many rows faster from it (kind ``packed`` in gpt2lab.kernels), if at least
         ``backends.pack_min_steps`` steps will repay making the copies. The copies hold about as much
-        memory again as the weights they copy and live until ``clear_cache``; the logits change by
-        float32 rounding only."""
+        memory again as the weights they copy; the logits change by float32 rounding only. Returns the
+        layers packed (generation unpacks them when it ends)."""
         min_steps, p = self.backends.pack_min_steps, self.wte.weight
         if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
-            return
+            return []
         if "mkl_packed" not in kernels.candidates("packed", rows):  # one row, or no MKL
-            return
+            return []
+        packed = []
         for m in self.modules():
             auto = isinstance(m, Linear) and m.kernel == "auto" and m.table is not None
             if auto and m.table.choose(m.out_features, m.in_features, rows, kind="packed") == "mkl_packed":
                 m.pack(rows)
+                packed.append(m)
+        return packed
 
-    def clear_cache(self) -> None:
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.unpack()
+    def clear_cache(self, packs: bool = True) -> None:
+        """Free what generation keeps between its steps (the KV caches, the lm_head copy) and, with
+        ``packs``, every packed weight copy (``Linear.pack``), those of repeated products included."""
+        if packs:
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.unpack()
         for block in self.h:
             block.attn.kv_cache = None
         self.cache_len = 0

@@ -7,8 +7,9 @@ so each ``Linear`` is built with a kernel: ``torch`` (always ``F.linear``), ``on
 (the faster of the two for this product on this machine, measured once: ``gpt2lab.kernels``). The
 backward products (grad @ W, grad^T @ x) always run in MKL, the faster of the two for them.
 
-A decode step of a few rows may also read a layer's weight from MKL's packed copy (``Linear.pack``,
-``pack_weight``, ``packed_linear``), made while generating where it measures faster. Without gradients,
+A product without gradients may also read a layer's weight from MKL's packed copy (``Linear.pack``,
+``pack_weight``, ``packed_linear``), made for generation's decode steps and for products of a row count
+that keeps repeating, where it measures faster and repays its making. Without gradients,
 an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
 ``linear_gelu``), where that measures faster.
 
@@ -128,37 +129,48 @@ class Linear(nn.Linear):
     layer's ``kernel`` (one of LINEAR_KERNELS); ``auto`` asks ``table`` (a ``gpt2lab.kernels.KernelTable``)
     for each product's kernel, or takes oneDNN where it runs when there is no table.
 
-    ``pack(rows)`` adds a third kernel for decoding: MKL's packed sgemm, which reads a copy of the
-    weight laid out for products of exactly ``rows`` rows (``unpack`` drops it)."""
+    ``pack(rows)`` adds a third kernel for products without gradients: MKL's packed sgemm, which reads a
+    copy of the weight laid out for products of exactly ``rows`` rows (``unpack`` drops it). Generation
+    packs for its decode steps; with ``pack_repeated`` (and ``auto``) a layer also packs once products of
+    one row count (two or more) have repeated as often as the table measures it takes to repay the copy
+    (``KernelTable.pack_repays``): evaluation batches, same-length prompts. One copy at a time."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto", table=None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        kernel: str = "auto",
+        table=None,
+        pack_repeated: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias)
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
-        self.kernel, self.table = kernel, table
+        self.kernel, self.table, self.pack_repeated = kernel, table, pack_repeated
         self.packed: tuple[int, tuple[int, int], torch.Tensor] | None = None  # rows, weight version, copy
+        self._counted: tuple = (None, {})  # weight version, {rows: products} since it or the copy changed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if use_onednn(x, self.weight, kernel):
             rows = x.numel() // self.in_features
-            if self._packed_for(rows):
+            if self._reads_packed(rows):
                 return packed_linear(x, self.packed[2], rows, self.weight, self.bias)
             kernel = self.kernel_for(rows)
         return linear(x, self.weight, self.bias, kernel)
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation): one oneDNN
-        call with the GELU fused in (``linear_gelu``) where no gradient is needed and either the kernel is
-        ``onednn`` or the table measures the fused call the fastest for this many rows (kind ``gelu``)."""
+        """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation). Without
+        gradients: the packed copy where there is one for this many rows, else the kernel the table
+        measures the fastest with the GELU (kind ``gelu``), which may be one oneDNN call with the GELU
+        fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses."""
         if use_onednn(x, self.weight, self.kernel) and not needs_grad(x, self.weight, self.bias):
             rows = x.numel() // self.in_features
-            if not self._packed_for(rows):
-                kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
-                if kernel == "onednn_gelu":
-                    return linear_gelu(x, self.weight, self.bias, kernel)
+            if self._reads_packed(rows):
+                return F.gelu(packed_linear(x, self.packed[2], rows, self.weight, self.bias), approximate="tanh")
+            kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
+            return linear_gelu(x, self.weight, self.bias, kernel)
         return F.gelu(self(x), approximate="tanh")
 
     def kernel_for(self, rows: int, kind: str = "float32") -> str:
@@ -174,18 +186,33 @@ class Linear(nn.Linear):
         not once the weight is replaced or changed. Results equal ``F.linear``'s to float32 rounding."""
         w = self.weight
         self.packed = (rows, weight_key(w), pack_weight(w, rows))
+        self._counted = (None, {})  # a new copy: the next must repay itself from here
 
     def unpack(self) -> None:
         self.packed = None
 
-    def _packed_for(self, rows: int) -> bool:
-        packed = self.packed
-        return (
-            packed is not None
-            and packed[0] == rows
-            and packed[1] == weight_key(self.weight)
-            and not torch.is_grad_enabled()
-        )
+    def _reads_packed(self, rows: int) -> bool:
+        """Whether a CPU product of ``rows`` rows reads the packed copy: without grad, one made for this
+        many rows from the weight as it is now (a stale copy is dropped). Under ``pack_repeated`` the
+        copy is made here once enough products of this row count (two or more) have come since the
+        weight or the copy last changed to repay it."""
+        if self.packed is not None and self.packed[1] != weight_key(self.weight):
+            self.packed = None
+        if torch.is_grad_enabled():
+            return False
+        if self.packed is not None and self.packed[0] == rows:
+            return True
+        if not self.pack_repeated or rows < 2 or self.kernel != "auto" or self.table is None:
+            return False
+        version = weight_key(self.weight)
+        if self._counted[0] != version or len(self._counted[1]) > 64:  # a new weight, or prompts of every length
+            self._counted = (version, {})
+        counts = self._counted[1]
+        counts[rows] = counts.get(rows, 0) + 1
+        if counts[rows] < self.table.pack_repays(self.out_features, self.in_features, rows):
+            return False
+        self.pack(rows)
+        return True
 
 
 INT8_KERNELS = ("fbgemm", "int_mm")
