@@ -167,6 +167,21 @@ def test_packed_kernel_is_measured_on_the_rows_it_was_packed_for():
     assert set(times) == {"onednn", "torch", "mkl_packed", "pack"} and all(0 < t < 1 for t in times.values())
 
 
+def test_a_wide_weight_is_measured_whole_at_a_few_rows(monkeypatch):
+    """At a few rows the whole wide weight streams, as in a decode step (a kernel's split between threads
+    sets its read rate); at many rows MAX_OUT outputs of it stand for the whole."""
+    widths = []
+    real = kernels._runner
+    monkeypatch.setattr(kernels, "MAX_OUT", 256)
+    monkeypatch.setattr(
+        kernels, "_runner", lambda kind, kernel, n, *rest: widths.append(n) or real(kind, kernel, n, *rest)
+    )
+    kernels.measure(1000, 64, 2, repeat=1)
+    kernels.measure(1000, 64, kernels.FEW_ROWS * 2, repeat=1)
+    n = len(kernels.candidates("float32", 2))
+    assert widths == [1000] * n + [256] * n
+
+
 def test_pack_repays_weighs_the_copys_time_against_each_products_saving(tmp_path, monkeypatch):
     """A packed copy repays after (its making) / (the time each product saves against the faster float32
     kernel) products; never where the packed kernel is not chosen. A remembered entry without the copy's

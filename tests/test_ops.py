@@ -204,3 +204,14 @@ def test_repeated_products_read_a_packed_copy_once_it_repays():
         for _ in range(5):
             plain(x8)
     assert plain.packed is None
+
+    class FusedTable(Table):  # where the GELU fused into oneDNN's call is the fastest, products never pack
+        def choose(self, out_features, in_features, rows, kind="float32"):
+            return "onednn_gelu" if kind == "gelu" else "torch"
+
+    if ops.onednn_available():
+        layer = ops.Linear(64, 32, kernel="auto", table=FusedTable(), pack_repeated=True)
+        with torch.no_grad():
+            for _ in range(5):
+                check(x8, gelu=True)
+        assert layer.packed is None

@@ -12,8 +12,11 @@ between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's fir
 training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
-step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call),
-at most ``MAX_OUT`` of a wide product's outputs (per output it behaves as the whole). Small products are
+step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
+a wide weight whole, since how a kernel splits it between threads sets its read rate: MKL reads the
+lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-row slice of it faster than oneDNN),
+and at most ``MAX_OUT`` of a wide product's outputs when the rows are many (per output it then
+behaves as the whole). Small products are
 measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger
 on some CPUs), and a small model's decode step is made of such calls.
 
@@ -215,7 +218,7 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
     medians of runs taken in alternation (so a busy machine slows all alike); where ``mkl_packed`` is a
     candidate, also ``pack``: the seconds of making its packed copy of the whole weight."""
-    n = min(out_features, MAX_OUT)
+    n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
