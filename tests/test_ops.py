@@ -1,5 +1,7 @@
 """The oneDNN linear layer: same results and gradients as F.linear, F.linear wherever it must be."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,6 +201,10 @@ def test_repeated_products_read_a_packed_copy_once_it_repays():
             assert layer.packed is None
         check(x4)
         assert layer.packed[0] == 4
+    clone = copy.deepcopy(layer)  # a copy (or a pickle) of a packed layer leaves the packed copy behind
+    assert layer.packed is not None and clone.packed is None
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x4), layer(x4))
     plain = ops.Linear(64, 32, kernel="auto", table=Table())  # pack_repeated off: never
     with torch.no_grad():
         for _ in range(5):

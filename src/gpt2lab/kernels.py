@@ -14,7 +14,7 @@ Later runs on that machine measure nothing. Measuring one product takes a fracti
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
 a wide weight whole, since how a kernel splits it between threads sets its read rate: MKL reads the
-lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-row slice of it faster than oneDNN),
+lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-output slice of it faster than oneDNN),
 and at most ``MAX_OUT`` of a wide product's outputs when the rows are many (per output it then
 behaves as the whole). Small products are
 measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger

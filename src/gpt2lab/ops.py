@@ -151,6 +151,11 @@ class Linear(nn.Linear):
         self.packed: tuple[int, tuple[int, int], torch.Tensor] | None = None  # rows, weight version, copy
         self._counted: tuple = (None, {})  # weight version, {rows: products} since it or the copy changed
 
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle keep: not the packed copy (an MKL tensor with no storage to copy)
+        nor the counts towards one; a copy of the layer makes its own."""
+        return self.__dict__ | {"packed": None, "_counted": (None, {})}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.kernel
         if use_onednn(x, self.weight, kernel):
