@@ -83,7 +83,7 @@ def memory_read_gbs(n_bytes: int = 512 * 2**20, repeat: int = 5) -> float:
 
 # Forward and prefill rows repeat one shape, as evaluation batches and same-length prompts do. gpt2lab
 # packs a layer's weight once such products have repaid the copy (Backends.pack_repeated: within two to
-# four calls of GPT-2 124M at 256 rows on the Xeon), so those rows time the calls after this many
+# five calls of GPT-2 124M at 256 rows on the Xeon), so those rows time the calls after this many
 # warm-up calls of every engine: the steady state of a repeated shape.
 REPEATED_WARMUP = 6
 
