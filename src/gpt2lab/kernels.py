@@ -9,7 +9,9 @@ cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a l
 fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
 between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's first product outside
-training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``).
+training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``); and a product
+without gradients of two rows or more measures MKL's packed layout with the time of making its copy
+(kind ``packed``), from which a layer decides whether and when to pack (``gpt2lab.ops.Linear``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
