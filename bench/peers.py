@@ -16,7 +16,8 @@ Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer
 the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
 Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
 tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
-logits of every position. With ``--compile`` the greedy rows of up to 128 tokens run a second time
+logits of every position (both repeat one shape and are timed after ``REPEATED_WARMUP`` warm-up calls
+of each engine, bench/common.py). With ``--compile`` the greedy rows of up to 128 tokens run a second time
 with gpt2lab's compiled decode step. A decode row also states each engine's decode speed as a
 fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
 the rate at which torch reads a 1 GiB matrix in a matrix-vector product, timed in the same
