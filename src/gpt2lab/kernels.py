@@ -141,7 +141,7 @@ class KernelTable:
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
-        self._chosen: dict[tuple[int, int, int, int], str] = {}
+        self._chosen: dict[tuple, dict] = {}  # (out, in, rows bucket, kind, threads) -> its entry
         self._saved: dict | None = None  # the file's entries for this machine, read on first need
 
     def choose(self, out_features: int, in_features: int, rows: int, kind: str = "float32") -> str:
@@ -156,7 +156,9 @@ class KernelTable:
         entry = self._entry(out_features, in_features, rows, "packed")
         us = entry.get("us_per_product", {})
         plain = [us[k] for k in FLOAT32_KERNELS if k in us]
-        if entry["kernel"] != "mkl_packed" or "pack" not in us or not plain or min(plain) <= us["mkl_packed"]:
+        if entry["kernel"] != "mkl_packed" or not plain or not {"pack", "mkl_packed"} <= us.keys():
+            return math.inf  # not chosen, or an edited entry without the times this weighs
+        if min(plain) <= us["mkl_packed"]:
             return math.inf
         return us["pack"] / (min(plain) - us["mkl_packed"])
 
