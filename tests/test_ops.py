@@ -221,3 +221,22 @@ def test_repeated_products_read_a_packed_copy_once_it_repays():
             for _ in range(5):
                 check(x8, gelu=True)
         assert layer.packed is None
+
+
+@needs_onednn
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_an_optimizer_step_makes_the_packed_copy_stale():
+    """A fused AdamW step (what training uses) changes the weight without counting it in the weight's
+    version counter; the packed copy must still not be read after it."""
+    torch.manual_seed(0)
+    layer = ops.Linear(64, 64)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(8, 64)
+    layer.pack(8)
+    version = layer.weight._version
+    layer(x).sum().backward()
+    optimizer.step()
+    assert layer.weight._version == version  # the hole the optimizer hook closes
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer.packed is None

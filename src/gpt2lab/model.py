@@ -221,7 +221,7 @@ class GPT(nn.Module):
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False
         self.cache_len = 0  # time steps the KV cache was set up for
-        self._head_copy: tuple[torch.Tensor, tuple[int, int], torch.Tensor] | None = None  # see _one_row_head
+        self._head_copy: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # see _one_row_head
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():

@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
@@ -54,10 +55,23 @@ def packed_linear(
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
 
 
-def weight_key(weight: torch.Tensor) -> tuple[int, int]:
-    """What tells whether a copy made from ``weight`` still matches it: its storage and its count of
-    in-place changes (an optimizer step, ``load_state_dict``)."""
-    return weight.data_ptr(), weight._version
+_optimizer_steps = 0  # optimizer steps taken in this process (``_count_optimizer_step``)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused optimizers (AdamW(fused=True), what gpt2lab trains with) change the weights without counting
+# the change in their version counter, so any optimizer step also makes every copy stale.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def weight_key(weight: torch.Tensor) -> tuple[int, int, int]:
+    """What tells whether a copy made from ``weight`` still matches it: its storage, its count of in-place
+    changes (``load_state_dict``, an unfused optimizer) and the optimizer steps taken in this process."""
+    return weight.data_ptr(), weight._version, _optimizer_steps
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor, kernel: str = "auto") -> bool:
@@ -148,7 +162,7 @@ class Linear(nn.Linear):
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
         self.kernel, self.table, self.pack_repeated = kernel, table, pack_repeated
-        self.packed: tuple[int, tuple[int, int], torch.Tensor] | None = None  # rows, weight version, copy
+        self.packed: tuple[int, tuple, torch.Tensor] | None = None  # rows, weight_key, copy
         self._counted: tuple = (None, {})  # weight version, {rows: products} since it or the copy changed
 
     def __getstate__(self) -> dict:
