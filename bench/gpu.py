@@ -129,7 +129,7 @@ def inference_vs_hf(device: torch.device, dry: bool) -> dict:
 
         res["hf_decode_tok_s"] = N / timed(hf_decode, device, repeat=1 if dry else 3)
         for name, step in (("ours_decode_tok_s", decode_one_token), ("ours_compiled_decode_tok_s", None)):
-            step = step or compiled_decode(device)
+            step = step or compiled_decode(ours)
 
             def decode(step=step):
                 ours.setup_cache(1, 16 + N)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -393,6 +394,27 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
     compiled = generate(model, prompts, 10, temperature=0, eos_id=None, compile=True)
     model.clear_cache()
     assert compiled == eager
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt):
+    """The compiled CPU step freezes the weights into its code, yet a second call of the same shape
+    with other left padding reads that call's padding, and after the weights change in place it
+    compiles again instead of decoding with the old ones: each time the tokens of the eager step,
+    which runs on a copy so that the compiled calls follow one another as in a real session."""
+    model = make_gpt(seed=5)
+    eager_model = copy.deepcopy(model)
+    first, second = [SHORT, SHORT[:2]], [SHORT[:1], SHORT]  # the same padded shape, other padding
+    for prompts in (first, second):
+        eager = generate(eager_model, prompts, 8, temperature=0, eos_id=None)
+        assert generate(model, prompts, 8, temperature=0, eos_id=None, compile=True) == eager
+    with torch.no_grad():
+        for m in (model, eager_model):
+            m.h[0].mlp.c_fc.weight.mul_(-3)
+    changed = generate(eager_model, second, 8, temperature=0, eos_id=None)
+    assert changed != eager  # the change shows in the tokens
+    assert generate(model, second, 8, temperature=0, eos_id=None, compile=True) == changed
+    model.clear_cache()
 
 
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")

@@ -217,10 +217,11 @@ COMMANDS: dict[str, Command] = {
             opt(
                 "--compile",
                 action="store_true",
-                help="torch.compile the decode step (CUDA graphs on a GPU, a C++ wrapper on the CPU): faster per "
-                "token (several times on a GPU; on the CPU about 1.2-1.4x at batch 1, less on long generations; "
-                "with --num-samples > 1 the CPU's eager step, which reads MKL-packed weights, is the faster), "
-                "after a compile of 20-60 s the first time in a process (docs/benchmarks.md)",
+                help="torch.compile the decode step (CUDA graphs on a GPU; on the CPU a C++ wrapper with the "
+                "weights frozen in and the products autotuned): faster per token (several times on a GPU; on "
+                "the CPU about 1.4x at batch 1, 2x with --int8, less on long generations), after a compile of "
+                "30-60 s the first time in a process; on the CPU it holds a copy of the weights while the "
+                "process lives (docs/benchmarks.md)",
             ),
             *MODEL_OPTIONS,
         ],

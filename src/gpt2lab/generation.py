@@ -5,12 +5,14 @@ from __future__ import annotations
 import codecs
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+from gpt2lab.ops import weight_key
 from gpt2lab.tokenizer import EOT
 
 
@@ -109,7 +111,7 @@ def _stream(
     was_training = model.training
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad)
-    step = compiled_decode(device) if compile else decode_one_token
+    step = compiled_decode(model) if compile else decode_one_token
     packed = []
     try:
         if not compile:  # a compiled step takes F.linear
@@ -147,19 +149,56 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -
 
 
 _compiled: dict[str, Callable] = {}
+CPU_COMPILE = {"cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# frozen_weights_key of each model at its last compiled CPU step. (A model's compiled code goes with
+# it: dynamo drops code whose guarded parameters are freed, so a new model never reads another's.)
+_frozen_weights: weakref.WeakKeyDictionary[GPT, tuple] = weakref.WeakKeyDictionary()
 
 
-def compiled_decode(device: torch.device) -> Callable:
-    """``decode_one_token`` compiled once per device type: on a GPU as CUDA graphs, on the CPU with
-    inductor's C++ wrapper (the step's dozens of kernels are called from C++, not Python); both
-    remove most of the per-kernel launch cost a decode step is made of."""
+def compiled_decode(model: GPT) -> Callable:
+    """``decode_one_token`` compiled once per device type, for ``model``. Compiling removes most of the
+    per-kernel launch cost a decode step is made of: on a GPU as CUDA graphs; on the CPU with
+    inductor's C++ wrapper (the step's dozens of kernels are called from C++, not Python), its weights
+    frozen into the compiled code as constants, and its products autotuned: inductor times its own C++
+    matrix kernels against ATen's for each product and keeps the faster, with the weight laid out for
+    it (``freezing``, ``max_autotune``). Frozen weights do not follow later changes, so when ``model``'s
+    weights changed since its last compiled CPU step, every compiled function of the process is
+    dropped (``torch.compiler.reset``) and compiles again on its next call."""
+    device = model.wte.weight.device
     if device.type not in _compiled:
         if device.type == "cuda":
             step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        elif device.type == "cpu":
+            step = _frozen(torch.compile(decode_one_token, fullgraph=True, options=CPU_COMPILE))
         else:
-            step = torch.compile(decode_one_token, fullgraph=True, options={"cpp_wrapper": device.type == "cpu"})
+            step = torch.compile(decode_one_token, fullgraph=True)
         _compiled[device.type] = step
+    if device.type == "cpu":
+        weights = frozen_weights_key(model)
+        if _frozen_weights.get(model, weights) != weights:
+            torch.compiler.reset()
+        _frozen_weights[model] = weights
     return _compiled[device.type]
+
+
+def _frozen(step: Callable) -> Callable:
+    """``step`` traced and compiled with inductor's freezing on (read when dynamo traces, so it wraps
+    every call; it applies without gradients only, which generation runs under)."""
+
+    @functools.wraps(step)
+    def run(*args):
+        with torch._inductor.config.patch(freezing=True):
+            return step(*args)
+
+    return run
+
+
+def frozen_weights_key(model: GPT) -> tuple:
+    """What a compiled CPU step froze of ``model``: every parameter and buffer but the KV caches',
+    each as ``ops.weight_key`` (storage, in-place changes, optimizer steps)."""
+    return tuple(weight_key(t) for name, t in model.named_buffers() if ".kv_cache." not in name) + tuple(
+        weight_key(p) for p in model.parameters()
+    )
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> list[list[int]]:
