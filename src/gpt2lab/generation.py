@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
@@ -149,7 +150,13 @@ def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -
 
 
 _compiled: dict[str, Callable] = {}
-CPU_COMPILE = {"cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+CPU_COMPILE = {
+    "cpp_wrapper": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,  # else inductor prints its timings to stderr
+    "max_autotune_report_choices_stats": False,  # and its choices
+}
 # frozen_weights_key of each model at its last compiled CPU step. (A model's compiled code goes with
 # it: dynamo drops code whose guarded parameters are freed, so a new model never reads another's.)
 _frozen_weights: weakref.WeakKeyDictionary[GPT, tuple] = weakref.WeakKeyDictionary()
@@ -183,11 +190,13 @@ def compiled_decode(model: GPT) -> Callable:
 
 def _frozen(step: Callable) -> Callable:
     """``step`` traced and compiled with inductor's freezing on (read when dynamo traces, so it wraps
-    every call; it applies without gradients only, which generation runs under)."""
+    every call; it applies without gradients only, which generation runs under). Autotuning's own
+    deprecation warning (inductor calls ``Tensor.storage()``) is kept out of the output."""
 
     @functools.wraps(step)
     def run(*args):
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             return step(*args)
 
     return run
