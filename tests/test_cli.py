@@ -62,17 +62,17 @@ def test_generate_greedy_is_the_library_continuation(capsys, tiny_dir):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # the caches turned off below
-def test_generate_compile_prints_the_eager_text(capsys, tiny_dir, monkeypatch):
+def test_generate_compile_prints_the_eager_text(capsys, tiny_dir):
     """`generate --compile` prints the same greedy text as the eager step and nothing else on stdout;
     stderr says that it compiles, and inductor's autotuning tables stay out of it (its caches are off,
     so the products are autotuned here)."""
-    import torch._inductor.config
+    import torch.compiler
 
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     args = ("generate", "--prompt", "Hello world", "--max-new-tokens", "6", "--temperature", "0")
     rc, eager, err = _run(capsys, *args, "--model", str(tiny_dir))
     assert rc == 0, err
-    rc, compiled, err = _run(capsys, *args, "--model", str(tiny_dir), "--compile")
+    with torch.compiler.config.patch(force_disable_caches=True):
+        rc, compiled, err = _run(capsys, *args, "--model", str(tiny_dir), "--compile")
     assert rc == 0, err
     assert compiled == eager
     assert "compiling the decode step" in err and "AUTOTUNE" not in err and "Autotune" not in err
