@@ -397,23 +397,28 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
 
 
 @pytest.mark.slow
-def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt):
+def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, monkeypatch):
     """The compiled CPU step freezes the weights into its code, yet a second call of the same shape
-    with other left padding reads that call's padding, and after the weights change in place it
-    compiles again instead of decoding with the old ones: each time the tokens of the eager step,
-    which runs on a copy so that the compiled calls follow one another as in a real session."""
+    with other left padding reads that call's padding (without compiling again), and after the
+    weights change in place it compiles again instead of decoding with the old ones: each time the
+    tokens of the eager step, which runs on a copy so that the compiled calls follow one another as
+    in a real session."""
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda reset=torch.compiler.reset: resets.append(reset()))
     model = make_gpt(seed=5)
     eager_model = copy.deepcopy(model)
     first, second = [SHORT, SHORT[:2]], [SHORT[:1], SHORT]  # the same padded shape, other padding
     for prompts in (first, second):
         eager = generate(eager_model, prompts, 8, temperature=0, eos_id=None)
         assert generate(model, prompts, 8, temperature=0, eos_id=None, compile=True) == eager
+    assert not resets  # new padding is not new weights
     with torch.no_grad():
         for m in (model, eager_model):
             m.h[0].mlp.c_fc.weight.mul_(-3)
     changed = generate(eager_model, second, 8, temperature=0, eos_id=None)
     assert changed != eager  # the change shows in the tokens
     assert generate(model, second, 8, temperature=0, eos_id=None, compile=True) == changed
+    assert len(resets) == 1
     model.clear_cache()
 
 

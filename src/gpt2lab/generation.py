@@ -203,11 +203,11 @@ def _frozen(step: Callable) -> Callable:
 
 
 def frozen_weights_key(model: GPT) -> tuple:
-    """What a compiled CPU step froze of ``model``: every parameter and buffer but the KV caches',
-    each as ``ops.weight_key`` (storage, in-place changes, optimizer steps)."""
-    return tuple(weight_key(t) for name, t in model.named_buffers() if ".kv_cache." not in name) + tuple(
-        weight_key(p) for p in model.parameters()
-    )
+    """What a compiled CPU step froze of ``model``: every parameter and buffer but the ones each call
+    rewrites (the KV caches, the rows' padding ``cache_pad``, which the step reads afresh), each as
+    ``ops.weight_key`` (storage, in-place changes, optimizer steps)."""
+    buffers = (t for name, t in model.named_buffers() if ".kv_cache." not in name and name != "cache_pad")
+    return tuple(weight_key(t) for t in buffers) + tuple(weight_key(p) for p in model.parameters())
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> list[list[int]]:

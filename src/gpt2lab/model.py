@@ -218,9 +218,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = make_linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
-        # Each row's left padding, set by setup_cache. Not a buffer: a compiled decode step freezes the
-        # model's parameters and buffers as constants, and this changes between generation calls.
-        self.cache_pad = torch.zeros(0, dtype=torch.long)
+        self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False
         self.cache_len = 0  # time steps the KV cache was set up for
         self._head_copy: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # see _one_row_head
@@ -348,8 +346,8 @@ class GPT(nn.Module):
                     batch_size, attn.n_kv_head, attn.head_dim, size, attn.window, size < max_seq_len, dtype, p.device
                 )
         pad = pad.to(p.device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=p.device)
-        if (self.cache_pad.shape, self.cache_pad.device) == (pad.shape, pad.device):
-            self.cache_pad.copy_(pad)  # the same tensor: a compiled decode step keeps its graph
+        if self.cache_pad.shape == pad.shape:
+            self.cache_pad.copy_(pad)
         else:
             self.cache_pad = pad
         self.cache_padded = bool(pad.any())  # without padding, a decode step needs no attention mask
