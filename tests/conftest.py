@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,19 @@ def kernel_cache(tmp_path_factory):
         del os.environ[kernels.ENV_CACHE]
     else:
         os.environ[kernels.ENV_CACHE] = previous
+
+
+@pytest.fixture
+def remember_kernels(kernel_cache):
+    """Write entries ({name: entry}) into the session's kernel file for this machine, as if measured, so
+    a test pins the kernel choices it relies on."""
+
+    def remember(entries: dict[str, dict]) -> None:
+        data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
+        data.setdefault(kernels.machine_key(), {}).update(entries)
+        kernel_cache.write_text(json.dumps(data))
+
+    return remember
 
 
 def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
+from gpt2lab import Backends, GPT2LabError, generate, ops, stream
 from gpt2lab.generation import next_token_probs, prefill, sample
 from gpt2lab.load import load_model
 
@@ -296,16 +295,14 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask.tolist() == [[[[False, False, True, True]]]]
 
 
-def test_batch1_decode_head_copy_follows_the_weight(make_gpt, kernel_cache):
+def test_batch1_decode_head_copy_follows_the_weight(make_gpt, remember_kernels):
     """A batch-1 CPU decode step with enough steps ahead reads the lm_head from an (n_embd, vocab) copy
     of the tied weight (where the kernel file says that layout is the faster, as it says here); the next
     step sees the weight changed in place or replaced (the copy is remade), clear_cache drops it, and a
     short generation never pays for making it."""
     model = make_gpt()
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
     head = f"head {model.config.padded_vocab_size}x{model.config.n_embd} rows 1"
-    data.setdefault(kernels.machine_key(), {})[head] = {"kernel": "torch_t", "us_per_product": {}}
-    kernel_cache.write_text(json.dumps(data))
+    remember_kernels({head: {"kernel": "torch_t", "us_per_product": {}}})
     idx = torch.tensor([SHORT])
     P = len(SHORT) - 1
 
@@ -331,19 +328,20 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt, kernel_cache):
 
 
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
-def test_packed_decoding_gives_the_same_tokens_and_follows_the_weight(make_gpt, kernel_cache, monkeypatch):
+def test_packed_decoding_gives_the_same_tokens_and_follows_the_weight(make_gpt, remember_kernels, monkeypatch):
     """Where the kernel file says products of a decode step's row count are faster from MKL's packed
     layout, generation reads each linear layer from a packed copy: the same tokens as F.linear (equal
     to float32 rounding), the copies dropped at the end, none made for a short generation, and a layer whose
     weight changed reads the weight itself."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
-    entries = data.setdefault(kernels.machine_key(), {})
-    for m in linears:
-        us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}
-        entries[f"packed {m.out_features}x{m.in_features} rows 2"] = {"kernel": "mkl_packed", "us_per_product": us}
-    kernel_cache.write_text(json.dumps(data))
+    us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}
+    remember_kernels(
+        {
+            f"packed {m.out_features}x{m.in_features} rows 2": {"kernel": "mkl_packed", "us_per_product": us}
+            for m in linears
+        }
+    )
     packed_rows = []
     pack = ops.Linear.pack
     monkeypatch.setattr(ops.Linear, "pack", lambda self, rows: packed_rows.append(rows) or pack(self, rows))
@@ -423,14 +421,13 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, m
 
 
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
-def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, kernel_cache):
+def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, remember_kernels):
     """Prompts of one length make the same prefill products call after call: once the kernel file says a
     copy has repaid (here on the second call), each block's layers read an MKL-packed copy for that row
     count, which outlives the call (the decode steps between are counted apart); the tokens stay the
     same, and clear_cache frees the copies."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
-    entries = data.setdefault(kernels.machine_key(), {})
+    entries = {}
     model = make_gpt(seed=6, backends=Backends(linear="auto"), **config)
     blocks = [m for m in model.h.modules() if isinstance(m, ops.Linear)]
     us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}  # repaid by the second product
@@ -439,7 +436,7 @@ def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, ke
             shape = f"{m.out_features}x{m.in_features}"
             entries[f"packed {shape} rows 8"] = {"kernel": "mkl_packed", "us_per_product": us}
             entries[f"packed {shape} rows 2"] = {"kernel": "torch", "us_per_product": us}  # decode steps: never
-    kernel_cache.write_text(json.dumps(data))
+    remember_kernels(entries)
     reference = make_gpt(seed=6, backends=Backends(linear="torch"), **config)
     prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]  # 8 rows in each prefill product
     expected = generate(reference, prompts, 3, temperature=0)

@@ -100,15 +100,12 @@ def test_measure_is_quick_and_honest():
 
 
 @pytest.mark.parametrize("layout", ["torch_t", "torch"])
-def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, layout):
+def test_one_row_lm_head_follows_the_measured_layout(make_gpt, remember_kernels, layout):
     """A batch-1 decode step reads the lm_head from a transposed copy only when the kernel file says that
     layout is the faster here (kind "head"); the logits are the same either way."""
     assert kernels.candidates("head", 1)[0] == "onednn_t"  # the choice of a model with an explicit onednn kernel
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
-    entry = {"kernel": layout, "us_per_product": {}}
-    data.setdefault(kernels.machine_key(), {})["head 1024x128 rows 1"] = entry
-    kernel_cache.write_text(json.dumps(data))
+    remember_kernels({"head 1024x128 rows 1": {"kernel": layout, "us_per_product": {}}})
     model = make_gpt(seed=2, backends=Backends(linear="auto", head_copy_min_steps=2), **config)
     fixed = make_gpt(seed=2, backends=Backends(linear="torch"), **config)
     idx = torch.randint(0, 1024, (1, 5))
@@ -122,15 +119,13 @@ def test_one_row_lm_head_follows_the_measured_layout(make_gpt, kernel_cache, lay
 
 
 @pytest.mark.parametrize("chosen", ["torch", "onednn"])
-def test_chunked_loss_runs_the_kernel_measured_for_its_chunk(make_gpt, kernel_cache, monkeypatch, chosen):
+def test_chunked_loss_runs_the_kernel_measured_for_its_chunk(make_gpt, remember_kernels, monkeypatch, chosen):
     """The training loss scores the lm_head a chunk of rows at a time (ops.linear_cross_entropy): the
     kernel of that product is the table's for the chunk's row count, and the loss is the same either way."""
     import gpt2lab.model
 
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
-    data.setdefault(kernels.machine_key(), {})["float32 1024x128 rows 32"] = {"kernel": chosen, "us_per_product": {}}
-    kernel_cache.write_text(json.dumps(data))
+    remember_kernels({"float32 1024x128 rows 32": {"kernel": chosen, "us_per_product": {}}})
     kernels_used = []
 
     def recorded(*args, kernel, **kwargs):
@@ -205,15 +200,13 @@ def test_pack_repays_weighs_the_copys_time_against_each_products_saving(tmp_path
 
 
 @pytest.mark.parametrize("chosen", ["onednn_gelu", "torch"])
-def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, kernel_cache, monkeypatch, chosen):
+def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, remember_kernels, monkeypatch, chosen):
     """Without grad an auto model's MLP runs its first product and GELU with the kernel the table (kind
     "gelu") measured the fastest for the row count: one oneDNN call with the GELU fused in only where
     that won; the logits are the same either way."""
     assert kernels.candidates("gelu", 4) == kernels.FLOAT32_KERNELS + ("onednn_gelu",)
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
-    data.setdefault(kernels.machine_key(), {})["gelu 512x128 rows 32"] = {"kernel": chosen, "us_per_product": {}}
-    kernel_cache.write_text(json.dumps(data))
+    remember_kernels({"gelu 512x128 rows 32": {"kernel": chosen, "us_per_product": {}}})
     fused = []
     real = ops.linear_gelu
     monkeypatch.setattr(ops, "linear_gelu", lambda *args: fused.append(args[3]) or real(*args))
