@@ -159,6 +159,7 @@ def bench_int8(hf, ours) -> None:
 def bench_compile(hf, ours) -> None:
     bandwidth = memory_read_gbs() * 1e9
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
+    ours.setup_cache(1, 16 + 1000, keep=True)  # the kept cache the timed calls run in: compiled for below
     t0 = time.perf_counter()
     generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
     compile_s = time.perf_counter() - t0
@@ -166,7 +167,6 @@ def bench_compile(hf, ours) -> None:
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
 
-    our_gen()  # the 1016-slot cache is a new shape: compile it before timing
     t = interleaved({"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen}, repeat=1, warmup=0)
     row(
         "greedy b=1 1000 tok, compiled decode",

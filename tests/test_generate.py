@@ -314,6 +314,12 @@ def test_batch1_decode_head_copy_follows_the_weight(make_gpt, remember_kernels):
         model.setup_cache(1, 8)
         torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
         assert model._head_copy is None  # 5 steps left: not worth a copy
+        kept = make_gpt(backends=Backends(head_copy_min_steps=10))
+        kept.setup_cache(1, 64, keep=True)
+        kept.setup_cache(1, 8)  # a call of 8 steps in the kept cache of 64: its own 5 steps left count
+        kept(idx[:, :P], input_pos=torch.arange(P))
+        kept(idx[:, P:], input_pos=torch.tensor([P]))
+        assert kept.cache_len == 64 and kept._head_copy is None
         model = make_gpt(backends=Backends(head_copy_min_steps=4))  # the same weights, a copy from 4 steps
         model.setup_cache(1, 8)
         first = decode_last()
@@ -417,6 +423,56 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, m
     assert changed != eager  # the change shows in the tokens
     assert generate(model, second, 8, temperature=0, eos_id=None, compile=True) == changed
     assert len(resets) == 1
+    model.clear_cache()
+
+
+def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt):
+    """A kept KV cache (a compiled step's) outlives its call: later calls of its batch size that fit
+    run in the very same buffers, with the tokens of a model that allocates a cache per call; a longer
+    call at least doubles it (up to the learned positions), another batch size gets one of its own,
+    and clear_cache frees it."""
+    model = make_gpt(seed=8, block_size=256)
+    fresh = copy.deepcopy(model)
+
+    def same_tokens(prompts: list[list[int]], n: int) -> bool:
+        tokens = generate(model, prompts, n, temperature=0, eos_id=None)
+        return tokens == generate(fresh, prompts, n, temperature=0, eos_id=None)
+
+    model.setup_cache(1, 60, keep=True)
+    kept = model.h[0].attn.kv_cache.k
+    for prompt, n in ((SHORT, 20), (SHORT * 5, 40)):  # 23 and 55 steps
+        assert same_tokens([prompt], n)
+        assert fresh.h[0].attn.kv_cache is None  # a cache that is not kept goes with its call
+        assert (model.cache_len, model.cache_kept) == (60, True) and model.h[0].attn.kv_cache.k is kept
+    assert same_tokens([SHORT * 10], 70) and model.cache_len == 120  # 100 steps: twice 60
+    assert same_tokens([SHORT * 10], 130) and model.cache_len == 240  # 160 steps
+    assert same_tokens([SHORT[:1], SHORT], 8) and model.cache_len == 11  # another batch size: its own
+    model.clear_cache()
+    assert (model.h[0].attn.kv_cache, model.cache_len, model.cache_kept) == (None, 0, False)
+    capped = make_gpt(seed=8, block_size=100)
+    capped.setup_cache(1, 60, keep=True)
+    capped.setup_cache(1, 70)
+    assert capped.cache_len == 100  # not 120: learned positions end at 100
+    capped.clear_cache()
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_compiles_once_for_the_calls_its_kept_cache_fits(make_gpt):
+    """Compiled calls of other lengths, and eager calls between them, run in the kept cache the first
+    compiled call made, so the step compiles once, and again when a call needs more steps than the
+    cache has (it doubles) or has another batch size (a cache of its own, which replaces the last).
+    Each call gives the eager tokens (of a copy of the model)."""
+    from torch._dynamo.utils import counters
+
+    model = make_gpt(seed=9, block_size=256)
+    eager_model = copy.deepcopy(model)
+    compiled_before = counters["stats"]["unique_graphs"]
+    calls = (([SHORT[:1]], 50), ([SHORT], 8), ([SHORT * 4], 30), ([SHORT * 10], 70), ([SHORT[:1], SHORT], 8))
+    for prompts, n in calls:  # 51, 11, 42, 100 (a new cache of 102 steps) and 11 steps
+        expected = generate(eager_model, prompts, n, temperature=0, eos_id=None)
+        assert generate(model, prompts, n, temperature=0, eos_id=None, compile=True) == expected
+        assert generate(model, prompts, 4, temperature=0, eos_id=None) == [row[:4] for row in expected]
+    assert counters["stats"]["unique_graphs"] - compiled_before == 3
     model.clear_cache()
 
 

@@ -71,8 +71,10 @@ def stream(
     here, before the first token is asked for.
 
     ``compile=True`` runs the decode step through torch.compile (``compiled_decode``). Compiling takes
-    a while the first time, so it pays for long or repeated generation; the KV cache then stays
-    allocated on the model for the next call of the same shape (``model.clear_cache()`` frees it)."""
+    a while the first time, so it pays for long or repeated generation. The KV cache then stays on the
+    model, and later calls of the same batch size that fit in it reuse it and the compiled code,
+    whatever their lengths; a longer call at least doubles it and compiles once more
+    (``GPT.setup_cache``'s ``keep``; ``model.clear_cache()`` frees it)."""
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
@@ -111,7 +113,7 @@ def _stream(
     (B, P), device = idx.shape, idx.device
     was_training = model.training
     model.eval()
-    model.setup_cache(B, P + max_new_tokens, pad=pad)
+    model.setup_cache(B, P + max_new_tokens, pad=pad, keep=compile)
     step = compiled_decode(model) if compile else decode_one_token
     packed = []
     try:
@@ -128,11 +130,10 @@ def _stream(
             if t == P + max_new_tokens - 1 or bool(done.all()):
                 break
             logits = step(model, token[:, None], torch.tensor([t], device=device))
-    finally:
-        if not compile:  # free the cache and this call's decode copies; those of repeated prompts stay
-            for layer in packed:
-                layer.unpack()
-            model.clear_cache(packs=False)
+    finally:  # free this call's decode copies (those of repeated prompts stay) and the cache unless kept
+        for layer in packed:
+            layer.unpack()
+        model.clear_cache(packs=False, kv=not model.cache_kept)
         model.train(was_training)
 
 

@@ -220,7 +220,9 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight
         self.register_buffer("cache_pad", torch.zeros(0, dtype=torch.long), persistent=False)
         self.cache_padded = False
-        self.cache_len = 0  # time steps the KV cache was set up for
+        self.cache_len = 0  # time steps the KV cache holds
+        self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
+        self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._head_copy: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # see _one_row_head
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self.apply(self._init_weights)
@@ -324,11 +326,22 @@ class GPT(nn.Module):
         max_seq_len: int,
         pad: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        keep: bool = False,
     ) -> None:
         """Allocate each layer's KV cache for ``max_seq_len`` time steps (a window layer keeps only its
-        window). ``pad`` (B,) is each row's left padding, so prompts of different lengths share a batch."""
+        window). ``pad`` (B,) is each row's left padding, so prompts of different lengths share a batch.
+
+        ``keep``: the cache is to outlive this generation call, as a compiled decode step's must (its
+        code is tied to these very buffers: new ones compile it again). A kept cache, until
+        ``clear_cache``, serves every later call of its batch size that fits in it, eager or compiled,
+        so calls of other lengths reuse it instead of compiling again, and grows by doubling when one
+        does not fit (``kept_cache_len``)."""
         p = self.wte.weight
         dtype = dtype or p.dtype
+        self.cache_end = max_seq_len
+        self.cache_kept = keep or self.cache_kept
+        if self.cache_kept:
+            max_seq_len = self.kept_cache_len(batch_size, max_seq_len)
         for block in self.h:
             attn = block.attn
             size = max_seq_len if attn.window is None else min(attn.window, max_seq_len)
@@ -356,6 +369,24 @@ class GPT(nn.Module):
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
+    def kept_cache_len(self, batch_size: int, max_seq_len: int) -> int:
+        """The time steps of a kept KV cache (``setup_cache``'s ``keep``) that a call of ``batch_size``
+        rows and ``max_seq_len`` steps runs in: the present cache's if it fits; if a call of its batch
+        size needs more, at least twice as many (at most the learned positions, which ``max_seq_len``
+        never exceeds); else (no cache, or another batch size) just what the call needs. Repeated calls
+        of one shape attend over no more than they need, and a session whose calls grow compiles its
+        step for a few cache lengths only (at most 5 from 64 to GPT-2's 1,024 positions). A shorter
+        call in a longer cache attends over its whole length if compiled (static shapes); an eager one
+        reads only the steps written."""
+        cache = self.h[0].attn.kv_cache if len(self.h) else None
+        if cache is None or cache.k.shape[0] != batch_size:
+            return max_seq_len
+        if max_seq_len <= self.cache_len:
+            return self.cache_len
+        limit = self.config.max_positions
+        grown = 2 * self.cache_len if limit is None else min(2 * self.cache_len, limit)
+        return max(grown, max_seq_len)
+
     def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
         """Before ``steps`` CPU decode steps of ``rows`` rows each: give every linear layer of an ``auto``
         kernel an MKL-packed copy of its weight (``Linear.pack``) where the kernel table measures
@@ -376,17 +407,21 @@ class GPT(nn.Module):
                 packed.append(m)
         return packed
 
-    def clear_cache(self, packs: bool = True) -> None:
-        """Free what generation keeps between its steps (the KV caches, the lm_head copy) and, with
-        ``packs``, every packed weight copy (``Linear.pack``), those of repeated products included."""
+    def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
+        """Free what generation keeps between its steps: the lm_head copy; with ``kv``, the KV caches
+        (kept or not) and the rows' padding; with ``packs``, every packed weight copy (``Linear.pack``),
+        those of repeated products included."""
         if packs:
             for m in self.modules():
                 if isinstance(m, Linear):
                     m.unpack()
+        self._head_copy = None
+        if not kv:
+            return
         for block in self.h:
             block.attn.kv_cache = None
-        self.cache_len = 0
-        self._head_copy = None
+        self.cache_len = self.cache_end = 0
+        self.cache_kept = False
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
         self.cache_padded = False
 
@@ -399,7 +434,7 @@ class GPT(nn.Module):
         faster from the transposed layout (``python bench/linear.py``). An ``auto`` model measures the
         four choices (oneDNN or MKL, either layout: kind ``head`` in gpt2lab.kernels); an ``onednn``
         one takes oneDNN on the copy. Making the copy costs as much as tens of steps save, so it is made
-        only when at least ``backends.head_copy_min_steps`` steps remain in the cache. It lives until
+        only when at least ``backends.head_copy_min_steps`` steps remain to the call's end. It lives until
         ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
         replaced or changed.
         """
@@ -416,7 +451,7 @@ class GPT(nn.Module):
             return None
         key = weight_key(w)
         if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
-            if self.cache_len - filled < min_steps:
+            if self.cache_end - filled < min_steps:
                 return None
             self._head_copy = (w, key, w.detach().t().contiguous().t())
         return self._head_copy[2], kernel.removesuffix("_t")
