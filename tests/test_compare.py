@@ -110,6 +110,14 @@ def test_t_quantiles_and_paired_interval():
     assert d["verdict"] == "better" and d["p"] < 0.01
 
 
+def test_a_fraction_interval_stays_within_0_and_1():
+    """Three seeds' recall of 0.90, 1.00 and 1.00: the t-interval reaches past 1, which no recall can; cut
+    to the fraction's range it ends at 1, the lower end unchanged."""
+    free, cut = stats.interval([0.9, 1.0, 1.0]), stats.interval([0.9, 1.0, 1.0], bounds=(0.0, 1.0))
+    assert free["hi"] > 1.0 and cut["hi"] == 1.0 and cut["lo"] == free["lo"] > 0.0
+    assert stats.interval([0.0, 0.1, 0.0], bounds=(0.0, 1.0))["lo"] == 0.0
+
+
 def test_verdicts_never_say_same():
     assert stats.paired([1.0, 1.2, 1.1], [1.1, 1.1, 1.1])["verdict"] == "no difference detected"
     assert stats.paired([2.0, 2.1, 2.2], [1.0, 1.0, 1.1])["verdict"] == "worse"

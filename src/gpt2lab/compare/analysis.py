@@ -222,7 +222,7 @@ def mqar_section(results: dict, models: dict[str, dict], seeds: list[int], edges
         for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
             row = {"lo": lo, "hi": hi, "queries": min(f["n"][b] for f in fractions)}
             for metric in ("orig", "both", "twin"):
-                row[metric] = stats.interval([f[metric][b] for f in use])
+                row[metric] = stats.interval([f[metric][b] for f in use], bounds=(0.0, 1.0))
             row["verdict"] = _recall_verdict(row, chance)
             bins.append(row)
         out["models"][name] = info | {

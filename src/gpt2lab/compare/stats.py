@@ -23,15 +23,19 @@ def t_quantile(p: float, df: int) -> float:
     return float(stdtrit(df, p))
 
 
-def interval(values: list[float]) -> dict:
-    """Mean of ``values`` with its 95% t-interval (``lo`` = ``hi`` = mean when n = 1), sd and n."""
+def interval(values: list[float], bounds: tuple[float, float] | None = None) -> dict:
+    """Mean of ``values`` with its 95% t-interval (none when n = 1), sd and n. ``bounds``: the range the
+    quantity cannot leave (a fraction: (0, 1)); the interval is cut to it, which keeps its coverage."""
     n = len(values)
     mean = statistics.fmean(values)
     if n < 2:
         return {"n": n, "mean": mean, "sd": None, "lo": None, "hi": None}
     sd = statistics.stdev(values)
     half = t_quantile(1 - LEVEL / 2, n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"n": n, "mean": mean, "sd": sd, "lo": lo, "hi": hi}
 
 
 def paired(variant: list[float], reference: list[float], below: str = "better", above: str = "worse") -> dict:
