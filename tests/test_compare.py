@@ -166,7 +166,6 @@ def test_uptraining_shares_only_where_there_is_a_gap_to_close():
 def test_holm_steps_down():
     assert stats.holm([0.01, 0.04, 0.03, None]) == [True, False, False, False]  # 0.01 < 0.05/3; 0.03 > 0.05/2
     assert stats.holm([0.001, 0.01, 0.02]) == [True, True, True]
-    assert stats.seeds_needed(sd=0.017, delta=0.028, n=5) == 6
 
 
 # --- paired initialisation -----------------------------------------------------------------------

@@ -68,15 +68,6 @@ def differences(d: list[float], below: str = "better", above: str = "worse") -> 
     return out
 
 
-def seeds_needed(sd: float, delta: float, n: int) -> int | None:
-    """Seeds a paired comparison needs to detect a true difference ``delta`` with 80% power, given the
-    paired sd measured with ``n`` seeds (its t quantiles used as the planning values)."""
-    if not sd or not delta or n < 2:
-        return None
-    factor = t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)
-    return max(2, math.ceil((factor * sd / abs(delta)) ** 2))
-
-
 def holm(p_values: list[float | None], level: float = LEVEL) -> list[bool]:
     """Which hypotheses Holm's step-down procedure rejects at family level ``level`` (None: not tested)."""
     tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
