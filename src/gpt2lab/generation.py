@@ -74,7 +74,9 @@ def stream(
     a while the first time, so it pays for long or repeated generation. The KV cache then stays on the
     model, and later calls of the same batch size that fit in it reuse it and the compiled code,
     whatever their lengths; a longer call at least doubles it and compiles once more
-    (``GPT.setup_cache``'s ``keep``; ``model.clear_cache()`` frees it)."""
+    (``GPT.setup_cache``'s ``keep``; ``model.clear_cache()`` frees it). To compile once for calls of
+    up to L steps (prompt + new tokens) in rows of B, keep a cache of that size first:
+    ``model.setup_cache(B, L, keep=True)``."""
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
