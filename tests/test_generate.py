@@ -449,6 +449,10 @@ def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt
     assert same_tokens([SHORT[:1], SHORT], 8) and model.cache_len == 11  # another batch size: its own
     model.clear_cache()
     assert (model.h[0].attn.kv_cache, model.cache_len, model.cache_kept) == (None, 0, False)
+    model.setup_cache(1, 5, keep=True)
+    model.setup_cache(1, 8)
+    assert model.cache_len == 64  # growing from 5 steps: to 64 at least, not 10
+    model.clear_cache()
     capped = make_gpt(seed=8, block_size=100)
     capped.setup_cache(1, 60, keep=True)
     capped.setup_cache(1, 70)

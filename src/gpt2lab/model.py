@@ -38,6 +38,7 @@ except ImportError:
     BlockMask = create_block_mask = flex_attention = None
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+MIN_GROWN_CACHE = 64  # time steps a kept KV cache grows to at least (GPT.kept_cache_len)
 _BLOCK_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 
 
@@ -372,19 +373,21 @@ class GPT(nn.Module):
     def kept_cache_len(self, batch_size: int, max_seq_len: int) -> int:
         """The time steps of a kept KV cache (``setup_cache``'s ``keep``) that a call of ``batch_size``
         rows and ``max_seq_len`` steps runs in: the present cache's if it fits; if a call of its batch
-        size needs more, at least twice as many (at most the learned positions, which ``max_seq_len``
-        never exceeds); else (no cache, or another batch size) just what the call needs. Repeated calls
-        of one shape attend over no more than they need, and a session whose calls grow compiles its
-        step for a few cache lengths only (at most 5 from 64 to GPT-2's 1,024 positions). A shorter
-        call in a longer cache attends over its whole length if compiled (static shapes); an eager one
-        reads only the steps written."""
+        size needs more, at least twice as many and at least ``MIN_GROWN_CACHE`` (at most the learned
+        positions, which ``max_seq_len`` never exceeds); else (no cache, or another batch size) just
+        what the call needs. Repeated calls of one shape attend over no more than they need, and a
+        session whose calls grow compiles its step for a few cache lengths only (at most 6 up to
+        GPT-2's 1,024 positions, within dynamo's limit of 8 compiles per function). A shorter call in
+        a longer cache attends over its whole length if compiled (static shapes); an eager one reads
+        only the steps written."""
         cache = self.h[0].attn.kv_cache if len(self.h) else None
         if cache is None or cache.k.shape[0] != batch_size:
             return max_seq_len
         if max_seq_len <= self.cache_len:
             return self.cache_len
         limit = self.config.max_positions
-        grown = 2 * self.cache_len if limit is None else min(2 * self.cache_len, limit)
+        grown = max(2 * self.cache_len, MIN_GROWN_CACHE)
+        grown = grown if limit is None else min(grown, limit)
         return max(grown, max_seq_len)
 
     def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
