@@ -278,6 +278,21 @@ def test_bad_inference_option(case, tiny_dir, tmp_path, capsys):
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    ("option", "phrase"),
+    [
+        (["--max-new-tokens", "-3"], "max_new_tokens must be >= 0"),
+        (["--temperature", "-1"], "temperature must be a number >= 0"),
+        (["--top-k", "0"], "top_k must be at least 1"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_generation_settings_fail_before_the_model_loads(option, phrase, tmp_path, capsys):
+    """A model that does not exist (a hub name would be a download) is never reached."""
+    argv = ["generate", "--prompt", "hi", "--model", str(tmp_path / "missing"), *option]
+    _assert_one_line_error(capsys, argv, phrase)
+
+
 def test_malicious_pickle_message_never_suggests_turning_the_protection_off(tiny_dir, tmp_path, capsys):
     d = _model(tiny_dir, tmp_path)
     (d / "model.safetensors").unlink()

@@ -67,11 +67,12 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from gpt2lab.generation import generate, stream_text
+    from gpt2lab.generation import check_sampling, generate, stream_text
     from gpt2lab.load import load_for_inference
 
     if args.num_samples < 1:
         raise GPT2LabError(f"--num-samples must be at least 1, got {args.num_samples}")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before a model loads
     model, tok = load_for_inference(args.model, args.device, args.dtype, args.int8)
     ids = _encode(tok, args.prompt)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

@@ -46,10 +46,18 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None
+) -> None:
+    """Refuse generation settings no model can run; ``vocab_size`` None (no model loaded yet) leaves
+    top_k's upper bound to the later check."""
+    if max_new_tokens < 0:
+        raise GPT2LabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise GPT2LabError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
+    if top_k is not None and vocab_size is None and top_k < 1:
+        raise GPT2LabError(f"top_k must be at least 1, got {top_k}")
+    if top_k is not None and vocab_size is not None and not 1 <= top_k <= vocab_size:
         raise GPT2LabError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
@@ -80,9 +88,7 @@ def stream(
     config = model.config
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
-    if max_new_tokens < 0:
-        raise GPT2LabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p, config.vocab_size)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, config.vocab_size)
     P = max(len(p) for p in prompts)
     if config.max_positions is not None and P + max_new_tokens > config.max_positions:
         raise GPT2LabError(
