@@ -105,10 +105,19 @@ def cpu_flags() -> set[str]:
     return set((_cpuinfo("flags") or "").split())
 
 
-def int8_reduce_range() -> bool:
-    """Whether fbgemm's int8 kernel needs 7-bit inputs here: yes without AVX-512 VNNI, whose
-    instruction sums into 32 bits, where the AVX2 kernel's 16-bit pair sums could saturate."""
-    return "avx512_vnni" not in cpu_flags()
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first with VNNI: its int8 kernels then saturate too
+ONEDNN_ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def int8_weight_levels() -> int:
+    """The largest magnitude an int8 weight may take here: 127, or 63 where an int8 kernel would
+    multiply without VNNI. Without it both kernels multiply unsigned 8-bit inputs (fbgemm's own, or
+    oneDNN's signed ones shifted by 128) by signed 8-bit weights into 16-bit pair sums that saturate
+    past 32,767: 255 x 127 x 2 would. Weights within 63 keep every pair sum exact (255 x 63 x 2 =
+    32,130). fbgemm has VNNI kernels for AVX-512 only, so an AVX2 CPU with AVX-VNNI gets 63 too, as
+    does oneDNN capped below VNNI by ``ONEDNN_MAX_CPU_ISA``."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_VNNI
+    return 127 if "avx512_vnni" in cpu_flags() and not capped else 63
 
 
 def machine_key() -> str:
@@ -263,10 +272,9 @@ def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> di
 def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):
     """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights."""
     if kind == "int8":
-        reduce_range = int8_reduce_range()
         scale = torch.full((n,), 0.01)
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
-        return lambda: [ops.int8_linear(x, p, kernel, reduce_range) for p in packed]
+        return lambda: [ops.int8_linear(x, p, kernel) for p in packed]
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
     if kind == "gelu":  # the product and its activation, fused or one after the other
         return lambda: [ops.linear_gelu(x, w, kernel=kernel) for w in weights]

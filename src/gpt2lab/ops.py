@@ -247,12 +247,13 @@ def int8_kernels(rows: int) -> tuple[str, ...]:
     return INT8_KERNELS if rows == 1 and has_fbgemm else ("int_mm",)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, float32 scale per output channel): symmetric, the largest magnitude of each row
-    of ``weight`` (out, in) maps to 127."""
+    of ``weight`` (out, in) maps to ``levels`` (127; 63 where the kernels lack VNNI:
+    ``gpt2lab.kernels.int8_weight_levels``)."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / levels
+    return (w / scale[:, None]).round_().clamp_(-levels, levels).to(torch.int8), scale
 
 
 def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
@@ -266,12 +267,12 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
     return qweight.t(), scale, None if bias is None else bias.detach().float()  # (in, out) view: _int_mm's B
 
 
-def int8_linear(x: torch.Tensor, packed, kernel: str, reduce_range: bool) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
-    quantized to 8 bits per row, int32 accumulation, float32 out. ``reduce_range`` (7-bit inputs)
-    keeps fbgemm's AVX2 kernel from saturating its 16-bit pair sums; VNNI CPUs need it not."""
+    quantized to 8 bits per row, int32 accumulation, float32 out. Exact in int32 where the kernel has
+    VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
     if kernel == "fbgemm":
-        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+        return torch.ops.quantized.linear_dynamic(x, packed, False)
     qweight_t, scale, bias = packed
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
     qx = torch.div(x, x_scale).round_().to(torch.int8)

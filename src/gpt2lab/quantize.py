@@ -2,12 +2,14 @@
 
 A decode step at batch 1 reads every weight once per token, so it is bound by memory bandwidth; int8
 weights read a quarter of float32's bytes. Each weight row (output channel) gets its own float32 scale
-(its largest magnitude maps to 127); each input row (token) is quantized on the fly with its own
-scale; products accumulate in int32 and come out in float32, plus the float32 bias. Which int8 kernel
-runs a product (fbgemm, or ``torch._int_mm`` on oneDNN, which uses AMX or VNNI where the CPU has them)
-is measured per shape and row count like the float32 ones (``gpt2lab.kernels``). The embedding table
-stays float32 (a lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and
-the top-1 agreement with float32 are measured in bench/peers.py and checked in tests/test_quantize.py.
+(its largest magnitude maps to 127, or to 63 on a CPU whose int8 kernels lack VNNI, where larger
+weights could saturate their 16-bit sums: ``kernels.int8_weight_levels``); each input row (token) is
+quantized on the fly with its own scale; products accumulate in int32 and come out in float32, plus
+the float32 bias. Which int8 kernel runs a product (fbgemm, or ``torch._int_mm`` on oneDNN, which uses
+AMX or VNNI where the CPU has them) is measured per shape and row count like the float32 ones
+(``gpt2lab.kernels``). The embedding table stays float32 (a lookup reads one row); the tied lm_head
+gets its own int8 copy. The logit error and the top-1 agreement with float32 are measured in
+bench/peers.py and checked in tests/test_quantize.py.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ class Int8Linear(nn.Module):
     """An inference-only ``ops.Linear`` with an int8 weight and a float32 scale per output channel;
     the kernel of each product comes from ``table`` (a ``kernels.KernelTable``; None: the fallback)."""
 
-    def __init__(self, linear: nn.Linear, table: kernels.KernelTable | None, reduce_range: bool) -> None:
+    def __init__(self, linear: nn.Linear, table: kernels.KernelTable | None, levels: int = 127) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scale = ops.quantize_weight(linear.weight)
+        qweight, scale = ops.quantize_weight(linear.weight, levels)
         self.register_buffer("qweight", qweight)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.table, self.reduce_range = table, reduce_range
+        self.table = table
         self._packed: dict[str, object] = {}  # kernel -> the weight as it reads it, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ class Int8Linear(nn.Module):
             if kernel not in self._packed:
                 self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
             packed = self._packed[kernel]
-        y = ops.int8_linear(x2, packed, kernel, self.reduce_range)
+        y = ops.int8_linear(x2, packed, kernel)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -62,11 +64,11 @@ def quantize_int8(model: GPT) -> GPT:
     int8; the original is left as it is."""
     if model.wte.weight.device.type != "cpu" or model.wte.weight.dtype != torch.float32:
         raise GPT2LabError("int8 quantization is for float32 models on the CPU; load with --device cpu --dtype float32")
-    reduce_range = kernels.int8_reduce_range()
+    levels = kernels.int8_weight_levels()
     table = model.lm_head.table if isinstance(model.lm_head, ops.Linear) else None
     quantized = copy.deepcopy(model).eval()
     for module in list(quantized.modules()):
         for name, child in module.named_children():
             if isinstance(child, ops.Linear):
-                setattr(module, name, Int8Linear(child, table, reduce_range))
+                setattr(module, name, Int8Linear(child, table, levels))
     return quantized
