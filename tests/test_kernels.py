@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +228,20 @@ def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, remember_kernels, mo
 def test_gelu_kind_times_the_product_and_its_activation():
     times = kernels.measure(512, 128, 32, kind="gelu", repeat=2)
     assert set(times) == {"onednn", "torch", "onednn_gelu"} and all(0 < t < 1 for t in times.values())
+
+
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+PARITY_TESTS = ["tests/test_hf.py", "tests/test_ops.py", "tests/test_quantize.py", "tests/test_generate.py"]
+
+
+def test_the_parity_tests_pass_with_avx2_kernels_only():
+    """Every x86 CPU gpt2lab runs on has AVX2; not every one has AVX-512, VNNI or AMX. With torch, oneDNN
+    and MKL held to AVX2, as on such a CPU, the parity tests (transformers' logits, the float32 and int8
+    kernels, KV-cache decoding) pass too, with kernel choices measured for that CPU."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, **AVX2_ONLY}
+    env.pop(kernels.ENV_CACHE, None)  # the inner session keeps a kernel file of its own
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *PARITY_TESTS]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]
