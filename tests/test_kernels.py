@@ -230,6 +230,23 @@ def test_gelu_kind_times_the_product_and_its_activation():
     assert set(times) == {"onednn", "torch", "onednn_gelu"} and all(0 < t < 1 for t in times.values())
 
 
+def test_a_measurement_holds_for_one_wait_policy_and_library_instruction_cap(monkeypatch):
+    """Choices measured with OpenMP's threads spinning, or with MKL and oneDNN free to use every instruction,
+    are not reused where they sleep or are held to fewer (ATEN_CPU_CAPABILITY shows in the CPU model)."""
+    for name in ("OMP_WAIT_POLICY", *kernels.LIBRARY_ISA_CAPS):
+        monkeypatch.delenv(name, raising=False)
+    keys = {kernels.machine_key()}
+    for name, value in (
+        ("OMP_WAIT_POLICY", "PASSIVE"),
+        ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+        ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+    ):
+        monkeypatch.setenv(name, value)
+        keys.add(kernels.machine_key())
+    assert len(keys) == 4
+    assert kernels.machine_key().endswith("MKL_ENABLE_INSTRUCTIONS=AVX2 | ONEDNN_MAX_CPU_ISA=AVX2")
+
+
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 PARITY_TESTS = ["tests/test_hf.py", "tests/test_ops.py", "tests/test_quantize.py", "tests/test_generate.py"]
 

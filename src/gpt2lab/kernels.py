@@ -6,7 +6,8 @@ AVX2-only AMD EPYC and an AVX-512/AMX Intel Xeon, and between one row (decoding,
 weight streams from memory) and hundreds (prefill and training, bound by arithmetic). So, like
 cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a layer meets a
 (out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
-fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count.
+fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count
+(``machine_key``).
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
 between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's first product outside
 training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``); and a product
@@ -120,11 +121,17 @@ def int8_weight_levels() -> int:
     return 127 if "avx512_vnni" in cpu_flags() and not capped else 63
 
 
+LIBRARY_ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")  # torch's own: ATEN_CPU_CAPABILITY
+
+
 def machine_key() -> str:
-    """What a measurement is valid for: the CPU, the torch build, the thread count and how idle threads
-    wait (a kernel call's fixed cost depends on it: ``gpt2lab.cli.openmp_wait_policy``)."""
+    """What a measurement is valid for: the CPU, the torch build, the thread count, how idle threads
+    wait (a kernel call's fixed cost depends on it: ``gpt2lab.cli.openmp_wait_policy``) and any cap
+    on the instructions MKL and oneDNN may use (the CPU model names torch's own, ``cpu_model``)."""
     wait = os.environ.get("OMP_WAIT_POLICY", "default").lower()
-    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | wait {wait}"
+    key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | wait {wait}"
+    caps = [f"{name}={os.environ[name]}" for name in LIBRARY_ISA_CAPS if os.environ.get(name)]
+    return " | ".join([key, *caps])
 
 
 def default_path() -> Path:
