@@ -26,12 +26,13 @@ from gpt2lab.model import GPT
 
 class Int8Linear(nn.Module):
     """An inference-only ``ops.Linear`` with an int8 weight and a float32 scale per output channel;
-    the kernel of each product comes from ``table`` (a ``kernels.KernelTable``; None: the fallback)."""
+    the kernel of each product comes from ``table`` (a ``kernels.KernelTable``; None: the fallback).
+    ``levels``: the weight's largest magnitude (None: what this CPU's kernels sum exactly)."""
 
-    def __init__(self, linear: nn.Linear, table: kernels.KernelTable | None, levels: int = 127) -> None:
+    def __init__(self, linear: nn.Linear, table: kernels.KernelTable | None, levels: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scale = ops.quantize_weight(linear.weight, levels)
+        qweight, scale = ops.quantize_weight(linear.weight, levels or kernels.int8_weight_levels())
         self.register_buffer("qweight", qweight)  # (out, in) int8
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
