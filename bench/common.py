@@ -91,13 +91,15 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
 
 
 def cpu_header(threads: int) -> str:
-    """The CPU model and its vector extensions (the ones matmul kernels use), torch's version and the
-    thread count: what a benchmark's figures hold for."""
-    from gpt2lab.kernels import cpu_flags, cpu_model
+    """The CPU model and its vector extensions (the ones matmul kernels use), torch's version, the
+    thread count and the int8 weights' bits: what a benchmark's figures hold for."""
+    from gpt2lab.kernels import cpu_flags, cpu_model, int8_weight_levels
 
     flags = cpu_flags()
     present = [f for f in VECTOR_FLAGS if f in flags] or ["(flags unknown on this OS)"]
+    bits = 8 if int8_weight_levels() == 127 else 7
     return (
         f"CPU: {cpu_model()}, {platform.machine()}; flags: {' '.join(present)}\n"
-        f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}"
+        f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}, "
+        f"int8 weights of {bits} bits"
     )
