@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -424,6 +428,55 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, m
     assert generate(model, second, 8, temperature=0, eos_id=None, compile=True) == changed
     assert len(resets) == 1
     model.clear_cache()
+
+
+CACHED_STEPS = """
+import copy, json, sys, torch
+from torch._dynamo.utils import counters
+from gpt2lab import GPT, GPTConfig, generate
+torch.manual_seed(int(sys.argv[1]))
+model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
+with torch.no_grad():
+    for p in model.parameters():
+        p.normal_(0, 0.3)
+reference = copy.deepcopy(model)  # decodes eagerly, changed alongside
+one, two = [[5, 17, 3]], [[5, 17, 3], [5, 17]]
+
+def same(prompts, n):
+    tokens = generate(model, prompts, n, temperature=0, eos_id=None, compile=True)
+    return tokens, tokens == generate(reference, prompts, n, temperature=0, eos_id=None)
+
+tokens, first = same(one, 12)
+checks = [first]
+if sys.argv[2] == "both":  # batch 2 as well, and both again after a change of weights
+    checks.append(same(two, 8)[1])
+    with torch.no_grad():
+        for m in (model, reference):
+            m.h[0].mlp.c_fc.weight.mul_(-3)
+    checks += [same(two, 8)[1], same(one, 12)[1]]
+print(json.dumps({"tokens": tokens, "same": checks, **counters["inductor"]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_one_row_step_comes_from_inductors_cache_in_a_new_process(tmp_path):
+    """A float32 batch-1 compiled step is stored in inductor's on-disk cache: a new process compiling a
+    model of the same shapes takes it from there, as does a process whose weights changed, each
+    decoding the weights at hand (another seed, other tokens). A step on laid-out weights (batch 2) is
+    neither stored nor taken from the cache: the copies its kernels read are made when it compiles,
+    so a stored one would decode the old weights after the change, as it did before it was kept out."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+
+    def run(seed: int, batches: str) -> dict:
+        args = [sys.executable, "-c", CACHED_STEPS, str(seed), batches]
+        return json.loads(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout)
+
+    first, second = run(1, "both"), run(2, "one")
+    assert first["same"] == [True] * 4 and second["same"] == [True]
+    assert first["tokens"] != second["tokens"]
+    assert (first.get("fxgraph_cache_miss"), first.get("fxgraph_cache_hit")) == (1, 1)  # after the change
+    assert (second.get("fxgraph_cache_miss"), second.get("fxgraph_cache_hit")) == (None, 1)
+    assert not first.get("fxgraph_cache_bypass") and not second.get("fxgraph_cache_bypass")
 
 
 def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt):

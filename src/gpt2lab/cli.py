@@ -223,8 +223,9 @@ COMMANDS: dict[str, Command] = {
                 help="torch.compile the decode step (CUDA graphs on a GPU; on the CPU a C++ wrapper with the "
                 "weights frozen in and the products autotuned): faster per token (several times on a GPU; on "
                 "the CPU about 1.4x at batch 1, 2x with --int8, less on long generations), after a compile of "
-                "30-60 s the first time in a process; on the CPU it holds a copy of the weights while the "
-                "process lives (docs/benchmarks.md)",
+                "20-60 s. On the CPU a single float32 sample's step stays in inductor's on-disk cache, so later "
+                "runs compile it in seconds; with --int8 or --num-samples above 1 each run compiles in full, and "
+                "the step holds a copy of the weights while the process lives (docs/benchmarks.md)",
             ),
             *MODEL_OPTIONS,
         ],

@@ -176,10 +176,11 @@ def compiled_decode(model: GPT) -> Callable:
     per-kernel launch cost a decode step is made of: on a GPU as CUDA graphs; on the CPU with
     inductor's C++ wrapper (the step's dozens of kernels are called from C++, not Python), its weights
     frozen into the compiled code as constants, and its products autotuned: inductor times its own C++
-    matrix kernels against ATen's for each product and keeps the faster, with the weight laid out for
-    it (``freezing``, ``max_autotune``). Frozen weights do not follow later changes, so when ``model``'s
-    weights changed since its last compiled CPU step, every compiled function of the process is
-    dropped (``torch.compiler.reset``) and compiles again on its next call."""
+    matrix kernels against ATen's for each product and keeps the faster (``freezing``, ``max_autotune``;
+    ``prepacks_weights`` says where its kernels read the weights laid out anew). Frozen weights do not
+    follow later changes, so when ``model``'s weights changed since its last compiled CPU step, every
+    compiled function of the process is dropped (``torch.compiler.reset``) and compiles again on its
+    next call."""
     device = model.wte.weight.device
     if device.type not in _compiled:
         if device.type == "cuda":
@@ -199,16 +200,35 @@ def compiled_decode(model: GPT) -> Callable:
 
 def _frozen(step: Callable) -> Callable:
     """``step`` traced and compiled with inductor's freezing on (read when dynamo traces, so it wraps
-    every call; it applies without gradients only, which generation runs under). Autotuning's own
-    deprecation warning (inductor calls ``Tensor.storage()``) is kept out of the output."""
+    every call; it applies without gradients only, which generation runs under), and with the weights
+    laid out for inductor's own matrix kernels only where that pays (``prepacks_weights``). A step on
+    laid-out weights stays out of inductor's on-disk cache (``fx_graph_cache``): its kernels read copies
+    of the weights made as it compiles, so a stored one, found again by shapes, would decode the
+    weights it was compiled with. Autotuning's own deprecation warning (inductor calls
+    ``Tensor.storage()``) is kept out of the output."""
 
     @functools.wraps(step)
-    def run(*args):
-        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+    def run(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        prepack = prepacks_weights(model, token.shape[0])
+        options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": not prepack}
+        with torch._inductor.config.patch(options), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-            return step(*args)
+            return step(model, token, input_pos)
 
     return run
+
+
+def prepacks_weights(model: GPT, rows: int) -> bool:
+    """Whether a compiled CPU step of ``rows`` rows lays its frozen weights out for inductor's own
+    matrix kernels (``cpp.weight_prepack``): for int8 products and for float32 ones of two rows or more,
+    where those kernels are up to twice as fast as ATen's on the plain weight. Not for float32 at one
+    row, where ATen's matrix-vector product is nearly as fast (0-9% slower) and the laid-out step costs
+    more: copies of the weights, and MKL-packed ones in its graph, which inductor's on-disk cache cannot
+    store. Without them a later process, or a compile after the weights changed, takes the compiled
+    step from that cache in seconds. ``quantize_int8`` converts every linear layer, the lm_head
+    included, so the lm_head tells which products a model has."""
+    head = model.lm_head
+    return rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32)
 
 
 def frozen_weights_key(model: GPT) -> tuple:
