@@ -77,7 +77,12 @@ def _generate(args: argparse.Namespace) -> None:
     ids = _encode(tok, args.prompt)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.compile:
-        print("compiling the decode step before the first new token (up to a minute)", file=sys.stderr, flush=True)
+        print(
+            "compiling the decode step before the first new token (up to a minute; seconds where inductor's "
+            "cache already holds it)",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.num_samples == 1:  # stream_text stops at the tokenizer's own end of text
         pieces = stream_text(model, tok, ids, args.max_new_tokens, **sampling, compile=args.compile)  # checks first
         print(args.prompt, end="", flush=True)
