@@ -24,6 +24,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
@@ -177,20 +178,12 @@ def bench_compile(hf, ours) -> None:
     bandwidth = memory_read_gbs() * 1e9
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
     ours.setup_cache(1, 16 + 1000, keep=True)  # the kept cache the timed calls run in: compiled for below
-    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            t0 = time.perf_counter()
-            generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
-            compile_s = time.perf_counter() - t0
-            child = [sys.executable, "-c", NEW_PROCESS_COMPILE, str(torch.get_num_threads())]
-            again_s = float(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
-        finally:
-            if previous is None:
-                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):
+        t0 = time.perf_counter()
+        generate(ours, prompt.tolist(), 8, temperature=0, eos_id=None, compile=True)
+        compile_s = time.perf_counter() - t0
+        child = [sys.executable, "-c", NEW_PROCESS_COMPILE, str(torch.get_num_threads())]
+        again_s = float(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
 
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
