@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from gpt2lab.errors import GPT2LabError
 
@@ -496,6 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     openmp_wait_policy(os.environ)
+    code = _run(args)
+    if args.func is _train and "RANK" in os.environ:
+        _exit_torchrun_worker(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except GPT2LabError as e:
@@ -506,6 +514,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _exit_torchrun_worker(code: int) -> NoReturn:
+    """End a torchrun training process without the interpreter's shutdown.
+
+    Once DDP, FSDP or distributed checkpointing has used a gloo process group, torch keeps it, and its
+    worker threads, alive past ``destroy_process_group``. A worker that releases the last collective's
+    tensors while the interpreter shuts down must take the GIL, and Python ends the thread instead, which
+    aborts the process ("terminate called without an active exception", SIGABRT) after a run that
+    succeeded. Everything the run wrote is closed by now; only buffered output remains to flush.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
