@@ -473,7 +473,8 @@ def test_a_compiled_one_row_step_comes_from_inductors_cache_in_a_new_process(tmp
     so a stored one would decode the old weights after a change. Compiled after the batch-1 step, it
     still gets inductor's MKL weight packing (which freezing sets up once per process); a batch-1
     step compiled after it is packed too, so it compiles in full, and still decodes the change."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    # a CPU whose layers read one row with MKL, where the one-row step is not laid out (prepacks_weights)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "GPT2LAB_LINEAR_KERNEL": "torch"}
 
     def run(seed: int, batches: str) -> dict:
         args = [sys.executable, "-c", CACHED_STEPS, str(seed), batches]
@@ -486,6 +487,24 @@ def test_a_compiled_one_row_step_comes_from_inductors_cache_in_a_new_process(tmp
     # batch 1: stored, then found after the change; once batch 2 set MKL packing up, packed, not cached
     assert hits[0] == {"miss": 1, "hit": 1, "bypass": 1} and first["packing"]
     assert hits[1] == {"miss": 0, "hit": 1, "bypass": 0}
+
+
+@pytest.mark.parametrize("kernel", ["torch", "onednn"])
+def test_a_one_row_float32_step_is_laid_out_where_mkl_reads_one_row_slower(make_gpt, remember_kernels, kernel):
+    """A compiled float32 step of one row reads the frozen weights as they are (ATen's matrix-vector
+    product: MKL) where the kernel table chose MKL for the model's one-row products, and lays them out
+    for inductor's kernels (oneDNN's) where it chose oneDNN; two rows and int8 are always laid out."""
+    from gpt2lab.generation import prepacks_weights
+    from gpt2lab.quantize import quantize_int8
+
+    if kernel == "onednn" and not ops.onednn_available():
+        pytest.skip("oneDNN does not run on this CPU: MKL is the only one-row kernel")
+    shapes = {(3 * 48, 48), (48, 48), (4 * 48, 48), (48, 4 * 48), (89, 48)}  # this model's products only
+    times = {"onednn": 1.0, "torch": 1.0}
+    remember_kernels({f"float32 {o}x{i} rows 1": {"kernel": kernel, "us_per_product": times} for o, i in shapes})
+    model = make_gpt(vocab_size=89, n_embd=48, n_head=4)
+    assert prepacks_weights(model, 1) == (kernel == "onednn")
+    assert prepacks_weights(model, 2) and prepacks_weights(quantize_int8(model), 1)
 
 
 def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt):

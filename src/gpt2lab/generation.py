@@ -13,7 +13,7 @@ import torch
 
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
-from gpt2lab.ops import weight_key
+from gpt2lab.ops import Linear, weight_key
 from gpt2lab.tokenizer import EOT
 
 
@@ -235,15 +235,36 @@ def _let_freezing_pack_weights() -> None:
 
 def prepacks_weights(model: GPT, rows: int) -> bool:
     """Whether a compiled CPU step of ``rows`` rows lays its frozen weights out for inductor's own
-    matrix kernels (``cpp.weight_prepack``): for int8 products and for float32 ones of two rows or more,
-    where those kernels are up to twice as fast as ATen's on the plain weight. Not for float32 at one
-    row, where ATen's matrix-vector product is nearly as fast (0-9% slower) and the laid-out step costs
-    more: copies of the weights, and MKL-packed ones in its graph, which inductor's on-disk cache cannot
-    store. Without them a later process, or a compile after the weights changed, takes the compiled
-    step from that cache in seconds. ``quantize_int8`` converts every linear layer, the lm_head
-    included, so the lm_head tells which products a model has."""
+    matrix kernels (``cpp.weight_prepack``, which makes its float32 products oneDNN's): for int8
+    products and for float32 ones of two rows or more, where those kernels are up to twice as fast as
+    ATen's on the plain weight. At one float32 row it depends on the CPU (``mkl_reads_one_row_faster``):
+    where MKL's matrix-vector product, what ATen runs on the plain weights, is the one-row kernel the
+    table measured faster, the step reads the frozen weights as they are; the laid-out step would cost
+    more: copies of the weights, and MKL-packed ones in its graph, which inductor's on-disk cache
+    cannot store. Without them a later process, or a compile after the weights changed, takes the
+    compiled step from that cache in seconds. ``quantize_int8`` converts every linear layer, the
+    lm_head included, so the lm_head tells which products a model has."""
     head = model.lm_head
-    return rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32)
+    if rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32):
+        return True
+    return not mkl_reads_one_row_faster(model)
+
+
+def mkl_reads_one_row_faster(model: GPT) -> bool:
+    """Whether most of ``model``'s float32 weight bytes are read by MKL (``F.linear``) at one row, as
+    each layer's kernel choice says (``ops.Linear.kernel_for``: the kernel table measures it on this
+    machine the first time). On the Xeon of docs/benchmarks.md it is, and a compiled one-row step on
+    the plain weights is level with the laid-out one; on the AMD EPYC there MKL's one-row product
+    takes about twice oneDNN's time, and the compiled step on the plain weights ran at two thirds of
+    the eager step's speed."""
+    mkl = onednn = 0
+    for layer in model.modules():
+        if isinstance(layer, Linear):
+            if layer.kernel_for(1) == "torch":
+                mkl += layer.weight.numel()
+            else:
+                onednn += layer.weight.numel()
+    return mkl >= onednn
 
 
 def frozen_weights_key(model: GPT) -> tuple:
