@@ -68,11 +68,18 @@ def matmul_gflops(repeat: int = 10) -> float:
 
 
 def read_probe(n_bytes: int):
-    """A function that reads ``n_bytes`` of float32 once, as a decode step reads its weights: one
-    matrix-vector product by a (rows, 4096) matrix much larger than the caches (the fastest read torch
-    does here; a sum over the same buffer reads about a fifth slower)."""
-    matrix, vector = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(4096)
-    return lambda: torch.mv(matrix, vector)
+    """A function that reads ``n_bytes`` of float32 once, as a decode step reads its weights: a one-row
+    product by a (rows, 4096) matrix much larger than the caches, through whichever of torch's two
+    matmul libraries reads it faster on this CPU, as for the matmul ceiling: MKL's matrix-vector
+    product or oneDNN's (on the AMD EPYC of docs/benchmarks.md MKL read at about two thirds of
+    oneDNN's rate). Chosen by timing both three times."""
+    from gpt2lab import ops
+
+    matrix, row = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(1, 4096)
+    probes = [lambda: torch.mv(matrix, row[0])]
+    if ops._onednn is not None:
+        probes.append(lambda: ops.linear(row, matrix))
+    return min(probes, key=lambda fn: timeit(fn, repeat=3, warmup=1))
 
 
 def memory_read_gbs(n_bytes: int = 512 * 2**20, repeat: int = 5) -> float:

@@ -141,3 +141,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def always_compiled(monkeypatch):
+    """Compiled CPU steps decode every step, not timed against the eager step (which could be kept)."""
+    from gpt2lab import generation
+
+    monkeypatch.setattr(generation, "TIME_COMPILED_STEPS", False)

@@ -62,7 +62,7 @@ def test_generate_greedy_is_the_library_continuation(capsys, tiny_dir):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")  # the caches turned off below
-def test_generate_compile_prints_the_eager_text(capsys, tiny_dir):
+def test_generate_compile_prints_the_eager_text(always_compiled, capsys, tiny_dir):
     """`generate --compile` prints the same greedy text as the eager step and nothing else on stdout;
     stderr says that it compiles, and inductor's autotuning tables stay out of it (its caches are off,
     so the products are autotuned here)."""

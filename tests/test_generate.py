@@ -385,7 +385,7 @@ def test_stream_checks_its_arguments_when_called(make_gpt):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
+def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, int8):
     """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
     step; an int8 model compiles its products as torch._int_mm, so it is checked against eager int8
     run on that kernel."""
@@ -405,7 +405,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(make_gpt, int8):
 
 
 @pytest.mark.slow
-def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, monkeypatch):
+def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_compiled, make_gpt, monkeypatch):
     """The compiled CPU step freezes the weights into its code, yet a second call of the same shape
     with other left padding reads that call's padding (without compiling again), and after the
     weights change in place it compiles again instead of decoding with the old ones: each time the
@@ -433,7 +433,8 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(make_gpt, m
 CACHED_STEPS = """
 import copy, json, sys, torch
 from torch._dynamo.utils import counters
-from gpt2lab import GPT, GPTConfig, generate
+from gpt2lab import GPT, GPTConfig, generate, generation
+generation.TIME_COMPILED_STEPS = False  # every step compiled: this counts inductor's cache hits
 torch.manual_seed(int(sys.argv[1]))
 model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
 with torch.no_grad():
@@ -507,6 +508,43 @@ def test_a_one_row_float32_step_is_laid_out_where_mkl_reads_one_row_slower(make_
     assert prepacks_weights(model, 2) and prepacks_weights(quantize_int8(model), 1)
 
 
+@pytest.mark.parametrize("slow", ["compiled", "eager"])
+def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, monkeypatch, slow):
+    """A compiled CPU step is timed against the eager one on the call's first steps; the faster one
+    decodes the rest of the call and later calls of that batch size and cache length, with the eager
+    tokens either way. Here the "compiled" step is the eager one counted, and one of the two is delayed."""
+    import time
+
+    from gpt2lab import generation
+
+    eager_step, calls = generation.decode_one_token, {"compiled": 0, "eager": 0}
+
+    def timed(kind: str):
+        def step(*args):
+            calls[kind] += 1
+            if kind == slow:
+                time.sleep(0.01)
+            return eager_step(*args)
+
+        return step
+
+    monkeypatch.setattr(generation, "compiled_decode", lambda model: timed("compiled"))
+    monkeypatch.setattr(generation, "decode_one_token", timed("eager"))
+    model = make_gpt(seed=3)
+    want = generate(copy.deepcopy(model), [SHORT], 20, temperature=0, eos_id=None)
+    calls.update(compiled=0, eager=0)
+    assert generate(model, [SHORT], 20, temperature=0, eos_id=None, compile=True) == want
+    fast = "eager" if slow == "compiled" else "compiled"
+    timed_steps = generation.TIMED_STEPS
+    assert calls[slow] == timed_steps + (slow == "compiled")  # the compiling step, then the timed ones
+    assert calls[fast] == 19 - calls[slow]
+    assert generation._faster_step[model] == {(1, model.cache_len): fast}
+    calls.update(compiled=0, eager=0)
+    assert generate(model, [SHORT], 12, temperature=0, eos_id=None, compile=True) == [want[0][:12]]
+    assert calls == {slow: 0, fast: 11}  # a later call that fits the kept cache: the faster step only
+    model.clear_cache()
+
+
 def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt):
     """A kept KV cache (a compiled step's) outlives its call: later calls of its batch size that fit
     run in the very same buffers, with the tokens of a model that allocates a cache per call; a longer
@@ -542,7 +580,7 @@ def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt
 
 
 @pytest.mark.slow
-def test_compiled_cpu_decode_compiles_once_for_the_calls_its_kept_cache_fits(make_gpt):
+def test_compiled_cpu_decode_compiles_once_for_the_calls_its_kept_cache_fits(always_compiled, make_gpt):
     """Compiled calls of other lengths, and eager calls between them, run in the kept cache the first
     compiled call made, so the step compiles once, and again when a call needs more steps than the
     cache has (it doubles) or has another batch size (a cache of its own, which replaces the last).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import codecs
 import functools
 import math
+import statistics
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -122,10 +124,14 @@ def _stream(
     was_training = model.training
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad, keep=compile)
-    step = compiled_decode(model) if compile else decode_one_token
+    faster = faster_step(model, B) if compile else None
+    compiled = compile and faster != "eager"
+    step = compiled_decode(model) if compiled else decode_one_token
+    if compiled and faster is None and device.type == "cpu" and TIME_COMPILED_STEPS:
+        step = _TimedSteps(model, B, step)
     packed = []
     try:
-        if not compile:  # a compiled step takes F.linear
+        if not compiled:  # a compiled step takes F.linear
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
         logits = prefill(model, idx, torch.arange(P, device=device))
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -143,6 +149,52 @@ def _stream(
             layer.unpack()
         model.clear_cache(packs=False, kv=not model.cache_kept)
         model.train(was_training)
+
+
+# Which decode step ran faster, "compiled" or "eager", per model and (batch size, KV cache length),
+# as _TimedSteps measured it in this process.
+_faster_step: weakref.WeakKeyDictionary[GPT, dict[tuple[int, int], str]] = weakref.WeakKeyDictionary()
+TIME_COMPILED_STEPS = True  # False: a compiled CPU step is kept without timing it against the eager one
+TIMED_STEPS = 4  # decode steps of each kind _TimedSteps times, alternately
+STEP_MARGIN = 0.03  # the eager step is kept only if this much faster than the compiled one
+
+
+def faster_step(model: GPT, rows: int) -> str | None:
+    """Which decode step ``compile=True`` runs on the CPU for ``rows`` rows in ``model``'s kept KV
+    cache: "compiled" or "eager", as timed in this process (``_TimedSteps``); None until timed."""
+    return _faster_step.get(model, {}).get((rows, model.cache_len))
+
+
+class _TimedSteps:
+    """A compiled CPU decode step that, after the call that compiles it, times itself against the
+    eager step (``TIMED_STEPS`` each, alternately, on the call's own tokens) and then runs the faster.
+    Which is faster depends on the CPU: on the Xeon of docs/benchmarks.md the compiled step is, at one
+    and eight rows, float32 and int8; on the AMD EPYC there the compiled int8 step at one row ran at a
+    fifth of the eager step's speed. The verdict holds for later calls of the same batch size and
+    cache length in this process (``_faster_step``); the eager step then also reads MKL-packed copies
+    where they pay. Both steps write the same KV cache, so a call may switch between them."""
+
+    def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
+        self.key, self.model, self.compiled = (rows, model.cache_len), model, compiled
+        self.times: dict[str, list[float]] = {"compiled": [], "eager": []}
+        self.calls = 0
+
+    def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        faster = _faster_step.get(self.model, {}).get(self.key)
+        if self.calls == 1 or faster == "compiled":  # the first call compiles: not timed
+            return self.compiled(model, token, input_pos)
+        if faster == "eager":
+            return decode_one_token(model, token, input_pos)
+        kind = "eager" if len(self.times["eager"]) < len(self.times["compiled"]) else "compiled"
+        start = time.perf_counter()
+        logits = (self.compiled if kind == "compiled" else decode_one_token)(model, token, input_pos)
+        self.times[kind].append(time.perf_counter() - start)
+        if len(self.times["eager"]) == TIMED_STEPS:
+            eager, compiled = (statistics.median(self.times[k]) for k in ("eager", "compiled"))
+            verdict = "eager" if eager < (1 - STEP_MARGIN) * compiled else "compiled"
+            _faster_step.setdefault(self.model, {})[self.key] = verdict
+        return logits
 
 
 def prefill(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
