@@ -18,9 +18,11 @@ Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop
 tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
 logits of every position (both repeat one shape and are timed after ``REPEATED_WARMUP`` warm-up calls
 of each engine, bench/common.py). With ``--compile`` the greedy rows of up to 128 tokens run a second time
-with gpt2lab's compiled decode step. A decode row also states each engine's decode speed as a
+with ``compile=True``: the compiled decode step, timed against the eager one on its first steps, the
+faster kept (the compile line says which). A decode row also states each engine's decode speed as a
 fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
-the rate at which torch reads a 1 GiB matrix in a matrix-vector product, timed in the same
+the rate at which torch reads a 1 GiB matrix in a one-row product (MKL's or oneDNN's, whichever is
+faster here: ``common.read_probe``), timed in the same
 alternation (an engine with a faster read than torch's can pass 100%). The 8-bit quality rows compare each
 8-bit engine's logits with gpt2lab's float32 logits on 2 x 256 random tokens.
 

@@ -227,11 +227,12 @@ COMMANDS: dict[str, Command] = {
                 "--compile",
                 action="store_true",
                 help="torch.compile the decode step (CUDA graphs on a GPU; on the CPU a C++ wrapper with the "
-                "weights frozen in and the products autotuned): faster per token (several times on a GPU; on "
-                "the CPU about 1.4x at batch 1, 2x with --int8, less on long generations), after a compile of "
-                "20-60 s. On the CPU a single float32 sample's step stays in inductor's on-disk cache, so later "
-                "runs compile it in seconds; with --int8 or --num-samples above 1 each run compiles in full, and "
-                "the step holds a copy of the weights while the process lives (docs/benchmarks.md)",
+                "weights frozen in and the products autotuned), after a compile of 20-60 s: several times faster "
+                "per token on a GPU; on the CPU timed against the eager step on its first tokens, and the faster "
+                "one decodes (compiled 1.3-2x eager at batch 1 on the CPUs in docs/benchmarks.md; with --int8 "
+                "2x on one, slower than eager on the other). Where the CPU reads one float32 row fastest with "
+                "MKL, a single sample's step stays in inductor's on-disk cache and later runs compile it in "
+                "seconds; otherwise the step holds a copy of the weights while the process lives",
             ),
             *MODEL_OPTIONS,
         ],

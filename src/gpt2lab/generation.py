@@ -81,7 +81,9 @@ def stream(
     here, before the first token is asked for.
 
     ``compile=True`` runs the decode step through torch.compile (``compiled_decode``). Compiling takes
-    a while the first time, so it pays for long or repeated generation. The KV cache then stays on the
+    a while the first time, so it pays for long or repeated generation. On the CPU the compiled step
+    is then timed against the eager one on the call's first steps, and the faster decodes from there
+    on (``faster_step``): which one that is depends on the CPU. The KV cache then stays on the
     model, and later calls of the same batch size that fit in it reuse it and the compiled code,
     whatever their lengths; a longer call at least doubles it and compiles once more
     (``GPT.setup_cache``'s ``keep``; ``model.clear_cache()`` frees it). To compile once for calls of
@@ -287,15 +289,15 @@ def _let_freezing_pack_weights() -> None:
 
 def prepacks_weights(model: GPT, rows: int) -> bool:
     """Whether a compiled CPU step of ``rows`` rows lays its frozen weights out for inductor's own
-    matrix kernels (``cpp.weight_prepack``, which makes its float32 products oneDNN's): for int8
-    products and for float32 ones of two rows or more, where those kernels are up to twice as fast as
-    ATen's on the plain weight. At one float32 row it depends on the CPU (``mkl_reads_one_row_faster``):
-    where MKL's matrix-vector product, what ATen runs on the plain weights, is the one-row kernel the
-    table measured faster, the step reads the frozen weights as they are; the laid-out step would cost
-    more: copies of the weights, and MKL-packed ones in its graph, which inductor's on-disk cache
-    cannot store. Without them a later process, or a compile after the weights changed, takes the
-    compiled step from that cache in seconds. ``quantize_int8`` converts every linear layer, the
-    lm_head included, so the lm_head tells which products a model has."""
+    matrix kernels (``cpp.weight_prepack``): for int8 products and for float32 ones of two rows or
+    more, where those kernels are up to twice as fast as ATen's on the plain weight. At one float32
+    row it depends on the CPU (``mkl_reads_one_row_faster``): where MKL's matrix-vector product, what
+    ATen runs on the plain weights, is the one-row kernel the table measured faster, the step reads
+    the frozen weights as they are; the laid-out step would cost more: copies of the weights, and
+    MKL-packed ones in its graph, which inductor's on-disk cache cannot store. Without them a later
+    process, or a compile after the weights changed, takes the compiled step from that cache in
+    seconds. ``quantize_int8`` converts every linear layer, the lm_head included, so the lm_head
+    tells which products a model has."""
     head = model.lm_head
     if rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32):
         return True
