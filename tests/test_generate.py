@@ -384,13 +384,15 @@ def test_stream_checks_its_arguments_when_called(make_gpt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, int8):
+@pytest.mark.parametrize("int8", [False, "laid out", "plain"], ids=["float32", "int8-laid-out", "int8-plain"])
+def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, monkeypatch, int8):
     """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
     step; an int8 model compiles its products as torch._int_mm, so it is checked against eager int8
-    run on that kernel."""
+    run on that kernel, with its weights laid out for inductor's kernels (AMX CPUs) and as they are."""
+    from gpt2lab import generation
     from gpt2lab.quantize import Int8Linear, quantize_int8
 
+    monkeypatch.setattr(generation, "_has_amx_int8", lambda: int8 == "laid out")
     model = make_gpt(seed=4)
     if int8:
         model = quantize_int8(model)
@@ -491,11 +493,14 @@ def test_a_compiled_one_row_step_comes_from_inductors_cache_in_a_new_process(tmp
 
 
 @pytest.mark.parametrize("kernel", ["torch", "onednn"])
-def test_a_one_row_float32_step_is_laid_out_where_mkl_reads_one_row_slower(make_gpt, remember_kernels, kernel):
+def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
+    make_gpt, remember_kernels, monkeypatch, kernel
+):
     """A compiled float32 step of one row reads the frozen weights as they are (ATen's matrix-vector
     product: MKL) where the kernel table chose MKL for the model's one-row products, and lays them out
-    for inductor's kernels (oneDNN's) where it chose oneDNN; two rows and int8 are always laid out."""
-    from gpt2lab.generation import prepacks_weights
+    for inductor's kernels where it chose oneDNN; two rows are always laid out. int8 steps are laid
+    out, at any row count, where the CPU has AMX int8 tiles, and read the plain weights elsewhere."""
+    from gpt2lab import generation
     from gpt2lab.quantize import quantize_int8
 
     if kernel == "onednn" and not ops.onednn_available():
@@ -504,8 +509,12 @@ def test_a_one_row_float32_step_is_laid_out_where_mkl_reads_one_row_slower(make_
     times = {"onednn": 1.0, "torch": 1.0}
     remember_kernels({f"float32 {o}x{i} rows 1": {"kernel": kernel, "us_per_product": times} for o, i in shapes})
     model = make_gpt(vocab_size=89, n_embd=48, n_head=4)
-    assert prepacks_weights(model, 1) == (kernel == "onednn")
-    assert prepacks_weights(model, 2) and prepacks_weights(quantize_int8(model), 1)
+    assert generation.prepacks_weights(model, 1) == (kernel == "onednn")
+    assert generation.prepacks_weights(model, 2)
+    int8 = quantize_int8(model)
+    for amx in (True, False):
+        monkeypatch.setattr(generation, "_has_amx_int8", lambda amx=amx: amx)
+        assert generation.prepacks_weights(int8, 1) == generation.prepacks_weights(int8, 8) == amx
 
 
 @pytest.mark.parametrize("slow", ["compiled", "eager"])

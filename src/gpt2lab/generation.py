@@ -14,8 +14,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from gpt2lab.errors import GPT2LabError
+from gpt2lab.kernels import cpu_flags
 from gpt2lab.model import GPT
 from gpt2lab.ops import Linear, weight_key
+from gpt2lab.quantize import Int8Linear
 from gpt2lab.tokenizer import EOT
 
 
@@ -263,7 +265,11 @@ def _frozen(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def run(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        prepack = prepacks_weights(model, token.shape[0])
+        layouts = _laid_out.setdefault(model, {})
+        rows = token.shape[0]
+        if rows not in layouts:  # asked once: it reads every layer's kernel choice
+            layouts[rows] = prepacks_weights(model, rows)
+        prepack = layouts[rows]
         if prepack:
             _let_freezing_pack_weights()
         options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": not prepack}
@@ -272,6 +278,10 @@ def _frozen(step: Callable) -> Callable:
             return step(model, token, input_pos)
 
     return run
+
+
+# prepacks_weights of each model, per row count, as _frozen's steps asked it.
+_laid_out: weakref.WeakKeyDictionary[GPT, dict[int, bool]] = weakref.WeakKeyDictionary()
 
 
 def _let_freezing_pack_weights() -> None:
@@ -289,19 +299,29 @@ def _let_freezing_pack_weights() -> None:
 
 def prepacks_weights(model: GPT, rows: int) -> bool:
     """Whether a compiled CPU step of ``rows`` rows lays its frozen weights out for inductor's own
-    matrix kernels (``cpp.weight_prepack``): for int8 products and for float32 ones of two rows or
-    more, where those kernels are up to twice as fast as ATen's on the plain weight. At one float32
-    row it depends on the CPU (``mkl_reads_one_row_faster``): where MKL's matrix-vector product, what
-    ATen runs on the plain weights, is the one-row kernel the table measured faster, the step reads
-    the frozen weights as they are; the laid-out step would cost more: copies of the weights, and
-    MKL-packed ones in its graph, which inductor's on-disk cache cannot store. Without them a later
-    process, or a compile after the weights changed, takes the compiled step from that cache in
-    seconds. ``quantize_int8`` converts every linear layer, the lm_head included, so the lm_head
-    tells which products a model has."""
+    matrix kernels (``cpp.weight_prepack``), which are up to twice as fast as ATen's on the plain
+    weight for float32 products of two rows or more. At one float32 row it depends on the CPU
+    (``mkl_reads_one_row_faster``): where MKL's matrix-vector product, what ATen runs on the plain
+    weights, is the one-row kernel the table measured faster, the step reads the frozen weights as
+    they are; the laid-out step would cost more: copies of the weights, and MKL-packed ones in its
+    graph, which inductor's on-disk cache cannot store. Without them a later process, or a compile
+    after the weights changed, takes the compiled step from that cache in seconds. int8 products are
+    laid out where the CPU has AMX int8 tiles (``amx_int8``): on the Xeon of docs/benchmarks.md the
+    laid-out int8 step took 5.7 ms against 11.6 ms on the plain weights, while on the AMD EPYC there
+    (AVX-512 VNNI, no AMX) it decoded 39-40 tokens/s against 261 (one row) and 716 (eight rows) on
+    the plain weights, where ATen's ``_int_mm`` runs the products. ``quantize_int8`` converts every
+    linear layer, the lm_head included, so the lm_head tells which products a model has."""
     head = model.lm_head
+    if isinstance(head, Int8Linear):
+        return _has_amx_int8()
     if rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32):
         return True
     return not mkl_reads_one_row_faster(model)
+
+
+@functools.cache
+def _has_amx_int8() -> bool:
+    return "amx_int8" in cpu_flags()
 
 
 def mkl_reads_one_row_faster(model: GPT) -> bool:
