@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from common import REPEATED_WARMUP, cpu_header, memory_read_gbs, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
-from gpt2lab.generation import faster_step  # noqa: E402
+from gpt2lab.generation import faster_step, prepacks_weights  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.quantize import quantize_int8  # noqa: E402
 
@@ -279,6 +279,8 @@ def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_C
     ``compiled``, the rows of up to 128 tokens run again with gpt2lab's compiled decode step (compiled
     before timing; the compile time is printed)."""
     probe = read_probe(2**30)  # 1 GiB, read in the same alternation as each row
+    if compiled:  # inductor lays out every step compiled after a laid-out one in the process: plain ones first
+        cases = sorted(cases, key=lambda c: prepacks_weights(model if c[0] == "float32" else int8, c[1]))
     for quant, batch, n in cases:
         for compile in (False, True) if compiled and n <= 128 else (False,):
             decode_row(model, model if quant == "float32" else int8, quant, batch, n, compile, peers, repeat, probe)

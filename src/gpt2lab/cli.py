@@ -229,10 +229,10 @@ COMMANDS: dict[str, Command] = {
                 help="torch.compile the decode step (CUDA graphs on a GPU; on the CPU a C++ wrapper with the "
                 "weights frozen in and the products autotuned), after a compile of 20-60 s: several times faster "
                 "per token on a GPU; on the CPU timed against the eager step on its first tokens, and the faster "
-                "one decodes (compiled 1.3-2x eager at batch 1 on the CPUs in docs/benchmarks.md; with --int8 "
-                "2x on one, slower than eager on the other). Where the CPU reads one float32 row fastest with "
-                "MKL, a single sample's step stays in inductor's on-disk cache and later runs compile it in "
-                "seconds; otherwise the step holds a copy of the weights while the process lives",
+                "one decodes (compiled 1.3-2x eager at batch 1 on the CPUs in docs/benchmarks.md, 1.3-2x with "
+                "--int8). A step on the weights as they are stays in inductor's on-disk cache, so later runs "
+                "compile it in seconds: a float32 sample where the CPU reads one row fastest with MKL, and int8 "
+                "without AMX; otherwise the step holds a copy of the weights while the process lives",
             ),
             *MODEL_OPTIONS,
         ],

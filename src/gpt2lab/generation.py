@@ -159,7 +159,7 @@ def _stream(
 # as _TimedSteps measured it in this process.
 _faster_step: weakref.WeakKeyDictionary[GPT, dict[tuple[int, int], str]] = weakref.WeakKeyDictionary()
 TIME_COMPILED_STEPS = True  # False: a compiled CPU step is kept without timing it against the eager one
-TIMED_STEPS = 4  # decode steps of each kind _TimedSteps times, alternately
+TIMED_STEPS = 8  # decode steps of each kind _TimedSteps times, alternately; their medians are compared
 STEP_MARGIN = 0.03  # the eager step is kept only if this much faster than the compiled one
 
 
@@ -172,11 +172,11 @@ def faster_step(model: GPT, rows: int) -> str | None:
 class _TimedSteps:
     """A compiled CPU decode step that, after the call that compiles it, times itself against the
     eager step (``TIMED_STEPS`` each, alternately, on the call's own tokens) and then runs the faster.
-    Which is faster depends on the CPU: on the Xeon of docs/benchmarks.md the compiled step is, at one
-    and eight rows, float32 and int8; on the AMD EPYC there the compiled int8 step at one row ran at a
-    fifth of the eager step's speed. The verdict holds for later calls of the same batch size and
-    cache length in this process (``_faster_step``); the eager step then also reads MKL-packed copies
-    where they pay. Both steps write the same KV cache, so a call may switch between them."""
+    Which is faster depends on the CPU and on how the step's weights are laid out
+    (``prepacks_weights``): on the AMD EPYC of docs/benchmarks.md an int8 step on laid-out weights ran
+    at a fifth of the eager step's speed. The verdict holds for later calls of the same batch size
+    and cache length in this process (``_faster_step``); the eager step then also reads MKL-packed
+    copies where they pay. Both steps write the same KV cache, so a call may switch between them."""
 
     def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
         self.key, self.model, self.compiled = (rows, model.cache_len), model, compiled
