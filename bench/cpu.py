@@ -174,7 +174,8 @@ print(time.perf_counter() - t0)
 
 def bench_compile(hf, ours) -> None:
     """Compiled decoding against HF's, and what the compile costs: first with an empty inductor cache
-    (a temporary one), then in a new process that finds this one's compiled step in that cache."""
+    (a temporary one), then in a new process, which finds this one's compiled step in that cache
+    where inductor keeps it (a step on plain weights: ``generation.prepacks_weights``)."""
     bandwidth = memory_read_gbs() * 1e9
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
     ours.setup_cache(1, 16 + 1000, keep=True)  # the kept cache the timed calls run in: compiled for below

@@ -179,25 +179,25 @@ class _TimedSteps:
     copies where they pay. Both steps write the same KV cache, so a call may switch between them."""
 
     def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
-        self.key, self.model, self.compiled = (rows, model.cache_len), model, compiled
+        self.key, self.compiled = (rows, model.cache_len), compiled
         self.times: dict[str, list[float]] = {"compiled": [], "eager": []}
-        self.calls = 0
+        self.compiled_once = False
+        self.verdict: str | None = None
 
     def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        faster = _faster_step.get(self.model, {}).get(self.key)
-        if self.calls == 1 or faster == "compiled":  # the first call compiles: not timed
+        if not self.compiled_once:  # the call that compiles: not timed
+            self.compiled_once = True
             return self.compiled(model, token, input_pos)
-        if faster == "eager":
-            return decode_one_token(model, token, input_pos)
+        if self.verdict is not None:
+            return (self.compiled if self.verdict == "compiled" else decode_one_token)(model, token, input_pos)
         kind = "eager" if len(self.times["eager"]) < len(self.times["compiled"]) else "compiled"
         start = time.perf_counter()
         logits = (self.compiled if kind == "compiled" else decode_one_token)(model, token, input_pos)
         self.times[kind].append(time.perf_counter() - start)
         if len(self.times["eager"]) == TIMED_STEPS:
             eager, compiled = (statistics.median(self.times[k]) for k in ("eager", "compiled"))
-            verdict = "eager" if eager < (1 - STEP_MARGIN) * compiled else "compiled"
-            _faster_step.setdefault(self.model, {})[self.key] = verdict
+            self.verdict = "eager" if eager < (1 - STEP_MARGIN) * compiled else "compiled"
+            _faster_step.setdefault(model, {})[self.key] = self.verdict
         return logits
 
 
