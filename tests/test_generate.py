@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import Backends, GPT2LabError, generate, ops, stream
+from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
 from gpt2lab.generation import next_token_probs, prefill, sample
 from gpt2lab.load import load_model
 
@@ -299,78 +299,61 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask.tolist() == [[[[False, False, True, True]]]]
 
 
-def test_batch1_decode_head_copy_follows_the_weight(make_gpt, remember_kernels):
-    """A batch-1 CPU decode step with enough steps ahead reads the lm_head from an (n_embd, vocab) copy
-    of the tied weight (where the kernel file says that layout is the faster, as it says here); the next
-    step sees the weight changed in place or replaced (the copy is remade), clear_cache drops it, and a
-    short generation never pays for making it."""
-    model = make_gpt()
-    head = f"head {model.config.padded_vocab_size}x{model.config.n_embd} rows 1"
-    remember_kernels({head: {"kernel": "torch_t", "us_per_product": {}}})
-    idx = torch.tensor([SHORT])
-    P = len(SHORT) - 1
-
-    def decode_last() -> torch.Tensor:  # prefill again (same cache slots, no setup_cache), then one step
-        model(idx[:, :P], input_pos=torch.arange(P))
-        return model(idx[:, P:], input_pos=torch.tensor([P]))[0][:, -1]
-
-    with torch.no_grad():
-        model.setup_cache(1, 8)
-        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
-        assert model._head_copy is None  # 5 steps left: not worth a copy
-        kept = make_gpt(backends=Backends(head_copy_min_steps=10))
-        kept.setup_cache(1, 64, keep=True)
-        kept.setup_cache(1, 8)  # a call of 8 steps in the kept cache of 64: its own 5 steps left count
-        kept(idx[:, :P], input_pos=torch.arange(P))
-        kept(idx[:, P:], input_pos=torch.tensor([P]))
-        assert kept.cache_len == 64 and kept._head_copy is None
-        model = make_gpt(backends=Backends(head_copy_min_steps=4))  # the same weights, a copy from 4 steps
-        model.setup_cache(1, 8)
-        first = decode_last()
-        assert model._head_copy[2].stride() == (1, model.config.padded_vocab_size)  # the copy is in use
-        torch.testing.assert_close(first, model(idx)[0][:, -1], atol=1e-5, rtol=0)
-        model.wte.weight.mul_(-2.0)  # in place (an optimizer step, load_state_dict)
-        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
-        model.wte.weight = model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.wte.weight))
-        torch.testing.assert_close(decode_last(), model(idx)[0][:, -1], atol=1e-5, rtol=0)
-    model.clear_cache()
-    assert model._head_copy is None
+COPIES = [  # (prompts, the kernel reading the copy) for a decode step of that many rows
+    pytest.param(
+        [[1, 2, 3], [4, 5, 6, 7]],
+        "mkl_packed",
+        marks=pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL"),
+    ),
+    pytest.param(
+        [[1, 2, 3]],
+        "onednn_t",
+        marks=pytest.mark.skipif(not ops.onednn_available(), reason="this PyTorch build has no oneDNN"),
+    ),
+    pytest.param([[1, 2, 3]], "torch_t"),
+]
 
 
-@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
-def test_packed_decoding_gives_the_same_tokens_and_follows_the_weight(make_gpt, remember_kernels, monkeypatch):
-    """Where the kernel file says products of a decode step's row count are faster from MKL's packed
-    layout, generation reads each linear layer from a packed copy: the same tokens as F.linear (equal
-    to float32 rounding), the copies dropped at the end, none made for a short generation, and a layer whose
-    weight changed reads the weight itself."""
+@pytest.mark.parametrize(("prompts", "kernel"), COPIES)
+def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weight(
+    make_gpt, remember_kernels, monkeypatch, prompts, kernel
+):
+    """Where the kernel file says products of a decode step's row count are faster from a copy of the
+    weight laid out for them (MKL's packed layout at two rows, the transposed one at one) and the copy
+    repays its making within the steps to come, generation reads each linear layer, the tied lm_head
+    included, from such a copy: the same tokens as F.linear (equal to float32 rounding), the copies
+    dropped at the end, none made for a short generation or where a copy repays too late, and a layer
+    whose weight changed reads the weight itself."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    rows = len(prompts)
     linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
-    us = {"onednn": 100.0, "torch": 100.0, "mkl_packed": 50.0, "pack": 100.0}
-    remember_kernels(
-        {
-            f"packed {m.out_features}x{m.in_features} rows 2": {"kernel": "mkl_packed", "us_per_product": us}
-            for m in linears
-        }
-    )
-    packed_rows = []
+    us = {k: 100.0 for k in kernels.candidates("packed", rows)} | {kernel: 50.0, "pack": 300.0}  # repaid by 6
+    shapes = {(m.out_features, m.in_features) for m in linears}
+    remember_kernels({f"packed {o}x{i} rows {rows}": {"kernel": kernel, "us_per_product": us} for o, i in shapes})
+    packed = []
     pack = ops.Linear.pack
-    monkeypatch.setattr(ops.Linear, "pack", lambda self, rows: packed_rows.append(rows) or pack(self, rows))
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append((r, k)) or pack(self, r, k))
     backends = Backends(linear="auto", pack_min_steps=4, pack_repeated=False)  # decoding's copies only
     model = make_gpt(seed=5, backends=backends, **config)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
-    prompts = [[1, 2, 3], [4, 5, 6, 7]]
     assert generate(model, prompts, 8, temperature=0) == generate(reference, prompts, 8, temperature=0)
-    assert packed_rows == [2] * len(linears)
+    assert packed == [(rows, kernel)] * len(linears)
     assert all(m.packed is None for m in model.modules() if isinstance(m, ops.Linear))
-    packed_rows.clear()
+    packed.clear()
     generate(model, prompts, 4, temperature=0)  # 3 decode steps: fewer than pack_min_steps
-    assert not packed_rows
-    layer, x = model.h[0].mlp.c_fc, torch.randn(2, 128)
-    layer.pack(2)
+    generate(model, prompts, 6, temperature=0)  # 5 decode steps: too few to repay a copy
+    assert not packed
+    layer, x = model.h[0].mlp.c_fc, torch.randn(rows, 128)
+    layer.pack(rows, kernel)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        gelu = F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh")
+        torch.testing.assert_close(layer.gelu(x), gelu, atol=1e-5, rtol=1e-5)
+        assert layer.packed is not None  # the GELU read the copy too
         layer.weight.mul_(2.0)  # in place, after packing: the copy is stale
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert layer.packed is None
+    layer.pack(rows, kernel)
     assert layer(x).requires_grad  # with grad the copy is never read (it has no backward)
 
 

@@ -103,25 +103,6 @@ def test_measure_is_quick_and_honest():
     torch.testing.assert_close(ops.linear(x, w, kernel="onednn"), F.linear(x, w))
 
 
-@pytest.mark.parametrize("layout", ["torch_t", "torch"])
-def test_one_row_lm_head_follows_the_measured_layout(make_gpt, remember_kernels, layout):
-    """A batch-1 decode step reads the lm_head from a transposed copy only when the kernel file says that
-    layout is the faster here (kind "head"); the logits are the same either way."""
-    assert kernels.candidates("head", 1)[0] == "onednn_t"  # the choice of a model with an explicit onednn kernel
-    config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    remember_kernels({"head 1024x128 rows 1": {"kernel": layout, "us_per_product": {}}})
-    model = make_gpt(seed=2, backends=Backends(linear="auto", head_copy_min_steps=2), **config)
-    fixed = make_gpt(seed=2, backends=Backends(linear="torch"), **config)
-    idx = torch.randint(0, 1024, (1, 5))
-    with torch.no_grad():
-        model.setup_cache(1, 8)
-        model(idx[:, :4], input_pos=torch.arange(4))
-        step = model(idx[:, 4:], input_pos=torch.tensor([4]))[0]
-        assert (model._head_copy is not None) == layout.endswith("_t")
-        model.clear_cache()
-        torch.testing.assert_close(step[0, -1], fixed(idx)[0][0, -1], atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("chosen", ["torch", "onednn"])
 def test_chunked_loss_runs_the_kernel_measured_for_its_chunk(make_gpt, remember_kernels, monkeypatch, chosen):
     """The training loss scores the lm_head a chunk of rows at a time (ops.linear_cross_entropy): the
@@ -149,7 +130,8 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
     """A kernel listed later replaces the choice so far only when MARGIN faster: MKL's packed layout is
     chosen for a decode step's products only where it beats both float32 kernels."""
     assert kernels.candidates("packed", 8)[-1] == "mkl_packed" or not ops.packing_available()
-    assert "mkl_packed" not in kernels.candidates("packed", 1)  # one row streams the weight as it is
+    one_row = kernels.candidates("packed", 1)  # there MKL's packed layout did not pay; a transposed one may
+    assert "mkl_packed" not in one_row and one_row[-1] == "torch_t"
     for times, expected in [
         ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 79.0}, "torch"),  # packed within 3% of torch
         ({"onednn": 100.0, "torch": 80.0, "mkl_packed": 60.0}, "mkl_packed"),
@@ -164,6 +146,16 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
 def test_packed_kernel_is_measured_on_the_rows_it_was_packed_for():
     times = kernels.measure(768, 768, 4, kind="packed", repeat=2)
     assert set(times) == {"onednn", "torch", "mkl_packed", "pack"} and all(0 < t < 1 for t in times.values())
+
+
+def test_a_transposed_copy_is_measured_at_one_row_with_the_time_of_making_it():
+    times = kernels.measure(768, 512, 1, kind="packed", repeat=2)
+    assert set(times) == set(kernels.candidates("packed", 1)) | {"pack"} and all(0 < t < 1 for t in times.values())
+    x, w = torch.randn(1, 512), torch.randn(768, 512) * 0.05
+    for kernel in kernels.candidates("packed", 1)[-2:]:
+        copy = ops.copy_weight(w, 1, kernel)
+        assert copy.shape == w.shape and copy.stride() == (1, 768)
+        torch.testing.assert_close(ops.copy_linear(x, copy, kernel, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 def test_a_wide_weight_is_measured_whole_at_a_few_rows(monkeypatch):

@@ -151,7 +151,8 @@ def _stream(
     finally:  # free this call's decode copies (those of repeated prompts stay) and the cache unless kept
         for layer in packed:
             layer.unpack()
-        model.clear_cache(packs=False, kv=not model.cache_kept)
+        if not model.cache_kept:
+            model.clear_cache(packs=False)
         model.train(was_training)
 
 
@@ -205,7 +206,7 @@ def prefill(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Ten
     """Run the whole prompt through the model, filling the cache; logits of the last position (B, V),
     the only ones computed (the lm_head of every prompt position would be a third of a 124M prefill)."""
     x = model.hidden_states(idx, input_pos)
-    return model.logits(x[:, -1:], input_pos[-1:])[:, -1]
+    return model.logits(x[:, -1:])[:, -1]
 
 
 def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

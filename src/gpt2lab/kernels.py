@@ -11,8 +11,9 @@ fastest is remembered in a JSON file keyed by the CPU model, the torch version a
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
 between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's first product outside
 training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``); and a product
-without gradients of two rows or more measures MKL's packed layout with the time of making its copy
-(kind ``packed``), from which a layer decides whether and when to pack (``gpt2lab.ops.Linear``).
+without gradients measures a copy of the weight laid out for its row count (MKL's packed layout at
+two rows or more, the transposed layout at one) with the time of making the copy (kind ``packed``),
+from which a layer decides whether and when to keep one (``gpt2lab.ops.Linear``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
@@ -47,7 +48,7 @@ from gpt2lab import files, ops
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
-HEAD_KERNELS = ("onednn_t", "onednn", "torch", "torch_t")
+COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t")  # kernels that read a copy of the weight (ops.copy_weight)
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -59,19 +60,21 @@ MARGIN = 0.03  # a later candidate must be this much faster than the choice so f
 def candidates(kind: str, rows: int) -> tuple[str, ...]:
     """The kernels that may run a ``kind`` product of ``rows`` rows, the fallback first; each later one
     is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
-    "int8", "head" (the tied lm_head of a one-row decode step), "packed" (whether a product of ``rows``
-    rows, two or more, without gradients reads the weight from an MKL-packed copy: ``mkl_packed``
-    against the float32 kernels), "gelu" (an MLP's first product and its tanh-GELU without gradients: one oneDNN
-    call with the activation fused in, ``onednn_gelu``, against either float32 kernel then ``F.gelu``)."""
+    "int8", "packed" (whether a product of ``rows`` rows without gradients reads the weight from a copy
+    laid out for it, against the float32 kernels: at two rows or more MKL's packed layout,
+    ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
+    by oneDNN or MKL: ``onednn_t``, ``torch_t``), "gelu" (an MLP's first product and its tanh-GELU
+    without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
+    float32 kernel then ``F.gelu``)."""
     if kind == "int8":
         return ops.int8_kernels(rows)
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
-    if kind == "head":  # the lm_head at one row, which may also read an (in, out)-contiguous copy ("_t")
-        return HEAD_KERNELS if ops.onednn_available() else ("torch", "torch_t")
-    if kind == "packed":  # at one row MKL's sgemv streams the weight as it is: packing did not pay there
-        return float32 + ("mkl_packed",) if ops.packing_available() and rows > 1 else float32
+    if kind == "packed" and rows == 1:
+        return float32 + tuple(f"{k}_t" for k in float32)
+    if kind == "packed":
+        return float32 + ("mkl_packed",) if ops.packing_available() else float32
     return float32
 
 
@@ -165,18 +168,18 @@ class KernelTable:
         return self._entry(out_features, in_features, rows, kind)["kernel"]
 
     def pack_repays(self, out_features: int, in_features: int, rows: int) -> float:
-        """After how many products of ``rows`` rows by an (out, in) weight the time that reading an
-        MKL-packed copy saves has repaid making the copy, as measured (kind ``packed``): the copy's
-        time over the saving per product against the faster float32 kernel; infinite where the packed
-        kernel is not the one chosen."""
+        """After how many products of ``rows`` rows by an (out, in) weight the time that reading a copy
+        laid out for them saves has repaid making the copy, as measured (kind ``packed``): the copy's
+        time over the saving per product against the faster float32 kernel; infinite where no copy's
+        kernel is the one chosen."""
         entry = self._entry(out_features, in_features, rows, "packed")
-        us = entry.get("us_per_product", {})
+        us, kernel = entry.get("us_per_product", {}), entry["kernel"]
         plain = [us[k] for k in FLOAT32_KERNELS if k in us]
-        if entry["kernel"] != "mkl_packed" or not plain or not {"pack", "mkl_packed"} <= us.keys():
+        if kernel not in COPY_KERNELS or not plain or not {"pack", kernel} <= us.keys():
             return math.inf  # not chosen, or an edited entry without the times this weighs
-        if min(plain) <= us["mkl_packed"]:
+        if min(plain) <= us[kernel]:
             return math.inf
-        return us["pack"] / (min(plain) - us["mkl_packed"])
+        return us["pack"] / (min(plain) - us[kernel])
 
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
@@ -236,8 +239,9 @@ class KernelTable:
 @torch.no_grad()
 def measure(out_features: int, in_features: int, rows: int, kind: str = "float32", repeat: int = 5) -> dict[str, float]:
     """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
-    medians of runs taken in alternation (so a busy machine slows all alike); where ``mkl_packed`` is a
-    candidate, also ``pack``: the seconds of making its packed copy of the whole weight."""
+    medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
+    a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
+    copy of the whole weight."""
     n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
@@ -245,18 +249,23 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
     times = {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
-    if "mkl_packed" in runs:  # and the time of making one packed copy of the whole weight
+    copy = next((k for k in runs if k in COPY_KERNELS), None)
+    if copy is not None:  # and the time of making one copy of the whole weight
         weight = torch.full((n, in_features), 0.01)
-        made = alternated({"pack": lambda: ops.pack_weight(weight, rows)}, 3, warmup=0)["pack"]
+        made = alternated({"pack": lambda: ops.copy_weight(weight, rows, copy)}, 3, warmup=0)["pack"]
         times["pack"] = statistics.median(made) * out_features / n
     return times
 
 
 def _complete(entry: dict, options: tuple[str, ...]) -> bool:
-    """Whether a remembered entry has every measurement its kind reads: a packed kernel's also the time
-    of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs against its saving."""
+    """Whether a remembered entry has every measurement its kind reads: a time for each candidate (an
+    entry written before a candidate was added is measured again; an edited one without times is
+    taken as it is) and, where a kernel reads a copy of the weight, the time of making the copy
+    (``pack``), which ``KernelTable.pack_repays`` weighs against its saving."""
     us = entry.get("us_per_product")
-    return "mkl_packed" not in options or (isinstance(us, dict) and "pack" in us)
+    us = us if isinstance(us, dict) else {}
+    measured = not us or set(options) <= us.keys()
+    return measured and ("pack" in us or not set(options) & set(COPY_KERNELS))
 
 
 def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> dict[str, list[float]]:
@@ -285,9 +294,7 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
     if kind == "gelu":  # the product and its activation, fused or one after the other
         return lambda: [ops.linear_gelu(x, w, kernel=kernel) for w in weights]
-    if kernel == "mkl_packed":
-        packed = [ops.pack_weight(w, len(x)) for w in weights]
-        return lambda: [ops.packed_linear(x, p, len(x), w, None) for p, w in zip(packed, weights, strict=True)]
-    if kernel.endswith("_t"):  # the same weight, read from an (in, out)-contiguous copy
-        weights, kernel = [w.t().contiguous().t() for w in weights], kernel.removesuffix("_t")
+    if kernel in COPY_KERNELS:
+        copies = [ops.copy_weight(w, len(x), kernel) for w in weights]
+        return lambda: [ops.copy_linear(x, c, kernel, w, None) for c, w in zip(copies, weights, strict=True)]
     return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]

@@ -25,10 +25,8 @@ from gpt2lab.ops import (
     LINEAR_KERNELS,
     Linear,
     chunk_rows,
-    linear,
     linear_cross_entropy,
     use_onednn,
-    weight_key,
 )
 from gpt2lab.rope import Rotary, apply_rotary
 
@@ -52,21 +50,19 @@ class Backends:
     ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
     shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
     names the environment variables that override it). ``pack_min_steps``: CPU decoding of at least
-    this many steps reads each linear layer's weight from an MKL-packed copy where the table measures
-    that faster for the step's row count (``GPT.pack_for_decoding``; 0 = never). ``pack_repeated``: a
+    this many steps reads each linear layer's weight from a copy laid out for the step's row count
+    (MKL's packed layout; at one row, the transposed one) where the table measures that faster and the
+    copy repays its making within the steps (``GPT.pack_for_decoding``; 0 = never). ``pack_repeated``: a
     layer whose CPU products without grad keep one row count (evaluation batches, same-length prompts,
     forwards of one shape) reads an MKL-packed copy once they have repeated often enough to repay it, as
     measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
-    ``GPT.clear_cache``. ``head_copy_min_steps``:
-    batch-1 CPU decoding reads the lm_head from a transposed copy once at least this many steps
-    remain to repay making it (``GPT._one_row_head``; 0 = never).
+    ``GPT.clear_cache``.
     """
 
     attention: str = "auto"
     linear: str = "auto"
     pack_min_steps: int = 64
     pack_repeated: bool = True
-    head_copy_min_steps: int = 256
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
@@ -224,7 +220,6 @@ class GPT(nn.Module):
         self.cache_len = 0  # time steps the KV cache holds
         self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
-        self._head_copy: tuple[torch.Tensor, tuple, torch.Tensor] | None = None  # see _one_row_head
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -255,7 +250,7 @@ class GPT(nn.Module):
         """
         x = self.hidden_states(idx, input_pos)
         if targets is None:
-            return self.logits(x, input_pos), None
+            return self.logits(x), None
         return None, self.loss(x, targets)
 
     def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,14 +279,9 @@ class GPT(nn.Module):
             x = block(x, rope, window_mask, step)
         return self.ln_f(x)
 
-    def logits(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd); ``input_pos`` as in
-        ``forward`` (a one-row decode step may read the lm_head from a copy, see ``_one_row_head``)."""
-        head = None
-        if input_pos is not None and x.shape[0] * x.shape[1] == 1:  # batch-1 decoding
-            head = self._one_row_head(x, input_pos)
-        logits = self.lm_head(x) if head is None else linear(x, head[0], kernel=head[1])
-        return logits[..., : self.config.vocab_size]  # rows of a padded vocabulary are never predicted
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd)."""
+        return self.lm_head(x)[..., : self.config.vocab_size]  # a padded vocabulary's rows are never predicted
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
@@ -391,34 +381,35 @@ class GPT(nn.Module):
         return max(grown, max_seq_len)
 
     def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
-        """Before ``steps`` CPU decode steps of ``rows`` rows each: give every linear layer of an ``auto``
-        kernel an MKL-packed copy of its weight (``Linear.pack``) where the kernel table measures
-        products of that many rows faster from it (kind ``packed`` in gpt2lab.kernels), if at least
-        ``backends.pack_min_steps`` steps will repay making the copies. The copies hold about as much
-        memory again as the weights they copy; the logits change by float32 rounding only. Returns the
-        layers packed (generation unpacks them when it ends)."""
+        """Before ``steps`` CPU decode steps of ``rows`` rows each (at least ``backends.pack_min_steps``):
+        give every linear layer of an ``auto`` kernel a copy of its weight laid out for products of that
+        many rows (``Linear.pack``: MKL's packed layout, or at one row the transposed one) where the
+        kernel table measures them faster from it (kind ``packed`` in gpt2lab.kernels) and the saving
+        repays making the copy within ``steps`` (``KernelTable.pack_repays``). The copies hold about as
+        much memory again as the weights they copy; the logits change by float32 rounding only. Returns
+        the layers packed (generation unpacks them when it ends)."""
         min_steps, p = self.backends.pack_min_steps, self.wte.weight
         if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
             return []
-        if "mkl_packed" not in kernels.candidates("packed", rows):  # one row, or no MKL
-            return []
         packed = []
         for m in self.modules():
-            auto = isinstance(m, Linear) and m.kernel == "auto" and m.table is not None
-            if auto and m.table.choose(m.out_features, m.in_features, rows, kind="packed") == "mkl_packed":
-                m.pack(rows)
+            if not (isinstance(m, Linear) and m.kernel == "auto" and m.table is not None):
+                continue
+            shape = (m.out_features, m.in_features, rows)
+            kernel = m.table.choose(*shape, kind="packed")
+            if kernel in kernels.COPY_KERNELS and m.table.pack_repays(*shape) <= steps:
+                m.pack(rows, kernel)
                 packed.append(m)
         return packed
 
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
-        """Free what generation keeps between its steps: the lm_head copy; with ``kv``, the KV caches
-        (kept or not) and the rows' padding; with ``packs``, every packed weight copy (``Linear.pack``),
-        those of repeated products included."""
+        """Free what generation keeps between its steps: with ``kv``, the KV caches (kept or not) and the
+        rows' padding; with ``packs``, every copy of a weight (``Linear.pack``), those of repeated
+        products included."""
         if packs:
             for m in self.modules():
                 if isinstance(m, Linear):
                     m.unpack()
-        self._head_copy = None
         if not kv:
             return
         for block in self.h:
@@ -427,37 +418,6 @@ class GPT(nn.Module):
         self.cache_kept = False
         self.cache_pad = torch.zeros(0, dtype=torch.long, device=self.cache_pad.device)
         self.cache_padded = False
-
-    def _one_row_head(self, x: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, str] | None:
-        """For a one-row decode step on the CPU without grad, the lm_head weight (vocab, n_embd) as a
-        view of an (n_embd, vocab)-contiguous copy and the kernel to read it with, when that layout is
-        the faster here; else None (use the lm_head as it is). ``input_pos``: the step's time steps.
-
-        The lm_head is a third of a GPT-2 124M decode step's reads, and at one row a kernel may read it
-        faster from the transposed layout (``python bench/linear.py``). An ``auto`` model measures the
-        four choices (oneDNN or MKL, either layout: kind ``head`` in gpt2lab.kernels); an ``onednn``
-        one takes oneDNN on the copy. Making the copy costs as much as tens of steps save, so it is made
-        only when at least ``backends.head_copy_min_steps`` steps remain to the call's end. It lives until
-        ``clear_cache`` (one more wte-sized tensor while generating) and is not used once the weight is
-        replaced or changed.
-        """
-        if not isinstance(self.lm_head, Linear) or torch.is_grad_enabled():
-            return None
-        w, min_steps, table = self.lm_head.weight, self.backends.head_copy_min_steps, self.lm_head.table
-        if not min_steps or not use_onednn(x, w, self.lm_head.kernel):
-            return None
-        filled = _filled(input_pos)  # read only here: off the CPU it would wait for the device
-        if filled is None:
-            return None
-        kernel = table.choose(w.shape[0], w.shape[1], 1, kind="head") if table is not None else "onednn_t"
-        if not kernel.endswith("_t"):
-            return None
-        key = weight_key(w)
-        if self._head_copy is None or self._head_copy[0] is not w or self._head_copy[1] != key:
-            if self.cache_end - filled < min_steps:
-                return None
-            self._head_copy = (w, key, w.detach().t().contiguous().t())
-        return self._head_copy[2], kernel.removesuffix("_t")
 
     # --- construction helpers --------------------------------------------------------------------
 

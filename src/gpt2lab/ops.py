@@ -7,9 +7,11 @@ so each ``Linear`` is built with a kernel: ``torch`` (always ``F.linear``), ``on
 (the faster of the two for this product on this machine, measured once: ``gpt2lab.kernels``). The
 backward products (grad @ W, grad^T @ x) always run in MKL, the faster of the two for them.
 
-A product without gradients may also read a layer's weight from MKL's packed copy (``Linear.pack``,
-``pack_weight``, ``packed_linear``), made for generation's decode steps and for products of a row count
-that keeps repeating, where it measures faster and repays its making. Without gradients,
+A product without gradients may also read a copy of a layer's weight laid out for it (``Linear.pack``,
+``copy_weight``, ``copy_linear``): MKL's packed layout, made for one row count of two or more, or at
+one row the weight transposed in memory, which oneDNN streams faster on some CPUs. Generation makes
+such copies for its decode steps, and a layer for products of a row count that keeps repeating,
+where they measure faster and repay their making. Without gradients,
 an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
 ``linear_gelu``), where that measures faster.
 
@@ -53,6 +55,15 @@ def packed_linear(
     """``F.linear(x, weight, bias)`` read from ``packed = pack_weight(weight, rows)``: MKL's packed sgemm
     where x has ``rows`` rows, its plain sgemm on ``weight`` otherwise; no gradient."""
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+
+
+def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
+    """The copy of a float32 weight (out, in) that ``kernel`` reads in products of ``rows`` rows:
+    ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t`` or ``torch_t``, the weight
+    transposed in memory ((in, out)-contiguous, seen as (out, in))."""
+    if kernel == "mkl_packed":
+        return pack_weight(weight, rows)
+    return weight.detach().t().contiguous().t()
 
 
 _optimizer_steps = 0  # optimizer steps taken in this process (``_count_optimizer_step``)
@@ -131,6 +142,20 @@ def linear_gelu(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def copy_linear(
+    x: torch.Tensor, copy: torch.Tensor, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, gelu=False
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``) read from ``copy =
+    copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into its call."""
+    if kernel == "mkl_packed":
+        y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
+        return F.gelu(y, approximate="tanh") if gelu else y
+    plain = kernel.removesuffix("_t")
+    if gelu:
+        return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain)
+    return linear(x, copy, bias, plain)
+
+
 def needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether autograd records a product of these tensors."""
     return torch.is_grad_enabled() and (
@@ -143,10 +168,11 @@ class Linear(nn.Linear):
     layer's ``kernel`` (one of LINEAR_KERNELS); ``auto`` asks ``table`` (a ``gpt2lab.kernels.KernelTable``)
     for each product's kernel, or takes oneDNN where it runs when there is no table.
 
-    ``pack(rows)`` adds a third kernel for products without gradients: MKL's packed sgemm, which reads a
-    copy of the weight laid out for products of exactly ``rows`` rows (``unpack`` drops it). Generation
-    packs for its decode steps; with ``pack_repeated`` (and ``auto``) a layer also packs once products of
-    one row count (two or more) have repeated as often as the table measures it takes to repay the copy
+    ``pack(rows, kernel)`` adds a kernel for products of exactly ``rows`` rows without gradients, which
+    reads a copy of the weight laid out for it (``copy_weight``; ``unpack`` drops it): MKL's packed
+    sgemm, or at one row oneDNN or MKL on the transposed weight. Generation packs for its decode steps;
+    with ``pack_repeated`` (and ``auto``) a layer also packs for MKL once products of one row count (two
+    or more) have repeated as often as the table measures it takes to repay the copy
     (``KernelTable.pack_repays``): evaluation batches, same-length prompts. One copy at a time."""
 
     def __init__(
@@ -162,12 +188,12 @@ class Linear(nn.Linear):
         if kernel not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {kernel!r}")
         self.kernel, self.table, self.pack_repeated = kernel, table, pack_repeated
-        self.packed: tuple[int, tuple, torch.Tensor] | None = None  # rows, weight_key, copy
+        self.packed: tuple[int, tuple, torch.Tensor, str] | None = None  # rows, weight_key, copy, kernel
         self._counted: tuple = (None, {})  # weight version, {rows: products} since it or the copy changed
 
     def __getstate__(self) -> dict:
-        """What copy.deepcopy and pickle keep: not the packed copy (an MKL tensor with no storage to copy)
-        nor the counts towards one; a copy of the layer makes its own."""
+        """What copy.deepcopy and pickle keep: not the weight's copy (MKL's packed one is a tensor with no
+        storage to copy) nor the counts towards one; a copy of the layer makes its own."""
         return self.__dict__ | {"packed": None, "_counted": (None, {})}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,13 +201,13 @@ class Linear(nn.Linear):
         if use_onednn(x, self.weight, kernel):
             rows = x.numel() // self.in_features
             if self._reads_packed(rows):
-                return packed_linear(x, self.packed[2], rows, self.weight, self.bias)
+                return copy_linear(x, self.packed[2], self.packed[3], self.weight, self.bias)
             kernel = self.kernel_for(rows)
         return linear(x, self.weight, self.bias, kernel)
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation). Without
-        gradients: the packed copy where there is one for this many rows, else the kernel the table
+        gradients: the weight's copy where there is one for this many rows, else the kernel the table
         measures the fastest with the GELU (kind ``gelu``), which may be one oneDNN call with the GELU
         fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. Where the fused call is the
         fastest, repeated products make no copy: the GELU's own pass over the output, which fusing
@@ -190,7 +216,7 @@ class Linear(nn.Linear):
             rows = x.numel() // self.in_features
             kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
             if self._reads_packed(rows, count=kernel != "onednn_gelu"):
-                return F.gelu(packed_linear(x, self.packed[2], rows, self.weight, self.bias), approximate="tanh")
+                return copy_linear(x, self.packed[2], self.packed[3], self.weight, self.bias, gelu=True)
             return linear_gelu(x, self.weight, self.bias, kernel)
         return F.gelu(self(x), approximate="tanh")
 
@@ -201,19 +227,20 @@ class Linear(nn.Linear):
             return self.table.choose(self.out_features, self.in_features, rows, kind=kind)
         return self.kernel
 
-    def pack(self, rows: int) -> None:
-        """Keep MKL's packed copy of the weight for products of ``rows`` rows (about the weight's memory
-        again), read instead of the weight by such products on the CPU without grad until ``unpack``;
-        not once the weight is replaced or changed. Results equal ``F.linear``'s to float32 rounding."""
+    def pack(self, rows: int, kernel: str = "mkl_packed") -> None:
+        """Keep the copy of the weight that ``kernel`` (``kernels.COPY_KERNELS``) reads for products of
+        ``rows`` rows (about the weight's memory again), read instead of the weight by such products on
+        the CPU without grad until ``unpack``; not once the weight is replaced or changed. Results
+        equal ``F.linear``'s to float32 rounding."""
         w = self.weight
-        self.packed = (rows, weight_key(w), pack_weight(w, rows))
+        self.packed = (rows, weight_key(w), copy_weight(w, rows, kernel), kernel)
         self._counted = (None, {})  # a new copy: the next must repay itself from here
 
     def unpack(self) -> None:
         self.packed = None
 
     def _reads_packed(self, rows: int, count: bool = True) -> bool:
-        """Whether a CPU product of ``rows`` rows reads the packed copy: without grad, one made for this
+        """Whether a CPU product of ``rows`` rows reads the weight's copy: without grad, one made for this
         many rows from the weight as it is now (a stale copy is dropped). Under ``pack_repeated`` the
         copy is made here once enough products of this row count (two or more) have come since the
         weight or the copy last changed to repay it (``count`` False: this product is not counted)."""
