@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gpt2lab.model
 from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
 from gpt2lab.generation import next_token_probs, prefill, sample
 from gpt2lab.load import load_model
@@ -322,8 +323,8 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
     weight laid out for them (MKL's packed layout at two rows, the transposed one at one) and the copy
     repays its making within the steps to come, generation reads each linear layer, the tied lm_head
     included, from such a copy: the same tokens as F.linear (equal to float32 rounding), the copies
-    dropped at the end, none made for a short generation or where a copy repays too late, and a layer
-    whose weight changed reads the weight itself."""
+    dropped at the end, none made for a short generation or where a copy repays too late, no more than
+    half the available memory holds, and a layer whose weight changed reads the weight itself."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     rows = len(prompts)
     linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
@@ -343,6 +344,11 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
     generate(model, prompts, 4, temperature=0)  # 3 decode steps: fewer than pack_min_steps
     generate(model, prompts, 6, temperature=0)  # 5 decode steps: too few to repay a copy
     assert not packed
+    weights = [m.weight.numel() * 4 for m in model.modules() if isinstance(m, ops.Linear)]
+    monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: 2 * sum(weights[:3]))  # room for three copies
+    generate(model, prompts, 8, temperature=0)
+    assert packed == [(rows, kernel)] * 3
+    monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: None)  # where the OS does not say: no limit
     layer, x = model.h[0].mlp.c_fc, torch.randn(rows, 128)
     layer.pack(rows, kernel)
     with torch.no_grad():

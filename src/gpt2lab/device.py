@@ -48,6 +48,19 @@ def inference_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def available_memory() -> int | None:
+    """Bytes of RAM the OS could give this process now without swapping (Linux's MemAvailable), or
+    None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_fits(config: GPTConfig, bytes_per_param: int = 4, device: torch.device | None = None) -> None:
     """Refuse, before anything is allocated, a model whose weights alone exceed the memory of
     ``device`` (default: this machine's RAM, where every model is first built or loaded)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
+from gpt2lab.device import available_memory
 from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.ops import (
@@ -386,20 +387,25 @@ class GPT(nn.Module):
         many rows (``Linear.pack``: MKL's packed layout, or at one row the transposed one) where the
         kernel table measures them faster from it (kind ``packed`` in gpt2lab.kernels) and the saving
         repays making the copy within ``steps`` (``KernelTable.pack_repays``). The copies hold about as
-        much memory again as the weights they copy; the logits change by float32 rounding only. Returns
-        the layers packed (generation unpacks them when it ends)."""
+        much memory again as the weights they copy, and together never more than half the memory the
+        OS has available (``gpt2lab.device.available_memory``); the logits change by float32 rounding only.
+        Returns the layers packed (generation unpacks them when it ends)."""
         min_steps, p = self.backends.pack_min_steps, self.wte.weight
         if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
             return []
+        spare = available_memory()
+        budget = spare // 2 if spare is not None else math.inf
         packed = []
         for m in self.modules():
             if not (isinstance(m, Linear) and m.kernel == "auto" and m.table is not None):
                 continue
             shape = (m.out_features, m.in_features, rows)
             kernel = m.table.choose(*shape, kind="packed")
-            if kernel in kernels.COPY_KERNELS and m.table.pack_repays(*shape) <= steps:
+            size = m.weight.numel() * m.weight.element_size()
+            if kernel in kernels.COPY_KERNELS and m.table.pack_repays(*shape) <= steps and size <= budget:
                 m.pack(rows, kernel)
                 packed.append(m)
+                budget -= size
         return packed
 
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
