@@ -1,6 +1,6 @@
 """Where the time of one eager batch-1 decode step goes (random GPT-2 124M weights, CPU).
 
-    python bench/decode_step.py [--rounds 20] [--threads 2] [--int8]
+    python bench/decode_step.py [--rounds 20] [--threads 2] [--int8] [--new-tokens 1000]
 
 Four things are timed in one process, in alternation, ``--rounds`` times each:
 
@@ -11,10 +11,11 @@ Four things are timed in one process, in alternation, ``--rounds`` times each:
 - the step without products: every linear layer returns a ready-made output of its shape, so only
   the rest of the step runs (layer norms, attention, residual adds, the Python between them).
 
-The memory read rate (``common.read_probe`` over as many bytes as the step's weights) is timed in the
-same alternation. The step minus its products is what the rest costs inside a real step; against the
-step without products, it shows how much slower the same small operations run right after a product
-has streamed megabytes of weights through the caches.
+The layers read the weight copies that generation would make for a call of ``--new-tokens`` tokens
+(``GPT.pack_for_decoding``; 0: none). The memory read rate (``common.read_probe`` over as many bytes
+as the step's weights) is timed in the same alternation. The step minus its products is what the
+rest costs inside a real step; against the step without products, it shows how much slower the same
+small operations run right after a product has streamed megabytes of weights through the caches.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", action="store_true", help="int8 weights (gpt2lab.quantize)")
+    ap.add_argument("--new-tokens", type=int, default=1000, help="the generation whose weight copies to read")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_header(args.threads))
@@ -119,6 +121,7 @@ def main() -> None:
         for layer, x in zip(layers, inputs, strict=True):
             layer(x)
 
+    copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
     with torch.no_grad():
         model.setup_cache(1, PROMPT + 1)
         prefill(model, torch.randint(0, model.config.vocab_size, (1, PROMPT)), torch.arange(PROMPT))
@@ -134,7 +137,8 @@ def main() -> None:
         "step without products": times["step without products"],
         f"read {n_bytes / 1e6:.0f} MB (memory ceiling)": times["read"],
     }
-    print(f"{'int8' if args.int8 else 'fp32'} weights, {len(layers)} products, {args.rounds} rounds in alternation")
+    kind = "int8" if args.int8 else "fp32"
+    print(f"{kind} weights, {len(layers)} products ({len(copies)} from copies), {args.rounds} rounds in alternation")
     print("| measure | median ms | range (ms) |\n|---|---:|---|")
     for name, values in rows.items():
         ms = [1000 * v for v in values]
