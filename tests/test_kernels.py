@@ -46,6 +46,21 @@ def test_measured_once_then_remembered_and_overridable(tmp_path):
     assert kernels.KernelTable(path).choose(512, 256, 4) == other
 
 
+def test_entries_of_a_kind_no_longer_measured_are_dropped(tmp_path, monkeypatch):
+    """A kernel file written by an older version may hold entries of a kind no longer measured: a table
+    neither reads them nor writes them back, and keeps other machines' entries as they are."""
+    path = tmp_path / "k.json"
+    old = {"head 1024x64 rows 1": {"kernel": "torch_t"}, "float32 64x64 rows 1": {"kernel": "torch"}}
+    path.write_text(json.dumps({kernels.machine_key(): old, "another machine": old}))
+    monkeypatch.setattr(kernels, "measure", lambda *args: {k: 1e-5 for k in kernels.candidates("float32", 2)})
+    table = kernels.KernelTable(path)
+    assert table.choose(64, 64, 1) == "torch" and "head 1024x64 rows 1" not in table._entries()
+    table.choose(64, 64, 2)  # measured: the file is written again
+    data = json.loads(path.read_text())
+    assert set(data[kernels.machine_key()]) == {"float32 64x64 rows 1", "float32 64x64 rows 2"}
+    assert data["another machine"] == old
+
+
 def test_small_products_are_measured_on_a_bounded_number_of_copies(tmp_path, monkeypatch):
     """A small model's decode step is made of small products, where the kernels' fixed cost per call
     decides: they are measured like the others, on at most MAX_COPIES copies of the weight."""

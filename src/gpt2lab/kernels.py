@@ -49,6 +49,7 @@ ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t")  # kernels that read a copy of the weight (ops.copy_weight)
+KINDS = ("float32", "int8", "packed", "gelu")  # of products measured (candidates); a file's others are dropped
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -220,20 +221,28 @@ class KernelTable:
 
     def _entries(self) -> dict:
         if self._saved is None:
-            saved = self._read_all().get(machine_key(), {})
-            self._saved = saved if isinstance(saved, dict) else {}
+            self._saved = _current(self._read_all().get(machine_key()))
         return self._saved
 
     def _record(self, name: str, entry: dict) -> None:
-        """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile."""
+        """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile
+        (less this machine's entries of kinds no longer measured)."""
         self._entries()[name] = entry
         data = self._read_all()
-        data.setdefault(machine_key(), {})[name] = entry
+        data[machine_key()] = _current(data.get(machine_key())) | {name: entry}
         try:
             self.file().parent.mkdir(parents=True, exist_ok=True)
             files.write_json(self.file(), data)
         except (OSError, files.DiskFullError):
             pass  # a read-only or full cache: the choice lives in memory for this process
+
+
+def _current(entries) -> dict:
+    """A machine's entries in the file of the kinds measured now (``KINDS``): those an older version
+    measured for a kind it no longer has are left out."""
+    if not isinstance(entries, dict):
+        return {}
+    return {name: entry for name, entry in entries.items() if name.split(" ", 1)[0] in KINDS}
 
 
 @torch.no_grad()
