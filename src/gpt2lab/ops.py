@@ -143,7 +143,12 @@ def linear_gelu(
 
 
 def copy_linear(
-    x: torch.Tensor, copy: torch.Tensor, kernel: str, weight: torch.Tensor, bias: torch.Tensor | None, gelu=False
+    x: torch.Tensor,
+    copy: torch.Tensor,
+    kernel: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``) read from ``copy =
     copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into its call."""
