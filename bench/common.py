@@ -56,7 +56,7 @@ def matmul_probes(m: int = 1024, k: int = 768, n: int = 3072) -> tuple[dict[str,
 
     x, w = torch.randn(m, k), torch.randn(n, k)
     probes = {"matmul mkl": lambda: F.linear(x, w)}
-    if ops._onednn is not None:
+    if ops.onednn_available():
         probes["matmul onednn"] = lambda: ops.linear(x, w)
     return probes, 2 * m * k * n / 1e9
 
@@ -77,7 +77,7 @@ def read_probe(n_bytes: int):
 
     matrix, row = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(1, 4096)
     probes = [lambda: torch.mv(matrix, row[0])]
-    if ops._onednn is not None:
+    if ops.onednn_available():
         probes.append(lambda: ops.linear(row, matrix))
     return min(probes, key=lambda fn: timeit(fn, repeat=3, warmup=1))
 

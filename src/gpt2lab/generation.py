@@ -176,8 +176,8 @@ class _TimedSteps:
     Which is faster depends on the CPU and on how the step's weights are laid out
     (``prepacks_weights``): on the AMD EPYC of docs/benchmarks.md an int8 step on laid-out weights ran
     at a fifth of the eager step's speed. The verdict holds for later calls of the same batch size
-    and cache length in this process (``_faster_step``); the eager step then also reads MKL-packed
-    copies where they pay. Both steps write the same KV cache, so a call may switch between them."""
+    and cache length in this process (``_faster_step``); the eager step then also reads the weight
+    copies that pay (``GPT.pack_for_decoding``). Both steps write the same KV cache, so a call may switch between them."""
 
     def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
         self.key, self.compiled = (rows, model.cache_len), compiled

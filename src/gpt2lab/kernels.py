@@ -304,6 +304,6 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
     if kind == "gelu":  # the product and its activation, fused or one after the other
         return lambda: [ops.linear_gelu(x, w, kernel=kernel) for w in weights]
     if kernel in COPY_KERNELS:
-        copies = [ops.copy_weight(w, len(x), kernel) for w in weights]
-        return lambda: [ops.copy_linear(x, c, kernel, w, None) for c, w in zip(copies, weights, strict=True)]
+        laid = [ops.copy_weight(w, len(x), kernel) for w in weights]
+        return lambda: [ops.copy_linear(x, c, kernel, w, None) for c, w in zip(laid, weights, strict=True)]
     return lambda: [ops.linear(x, w, kernel=kernel) for w in weights]
