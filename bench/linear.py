@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if ops._onednn is None:
+    if not ops.onednn_available():
         raise SystemExit("this PyTorch build has no oneDNN: gpt2lab uses F.linear everywhere")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32\n")
     print("| product | tokens | MKL | oneDNN | oneDNN / MKL |\n|---|---:|---:|---:|---:|")
