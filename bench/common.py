@@ -68,15 +68,16 @@ def matmul_gflops(repeat: int = 10) -> float:
 
 
 def read_probe(n_bytes: int):
-    """A function that reads ``n_bytes`` of float32 once, as a decode step reads its weights: a one-row
-    product by a (rows, 4096) matrix much larger than the caches, through whichever of torch's two
-    matmul libraries reads it faster on this CPU, as for the matmul ceiling: MKL's matrix-vector
-    product or oneDNN's (on the AMD EPYC of docs/benchmarks.md MKL read at about two thirds of
-    oneDNN's rate). Chosen by timing both three times."""
+    """A function that reads ``n_bytes`` of float32 once from a matrix much larger than the caches: the
+    fastest, timed three times each, of torch summing it (a pure read) and torch's two one-row
+    products by it, as a decode step reads its weights (MKL's matrix-vector product and oneDNN's).
+    Which is fastest depends on the CPU: on the AMD EPYC of docs/benchmarks.md the sum read 49 GB/s,
+    oneDNN's product 40 and MKL's 25, and llama.cpp's fp32 decoding streamed faster than oneDNN's
+    product, so a ceiling of products alone was no ceiling."""
     from gpt2lab import ops
 
     matrix, row = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(1, 4096)
-    probes = [lambda: torch.mv(matrix, row[0])]
+    probes = [matrix.sum, lambda: torch.mv(matrix, row[0])]
     if ops.onednn_available():
         probes.append(lambda: ops.linear(row, matrix))
     return min(probes, key=lambda fn: timeit(fn, repeat=3, warmup=1))
