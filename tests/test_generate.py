@@ -401,9 +401,19 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_comp
     with other left padding reads that call's padding (without compiling again), and after the
     weights change in place it compiles again instead of decoding with the old ones: each time the
     tokens of the eager step, which runs on a copy so that the compiled calls follow one another as
-    in a real session."""
+    in a real session. A function of the user's own, compiled in the same process, keeps its compiled
+    code throughout."""
+    from torch._dynamo.testing import CompileCounter
+
+    from gpt2lab import generation
+
     resets = []
-    monkeypatch.setattr(torch.compiler, "reset", lambda reset=torch.compiler.reset: resets.append(reset()))
+    monkeypatch.setattr(
+        generation, "_drop_compiled_steps", lambda drop=generation._drop_compiled_steps: resets.append(drop())
+    )
+    users = CompileCounter()
+    user_function = torch.compile(lambda x: x * 2 + 1, backend=users)
+    user_function(torch.ones(3))
     model = make_gpt(seed=5)
     eager_model = copy.deepcopy(model)
     first, second = [SHORT, SHORT[:2]], [SHORT[:1], SHORT]  # the same padded shape, other padding
@@ -418,6 +428,7 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_comp
     assert changed != eager  # the change shows in the tokens
     assert generate(model, second, 8, temperature=0, eos_id=None, compile=True) == changed
     assert len(resets) == 1
+    assert user_function(torch.ones(3)).tolist() == [3.0] * 3 and users.frame_count == 1  # not compiled again
     model.clear_cache()
 
 

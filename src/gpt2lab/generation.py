@@ -235,9 +235,8 @@ def compiled_decode(model: GPT) -> Callable:
     frozen into the compiled code as constants, and its products autotuned: inductor times its own C++
     matrix kernels against ATen's for each product and keeps the faster (``freezing``, ``max_autotune``;
     ``prepacks_weights`` says where its kernels read the weights laid out anew). Frozen weights do not
-    follow later changes, so when ``model``'s weights changed since its last compiled CPU step, every
-    compiled function of the process is dropped (``torch.compiler.reset``) and compiles again on its
-    next call."""
+    follow later changes, so when ``model``'s weights changed since its last compiled CPU step, the
+    compiled decode steps are dropped and compile again on their next call (``_drop_compiled_steps``)."""
     device = model.wte.weight.device
     if device.type not in _compiled:
         if device.type == "cuda":
@@ -250,9 +249,21 @@ def compiled_decode(model: GPT) -> Callable:
     if device.type == "cpu":
         weights = frozen_weights_key(model)
         if _frozen_weights.get(model, weights) != weights:
-            torch.compiler.reset()
+            _drop_compiled_steps()
         _frozen_weights[model] = weights
     return _compiled[device.type]
+
+
+def _drop_compiled_steps() -> None:
+    """Make the compiled decode steps compile again on their next call: dynamo's code for
+    ``decode_one_token`` is dropped, and the other functions the process compiled keep theirs. A torch
+    without dynamo's ``reset_code`` drops every compiled function (``torch.compiler.reset``)."""
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    reset_code = getattr(eval_frame, "reset_code", None)
+    if reset_code is None:
+        torch.compiler.reset()
+    else:
+        reset_code(decode_one_token.__code__)
 
 
 def _frozen(step: Callable) -> Callable:
