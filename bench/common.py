@@ -72,8 +72,8 @@ def read_probe(n_bytes: int):
     fastest, timed three times each, of torch summing it (a pure read) and torch's two one-row
     products by it, as a decode step reads its weights (MKL's matrix-vector product and oneDNN's).
     Which is fastest depends on the CPU: on the AMD EPYC of docs/benchmarks.md the sum read 49 GB/s,
-    oneDNN's product 40 and MKL's 25, and llama.cpp's fp32 decoding streamed faster than oneDNN's
-    product, so a ceiling of products alone was no ceiling."""
+    oneDNN's product 40 and MKL's 25, and llama.cpp's fp32 decoding streams faster than oneDNN's
+    product there, so the products alone make no ceiling."""
     from gpt2lab import ops
 
     matrix, row = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(1, 4096)
