@@ -83,6 +83,18 @@ def read_probe(n_bytes: int):
     return min(probes, key=lambda fn: timeit(fn, repeat=3, warmup=1))
 
 
+def decode_bytes(model, bytes_per_weight: float = 4.0) -> float:
+    """Bytes of weights one decode step of a float32 ``model`` reads: every linear weight (the tied
+    lm_head too) at ``bytes_per_weight`` (1 for int8 copies of the weights), the rest in float32;
+    one row of each embedding table is noise."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name == "wpe.weight":
+            continue
+        total += p.numel() * (bytes_per_weight if p.dim() == 2 else 4)
+    return total
+
+
 def memory_read_gbs(n_bytes: int = 512 * 2**20, repeat: int = 5) -> float:
     """Memory read bandwidth, GB/s: ``read_probe``'s rate."""
     t = timeit(read_probe(n_bytes), repeat=repeat, warmup=1)

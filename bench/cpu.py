@@ -6,8 +6,8 @@ Both libraries get identical random GPT-2 124M weights (fp32, dropout 0) and are
 in the same run, so machine noise hits both alike. Each row also shows the fraction of the machine's
 own ceiling that gpt2lab reaches (this machine's neighbours come and go, so it is measured with each
 row): for compute-bound rows (forward, training), fp32 matmul GFLOP/s on a GPT-2-shaped product, the
-faster of torch's MKL and oneDNN kernels, timed in the same alternation as the row; for decoding,
-memory read GB/s measured just before (a decode step reads every weight once).
+faster of torch's MKL and oneDNN kernels; for decoding, the memory read rate (a decode step reads
+every weight once: ``common.read_probe``); each timed in the same alternation as the row.
 ``--quick`` runs only the first benchmark's rows (forward 1x256, greedy 100 tokens at batch 1).
 """
 
@@ -30,11 +30,13 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     REPEATED_WARMUP,
     cpu_header,
+    decode_bytes,
     hf_and_ours,
     interleaved,
     matmul_gflops,
     matmul_probes,
     memory_read_gbs,
+    read_probe,
 )
 
 from gpt2lab.generation import faster_step, generate  # noqa: E402
@@ -51,9 +53,13 @@ def row(name: str, hf: float, ours: float, higher_is_better: bool, unit: str, ce
     print(f"  {name:<34} HF {hf:10.2f}  gpt2lab {ours:10.2f} {unit:<6} {text:<12} {ceiling}", flush=True)
 
 
-def weight_bytes(model) -> int:
-    """Bytes a decode step reads: every parameter but the position table (one row is read)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "wpe.weight")
+READ_BYTES = 512 * 2**20  # the memory read probe's matrix (common.read_probe)
+
+
+def read_share(bytes_per_step: float, steps_per_s: float, t: dict[str, float]) -> float:
+    """The share of the memory read rate a decoder streams at: ``bytes_per_step`` read ``steps_per_s``
+    times a second, over the rate of the read probe timed as ``t["probe"]`` in the row's alternation."""
+    return bytes_per_step * steps_per_s * t["probe"] / READ_BYTES
 
 
 def ceiling(t: dict[str, float], probe_gflop: float) -> float:
@@ -112,8 +118,8 @@ def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def bench_generate(hf, ours, cases, repeat: int) -> None:
+    probe = read_probe(READ_BYTES)
     for B, N in cases:
-        bandwidth = memory_read_gbs() * 1e9
         prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
 
         def hf_gen(prompt=prompt, N=N):
@@ -125,16 +131,16 @@ def bench_generate(hf, ours, cases, repeat: int) -> None:
         if B == 1 and N <= 100:
             assert hf_gen()[0, 16:].tolist() == our_gen()[0], "greedy outputs differ"
         long = N > 100  # tens of seconds per run: one timed run each is stable enough
-        t = interleaved({"hf": hf_gen, "ours": our_gen}, repeat=1 if long else repeat, warmup=0 if long else 1)
+        fns = {"hf": hf_gen, "ours": our_gen, "probe": probe}
+        t = interleaved(fns, repeat=1 if long else repeat, warmup=0 if long else 1)
         tps_hf, tps = B * N / t["hf"], B * N / t["ours"]
-        frac = weight_bytes(ours) * (N / t["ours"]) / bandwidth  # steps/s x bytes per step
+        frac = read_share(decode_bytes(ours), N / t["ours"], t)
         row(f"greedy b={B} {N} new tokens", tps_hf, tps, True, "tok/s", f"{frac:.0%} of mem. bandwidth")
 
 
 def bench_int8(hf, ours) -> None:
     from gpt2lab.quantize import quantize_int8
 
-    bandwidth = memory_read_gbs() * 1e9
     q = quantize_int8(ours)
     x = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -147,16 +153,17 @@ def bench_int8(hf, ours) -> None:
         {
             "hf": lambda: hf_greedy(hf, prompt, 100),
             "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None),
+            "probe": read_probe(READ_BYTES),
         }
     )
-    qbytes = sum(p.numel() for p in ours.parameters()) + 50257 * 768 * 3  # int8 weights + fp32 embedding lookups
+    share = read_share(decode_bytes(ours, bytes_per_weight=1), 100 / t["ours"], t)
     row(
         "greedy b=1 100 tok, int8 weights",
         100 / t["hf"],
         100 / t["ours"],
         True,
         "tok/s",
-        f"max logit err {err:.2f} std, top-1 same {top1:.0%}; {qbytes * 100 / t['ours'] / bandwidth:.0%} bw",
+        f"max logit err {err:.2f} std, top-1 same {top1:.0%}; {share:.0%} bw",
     )
 
 
@@ -176,7 +183,6 @@ def bench_compile(hf, ours) -> None:
     """Compiled decoding against HF's, and what the compile costs: first with an empty inductor cache
     (a temporary one), then in a new process, which finds this one's compiled step in that cache
     where inductor keeps it (a step on plain weights: ``generation.prepacks_weights``)."""
-    bandwidth = memory_read_gbs() * 1e9
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
     ours.setup_cache(1, 16 + 1000, keep=True)  # the kept cache the timed calls run in: compiled for below
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):
@@ -189,7 +195,8 @@ def bench_compile(hf, ours) -> None:
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
 
-    t = interleaved({"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen}, repeat=1, warmup=0)
+    fns = {"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen, "probe": read_probe(READ_BYTES)}
+    t = interleaved(fns, repeat=1, warmup=0)
     row(
         "greedy b=1 1000 tok, compiled decode",
         1000 / t["hf"],
@@ -197,7 +204,7 @@ def bench_compile(hf, ours) -> None:
         True,
         "tok/s",
         f"compile {compile_s:.0f} s, {again_s:.0f} s in a new process; {faster_step(ours, 1)} step kept; "
-        f"{weight_bytes(ours) * 1000 / t['ours'] / bandwidth:.0%} bw",
+        f"{read_share(decode_bytes(ours), 1000 / t['ours'], t):.0%} bw",
     )
     ours.clear_cache()
 
@@ -240,7 +247,7 @@ def main() -> None:
     only = {"forward", "generate"} if args.quick else set(args.only.split(","))
     print(cpu_header(args.threads), flush=True)
     print(
-        f"fp32; ceilings measured before each row: "
+        f"fp32; ceilings timed with each row, at the start: "
         f"matmul {matmul_gflops():.0f} GFLOP/s (1024x768 by a 3072x768 weight, best of MKL and oneDNN), memory read {memory_read_gbs():.1f} GB/s now (best of a sum and the one-row products of MKL and oneDNN)",
         flush=True,
     )

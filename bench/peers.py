@@ -50,7 +50,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import REPEATED_WARMUP, cpu_header, memory_read_gbs, read_probe  # noqa: E402
+from common import REPEATED_WARMUP, cpu_header, decode_bytes, memory_read_gbs, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
 from gpt2lab.generation import faster_step, prepacks_weights  # noqa: E402
@@ -249,17 +249,6 @@ def load_llama(path: Path, threads: int, logits_all: bool = False):
         logits_all=logits_all,
         verbose=False,
     )
-
-
-def decode_bytes(model: GPT, bytes_per_weight: float) -> float:
-    """Bytes of weights one decode step reads: every linear weight (the lm_head too) at
-    ``bytes_per_weight``, the rest in float32; one row of each embedding table is noise."""
-    total = 0.0
-    for name, p in model.named_parameters():
-        if name == "wpe.weight":
-            continue
-        total += p.numel() * (bytes_per_weight if p.dim() == 2 else 4)
-    return total
 
 
 BYTES_PER_WEIGHT = {
