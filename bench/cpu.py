@@ -54,12 +54,19 @@ def row(name: str, hf: float, ours: float, higher_is_better: bool, unit: str, ce
 
 
 READ_BYTES = 512 * 2**20  # the memory read probe's matrix (common.read_probe)
+PROBE_READS = 5  # reads of it per timed probe call: one call per round smooths the rate over 5 reads
+
+
+def memory_probe():
+    """The memory read probe as a decode row times it, once per round of its alternation."""
+    read = read_probe(READ_BYTES)
+    return lambda: [read() for _ in range(PROBE_READS)]
 
 
 def read_share(bytes_per_step: float, steps_per_s: float, t: dict[str, float]) -> float:
     """The share of the memory read rate a decoder streams at: ``bytes_per_step`` read ``steps_per_s``
-    times a second, over the rate of the read probe timed as ``t["probe"]`` in the row's alternation."""
-    return bytes_per_step * steps_per_s * t["probe"] / READ_BYTES
+    times a second, over the rate of ``memory_probe`` timed as ``t["probe"]`` in the row's alternation."""
+    return bytes_per_step * steps_per_s * t["probe"] / (READ_BYTES * PROBE_READS)
 
 
 def ceiling(t: dict[str, float], probe_gflop: float) -> float:
@@ -118,7 +125,7 @@ def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def bench_generate(hf, ours, cases, repeat: int) -> None:
-    probe = read_probe(READ_BYTES)
+    probe = memory_probe()
     for B, N in cases:
         prompt = torch.randint(0, 50257, (B, 16), generator=torch.Generator().manual_seed(B))
 
@@ -153,7 +160,7 @@ def bench_int8(hf, ours) -> None:
         {
             "hf": lambda: hf_greedy(hf, prompt, 100),
             "ours": lambda: generate(q, prompt.tolist(), 100, temperature=0, eos_id=None),
-            "probe": read_probe(READ_BYTES),
+            "probe": memory_probe(),
         }
     )
     share = read_share(decode_bytes(ours, bytes_per_weight=1), 100 / t["ours"], t)
@@ -195,7 +202,7 @@ def bench_compile(hf, ours) -> None:
     def our_gen():
         return generate(ours, prompt.tolist(), 1000, temperature=0, eos_id=None, compile=True)
 
-    fns = {"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen, "probe": read_probe(READ_BYTES)}
+    fns = {"hf": lambda: hf_greedy(hf, prompt, 1000), "ours": our_gen, "probe": memory_probe()}
     t = interleaved(fns, repeat=1, warmup=0)
     row(
         "greedy b=1 1000 tok, compiled decode",
