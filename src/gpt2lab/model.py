@@ -357,7 +357,6 @@ class GPT(nn.Module):
             self.cache_pad = pad
         self.cache_padded = bool(pad.any())  # without padding, a decode step needs no attention mask
         self.cache_len = max_seq_len
-        self._head_copy = None
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
 
