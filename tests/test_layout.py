@@ -68,10 +68,13 @@ def test_every_function_fits_a_screen():
     assert not long, "split these into named steps: " + ", ".join(long)
 
 
+# What a test would need to reach a folder beside the repository: its name, or a path two levels up.
+# Spelled in pieces, so that this file does not itself hold the strings it looks for.
+OUTSIDE_THE_REPOSITORY = ('"' + "sha" + 'red"', "parents" + "[2]")
+
+
 def test_tests_are_hermetic():
     """A user's clone has only this repository: no test reads a folder beside it."""
     for path in Path(__file__).parent.glob("*.py"):
-        if path.name == Path(__file__).name:
-            continue
         source = path.read_text()
-        assert '"shared"' not in source and "parents[2]" not in source, path.name
+        assert not any(s in source for s in OUTSIDE_THE_REPOSITORY), path.name
