@@ -608,6 +608,35 @@ def test_compiled_cpu_decode_compiles_once_for_the_calls_its_kept_cache_fits(alw
     model.clear_cache()
 
 
+@pytest.mark.slow
+def test_compiled_cpu_decode_of_the_variants_gives_the_eager_tokens(always_compiled, make_gpt):
+    """Rotary positions, grouped-query attention and a window layer whose cache rolls, beside a global
+    layer that reads the steps written: compiled, a padded batch decodes the eager tokens."""
+    model = make_gpt(seed=11, pos_emb="rope", n_kv_head=2, window=6, window_pattern="LG")
+    prompts = [SHORT * 2, SHORT[:2]]
+    expected = generate(copy.deepcopy(model), prompts, 12, temperature=0, eos_id=None)
+    assert generate(model, prompts, 12, temperature=0, eos_id=None, compile=True) == expected
+    assert model.h[0].attn.kv_cache.rolls and not model.h[1].attn.kv_cache.rolls
+    model.clear_cache()
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_attends_over_the_steps_written_only(always_compiled, make_gpt):
+    """A compiled CPU step reads as much of the KV cache as the call has written, not the whole kept
+    cache: a short call in a long cache decodes the eager tokens though the steps it never writes hold
+    NaN, which attention over the whole cache would carry into the logits (masked scores weigh them
+    by 0, and 0 x NaN is NaN)."""
+    model = make_gpt(seed=10, block_size=128)
+    expected = generate(copy.deepcopy(model), [SHORT], 8, temperature=0, eos_id=None)
+    model.setup_cache(1, 120, keep=True)
+    for block in model.h:
+        block.attn.kv_cache.k.fill_(float("nan"))
+        block.attn.kv_cache.v.fill_(float("nan"))
+    assert generate(model, [SHORT], 8, temperature=0, eos_id=None, compile=True) == expected
+    assert model.cache_len == 120  # the call ran in the kept cache
+    model.clear_cache()
+
+
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
 def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, remember_kernels):
     """Prompts of one length make the same prefill products call after call: once the kernel file says a

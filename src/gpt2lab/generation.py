@@ -268,11 +268,13 @@ def _drop_compiled_steps() -> None:
 
 def _frozen(step: Callable) -> Callable:
     """``step`` traced and compiled with inductor's freezing on (read when dynamo traces, so it wraps
-    every call; it applies without gradients only, which generation runs under), and with the weights
-    laid out for inductor's own matrix kernels only where that pays (``prepacks_weights``). A step on
-    laid-out weights stays out of inductor's on-disk cache (``fx_graph_cache``): its kernels read copies
-    of the weights made as it compiles, so a stored one, found again by shapes, would decode the
-    weights it was compiled with. Autotuning's own deprecation warning (inductor calls
+    every call; it applies without gradients only, which generation runs under), with the written
+    length of the KV cache read as an integer traced from the time step (dynamo's
+    ``capture_scalar_outputs``: ``gpt2lab.model._filled``), so the step attends over the steps written
+    only, and with the weights laid out for inductor's own matrix kernels only where that pays
+    (``prepacks_weights``). A step on laid-out weights stays out of inductor's on-disk cache
+    (``fx_graph_cache``): its kernels read copies of the weights made as it compiles, so a stored one,
+    found again by shapes, would decode the weights it was compiled with. Autotuning's own deprecation warning (inductor calls
     ``Tensor.storage()``) is kept out of the output."""
 
     @functools.wraps(step)
@@ -285,7 +287,8 @@ def _frozen(step: Callable) -> Callable:
         if prepack:
             _let_freezing_pack_weights()
         options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": not prepack}
-        with torch._inductor.config.patch(options), warnings.catch_warnings():
+        traced_length = torch._dynamo.config.patch(capture_scalar_outputs=True)  # the cache's length: model._filled
+        with torch._inductor.config.patch(options), traced_length, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             return step(model, token, input_pos)
 

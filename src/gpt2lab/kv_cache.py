@@ -38,15 +38,20 @@ class KVCache(nn.Module):
         self.times.fill_(-1)
 
     def update(
-        self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor | None, filled: int | None = None
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        t: torch.Tensor,
+        pad: torch.Tensor | None,
+        filled: int | torch.SymInt | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store k, v (B, nkv, T, hs) of time steps t (T,); return the keys, values and boolean mask
         (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps (None: no
         row is padded).
 
         ``filled`` (the last time step + 1, when known) lets a cache that does not roll attend over
-        its written slots only, instead of the whole preallocated buffer; a compiled step passes
-        None and keeps static shapes. One query over the written slots of an unpadded batch sees
+        its written slots only, instead of the whole preallocated buffer; a compiled step off the
+        CPU passes None and keeps static shapes. One query over the written slots of an unpadded batch sees
         all of them, so it gets no mask (None)."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the

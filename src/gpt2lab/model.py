@@ -122,10 +122,20 @@ def one_query_attention(
     return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
-def _filled(input_pos: torch.Tensor) -> int | None:
-    """The KV-cache slots written once a step at time steps ``input_pos`` is done: eager decoding attends
-    over those only; None while compiling, which keeps static shapes."""
-    return None if torch.compiler.is_compiling() else int(input_pos[-1]) + 1
+def _filled(input_pos: torch.Tensor, cache_len: int) -> int | torch.SymInt | None:
+    """The KV-cache slots written once a step at time steps ``input_pos`` is done: decoding attends over
+    those only. A compiled CPU step traces it as an integer known only when the step runs (dynamo's
+    ``capture_scalar_outputs``, which ``generation._frozen`` turns on), so one compiled step
+    serves every length; a compiled step elsewhere gets None and attends over the whole cache, keeping
+    the static shapes a CUDA graph needs."""
+    if not torch.compiler.is_compiling():
+        return int(input_pos[-1]) + 1
+    if input_pos.device.type != "cpu":
+        return None
+    filled = input_pos[-1].item() + 1
+    torch._check(filled >= 1)  # what the compiler cannot know of a traced integer that slices the cache
+    torch._check(filled <= cache_len)
+    return filled
 
 
 class CausalSelfAttention(nn.Module):
@@ -263,8 +273,7 @@ class GPT(nn.Module):
             if self.config.max_positions is not None and self.config.max_positions < T:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
-            # eager decode attends over the written part of the cache only; compiled keeps static shapes
-            step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos))
+            step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos, self.cache_len))
             pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
         x = self.wte(idx)
         if self.wpe is not None:
@@ -368,8 +377,8 @@ class GPT(nn.Module):
         what the call needs. Repeated calls of one shape attend over no more than they need, and a
         session whose calls grow compiles its step for a few cache lengths only (at most 6 up to
         GPT-2's 1,024 positions, within dynamo's limit of 8 compiles per function). A shorter call in
-        a longer cache attends over its whole length if compiled (static shapes); an eager one reads
-        only the steps written."""
+        a longer cache reads only the steps written, except a compiled step off the CPU, which
+        attends over the whole cache (static shapes, ``_filled``)."""
         cache = self.h[0].attn.kv_cache if len(self.h) else None
         if cache is None or cache.k.shape[0] != batch_size:
             return max_seq_len
