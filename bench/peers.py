@@ -17,7 +17,7 @@ the peer's time over gpt2lab's, pair by pair: the median and the range (above 1:
 Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
 tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
 logits of every position (both repeat one shape and are timed after ``REPEATED_WARMUP`` warm-up calls
-of each engine, bench/common.py). With ``--compile`` the greedy rows of up to 128 tokens run a second time
+of each engine, bench/common.py). With ``--compile`` every greedy row runs a second time
 with ``compile=True``: the compiled decode step, timed against the eager one on its first steps, the
 faster kept (the compile line says which). A decode row also states each engine's decode speed as a
 fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
@@ -264,13 +264,13 @@ DECODE_CASES = [("float32", 1, 128), ("float32", 1, 512), ("float32", 8, 128), (
 
 def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_CASES, compiled: bool = False) -> None:
     """Greedy generation of N new tokens after a 16-token prompt: gpt2lab against each peer; with
-    ``compiled``, the rows of up to 128 tokens run again with gpt2lab's compiled decode step (compiled
+    ``compiled``, every row runs again with gpt2lab's compiled decode step (compiled
     before timing; the compile time is printed)."""
     probe = read_probe(2**30)  # 1 GiB, read in the same alternation as each row
     if compiled:  # inductor lays out every step compiled after a laid-out one in the process: plain ones first
         cases = sorted(cases, key=lambda c: prepacks_weights(model if c[0] == "float32" else int8, c[1]))
     for quant, batch, n in cases:
-        for compile in (False, True) if compiled and n <= 128 else (False,):
+        for compile in (False, True) if compiled else (False,):
             decode_row(model, model if quant == "float32" else int8, quant, batch, n, compile, peers, repeat, probe)
 
 
@@ -361,7 +361,7 @@ def main() -> None:
     ap.add_argument(
         "--compile",
         action="store_true",
-        help="also run the greedy rows of up to 128 tokens with gpt2lab's compiled step",
+        help="also run every greedy row with gpt2lab's compiled step",
     )
     ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
     ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
