@@ -274,8 +274,8 @@ def _frozen(step: Callable) -> Callable:
     only, and with the weights laid out for inductor's own matrix kernels only where that pays
     (``prepacks_weights``). A step on laid-out weights stays out of inductor's on-disk cache
     (``fx_graph_cache``): its kernels read copies of the weights made as it compiles, so a stored one,
-    found again by shapes, would decode the weights it was compiled with. Autotuning's own deprecation warning (inductor calls
-    ``Tensor.storage()``) is kept out of the output."""
+    found again by shapes, would decode the weights it was compiled with. Autotuning's own
+    deprecation warning (inductor calls ``Tensor.storage()``) is kept out of the output."""
 
     @functools.wraps(step)
     def run(model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,8 @@ class KVCache(nn.Module):
 
         ``filled`` (the last time step + 1, when known) lets a cache that does not roll attend over
         its written slots only, instead of the whole preallocated buffer; a compiled step off the
-        CPU passes None and keeps static shapes. One query over the written slots of an unpadded batch sees
-        all of them, so it gets no mask (None)."""
+        CPU passes None and keeps static shapes. One query over the written slots of an unpadded
+        batch sees all of them, so it gets no mask (None)."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the
             # earlier of them still need, so attend over old + new and keep only the newest after.

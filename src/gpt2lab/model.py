@@ -124,13 +124,14 @@ def one_query_attention(
 
 def _filled(input_pos: torch.Tensor, cache_len: int) -> int | torch.SymInt | None:
     """The KV-cache slots written once a step at time steps ``input_pos`` is done: decoding attends over
-    those only. A compiled CPU step traces it as an integer known only when the step runs (dynamo's
-    ``capture_scalar_outputs``, which ``generation._frozen`` turns on), so one compiled step
-    serves every length; a compiled step elsewhere gets None and attends over the whole cache, keeping
-    the static shapes a CUDA graph needs."""
+    those only. A compiled CPU step traces it as an integer known only when the step runs, where
+    dynamo captures such integers (``capture_scalar_outputs``, which ``generation._frozen`` turns on),
+    so one compiled step serves every length. Any other compiled step (a GPU's, or one compiled without
+    that capture) gets None and attends over the whole cache: static shapes, as a CUDA graph needs,
+    and no ``item()`` to break the graph."""
     if not torch.compiler.is_compiling():
         return int(input_pos[-1]) + 1
-    if input_pos.device.type != "cpu":
+    if input_pos.device.type != "cpu" or not torch._dynamo.config.capture_scalar_outputs:
         return None
     filled = input_pos[-1].item() + 1
     torch._check(filled >= 1)  # what the compiler cannot know of a traced integer that slices the cache
