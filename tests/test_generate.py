@@ -517,21 +517,29 @@ def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
         assert generation.prepacks_weights(int8, 1) == generation.prepacks_weights(int8, 8) == amx
 
 
-@pytest.mark.parametrize("slow", ["compiled", "eager"])
+@pytest.mark.parametrize("slow", ["compiled", "eager", "compiled, then eager"])
 def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, monkeypatch, slow):
     """A compiled CPU step is timed against the eager one on the call's first steps; the faster one
     decodes the rest of the call and later calls of that batch size and cache length, with the eager
-    tokens either way. Here the "compiled" step is the eager one counted, and one of the two is delayed."""
+    tokens either way. The eager step is kept only after EAGER_ROUNDS rounds in a row find it faster:
+    one slow round of the compiled step (a burst of load) is timed again. Here the "compiled" step is
+    the eager one counted, and one of the two is delayed."""
     import time
 
     from gpt2lab import generation
 
     eager_step, calls = generation.decode_one_token, {"compiled": 0, "eager": 0}
+    rounds, steps = generation.EAGER_ROUNDS, generation.TIMED_STEPS
+
+    def delayed(kind: str) -> bool:
+        if slow == "compiled, then eager":  # the compiled step's first round (after compiling) only
+            return calls["compiled"] <= steps + 1 if kind == "compiled" else calls["eager"] > steps
+        return kind == slow
 
     def timed(kind: str):
         def step(*args):
             calls[kind] += 1
-            if kind == slow:
+            if delayed(kind):
                 time.sleep(0.01)
             return eager_step(*args)
 
@@ -540,17 +548,17 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
     monkeypatch.setattr(generation, "compiled_decode", lambda model: timed("compiled"))
     monkeypatch.setattr(generation, "decode_one_token", timed("eager"))
     model = make_gpt(seed=3)
-    want = generate(copy.deepcopy(model), [SHORT], 20, temperature=0, eos_id=None)
+    want = generate(copy.deepcopy(model), [SHORT], 40, temperature=0, eos_id=None)
     calls.update(compiled=0, eager=0)
-    assert generate(model, [SHORT], 20, temperature=0, eos_id=None, compile=True) == want
-    fast = "eager" if slow == "compiled" else "compiled"
-    timed_steps = generation.TIMED_STEPS
-    assert calls[slow] == timed_steps + (slow == "compiled")  # the compiling step, then the timed ones
-    assert calls[fast] == 19 - calls[slow]
+    assert generate(model, [SHORT], 40, temperature=0, eos_id=None, compile=True) == want
+    fast = "compiled" if slow != "compiled" else "eager"
+    timed_eager = {"compiled": rounds * steps, "eager": steps, "compiled, then eager": 2 * steps}[slow]
+    assert calls["eager"] == (39 - 1 - timed_eager if fast == "eager" else timed_eager)
+    assert calls["compiled"] == 39 - calls["eager"]  # the compiling step, the timed ones, then the faster
     assert generation._faster_step[model] == {(1, model.cache_len): fast}
     calls.update(compiled=0, eager=0)
     assert generate(model, [SHORT], 12, temperature=0, eos_id=None, compile=True) == [want[0][:12]]
-    assert calls == {slow: 0, fast: 11}  # a later call that fits the kept cache: the faster step only
+    assert calls == {fast: 11, ("eager" if fast == "compiled" else "compiled"): 0}  # a later call: the faster only
     model.clear_cache()
 
 

@@ -162,6 +162,7 @@ _faster_step: weakref.WeakKeyDictionary[GPT, dict[tuple[int, int], str]] = weakr
 TIME_COMPILED_STEPS = True  # False: a compiled CPU step is kept without timing it against the eager one
 TIMED_STEPS = 8  # decode steps of each kind _TimedSteps times, alternately; their medians are compared
 STEP_MARGIN = 0.03  # the eager step is kept only if this much faster than the compiled one
+EAGER_ROUNDS = 2  # rounds of TIMED_STEPS, one after another, that must all find the eager step faster
 
 
 def faster_step(model: GPT, rows: int) -> str | None:
@@ -175,14 +176,18 @@ class _TimedSteps:
     eager step (``TIMED_STEPS`` each, alternately, on the call's own tokens) and then runs the faster.
     Which is faster depends on the CPU and on how the step's weights are laid out
     (``prepacks_weights``): on the AMD EPYC of docs/benchmarks.md an int8 step on laid-out weights ran
-    at a fifth of the eager step's speed. The verdict holds for later calls of the same batch size
-    and cache length in this process (``_faster_step``); the eager step then also reads the weight
-    copies that pay (``GPT.pack_for_decoding``). Both steps write the same KV cache, so a call may switch between them."""
+    at a fifth of the eager step's speed. The eager step is kept only if ``EAGER_ROUNDS`` rounds in a
+    row find it faster (a round that finds the compiled one faster decides): a burst of other load on
+    a shared machine can mislead one round, and keeping the eager step wrongly costs the most. The verdict
+    holds for later calls of the same batch size and cache length in this process
+    (``_faster_step``); the eager step then also reads the weight copies that pay
+    (``GPT.pack_for_decoding``). Both steps write the same KV cache, so a call may switch between them."""
 
     def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
         self.key, self.compiled = (rows, model.cache_len), compiled
         self.times: dict[str, list[float]] = {"compiled": [], "eager": []}
         self.compiled_once = False
+        self.rounds = 0  # rounds timed so far that found the eager step faster
         self.verdict: str | None = None
 
     def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -197,7 +202,12 @@ class _TimedSteps:
         self.times[kind].append(time.perf_counter() - start)
         if len(self.times["eager"]) == TIMED_STEPS:
             eager, compiled = (statistics.median(self.times[k]) for k in ("eager", "compiled"))
-            self.verdict = "eager" if eager < (1 - STEP_MARGIN) * compiled else "compiled"
+            self.times = {"compiled": [], "eager": []}
+            eager_faster = eager < (1 - STEP_MARGIN) * compiled
+            self.rounds += eager_faster
+            if eager_faster and self.rounds < EAGER_ROUNDS:
+                return logits  # time another round before keeping the eager step
+            self.verdict = "eager" if eager_faster else "compiled"
             _faster_step.setdefault(model, {})[self.key] = self.verdict
         return logits
 
