@@ -558,7 +558,7 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
     assert generation._faster_step[model] == {(1, model.cache_len): fast}
     calls.update(compiled=0, eager=0)
     assert generate(model, [SHORT], 12, temperature=0, eos_id=None, compile=True) == [want[0][:12]]
-    assert calls == {fast: 11, ("eager" if fast == "compiled" else "compiled"): 0}  # a later call: the faster only
+    assert calls[fast] == sum(calls.values()) == 11  # a later call that fits the kept cache: the faster step only
     model.clear_cache()
 
 

@@ -178,8 +178,8 @@ class _TimedSteps:
     (``prepacks_weights``): on the AMD EPYC of docs/benchmarks.md an int8 step on laid-out weights ran
     at a fifth of the eager step's speed. The eager step is kept only if ``EAGER_ROUNDS`` rounds in a
     row find it faster (a round that finds the compiled one faster decides): a burst of other load on
-    a shared machine can mislead one round, and keeping the eager step wrongly costs the most. The verdict
-    holds for later calls of the same batch size and cache length in this process
+    a shared machine can mislead one round, and keeping the eager step wrongly costs the most. The
+    verdict holds for later calls of the same batch size and cache length in this process
     (``_faster_step``); the eager step then also reads the weight copies that pay
     (``GPT.pack_for_decoding``). Both steps write the same KV cache, so a call may switch between them."""
 
