@@ -645,6 +645,29 @@ def test_compiled_cpu_decode_attends_over_the_steps_written_only(always_compiled
     model.clear_cache()
 
 
+@pytest.mark.slow
+def test_a_compiled_step_compiles_each_kernel_template_once(always_compiled, make_gpt):
+    """Inductor compiles the jinja source of its C++ matrix-kernel templates for every product it
+    lowers or autotunes; while a compiled step compiles, each source is compiled once and reused, and
+    the step decodes the eager tokens. Other compiles in the process get inductor's own template
+    compiler back."""
+    from torch._inductor.codegen.common import KernelTemplate
+
+    from gpt2lab import generation
+
+    own = KernelTemplate.__dict__["_template_from_string"]
+    compiled_templates = generation._memoized_template_compiler()[1].__func__
+    compiled_templates.cache_clear()  # none from earlier tests
+    model = make_gpt(seed=12)
+    prompts = [SHORT, SHORT[:2]]  # two rows: weights laid out for inductor's kernels, rendered from templates
+    expected = generate(copy.deepcopy(model), prompts, 4, temperature=0, eos_id=None)
+    assert generate(model, prompts, 4, temperature=0, eos_id=None, compile=True) == expected
+    reuse = compiled_templates.cache_info()
+    assert reuse.misses > 0 and reuse.hits > reuse.misses
+    assert KernelTemplate.__dict__["_template_from_string"] is own
+    model.clear_cache()
+
+
 @pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
 def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, remember_kernels):
     """Prompts of one length make the same prefill products call after call: once the kernel file says a

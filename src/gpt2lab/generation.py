@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import math
 import statistics
@@ -281,8 +282,9 @@ def _frozen(step: Callable) -> Callable:
     every call; it applies without gradients only, which generation runs under), with the written
     length of the KV cache read as an integer traced from the time step (dynamo's
     ``capture_scalar_outputs``: ``gpt2lab.model._filled``), so the step attends over the steps written
-    only, and with the weights laid out for inductor's own matrix kernels only where that pays
-    (``prepacks_weights``). A step on laid-out weights stays out of inductor's on-disk cache
+    only, with the weights laid out for inductor's own matrix kernels only where that pays
+    (``prepacks_weights``), and with each of those kernels' templates compiled once
+    (``_templates_compiled_once``). A step on laid-out weights stays out of inductor's on-disk cache
     (``fx_graph_cache``): its kernels read copies of the weights made as it compiles, so a stored one,
     found again by shapes, would decode the weights it was compiled with. Autotuning's own
     deprecation warning (inductor calls ``Tensor.storage()``) is kept out of the output."""
@@ -298,11 +300,50 @@ def _frozen(step: Callable) -> Callable:
             _let_freezing_pack_weights()
         options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": not prepack}
         traced_length = torch._dynamo.config.patch(capture_scalar_outputs=True)  # the cache's length: model._filled
-        with torch._inductor.config.patch(options), traced_length, warnings.catch_warnings():
+        with (
+            torch._inductor.config.patch(options),
+            traced_length,
+            _templates_compiled_once(),
+            warnings.catch_warnings(),
+        ):
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             return step(model, token, input_pos)
 
     return run
+
+
+@functools.cache
+def _memoized_template_compiler() -> tuple[type, staticmethod] | None:
+    """Inductor's kernel-template class and its jinja compiler memoized by source; None where this
+    torch's inductor has no such compiler."""
+    try:
+        from torch._inductor.codegen.common import KernelTemplate
+    except ImportError:
+        return None
+    compile_source = KernelTemplate.__dict__.get("_template_from_string")
+    if not isinstance(compile_source, staticmethod):
+        return None
+    return KernelTemplate, staticmethod(functools.lru_cache(maxsize=None)(compile_source.__func__))
+
+
+@contextlib.contextmanager
+def _templates_compiled_once() -> Iterator[None]:
+    """While a compiled step compiles, each jinja template of inductor's C++ matrix kernels is compiled
+    once per source. Inductor compiles a template's source afresh for every product it lowers or
+    autotunes: about a thousand times for 124M's laid-out one-row step, from 32 sources, about a
+    seventh of the compile (docs/architecture.md). A compiled template depends on its source only,
+    so one serves them all. Other compiles in the process are left as they are."""
+    memo = _memoized_template_compiler()
+    if memo is None:
+        yield
+        return
+    cls, memoized = memo
+    original = cls.__dict__["_template_from_string"]
+    cls._template_from_string = memoized
+    try:
+        yield
+    finally:
+        cls._template_from_string = original
 
 
 # prepacks_weights of each model, per row count, as _frozen's steps asked it.
