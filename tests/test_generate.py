@@ -655,8 +655,11 @@ def test_a_compiled_step_compiles_each_kernel_template_once(always_compiled, mak
 
     from gpt2lab import generation
 
+    memo = generation._memoized_template_compiler()
+    if memo is None:
+        pytest.skip("this torch's inductor compiles no jinja kernel templates")
     own = KernelTemplate.__dict__["_template_from_string"]
-    compiled_templates = generation._memoized_template_compiler()[1].__func__
+    compiled_templates = memo[1].__func__
     compiled_templates.cache_clear()  # none from earlier tests
     model = make_gpt(seed=12)
     prompts = [SHORT, SHORT[:2]]  # two rows: weights laid out for inductor's kernels, rendered from templates

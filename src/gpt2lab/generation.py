@@ -330,8 +330,8 @@ def _memoized_template_compiler() -> tuple[type, staticmethod] | None:
 def _templates_compiled_once() -> Iterator[None]:
     """While a compiled step compiles, each jinja template of inductor's C++ matrix kernels is compiled
     once per source. Inductor compiles a template's source afresh for every product it lowers or
-    autotunes: about a thousand times for 124M's laid-out one-row step, from 32 sources, about a
-    seventh of the compile (docs/architecture.md). A compiled template depends on its source only,
+    autotunes: about a thousand times for 124M's laid-out one-row step, from 32 sources, 12-15% of
+    the compile (docs/architecture.md). A compiled template depends on its source only,
     so one serves them all. Other compiles in the process are left as they are."""
     memo = _memoized_template_compiler()
     if memo is None:
