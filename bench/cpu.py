@@ -39,7 +39,8 @@ from common import (  # noqa: E402
     read_probe,
 )
 
-from gpt2lab.generation import faster_step, generate  # noqa: E402
+from gpt2lab.decode import faster_step  # noqa: E402
+from gpt2lab.generation import generate  # noqa: E402
 from gpt2lab.train import configure_optimizer, flops_per_token  # noqa: E402
 from gpt2lab.train_config import OptimSection  # noqa: E402
 
@@ -189,7 +190,7 @@ print(time.perf_counter() - t0)
 def bench_compile(hf, ours) -> None:
     """Compiled decoding against HF's, and what the compile costs: first with an empty inductor cache
     (a temporary one), then in a new process, which finds this one's compiled step in that cache
-    where inductor keeps it (a step on plain weights: ``generation.prepacks_weights``)."""
+    where inductor keeps it (a step on plain weights: ``gpt2lab.decode.prepacks_weights``)."""
     prompt = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(2))
     ours.setup_cache(1, 16 + 1000, keep=True)  # the kept cache the timed calls run in: compiled for below
     with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TORCHINDUCTOR_CACHE_DIR": cache}):

@@ -4,7 +4,7 @@
 
 Four things are timed in one process, in alternation, ``--rounds`` times each:
 
-- the step: ``generation.decode_one_token`` at position 64 of a 64-token prompt;
+- the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt;
 - its products inside it: a timer around every linear layer's call during that step (with the GELU
   where the MLP's first product takes it);
 - the same products back to back: each layer called on a ready input, in the step's order;
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from common import cpu_header, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
-from gpt2lab.generation import decode_one_token, prefill  # noqa: E402
+from gpt2lab.decode import decode_one_token, prefill  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.ops import Linear  # noqa: E402
 from gpt2lab.quantize import Int8Linear, quantize_int8  # noqa: E402

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from gpt2lab import GPT, GPTConfig, load_model  # noqa: E402
-from gpt2lab.generation import compiled_decode, decode_one_token, prefill  # noqa: E402
+from gpt2lab.decode import compiled_decode, decode_one_token, prefill  # noqa: E402
 from gpt2lab.train import BF16_PEAK_TFLOPS, configure_optimizer, flops_per_token  # noqa: E402
 from gpt2lab.train_config import OptimSection  # noqa: E402
 

@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from common import REPEATED_WARMUP, cpu_header, decode_bytes, memory_read_gbs, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
-from gpt2lab.generation import faster_step, prepacks_weights  # noqa: E402
+from gpt2lab.decode import faster_step, prepacks_weights  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.quantize import quantize_int8  # noqa: E402
 

@@ -146,6 +146,6 @@ def one_thread():
 @pytest.fixture
 def always_compiled(monkeypatch):
     """Compiled CPU steps decode every step, not timed against the eager step (which could be kept)."""
-    from gpt2lab import generation
+    from gpt2lab import decode
 
-    monkeypatch.setattr(generation, "TIME_COMPILED_STEPS", False)
+    monkeypatch.setattr(decode, "TIME_COMPILED_STEPS", False)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import gpt2lab.model
 from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
-from gpt2lab.generation import next_token_probs, prefill, sample
+from gpt2lab.decode import prefill
+from gpt2lab.generation import next_token_probs, sample
 from gpt2lab.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -378,10 +379,10 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
     """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
     step; an int8 model compiles its products as torch._int_mm, so it is checked against eager int8
     run on that kernel, with its weights laid out for inductor's kernels (AMX CPUs) and as they are."""
-    from gpt2lab import generation
+    from gpt2lab import decode
     from gpt2lab.quantize import Int8Linear, quantize_int8
 
-    monkeypatch.setattr(generation, "_has_amx_int8", lambda: int8 == "laid out")
+    monkeypatch.setattr(decode, "_has_amx_int8", lambda: int8 == "laid out")
     model = make_gpt(seed=4)
     if int8:
         model = quantize_int8(model)
@@ -405,12 +406,10 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_comp
     code throughout."""
     from torch._dynamo.testing import CompileCounter
 
-    from gpt2lab import generation
+    from gpt2lab import decode
 
     resets = []
-    monkeypatch.setattr(
-        generation, "_drop_compiled_steps", lambda drop=generation._drop_compiled_steps: resets.append(drop())
-    )
+    monkeypatch.setattr(decode, "_drop_compiled_steps", lambda drop=decode._drop_compiled_steps: resets.append(drop()))
     users = CompileCounter()
     user_function = torch.compile(lambda x: x * 2 + 1, backend=users)
     user_function(torch.ones(3))
@@ -435,8 +434,8 @@ def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_comp
 CACHED_STEPS = """
 import copy, json, sys, torch
 from torch._dynamo.utils import counters
-from gpt2lab import GPT, GPTConfig, generate, generation
-generation.TIME_COMPILED_STEPS = False  # every step compiled: this counts inductor's cache hits
+from gpt2lab import GPT, GPTConfig, decode, generate
+decode.TIME_COMPILED_STEPS = False  # every step compiled: this counts inductor's cache hits
 torch.manual_seed(int(sys.argv[1]))
 model = GPT(GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)).eval()
 with torch.no_grad():
@@ -500,7 +499,7 @@ def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
     product: MKL) where the kernel table chose MKL for the model's one-row products, and lays them out
     for inductor's kernels where it chose oneDNN; two rows are always laid out. int8 steps are laid
     out, at any row count, where the CPU has AMX int8 tiles, and read the plain weights elsewhere."""
-    from gpt2lab import generation
+    from gpt2lab import decode
     from gpt2lab.quantize import quantize_int8
 
     if kernel == "onednn" and not ops.onednn_available():
@@ -509,12 +508,12 @@ def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
     times = {"onednn": 1.0, "torch": 1.0}
     remember_kernels({f"float32 {o}x{i} rows 1": {"kernel": kernel, "us_per_product": times} for o, i in shapes})
     model = make_gpt(vocab_size=89, n_embd=48, n_head=4)
-    assert generation.prepacks_weights(model, 1) == (kernel == "onednn")
-    assert generation.prepacks_weights(model, 2)
+    assert decode.prepacks_weights(model, 1) == (kernel == "onednn")
+    assert decode.prepacks_weights(model, 2)
     int8 = quantize_int8(model)
     for amx in (True, False):
-        monkeypatch.setattr(generation, "_has_amx_int8", lambda amx=amx: amx)
-        assert generation.prepacks_weights(int8, 1) == generation.prepacks_weights(int8, 8) == amx
+        monkeypatch.setattr(decode, "_has_amx_int8", lambda amx=amx: amx)
+        assert decode.prepacks_weights(int8, 1) == decode.prepacks_weights(int8, 8) == amx
 
 
 @pytest.mark.parametrize("slow", ["compiled", "eager", "compiled, then eager"])
@@ -526,10 +525,10 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
     the eager one counted, and one of the two is delayed."""
     import time
 
-    from gpt2lab import generation
+    from gpt2lab import decode
 
-    eager_step, calls = generation.decode_one_token, {"compiled": 0, "eager": 0}
-    rounds, steps = generation.EAGER_ROUNDS, generation.TIMED_STEPS
+    eager_step, calls = decode.decode_one_token, {"compiled": 0, "eager": 0}
+    rounds, steps = decode.EAGER_ROUNDS, decode.TIMED_STEPS
 
     def delayed(kind: str) -> bool:
         if slow == "compiled, then eager":  # the compiled step's first round (after compiling) only
@@ -545,8 +544,8 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
 
         return step
 
-    monkeypatch.setattr(generation, "compiled_decode", lambda model: timed("compiled"))
-    monkeypatch.setattr(generation, "decode_one_token", timed("eager"))
+    monkeypatch.setattr(decode, "compiled_decode", lambda model: timed("compiled"))
+    monkeypatch.setattr(decode, "decode_one_token", timed("eager"))
     model = make_gpt(seed=3)
     want = generate(copy.deepcopy(model), [SHORT], 40, temperature=0, eos_id=None)
     calls.update(compiled=0, eager=0)
@@ -555,7 +554,7 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
     timed_eager = {"compiled": rounds * steps, "eager": steps, "compiled, then eager": 2 * steps}[slow]
     assert calls["eager"] == (39 - 1 - timed_eager if fast == "eager" else timed_eager)
     assert calls["compiled"] == 39 - calls["eager"]  # the compiling step, the timed ones, then the faster
-    assert generation._faster_step[model] == {(1, model.cache_len): fast}
+    assert decode._faster_step[model] == {(1, model.cache_len): fast}
     calls.update(compiled=0, eager=0)
     assert generate(model, [SHORT], 12, temperature=0, eos_id=None, compile=True) == [want[0][:12]]
     assert calls[fast] == sum(calls.values()) == 11  # a later call that fits the kept cache: the faster step only
@@ -653,9 +652,9 @@ def test_a_compiled_step_compiles_each_kernel_template_once(always_compiled, mak
     compiler back."""
     from torch._inductor.codegen.common import KernelTemplate
 
-    from gpt2lab import generation
+    from gpt2lab import decode
 
-    memo = generation._memoized_template_compiler()
+    memo = decode._memoized_template_compiler()
     if memo is None:
         pytest.skip("this torch's inductor compiles no jinja kernel templates")
     own = KernelTemplate.__dict__["_template_from_string"]

@@ -125,7 +125,7 @@ def one_query_attention(
 def _filled(input_pos: torch.Tensor, cache_len: int) -> int | torch.SymInt | None:
     """The KV-cache slots written once a step at time steps ``input_pos`` is done: decoding attends over
     those only. A compiled CPU step traces it as an integer known only when the step runs, where
-    dynamo captures such integers (``capture_scalar_outputs``, which ``generation._frozen`` turns on),
+    dynamo captures such integers (``capture_scalar_outputs``, which ``gpt2lab.decode._frozen`` turns on),
     so one compiled step serves every length. Any other compiled step (a GPU's, or one compiled without
     that capture) gets None and attends over the whole cache: static shapes, as a CUDA graph needs,
     and no ``item()`` to break the graph."""

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.config import GPTConfig
+from gpt2lab.decode import decode_one_token, prefill
 from gpt2lab.device import resolve_device
-from gpt2lab.generation import decode_one_token, prefill
 from gpt2lab.kernels import alternated
 from gpt2lab.model import GPT, flex_applies, flex_kernel, window_block_mask
 

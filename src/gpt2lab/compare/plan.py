@@ -18,7 +18,7 @@ from gpt2lab.compare.mqar import MQARTask, distance_edges, reach
 from gpt2lab.compare.pool import RUNS, Job
 from gpt2lab.compare.settings import CompareConfig, variant_overrides
 from gpt2lab.config import GPTConfig
-from gpt2lab.generation import decode_one_token, prefill
+from gpt2lab.decode import decode_one_token, prefill
 from gpt2lab.model import GPT
 from gpt2lab.train import configure_optimizer, flops_per_token
 from gpt2lab.train_config import ModelSection, OptimSection
