@@ -516,6 +516,32 @@ def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
         assert decode.prepacks_weights(int8, 1) == decode.prepacks_weights(int8, 8) == amx
 
 
+def test_decode_step_follows_compile_and_the_timed_verdict(make_gpt, monkeypatch):
+    """A call decodes with the eager step unless it asks to compile. On the CPU a compiled step is timed
+    against the eager one (``_TimedSteps``) until a verdict for that batch size and cache length is in,
+    and the verdict's step runs from then on; untimed where timing is off."""
+    from gpt2lab import decode
+
+    model = make_gpt(seed=3)
+    model.setup_cache(1, 16, keep=True)
+    assert decode.decode_step(model, 1, compile=False) == (decode.decode_one_token, False)
+    step, compiled = decode.decode_step(model, 1, compile=True)
+    assert isinstance(step, decode._TimedSteps) and compiled
+    verdicts = {}
+    monkeypatch.setitem(decode._faster_step, model, verdicts)
+    for verdict, want in (
+        ("eager", (decode.decode_one_token, False)),
+        ("compiled", (decode.compiled_decode(model), True)),
+    ):
+        verdicts[(1, model.cache_len)] = verdict
+        assert decode.decode_step(model, 1, compile=True) == want
+        assert decode.decode_step(model, 1, compile=False) == (decode.decode_one_token, False)
+    assert isinstance(decode.decode_step(model, 2, compile=True)[0], decode._TimedSteps)  # another batch size
+    monkeypatch.setattr(decode, "TIME_COMPILED_STEPS", False)
+    assert decode.decode_step(model, 2, compile=True) == (decode.compiled_decode(model), True)
+    model.clear_cache()
+
+
 @pytest.mark.parametrize("slow", ["compiled", "eager", "compiled, then eager"])
 def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, monkeypatch, slow):
     """A compiled CPU step is timed against the eager one on the call's first steps; the faster one
