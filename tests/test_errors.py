@@ -278,6 +278,29 @@ def test_bad_inference_option(case, tiny_dir, tmp_path, capsys):
     assert _tree(tmp_path) == before
 
 
+OUTPUT_UNDER_A_FILE = {
+    "prepare": lambda tmp, model, file: ["prepare", "--input", str(_text(tmp)), "--out", str(file / "data")],
+    "train": lambda tmp, model, file: [
+        "train",
+        *overrides(settings(byte_corpus(tmp / "data", 5_000, 2_000), file / "out")),
+    ],
+    "export": lambda tmp, model, file: ["export", "--model", str(model), "--out", str(file / "hf" / "gpt2")],
+    "compare": lambda tmp, model, file: ["compare", "--quick", "--out", str(file / "report")],
+}
+
+
+@pytest.mark.parametrize("command", OUTPUT_UNDER_A_FILE)
+def test_an_output_under_a_file_is_a_clean_error(command, tiny_dir, tmp_path, capsys):
+    """The OS refuses to make the output directory; the message names the file in the way, not the
+    bare "File exists" / "Not a directory" of the failed mkdir."""
+    file = tmp_path / "notes.txt"
+    file.write_text("not a directory\n")
+    argv = OUTPUT_UNDER_A_FILE[command](tmp_path, tiny_dir, file)
+    before = _tree(tmp_path)
+    _assert_one_line_error(capsys, argv, f"{file} is a file where a directory is needed", "choose another location")
+    assert _tree(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     ("option", "phrase"),
     [

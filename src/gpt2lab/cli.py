@@ -15,6 +15,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from gpt2lab import files
 from gpt2lab.errors import GPT2LabError
 
 BUSY_CPUS = 0.5  # other programs' load (CPUs) at which OpenMP threads sleep instead of spinning
@@ -508,13 +509,22 @@ def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except GPT2LabError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
-            print(f"error: {e}", file=sys.stderr)
+        _print_error(str(e))
+        return 2
+    except OSError as e:  # a path the OS refused (an output under a file, a read-only place)
+        if not isinstance(e.filename, (str, bytes, os.PathLike)):
+            raise
+        _print_error(files.os_error_message(e))
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_error(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        print(f"error: {message}", file=sys.stderr)
 
 
 def _exit_torchrun_worker(code: int) -> NoReturn:

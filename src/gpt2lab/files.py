@@ -153,6 +153,18 @@ def locked(directory: Path, what: str = "run") -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def os_error_message(error: OSError) -> str:
+    """One line for a path the operating system refused (``error.filename``): what went wrong where,
+    and what to do. A directory that cannot be made because a file is in the way names that file
+    ("File exists" or "Not a directory" alone names neither)."""
+    path = Path(os.fsdecode(error.filename))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if error.errno in (errno.EEXIST, errno.ENOTDIR) and existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" (to make {path})"
+        return f"{existing} is a file where a directory is needed{where}; choose another location"
+    return f"{error.strerror or error}: {path}; check that the path exists and that you may read or write there"
+
+
 def _disk_is_full(path: Path) -> bool:
     probe = path if path.is_dir() else path.parent
     try:
