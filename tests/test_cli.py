@@ -346,3 +346,13 @@ def test_openmp_threads_sleep_only_where_the_cpu_is_busy_and_the_user_chose_noth
     probe = "import os\nfrom gpt2lab.cli import cpu_busy\nprint(cpu_busy(0.05), len(os.sched_getaffinity(0)))\n"
     load, cpus = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()
     assert 0 <= float(load) <= int(cpus)
+
+
+def test_an_unknown_option_shows_its_commands_usage(capsys):
+    """A mistyped option after a command is reported with that command's usage, not the top level's."""
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "--data", "x", "--max-windows", "2"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gpt2lab eval "), err
+    assert "gpt2lab eval: error: unrecognized arguments: --max-windows 2" in err

@@ -447,7 +447,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if spec.epilog:
             p.formatter_class = argparse.RawDescriptionHelpFormatter
             p.epilog = spec.epilog()
-        p.set_defaults(func=spec.run)
+        p.set_defaults(func=spec.run, command_parser=p)  # command_parser: for usage errors found after parsing
     return parser
 
 
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides"):  # only train, demo and compare take --section.key=value settings
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
     if not getattr(args, "func", None):
         parser.print_help()
