@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from gpt2lab.kernels import cpu_flags
+from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
 from gpt2lab.ops import Linear, weight_key
 from gpt2lab.quantize import Int8Linear
@@ -288,7 +289,9 @@ def mkl_reads_one_row_faster(model: GPT) -> bool:
 
 def frozen_weights_key(model: GPT) -> tuple:
     """What a compiled CPU step froze of ``model``: every parameter and buffer but the ones each call
-    rewrites (the KV caches, the rows' padding ``cache_pad``, which the step reads afresh), each as
+    rewrites (the KV caches' and the rows' padding, ``cache_pad``, which the step reads afresh), each as
     ``ops.weight_key`` (storage, in-place changes, optimizer steps)."""
-    buffers = (t for name, t in model.named_buffers() if ".kv_cache." not in name and name != "cache_pad")
+    rewritten = {id(t) for m in model.modules() if isinstance(m, KVCache) for t in m.buffers()}
+    rewritten.add(id(model.cache_pad))
+    buffers = (t for t in model.buffers() if id(t) not in rewritten)
     return tuple(weight_key(t) for t in buffers) + tuple(weight_key(p) for p in model.parameters())
