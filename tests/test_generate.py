@@ -218,6 +218,43 @@ def test_empty_prompt_raises(make_gpt, prompts):
 
 
 @pytest.mark.parametrize(
+    "prompts, phrase",
+    [
+        ([5, 17, 3], "for one prompt of ids pass \\[ids\\]"),
+        ("hello", "not text"),
+        (["hello"], "not text"),
+        (torch.tensor([5, 17]), "for one prompt of ids use ids\\[None\\]"),
+        (torch.tensor([[0.5, 1.0]]), "integer ids"),
+        ([[5, 97]], "the prompt holds 97, not a token id of this model \\(integers 0 to 96\\)"),
+        ([[5], [-1]], "prompt 1 holds -1"),
+        ([[5, 1.0]], "holds 1.0"),
+        ([[True]], "holds True"),
+    ],
+    ids=["flat", "text", "list-of-text", "1d-tensor", "float-tensor", "past-vocab", "negative", "float", "bool"],
+)
+def test_bad_prompts_raise_saying_what_to_pass(make_gpt, prompts, phrase):
+    """Prompts that are not token-id rows of this model raise before the model runs (an id past the
+    vocabulary would otherwise be an IndexError from the embedding)."""
+    with pytest.raises(GPT2LabError, match=phrase):
+        generate(make_gpt(), prompts, 3)
+
+
+def test_prompts_as_tensors_arrays_and_tuples_decode_as_lists(make_gpt):
+    """A (batch, tokens) tensor, rows that are 1-D tensors, NumPy arrays or tuples: the lists' tokens."""
+    import numpy as np
+
+    model = make_gpt(seed=2)
+    expected = generate(model, [SHORT, SHORT[:2]], 4, temperature=0, eos_id=None)
+    for prompts in ([torch.tensor(SHORT), np.array(SHORT[:2])], [tuple(SHORT), list(np.array(SHORT[:2]))]):
+        assert generate(model, prompts, 4, temperature=0, eos_id=None) == expected
+    batch = torch.tensor([SHORT, SHORT])
+    assert generate(model, batch, 4, temperature=0, eos_id=None) == [expected[0]] * 2
+    assert next_token_probs(model, np.array(SHORT), 3) == next_token_probs(model, SHORT, 3)
+    with pytest.raises(GPT2LabError, match="holds 97"):
+        next_token_probs(model, [97], 3)
+
+
+@pytest.mark.parametrize(
     "kwargs, field",
     [
         (dict(max_new_tokens=-1), "max_new_tokens"),

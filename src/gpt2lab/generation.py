@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -64,7 +65,7 @@ def check_sampling(
 
 def stream(
     model: GPT,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -74,8 +75,8 @@ def stream(
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step, until ``max_new_tokens`` or every row
-    has produced ``eos_id``. Prompts may differ in length (they are left-padded). Bad arguments raise
-    here, before the first token is asked for.
+    has produced ``eos_id``. Prompts are rows of token ids (``prompt_rows``) and may differ in length
+    (they are left-padded). Bad arguments raise here, before the first token is asked for.
 
     ``compile=True`` runs the decode step through torch.compile (``gpt2lab.decode``). Compiling takes
     a while the first time, so it pays for long or repeated generation. On the CPU the compiled step
@@ -87,8 +88,7 @@ def stream(
     up to L steps (prompt + new tokens) in rows of B, keep a cache of that size first:
     ``model.setup_cache(B, L, keep=True)``."""
     config = model.config
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
+    prompts = prompt_rows(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, config.vocab_size)
     P = max(len(p) for p in prompts)
     if config.max_positions is not None and P + max_new_tokens > config.max_positions:
@@ -105,6 +105,38 @@ def stream(
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     return _stream(model, idx, pad, max_new_tokens, pick, eos_id, compile)
+
+
+def prompt_rows(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
+    """``prompts`` as lists of token ids, checked: token-id sequences of any lengths (lists, tuples, 1-D
+    tensors or arrays), or a (batch, tokens) integer tensor. A flat list of ids, text, an empty prompt
+    or an id outside the vocabulary raises a GPT2LabError that says what to pass instead."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype.is_floating_point or prompts.dtype == torch.bool:
+            raise GPT2LabError(
+                f"a tensor of prompts must be (batch, tokens) integer ids, got {tuple(prompts.shape)} {prompts.dtype}; "
+                "for one prompt of ids use ids[None]"
+            )
+        prompts = prompts.tolist()
+    if isinstance(prompts, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in prompts):
+        raise GPT2LabError("prompts are token ids, not text; encode the text first: [tokenizer.encode(text)]")
+    if len(prompts) == 0:
+        raise GPT2LabError("the list of prompts is empty; pass a list of prompts, each a list of token ids")
+    rows = [p.tolist() if hasattr(p, "tolist") else p for p in prompts]  # tensors and arrays: Python ints
+    if any(not isinstance(p, Sequence) for p in rows):
+        raise GPT2LabError("prompts is a list of prompts, each a list of token ids; for one prompt of ids pass [ids]")
+    if any(len(p) == 0 for p in rows):
+        raise GPT2LabError("every prompt needs at least one token; the prompt is empty")
+    for row, p in enumerate(rows):
+        bad = next((t for t in p if not _is_token_id(t, vocab_size)), None)
+        if bad is not None:
+            where = "the prompt" if len(rows) == 1 else f"prompt {row}"
+            raise GPT2LabError(f"{where} holds {bad!r}, not a token id of this model (integers 0 to {vocab_size - 1})")
+    return [list(p) for p in rows]
+
+
+def _is_token_id(t: object, vocab_size: int) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
 
 
 @torch.no_grad()
@@ -147,7 +179,9 @@ def _stream(
         model.train(was_training)
 
 
-def generate(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **options) -> list[list[int]]:
+def generate(
+    model: GPT, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int, **options
+) -> list[list[int]]:
     """New tokens for each prompt; a row ends with ``eos_id`` if it produced it. ``options`` are
     ``stream``'s: temperature, top_k, top_p, seed, eos_id, compile."""
     eos_id = options.get("eos_id", EOT)
@@ -197,15 +231,14 @@ def _text_pieces(tokenizer, tokens: Iterator[torch.Tensor]) -> Iterator[str]:
 def next_token_probs(model: GPT, prompt: Sequence[int], k: int) -> list[tuple[int, float]]:
     """The ``k`` most likely next tokens after ``prompt`` with their probabilities, best first."""
     limit = model.config.max_positions
-    if not prompt:
-        raise GPT2LabError("the prompt is empty; give some text to continue, e.g. 'Hello, my name is'")
+    [prompt] = prompt_rows([prompt], model.config.vocab_size)
     if limit is not None and len(prompt) > limit:
         raise GPT2LabError(f"the text is {len(prompt)} tokens, longer than the model's context of {limit}; shorten it")
     if not k >= 1:
         raise GPT2LabError(f"the number of tokens to list must be at least 1, got {k}")
     was_training = model.training
     model.eval()
-    x = model.hidden_states(torch.tensor([list(prompt)], device=model.wte.weight.device))
+    x = model.hidden_states(torch.tensor([prompt], device=model.wte.weight.device))
     logits = model.logits(x[:, -1:])  # the last position's only
     model.train(was_training)
     probs = logits[0, -1].float().softmax(-1)
