@@ -114,3 +114,23 @@ def test_compact_tokenizer_file_round_trip(tmp_path):
     tok.to_file(tmp_path / "vocabulary.json")
     again = load_tokenizer(tmp_path)
     assert again.kept == tok.kept and again.encode("a, b.") == tok.encode("a, b.")
+
+
+def test_a_checkpoint_directory_finds_its_runs_vocabulary_and_a_missing_one_is_an_error(tmp_path):
+    """ckpt-N inside a run directory gets the run's compact vocabulary, as load_model finds the run's
+    model; a directory that does not exist is an error, not GPT-2's tokenizer in its place."""
+    from gpt2lab.checkpoint import CHECKPOINT_JSON
+    from gpt2lab.errors import CheckpointError
+
+    tok = CompactTokenizer([EOT, 11, 13])
+    tok.to_file(tmp_path / "vocabulary.json")
+    ckpt = tmp_path / "ckpt-00000010"
+    ckpt.mkdir()
+    (ckpt / CHECKPOINT_JSON).write_text("{}")
+    assert load_tokenizer(ckpt).kept == tok.kept
+    other = tmp_path / "elsewhere" / "ckpt-00000010"  # a checkpoint-like name is not enough: no checkpoint.json
+    other.mkdir(parents=True)
+    (tmp_path / "elsewhere" / "vocabulary.json").write_text((tmp_path / "vocabulary.json").read_text())
+    assert load_tokenizer(other).encode("Hello world") == [15496, 995]
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        load_tokenizer(tmp_path / "missing")

@@ -64,15 +64,9 @@ def load_for_inference(name_or_path: str | Path, device: str = "auto", dtype: st
 
 
 def tokenizer_of(name_or_path: str | Path):
-    """The tokenizer a model was trained with: GPT-2's, or the compact vocabulary recorded beside it
-    (a checkpoint directory finds its run's)."""
-    directory = resolve(name_or_path)
-    for candidate in (directory, directory.parent):
-        if (candidate / VOCABULARY_JSON).is_file():
-            return load_tokenizer(candidate)
-        if not (candidate / checkpoint.CHECKPOINT_JSON).is_file():
-            break  # only a checkpoint directory looks at its run's directory
-    return load_tokenizer(directory)
+    """The tokenizer a model was trained with: GPT-2's, or the one recorded beside it
+    (``tokenizer.load_tokenizer``); ``name_or_path`` as ``load_model`` takes it."""
+    return load_tokenizer(resolve(name_or_path))
 
 
 def load_for_rewrite(name_or_path: str | Path, out: str | Path) -> tuple[GPT, Path]:

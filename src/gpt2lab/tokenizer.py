@@ -40,18 +40,31 @@ VOCABULARY_JSON = "vocabulary.json"
 
 
 def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding | CompactTokenizer:
-    """The GPT-2 tokenizer (``<|endoftext|>`` = 50256); from ``directory``'s vocab.json/merges.txt if it
-    has them, or the compact one its vocabulary.json describes."""
-    if directory is not None and (Path(directory) / VOCABULARY_JSON).is_file():
-        return CompactTokenizer.from_file(Path(directory) / VOCABULARY_JSON)
-    encoder_json, vocab_bpe = bundled_files()
-    if (
-        directory is not None
-        and (Path(directory) / "vocab.json").is_file()
-        and (Path(directory) / "merges.txt").is_file()
-    ):
-        encoder_json, vocab_bpe = Path(directory) / "vocab.json", Path(directory) / "merges.txt"
-    return _encoding(str(encoder_json), _sha256(encoder_json), str(vocab_bpe), _sha256(vocab_bpe))
+    """The GPT-2 tokenizer (``<|endoftext|>`` = 50256), or a model directory's own: from its
+    vocab.json/merges.txt if it has them, or the compact one its vocabulary.json describes (a training
+    checkpoint directory, ``ckpt-N``, finds its run's). A directory with neither gets GPT-2's."""
+    if directory is None:
+        return _encoding(*_with_sha256(*bundled_files()))
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory} is not a directory; pass a model directory, or nothing for GPT-2's own tokenizer"
+        )
+    from gpt2lab.checkpoint import CHECKPOINT_JSON  # imports torch: only when a directory is read
+
+    for candidate in (directory, directory.parent):
+        if (candidate / VOCABULARY_JSON).is_file():
+            return CompactTokenizer.from_file(candidate / VOCABULARY_JSON)
+        if not (candidate / CHECKPOINT_JSON).is_file():
+            break  # only a checkpoint directory looks at its run's directory
+    encoder_json, vocab_bpe = directory / "vocab.json", directory / "merges.txt"
+    if not (encoder_json.is_file() and vocab_bpe.is_file()):
+        encoder_json, vocab_bpe = bundled_files()
+    return _encoding(*_with_sha256(encoder_json, vocab_bpe))
+
+
+def _with_sha256(encoder_json: Path, vocab_bpe: Path) -> tuple[str, str, str, str]:
+    return str(encoder_json), _sha256(encoder_json), str(vocab_bpe), _sha256(vocab_bpe)
 
 
 @functools.lru_cache(maxsize=4)
