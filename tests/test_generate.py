@@ -177,6 +177,28 @@ def test_top_p_renormalises_and_follows_temperature():
     assert support == {1, 2, 3}
 
 
+def test_top_p_1_keeps_every_token_even_where_float32_sums_reach_1_early(monkeypatch):
+    """With one token at probability ~1 the float32 running sum is 1.0 from the first token on; top_p=1
+    still leaves every token a probability above 0, as no top-p at all does."""
+    drawn_from = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(
+        torch, "multinomial", lambda probs, *a, **k: drawn_from.append(probs) or multinomial(probs, *a, **k)
+    )
+    logits = torch.full((1, 1000), -15.0)
+    logits[0, 0] = 15.0
+    sample(logits, top_p=1.0)
+    assert (drawn_from[0] > 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_nan(make_gpt, temperature):
+    """A temperature so small that logits / temperature overflows float32 samples the argmax, its limit."""
+    model = make_gpt()
+    greedy = generate(model, BATCH_PROMPTS, 6, temperature=0, eos_id=None)
+    assert generate(model, BATCH_PROMPTS, 6, temperature=temperature, seed=0, eos_id=None) == greedy
+
+
 def test_eos_stops_a_row(make_gpt):
     """A row stops at eos_id (its output ends with it), while other rows of the batch run to the end."""
     model = make_gpt(seed=2)
@@ -263,13 +285,20 @@ def test_prompts_as_tensors_arrays_and_tuples_decode_as_lists(make_gpt):
         (dict(top_k=98), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+        (dict(top_k=2.5), "top_k must be an integer"),
+        (dict(top_k=True), "top_k must be an integer"),
+        (dict(temperature="0.7"), "temperature must be a number"),
+        (dict(top_p="0.9"), "top_p must be a number"),
+        (dict(seed=1.5), "seed must be an integer"),
     ],
 )
 def test_bad_sampling_arguments_raise(make_gpt, kwargs, field):
-    """Out-of-range sampling arguments raise GPT2LabError naming the argument."""
+    """Out-of-range or wrongly typed sampling arguments raise GPT2LabError naming the argument, when
+    ``stream`` is called (before any token is asked for)."""
     kwargs = dict(max_new_tokens=3) | kwargs
     with pytest.raises(GPT2LabError, match=field):
-        generate(make_gpt(), [[1, 2]], **kwargs)
+        stream(make_gpt(), [[1, 2]], **kwargs)
 
 
 # --- real GPT-2 weights, only where they are already in the local HF cache ------------------------------

@@ -24,20 +24,23 @@ def sample(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V). temperature 0 is greedy (argmax).
+    """Next tokens (B,) from logits (B, V). temperature 0 is greedy (argmax), as is one too small for
+    float32 (below about 1.2e-38), whose limit greedy is.
 
     Applied in HF's order: temperature, then top-k, then top-p. Top-k keeps exactly k tokens; among
     tokens tied at the k-th logit the lower token ids win (a stable sort), so the cut is reproducible.
     Top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one).
     """
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted first, so that the largest is 0: a tiny temperature sends the others to -inf, not to inf - inf = nan
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None or top_p is not None:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         if top_k is not None:
             sorted_logits[:, top_k:] = float("-inf")
-        if top_p is not None:
+        if top_p is not None and top_p < 1:  # 1 keeps every token (float32 sums can reach 1 before the tail)
             probs = sorted_logits.softmax(dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs
             sorted_logits[mass_before >= top_p] = float("-inf")  # the first token always has 0 before it
@@ -51,6 +54,12 @@ def check_sampling(
 ) -> None:
     """Refuse generation settings no model can run; ``vocab_size`` None (no model loaded yet) leaves
     top_k's upper bound to the later check."""
+    _require_number("max_new_tokens", max_new_tokens, integer=True)
+    _require_number("temperature", temperature)
+    if top_k is not None:
+        _require_number("top_k", top_k, integer=True)
+    if top_p is not None:
+        _require_number("top_p", top_p)
     if max_new_tokens < 0:
         raise GPT2LabError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -61,6 +70,11 @@ def check_sampling(
         raise GPT2LabError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise GPT2LabError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _require_number(name: str, value: object, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise GPT2LabError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
 
 
 def stream(
@@ -90,6 +104,8 @@ def stream(
     config = model.config
     prompts = prompt_rows(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, config.vocab_size)
+    if seed is not None:
+        _require_number("seed", seed, integer=True)
     P = max(len(p) for p in prompts)
     if config.max_positions is not None and P + max_new_tokens > config.max_positions:
         raise GPT2LabError(
