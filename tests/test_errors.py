@@ -80,6 +80,14 @@ def _bad_index(d: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
 
 
+def _junk_bin(data: bytes):
+    def edit(d: Path) -> None:
+        (d / "model.safetensors").unlink()
+        (d / "pytorch_model.bin").write_bytes(data)
+
+    return edit
+
+
 MODEL_CASES = {
     "dropout not a number": (dict(config=_set("dropout", "high")), ["dropout must be a number"]),
     "rope_theta not a number": (dict(config=_set("rope_theta", "big")), ["rope_theta must be a number"]),
@@ -93,6 +101,19 @@ MODEL_CASES = {
     "n_embd absurd": (dict(config=_set("n_embd", 1_200_000)), ["more than this machine's memory", "n_embd"]),
     "empty weights file": (dict(edit=_empty_weights), ["model.safetensors", "truncated or corrupt"]),
     "malformed safetensors index": (dict(edit=_bad_index), ["model.safetensors.index.json", "malformed"]),
+    # not pickles: the weights-only unpickler trips over them in different ways, none of them "code"
+    **{
+        f"pytorch_model.bin holding {name}": (
+            dict(edit=_junk_bin(data)),
+            ["not a PyTorch tensor file", "does not parse"],
+        )
+        for name, data in [
+            ("text", b"hello world"),
+            ("3 bytes", b"abc"),
+            ("JSON", b"{}"),
+            ("random bytes", bytes(range(256)) * 8),
+        ]
+    },
 }
 
 
@@ -326,6 +347,35 @@ def test_malicious_pickle_message_never_suggests_turning_the_protection_off(tiny
 
 class _Unsafe:
     pass
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        MemoryError(),
+    ],
+    ids=["cpu", "cuda", "python"],
+)
+def test_running_out_of_memory_is_a_one_line_error(failure, tiny_dir, monkeypatch, capsys):
+    """An allocation that fails (a huge --max-new-tokens, batch or model) is one line that says so and what to
+    lower; any other RuntimeError still raises, with its traceback."""
+
+    def stream_failing_with(error):
+        def stream(*args, **kwargs):
+            raise error
+
+        return stream
+
+    argv = ["generate", "--prompt", "hi", "--model", str(tiny_dir), "--device", "cpu", "--num-samples", "2"]
+    monkeypatch.setattr("gpt2lab.generation.stream", stream_failing_with(failure))
+    _assert_one_line_error(capsys, argv, "out of memory", "--max-new-tokens")
+    monkeypatch.setattr("gpt2lab.generation.stream", stream_failing_with(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(argv)
 
 
 def test_exported_weights_follow_the_umask(tiny_dir, tmp_path, capsys):

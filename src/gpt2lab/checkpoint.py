@@ -36,7 +36,7 @@ from gpt2lab import files
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import check_fits
 from gpt2lab.distributed import DistEnv, all_gather_object, barrier, unwrap
-from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
+from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError, first_line
 from gpt2lab.model import GPT, Backends
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -268,7 +268,7 @@ def _dcp_keys(path: Path) -> list[str]:
         names = FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as e:
         raise CheckpointError(
-            f"cannot read the sharded checkpoint {path} ({_first_line(e)}); it is incomplete or damaged: resume "
+            f"cannot read the sharded checkpoint {path} ({first_line(e)}); it is incomplete or damaged: resume "
             "from another checkpoint"
         ) from None
     return [k.removeprefix("model.") for k in names if k.startswith("model.")]
@@ -289,7 +289,7 @@ def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
             dcp.load({"model": state_dict}, checkpoint_id=path, no_dist=True)
     except (CheckpointException, Exception) as e:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"cannot read the sharded checkpoint {path} ({_first_line(e)}); it is incomplete or damaged: resume "
+            f"cannot read the sharded checkpoint {path} ({first_line(e)}); it is incomplete or damaged: resume "
             "from another checkpoint"
         ) from None
     return state_dict
@@ -338,20 +338,17 @@ def load_tensors(path: Path):
     arbitrary unpickling carries code and is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"refused to load {path}: it carries Python code (not plain tensors), so it is not loaded"
-        ) from None
     except FileNotFoundError:
         raise CheckpointError(f"cannot read {path}: it is missing") from None
+    except (pickle.UnpicklingError, KeyError, IndexError) as e:  # KeyError, IndexError: the unpickler on junk
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # torch names what it would import
+            raise CheckpointError(
+                f"refused to load {path}: it carries Python code (not plain tensors), so it is not loaded"
+            ) from None
+        detail = "its pickled data does not parse"
     except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot read {path}: it is truncated or not a PyTorch tensor file ({_first_line(e)})"
-        ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = first_line(e)
+    raise CheckpointError(f"cannot read {path}: it is truncated or not a PyTorch tensor file ({detail})")
 
 
 def _commit(tmp: Path, final: Path) -> None:

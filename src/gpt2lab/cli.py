@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from gpt2lab import files
-from gpt2lab.errors import GPT2LabError
+from gpt2lab.errors import GPT2LabError, first_line
 
 BUSY_CPUS = 0.5  # other programs' load (CPUs) at which OpenMP threads sleep instead of spinning
 
@@ -96,7 +96,8 @@ def _generate(args: argparse.Namespace) -> None:
         model, [ids] * args.num_samples, args.max_new_tokens, **sampling, eos_id=tok.eot_token, compile=args.compile
     )
     for i, row in enumerate(rows):
-        print(f"--- sample {i + 1} ---\n{args.prompt}{tok.decode(row)}")
+        text = tok.decode(row[:-1] if row and row[-1] == tok.eot_token else row)  # the end of text is not part of it
+        print(f"--- sample {i + 1} ---\n{args.prompt}{text}")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -515,6 +516,15 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(e.filename, (str, bytes, os.PathLike)):
             raise
         _print_error(files.os_error_message(e))
+        return 2
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        message = first_line(e)
+        if not isinstance(e, MemoryError) and "out of memory" not in message and "can't allocate memory" not in message:
+            raise
+        _print_error(
+            f"out of memory ({message}); use fewer tokens (--max-new-tokens, a smaller batch or block size) "
+            "or a smaller model"
+        )
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
