@@ -46,8 +46,9 @@ def config_from_json(cfg: dict) -> GPTConfig:
     )
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """config.json for a model: HF's GPT-2 fields, plus our full config under ``gpt2lab``."""
+def hf_config(config: GPTConfig, eos_id: int = 50256) -> dict:
+    """config.json for a model: HF's GPT-2 fields, plus our full config under ``gpt2lab``; ``eos_id``: its
+    tokenizer's ``<|endoftext|>`` (also GPT-2's beginning of text)."""
     plain = is_plain_gpt2(config)
     ours = config.to_dict() | ({"padded_vocab_size": None} if plain else {})
     return {
@@ -64,8 +65,8 @@ def hf_config(config: GPTConfig) -> dict:
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
         "tie_word_embeddings": True,
         "gpt2lab": ours,
     }

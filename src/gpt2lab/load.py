@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,14 +22,15 @@ from safetensors.torch import load_file, save_file
 from gpt2lab import checkpoint, files
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import check_fits, inference_dtype, resolve_device
-from gpt2lab.errors import CheckpointError, ConfigError
+from gpt2lab.errors import CheckpointError, ConfigError, first_line
 from gpt2lab.hf import config_from_json, from_hf_state_dict, hf_config, to_hf_state_dict
 from gpt2lab.model import GPT, Backends
-from gpt2lab.quantize import quantize_int8
-from gpt2lab.tokenizer import VOCABULARY_JSON, CompactTokenizer, bundled_files, load_tokenizer
+from gpt2lab.quantize import Int8Linear, quantize_int8
+from gpt2lab.tokenizer import EOT, VOCABULARY_JSON, CompactTokenizer, bpe_files, bundled_files, load_tokenizer
 
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", VOCABULARY_JSON)
 
 
 def load_model(
@@ -55,12 +55,16 @@ def load_model(
 def load_for_inference(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", int8: bool = False):
     """(model in eval mode, its tokenizer) for predicting and generating: the device resolved (``auto``:
     CUDA when available), the weights cast to ``dtype`` (``auto``: bfloat16 on a GPU, float32 elsewhere),
-    and the linear layers made int8 if asked (CPU, float32)."""
+    and the linear layers made int8 if asked (CPU, float32). Token ids past the tokenizer's vocabulary (a
+    model whose embeddings were resized for tokens added elsewhere) are never predicted."""
     dev = resolve_device(device)
     model = load_model(name_or_path, device=dev).to(inference_dtype(dev, dtype)).eval()
+    tokenizer = tokenizer_of(name_or_path)
+    if tokenizer.n_vocab < model.config.vocab_size:  # embeddings resized for tokens this tokenizer lacks
+        model.config.vocab_size = tokenizer.n_vocab  # ids it cannot decode become padding rows, never predicted
     if int8:
         model = quantize_int8(model)
-    return model, tokenizer_of(name_or_path)
+    return model, tokenizer
 
 
 def tokenizer_of(name_or_path: str | Path):
@@ -99,22 +103,35 @@ def resolve(name_or_path: str | Path, offline: bool = False) -> Path:
 
 
 def _download(repo: str, offline: bool) -> str:
+    """The local snapshot of hub model ``repo``: from the cache if it holds the weights, else downloaded
+    (safetensors, or pytorch_model.bin for a repo that has no safetensors)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
     try:
-        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+        cached = snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+        if _has_weights(Path(cached)):
+            return cached
+        missing = "is in the local Hugging Face cache without its weights"  # e.g. tokenizer files only
     except Exception:
-        if offline:
-            raise CheckpointError(f"model {repo!r} is not in the local Hugging Face cache") from None
+        missing = "is not in the local Hugging Face cache"
+    if offline:
+        raise CheckpointError(f"model {repo!r} {missing}; download it once online, or pass a local directory")
     try:
-        return snapshot_download(repo, allow_patterns=patterns)
+        snapshot = snapshot_download(repo, allow_patterns=patterns)
+        if not _has_weights(Path(snapshot)):
+            snapshot = snapshot_download(repo, allow_patterns=[*patterns, "pytorch_model.bin"])
+        return snapshot
     except Exception as e:
         raise CheckpointError(
-            f"model {repo!r} is not in the local Hugging Face cache and could not be downloaded "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Connect to the internet once "
+            f"model {repo!r} {missing} and could not be downloaded "
+            f"({type(e).__name__}: {first_line(e)}). Connect to the internet once "
             f"(or set HF_HOME to a cache that has it), or pass a local directory with config.json and weights."
         ) from None
+
+
+def _has_weights(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in WEIGHT_FILES)
 
 
 def read_config(directory: Path) -> GPTConfig:
@@ -179,6 +196,13 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise CheckpointError(
+            "an int8 model cannot be saved: its weights are rounded to 8 bits and no format here holds them; "
+            "save the float32 model and quantize it after loading (--int8, or gpt2lab.quantize_int8)"
+        )
+    tokenizer_files = _tokenizer_files(tokenizer)
+    eos_id = EOT if tokenizer is None else tokenizer.eot_token
     directory.mkdir(parents=True, exist_ok=True)
     state_dict = to_hf_state_dict(model)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
@@ -186,24 +210,31 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
         need = sum(t.numel() * t.element_size() for t in state_dict.values())
         with files.disk_space(directory, need):
             save_file(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
-            (tmp / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
-            names = ["model.safetensors", "config.json", *_write_tokenizer(tokenizer, tmp)]
+            (tmp / "config.json").write_text(json.dumps(hf_config(model.config, eos_id), indent=2) + "\n")
+            for name, data in tokenizer_files.items():
+                (tmp / name).write_bytes(data)
+            names = ["model.safetensors", "config.json", *tokenizer_files]
         mode = 0o666 & ~_umask()  # as any new file: safetensors' own files are readable by their owner only
         for name in names:
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, directory / name)
+        for stale in set(TOKENIZER_FILES) - set(names):  # a previous model's tokenizer, of the other kind
+            (directory / stale).unlink(missing_ok=True)
     files.fsync_dir(directory)
 
 
-def _write_tokenizer(tokenizer, directory: Path) -> list[str]:
-    """The tokenizer files of a model directory: GPT-2's vocab.json + merges.txt, or vocabulary.json."""
+def _tokenizer_files(tokenizer) -> dict[str, bytes]:
+    """The tokenizer files of a model directory (name -> contents): GPT-2's vocab.json + merges.txt, the
+    ones a directory's own BPE was read from, or vocabulary.json for a compact vocabulary."""
     if isinstance(tokenizer, CompactTokenizer):
-        tokenizer.to_file(directory / VOCABULARY_JSON)
-        return [VOCABULARY_JSON]
-    encoder_json, vocab_bpe = bundled_files()
-    shutil.copyfile(encoder_json, directory / "vocab.json")
-    shutil.copyfile(vocab_bpe, directory / "merges.txt")
-    return ["vocab.json", "merges.txt"]
+        return {VOCABULARY_JSON: tokenizer.to_json().encode()}
+    name = getattr(tokenizer, "name", None)
+    if tokenizer is None or name == "gpt2":
+        return {hf: path.read_bytes() for hf, path in zip(("vocab.json", "merges.txt"), bundled_files(), strict=True)}
+    own = bpe_files(tokenizer)
+    if own is None:
+        raise CheckpointError(f"cannot write the files of tokenizer {name!r}: pass one gpt2lab.load_tokenizer read")
+    return own
 
 
 def _umask() -> int:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,27 @@ def _encoding(encoder_json: str, encoder_sha: str, vocab_bpe: str, vocab_sha: st
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_sha, encoder_sha)
     except Exception as e:  # malformed files: tiktoken raises KeyError/ValueError/JSONDecodeError
         raise CheckpointError(f"cannot build a tokenizer from {encoder_json} and {vocab_bpe}: {e!r}") from e
-    return tiktoken.Encoding(
+    encoding = tiktoken.Encoding(
         name="gpt2" if bundled else f"gpt2-{vocab_sha[:8]}",
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": len(ranks)},
     )
+    if not bundled:
+        _BPE_FILES[encoding] = {
+            "vocab.json": Path(encoder_json).read_bytes(),
+            "merges.txt": Path(vocab_bpe).read_bytes(),
+        }
+    return encoding
+
+
+_BPE_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a directory's own BPE -> its files
+
+
+def bpe_files(tokenizer) -> dict[str, bytes] | None:
+    """The vocab.json and merges.txt (name -> contents) a directory's own BPE tokenizer was built from
+    (``load_tokenizer``), to write beside a model; None for GPT-2's own and any other tokenizer."""
+    return _BPE_FILES.get(tokenizer)
 
 
 def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:
@@ -136,8 +152,12 @@ class CompactTokenizer:
             raise CheckpointError(f"{path} is malformed ({e}); copy it again from the data it was trained on") from None
         return _compact(tuple(kept))
 
+    def to_json(self) -> str:
+        """The contents of its vocabulary.json, which ``from_file`` reads."""
+        return json.dumps({"kind": "gpt2-bytes", "kept_gpt2_ids": self.kept}) + "\n"
+
     def to_file(self, path: Path) -> None:
-        path.write_text(json.dumps({"kind": "gpt2-bytes", "kept_gpt2_ids": self.kept}) + "\n")
+        path.write_text(self.to_json())
 
     def from_gpt2(self, ids: np.ndarray) -> np.ndarray:
         """GPT-2 token ids -> this vocabulary's ids (a token not kept becomes one id per byte)."""
