@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from gpt2lab import load_tokenizer
+from gpt2lab.errors import CheckpointError
 from gpt2lab.tokenizer import EOT, CompactTokenizer, bundled_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,6 +92,37 @@ def test_dir_without_tokenizer_files_uses_bundled(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")  # only one of the two files: not a tokenizer
     tok = load_tokenizer(tmp_path)
     assert tok.encode("Hello world") == [15496, 995]
+
+
+def test_a_tokenizer_json_alone_must_be_gpt2s(tmp_path):
+    """transformers 5 saves tokenizer.json only: GPT-2's loads as GPT-2's; another one is an error naming
+    the command that writes its vocab.json/merges.txt, after which the directory's own BPE loads."""
+    from tokenizers import Tokenizer
+    from transformers import GPT2TokenizerFast
+
+    encoder_json, vocab_bpe = bundled_files()
+    gpt2, custom = tmp_path / "gpt2", tmp_path / "custom"
+    for directory, merges in ((gpt2, None), (custom, 300)):
+        files = tmp_path / f"{directory.name}-files"
+        files.mkdir()
+        encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+        lines = vocab_bpe.read_text(encoding="utf-8").split("\n")
+        if merges is not None:  # GPT-2's first merges only
+            encoder = {t: i for t, i in encoder.items() if i < 256 + merges} | {"<|endoftext|>": 256 + merges}
+            lines = lines[: 1 + merges] + [""]
+        (files / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+        (files / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
+        GPT2TokenizerFast.from_pretrained(files).save_pretrained(directory)
+        assert not (directory / "vocab.json").exists()
+
+    assert load_tokenizer(gpt2).encode("Hello world") == [15496, 995]
+    with pytest.raises(CheckpointError, match="tokenizer other than GPT-2's") as refused:
+        load_tokenizer(custom)
+    assert "Tokenizer.from_file" in str(refused.value)
+    Tokenizer.from_file(str(custom / "tokenizer.json")).model.save(str(custom))  # the command it names
+    mine = load_tokenizer(custom)
+    assert mine.n_vocab == 257 + 300 and mine.encode("Hello world") != [15496, 995]
+    assert mine.decode(mine.encode(TEXTS[3])) == TEXTS[3]
 
 
 @pytest.mark.parametrize("size", [257, 1024])

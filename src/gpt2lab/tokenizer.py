@@ -43,7 +43,8 @@ VOCABULARY_JSON = "vocabulary.json"
 def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding | CompactTokenizer:
     """The GPT-2 tokenizer (``<|endoftext|>`` = 50256), or a model directory's own: from its
     vocab.json/merges.txt if it has them, or the compact one its vocabulary.json describes (a training
-    checkpoint directory, ``ckpt-N``, finds its run's). A directory with neither gets GPT-2's."""
+    checkpoint directory, ``ckpt-N``, finds its run's). A directory with neither gets GPT-2's, unless it
+    has a tokenizer.json of another tokenizer (an error that says how to write its vocab.json/merges.txt)."""
     if directory is None:
         return _encoding(*_with_sha256(*bundled_files()))
     directory = Path(directory)
@@ -60,8 +61,33 @@ def load_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding | C
             break  # only a checkpoint directory looks at its run's directory
     encoder_json, vocab_bpe = directory / "vocab.json", directory / "merges.txt"
     if not (encoder_json.is_file() and vocab_bpe.is_file()):
+        _check_tokenizer_json_is_gpt2s(directory / "tokenizer.json")
         encoder_json, vocab_bpe = bundled_files()
     return _encoding(*_with_sha256(encoder_json, vocab_bpe))
+
+
+def _check_tokenizer_json_is_gpt2s(path: Path) -> None:
+    """A directory without vocab.json/merges.txt gets GPT-2's BPE; transformers 5 saves a tokenizer as
+    tokenizer.json only, so one there must hold GPT-2's vocabulary and merges, or its own are named."""
+    if not path.is_file():
+        return
+    try:
+        bpe = json.loads(path.read_text(encoding="utf-8"))["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        vocab = bpe["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is malformed ({e!r}); save the tokenizer again") from None
+    encoder_json, vocab_bpe = bundled_files()
+    if merges == vocab_bpe.read_text(encoding="utf-8").split("\n")[1:-1] and vocab == json.loads(
+        encoder_json.read_text()
+    ):
+        return
+    directory = path.parent
+    raise CheckpointError(
+        f"{path} holds a tokenizer other than GPT-2's, and gpt2lab reads a model's own BPE from vocab.json and "
+        f'merges.txt, which {directory} lacks; write them beside it with: python -c "from tokenizers import '
+        f"Tokenizer; Tokenizer.from_file('{path}').model.save('{directory}')\""
+    )
 
 
 def _with_sha256(encoder_json: Path, vocab_bpe: Path) -> tuple[str, str, str, str]:
