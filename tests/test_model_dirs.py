@@ -159,3 +159,19 @@ def test_a_repo_with_only_pytorch_model_bin_downloads_it(monkeypatch, tmp_path):
     downloads = _fake_hub(monkeypatch, tmp_path / "both", cached=[], remote=["model.safetensors", "pytorch_model.bin"])
     resolve("gpt2")
     assert len(downloads) == 1 and not (tmp_path / "both" / "snapshot" / "pytorch_model.bin").exists()
+
+
+def test_a_missing_path_that_looks_like_a_repo_id_says_both(monkeypatch, tmp_path):
+    """`--model runs/typo` is a repo id in form too: the error says that no such directory exists as well
+    as that the hub has no such model."""
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^there is no directory runs/typo, and model 'runs/typo' is not in"):
+        resolve("runs/typo")
+    with pytest.raises(CheckpointError, match=r"^model 'openai-community/gpt2' is not in"):
+        resolve("gpt2")

@@ -99,7 +99,12 @@ def resolve(name_or_path: str | Path, offline: bool = False) -> Path:
             f"{name!r} is neither an existing directory nor a known model name; "
             f"use a path, one of {sorted(HUB_REPOS)}, or an HF repo id like owner/name"
         )
-    return Path(_download(repo, offline))
+    try:
+        return Path(_download(repo, offline))
+    except CheckpointError as e:
+        if name in HUB_REPOS:
+            raise
+        raise CheckpointError(f"there is no directory {path}, and {e}") from None  # a mistyped path, most likely
 
 
 def _download(repo: str, offline: bool) -> str:
