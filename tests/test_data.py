@@ -22,6 +22,7 @@ from gpt2lab.data import (
     TokenData,
     iter_windows,
     prepare,
+    read_meta,
     sources,
     split_text,
     stdlib_files,
@@ -264,6 +265,30 @@ def test_output_directory_is_never_read(tmp_path, corpus):
     prepare(out, Source([corpus]), workers=1, progress=False)
     summary = prepare(out, Source([corpus]), workers=1, progress=False)  # tok/*.bin inside the input is skipped
     assert summary.documents["train"] + summary.documents["val"] == 3
+
+
+def test_a_file_named_inside_the_output_is_an_error_and_kept(tmp_path, corpus):
+    """prepare replaces --out: a file inside it named as an input would be deleted unread, so naming one is
+    refused, and the file and the prepared directory are left as they were."""
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    (out / "notes.txt").write_text("a note kept beside the shards\n")
+    before = tree(out)
+    with pytest.raises(GPT2LabError, match="lies inside --out"):
+        prepare(out, Source([out / "notes.txt", corpus]), workers=1, progress=False)
+    assert tree(out) == before
+
+
+def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path, corpus):
+    """--out naming a symbolic link to a prepared directory replaces that directory; the link stays a link."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    prepare(real, Source([corpus / "a.txt"]), workers=1, progress=False)
+    link.symlink_to(real, target_is_directory=True)
+    summary = prepare(link, Source([corpus]), workers=1, progress=False)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert summary.documents["train"] + summary.documents["val"] == 3
+    assert read_meta(real)["splits"] == read_meta(link)["splits"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "link", "real"]
 
 
 # --- prepare: errors ------------------------------------------------------------------------------

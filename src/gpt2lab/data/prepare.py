@@ -204,7 +204,7 @@ def _check_options(val_fraction: float, shard_tokens: int, workers: int | None) 
 
 
 def _check_out(out: str | Path) -> Path:
-    out = Path(out).expanduser().absolute()  # absolute: "." must become a name that can be swapped
+    out = Path(out).expanduser().resolve()  # "." must become a name that can be swapped; a link, what it names
     if out.exists() and not out.is_dir():
         raise GPT2LabError(f"--out {out} is a file; choose a directory path")
     if out.is_dir() and any(out.iterdir()) and not (out / META).is_file():

@@ -74,9 +74,10 @@ def input_files(inputs: Sequence[str | Path], exclude: Path | None = None) -> tu
     """The files named by ``inputs`` (files, directories walked recursively, globs), in a fixed order, and
     how many binary files found in directories or globs were skipped.
 
-    Directories are walked sorted, skipping hidden entries. Files under ``exclude`` (the output
-    directory) are left out, and a file named twice is read once. A file named explicitly is always
-    kept: if it is not text, reading it fails with a clear error.
+    Directories are walked sorted, skipping hidden entries. Files found under ``exclude`` (the output
+    directory, which prepare replaces) are left out, and a file named twice is read once. A file named
+    explicitly is always kept: if it is not text, reading it fails with a clear error, and if it lies
+    under ``exclude`` naming it is an error.
     """
     found: list[tuple[Path, bool]] = []  # (path, named explicitly)
     for spec in inputs:
@@ -98,10 +99,16 @@ def input_files(inputs: Sequence[str | Path], exclude: Path | None = None) -> tu
                 f"--input {str(spec)!r} does not exist; give a file, a directory, a glob such as 'docs/**/*.txt', "
                 "or a .jsonl file"
             )
-    seen = {exclude.resolve()} if exclude is not None else set()
+    out = exclude.resolve() if exclude is not None else None
+    seen = {out} if out is not None else set()
     kept, binary = [], 0
     for f, explicit in found:
         real = f.resolve()
+        if explicit and out is not None and out in real.parents:
+            raise GPT2LabError(
+                f"--input {f} lies inside --out {exclude}, which prepare replaces (the file would be deleted); "
+                "move it out first, or write the data elsewhere"
+            )
         if real not in seen and seen.isdisjoint(real.parents):
             if explicit or not _looks_binary(f):
                 kept.append(f)
