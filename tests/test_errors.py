@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_worker import byte_corpus, overrides, settings
+from dist_worker import TINY_MODEL, byte_corpus, overrides, settings
 from safetensors.torch import load_file, save_file
 
 from gpt2lab.cli import main
-from gpt2lab.data import write_token_dir
+from gpt2lab.data import TokenData, write_token_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +147,41 @@ def trained(bytes_dir, tmp_path_factory) -> Path:
     return out
 
 
+COMPACT = {"kind": "gpt2-bytes", "kept_gpt2_ids": [*range(1000, 1043), 50256]}  # 300 ids: bytes, then 44 tokens
+
+
+@pytest.mark.parametrize("vocabulary", [COMPACT, {"kind": "gpt2-bytes", "kept_gpt2_ids": [*range(2000, 2043), 50256]}])
+@pytest.mark.parametrize("command", ["resume", "fine-tune", "eval"])
+def test_data_in_another_vocabulary_is_refused(command, vocabulary, trained, bytes_dir, tmp_path, capsys):
+    """The same ids in a compact vocabulary stand for other tokens: resuming a run on them, fine-tuning a
+    model on them or scoring it on them is refused, before anything is written; a run trained on compact
+    data refuses another compact vocabulary of the same size."""
+    splits = {split: (d := TokenData(bytes_dir, split)).read(0, len(d)) for split in ("train", "val")}
+    data = write_token_dir(tmp_path / "compact", splits, vocab_size=300, vocabulary=vocabulary)
+    model = trained
+    if vocabulary is not COMPACT:  # a run in COMPACT's vocabulary, given data in another one
+        model = tmp_path / "compact-run"
+        base = write_token_dir(tmp_path / "compact-base", splits, vocab_size=300, vocabulary=COMPACT)
+        args = settings(base, model, model={**TINY_MODEL, "model.vocab_size": 300}, run__steps=2, run__eval_every=0)
+        assert main(["train", *overrides(args)]) == 0
+        capsys.readouterr()
+    out = model if command == "resume" else tmp_path / "new-run"
+    argv = {
+        "resume": [
+            "train",
+            *overrides(settings(data, out, model={**TINY_MODEL, "model.vocab_size": 300}, run__steps=4)),
+        ],
+        "fine-tune": ["train", *overrides(settings(data, out, model={"model.init": model}, run__steps=2))],
+        "eval": ["eval", "--model", str(model), "--data", str(data), "--block-size", "32"],
+    }[command]
+    before = _tree(model)
+    theirs = "another compact vocabulary of 300 ids" if vocabulary is not COMPACT else "a compact vocabulary of 300 ids"
+    ours = "GPT-2's token ids" if vocabulary is COMPACT else "a compact vocabulary of 300 ids"
+    _assert_one_line_error(capsys, argv, f"reads {ours}, but", f"holds {theirs}", "stand for other tokens")
+    assert _tree(model) == before
+    assert not (tmp_path / "new-run" / "vocabulary.json").exists()
+
+
 def _checkpoint_copy(trained: Path, tmp_path: Path) -> Path:
     out = tmp_path / "out"
     shutil.copytree(trained, out)
@@ -263,6 +298,9 @@ COMMAND_CASES = {
     "shard changed after preparation": (_changed_shard, ["sha256"]),
     "token count not a number": (_bad_token_count, ["meta.json is malformed"]),
     "vocab_size below the data's": (_gpt2_data_small_vocab, ["model.vocab_size to at least 50257"]),
+    "batch beyond any memory": (_train_with(data__batch_size=10**20), ["cannot fit in this machine's memory"]),
+    "seed beyond torch's": (_train_with(run__seed=2**64), ["run.seed must be below 2**62"]),
+    "device meta": (_train_with(run__device="meta"), ["device 'meta' holds no data"]),
 }
 
 
@@ -283,6 +321,9 @@ INFERENCE_CASES = {
     "eval block size 0": (["eval", "--data", "TEXT", "--block-size", "0"], ["--block-size"]),
     "eval of a binary file": (["eval", "--data", "BINARY"], ["not UTF-8 text"]),
     "export over a file": (["export", "--out", "TEXT"], ["is an existing file"]),
+    "device meta": (["predict", "hi", "--device", "meta"], ["device 'meta' holds no data"]),
+    "eval on device meta": (["eval", "--data", "TEXT", "--device", "meta"], ["device 'meta' holds no data"]),
+    "device mps": (["predict", "hi", "--device", "mps"], ["device 'mps' is not usable here", "'MPS' backend)"]),
 }
 
 
@@ -294,7 +335,10 @@ def test_bad_inference_option(case, tiny_dir, tmp_path, capsys):
     argv = [{"TEXT": str(text), "BINARY": str(binary)}.get(a, a) for a in argv]
     before = _tree(tmp_path)
     _assert_one_line_error(
-        capsys, [*argv, "--model", str(tiny_dir)] + (["--device", "cpu"] if argv[0] != "export" else []), *phrases
+        capsys,
+        [*argv, "--model", str(tiny_dir)]
+        + (["--device", "cpu"] if argv[0] != "export" and "--device" not in argv else []),
+        *phrases,
     )
     assert _tree(tmp_path) == before
 

@@ -291,6 +291,7 @@ def test_prompts_as_tensors_arrays_and_tuples_decode_as_lists(make_gpt):
         (dict(temperature="0.7"), "temperature must be a number"),
         (dict(top_p="0.9"), "top_p must be a number"),
         (dict(seed=1.5), "seed must be an integer"),
+        (dict(seed=2**64), r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
     ],
 )
 def test_bad_sampling_arguments_raise(make_gpt, kwargs, field):

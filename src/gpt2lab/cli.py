@@ -522,8 +522,8 @@ def _run(args: argparse.Namespace) -> int:
         if not isinstance(e, MemoryError) and "out of memory" not in message and "can't allocate memory" not in message:
             raise
         _print_error(
-            f"out of memory ({message}); use fewer tokens (--max-new-tokens, a smaller batch or block size) "
-            "or a smaller model"
+            f"out of memory ({message}); lower the batch size, the block size or --max-new-tokens, "
+            "or use a smaller model"
         )
         return 2
     except KeyboardInterrupt:

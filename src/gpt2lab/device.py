@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from gpt2lab.config import GPTConfig
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, first_line
 
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,7 +21,10 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         dev = torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, AssertionError) as e:
-        raise ConfigError(f"device {device!r} is not usable here ({e}); use cpu or auto") from None
+        reason = first_line(e).split(". ")[0]  # torch goes on to list every backend it has
+        raise ConfigError(f"device {device!r} is not usable here ({reason}); use cpu or auto") from None
+    if dev.type == "meta":  # tensors without data: nothing can be computed there
+        raise ConfigError("device 'meta' holds no data and computes nothing; use cpu or auto")
     return dev
 
 

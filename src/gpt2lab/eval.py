@@ -17,6 +17,7 @@ from gpt2lab.data import TokenData
 from gpt2lab.data.batches import count_windows, iter_windows
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+from gpt2lab.tokenizer import check_same_vocabulary, vocabulary_of
 
 
 @dataclass
@@ -128,6 +129,7 @@ def _read_scored_text(path: Path, tokenizer) -> tuple[np.ndarray, int | None]:
     stand for (what bits per byte divides by: every token but the first is scored)."""
     if path.is_dir():
         data = TokenData(path, "val")
+        check_same_vocabulary(vocabulary_of(tokenizer), data.vocabulary, "the model", f"--data {path}")
         data.verify()
         tokens = data.read(0, len(data))
         per_token = data.bytes_per_token

@@ -106,6 +106,8 @@ def stream(
     check_sampling(max_new_tokens, temperature, top_k, top_p, config.vocab_size)
     if seed is not None:
         _require_number("seed", seed, integer=True)
+        if not -(2**63) <= seed < 2**64:  # what torch.Generator takes
+            raise GPT2LabError(f"seed must lie in [-2**63, 2**64), got {seed}")
     P = max(len(p) for p in prompts)
     if config.max_positions is not None and P + max_new_tokens > config.max_positions:
         raise GPT2LabError(

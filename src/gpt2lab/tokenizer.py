@@ -214,6 +214,35 @@ class CompactTokenizer:
         return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
 
+def vocabulary_of(tokenizer) -> dict | None:
+    """A tokenizer's ids as a prepared directory's meta.json records them (its ``vocabulary`` field): a
+    compact vocabulary's description, or None for BPE ids (GPT-2's)."""
+    return json.loads(tokenizer.to_json()) if isinstance(tokenizer, CompactTokenizer) else None
+
+
+def tokenizer_of_vocabulary(vocabulary: dict | None):
+    """The tokenizer of ids recorded as ``vocabulary`` (``vocabulary_of``'s inverse): GPT-2's for None."""
+    return load_tokenizer() if vocabulary is None else _compact(tuple(vocabulary["kept_gpt2_ids"]))
+
+
+def check_same_vocabulary(model: dict | None, data: dict | None, model_name: str, data_name: str) -> None:
+    """Refuse token ids of one vocabulary (``vocabulary_of``) read as another's: a model's, a data's."""
+    if model == data:
+        return
+
+    def described(vocabulary: dict | None, other: dict | None) -> str:
+        if vocabulary is None:
+            return "GPT-2's token ids"
+        size = 256 + len(vocabulary.get("kept_gpt2_ids", []))
+        return f"{'another' if other is not None else 'a'} compact vocabulary of {size} ids"
+
+    raise CheckpointError(
+        f"{model_name} reads {described(model, None)}, but {data_name} holds {described(data, model)}, whose "
+        "ids stand for other tokens; use data in the model's vocabulary (such as the data it was trained on), "
+        "or a model trained on this data"
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def _compact(kept: tuple[int, ...]) -> CompactTokenizer:
     return CompactTokenizer(list(kept))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -32,9 +33,9 @@ from gpt2lab.device import autocast, check_fits, uses_bf16_autocast
 from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync
 from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import bits_per_byte
-from gpt2lab.load import load_model
+from gpt2lab.load import load_model, tokenizer_of
 from gpt2lab.model import GPT
-from gpt2lab.tokenizer import VOCABULARY_JSON
+from gpt2lab.tokenizer import VOCABULARY_JSON, check_same_vocabulary, load_tokenizer, vocabulary_of
 from gpt2lab.train_config import OptimSection, TrainConfig
 
 METRICS = "metrics.jsonl"
@@ -193,6 +194,7 @@ def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = No
     # data first: a wrong path should fail before any model is built
     data = data(env, accum) if callable(data) else data or load_data(cfg, env, accum)
     resume = checkpoint.latest(run.out_dir)
+    check_data_vocabulary(cfg, resume, data)
     model = build_model(cfg, resume)
     if data.vocab_size > model.config.vocab_size:
         raise ConfigError(
@@ -220,6 +222,13 @@ def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
     """The training batches and this rank's val batches of the prepared directory ``data.dir``, checked."""
     if not cfg.data.dir:
         raise ConfigError("data.dir is not set; pass --data.dir=DIR (made by: gpt2lab prepare --input FILE --out DIR)")
+    tokens = cfg.data.batch_size * cfg.data.block_size
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if tokens * 16 > ram:  # each token of a micro-step is at least its int64 input and target on the host
+        raise ConfigError(
+            f"a micro-step of data.batch_size x data.block_size = {tokens:,} tokens cannot fit in this machine's "
+            f"memory ({ram / 2**30:,.1f} GiB); lower data.batch_size (data.grad_accum keeps the tokens per step)"
+        )
     splits = {"train": TokenData(cfg.data.dir, "train", cfg.data.block_size)}
     if cfg.run.eval_every:
         splits["val"] = TokenData(cfg.data.dir, "val", cfg.data.block_size)
@@ -236,6 +245,18 @@ def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
         bytes_per_token={name: split.bytes_per_token for name, split in splits.items()},
         vocabulary=splits["train"].vocabulary,
     )
+
+
+def check_data_vocabulary(cfg: TrainConfig, resume: Path | None, data: TrainData) -> None:
+    """Refuse data whose ids are another vocabulary's than the model's: the run's when resuming (its
+    vocabulary.json, else GPT-2's ids), the fine-tuned model's when starting from ``model.init``."""
+    if resume is not None:
+        model, name = vocabulary_of(load_tokenizer(cfg.run.out_dir)), f"the run in {cfg.run.out_dir}"
+    elif cfg.model.init != "scratch":
+        model, name = vocabulary_of(tokenizer_of(cfg.model.init)), f"model.init {cfg.model.init}"
+    else:
+        return
+    check_same_vocabulary(model, data.vocabulary, name, f"data.dir {cfg.data.dir or '(the data given)'}")
 
 
 def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class DataSection:
     )
 
     def __post_init__(self) -> None:
+        self.dir = os.path.expanduser(self.dir)  # "--data.dir=~/x": no shell expands a ~ after "="
         positive(self, "data", "batch_size", "block_size")
         positive(self, "data", "grad_accum", "global_batch_size", optional=True)
         if self.global_batch_size is not None:
@@ -199,6 +201,8 @@ class RunSection:
     def __post_init__(self) -> None:
         positive(self, "run", "steps", "eval_batches", "keep_last", "log_every")
         nonnegative(self, "run", "eval_every", "ckpt_every", "seed")
+        if self.seed >= 2**62:  # torch takes seeds below 2**64; per-rank and per-job offsets are added to it
+            raise ConfigError(f"run.seed must be below 2**62, got {self.seed}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"run.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.dtype not in TRAIN_DTYPES:
@@ -208,6 +212,7 @@ class RunSection:
             )
         if not self.out_dir:
             raise ConfigError("run.out_dir is empty; name a directory for checkpoints and metrics")
+        self.out_dir = os.path.expanduser(self.out_dir)
         if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
             raise ConfigError(f"run.peak_tflops must be > 0, got {self.peak_tflops}")
 

@@ -20,7 +20,7 @@ from gpt2lab.convert import convert_to_gqa
 from gpt2lab.data import TokenData
 from gpt2lab.device import resolve_device
 from gpt2lab.eval import stretches, token_losses
-from gpt2lab.load import save_pretrained
+from gpt2lab.load import save_pretrained, tokenizer_of
 from gpt2lab.train_config import TrainConfig
 
 FRESH_BATCHES = 100_000  # added to a seed for the batches of a continuation (uptraining, fine-tuning)
@@ -95,7 +95,7 @@ def uptrain_job(params: dict, run_dir: Path, root: Path) -> dict:
     T, data, device = base.data.block_size, str(root / params["data"]), resolve_device(base.run.device)
     rows = fixed_rows(data, "val", T, params["val_tokens"])
     converted = convert_to_gqa(load_trained(root / params["source"]), params["kv"], params["method"])
-    save_pretrained(converted, run_dir / "converted")
+    save_pretrained(converted, run_dir / "converted", tokenizer_of(root / params["source"]))
     losses = {"0": score(converted.eval(), rows, T)["loss"]}
     for fraction in params["fractions"]:
         steps = max(1, round(fraction * base.run.steps))

@@ -18,8 +18,10 @@ import torch
 
 from gpt2lab import checkpoint, files
 from gpt2lab.config import GPTConfig
+from gpt2lab.data import read_meta
 from gpt2lab.load import save_pretrained
 from gpt2lab.model import GPT
+from gpt2lab.tokenizer import tokenizer_of_vocabulary
 from gpt2lab.train import METRICS, TrainData, train
 from gpt2lab.train_config import TrainConfig
 
@@ -53,10 +55,12 @@ def paired_state_dict(config: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_init(config: dict, seed: int, directory: Path) -> None:
-    """The paired initial weights of ``config`` (a GPTConfig dict) as a model directory."""
+def write_init(config: dict, seed: int, directory: Path, vocabulary: dict | None = None) -> None:
+    """The paired initial weights of ``config`` (a GPTConfig dict) as a model directory, its ids those of
+    ``vocabulary`` (a prepared directory's, ``TokenData.vocabulary``; None: GPT-2's)."""
     cfg = GPTConfig.from_dict(config)
-    save_pretrained(GPT.from_state_dict(cfg, paired_state_dict(cfg, seed)), directory)
+    model = GPT.from_state_dict(cfg, paired_state_dict(cfg, seed))
+    save_pretrained(model, directory, tokenizer_of_vocabulary(vocabulary))
 
 
 def train_paired(cfg: TrainConfig, init: dict | None, data: TrainData | Callable | None = None) -> list[dict]:
@@ -65,7 +69,8 @@ def train_paired(cfg: TrainConfig, init: dict | None, data: TrainData | Callable
     name that directory), or from ``cfg.model.init`` as it is when ``init`` is None. Returns metrics.jsonl."""
     out_dir = Path(cfg.run.out_dir)
     if init is not None:
-        write_init(init["config"], init["seed"], out_dir / INIT)
+        vocabulary = read_meta(Path(cfg.data.dir)).get("vocabulary") if data is None else None
+        write_init(init["config"], init["seed"], out_dir / INIT, vocabulary)
     train(cfg, data)
     if init is not None:
         shutil.rmtree(out_dir / INIT, ignore_errors=True)  # reproducible from the seed: not worth the disk
