@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab import GPT, Backends, GPTConfig, kernels, ops
+from gpt2lab.errors import ConfigError
 
 pytestmark = [
     pytest.mark.skipif(not ops.onednn_available(), reason="this PyTorch build has no oneDNN"),
@@ -90,8 +91,66 @@ def test_environment_overrides_auto_only(monkeypatch):
     model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=32))
     assert model.lm_head.kernel == "torch" and model.h[0].mlp.c_fc.table is None
     monkeypatch.setenv(kernels.ENV_KERNEL, "fastest")
-    with pytest.raises(ValueError, match=kernels.ENV_KERNEL):
+    with pytest.raises(ConfigError, match=kernels.ENV_KERNEL):  # a one-line error from the CLI
         kernels.resolve("auto")
+
+
+@pytest.mark.parametrize("bad", ["10", None, -1.0, float("nan"), True], ids=["text", "null", "negative", "nan", "bool"])
+def test_an_entry_with_an_unreadable_time_is_measured_again(tmp_path, monkeypatch, bad):
+    """A hand edit that leaves a time that is not a number >= 0 makes the entry measured again, not a
+    TypeError (or a copy made at once) in the decode step; an edit without any times is taken as it is."""
+    options = ("onednn", "torch", "mkl_packed")
+    monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
+    monkeypatch.setattr(
+        kernels, "measure", lambda *args: {"onednn": 1e-4, "torch": 8e-5, "mkl_packed": 4e-5, "pack": 4e-4}
+    )
+    path = tmp_path / "k.json"
+    edited = {
+        "kernel": "mkl_packed",
+        "us_per_product": {"onednn": 100.0, "torch": 80.0, "mkl_packed": 1.0, "pack": bad},
+    }
+    path.write_text(json.dumps({kernels.machine_key(): {"packed 768x768 rows 256": edited}}))
+    assert kernels.KernelTable(path).pack_repays(768, 768, 256) == pytest.approx(10)
+    path.write_text(json.dumps({kernels.machine_key(): {"packed 768x768 rows 256": {"kernel": "torch"}}}))
+    assert kernels.KernelTable(path).pack_repays(768, 768, 256) == math.inf  # copies turned off by hand
+    assert json.loads(path.read_text())[kernels.machine_key()]["packed 768x768 rows 256"] == {"kernel": "torch"}
+
+
+def test_a_cache_path_that_is_no_regular_file_is_never_replaced(tmp_path, monkeypatch):
+    """GPT2LAB_KERNEL_CACHE=/dev/null (or any non-file) keeps the choices in memory; a link to a file
+    has its target written, and stays a link."""
+    monkeypatch.setattr(kernels, "measure", lambda *args: {k: 1e-5 for k in kernels.candidates("float32", 2)})
+    null = tmp_path / "null"  # through a link: a table that replaced what it names would replace the link
+    null.symlink_to(os.devnull)
+    assert kernels.KernelTable(null).choose(64, 64, 2) in kernels.FLOAT32_KERNELS
+    assert null.is_symlink() and Path(os.devnull).is_char_device()
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("{}")
+    link.symlink_to(target)
+    kernels.KernelTable(link).choose(64, 64, 2)
+    assert link.is_symlink() and "float32 64x64 rows 2" in json.loads(target.read_text())[kernels.machine_key()]
+
+
+def test_a_table_reads_the_entries_of_the_thread_count_it_runs_at(tmp_path):
+    """Choices are remembered per thread count: a table that changes thread count reads that count's."""
+    path = tmp_path / "k.json"
+    threads = torch.get_num_threads()
+    keys = {}
+    for n, kernel in ((1, "onednn"), (2, "torch")):
+        torch.set_num_threads(n)
+        keys[kernels.machine_key()] = {
+            "float32 64x64 rows 1": {"kernel": kernel},
+            "float32 96x64 rows 1": {"kernel": kernel},
+        }
+    path.write_text(json.dumps(keys))
+    table = kernels.KernelTable(path)
+    try:
+        torch.set_num_threads(1)
+        assert table.choose(96, 64, 1) == "onednn"
+        torch.set_num_threads(2)
+        assert table.choose(64, 64, 1) == "torch"
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_auto_model_matches_fixed_kernels(make_gpt, kernel_cache):

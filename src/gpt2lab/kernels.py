@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab import files, ops
+from gpt2lab.errors import ConfigError
 
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
@@ -151,7 +152,7 @@ def resolve(setting: str) -> tuple[str, KernelTable | None]:
     if setting == "auto" and os.environ.get(ENV_KERNEL):
         setting = os.environ[ENV_KERNEL]
         if setting not in ops.LINEAR_KERNELS:
-            raise ValueError(f"{ENV_KERNEL} must be one of {ops.LINEAR_KERNELS}, got {setting!r}")
+            raise ConfigError(f"{ENV_KERNEL} must be one of {', '.join(ops.LINEAR_KERNELS)}, got {setting!r}")
     return setting, (KernelTable() if setting == "auto" else None)
 
 
@@ -162,7 +163,7 @@ class KernelTable:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
         self._chosen: dict[tuple, dict] = {}  # (out, in, rows bucket, kind, threads) -> its entry
-        self._saved: dict | None = None  # the file's entries for this machine, read on first need
+        self._saved: dict[str, dict] = {}  # machine_key() -> the file's entries for it, read on first need
 
     def choose(self, out_features: int, in_features: int, rows: int, kind: str = "float32") -> str:
         """The kernel for a ``kind`` product of ``rows`` rows by an (out, in) weight; measured if not known."""
@@ -220,19 +221,23 @@ class KernelTable:
         return data if isinstance(data, dict) else {}
 
     def _entries(self) -> dict:
-        if self._saved is None:
-            self._saved = _current(self._read_all().get(machine_key()))
-        return self._saved
+        key = machine_key()  # the thread count is part of it, and may change between calls
+        if key not in self._saved:
+            self._saved[key] = _current(self._read_all().get(key))
+        return self._saved[key]
 
     def _record(self, name: str, entry: dict) -> None:
         """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile
         (less this machine's entries of kinds no longer measured)."""
         self._entries()[name] = entry
+        target = self.file().resolve()  # a link's target is written, the link kept
+        if target.exists() and not target.is_file():  # /dev/null, a directory: never replaced
+            return
         data = self._read_all()
         data[machine_key()] = _current(data.get(machine_key())) | {name: entry}
         try:
-            self.file().parent.mkdir(parents=True, exist_ok=True)
-            files.write_json(self.file(), data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            files.write_json(target, data)
         except (OSError, files.DiskFullError):
             pass  # a read-only or full cache: the choice lives in memory for this process
 
@@ -268,13 +273,21 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
 
 def _complete(entry: dict, options: tuple[str, ...]) -> bool:
     """Whether a remembered entry has every measurement its kind reads: a time for each candidate (an
-    entry written before a candidate was added is measured again; an edited one without times is
-    taken as it is) and, where a kernel reads a copy of the weight, the time of making the copy
-    (``pack``), which ``KernelTable.pack_repays`` weighs against its saving."""
+    entry written before a candidate was added is measured again, and so is one with a time that is
+    not a number >= 0; an edited one without times is taken as it is) and, where a kernel reads a copy
+    of the weight, the time of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs
+    against its saving."""
     us = entry.get("us_per_product")
     us = us if isinstance(us, dict) else {}
-    measured = not us or set(options) <= us.keys()
-    return measured and ("pack" in us or not set(options) & set(COPY_KERNELS))
+    if not us:
+        return True
+    if not all(_is_time(t) for t in us.values()):  # an edit that left a time unreadable
+        return False
+    return set(options) <= us.keys() and ("pack" in us or not set(options) & set(COPY_KERNELS))
+
+
+def _is_time(t: object) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
 
 
 def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> dict[str, list[float]]:
