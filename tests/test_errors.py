@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2lab.cli import main
 from gpt2lab.data import TokenData, write_token_dir
+from gpt2lab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -428,3 +429,18 @@ def test_exported_weights_follow_the_umask(tiny_dir, tmp_path, capsys):
     assert len(set(modes.values())) == 1, modes  # model.safetensors like every other file
     sd = load_file(tmp_path / "hf" / "model.safetensors")
     save_file(sd, tmp_path / "again.safetensors")  # the file itself loads and re-saves
+
+
+@pytest.mark.parametrize("value", ["abc", "-2"])
+def test_a_malformed_world_size_is_a_one_line_error(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    _assert_one_line_error(capsys, _train_with()(tmp_path), f"WORLD_SIZE={value!r} is not a count")
+
+
+def test_a_malformed_rank_names_the_variable(monkeypatch):
+    """(Checked on distributed.init: the CLI ends a process that has RANK set without returning.)"""
+    from gpt2lab import distributed
+
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(ConfigError, match="RANK='x' is not a count"):
+        distributed.init("ddp", "cpu")

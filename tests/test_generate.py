@@ -790,3 +790,42 @@ def test_same_length_prompts_keep_their_packed_copies_between_calls(make_gpt, re
     assert generate(model, prompts, 3, temperature=0) == expected  # read from the copies
     model.clear_cache()
     assert all(m.packed is None for m in blocks)
+
+
+def test_decoding_without_a_cache_for_its_rows_says_to_set_one_up(make_gpt):
+    """input_pos needs setup_cache for that many rows: before it, after clear_cache, or with another batch
+    size, a ValueError names the call to make (not a reshape error, nor a silently broadcast batch)."""
+    model = make_gpt()
+    token, pos = torch.tensor([[3]]), torch.tensor([0])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"call model.setup_cache\(1, length\) first"):
+            model(token, input_pos=pos)
+        model.setup_cache(2, 16)
+        with pytest.raises(ValueError, match="the cache now holds 2 row"):
+            model(token, input_pos=pos)
+        model.clear_cache()
+        with pytest.raises(ValueError, match="setup_cache"):
+            model(token, input_pos=pos)
+
+
+def test_a_cache_kept_under_inference_mode_serves_generation_outside_it(make_gpt):
+    """Buffers made under torch.inference_mode cannot be written outside it: the next call makes new ones."""
+    model = make_gpt()
+    expected = generate(model, [[1, 2, 3]], 5, temperature=0, eos_id=None)
+    with torch.inference_mode():
+        model.setup_cache(1, 32, keep=True)
+    assert generate(model, [[1, 2, 3]], 5, temperature=0, eos_id=None) == expected
+    model.clear_cache()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(pack_min_steps="64"), "pack_min_steps must be an integer >= 0"),
+        (dict(pack_min_steps=-1), "pack_min_steps must be an integer >= 0"),
+        (dict(pack_repeated="no"), "pack_repeated must be True or False"),
+    ],
+)
+def test_backends_check_their_settings(options, message):
+    with pytest.raises(ValueError, match=message):
+        Backends(**options)

@@ -121,6 +121,31 @@ def test_int8_refuses_non_fp32(make_gpt):
         quantize_int8(make_gpt().to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("rows", [1, 6])
+def test_int8_layers_follow_loaded_weights(make_gpt, rows):
+    """Each int8 kernel's laid-out weights are made again after load_state_dict, at one row (fbgemm's
+    prepacked copy, every batch-1 decode step) as at several."""
+    a, b = quantize_int8(make_gpt(seed=0)), quantize_int8(make_gpt(seed=1))
+    idx = torch.arange(rows)[None] % 50
+    with torch.no_grad():
+        a(idx), a(idx[:, :1])  # both row counts' kernels lay their weights out
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)
+
+
+def test_an_int8_model_is_for_inference_only(make_gpt):
+    """No gradients: its parameters need none, training mode refuses, and a cast to another dtype is a
+    clear error rather than a mixed-dtype failure deep in a kernel."""
+    q = quantize_int8(make_gpt())
+    idx = torch.tensor([[1, 2, 3]])
+    assert not any(p.requires_grad for p in q.parameters())
+    assert q(idx)[0].grad_fn is None  # outside no_grad too: no graph is built
+    with pytest.raises(GPT2LabError, match="int8 layers compute no gradients"):
+        q.train()(idx[:, :1])
+    with pytest.raises(GPT2LabError, match="int8 model runs in float32"):
+        q.eval().to(torch.bfloat16)(idx)
+
+
 def test_cli_int8(tiny_dir, capsys):
     assert (
         main(

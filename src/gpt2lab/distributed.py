@@ -42,13 +42,27 @@ class DistEnv:
         return self.strategy != "single"
 
 
+def _env_int(name: str, default: int) -> int:
+    """A count torchrun sets in the environment (``default`` where it is unset)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ConfigError(f"the environment variable {name}={os.environ[name]!r} is not a count; torchrun sets it")
+    return number
+
+
 def init(strategy: str, device: str = "auto") -> DistEnv:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA) for ddp/fsdp; nothing for single.
 
     torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address, on one machine
     (``--standalone``) or many (``--nnodes=N --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT``).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", 1)
     if strategy == "single":
         if world_size > 1:
             raise ConfigError(
@@ -61,7 +75,7 @@ def init(strategy: str, device: str = "auto") -> DistEnv:
             f"run.strategy={strategy} needs the torchrun launcher, e.g. "
             f"torchrun --standalone --nproc_per_node=2 -m gpt2lab train --run.strategy={strategy} ..."
         )
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         if dev.index is None:  # plain "cuda": one GPU per process, by local rank

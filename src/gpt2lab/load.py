@@ -196,8 +196,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
     """Write config.json, model.safetensors and the tokenizer files (vocab.json, merges.txt: what
-    transformers, CTranslate2's and llama.cpp's converters read; or vocabulary.json for a model trained
-    in a compact vocabulary); files appear complete or not at all."""
+    transformers, CTranslate2's and llama.cpp's converters read, GPT-2's unless ``tokenizer`` is a
+    directory's own BPE; or vocabulary.json for a model trained in a compact vocabulary); files appear
+    complete or not at all, and a previous model's tokenizer files of the other kind are removed."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")

@@ -70,6 +70,11 @@ class Backends:
             raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.linear not in LINEAR_KERNELS:
             raise ValueError(f"linear kernel must be one of {LINEAR_KERNELS}, got {self.linear!r}")
+        steps = self.pack_min_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"pack_min_steps must be an integer >= 0 (0 = never), got {steps!r}")
+        if not isinstance(self.pack_repeated, bool):
+            raise ValueError(f"pack_repeated must be True or False, got {self.pack_repeated!r}")
 
 
 def flex_applies(device: torch.device, config: GPTConfig) -> bool:
@@ -120,6 +125,12 @@ def one_query_attention(
     if attn_mask is not None:
         att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
     return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
+
+
+def _writable_here(t: torch.Tensor) -> bool:
+    """Whether buffer ``t`` can be written in place now: one made under torch.inference_mode cannot be
+    outside it (setup_cache then makes new buffers)."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
 
 
 def _filled(input_pos: torch.Tensor, cache_len: int) -> int | torch.SymInt | None:
@@ -274,6 +285,12 @@ class GPT(nn.Module):
             if self.config.max_positions is not None and self.config.max_positions < T:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
+            if self.cache_len == 0 or len(self.cache_pad) != B:
+                raise ValueError(
+                    f"decoding {B} row(s) with input_pos needs a KV cache set up for them: call "
+                    f"model.setup_cache({B}, length) first (the cache now holds {len(self.cache_pad)} row(s) of "
+                    f"{self.cache_len} steps)"
+                )
             step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos, self.cache_len))
             pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
         x = self.wte(idx)
@@ -349,11 +366,10 @@ class GPT(nn.Module):
             size = max_seq_len if attn.window is None else min(attn.window, max_seq_len)
             shape = (batch_size, attn.n_kv_head, size, attn.head_dim)
             old = attn.kv_cache
-            if old is not None and (old.k.shape, old.k.dtype, old.k.device, old.rolls) == (
-                shape,
-                dtype,
-                p.device,
-                size < max_seq_len,
+            if (
+                old is not None
+                and _writable_here(old.k)
+                and (old.k.shape, old.k.dtype, old.k.device, old.rolls) == (shape, dtype, p.device, size < max_seq_len)
             ):
                 old.reset()  # same buffers again: a compiled decode step keeps its graph
             else:
@@ -361,7 +377,7 @@ class GPT(nn.Module):
                     batch_size, attn.n_kv_head, attn.head_dim, size, attn.window, size < max_seq_len, dtype, p.device
                 )
         pad = pad.to(p.device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=p.device)
-        if self.cache_pad.shape == pad.shape:
+        if self.cache_pad.shape == pad.shape and _writable_here(self.cache_pad):
             self.cache_pad.copy_(pad)
         else:
             self.cache_pad = pad

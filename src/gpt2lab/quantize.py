@@ -37,9 +37,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
-        self._packed: dict[str, object] = {}  # kernel -> the weight as it reads it, made on first use
+        self._packed: dict[str, tuple] = {}  # kernel -> (_weights_key(), the weights as it reads them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            raise GPT2LabError("int8 layers compute no gradients; train the float32 model and quantize it after")
+        if self.scale.dtype != torch.float32:
+            raise GPT2LabError("an int8 model runs in float32 (its scales and biases); do not cast it with .to(dtype)")
         x2 = x.reshape(-1, self.in_features).float()
         rows = x2.shape[0]
         if torch.compiler.is_compiling():  # torch._int_mm's path: plain tensor ops that inductor compiles
@@ -50,26 +54,31 @@ class Int8Linear(nn.Module):
                 kernel = kernels.fallback("int8", rows)
             else:
                 kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
-            if kernel not in self._packed:
-                self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
-            packed = self._packed[kernel]
+            key, held = self._weights_key(), self._packed.get(kernel)
+            if held is None or held[0] != key:  # first use, or the buffers changed (load_state_dict)
+                held = self._packed[kernel] = (key, ops.pack_int8(self.qweight, self.scale, self.bias, kernel))
+            packed = held[1]
         y = ops.int8_linear(x2, packed, kernel)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _weights_key(self) -> tuple:
+        bias = None if self.bias is None else ops.weight_key(self.bias)
+        return ops.weight_key(self.qweight), ops.weight_key(self.scale), bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """An inference copy of ``model`` (float32, CPU) whose linear layers, the lm_head included, run in
-    int8; the original is left as it is."""
+    """An inference copy of ``model`` (float32, CPU, no gradients) whose linear layers, the lm_head
+    included, run in int8; the original is left as it is."""
     if model.wte.weight.device.type != "cpu" or model.wte.weight.dtype != torch.float32:
         raise GPT2LabError("int8 quantization is for float32 models on the CPU; load with --device cpu --dtype float32")
     levels = kernels.int8_weight_levels()
     table = model.lm_head.table if isinstance(model.lm_head, ops.Linear) else None
-    quantized = copy.deepcopy(model).eval()
+    quantized = copy.deepcopy(model).requires_grad_(False)  # for inference: no autograd graph
     for module in list(quantized.modules()):
         for name, child in module.named_children():
             if isinstance(child, ops.Linear):
                 setattr(module, name, Int8Linear(child, table, levels))
-    return quantized
+    return quantized.eval()
