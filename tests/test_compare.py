@@ -396,3 +396,32 @@ def test_rerun_reuses_finished_runs(quick_run):
     again = compare(load_config(profile="quick"), quick_run, "again", progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran again
     assert again["lm"]["variants"] == results["lm"]["variants"]
+
+
+def test_uptraining_sentences_read_whether_or_not_a_gap_was_detected(quick_run):
+    results = json.loads((quick_run / RESULTS).read_text())
+    report = (quick_run / REPORT).read_text()
+    for target in results["uptraining"]["targets"]:
+        for c in target["conversion_gap_closed"]:
+            share = c["share"]
+            phrase = "no conversion gap detected to close" if share is None else f"closes {100 * share:.0f}% of the"
+            assert f"- {c['method']}, {100 * c['fraction']:g}% uptraining: {phrase}" in report
+
+
+def test_overfitting_of_one_variant_has_no_empty_comparison_table():
+    from gpt2lab.compare.report import _overfitting
+
+    interval = {"n": 2, "mean": 1.0, "sd": 0.1, "lo": 0.9, "hi": 1.1}
+    entry = {"n_kv_head": 4, "train_loss": interval, "val_loss": interval, "gap": interval}
+    config = {"overfitting": {"tokens": 1000, "steps": 10}, "data": {"batch_size": 2, "block_size": 50}}
+    lines = _overfitting({"overfitting": {"variants": {"rope": entry}, "comparisons": []}, "config": config})
+    assert not any("gap difference" in line for line in lines)
+    assert any(line.startswith("| rope") for line in lines)
+
+
+def test_speed_intervals_never_go_below_zero(quick_run):
+    """Two or three noisy speeds give a wide t-interval; a speed's is cut at 0, which it cannot go below."""
+    results = json.loads((quick_run / RESULTS).read_text())
+    speeds = [v["tokens_per_s"] for v in results["lm"]["variants"].values()]
+    speeds += [row[k] for row in results["efficiency"]["decode"] for k in ("tokens_per_s", "reference_tokens_per_s")]
+    assert speeds and all(s["lo"] is None or s["lo"] >= 0 for s in speeds)

@@ -251,8 +251,24 @@ def test_empty_prompt_raises(make_gpt, prompts):
         ([[5], [-1]], "prompt 1 holds -1"),
         ([[5, 1.0]], "holds 1.0"),
         ([[True]], "holds True"),
+        (None, "got NoneType"),
+        (5, "got int"),
+        ((p for p in [[1, 2]]), "got generator"),
     ],
-    ids=["flat", "text", "list-of-text", "1d-tensor", "float-tensor", "past-vocab", "negative", "float", "bool"],
+    ids=[
+        "flat",
+        "text",
+        "list-of-text",
+        "1d-tensor",
+        "float-tensor",
+        "past-vocab",
+        "negative",
+        "float",
+        "bool",
+        "none",
+        "int",
+        "generator",
+    ],  # fmt: skip
 )
 def test_bad_prompts_raise_saying_what_to_pass(make_gpt, prompts, phrase):
     """Prompts that are not token-id rows of this model raise before the model runs (an id past the
@@ -291,6 +307,7 @@ def test_prompts_as_tensors_arrays_and_tuples_decode_as_lists(make_gpt):
         (dict(temperature="0.7"), "temperature must be a number"),
         (dict(top_p="0.9"), "top_p must be a number"),
         (dict(seed=1.5), "seed must be an integer"),
+        (dict(eos_id="x"), "eos_id must be an integer"),
         (dict(seed=2**64), r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
     ],
 )

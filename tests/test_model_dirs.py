@@ -175,3 +175,17 @@ def test_a_missing_path_that_looks_like_a_repo_id_says_both(monkeypatch, tmp_pat
         resolve("runs/typo")
     with pytest.raises(CheckpointError, match=r"^model 'openai-community/gpt2' is not in"):
         resolve("gpt2")
+
+
+def test_load_model_checks_its_device_and_save_pretrained_its_tokenizer(tiny_dir, tmp_path):
+    """The library checks what the CLI checks: a device this build cannot use (or meta, which would drop
+    the weights) and a tokenizer that is not one (a name) are clear errors."""
+    from gpt2lab import load_model
+    from gpt2lab.errors import ConfigError
+
+    for device in ("meta", "gpu"):
+        with pytest.raises(ConfigError, match=f"device '{device}'"):
+            load_model(tiny_dir, device=device)
+    assert load_model(tiny_dir, device="auto").wte.weight.device.type in ("cpu", "cuda")
+    with pytest.raises(CheckpointError, match="cannot write the files of tokenizer 'gpt2'"):
+        save_pretrained(load_model(tiny_dir), tmp_path / "out", tokenizer="gpt2")

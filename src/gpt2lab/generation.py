@@ -104,6 +104,8 @@ def stream(
     config = model.config
     prompts = prompt_rows(prompts, config.vocab_size)
     check_sampling(max_new_tokens, temperature, top_k, top_p, config.vocab_size)
+    if eos_id is not None:
+        _require_number("eos_id", eos_id, integer=True)
     if seed is not None:
         _require_number("seed", seed, integer=True)
         if not -(2**63) <= seed < 2**64:  # what torch.Generator takes
@@ -136,6 +138,10 @@ def prompt_rows(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int
                 "for one prompt of ids use ids[None]"
             )
         prompts = prompts.tolist()
+    if not isinstance(prompts, (Sequence, str, bytes)) and not hasattr(prompts, "tolist"):  # None, 5, a generator
+        raise GPT2LabError(
+            f"prompts is a list of prompts, each a list of token ids, or a (batch, tokens) tensor; got {type(prompts).__name__}"
+        )
     if isinstance(prompts, (str, bytes)) or any(isinstance(p, (str, bytes)) for p in prompts):
         raise GPT2LabError("prompts are token ids, not text; encode the text first: [tokenizer.encode(text)]")
     if len(prompts) == 0:
@@ -203,6 +209,7 @@ def generate(
     """New tokens for each prompt; a row ends with ``eos_id`` if it produced it. ``options`` are
     ``stream``'s: temperature, top_k, top_p, seed, eos_id, compile."""
     eos_id = options.get("eos_id", EOT)
+    prompts = prompt_rows(prompts, model.config.vocab_size)  # checked once, and a one-pass iterable not consumed
     rows: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     for token in stream(model, prompts, max_new_tokens, **options):

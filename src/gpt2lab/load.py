@@ -40,6 +40,7 @@ def load_model(
     backends: Backends | None = None,
 ) -> GPT:
     """A GPT from anything ``--model`` accepts (see the module docstring), on ``device``."""
+    device = resolve_device(str(device))  # checked: a device this build has, never meta
     directory = resolve(name_or_path, offline=offline)
     if checkpoint.is_training_dir(directory):
         return checkpoint.load_model(directory, device=device, backends=backends)
@@ -205,7 +206,7 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise CheckpointError(
             "an int8 model cannot be saved: its weights are rounded to 8 bits and no format here holds them; "
-            "save the float32 model and quantize it after loading (--int8, or gpt2lab.quantize_int8)"
+            "save the float32 model and quantize it after loading (--int8, or gpt2lab.quantize.quantize_int8)"
         )
     tokenizer_files = _tokenizer_files(tokenizer)
     eos_id = EOT if tokenizer is None else tokenizer.eot_token
@@ -239,7 +240,8 @@ def _tokenizer_files(tokenizer) -> dict[str, bytes]:
         return {hf: path.read_bytes() for hf, path in zip(("vocab.json", "merges.txt"), bundled_files(), strict=True)}
     own = bpe_files(tokenizer)
     if own is None:
-        raise CheckpointError(f"cannot write the files of tokenizer {name!r}: pass one gpt2lab.load_tokenizer read")
+        shown = tokenizer if name is None else name
+        raise CheckpointError(f"cannot write the files of tokenizer {shown!r}: pass one gpt2lab.load_tokenizer read")
     return own
 
 

@@ -126,7 +126,10 @@ _BPE_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a directo
 def bpe_files(tokenizer) -> dict[str, bytes] | None:
     """The vocab.json and merges.txt (name -> contents) a directory's own BPE tokenizer was built from
     (``load_tokenizer``), to write beside a model; None for GPT-2's own and any other tokenizer."""
-    return _BPE_FILES.get(tokenizer)
+    try:
+        return _BPE_FILES.get(tokenizer)
+    except TypeError:  # not weakly referable (a string, say): no tokenizer load_tokenizer made
+        return None
 
 
 def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:

@@ -16,6 +16,7 @@ from gpt2lab.config import GPTConfig
 
 SCHEMA = "gpt2lab-compare/2"  # results.json's layout; the findings test skips files without it
 CHANCE_BOTH = 0.25  # the most a rule that ignores the key can score on "both" (a coin flip between twins)
+POSITIVE = (0.0, math.inf)  # the range of a speed: an interval is cut to it
 
 
 def position_edges(length: int) -> list[int]:
@@ -64,7 +65,7 @@ def lm_section(results: dict, variants: list[str], seeds: list[int], calibration
             "per_seed": [r["final_loss"] for r in rs],
             "curve": _curve([r["val_curve"] for r in rs]),
             "by_position": columns([binned(r["per_position"], edges) for r in rs]),
-            "tokens_per_s": stats.interval([r["tokens_per_s"] for r in rs]),
+            "tokens_per_s": stats.interval([r["tokens_per_s"] for r in rs], POSITIVE),
             "tokens": rs[0]["tokens"],
         }
     calib = {v: results[f"calibration/{v}/seed{seeds[0]}"] for v in calibration}
@@ -351,8 +352,8 @@ def efficiency_section(result: dict, configs: dict[str, GPTConfig], reference: s
                     "batch": setting["batch"],
                     "context": setting["context"],
                     "variant": variant,
-                    "reference_tokens_per_s": stats.interval([r for r, _ in pairs]),
-                    "tokens_per_s": stats.interval([v for _, v in pairs]),
+                    "reference_tokens_per_s": stats.interval([r for r, _ in pairs], POSITIVE),
+                    "tokens_per_s": stats.interval([v for _, v in pairs], POSITIVE),
                     "ratio": ratio,
                 }
             )

@@ -387,11 +387,13 @@ def _uptraining(r: dict) -> list[str]:
         ]
         lines += table(header, rows)
         for c in t["conversion_gap_closed"]:
-            share = "(no conversion gap detected)" if c["share"] is None else f"{100 * c['share']:.0f}%"
-            lines.append(
-                f"- {c['method']}, {100 * c['fraction']:g}% uptraining: closes {share} of the conversion "
-                f"gap ({num(c['gap'], 4, True)}: converted, not trained, minus MHA)"
+            gap = f"{num(c['gap'], 4, True)}: converted, not trained, minus MHA"
+            closes = (
+                f"no conversion gap detected to close ({gap})"
+                if c["share"] is None
+                else f"closes {100 * c['share']:.0f}% of the conversion gap ({gap})"
             )
+            lines.append(f"- {c['method']}, {100 * c['fraction']:g}% uptraining: {closes}")
         lines.append("")
     return lines
 
@@ -418,7 +420,9 @@ def _overfitting(r: dict) -> list[str]:
         *table(["variant", "kv heads", "train-set loss", "val loss", "gap"], rows),
     ]
     rows = [[f"{c['variant']} - {c['reference']}", ci(c["gap"], 4, True), verdict(c["gap"])] for c in o["comparisons"]]
-    return lines + table(["gap difference", "mean [95%]", "verdict"], rows) + ["![overfitting](overfitting.png)", ""]
+    if rows:  # one variant alone has nothing to compare with
+        lines += table(["gap difference", "mean [95%]", "verdict"], rows)
+    return lines + ["![overfitting](overfitting.png)", ""]
 
 
 def _efficiency(r: dict) -> list[str]:
