@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -13,6 +14,30 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lab.kernels import alternated
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (threads, repetitions, rounds, tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def names_of(allowed: tuple[str, ...]) -> Callable[[str], set[str]]:
+    """An argparse type: a comma-separated selection from ``allowed``."""
+
+    def parse(text: str) -> set[str]:
+        names = {n.strip() for n in text.split(",") if n.strip()}
+        unknown = sorted(names - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        return names
+
+    return parse
 
 
 def hf_and_ours(config_kwargs: dict | None = None, dropout: float = 0.0):

@@ -36,6 +36,8 @@ from common import (  # noqa: E402
     matmul_gflops,
     matmul_probes,
     memory_read_gbs,
+    names_of,
+    positive_int,
     read_probe,
 )
 
@@ -246,13 +248,14 @@ def bench_tokenizer() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="forward,train,generate,int8,compile,tokenizer")
+    rows = ("forward", "train", "generate", "int8", "compile", "tokenizer")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--only", type=names_of(rows), default=set(rows), help=f"rows to run, from {','.join(rows)}")
     ap.add_argument("--quick", action="store_true", help="only forward 1x256 and greedy 100 tokens at batch 1")
-    ap.add_argument("--repeat", type=int, default=5, help="timed repetitions of the short benchmarks")
+    ap.add_argument("--repeat", type=positive_int, default=5, help="timed repetitions of the short benchmarks")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    only = {"forward", "generate"} if args.quick else set(args.only.split(","))
+    only = {"forward", "generate"} if args.quick else args.only
     print(cpu_header(args.threads), flush=True)
     print(
         f"fp32; ceilings timed with each row, at the start: "

@@ -30,7 +30,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from common import cpu_header, read_probe  # noqa: E402
+from common import cpu_header, positive_int, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
 from gpt2lab.decode import decode_one_token, prefill  # noqa: E402
@@ -87,10 +87,10 @@ class Timers:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=positive_int, default=20)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--int8", action="store_true", help="int8 weights (gpt2lab.quantize)")
-    ap.add_argument("--new-tokens", type=int, default=1000, help="the generation whose weight copies to read")
+    ap.add_argument("--new-tokens", type=positive_int, default=1000, help="the generation whose weight copies to read")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_header(args.threads))

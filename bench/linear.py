@@ -18,7 +18,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import interleaved
+from common import interleaved, positive_int
 
 from gpt2lab import kernels, ops
 
@@ -33,8 +33,8 @@ SHAPES = {  # name: (in, out)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--repeat", type=positive_int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not ops.onednn_available():

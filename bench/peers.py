@@ -50,9 +50,18 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import REPEATED_WARMUP, cpu_header, decode_bytes, memory_read_gbs, read_probe  # noqa: E402
+from common import (  # noqa: E402
+    REPEATED_WARMUP,
+    cpu_header,
+    decode_bytes,
+    memory_read_gbs,
+    names_of,
+    positive_int,
+    read_probe,
+)
 
 from gpt2lab import GPT, GPTConfig, generate, save_pretrained  # noqa: E402
+from gpt2lab.config import PRESETS  # noqa: E402
 from gpt2lab.decode import faster_step, prepacks_weights  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.quantize import quantize_int8  # noqa: E402
@@ -354,9 +363,10 @@ def quality_rows(model: GPT, int8: GPT, peers: Peers) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=5, help="timed pairs per row")
-    ap.add_argument("--only", default="decode,prefill,forward,quality")
+    rows = ("decode", "prefill", "forward", "quality")
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--repeat", type=positive_int, default=5, help="timed pairs per row")
+    ap.add_argument("--only", type=names_of(rows), default=set(rows), help=f"rows to run, from {','.join(rows)}")
     ap.add_argument("--llama-convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (llama.cpp rows)")
     ap.add_argument(
         "--compile",
@@ -366,8 +376,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
     ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
     args = ap.parse_args()
+    if args.preset not in PRESETS:
+        ap.error(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     torch.set_num_threads(args.threads)
-    only = set(args.only.split(","))
+    only = args.only
     import ctranslate2
 
     versions = f"ctranslate2 {ctranslate2.__version__}"

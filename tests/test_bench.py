@@ -36,3 +36,21 @@ def test_gpu_bench_dry_run(tmp_path):
         "ours_compiled_decode_tok_s",
     ):
         assert inference[key] > 0, key
+
+
+@pytest.mark.parametrize(
+    "script, args, phrase",
+    [
+        ("cpu.py", ["--threads", "0"], "--threads: must be at least 1"),
+        ("cpu.py", ["--only", "forward,bogus"], "--only: choose from forward,train,"),
+        ("linear.py", ["--repeat", "0"], "--repeat: must be at least 1"),
+        ("decode_step.py", ["--rounds", "x"], "--rounds: 'x' is not an integer"),
+        ("peers.py", ["--preset", "bogus"], "--preset must be one of gpt2,"),
+    ],
+)
+def test_bench_scripts_refuse_bad_options_before_any_work(script, args, phrase):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120, cwd=BENCH
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert phrase in proc.stderr.splitlines()[-1], proc.stderr
