@@ -252,6 +252,22 @@ def test_plan_has_every_job_with_its_dependencies():
     efficiency = next(j for j in plan.jobs if j.name == "efficiency")
     assert "lm/rope/seed1337" in efficiency.deps and "extrapolation/rope/seed1337" not in efficiency.deps
     assert lm_config(cfg, "rope+mixed", 1024).window_pattern == "LLLG"
+    B, T = cfg.train.data.batch_size, cfg.train.data.block_size
+    for job in plan.jobs:  # every job that trains counts what it trains on, fine-tuning and uptraining included
+        assert (job.tokens > 0) == (job.steps > 0), job.name
+    uptrain = next(j for j in plan.jobs if j.kind == "uptrain")
+    assert uptrain.tokens == uptrain.steps * B * T
+    f = cfg.extrapolation.pi_finetune_factor
+    pi = next(j for j in plan.jobs if j.kind == "pi_finetune")
+    assert pi.tokens == pi.steps * (B // f) * f * T
+
+
+def test_compare_refuses_model_init_whatever_the_profile_sets():
+    """compare trains from paired initial weights: model.init is refused as such, not as a clash with the
+    profile's model keys."""
+    for profile in ("default", "quick"):
+        with pytest.raises(ConfigError, match="remove model.init"):
+            load_config(overrides=["--model.init=gpt2"], profile=profile)
 
 
 def test_estimate_uses_the_calibration_and_the_schedule():

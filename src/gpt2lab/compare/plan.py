@@ -191,6 +191,8 @@ def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[J
     e, u, S = cfg.extrapolation, cfg.uptraining, cfg.train.run.steps
     base = {"train": cfg.train.to_dict(), "data": data["dir"], "data_id": data["id"]}
     pi_steps = max(1, round(e.pi_finetune_fraction * S))
+    B, T, f = cfg.train.data.batch_size, cfg.train.data.block_size, e.pi_finetune_factor
+    pi_tokens = pi_steps * max(1, B // f) * f * T if f else 0  # f times the context, tokens per step kept
     jobs = []
     for s in seeds:
         rope = f"lm/rope/seed{s}"
@@ -203,7 +205,9 @@ def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[J
                 "lr": e.lr,
                 "seed": s,
             }
-            jobs.append(Job(pi, "pi_finetune", params, "extrapolation", "rope", deps=(rope,), steps=pi_steps))
+            jobs.append(
+                Job(pi, "pi_finetune", params, "extrapolation", "rope", deps=(rope,), steps=pi_steps, tokens=pi_tokens)
+            )
         for v in e.variants:
             tuned = pi if v == "rope" else None
             params = {
@@ -240,6 +244,7 @@ def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[J
                         "rope",
                         deps=(rope,),
                         steps=steps,
+                        tokens=steps * B * T,
                     )
                 )
     return jobs

@@ -59,8 +59,6 @@ def compare(cfg: CompareConfig, out: str | Path, command: str, progress: bool = 
     gpu = _targets_gpu(cfg)
     if dry_run:
         return _dry_run(cfg, gpu)
-    if cfg.train.model.init != "scratch":
-        raise ConfigError("compare trains every variant from paired initial weights; remove model.init")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     files.write_text(out / ".gitignore", GITIGNORE)

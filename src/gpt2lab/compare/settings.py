@@ -375,6 +375,8 @@ class CompareConfig:
     profile: str = "default"
 
     def __post_init__(self) -> None:
+        if self.train.model.init != "scratch":
+            raise ConfigError(NO_INIT)
         unknown = sorted(set(self.extrapolation.variants) - set(self.compare.variants))
         if unknown:
             raise ConfigError(f"extrapolation.variants names {unknown}, which compare.variants does not train")
@@ -393,6 +395,9 @@ class CompareConfig:
         for name in EXPERIMENTS:
             out[name] = dataclasses.asdict(getattr(self, name))
         return out
+
+
+NO_INIT = "compare trains every variant from paired initial weights; remove model.init"
 
 
 def load_config(
@@ -421,6 +426,8 @@ def load_config(
             section, _, name = key.partition(".")
             layers.append({section: {name: value}})
     values = settings.merge(*layers)
+    if values.get("model", {}).get("init", "scratch") != "scratch":  # before the profile's model keys clash with it
+        raise ConfigError(NO_INIT)
     values.setdefault("data", {}).setdefault("dir", "")
     values.setdefault("run", {})["out_dir"] = "compare"  # placeholder: every run gets its own directory
     built = settings.build(COMPARE_SECTIONS, values)
