@@ -215,7 +215,7 @@ COMMANDS: dict[str, Command] = {
         ],
     ),
     "generate": Command(
-        "continue a prompt, streaming tokens as they are produced",
+        "continue a prompt (one sample streams its tokens as they are produced)",
         _generate,
         [
             opt("--prompt", required=True, help="text to continue"),
@@ -374,7 +374,14 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         "the whole pipeline offline: prepare a corpus, train a small GPT-2 on the CPU, sample",
         _demo,
-        [opt("--out", default="runs/demo", help="where the corpus, checkpoints and metrics go (default runs/demo)")],
+        [
+            opt(
+                "--out",
+                default="runs/demo",
+                metavar="DIR",
+                help="where the corpus, checkpoints and metrics go (default runs/demo)",
+            )
+        ],
         settings="%(prog)s [-h] [--out DIR] [--section.key=value ...]",
         epilog=lambda: "Training settings (see gpt2lab train --help) override the demo's, e.g. --run.steps=100.",
     ),
