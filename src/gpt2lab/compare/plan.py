@@ -188,7 +188,7 @@ def _mqar_jobs(cfg: CompareConfig, configs: dict, task: MQARTask, edges: list[in
 
 def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[Job]:
     """PI fine-tuning, extrapolation and uptraining: jobs that read finished language-model runs."""
-    e, u, S = cfg.extrapolation, cfg.uptraining, cfg.train.run.steps
+    e, S = cfg.extrapolation, cfg.train.run.steps
     base = {"train": cfg.train.to_dict(), "data": data["dir"], "data_id": data["id"]}
     pi_steps = max(1, round(e.pi_finetune_fraction * S))
     B, T, f = cfg.train.data.batch_size, cfg.train.data.block_size, e.pi_finetune_factor
@@ -223,30 +223,40 @@ def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[J
             }
             deps = (f"lm/{v}/seed{s}",) + ((tuned,) if tuned else ())
             jobs.append(Job(f"extrapolation/{v}/seed{s}", "extrapolation", params, "extrapolation", v, deps=deps))
-        for k in u.kv_heads:
-            steps = sum(max(1, round(f * S)) for f in u.fractions)
-            for method in u.methods:
-                params = base | {
-                    "source": run_dir(rope),
-                    "kv": k,
-                    "method": method,
-                    "fractions": u.fractions,
-                    "lr": u.lr,
-                    "seed": s,
-                    "val_tokens": cfg.compare.val_tokens,
-                }
-                jobs.append(
-                    Job(
-                        f"uptrain/kv{k}-{method}/seed{s}",
-                        "uptrain",
-                        params,
-                        "uptraining",
-                        "rope",
-                        deps=(rope,),
-                        steps=steps,
-                        tokens=steps * B * T,
-                    )
+        jobs += _uptraining_jobs(cfg, base, s)
+    return jobs
+
+
+def _uptraining_jobs(cfg: CompareConfig, base: dict, seed: int) -> list[Job]:
+    """The seed's rope run converted to each of ``uptraining.kv_heads`` by each method, then uptrained."""
+    u, S = cfg.uptraining, cfg.train.run.steps
+    rope, tokens_per_step = f"lm/rope/seed{seed}", cfg.train.data.batch_size * cfg.train.data.block_size
+    steps = sum(max(1, round(f * S)) for f in u.fractions)
+    jobs = []
+    for k in u.kv_heads:
+        for method in u.methods:
+            params = base | {
+                "source": run_dir(rope),
+                "kv": k,
+                "method": method,
+                "fractions": u.fractions,
+                "lr": u.lr,
+                "seed": seed,
+                "val_tokens": cfg.compare.val_tokens,
+            }
+            name = f"uptrain/kv{k}-{method}/seed{seed}"
+            jobs.append(
+                Job(
+                    name,
+                    "uptrain",
+                    params,
+                    "uptraining",
+                    "rope",
+                    deps=(rope,),
+                    steps=steps,
+                    tokens=steps * tokens_per_step,
                 )
+            )
     return jobs
 
 
