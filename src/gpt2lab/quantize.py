@@ -37,7 +37,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)  # (out,)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
-        self._packed: dict[str, tuple] = {}  # kernel -> (_weights_key(), the weights as it reads them)
+        self._packed: dict[str, object] = {}  # kernel -> the weights as it reads them, made on first use
+        self.register_load_state_dict_post_hook(_drop_packed)  # laid out again from the loaded weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
@@ -54,19 +55,18 @@ class Int8Linear(nn.Module):
                 kernel = kernels.fallback("int8", rows)
             else:
                 kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
-            key, held = self._weights_key(), self._packed.get(kernel)
-            if held is None or held[0] != key:  # first use, or the buffers changed (load_state_dict)
-                held = self._packed[kernel] = (key, ops.pack_int8(self.qweight, self.scale, self.bias, kernel))
-            packed = held[1]
+            if kernel not in self._packed:
+                self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+            packed = self._packed[kernel]
         y = ops.int8_linear(x2, packed, kernel)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _weights_key(self) -> tuple:
-        bias = None if self.bias is None else ops.weight_key(self.bias)
-        return ops.weight_key(self.qweight), ops.weight_key(self.scale), bias
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _drop_packed(layer: Int8Linear, incompatible_keys) -> None:
+    layer._packed.clear()
 
 
 def quantize_int8(model: GPT) -> GPT:
