@@ -16,6 +16,8 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import EOT
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a temperature below it is greedy
+
 
 def sample(
     logits: torch.Tensor,
@@ -31,7 +33,7 @@ def sample(
     tokens tied at the k-th logit the lower token ids win (a stable sort), so the cut is reproducible.
     Top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one).
     """
-    if temperature < torch.finfo(torch.float32).tiny:
+    if temperature < FLOAT32_TINY:
         return logits.argmax(dim=-1)
     logits = logits.float()
     # shifted first, so that the largest is 0: a tiny temperature sends the others to -inf, not to inf - inf = nan
