@@ -430,6 +430,28 @@ def test_eval_of_a_text_file_and_a_prepared_dir(golden_run, gpt2_tokens_dir, tmp
     assert "stride 16" in capsys.readouterr().out
 
 
+def test_bits_per_byte_of_a_prepared_dir_count_the_text_of_the_scored_tokens(golden_run, gpt2_tokens_dir):
+    """Every token but the first is scored: bits per byte divide by their bytes exactly, as for a text file
+    (not the split's bytes less an average token's)."""
+    from gpt2lab.data import TokenData
+    from gpt2lab.eval import score_path
+    from gpt2lab.tokenizer import load_tokenizer, token_byte_lengths
+
+    tok = load_tokenizer()
+    data = TokenData(gpt2_tokens_dir, "val")
+    tokens = data.read(0, len(data))
+    score, _, _ = score_path(checkpoint.load_model(golden_run).eval(), tok, gpt2_tokens_dir, 32, progress=False)
+    assert score.bytes == int(token_byte_lengths(tok)[tokens[1:]].sum())
+
+
+def test_perplexity_is_exp_of_the_loss_until_a_float_overflows():
+    from gpt2lab.eval import Score
+
+    assert Score(250.0, 10).perplexity == pytest.approx(math.exp(250.0))
+    assert Score(800.0, 10).perplexity == math.inf
+    assert "perplexity 3.746e+108" in str(Score(250.0, 10))
+
+
 # --- errors through the CLI ------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ the loss of every token of fixed rows at a given context length (``gpt2lab compa
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import check_same_vocabulary, vocabulary_of
 
+MAX_EXP = math.log(sys.float_info.max)  # about 709.8 nats: a larger loss has an infinite perplexity in floats
+
 
 @dataclass
 class Score:
@@ -30,7 +33,7 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(min(self.loss, 50.0))
+        return math.exp(self.loss) if self.loss < MAX_EXP else math.inf  # past that, exp overflows a float
 
     @property
     def bits_per_byte(self) -> float | None:
@@ -39,7 +42,8 @@ class Score:
 
     def __str__(self) -> str:
         bpb = f", {self.bits_per_byte:.4f} bits per byte" if self.bytes else ""
-        return f"loss {self.loss:.4f}, perplexity {self.perplexity:.3f}{bpb}"
+        ppl = f"{self.perplexity:.3f}" if self.perplexity < 1e6 else f"{self.perplexity:.4g}"  # 1.234e+108, inf
+        return f"loss {self.loss:.4f}, perplexity {ppl}{bpb}"
 
 
 def bits_per_byte(loss: float, tokens: int, nbytes: int | None) -> float | None:
@@ -133,7 +137,9 @@ def _read_scored_text(path: Path, tokenizer) -> tuple[np.ndarray, int | None]:
         data.verify()
         tokens = data.read(0, len(data))
         per_token = data.bytes_per_token
-        return tokens, round(per_token * (len(tokens) - 1)) if per_token else None
+        if not per_token or not len(tokens):
+            return tokens, None
+        return tokens, round(per_token * len(tokens)) - _text_bytes(tokenizer, int(tokens[0]))
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -144,8 +150,12 @@ def _read_scored_text(path: Path, tokenizer) -> tuple[np.ndarray, int | None]:
     if "\0" in text:
         raise GPT2LabError(f"{path} is a binary file, not text; give a text file or a prepared directory")
     tokens = np.asarray(tokenizer.encode_ordinary(text))
-    first = len(tokenizer.decode_single_token_bytes(int(tokens[0]))) if len(tokens) else 0
-    return tokens, len(raw) - first
+    return tokens, len(raw) - (_text_bytes(tokenizer, int(tokens[0])) if len(tokens) else 0)
+
+
+def _text_bytes(tokenizer, token: int) -> int:
+    """Bytes of text a token stands for (0 for the end of text, a separator: as prepare counts them)."""
+    return 0 if token == tokenizer.eot_token else len(tokenizer.decode_single_token_bytes(token))
 
 
 def stretches(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:

@@ -269,5 +269,5 @@ def next_token_probs(model: GPT, prompt: Sequence[int], k: int) -> list[tuple[in
     logits = model.logits(x[:, -1:])  # the last position's only
     model.train(was_training)
     probs = logits[0, -1].float().softmax(-1)
-    top = probs.topk(min(k, probs.numel()))
-    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    values, ids = probs.sort(descending=True, stable=True)  # ties: the lower id first, whatever k is
+    return list(zip(ids[:k].tolist(), values[:k].tolist(), strict=True))
