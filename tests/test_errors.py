@@ -106,7 +106,7 @@ MODEL_CASES = {
     **{
         f"pytorch_model.bin holding {name}": (
             dict(edit=_junk_bin(data)),
-            ["not a PyTorch tensor file", "does not parse"],
+            ["truncated or not a PyTorch tensor file"],
         )
         for name, data in [
             ("text", b"hello world"),
@@ -392,6 +392,38 @@ def test_malicious_pickle_message_never_suggests_turning_the_protection_off(tiny
 
 class _Unsafe:
     pass
+
+
+class _Runs:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_raw_pickle_that_runs_code_is_refused(protocol, tiny_dir, tmp_path, capsys):
+    """As code where torch's safe loader names what it would import (protocol 2); protocol 4 frames it
+    reads not at all, which the error says."""
+    import pickle
+
+    d = _model(tiny_dir, tmp_path)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Runs()}, protocol=protocol))
+    phrase = "carries Python code" if protocol == 2 else "torch's safe loader cannot read it: Unsupported operand"
+    _assert_one_line_error(capsys, ["predict", "hi", "--model", str(d)], phrase)
+
+
+def test_scoring_ids_past_the_models_tokenizer_is_a_clean_error(tiny_dir, tmp_path, capsys):
+    """A model with its own, smaller BPE, scored on data prepared with GPT-2's: the ids are refused as
+    such, not a KeyError from decoding the first one."""
+    d = _model(tiny_dir, tmp_path)
+    merges = (d / "merges.txt").read_text(encoding="utf-8").split("\n")
+    vocab = {t: i for t, i in json.loads((d / "vocab.json").read_text(encoding="utf-8")).items() if i < 300}
+    (d / "vocab.json").write_text(json.dumps(vocab | {"<|endoftext|>": 300}), encoding="utf-8")
+    (d / "merges.txt").write_text("\n".join(merges[:45]) + "\n", encoding="utf-8")
+    data = write_token_dir(tmp_path / "data", {"train": np.arange(2000) % 50000, "val": np.full(500, 40000)}, 50257)
+    _assert_one_line_error(
+        capsys, ["eval", "--model", str(d), "--data", str(data), "--device", "cpu"], "holds token ids up to 40000"
+    )
 
 
 @pytest.mark.parametrize(

@@ -189,3 +189,15 @@ def test_load_model_checks_its_device_and_save_pretrained_its_tokenizer(tiny_dir
     assert load_model(tiny_dir, device="auto").wte.weight.device.type in ("cpu", "cuda")
     with pytest.raises(CheckpointError, match="cannot write the files of tokenizer 'gpt2'"):
         save_pretrained(load_model(tiny_dir), tmp_path / "out", tokenizer="gpt2")
+
+
+def test_a_training_runs_directory_is_never_written_over(make_gpt, tmp_path):
+    """save_pretrained into a run's out_dir would replace its vocabulary.json, which its checkpoints and
+    resuming read: refused, nothing touched."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    (run / "vocabulary.json").write_text('{"kind": "gpt2-bytes", "kept_gpt2_ids": [50256]}')
+    with pytest.raises(CheckpointError, match="training run's directory"):
+        save_pretrained(make_gpt(), run)
+    assert sorted(p.name for p in run.iterdir()) == ["train_config.json", "vocabulary.json"]

@@ -450,6 +450,7 @@ def test_perplexity_is_exp_of_the_loss_until_a_float_overflows():
     assert Score(250.0, 10).perplexity == pytest.approx(math.exp(250.0))
     assert Score(800.0, 10).perplexity == math.inf
     assert "perplexity 3.746e+108" in str(Score(250.0, 10))
+    assert math.isnan(Score(math.nan, 10).perplexity)
 
 
 # --- errors through the CLI ------------------------------------------------------------------------

@@ -337,15 +337,22 @@ def load_tensors(path: Path):
     """What a tensors-only file holds, unpickled safely (``weights_only``): a file that would need
     arbitrary unpickling carries code and is refused."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the error below says what a pickle of another protocol gets
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"cannot read {path}: it is missing") from None
     except (pickle.UnpicklingError, KeyError, IndexError) as e:  # KeyError, IndexError: the unpickler on junk
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # torch names what it would import
+        operand = re.search(r"Unsupported operand \d+", str(e))  # an instruction torch's safe loader lacks
+        if isinstance(e, pickle.UnpicklingError) and operand is None:  # what it refused to import: code
             raise CheckpointError(
                 f"refused to load {path}: it carries Python code (not plain tensors), so it is not loaded"
             ) from None
-        detail = "its pickled data does not parse"
+        detail = (
+            "its pickled data does not parse"
+            if operand is None
+            else f"torch's safe loader cannot read it: {operand[0]}"
+        )
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         detail = first_line(e)
     raise CheckpointError(f"cannot read {path}: it is truncated or not a PyTorch tensor file ({detail})")

@@ -33,7 +33,7 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss) if self.loss < MAX_EXP else math.inf  # past that, exp overflows a float
+        return math.inf if self.loss >= MAX_EXP else math.exp(self.loss)  # past that, exp overflows; nan stays nan
 
     @property
     def bits_per_byte(self) -> float | None:
@@ -136,6 +136,11 @@ def _read_scored_text(path: Path, tokenizer) -> tuple[np.ndarray, int | None]:
         check_same_vocabulary(vocabulary_of(tokenizer), data.vocabulary, "the model", f"--data {path}")
         data.verify()
         tokens = data.read(0, len(data))
+        if len(tokens) and int(tokens.max()) >= tokenizer.n_vocab:
+            raise GPT2LabError(
+                f"{path} holds token ids up to {int(tokens.max())}, outside the model's tokenizer of "
+                f"{tokenizer.n_vocab} ids; score data prepared for this model"
+            )
         per_token = data.bytes_per_token
         if not per_token or not len(tokens):
             return tokens, None

@@ -113,7 +113,14 @@ def _download(repo: str, offline: bool) -> str:
     (safetensors, or pytorch_model.bin for a repo that has no safetensors)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
+    patterns = [
+        "config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+    ]
     try:
         cached = snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
         if _has_weights(Path(cached)):
@@ -203,6 +210,8 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")
+    if checkpoint.is_training_dir(directory):
+        raise CheckpointError(f"{directory} is a training run's directory; export the model to a directory of its own")
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise CheckpointError(
             "an int8 model cannot be saved: its weights are rounded to 8 bits and no format here holds them; "
@@ -210,6 +219,7 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
         )
     tokenizer_files = _tokenizer_files(tokenizer)
     eos_id = EOT if tokenizer is None else tokenizer.eot_token
+    replaces_a_model = (directory / "config.json").is_file()  # its tokenizer files are that model's
     directory.mkdir(parents=True, exist_ok=True)
     state_dict = to_hf_state_dict(model)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
@@ -225,7 +235,7 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
         for name in names:
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, directory / name)
-        for stale in set(TOKENIZER_FILES) - set(names):  # a previous model's tokenizer, of the other kind
+        for stale in set(TOKENIZER_FILES) - set(names) if replaces_a_model else ():  # the other kind's
             (directory / stale).unlink(missing_ok=True)
     files.fsync_dir(directory)
 
