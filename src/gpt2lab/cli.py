@@ -346,7 +346,7 @@ COMMANDS: dict[str, Command] = {
                 "--block-size",
                 type=int,
                 default=None,
-                help="tokens per window (default: the model's context; 1024 for rotary models)",
+                help="tokens per window (default: the model's block_size: its context, or a rotary model's training length)",
             ),
             opt(
                 "--stride",

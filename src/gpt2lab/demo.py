@@ -105,7 +105,8 @@ def _next_steps(cfg: TrainConfig, out: Path, config_file: Path) -> None:
     print(f"  {program} generate --model {run_dir} --prompt 'class Stack:' --max-new-tokens 200   # seconds")
     print(f"  {program} predict --model {run_dir} 'for i in range('                              # seconds")
     print(
-        f"  {program} eval --model {run_dir} --data {data_dir} --stride 256           # the val split, under a minute"
+        f"  {program} eval --model {run_dir} --data {data_dir} --block-size {cfg.data.block_size}"
+        "   # the val split at the training context, under a minute"
     )
     print(f"  {program} export --model {run_dir} --out {out / 'hf'}                       # HF-format directory")
     print(

@@ -101,15 +101,16 @@ def score_path(
     progress: bool = True,
 ) -> tuple[Score, int, int]:
     """``gpt2lab eval``: the strided perplexity of a prepared directory's val split or of a UTF-8 text
-    file, and the block size and stride used (defaults: the model's context, 1024 for rotary models;
-    half the block). Returns (score, block_size, stride)."""
+    file, and the block size and stride used (defaults: the model's block_size, which is its context or,
+    for a rotary model, the length it was trained at; a stride of half the block). Returns (score,
+    block_size, stride)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise GPT2LabError(f"--data {path} does not exist; give a prepared directory or a text file")
     if batch_size < 1:
         raise GPT2LabError(f"--batch-size must be at least 1, got {batch_size}")
     limit = model.config.max_positions
-    block_size = (limit or 1024) if block_size is None else block_size
+    block_size = model.config.block_size if block_size is None else block_size  # a rotary model's training length
     if block_size < 1 or (limit is not None and block_size > limit):
         raise GPT2LabError(
             f"--block-size must be between 1 and the model's context ({limit or 'unbounded'}), got {block_size}"
