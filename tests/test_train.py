@@ -444,6 +444,17 @@ def test_bits_per_byte_of_a_prepared_dir_count_the_text_of_the_scored_tokens(gol
     assert score.bytes == int(token_byte_lengths(tok)[tokens[1:]].sum())
 
 
+def test_eval_defaults_to_a_rotary_models_training_length(make_gpt, tmp_path):
+    """A rotary model runs past its block_size, but its loss rises there: eval's window defaults to it."""
+    from gpt2lab.eval import score_path
+    from gpt2lab.tokenizer import load_tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text(SHAKESPEARE.read_text()[:3000])
+    model = make_gpt(vocab_size=50257, block_size=48, pos_emb="rope")
+    assert score_path(model, load_tokenizer(), text, progress=False)[1:] == (48, 24)
+
+
 def test_perplexity_is_exp_of_the_loss_until_a_float_overflows():
     from gpt2lab.eval import Score
 
