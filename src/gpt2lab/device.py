@@ -51,6 +51,11 @@ def inference_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def physical_memory() -> int:
+    """Bytes of RAM this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_memory() -> int | None:
     """Bytes of RAM the OS could give this process now without swapping (Linux's MemAvailable), or
     None where it does not say."""
@@ -71,7 +76,7 @@ def check_fits(config: GPTConfig, bytes_per_param: int = 4, device: torch.device
     if device is not None and device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
     else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+        have, where = physical_memory(), "this machine's memory"
     if need > have:
         raise ConfigError(
             f"the model's {config.num_params():,} parameters need {need / 2**30:,.1f} GiB for the weights alone, "

@@ -181,9 +181,13 @@ class CompactTokenizer:
             raise CheckpointError(f"{path} is malformed ({e}); copy it again from the data it was trained on") from None
         return _compact(tuple(kept))
 
+    def to_dict(self) -> dict:
+        """Its description, as vocabulary.json and a prepared directory's meta.json record it."""
+        return {"kind": "gpt2-bytes", "kept_gpt2_ids": self.kept}
+
     def to_json(self) -> str:
         """The contents of its vocabulary.json, which ``from_file`` reads."""
-        return json.dumps({"kind": "gpt2-bytes", "kept_gpt2_ids": self.kept}) + "\n"
+        return json.dumps(self.to_dict()) + "\n"
 
     def to_file(self, path: Path) -> None:
         path.write_text(self.to_json())
@@ -220,7 +224,7 @@ class CompactTokenizer:
 def vocabulary_of(tokenizer) -> dict | None:
     """A tokenizer's ids as a prepared directory's meta.json records them (its ``vocabulary`` field): a
     compact vocabulary's description, or None for BPE ids (GPT-2's)."""
-    return json.loads(tokenizer.to_json()) if isinstance(tokenizer, CompactTokenizer) else None
+    return tokenizer.to_dict() if isinstance(tokenizer, CompactTokenizer) else None
 
 
 def tokenizer_of_vocabulary(vocabulary: dict | None):

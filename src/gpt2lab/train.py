@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from gpt2lab import checkpoint, distributed, files
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import Batches, TokenData, val_batches
-from gpt2lab.device import autocast, check_fits, uses_bf16_autocast
+from gpt2lab.device import autocast, check_fits, physical_memory, uses_bf16_autocast
 from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync
 from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import bits_per_byte
@@ -223,7 +222,7 @@ def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
     if not cfg.data.dir:
         raise ConfigError("data.dir is not set; pass --data.dir=DIR (made by: gpt2lab prepare --input FILE --out DIR)")
     tokens = cfg.data.batch_size * cfg.data.block_size
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = physical_memory()
     if tokens * 16 > ram:  # each token of a micro-step is at least its int64 input and target on the host
         raise ConfigError(
             f"a micro-step of data.batch_size x data.block_size = {tokens:,} tokens cannot fit in this machine's "

@@ -44,9 +44,8 @@ def compact_vocabulary(source: Path, target: Path, size: int, key: dict | None =
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     per_split = {s: {"bytes": meta["splits"][s]["bytes"]} for s in SPLITS if "bytes" in meta["splits"][s]}
-    vocabulary = {"kind": "gpt2-bytes", "kept_gpt2_ids": tokenizer.kept}
     write_token_dir(
-        tmp, splits, size, split_fields=per_split, vocabulary=vocabulary, eot=tokenizer.eot_token,
+        tmp, splits, size, split_fields=per_split, vocabulary=tokenizer.to_dict(), eot=tokenizer.eot_token,
         compact=key or {}, coverage=coverage,
     )  # fmt: skip
     files.replace_dir(tmp, target)
