@@ -455,6 +455,27 @@ def test_running_out_of_memory_is_a_one_line_error(failure, tiny_dir, monkeypatc
         main(argv)
 
 
+def test_a_streamed_generation_that_fails_leaves_its_text_on_a_line_of_its_own(tiny_dir, monkeypatch, capsys):
+    """Streaming (one sample): a first step that runs out of memory prints no prompt before the error, and
+    one that fails later ends the text's line, so the error on stderr starts a line of its own."""
+    argv = ["generate", "--prompt", "hi", "--model", str(tiny_dir), "--device", "cpu", "--max-new-tokens", "4"]
+
+    def stream_failing_after(n):
+        def stream(*args, **kwargs):
+            yield from (torch.tensor([ord("a")]) for _ in range(n))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        return stream
+
+    monkeypatch.setattr("gpt2lab.generation.stream", stream_failing_after(0))
+    _assert_one_line_error(capsys, argv, "out of memory")
+    monkeypatch.setattr("gpt2lab.generation.stream", stream_failing_after(2))
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("hi") and out.endswith("\n") and out.count("\n") == 1, out
+    assert err.startswith("error: out of memory"), err
+
+
 def test_exported_weights_follow_the_umask(tiny_dir, tmp_path, capsys):
     assert main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "hf")]) == 0
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}

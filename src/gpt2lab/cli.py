@@ -87,10 +87,16 @@ def _generate(args: argparse.Namespace) -> None:
         )
     if args.num_samples == 1:  # stream_text stops at the tokenizer's own end of text
         pieces = stream_text(model, tok, ids, args.max_new_tokens, **sampling, compile=args.compile)  # checks first
-        print(args.prompt, end="", flush=True)
-        for piece in pieces:
-            print(piece, end="", flush=True)
-        print()
+        started = False  # the prompt comes with the first piece, so a failing first step prints no text
+        try:
+            for piece in pieces:
+                print(piece if started else args.prompt + piece, end="", flush=True)
+                started = True
+        finally:
+            if started:  # end the text's line, also before an error printed below it
+                print(flush=True)
+        if not started:  # nothing new: at once the end of text, or --max-new-tokens 0
+            print(args.prompt)
         return
     rows = generate(
         model, [ids] * args.num_samples, args.max_new_tokens, **sampling, eos_id=tok.eot_token, compile=args.compile
