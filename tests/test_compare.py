@@ -414,6 +414,17 @@ def test_rerun_reuses_finished_runs(quick_run):
     assert again["lm"]["variants"] == results["lm"]["variants"]
 
 
+def test_a_dry_run_counts_the_jobs_its_directory_already_holds(quick_run, capsys):
+    """The plan a dry run prints for a finished directory has every job done and nothing left to run; the
+    directory is left as it was."""
+    listing = {p: p.stat().st_mtime_ns for p in quick_run.rglob("*")}
+    assert main(["compare", "--quick", "--dry-run", "--out", str(quick_run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    jobs = len(list(quick_run.glob("runs/**/job.json")))
+    assert f"plan: {jobs} jobs ({jobs} already done)" in err and "estimated time: 0.0 min" in err, err
+    assert {p: p.stat().st_mtime_ns for p in quick_run.rglob("*")} == listing
+
+
 def test_uptraining_sentences_read_whether_or_not_a_gap_was_detected(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
     report = (quick_run / REPORT).read_text()

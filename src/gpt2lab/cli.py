@@ -426,7 +426,7 @@ COMMANDS: dict[str, Command] = {
                 "--dry-run",
                 action="store_true",
                 help="build every model of the plan, run one training step of each shape on the CPU, print the plan "
-                "and its time estimate, and stop",
+                "and its time estimate (less the jobs --out already holds), and stop; nothing is written",
             ),
             opt("--no-progress", action="store_true", help="no progress bars"),
         ],

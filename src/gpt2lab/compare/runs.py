@@ -58,7 +58,7 @@ def compare(cfg: CompareConfig, out: str | Path, command: str, progress: bool = 
     out = Path(out).expanduser()
     gpu = _targets_gpu(cfg)
     if dry_run:
-        return _dry_run(cfg, gpu)
+        return _dry_run(cfg, out, gpu)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     files.write_text(out / ".gitignore", GITIGNORE)
@@ -120,13 +120,14 @@ def _estimate(cfg: CompareConfig, p: plan.Plan, out: Path, workers: int, gpu: bo
     }
 
 
-def _dry_run(cfg: CompareConfig, gpu: bool) -> dict:
+def _dry_run(cfg: CompareConfig, out: Path, gpu: bool) -> dict:
     """Every model of the plan built and run forward and backward once on the CPU (batch 1, one thread, at
-    most DRY_RUN_TOKENS tokens), one MQAR batch generated, and the plan with its estimate printed; nothing is
-    trained or written."""
+    most DRY_RUN_TOKENS tokens), one MQAR batch generated, and the plan with its estimate printed, counting
+    the jobs ``out`` already holds where its data is prepared; nothing is trained or written."""
     vocab = cfg.compare.vocab or 50257
-    data = {"dir": "data", "overfit_dir": "data-overfit", "id": "dry-run", "vocab_size": vocab}
-    p = plan.build_plan(cfg, data, vocab)
+    placeholder = {"dir": "data", "overfit_dir": "data-overfit", "id": "dry-run", "vocab_size": vocab}
+    data = ensure_data(cfg, out, progress=False, write=False) or placeholder
+    p = plan.build_plan(cfg, data, data["vocab_size"])
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -137,13 +138,14 @@ def _dry_run(cfg: CompareConfig, gpu: bool) -> dict:
     finally:
         torch.set_num_threads(previous)
     mqar_batch(p.task, 2, np.random.default_rng(0), cfg.mqar.distances)
-    estimate = _estimate(cfg, p, Path(os.devnull), _workers(cfg, gpu), gpu)
+    estimate = _estimate(cfg, p, out, _workers(cfg, gpu), gpu)
     return {"plan": estimate, "jobs": len(p.jobs)}
 
 
-def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> dict:
+def ensure_data(cfg: CompareConfig, out: Path, progress: bool, write: bool = True) -> dict | None:
     """The token directories the runs train on (prepared under ``out/data`` and reused): the corpus (the
-    offline stdlib one without data.dir), its compact-vocabulary copy, and the overfitting slice."""
+    offline stdlib one without data.dir), its compact-vocabulary copy, and the overfitting slice. With
+    ``write`` False nothing is prepared: None where something would have to be."""
     if cfg.train.data.dir:
         source = Path(cfg.train.data.dir).expanduser().resolve()
     else:
@@ -151,6 +153,8 @@ def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> dict:
         meta = _read_json(source / META)
         max_docs = cfg.compare.max_docs or None
         if meta is None or meta.get("source", {}).get("max_docs") != max_docs:
+            if not write:
+                return None
             prepare(source, Source(corpus="stdlib", max_docs=max_docs), val_fraction=0.05, progress=progress)
     TokenData(source, "train")  # a clear error for a missing or unprepared directory
     target = source
@@ -158,9 +162,13 @@ def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> dict:
         target = out / "data" / f"{source.name}-v{cfg.compare.vocab}"
         key = {"compact_of": _digest(source), "vocab": cfg.compare.vocab}
         if (_read_json(target / META) or {}).get("compact") != key:
+            if not write:
+                return None
             compact_vocabulary(source, target, cfg.compare.vocab, key)
     meta = _read_json(target / META)
-    small = _overfit_slice(target, meta, cfg.overfitting.tokens, out)
+    small = _overfit_slice(target, meta, cfg.overfitting.tokens, out, write)
+    if small is None:
+        return None
     rel = lambda p: str(p.relative_to(out)) if p.is_relative_to(out) else str(p)  # noqa: E731
     return {
         "dir": rel(target),
@@ -175,11 +183,14 @@ def ensure_data(cfg: CompareConfig, out: Path, progress: bool) -> dict:
     }
 
 
-def _overfit_slice(source: Path, meta: dict, tokens: int, out: Path) -> Path:
-    """A copy of ``source`` whose training split is its first ``tokens`` tokens (the val split whole)."""
+def _overfit_slice(source: Path, meta: dict, tokens: int, out: Path, write: bool) -> Path | None:
+    """A copy of ``source`` whose training split is its first ``tokens`` tokens (the val split whole); None
+    where it would have to be written and ``write`` is False."""
     target = out / "data" / f"{source.name}-first{tokens}"
     key = {"slice_of": _digest(source), "tokens": tokens}
     if (_read_json(target / META) or {}).get("slice") != key:
+        if not write:
+            return None
         train, val = TokenData(source, "train"), TokenData(source, "val")
         if len(train) < tokens + 2:
             raise ConfigError(f"overfitting.tokens ({tokens}) exceeds the {len(train)} training tokens; lower it")
