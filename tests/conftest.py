@@ -126,6 +126,21 @@ def make_gpt():
 
 
 @pytest.fixture(scope="session")
+def prefer_tokens():
+    """Factory: make a model predict the given ids, tied, whatever its input: ln_f's weight zeroed makes every
+    final hidden state its bias, and each id's row of the tied head is set to point along it."""
+
+    def prefer(model: GPT, *ids: int) -> GPT:
+        with torch.no_grad():
+            model.ln_f.weight.zero_()
+            for i in ids:
+                model.wte.weight[i] = model.ln_f.bias * 10
+        return model
+
+    return prefer
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, make_gpt) -> Path:
     """A tiny plain GPT-2 (full 50257 vocabulary, 32 positions) saved with save_pretrained."""
     directory = tmp_path_factory.mktemp("tiny") / "model"
