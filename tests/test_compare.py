@@ -124,10 +124,22 @@ def test_verdicts_never_say_same():
     higher = stats.paired([0.9, 0.95, 0.92], [0.5, 0.55, 0.5], below="worse", above="better")
     assert higher["verdict"] == "better"
     assert stats.paired([1.0], [0.5])["verdict"].startswith("n/a")
-    # every seed the same difference (e.g. accuracy 1.00 against 0.00): decided, with no spread to divide by
-    same = stats.paired([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
-    assert same["verdict"] == "better" and same["p"] == 0.0 and same["mdd80"] == 0.0
-    assert stats.paired([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
+    # every seed the same difference (accuracies at their ceiling, or one query apart in every seed): no
+    # spread, so no t-test: no p-value to enter Holm's family, no MDD80 that would claim any effect is seen
+    same = stats.paired([0.999, 0.999, 0.999], [1.0, 1.0, 1.0])
+    assert same["verdict"] == "better by the same amount in every seed (no spread: untested)"
+    assert same["p"] is None and same["mdd80"] is None
+    ceiling = stats.paired([1.0] * 5, [1.0] * 5, below="worse", above="better")
+    assert ceiling["verdict"] == "the same in every seed (no spread: untested)" and ceiling["mdd80"] is None
+    assert stats.holm([ceiling["p"], same["p"], 0.01]) == [False, False, True]
+
+
+def test_values_that_are_not_finite_are_refused_and_a_nan_p_is_never_rejected():
+    with pytest.raises(ValueError, match="not all finite"):
+        stats.paired([1.0, float("nan"), 1.2], [1.0, 1.1, 1.2])
+    with pytest.raises(ValueError, match="not all finite"):
+        stats.interval([1.0, float("inf")])
+    assert stats.holm([float("nan"), 0.5, 0.001]) == [False, False, True]
 
 
 def test_recall_verdicts_separate_lookup_guessing_chance_and_undecided():
@@ -145,7 +157,7 @@ def test_recall_verdicts_separate_lookup_guessing_chance_and_undecided():
 
     assert _recall_verdict(row((1.0, 0.99, 1.0), (0.98, 0.9, 1.0)), 0.125) == "lookup"
     assert _recall_verdict(row((0.5, 0.4, 0.6), (0.1, 0.05, 0.15)), 0.125) == "positional guessing"
-    assert _recall_verdict(row((0.13, 0.12, 0.13), (0.03, 0.02, 0.04)), 0.125) == "chance"
+    assert _recall_verdict(row((0.13, 0.12, 0.13), (0.03, 0.02, 0.04)), 0.125) == "not above chance"
     assert _recall_verdict(row((0.74, 0.31, 1.0), (0.62, -0.03, 1.0)), 0.125) == "undecided"
     assert _recall_verdict({"queries": 50, "orig": {}, "both": {}}, 0.125).startswith("n/a")
 
@@ -452,3 +464,73 @@ def test_speed_intervals_never_go_below_zero(quick_run):
     speeds = [v["tokens_per_s"] for v in results["lm"]["variants"].values()]
     speeds += [row[k] for row in results["efficiency"]["decode"] for k in ("tokens_per_s", "reference_tokens_per_s")]
     assert speeds and all(s["lo"] is None or s["lo"] >= 0 for s in speeds)
+
+
+def test_a_converted_model_better_than_mha_has_no_gap_to_close():
+    """Converted (not trained) below MHA's loss: no conversion gap, so no share of one, even where
+    uptraining then moves the loss; converted above it: the share of that gap the uptraining closed."""
+    from gpt2lab.compare.analysis import conversion_gap_closed
+
+    def target(start: float) -> dict:
+        mha = [2.0, 2.1, 2.2, 2.3, 2.4]
+        converted = [m + start + 0.001 * i for i, m in enumerate(mha)]
+        uptrained = [m + start / 2 + 0.001 * (i % 2) for i, m in enumerate(mha)]
+        arms = [(0.0, converted), (0.1, uptrained)]
+        return {
+            "arms": [
+                {"method": "mean", "fraction": f, "loss": stats.interval(v), "vs_mha": stats.paired(v, mha)}
+                for f, v in arms
+            ]
+        }
+
+    assert conversion_gap_closed(target(-0.05))[0]["share"] is None
+    assert conversion_gap_closed(target(+0.05))[0]["share"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_each_window_kernels_ratio_sits_under_its_own_column():
+    """The kernel columns are sorted by name; each row's ratios must follow that order, not the order the
+    timings came in (FlexAttention, on CUDA, after SDPA + mask)."""
+    from gpt2lab.compare.analysis import efficiency_section
+    from gpt2lab.compare.report import _efficiency
+
+    seconds = {
+        "full causal (SDPA)": [1.0, 1.01, 0.99, 1.0],
+        "window: SDPA + mask": [2.0, 2.03, 1.98, 2.01],
+        "window: FlexAttention": [0.5, 0.51, 0.49, 0.5],
+    }
+    result = {
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "decode": [],
+        "kernels": [{"context": 4096, "window": 512, "ratio": 8, "seconds": seconds}],
+    }
+    lines = _efficiency({"efficiency": efficiency_section(result, {}, "rope", [])})
+    header = next(line for line in lines if line.startswith("| T "))
+    row = lines[lines.index(header) + 2]
+    columns = dict(zip(header.strip("|").split("|"), row.strip("|").split("|"), strict=True))
+    assert columns[" window: FlexAttention / full "].strip().startswith("0.50x") and "faster" in row
+    assert columns[" window: SDPA + mask / full "].strip().startswith("2.0")
+
+
+def test_extrapolation_bins_of_other_widths_get_their_own_headers():
+    from gpt2lab.compare.report import _extrapolation_bins
+
+    def mode(edges: list[int]) -> dict:
+        bins = [stats.differences([0.01 * i, 0.02 * i, 0.015 * i]) for i in range(1, len(edges))]
+        return {"length": edges[-1], "edges": edges, "bins": bins}
+
+    lines = _extrapolation_bins("rope", {"zero-shot": mode([0, 1024, 1536, 2048]), "pi x5": mode([0, 1024, 1280])})
+    headers = [line for line in lines if line.startswith("| rope: minus 1x")]
+    assert headers == [
+        "| rope: minus 1x | 0-1023 | 1024-1535 | 1536-2047 |",
+        "| rope: minus 1x | 0-1023 | 1024-1279 |",
+    ]
+
+
+def test_holm_covers_the_efficiency_verdicts():
+    from gpt2lab.compare.analysis import _ratio, mark_holm
+
+    decided = _ratio([0.30, 0.31, 0.29, 0.30, 0.32], below="slower", above="faster")
+    assert decided["verdict"] == "faster" and decided["p"] < 1e-4
+    results = {"efficiency": {"decode": [{"ratio": decided}], "kernels": [{"vs_full": {"w": dict(decided)}}]}}
+    assert mark_holm(results) == 2 and decided["holm"] is True

@@ -198,7 +198,7 @@ def conversion_gap_closed(target: dict) -> list[dict]:
         start = arms.get((method, 0.0))
         if not fraction or start is None:
             continue
-        detected = start["vs_mha"]["verdict"] in ("better", "worse")
+        detected = start["vs_mha"]["verdict"] == "worse"  # a converted model better than MHA has no gap to close
         gap = start["vs_mha"]["mean"]
         share = (start["loss"]["mean"] - arm["loss"]["mean"]) / gap if detected and gap else None
         out.append({"method": method, "fraction": fraction, "gap": gap, "share": share})
@@ -210,7 +210,7 @@ def conversion_gap_closed(target: dict) -> list[dict]:
 
 def mqar_section(results: dict, models: dict[str, dict], seeds: list[int], edges: list[int], chance: float) -> dict:
     """Per model and distance bin: orig, both and twin over seeds with intervals and the verdict (lookup,
-    positional guessing, chance); the plateau check of every run; paired differences to full attention."""
+    positional guessing, not above chance); the plateau check of every run; paired differences to full attention."""
     out: dict = {"edges": edges, "chance": chance, "both_ceiling_without_lookup": CHANCE_BOTH, "models": {}}
     per_bin = {}
     for name, info in models.items():
@@ -255,9 +255,10 @@ def _bin_fractions(ev: dict, edges: list[int]) -> dict[str, list[float]]:
 
 def _recall_verdict(row: dict, chance: float) -> str:
     """lookup: "both" above 0.25 with its whole interval; positional guessing: right above chance on the
-    original with its whole interval while "both" lies at or below 0.25 with its whole interval; chance: the
-    original not above chance and "both" at or below 0.25; undecided otherwise (intervals too wide to say,
-    as with seeds that split between lookup and guessing). One seed: point estimates."""
+    original with its whole interval while "both" lies at or below 0.25 with its whole interval; not above
+    chance: the original not detected above chance (which does not make it chance: its interval may reach
+    well above) and "both" at or below 0.25; undecided otherwise (intervals too wide to say, as with seeds
+    that split between lookup and guessing). One seed: point estimates."""
     if row["queries"] < 100:
         return "n/a (fewer than 100 queries)"
     both, orig = row["both"], row["orig"]
@@ -267,7 +268,7 @@ def _recall_verdict(row: dict, chance: float) -> str:
     if both_lo > CHANCE_BOTH:
         return "lookup"
     if both_hi <= CHANCE_BOTH:
-        return "positional guessing" if orig_lo > chance else "chance"
+        return "positional guessing" if orig_lo > chance else "not above chance"
     return "undecided"
 
 
@@ -391,6 +392,7 @@ def _ratio(log_ratios: list[float], below: str, above: str) -> dict:
         "hi": exp(d["hi"]),
         "n": d["n"],
         "verdict": d["verdict"],
+        "p": d["p"],
         "mdd80_factor": exp(d["mdd80"]),
     }
 
@@ -411,9 +413,9 @@ def model_table(configs: dict[str, GPTConfig]) -> dict:
 
 
 def mark_holm(results: dict) -> int:
-    """Mark each headline test (language-model comparisons, MQAR per-bin differences, extrapolation
-    headlines, uptraining, overfitting) with whether it survives Holm's correction at family level 5%;
-    returns the family size."""
+    """Mark each test the report gives a verdict (language-model comparisons, MQAR per-bin differences,
+    extrapolation headlines, uptraining arms and references, overfitting, decode speed and kernel-time
+    ratios) with whether it survives Holm's correction at family level 5%; returns the family size."""
     tests = []
     for c in results.get("lm", {}).get("comparisons", []):
         tests.append(c["final"])
@@ -423,7 +425,11 @@ def mark_holm(results: dict) -> int:
         tests += [m[h] for m in v.values() if isinstance(m, dict) and "bins" in m for h in ("near", "far") if h in m]
     for t in results.get("uptraining", {}).get("targets", []):
         tests += [a[k] for a in t["arms"] for k in a if k.startswith("vs_")]
+        tests += [ref["vs_mha"] for ref in t["references"].values()]
     tests += [c["gap"] for c in results.get("overfitting", {}).get("comparisons", [])]
+    efficiency = results.get("efficiency", {})
+    tests += [d["ratio"] for d in efficiency.get("decode", [])]
+    tests += [v for k in efficiency.get("kernels", []) for v in k["vs_full"].values()]
     survives = stats.holm([t.get("p") for t in tests])
     for test, ok in zip(tests, survives, strict=True):
         test["holm"] = ok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from gpt2lab import settings
 
 RESULTS, REPORT = "results.json", "report.md"
@@ -41,10 +43,13 @@ def ratio(d: dict) -> str:
 
 
 def verdict(d: dict, digits: int = 4) -> str:
-    """The verdict, with the minimal detectable difference where nothing was detected, and Holm's mark."""
+    """The verdict, with the minimal detectable difference where nothing was detected (a factor for a
+    ratio), and Holm's mark."""
     text = d["verdict"]
     if text == "no difference detected" and d.get("mdd80") is not None:
         text += f" (MDD80 {num(d['mdd80'], digits)})"
+    elif text == "no difference detected" and d.get("mdd80_factor") is not None:
+        text += f" (MDD80 {d['mdd80_factor']:.2f}x)"
     return text + (" †" if d.get("holm") else "")
 
 
@@ -83,8 +88,9 @@ def _header(r: dict) -> list[str]:
         "key/value heads take the first ones) and sees the same batches, so each comparison is a paired difference, "
         "reported as its mean and 95% t-interval [lo, hi]. The verdict names the side of 0 the whole interval lies on; "
         'otherwise it says "no difference detected" with MDD80, the smallest true difference this run would have '
-        "detected four times in five (80% power): a smaller effect is not excluded. † marks verdicts that survive "
-        f"Holm's correction over the {r['holm_family']} headline tests (family level 5%).",
+        "detected about four times in five (80% power): a smaller effect is not excluded. A difference the same in "
+        "every seed has no spread to test (untested, and says so). † marks verdicts that survive Holm's correction "
+        f"over all {r['holm_family']} tested verdicts of this report (family level 5%).",
         "",
         f"Plan (printed before the run; all {num(sum(row['jobs'] for row in plan['pieces']), 0)} jobs estimated at "
         f"{plan.get('estimated_all_s', plan['estimated_wall_s']) / 60:.1f} min over {plan['workers']} worker(s), "
@@ -241,7 +247,8 @@ def _mqar(r: dict) -> list[str]:
         "it and on the copy whose twins' keys are swapped (a rule that ignores the key is right on at most one of the "
         f"two: both <= {m['both_ceiling_without_lookup']}); twin: answered the twin's value. Chance is {num(m['chance'], 3)}. "
         "Verdict per bin: lookup (both's interval above 0.25), positional guessing (orig's interval above chance, "
-        "both's at or below 0.25), chance (orig not above chance, both's interval at or below 0.25), undecided (the "
+        "both's at or below 0.25), not above chance (orig's interval not above chance, which may still reach above it; "
+        "both's at or below 0.25), undecided (the "
         "intervals allow either). Bins use the runs whose in-reach accuracy had plateaued (last 20% of steps moved < 0.02) "
         "when at least two had; the table says how many.",
         "",
@@ -336,10 +343,13 @@ def _extrapolation_bins(v: str, entry: dict) -> list[str]:
     modes = [(k, m) for k, m in entry.items() if isinstance(m, dict) and "bins" in m]
     if not modes:
         return []
-    longest = max(modes, key=lambda km: km[1]["length"])[1]["edges"]
-    header = [f"{v}: minus 1x", *(f"{lo}-{hi - 1}" for lo, hi in zip(longest[:-1], longest[1:], strict=True))]
-    rows = [[k, *(ci(b, 3, True) for b in m["bins"])] + [""] * (len(header) - 1 - len(m["bins"])) for k, m in modes]
-    return table(header, rows)
+    lines = []
+    for edges in dict.fromkeys(tuple(m["edges"]) for _, m in modes):  # one table per set of bins, in order
+        header = [f"{v}: minus 1x", *(f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(edges))]
+        lines += table(
+            header, [[k, *(ci(b, 3, True) for b in m["bins"])] for k, m in modes if tuple(m["edges"]) == edges]
+        )
+    return lines
 
 
 def _uptraining(r: dict) -> list[str]:
@@ -435,7 +445,7 @@ def _efficiency(r: dict) -> list[str]:
             ci(d["reference_tokens_per_s"], 0),
             ci(d["tokens_per_s"], 0),
             ratio(d["ratio"]),
-            d["ratio"]["verdict"],
+            verdict(d["ratio"]),
         ]
         for d in f["decode"]
     ]
@@ -449,17 +459,20 @@ def _efficiency(r: dict) -> list[str]:
         *table(["batch", "context", "variant", "reference tokens/s", "variant tokens/s", "ratio", "verdict"], rows),
     ]
     kernels = sorted({k for row in f["kernels"] for k in row["ms"]})
+    window_kernels = [n for n in kernels if n != "full causal (SDPA)"]
     rows = [
         [
             f"{k['context']:,}",
             str(k["window"]),
             str(k["ratio"]),
             *(num(k["ms"].get(n), 2) for n in kernels),
-            *(f"{ratio(v)} {v['verdict']}" for v in k["vs_full"].values()),
+            *(
+                f"{ratio(k['vs_full'][n])} {verdict(k['vs_full'][n])}" if n in k["vs_full"] else ""
+                for n in window_kernels
+            ),
         ]
         for k in f["kernels"]
     ]
-    window_kernels = [n for n in kernels if n != "full causal (SDPA)"]
     lines += [
         "Attention kernels, forward, one sequence (median ms of interleaved rounds; time ratio window / full "
         "causal, below 1 = the window is faster):",

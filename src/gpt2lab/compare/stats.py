@@ -4,7 +4,9 @@ For a metric m and seeds s = 1..n, d_s = m(variant, s) - m(reference, s). ``pair
 its 95% t-interval ``mean ± t(0.975, n-1) sd / sqrt(n)``, the minimal detectable difference at 80% power
 ``MDD80 = (t(0.975, n-1) + t(0.80, n-1)) sd / sqrt(n)`` (the true difference a two-sided 5% paired t-test finds
 four times in five), and a verdict: the interval entirely on one side of 0 names that side; otherwise "no
-difference detected", never "the same". ``holm`` marks which of a family of verdicts survive Holm's correction.
+difference detected", never "the same". Differences without spread (the same in every seed, as accuracies at
+their ceiling) admit no t-test: no p-value, no MDD80, and the verdict says so (with the side, if any). ``holm`` marks which of a family
+of verdicts survive Holm's correction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def interval(values: list[float], bounds: tuple[float, float] | None = None) -> 
     """Mean of ``values`` with its 95% t-interval (none when n = 1), sd and n. ``bounds``: the range the
     quantity cannot leave (a fraction: (0, 1)); the interval is cut to it, which keeps its coverage."""
     n = len(values)
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"cannot take an interval of values that are not all finite: {values}")
     mean = statistics.fmean(values)
     if n < 2:
         return {"n": n, "mean": mean, "sd": None, "lo": None, "hi": None}
@@ -54,11 +58,11 @@ def differences(d: list[float], below: str = "better", above: str = "worse") -> 
     if n < 2:
         return out | {"mdd80": None, "p": None, "verdict": "n/a (one pair: no interval)"}
     se = out["sd"] / math.sqrt(n)
-    out["mdd80"] = (t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)) * se
     if se == 0:  # every difference the same: no spread to test against
-        out["p"] = 1.0 if out["mean"] == 0 else 0.0
-    else:
-        out["p"] = 2 * float(stdtr(n - 1, -abs(out["mean"]) / se))
+        side = "the same" if out["mean"] == 0 else f"{below if out['mean'] < 0 else above} by the same amount"
+        return out | {"mdd80": None, "p": None, "verdict": f"{side} in every seed (no spread: untested)"}
+    out["mdd80"] = (t_quantile(1 - LEVEL / 2, n - 1) + t_quantile(0.80, n - 1)) * se
+    out["p"] = 2 * float(stdtr(n - 1, -abs(out["mean"]) / se))
     if out["hi"] < 0:
         out["verdict"] = below
     elif out["lo"] > 0:
@@ -69,8 +73,9 @@ def differences(d: list[float], below: str = "better", above: str = "worse") -> 
 
 
 def holm(p_values: list[float | None], level: float = LEVEL) -> list[bool]:
-    """Which hypotheses Holm's step-down procedure rejects at family level ``level`` (None: not tested)."""
-    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    """Which hypotheses Holm's step-down procedure rejects at family level ``level`` (None or NaN: not
+    tested, never rejected)."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None and not math.isnan(p))
     rejected = [False] * len(p_values)
     m = len(tested)
     for rank, (p, i) in enumerate(tested):
