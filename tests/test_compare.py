@@ -534,3 +534,18 @@ def test_holm_covers_the_efficiency_verdicts():
     assert decided["verdict"] == "faster" and decided["p"] < 1e-4
     results = {"efficiency": {"decode": [{"ratio": decided}], "kernels": [{"vs_full": {"w": dict(decided)}}]}}
     assert mark_holm(results) == 2 and decided["holm"] is True
+
+
+def test_each_job_records_the_machine_it_ran_on(quick_run):
+    """A report made where its jobs ran says nothing more; one that reuses jobs run elsewhere (or before
+    jobs recorded their machine) names where they ran."""
+    from gpt2lab.compare.report import _jobs_ran_on
+
+    results = json.loads((quick_run / RESULTS).read_text())
+    env = results["environment"]
+    assert env["jobs_ran_on"] == {env["device"]: len(list(quick_run.glob("runs/**/job.json")))}
+    assert _jobs_ran_on(env) == "" and "Where its jobs ran" not in (quick_run / REPORT).read_text()
+    elsewhere = env | {"jobs_ran_on": {"CPU: another": 3, "not recorded": 2}}
+    assert _jobs_ran_on(elsewhere) == (
+        "Where its jobs ran, as each recorded its machine: 3 job(s) on CPU: another; 2 job(s) recorded none. "
+    )

@@ -80,8 +80,8 @@ def cached(run_dir: Path, key: dict) -> dict | None:
 
 def run_job(execute: Execute, kind: str, params: dict, run_dir: str, key: dict, root: str) -> dict:
     """Run one job in ``run_dir`` (kept if the same job started there before, so training resumes; cleared
-    otherwise) with its messages going to ``log.txt`` there, record its CPU and wall seconds, and store the
-    result beside its key."""
+    otherwise) with its messages going to ``log.txt`` there, record its CPU and wall seconds and the machine,
+    and store the result beside its key."""
     path = Path(run_dir)
     try:
         same = json.loads((path / STARTED_JSON).read_text()) == key
@@ -94,9 +94,19 @@ def run_job(execute: Execute, kind: str, params: dict, run_dir: str, key: dict, 
     cpu, wall = time.process_time(), time.perf_counter()
     with open(path / LOG, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
         value = execute(kind, params, path, Path(root))
-    value |= {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
+    value |= {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "machine": machine()}
     files.write_text(path / JOB_JSON, json.dumps({"key": key, "value": value}) + "\n")
     return value
+
+
+def machine() -> str:
+    """What a job runs on: the CPU model, and the GPU where one is visible."""
+    import torch
+
+    from gpt2lab import kernels
+
+    cpu = f"CPU: {kernels.cpu_model()}"
+    return f"{torch.cuda.get_device_name()} ({cpu})" if torch.cuda.is_available() else cpu
 
 
 def _init_worker(threads: int | None) -> None:

@@ -80,7 +80,7 @@ def _header(r: dict) -> list[str]:
         "",
         f"Produced by `{r['command']}` (profile {r['profile']}) in {r['runtime_s'] / 60:.1f} min{_reused(r)} on "
         f"{env['device']}, {plan['workers']} worker process(es), torch {env['torch']}, Python {env['python']}. "
-        "Every number below is "
+        f"{_jobs_ran_on(env)}Every number below is "
         f"read from `{RESULTS}` beside this file; each training run's `metrics.jsonl` is under `runs/<job>/`.",
         "",
         f"**How to read it.** Every quality figure is over {len(r['seeds'])} paired seeds ({', '.join(map(str, r['seeds']))}): "
@@ -98,6 +98,15 @@ def _header(r: dict) -> list[str]:
         "",
         *table(["piece", "jobs", "estimated s", "measured s"], rows),
     ]
+
+
+def _jobs_ran_on(env: dict) -> str:
+    """Where the jobs ran, as each recorded it, unless all ran where this report was made."""
+    machines = env.get("jobs_ran_on", {})
+    if list(machines) == [env["device"]]:
+        return ""
+    parts = [f"{n} job(s) on {m}" if m != "not recorded" else f"{n} job(s) recorded none" for m, n in machines.items()]
+    return f"Where its jobs ran, as each recorded its machine: {'; '.join(parts)}. "
 
 
 def _reused(r: dict) -> str:

@@ -224,7 +224,7 @@ def _results(
         "profile": cfg.profile,
         "config": cfg.to_dict(),
         "data": {k: v for k, v in data.items() if k != "overfit_dir"},
-        "environment": _environment(gpu),
+        "environment": _environment(gpu) | {"jobs_ran_on": _machines(p.jobs, jobs)},
         "seeds": seeds,
         "runtime_s": seconds,
         "plan": estimate | {"measured": _measured(p.jobs, jobs)},
@@ -267,6 +267,15 @@ def _measured(planned: list, jobs: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for job in planned:
         out[job.piece] = out.get(job.piece, 0.0) + jobs[job.name]["cpu_s"]
+    return out
+
+
+def _machines(planned: list, jobs: dict) -> dict[str, int]:
+    """How many jobs ran on each machine, as each job recorded it (reused jobs ran where they first did)."""
+    out: dict[str, int] = {}
+    for job in planned:
+        where = jobs[job.name].get("machine", "not recorded")
+        out[where] = out.get(where, 0) + 1
     return out
 
 
