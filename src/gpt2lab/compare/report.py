@@ -298,8 +298,8 @@ def _mqar_comparisons(m: dict) -> list[str]:
                 ]
             )
     return [
-        "Paired differences per bin: each model minus full attention (rotary) at its depth, and the mixed stack "
-        "minus the window stack:",
+        "Paired differences per bin, over all seeds (plateaued or not, so that every pair is kept): each model "
+        "minus full attention (rotary) at its depth, and the mixed stack minus the window stack:",
         "",
         *table(header, rows),
     ]
