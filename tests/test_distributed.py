@@ -159,10 +159,10 @@ def test_ddp_resume_with_dropout_is_exact(bytes_dir, tmp_path):
 
 
 def test_an_error_under_torchrun_is_one_line(tmp_path):
-    """Every rank hits the same bad setting: rank 0 prints it once, the others exit with the same code
-    and print nothing, and no worker traceback follows (torchrun's own failure summary does). A rank
-    still running when another has failed may be stopped by torchrun first (SIGTERM), a race of the
-    launcher's own."""
+    """Every rank hits the same bad setting: rank 0 prints it once; the others, which print only after a
+    pause, are ended by torchrun first (SIGTERM) or exit with the same code; no worker traceback follows
+    (torchrun's own failure summary does). Before the pause, rank 1 could fail first and have torchrun
+    end rank 0 before it printed: no error line at all."""
     proc = torchrun(["--standalone", "--nproc_per_node=2"], {"run.strategy": "ddp", "data.dir": tmp_path / "missing"})
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith("error: ")]

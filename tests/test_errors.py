@@ -3,6 +3,7 @@ traceback, nothing on stdout, and every file that existed before left as it was.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import shutil
@@ -497,3 +498,24 @@ def test_a_malformed_rank_names_the_variable(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ConfigError, match="RANK='x' is not a count"):
         distributed.init("ddp", "cpu")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_rank_0_prints_at_once_and_another_rank_after_a_pause(rank, monkeypatch, capsys):
+    """Rank 0 prints its error at once; another rank waits first (torchrun ends it there when rank 0 failed
+    too, so the error shows once) and still prints an error of its own. 'interrupted' shows once."""
+    from gpt2lab import cli
+
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # this process keeps its handlers
+    monkeypatch.setenv("RANK", rank)
+    cli._print_error("a bad setting")
+    assert capsys.readouterr().err == "error: a bad setting\n"
+    assert slept == ([] if rank == "0" else [cli.RANK_ERROR_DELAY_S])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    assert cli._run(argparse.Namespace(func=interrupted)) == 130
+    assert ("interrupted" in capsys.readouterr().err) == (rank == "0")

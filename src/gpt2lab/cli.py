@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -540,14 +541,23 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
 
 
+RANK_ERROR_DELAY_S = 3.0  # how long a torchrun rank other than 0 waits before it prints its error
+
+
 def _print_error(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
-        print(f"error: {message}", file=sys.stderr)
+    """``error: message`` on stderr. Under torchrun every rank usually meets the same error, and the first
+    to exit makes torchrun end the others: so rank 0 prints at once, and any other rank only after a pause in
+    which torchrun ends it if rank 0 failed too (an error of its own still reaches the user)."""
+    if os.environ.get("RANK", "0") != "0":
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's ending is not a graceful-stop request here
+        time.sleep(RANK_ERROR_DELAY_S)
+    print(f"error: {message}", file=sys.stderr)
 
 
 def _exit_torchrun_worker(code: int) -> NoReturn:
