@@ -119,6 +119,39 @@ def test_fsdp_resume_after_sigkill_during_checkpoint_write_is_exact(bytes_dir, f
         assert torch.equal(p, q)
 
 
+def test_a_damaged_sharded_checkpoint_is_a_one_line_error(bytes_dir, fsdp_run, tmp_path):
+    """A shard file missing on resume: DCP's CheckpointException (a BaseException, raised on every rank) is
+    one error line naming the checkpoint, not a traceback from every rank."""
+    out = tmp_path / "out"
+    shutil.copytree(fsdp_run, out)
+    next((checkpoint.latest(out) / "state").glob("__1_*.distcp")).unlink()
+    proc = torchrun(
+        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["fsdp"] | {"run.steps": 12}))
+    )
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, output[-3000:]
+    assert "cannot read the sharded checkpoint" in errors[0] and "__1_" in errors[0], errors
+    assert "gpt2lab/" not in output.replace(str(WORKER), "")  # no frame of ours in any traceback
+
+
+def test_an_error_on_rank_0_alone_stops_every_rank_in_one_line(bytes_dir, fsdp_run, tmp_path):
+    """Rank 0 alone prepares the out_dir (metrics.jsonl here, corrupt before its last line): its error is
+    raised on every rank, so no other rank dies in a collective with a gloo traceback."""
+    out = tmp_path / "out"
+    shutil.copytree(fsdp_run, out)
+    (out / "metrics.jsonl").write_text("not json\n" + (fsdp_run / "metrics.jsonl").read_text())
+    proc = torchrun(
+        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["fsdp"] | {"run.steps": 12}))
+    )
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and "metrics.jsonl:1 is not a JSON record" in errors[0], output[
+        -3000:
+    ]
+    assert "[rank1]" not in output and "gpt2lab/" not in output.replace(str(WORKER), ""), output[-3000:]
+
+
 def test_two_nodes_with_c10d_rendezvous(bytes_dir, single, tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous store
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ position needs no saving: batches are a pure function of (seed, step).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -35,8 +36,8 @@ from torch import nn
 from gpt2lab import files
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import check_fits
-from gpt2lab.distributed import DistEnv, all_gather_object, barrier, unwrap
-from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError, first_line
+from gpt2lab.distributed import DistEnv, all_gather_object, barrier, on_every_rank, unwrap
+from gpt2lab.errors import CheckpointError, ConfigError, first_line
 from gpt2lab.model import GPT, Backends
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -146,7 +147,7 @@ def save(
     barrier(env)
     rng = all_gather_object(rng_state(), env)
     try:
-        _every_rank(env, lambda: _write(tmp, fmt, model, optimizer, env, rng, step, meta))
+        on_every_rank(env, lambda: _write(tmp, fmt, model, optimizer, env, rng, step, meta), CheckpointError)
     except BaseException:
         if env.is_main:  # nothing half-written may stay behind taking space
             shutil.rmtree(tmp, ignore_errors=True)
@@ -162,11 +163,21 @@ def _write(tmp: Path, fmt: str, model, optimizer, env: DistEnv, rng: list, step:
     """This rank's part of a checkpoint: its shards (dcp), or everything (rank 0 of a full checkpoint)."""
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with files.disk_space(tmp / "state", _state_bytes(model_sd, optim_sd)):
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
+        need = _state_bytes(model_sd, optim_sd)
+        try:
+            with files.disk_space(tmp / "state", need):
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
+        except CheckpointException as e:  # a BaseException, raised on every rank together
+            failures = [exc for exc, _ in e.failures.values()]
+            if any(isinstance(f, OSError) and f.errno in (errno.ENOSPC, errno.EDQUOT) for f in failures):
+                raise files.DiskFullError(files.full_message(tmp / "state", need)) from None
+            raise CheckpointError(
+                f"cannot write the sharded checkpoint {tmp / 'state'} ({first_line(failures[0])})"
+            ) from None
     elif env.is_main:
         model_sd = unwrap(model).state_dict()
         optim_sd = optimizer.state_dict()
@@ -178,19 +189,6 @@ def _write(tmp: Path, fmt: str, model, optimizer, env: DistEnv, rng: list, step:
         record = {"format_version": FORMAT_VERSION, "step": step, "format": fmt, "world_size": env.world_size}
         files.write_json(tmp / CHECKPOINT_JSON, record | meta)
         files.fsync_dir(tmp)
-
-
-def _every_rank(env: DistEnv, fn) -> None:
-    """Run ``fn`` on every rank; if it fails with a user-facing error on any rank, raise it on all of
-    them (so no rank waits forever for one that gave up). Collective, with a barrier."""
-    error = None
-    try:
-        fn()
-    except GPT2LabError as e:
-        error = str(e)
-    errors = [e for e in all_gather_object(error, env) if e]
-    if errors:
-        raise CheckpointError(errors[0])
 
 
 def _state_bytes(*state_dicts: dict) -> int:
@@ -220,11 +218,15 @@ def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: Di
         )
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=ckpt / "state")
+        try:
+            dcp.load(state, checkpoint_id=ckpt / "state")
+        except CheckpointException as e:  # a BaseException, raised on every rank together
+            raise _damaged_shards(ckpt / "state", e) from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         unwrap(model).load_state_dict(load_tensors(ckpt / "model.pt"))
@@ -288,11 +290,18 @@ def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": state_dict}, checkpoint_id=path, no_dist=True)
     except (CheckpointException, Exception) as e:  # CheckpointException is a BaseException
-        raise CheckpointError(
-            f"cannot read the sharded checkpoint {path} ({first_line(e)}); it is incomplete or damaged: resume "
-            "from another checkpoint"
-        ) from None
+        raise _damaged_shards(path, e) from None
     return state_dict
+
+
+def _damaged_shards(path: Path, e: BaseException) -> CheckpointError:
+    """A sharded checkpoint that DCP cannot read, with the first failure (of the first rank that had one)."""
+    failures = getattr(e, "failures", None)  # a CheckpointException's, per rank
+    cause = first_line(next(iter(failures.values()))[0]) if failures else first_line(e)
+    return CheckpointError(
+        f"cannot read the sharded checkpoint {path} ({cause}); it is incomplete or damaged: resume from another "
+        "checkpoint"
+    )
 
 
 # --- RNG -----------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ root keeps the tie (a separate group for lm_head would all-gather the same tenso
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2lab import files
 from gpt2lab.device import resolve_device
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, GPT2LabError
 
 
 @dataclass
@@ -147,6 +148,24 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+def on_every_rank(env: DistEnv, fn: Callable[[], None], error: type[GPT2LabError] = GPT2LabError) -> None:
+    """Run ``fn`` on every rank; where it fails on any rank with a user-facing error (a GPT2LabError, or
+    an OSError on a named path), raise it as ``error`` on all of them, so that no rank waits forever in a
+    later collective for one that gave up. Collective."""
+    message = None
+    try:
+        fn()
+    except GPT2LabError as e:
+        message = str(e)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        message = files.os_error_message(e)
+    messages = [m for m in all_gather_object(message, env) if m]
+    if messages:
+        raise error(messages[0])
 
 
 def all_gather_object(obj, env: DistEnv) -> list:

@@ -29,7 +29,7 @@ from gpt2lab import checkpoint, distributed, files
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import Batches, TokenData, val_batches
 from gpt2lab.device import autocast, check_fits, physical_memory, uses_bf16_autocast
-from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync
+from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync, on_every_rank
 from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import bits_per_byte
 from gpt2lab.load import load_model, tokenizer_of
@@ -340,8 +340,9 @@ def loop(run: Run) -> TrainResult:
     if run.start >= cfg.run.steps:
         run.say(f"nothing to do: {run.out_dir} is already trained to step {run.start} (raise run.steps to continue)")
         return TrainResult(run.start, None, None, run.resumed)
-    if env.is_main:
-        _start_out_dir(run)
+    if cfg.run.tensorboard:
+        _summary_writer_class()  # every rank meets a missing package, not rank 0 alone
+    on_every_rank(env, lambda: _start_out_dir(run) if env.is_main else None)  # its failure stops every rank
     log = _Log(run)
     bad = torch.zeros((), device=env.device)  # non-finite losses / gradient norms since the last check
     run.wrapped.train()
@@ -560,9 +561,13 @@ def _start_out_dir(run: Run) -> None:
         files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _tensorboard(out_dir: Path):
+def _summary_writer_class() -> type:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(out_dir / "tb")
+    return SummaryWriter
+
+
+def _tensorboard(out_dir: Path):
+    return _summary_writer_class()(out_dir / "tb")
