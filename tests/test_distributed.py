@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,28 @@ def test_an_error_on_rank_0_alone_stops_every_rank_in_one_line(bytes_dir, fsdp_r
         -3000:
     ]
     assert "[rank1]" not in output and "gpt2lab/" not in output.replace(str(WORKER), ""), output[-3000:]
+
+
+def test_ctrl_c_under_torchrun_checkpoints_at_once_whatever_the_log_schedule(bytes_dir, tmp_path):
+    """The ranks agree on a stop after every step, not at the next logged one (here never: torchrun would
+    kill them 30 s after forwarding the signal, with nothing saved)."""
+    out = tmp_path / "out"
+    never = {"run.steps": 10**6, "run.log_every": 10**6, "run.eval_every": 0, "run.ckpt_every": 0}
+    proc = torchrun(
+        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["ddp"] | never)), wait=False
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "training from step 0" in line:
+            break
+    time.sleep(2)  # some steps in
+    proc.send_signal(signal.SIGINT)
+    started = time.perf_counter()
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert time.perf_counter() - started < 20, output[-3000:]
+    assert "stopped at step" in output and checkpoint.latest(out) is not None, output[-3000:]
 
 
 def test_two_nodes_with_c10d_rendezvous(bytes_dir, single, tmp_path):

@@ -33,6 +33,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     owns_group: bool = False  # True when init() created the process group (and shutdown() destroys it)
+    control: object | None = None  # a gloo group for CPU messages beside NCCL (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -88,7 +89,8 @@ def init(strategy: str, device: str = "auto") -> DistEnv:
             dist.init_process_group("nccl", device_id=dev)
         else:
             dist.init_process_group("gloo")
-    return DistEnv(strategy, rank, local_rank, world_size, dev, owns_group=owns)
+    control = dist.new_group(backend="gloo") if dev.type == "cuda" else None
+    return DistEnv(strategy, rank, local_rank, world_size, dev, owns_group=owns, control=control)
 
 
 def shutdown(env: DistEnv) -> None:
@@ -143,6 +145,16 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is set on any rank: one number summed over the ranks on the CPU (over gloo, beside
+    NCCL), so that it costs microseconds and never waits for the device. Collective."""
+    if not env.distributed:
+        return flag
+    total = torch.tensor([float(flag)])
+    dist.all_reduce(total, group=env.control)
+    return bool(total.item())
 
 
 def barrier(env: DistEnv) -> None:

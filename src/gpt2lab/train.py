@@ -29,7 +29,7 @@ from gpt2lab import checkpoint, distributed, files
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import Batches, TokenData, val_batches
 from gpt2lab.device import autocast, check_fits, physical_memory, uses_bf16_autocast
-from gpt2lab.distributed import DistEnv, all_reduce_sum, full_tensor, grad_sync, on_every_rank
+from gpt2lab.distributed import DistEnv, all_reduce_sum, any_rank, full_tensor, grad_sync, on_every_rank
 from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import bits_per_byte
 from gpt2lab.load import load_model, tokenizer_of
@@ -357,8 +357,9 @@ def loop(run: Run) -> TrainResult:
                 )
                 bad += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(norm)).float()
                 log.bar.update(1)
-                if log.due(step + 1, stop.requested):
-                    log.record(step + 1, lr, loss_sum, norm, bad, stop.requested)
+                stopping = any_rank(stop.requested, env)  # every rank stops after the same step
+                if log.due(step + 1, stopping):
+                    log.record(step + 1, lr, loss_sum, norm, bad, stopping)
     finally:
         log.close()
     run.say(
@@ -387,12 +388,7 @@ class _Log:
     def due(self, done: int, stop_requested: bool) -> bool:
         r = self.run.cfg.run
         self.tokens_since += self.run.tokens_per_step
-        return bool(
-            done % r.log_every == 0
-            or self._is_eval(done)
-            or self._is_ckpt(done)
-            or (stop_requested and not self.run.env.distributed)
-        )
+        return bool(done % r.log_every == 0 or self._is_eval(done) or self._is_ckpt(done) or stop_requested)
 
     def _is_eval(self, done: int) -> bool:
         r = self.run.cfg.run
