@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,19 @@ def test_finished_run_is_not_trained_again(bytes_dir, reference, capsys):
     assert len(metrics(reference)) == 10
     err = capsys.readouterr().err
     assert "settings changed since the checkpoint: optim.lr 0.003 -> 0.001" in err and "nothing to do" in err
+
+
+def test_resuming_with_another_world_size_says_so(bytes_dir, reference, tmp_path, capsys):
+    """A checkpoint of 2 ranks resumed by one process: without data.global_batch_size the global batch
+    halves, which the start line says with the fix."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    record = out / "ckpt-00000010" / "checkpoint.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"world_size": 2}))
+    capsys.readouterr()
+    train(config(bytes_dir, out, run__steps=11, run__eval_every=0))
+    err = capsys.readouterr().err
+    assert "world size 2 -> 1 (the global batch with it: set data.global_batch_size to keep it)" in err, err
 
 
 def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path):

@@ -369,6 +369,8 @@ def load_tensors(path: Path):
 
 def _commit(tmp: Path, final: Path) -> None:
     """Declare a fully written checkpoint complete: one atomic rename."""
+    if (tmp / "state").is_dir():  # the shards' names (DCP flushes the files, not their directory)
+        files.fsync_dir(tmp / "state")
     if final.exists():  # the same step saved again (a rerun after a crash right after this rename)
         files.remove_dir(final)
     os.rename(tmp, final)

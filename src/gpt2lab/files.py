@@ -175,7 +175,8 @@ def _disk_is_full(path: Path) -> bool:
 
 
 def full_message(path: Path, need_bytes: int | None = None) -> str:
-    need = f" (need about {need_bytes / 1e6:,.0f} MB)" if need_bytes else ""
+    size = f"{need_bytes / 1e6:,.0f} MB" if need_bytes and need_bytes >= 1e6 else f"{(need_bytes or 0) / 1e3:,.0f} kB"
+    need = f" (need about {size})" if need_bytes else ""
     return f"no space left on {_device_of(path)} writing {path}{need}; free some space and run the same command again"
 
 

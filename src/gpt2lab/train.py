@@ -164,6 +164,7 @@ class Run:
     start: int  # steps already done (from the checkpoint resumed)
     resumed: Path | None
     resumed_config: dict | None  # the train config recorded in that checkpoint
+    resumed_world_size: int | None  # and the world size it was written with
     meta: dict  # model and train config, recorded in every checkpoint
 
     @property
@@ -214,7 +215,8 @@ def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = No
         set_hyperparameters(optimizer, cfg.optim)  # loading restored the checkpoint's; the config wins
     meta = {"model_config": model.config.to_dict(), "train_config": cfg.to_dict()}
     amp = autocast(env.device, run.dtype)
-    return Run(cfg, env, model, wrapped, optimizer, data, amp, start, resume, saved and saved["train_config"], meta)
+    resumed = (saved["train_config"], saved.get("world_size")) if saved else (None, None)
+    return Run(cfg, env, model, wrapped, optimizer, data, amp, start, resume, *resumed, meta)
 
 
 def load_data(cfg: TrainConfig, env: DistEnv, accum: int) -> TrainData:
@@ -509,6 +511,13 @@ def _start_line(run: Run) -> str:
     cfg, env = run.cfg, run.env
     where = f"resumed from {run.resumed} at step {run.start}" if run.resumed else "training from step 0"
     changed = _changed_settings(run.resumed_config, cfg.to_dict()) if run.resumed_config else []
+    if run.resumed_world_size not in (None, env.world_size):
+        batch = (
+            "data.global_batch_size keeps the global batch"
+            if cfg.data.global_batch_size
+            else ("the global batch with it: set data.global_batch_size to keep it")
+        )
+        changed.append(f"world size {run.resumed_world_size} -> {env.world_size} ({batch})")
     precision = "bf16 autocast" if uses_bf16_autocast(env.device, cfg.run.dtype) else "fp32"
     micro = f"{run.data.train.grad_accum} micro-step(s) of {cfg.data.batch_size} x {cfg.data.block_size}"
     return (
