@@ -1,6 +1,6 @@
 """The ``gpt2lab`` command line: a table of subcommands, each a list of options (data) and one function
 that calls the library and prints. Errors a user can fix are one line on stderr (no traceback) and a
-non-zero exit status; under torchrun only rank 0 prints it.
+non-zero exit status; under torchrun rank 0 prints it, and another rank only where rank 0 did not fail too.
 
 Nothing here imports torch until a command runs, so ``--help`` and usage errors answer at once.
 """
