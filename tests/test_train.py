@@ -341,6 +341,27 @@ def test_resuming_with_another_world_size_says_so(bytes_dir, reference, tmp_path
     assert "world size 2 -> 1 (the global batch with it: set data.global_batch_size to keep it)" in err, err
 
 
+def test_a_checkpoint_of_another_kind_of_strategy_is_refused_before_a_model_is_built(
+    bytes_dir, reference, tmp_path, monkeypatch
+):
+    """An FSDP (sharded) checkpoint does not resume in a single process: refused at once, with what to do."""
+    from gpt2lab import train as train_module
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    record = out / "ckpt-00000010" / "checkpoint.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"format": "dcp"}))
+
+    def never(*args):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(train_module, "build_model", never)
+    with pytest.raises(
+        CheckpointError, match="written with run.strategy=fsdp and cannot resume under run.strategy=single"
+    ):
+        train(config(bytes_dir, out, run__steps=11))
+
+
 def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path):
     assert main(["export", "--model", str(reference), "--out", str(tmp_path / "hf")]) == 0
     train(

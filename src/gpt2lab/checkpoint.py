@@ -206,16 +206,23 @@ def _state_bytes(*state_dicts: dict) -> int:
     return sum(size(sd) for sd in state_dicts)
 
 
-def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
-    """Restore model, optimizer and this rank's RNG state from ``ckpt`` (collective); returns its metadata."""
+def check_resumable(ckpt: Path, strategy: str) -> dict:
+    """``ckpt``'s metadata, where a run of ``strategy`` can resume from it (FSDP's sharded checkpoints and
+    the full ones of single/ddp do not resume into each other)."""
     meta = read_meta(ckpt)
-    fmt = checkpoint_format(env.strategy)
-    if meta["format"] != fmt:
+    if meta["format"] != checkpoint_format(strategy):
         saved_by = "run.strategy=fsdp" if meta["format"] == "dcp" else "run.strategy=single or ddp"
         raise CheckpointError(
-            f"{ckpt} was written with {saved_by} and cannot resume under run.strategy={env.strategy}; resume with "
+            f"{ckpt} was written with {saved_by} and cannot resume under run.strategy={strategy}; resume with "
             f"the same kind of strategy, or export it (gpt2lab export) and fine-tune from it with model.init=DIR"
         )
+    return meta
+
+
+def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv) -> dict:
+    """Restore model, optimizer and this rank's RNG state from ``ckpt`` (collective); returns its metadata."""
+    meta = check_resumable(ckpt, env.strategy)
+    fmt = meta["format"]
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException

@@ -194,6 +194,8 @@ def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = No
     # data first: a wrong path should fail before any model is built
     data = data(env, accum) if callable(data) else data or load_data(cfg, env, accum)
     resume = checkpoint.latest(run.out_dir)
+    if resume is not None:
+        checkpoint.check_resumable(resume, env.strategy)  # before a model is built for it
     check_data_vocabulary(cfg, resume, data)
     model = build_model(cfg, resume)
     if data.vocab_size > model.config.vocab_size:
