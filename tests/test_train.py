@@ -341,6 +341,15 @@ def test_resuming_with_another_world_size_says_so(bytes_dir, reference, tmp_path
     assert "world size 2 -> 1 (the global batch with it: set data.global_batch_size to keep it)" in err, err
 
 
+def test_tokens_count_on_across_a_resume_with_another_batch(bytes_dir, reference, tmp_path):
+    """metrics.jsonl's tokens are those trained so far: 10 steps of 8 x 32, then 2 of 4 x 32."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    train(config(bytes_dir, out, run__steps=12, data__batch_size=4, run__eval_every=0))
+    tokens = {r["step"]: r["tokens"] for r in metrics(out)}
+    assert (tokens[10], tokens[11], tokens[12]) == (2560, 2560 + 128, 2560 + 256)
+
+
 def test_a_checkpoint_of_another_kind_of_strategy_is_refused_before_a_model_is_built(
     bytes_dir, reference, tmp_path, monkeypatch
 ):

@@ -346,8 +346,14 @@ def loop(run: Run) -> TrainResult:
         return TrainResult(run.start, None, None, run.resumed)
     if cfg.run.tensorboard:
         _summary_writer_class()  # every rank meets a missing package, not rank 0 alone
-    on_every_rank(env, lambda: _start_out_dir(run) if env.is_main else None)  # its failure stops every rank
-    log = _Log(run)
+    counted = {}  # on rank 0, which writes the metrics: the tokens trained before the start, as they counted
+
+    def start_out_dir() -> None:
+        if env.is_main:
+            counted["tokens"] = _start_out_dir(run)
+
+    on_every_rank(env, start_out_dir)  # a failure on rank 0 stops every rank
+    log = _Log(run, counted.get("tokens", run.start * run.tokens_per_step))
     bad = torch.zeros((), device=env.device)  # non-finite losses / gradient norms since the last check
     run.wrapped.train()
     try:
@@ -377,8 +383,8 @@ def loop(run: Run) -> TrainResult:
 class _Log:
     """The loop's bookkeeping: when to synchronise, what to write to metrics.jsonl, when to checkpoint."""
 
-    def __init__(self, run: Run) -> None:
-        self.run = run
+    def __init__(self, run: Run, tokens_at_start: int) -> None:
+        self.run, self.tokens_at_start = run, tokens_at_start
         self.loss = self.val_loss = self.val_bpb = None
         self.last_ckpt = run.resumed
         self.t_last, self.tokens_since = time.perf_counter(), 0
@@ -433,7 +439,7 @@ class _Log:
             "loss": self.loss,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": done * run.tokens_per_step,
+            "tokens": self.tokens_at_start + (done - run.start) * run.tokens_per_step,
             "tokens_per_s": self.tokens_since / elapsed,
         }
         train_bpb = bits_per_byte(self.loss, 1, run.data.bytes_per_token.get("train"))
@@ -549,9 +555,11 @@ def _changed_settings(before: dict, after: dict) -> list[str]:
     ]
 
 
-def _start_out_dir(run: Run) -> None:
+def _start_out_dir(run: Run) -> int:
     """Write train_config.json, and drop metrics of steps after the start (logged by a run that was
-    killed before its next checkpoint, and about to be redone) and a record torn by a crash."""
+    killed before its next checkpoint, and about to be redone) and a record torn by a crash. Returns the
+    tokens trained before the start: as the record of the start step counted them (a checkpoint's step is
+    always logged), which holds across a change of the global batch, else at the present batch."""
     out_dir = run.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / checkpoint.TRAIN_CONFIG_JSON, run.cfg.to_dict())
@@ -559,13 +567,15 @@ def _start_out_dir(run: Run) -> None:
         files.write_json(out_dir / VOCABULARY_JSON, run.data.vocabulary)
     metrics = out_dir / METRICS
     if not metrics.is_file():
-        return
+        return run.start * run.tokens_per_step
     records, torn = files.read_jsonl(metrics)
     if torn:
         run.say(f"{metrics}: dropped a last record cut off by a crash (it is logged again)")
     kept = [r for r in records if r.get("step", 0) <= run.start]
     if torn or len(kept) < len(records):
         files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    at_start = [r["tokens"] for r in kept if r.get("step") == run.start and isinstance(r.get("tokens"), int)]
+    return at_start[-1] if at_start else run.start * run.tokens_per_step
 
 
 def _summary_writer_class() -> type:
