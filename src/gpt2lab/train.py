@@ -353,7 +353,7 @@ def loop(run: Run) -> TrainResult:
             counted["tokens"] = _start_out_dir(run)
 
     on_every_rank(env, start_out_dir)  # a failure on rank 0 stops every rank
-    log = _Log(run, counted.get("tokens", run.start * run.tokens_per_step))
+    log = _Log(run, counted.get("tokens"))
     bad = torch.zeros((), device=env.device)  # non-finite losses / gradient norms since the last check
     run.wrapped.train()
     try:
@@ -383,8 +383,10 @@ def loop(run: Run) -> TrainResult:
 class _Log:
     """The loop's bookkeeping: when to synchronise, what to write to metrics.jsonl, when to checkpoint."""
 
-    def __init__(self, run: Run, tokens_at_start: int) -> None:
-        self.run, self.tokens_at_start = run, tokens_at_start
+    def __init__(self, run: Run, tokens_at_start: int | None) -> None:
+        """``tokens_at_start``: as the metrics counted them, or None to count them at the present batch."""
+        self.run = run
+        self.tokens_at_start = run.start * run.tokens_per_step if tokens_at_start is None else tokens_at_start
         self.loss = self.val_loss = self.val_bpb = None
         self.last_ckpt = run.resumed
         self.t_last, self.tokens_since = time.perf_counter(), 0
@@ -523,7 +525,7 @@ def _start_line(run: Run) -> str:
         batch = (
             "data.global_batch_size keeps the global batch"
             if cfg.data.global_batch_size
-            else ("the global batch with it: set data.global_batch_size to keep it")
+            else "the global batch with it: set data.global_batch_size to keep it"
         )
         changed.append(f"world size {run.resumed_world_size} -> {env.world_size} ({batch})")
     precision = "bf16 autocast" if uses_bf16_autocast(env.device, cfg.run.dtype) else "fp32"
@@ -555,11 +557,11 @@ def _changed_settings(before: dict, after: dict) -> list[str]:
     ]
 
 
-def _start_out_dir(run: Run) -> int:
+def _start_out_dir(run: Run) -> int | None:
     """Write train_config.json, and drop metrics of steps after the start (logged by a run that was
     killed before its next checkpoint, and about to be redone) and a record torn by a crash. Returns the
-    tokens trained before the start: as the record of the start step counted them (a checkpoint's step is
-    always logged), which holds across a change of the global batch, else at the present batch."""
+    tokens trained before the start as the record of the start step counted them (a checkpoint's step is
+    always logged), which holds across a change of the global batch; None without that record."""
     out_dir = run.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / checkpoint.TRAIN_CONFIG_JSON, run.cfg.to_dict())
@@ -567,7 +569,7 @@ def _start_out_dir(run: Run) -> int:
         files.write_json(out_dir / VOCABULARY_JSON, run.data.vocabulary)
     metrics = out_dir / METRICS
     if not metrics.is_file():
-        return run.start * run.tokens_per_step
+        return None
     records, torn = files.read_jsonl(metrics)
     if torn:
         run.say(f"{metrics}: dropped a last record cut off by a crash (it is logged again)")
@@ -575,7 +577,7 @@ def _start_out_dir(run: Run) -> int:
     if torn or len(kept) < len(records):
         files.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     at_start = [r["tokens"] for r in kept if r.get("step") == run.start and isinstance(r.get("tokens"), int)]
-    return at_start[-1] if at_start else run.start * run.tokens_per_step
+    return at_start[-1] if at_start else None
 
 
 def _summary_writer_class() -> type:
