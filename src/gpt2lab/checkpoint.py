@@ -172,7 +172,7 @@ def _write(tmp: Path, fmt: str, model, optimizer, env: DistEnv, rng: list, step:
             with files.disk_space(tmp / "state", need):
                 dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / "state")
         except CheckpointException as e:  # a BaseException, raised on every rank together
-            failures = [exc for exc, _ in e.failures.values()]
+            failures = _failures(e)
             if any(isinstance(f, OSError) and f.errno in (errno.ENOSPC, errno.EDQUOT) for f in failures):
                 raise files.DiskFullError(files.full_message(tmp / "state", need)) from None
             raise CheckpointError(
@@ -303,12 +303,16 @@ def _load_dcp_model(path: Path, config: GPTConfig) -> dict[str, torch.Tensor]:
 
 def _damaged_shards(path: Path, e: BaseException) -> CheckpointError:
     """A sharded checkpoint that DCP cannot read, with the first failure (of the first rank that had one)."""
-    failures = getattr(e, "failures", None)  # a CheckpointException's, per rank
-    cause = first_line(next(iter(failures.values()))[0]) if failures else first_line(e)
     return CheckpointError(
-        f"cannot read the sharded checkpoint {path} ({cause}); it is incomplete or damaged: resume from another "
-        "checkpoint"
+        f"cannot read the sharded checkpoint {path} ({first_line(_failures(e)[0])}); it is incomplete or damaged: "
+        "resume from another checkpoint"
     )
+
+
+def _failures(e: BaseException) -> list[BaseException]:
+    """What failed: each rank's exception of a DCP CheckpointException, or ``e`` itself."""
+    failures = getattr(e, "failures", None)  # a CheckpointException's: rank -> (exception, traceback)
+    return [exc for exc, _ in failures.values()] if failures else [e]
 
 
 # --- RNG -----------------------------------------------------------------------------------------
