@@ -543,8 +543,10 @@ def test_each_job_records_the_machine_it_ran_on(quick_run):
 
     results = json.loads((quick_run / RESULTS).read_text())
     env = results["environment"]
-    assert env["jobs_ran_on"] == {env["device"]: len(list(quick_run.glob("runs/**/job.json")))}
+    assert env["jobs_ran_on"] == {env["machine"]: len(list(quick_run.glob("runs/**/job.json")))}
     assert _jobs_ran_on(env) == "" and "Where its jobs ran" not in (quick_run / REPORT).read_text()
+    gpu = {"device": "NVIDIA H200", "machine": "NVIDIA H200 (CPU: X)", "jobs_ran_on": {"NVIDIA H200 (CPU: X)": 3}}
+    assert _jobs_ran_on(gpu) == ""  # a GPU's jobs record its CPU too
     elsewhere = env | {"jobs_ran_on": {"CPU: another": 3, "not recorded": 2}}
     assert _jobs_ran_on(elsewhere) == (
         "Where its jobs ran, as each recorded its machine: 3 job(s) on CPU: another; 2 job(s) recorded none. "

@@ -103,7 +103,7 @@ def _header(r: dict) -> list[str]:
 def _jobs_ran_on(env: dict) -> str:
     """Where the jobs ran, as each recorded it, unless all ran where this report was made."""
     machines = env.get("jobs_ran_on", {})
-    if list(machines) == [env["device"]]:
+    if list(machines) == [env.get("machine")]:
         return ""
     parts = [f"{n} job(s) on {m}" if m != "not recorded" else f"{n} job(s) recorded none" for m, n in machines.items()]
     return f"Where its jobs ran, as each recorded its machine: {'; '.join(parts)}. "

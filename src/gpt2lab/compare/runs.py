@@ -25,7 +25,7 @@ from gpt2lab.compare.extrapolation import extrapolation_job
 from gpt2lab.compare.lm import lm_job, pi_finetune_job, uptrain_job
 from gpt2lab.compare.mqar import mqar_batch, mqar_job, reach
 from gpt2lab.compare.plots import write_plots
-from gpt2lab.compare.pool import RUNS, cached, job_keys, makespan, run_jobs
+from gpt2lab.compare.pool import RUNS, cached, job_keys, machine, makespan, run_jobs
 from gpt2lab.compare.report import REPORT, RESULTS, render_report
 from gpt2lab.compare.settings import CompareConfig
 from gpt2lab.data import META, Source, TokenData, compact_vocabulary, prepare, write_token_dir
@@ -280,10 +280,11 @@ def _machines(planned: list, jobs: dict) -> dict[str, int]:
 
 
 def _environment(gpu: bool) -> dict:
-    """Where a comparison ran: device, versions, cores, load."""
+    """Where a comparison ran: device (and the machine, as its jobs record theirs), versions, cores, load."""
     device = torch.cuda.get_device_name() if gpu else f"CPU: {kernels.cpu_model()}"
     return {
         "device": device,
+        "machine": machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
