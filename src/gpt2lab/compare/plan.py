@@ -109,11 +109,16 @@ def _lm_params(cfg: CompareConfig, data_dir: str, data_id: str, config: GPTConfi
     }
 
 
+def _tokens_per_step(cfg: CompareConfig) -> int:
+    """Tokens a language-model training step reads (uptraining's too)."""
+    return cfg.train.data.batch_size * cfg.train.data.block_size
+
+
 def _lm_jobs(cfg: CompareConfig, data: dict, lm: dict, seeds: list[int]) -> list[Job]:
     """The language-model grid, the calibration runs, the overfitting runs and uptraining's from-scratch
     references (the converted shape trained for the uptrained model's total steps)."""
     spec, S = cfg.compare, cfg.train.run.steps
-    tokens = cfg.train.data.batch_size * cfg.train.data.block_size
+    tokens = _tokens_per_step(cfg)
     d, i = data["dir"], data["id"]
 
     def job(name: str, shape: str, seed: int, piece: str, steps: int, **extra) -> Job:
@@ -230,7 +235,7 @@ def _evaluation_jobs(cfg: CompareConfig, data: dict, seeds: list[int]) -> list[J
 def _uptraining_jobs(cfg: CompareConfig, base: dict, seed: int) -> list[Job]:
     """The seed's rope run converted to each of ``uptraining.kv_heads`` by each method, then uptrained."""
     u, S = cfg.uptraining, cfg.train.run.steps
-    rope, tokens_per_step = f"lm/rope/seed{seed}", cfg.train.data.batch_size * cfg.train.data.block_size
+    rope = f"lm/rope/seed{seed}"
     steps = sum(max(1, round(f * S)) for f in u.fractions)
     jobs = []
     for k in u.kv_heads:
@@ -254,7 +259,7 @@ def _uptraining_jobs(cfg: CompareConfig, base: dict, seed: int) -> list[Job]:
                     "rope",
                     deps=(rope,),
                     steps=steps,
-                    tokens=steps * tokens_per_step,
+                    tokens=steps * _tokens_per_step(cfg),
                 )
             )
     return jobs

@@ -3,10 +3,11 @@
 For a metric m and seeds s = 1..n, d_s = m(variant, s) - m(reference, s). ``paired`` reports the mean of d,
 its 95% t-interval ``mean ± t(0.975, n-1) sd / sqrt(n)``, the minimal detectable difference at 80% power
 ``MDD80 = (t(0.975, n-1) + t(0.80, n-1)) sd / sqrt(n)`` (the true difference a two-sided 5% paired t-test finds
-about four times in five: the usual approximation, 79% exactly at n = 5 and 73% at n = 2), and a verdict: the interval entirely on one side of 0 names that side; otherwise "no
-difference detected", never "the same". Differences without spread (the same in every seed, as accuracies at
-their ceiling) admit no t-test: no p-value, no MDD80, and the verdict says so (with the side, if any). ``holm`` marks which of a family
-of verdicts survive Holm's correction.
+about four times in five: the usual approximation, 79% exactly at n = 5 and 73% at n = 2), and a verdict: the
+interval entirely on one side of 0 names that side; otherwise "no difference detected", never "the same".
+Differences without spread (the same in every seed, as accuracies at their ceiling) admit no t-test: no
+p-value, no MDD80, and the verdict says so (with the side, if any). ``holm`` marks which of a family of
+verdicts survive Holm's correction.
 """
 
 from __future__ import annotations
