@@ -66,8 +66,21 @@ def torchrun(launcher: list[str], run: dict, env: dict | None = None, wait: bool
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def standalone(bytes_dir: Path, out: Path, strategy: str, env: dict | None = None):
-    return torchrun(["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS[strategy])), env)
+def standalone(
+    bytes_dir: Path, out: Path, strategy: str, env: dict | None = None, extra: dict | None = None, wait: bool = True
+):
+    """Two ranks on this machine; ``extra``: more settings (``{"run.steps": 12}``)."""
+    run = settings(bytes_dir, out, **_dotted(SPLITS[strategy] | (extra or {})))
+    return torchrun(["--standalone", "--nproc_per_node=2"], run, env, wait)
+
+
+def one_error_line(proc) -> tuple[str, str]:
+    """(output, error line) of a torchrun that failed with one error line and no frame of ours in a traceback."""
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1, output[-3000:]
+    assert "gpt2lab/" not in output.replace(str(WORKER), ""), output[-3000:]  # no frame of ours in any traceback
+    return output, errors[0]
 
 
 def _dotted(d: dict) -> dict:
@@ -126,14 +139,8 @@ def test_a_damaged_sharded_checkpoint_is_a_one_line_error(bytes_dir, fsdp_run, t
     out = tmp_path / "out"
     shutil.copytree(fsdp_run, out)
     next((checkpoint.latest(out) / "state").glob("__1_*.distcp")).unlink()
-    proc = torchrun(
-        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["fsdp"] | {"run.steps": 12}))
-    )
-    output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 1, output[-3000:]
-    assert "cannot read the sharded checkpoint" in errors[0] and "__1_" in errors[0], errors
-    assert "gpt2lab/" not in output.replace(str(WORKER), "")  # no frame of ours in any traceback
+    _, error = one_error_line(standalone(bytes_dir, out, "fsdp", extra={"run.steps": 12}))
+    assert "cannot read the sharded checkpoint" in error and "__1_" in error, error
 
 
 def test_an_error_on_rank_0_alone_stops_every_rank_in_one_line(bytes_dir, fsdp_run, tmp_path):
@@ -142,15 +149,8 @@ def test_an_error_on_rank_0_alone_stops_every_rank_in_one_line(bytes_dir, fsdp_r
     out = tmp_path / "out"
     shutil.copytree(fsdp_run, out)
     (out / "metrics.jsonl").write_text("not json\n" + (fsdp_run / "metrics.jsonl").read_text())
-    proc = torchrun(
-        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["fsdp"] | {"run.steps": 12}))
-    )
-    output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 1 and "metrics.jsonl:1 is not a JSON record" in errors[0], output[
-        -3000:
-    ]
-    assert "[rank1]" not in output and "gpt2lab/" not in output.replace(str(WORKER), ""), output[-3000:]
+    output, error = one_error_line(standalone(bytes_dir, out, "fsdp", extra={"run.steps": 12}))
+    assert "metrics.jsonl:1 is not a JSON record" in error and "[rank1]" not in output, output[-3000:]
 
 
 def test_ctrl_c_under_torchrun_checkpoints_at_once_whatever_the_log_schedule(bytes_dir, tmp_path):
@@ -158,9 +158,7 @@ def test_ctrl_c_under_torchrun_checkpoints_at_once_whatever_the_log_schedule(byt
     kill them 30 s after forwarding the signal, with nothing saved)."""
     out = tmp_path / "out"
     never = {"run.steps": 10**6, "run.log_every": 10**6, "run.eval_every": 0, "run.ckpt_every": 0}
-    proc = torchrun(
-        ["--standalone", "--nproc_per_node=2"], settings(bytes_dir, out, **_dotted(SPLITS["ddp"] | never)), wait=False
-    )
+    proc = standalone(bytes_dir, out, "ddp", extra=never, wait=False)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -217,13 +215,11 @@ def test_ddp_resume_with_dropout_is_exact(bytes_dir, tmp_path):
 def test_an_error_under_torchrun_is_one_line(tmp_path):
     """Every rank hits the same bad setting: rank 0 prints it once; the others, which print only after a
     pause, are ended by torchrun first (SIGTERM) or exit with the same code; no worker traceback follows
-    (torchrun's own failure summary does). Before the pause, rank 1 could fail first and have torchrun
+    (torchrun's own failure summary does). Without the pause, rank 1 could fail first and have torchrun
     end rank 0 before it printed: no error line at all."""
     proc = torchrun(["--standalone", "--nproc_per_node=2"], {"run.strategy": "ddp", "data.dir": tmp_path / "missing"})
-    output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 1 and "data directory" in errors[0], output[-3000:]
-    assert "gpt2lab/" not in output.replace(str(WORKER), "")  # no frame of ours in any traceback
+    output, error = one_error_line(proc)
+    assert "data directory" in error, error
     codes = re.findall(r"exitcode\s+:\s+(-?\d+)", output)  # torchrun's summary: one line per rank
     assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", str(-signal.SIGTERM)}, codes
 
