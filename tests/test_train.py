@@ -328,13 +328,18 @@ def test_finished_run_is_not_trained_again(bytes_dir, reference, capsys):
     assert "settings changed since the checkpoint: optim.lr 0.003 -> 0.001" in err and "nothing to do" in err
 
 
+def _copy_recording(run_dir: Path, out: Path, **fields) -> Path:
+    """A copy of a finished 10-step run whose last checkpoint records other ``fields`` (world_size, format)."""
+    shutil.copytree(run_dir, out)
+    record = out / "ckpt-00000010" / "checkpoint.json"
+    record.write_text(json.dumps(json.loads(record.read_text()) | fields))
+    return out
+
+
 def test_resuming_with_another_world_size_says_so(bytes_dir, reference, tmp_path, capsys):
     """A checkpoint of 2 ranks resumed by one process: without data.global_batch_size the global batch
     halves, which the start line says with the fix."""
-    out = tmp_path / "out"
-    shutil.copytree(reference, out)
-    record = out / "ckpt-00000010" / "checkpoint.json"
-    record.write_text(json.dumps(json.loads(record.read_text()) | {"world_size": 2}))
+    out = _copy_recording(reference, tmp_path / "out", world_size=2)
     capsys.readouterr()
     train(config(bytes_dir, out, run__steps=11, run__eval_every=0))
     err = capsys.readouterr().err
@@ -356,10 +361,7 @@ def test_a_checkpoint_of_another_kind_of_strategy_is_refused_before_a_model_is_b
     """An FSDP (sharded) checkpoint does not resume in a single process: refused at once, with what to do."""
     from gpt2lab import train as train_module
 
-    out = tmp_path / "out"
-    shutil.copytree(reference, out)
-    record = out / "ckpt-00000010" / "checkpoint.json"
-    record.write_text(json.dumps(json.loads(record.read_text()) | {"format": "dcp"}))
+    out = _copy_recording(reference, tmp_path / "out", format="dcp")
 
     def never(*args):
         raise AssertionError("a model was built")
