@@ -29,6 +29,21 @@ def test_rows_buckets():
     ]  # fmt: skip
 
 
+def test_machines_sharing_a_model_name_are_told_apart(monkeypatch):
+    """A virtual machine may name two CPU generations alike; their measurements must not be shared."""
+
+    def cpuinfo(family):
+        return f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: fma\n"
+
+    keys = []
+    for family in (25, 26):
+        monkeypatch.setattr(kernels, "_cpuinfo_text", lambda family=family: cpuinfo(family))
+        keys.append(kernels.machine_key())
+        assert kernels.cpu_model().startswith(f"AMD EPYC (family {family} model 17, ")
+        assert kernels.cpu_flags() == {"fma"}
+    assert keys[0] != keys[1]
+
+
 def test_measured_once_then_remembered_and_overridable(tmp_path):
     path = tmp_path / "k.json"
     table = kernels.KernelTable(path)

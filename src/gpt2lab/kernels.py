@@ -89,21 +89,30 @@ def rows_bucket(rows: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
 
 
+def _cpuinfo_text() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
 def _cpuinfo(field: str) -> str | None:
     """The first value of ``field`` in /proc/cpuinfo (Linux), else None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == field:
+            return value.strip()
     return None
 
 
 def cpu_model() -> str:
-    """The CPU's model name and the widest vector instructions torch uses on it."""
+    """The CPU's model name, its family and model numbers where Linux gives them, and the widest vector
+    instructions torch uses on it. A virtual machine may show one name for several generations (two
+    AMD EPYCs of this project's, families 25 and 26, both say "AMD EPYC"); the numbers tell them apart."""
     name = _cpuinfo("model name") or platform.processor() or platform.machine()
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    numbers = f"family {family} model {model}, " if family and model else ""
+    return f"{name} ({numbers}{torch.backends.cpu.get_cpu_capability()})"
 
 
 def cpu_flags() -> set[str]:
