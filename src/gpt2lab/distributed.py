@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from gpt2lab import files
 from gpt2lab.device import resolve_device
 from gpt2lab.errors import ConfigError, GPT2LabError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -162,13 +165,13 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def on_every_rank(env: DistEnv, fn: Callable[[], None], error: type[GPT2LabError] = GPT2LabError) -> None:
-    """Run ``fn`` on every rank; where it fails on any rank with a user-facing error (a GPT2LabError, or
-    an OSError on a named path), raise it as ``error`` on all of them, so that no rank waits forever in a
-    later collective for one that gave up. Collective."""
-    message = None
+def on_every_rank(env: DistEnv, fn: Callable[[], T], error: type[GPT2LabError] = GPT2LabError) -> T | None:
+    """Run ``fn`` on every rank and return what it returned there; where it fails on any rank with a
+    user-facing error (a GPT2LabError, or an OSError on a named path), raise it as ``error`` on all of
+    them, so that no rank waits forever in a later collective for one that gave up. Collective."""
+    message = result = None
     try:
-        fn()
+        result = fn()
     except GPT2LabError as e:
         message = str(e)
     except OSError as e:
@@ -178,6 +181,7 @@ def on_every_rank(env: DistEnv, fn: Callable[[], None], error: type[GPT2LabError
     messages = [m for m in all_gather_object(message, env) if m]
     if messages:
         raise error(messages[0])
+    return result
 
 
 def all_gather_object(obj, env: DistEnv) -> list:

@@ -346,14 +346,10 @@ def loop(run: Run) -> TrainResult:
         return TrainResult(run.start, None, None, run.resumed)
     if cfg.run.tensorboard:
         _summary_writer_class()  # every rank meets a missing package, not rank 0 alone
-    counted = {}  # on rank 0, which writes the metrics: the tokens trained before the start, as they counted
-
-    def start_out_dir() -> None:
-        if env.is_main:
-            counted["tokens"] = _start_out_dir(run)
-
-    on_every_rank(env, start_out_dir)  # a failure on rank 0 stops every rank
-    log = _Log(run, counted.get("tokens"))
+    # rank 0 prepares the out_dir, and counts the tokens trained before the start from the metrics it writes;
+    # a failure there stops every rank
+    counted = on_every_rank(env, lambda: _start_out_dir(run) if env.is_main else None)
+    log = _Log(run, counted)
     bad = torch.zeros((), device=env.device)  # non-finite losses / gradient norms since the last check
     run.wrapped.train()
     try:
