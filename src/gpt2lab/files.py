@@ -175,8 +175,10 @@ def _disk_is_full(path: Path) -> bool:
 
 
 def full_message(path: Path, need_bytes: int | None = None) -> str:
-    size = f"{need_bytes / 1e6:,.0f} MB" if need_bytes and need_bytes >= 1e6 else f"{(need_bytes or 0) / 1e3:,.0f} kB"
-    need = f" (need about {size})" if need_bytes else ""
+    need = ""
+    if need_bytes:
+        size = f"{need_bytes / 1e6:,.0f} MB" if need_bytes >= 1e6 else f"{need_bytes / 1e3:,.0f} kB"
+        need = f" (need about {size})"
     return f"no space left on {_device_of(path)} writing {path}{need}; free some space and run the same command again"
 
 

@@ -33,6 +33,7 @@ cannot be written still works: the choices are kept in memory for the process.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -89,6 +90,7 @@ def rows_bucket(rows: int) -> int:
     return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
 
 
+@functools.cache  # read once: the model, family and flags come from it, each time a key is made
 def _cpuinfo_text() -> str:
     try:
         return Path("/proc/cpuinfo").read_text()
