@@ -481,6 +481,41 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
     assert compiled == eager
 
 
+def test_a_calls_later_compiled_steps_skip_the_full_guards():
+    """A generation call's compiled step runs dynamo's guards in full on its first call only: a change
+    that the full guards would catch (an attribute the compiled code read), made after that call,
+    does not compile again within the call, and the next call's first step catches it."""
+    from torch._dynamo.testing import CompileCounter
+
+    from gpt2lab import decode
+
+    counter = CompileCounter()
+    holder = torch.nn.Module()
+    holder.scale = 2
+    compiled = torch.compile(lambda model, token, input_pos: token * model.scale, backend=counter)
+    token, pos = torch.ones(1, 1), torch.tensor([0])
+    step = decode._GuardsCheckedOnce(compiled)
+    assert step(holder, token, pos).item() == 2 and counter.frame_count == 1
+    holder.scale = 3
+    assert step(holder, token, pos).item() == 2 and counter.frame_count == 1  # guards skipped: not seen
+    assert decode._GuardsCheckedOnce(compiled)(holder, token, pos).item() == 3  # a new call checks in full
+    assert counter.frame_count == 2
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_of_two_models_in_turn_decodes_each_ones_weights(always_compiled, make_gpt):
+    """Two models of the same shapes compile a step each; calls that alternate between them decode
+    each model's own tokens, though a call's later steps run only the guards that tell compiled
+    versions apart (``decode._GuardsCheckedOnce``) and the weights are frozen into the code."""
+    models = [make_gpt(seed=s) for s in (12, 13)]
+    expected = [generate(copy.deepcopy(m), [SHORT], 10, temperature=0, eos_id=None) for m in models]
+    assert expected[0] != expected[1]
+    for i in (0, 1, 0, 1):
+        assert generate(models[i], [SHORT], 10, temperature=0, eos_id=None, compile=True) == expected[i]
+    for m in models:
+        m.clear_cache()
+
+
 @pytest.mark.slow
 def test_compiled_cpu_decode_follows_the_padding_and_changed_weights(always_compiled, make_gpt, monkeypatch):
     """The compiled CPU step freezes the weights into its code, yet a second call of the same shape
@@ -614,16 +649,21 @@ def test_decode_step_follows_compile_and_the_timed_verdict(make_gpt, monkeypatch
     assert isinstance(step, decode._TimedSteps) and compiled
     verdicts = {}
     monkeypatch.setitem(decode._faster_step, model, verdicts)
+
+    def chosen(rows: int, compile: bool) -> tuple:  # the step decode_step returns, unwrapped
+        step, compiled = decode.decode_step(model, rows, compile)
+        return getattr(step, "compiled", step), compiled
+
     for verdict, want in (
         ("eager", (decode.decode_one_token, False)),
         ("compiled", (decode.compiled_decode(model), True)),
     ):
         verdicts[(1, model.cache_len)] = verdict
-        assert decode.decode_step(model, 1, compile=True) == want
-        assert decode.decode_step(model, 1, compile=False) == (decode.decode_one_token, False)
+        assert chosen(1, compile=True) == want
+        assert chosen(1, compile=False) == (decode.decode_one_token, False)
     assert isinstance(decode.decode_step(model, 2, compile=True)[0], decode._TimedSteps)  # another batch size
     monkeypatch.setattr(decode, "TIME_COMPILED_STEPS", False)
-    assert decode.decode_step(model, 2, compile=True) == (decode.compiled_decode(model), True)
+    assert chosen(2, compile=True) == (decode.compiled_decode(model), True)
     model.clear_cache()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import statistics
 import time
 import warnings
@@ -44,10 +45,35 @@ def decode_step(model: GPT, rows: int, compile: bool) -> tuple[Callable, bool]:
     faster = faster_step(model, rows) if compile else None
     if not compile or faster == "eager":
         return decode_one_token, False
-    step = compiled_decode(model)
+    step = _GuardsCheckedOnce(compiled_decode(model))
     if faster is None and model.wte.weight.device.type == "cpu" and TIME_COMPILED_STEPS:
         step = _TimedSteps(model, rows, step)
     return step, True
+
+
+class _GuardsCheckedOnce:
+    """The compiled step for one generation call: its first call runs dynamo's guards in full (and
+    compiles where none of the step's compiled code fits), its later calls only the guards that tell
+    the compiled versions apart (``torch.compiler.set_stance``'s ``skip_guard_eval_unsafe``). The full
+    guards walk every module of the model, a few hundred microseconds a step. Nothing they check
+    changes within a call (the model and its modules, its cache, the shapes), and dynamo tries first
+    the version that ran last. A torch without that stance checks every call in full."""
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled, self.checked = compiled, False
+
+    def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if self.checked and _can_skip_guards():
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.compiled(model, token, input_pos)
+        logits = self.compiled(model, token, input_pos)
+        self.checked = True
+        return logits
+
+
+@functools.cache
+def _can_skip_guards() -> bool:
+    return "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
 
 
 # Which decode step ran faster, "compiled" or "eager", per model and (batch size, KV cache length),
