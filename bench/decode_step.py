@@ -11,8 +11,9 @@ Four things are timed in one process, in alternation, ``--rounds`` times each:
 - the step without products: every linear layer returns a ready-made output of its shape, so only
   the rest of the step runs (layer norms, attention, residual adds, the Python between them).
 
-The layers read the weight copies that generation would make for a call of ``--new-tokens`` tokens
-(``GPT.pack_for_decoding``; 0: none). The memory read rate (``common.read_probe`` over as many bytes
+The layers read their weights as generation would for a call of ``--new-tokens`` tokens
+(``GPT.pack_for_decoding``: the copies it makes, and numpy's BLAS where it runs the products there,
+with its threads set as generation sets them; 0: neither). The memory read rate (``common.read_probe`` over as many bytes
 as the step's weights) is timed in the same alternation. The step minus its products is what the
 rest costs inside a real step; against the step without products, it shows how much slower the same
 small operations run right after a product has streamed megabytes of weights through the caches.
@@ -26,6 +27,7 @@ from gpt2lab.cli import openmp_wait_policy
 
 openmp_wait_policy(os.environ)  # as the command line does, before torch loads its OpenMP runtime
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -35,7 +37,7 @@ from common import cpu_header, positive_int, read_probe  # noqa: E402
 from gpt2lab import GPT, GPTConfig  # noqa: E402
 from gpt2lab.decode import decode_one_token, prefill  # noqa: E402
 from gpt2lab.kernels import alternated  # noqa: E402
-from gpt2lab.ops import Linear  # noqa: E402
+from gpt2lab.ops import Linear, numpy_blas_threads  # noqa: E402
 from gpt2lab.quantize import Int8Linear, quantize_int8  # noqa: E402
 
 PROMPT = 64
@@ -107,21 +109,27 @@ def main() -> None:
     token, pos = torch.tensor([[5]]), torch.tensor([PROMPT])
     in_step: list[float] = []
 
+    copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
+    in_numpy = any(getattr(m, "reads_numpy", False) for m in copies)
+    threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
+
     def step() -> None:
         timers.spent = 0.0
-        decode_one_token(model, token, pos)
+        with threads():
+            decode_one_token(model, token, pos)
         in_step.append(timers.spent)
 
     def stubbed() -> None:
         timers.stub = True
-        decode_one_token(model, token, pos)
+        with threads():
+            decode_one_token(model, token, pos)
         timers.stub = False
 
     def alone() -> None:
-        for layer, x in zip(layers, inputs, strict=True):
-            layer(x)
+        with threads():
+            for layer, x in zip(layers, inputs, strict=True):
+                layer(x)
 
-    copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
     with torch.no_grad():
         model.setup_cache(1, PROMPT + 1)
         prefill(model, torch.randint(0, model.config.vocab_size, (1, PROMPT)), torch.arange(PROMPT))
@@ -138,7 +146,9 @@ def main() -> None:
         f"read {n_bytes / 1e6:.0f} MB (memory ceiling)": times["read"],
     }
     kind = "int8" if args.int8 else "fp32"
-    print(f"{kind} weights, {len(layers)} products ({len(copies)} from copies), {args.rounds} rounds in alternation")
+    laid = sum(not m.reads_numpy or m.packed[3] == "numpy_t" for m in copies)  # copies made
+    where = ", in numpy's BLAS" if in_numpy else ""
+    print(f"{kind} weights, {len(layers)} products ({laid} from copies{where}), {args.rounds} rounds in alternation")
     print("| measure | median ms | range (ms) |\n|---|---:|---|")
     for name, values in rows.items():
         ms = [1000 * v for v in values]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from unittest import mock
 
@@ -328,6 +329,25 @@ def test_help_texts_say_what_exists(capsys):
     for option in ("--config", "--variants", "--seeds", "--data", "--steps", "--out", "--quick", "--no-progress"):
         assert option in usage, option
     assert "world sizes up to 128" in " ".join(train.split())
+
+
+def test_importing_gpt2lab_first_lets_openblas_threads_soon_sleep():
+    """Imported before numpy, gpt2lab asks numpy's OpenBLAS threads to look for work for 2^20 cycles,
+    not a tenth of a second, before they sleep (the command line and the benchmarks import it first); a
+    value the user set is kept, and a process that loaded numpy before keeps OpenBLAS's default."""
+    import subprocess
+    import sys
+
+    probe = "import os, sys\n{}import gpt2lab\nprint(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+
+    def timeout(first: str = "", **env: str) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"} | env
+        run = subprocess.run([sys.executable, "-c", probe.format(first)], capture_output=True, text=True, env=environ)
+        return run.stdout.strip()
+
+    assert timeout() == "20"
+    assert timeout(OPENBLAS_THREAD_TIMEOUT="28") == "28"
+    assert timeout("import numpy\n") == "None"  # too late to matter
 
 
 def test_openmp_threads_sleep_only_where_the_cpu_is_busy_and_the_user_chose_nothing():

@@ -417,6 +417,8 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
     us = {k: 100.0 for k in kernels.candidates("packed", rows)} | {kernel: 50.0, "pack": 300.0}  # repaid by 6
     shapes = {(m.out_features, m.in_features) for m in linears}
     remember_kernels({f"packed {o}x{i} rows {rows}": {"kernel": kernel, "us_per_product": us} for o, i in shapes})
+    slower = {"kernel": "numpy", "us_per_product": {"numpy": 200.0, "numpy_t": 200.0, "pack": 300.0}}
+    remember_kernels({f"numpy {o}x{i} rows 1": slower for o, i in shapes})  # numpy's BLAS: slower here
     packed = []
     pack = ops.Linear.pack
     monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append((r, k)) or pack(self, r, k))
@@ -447,6 +449,60 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
         assert layer.packed is None
     layer.pack(rows, kernel)
     assert layer(x).requires_grad  # with grad the copy is never read (it has no backward)
+
+
+@pytest.mark.skipif(not ops.numpy_blas_available(), reason="numpy has no BLAS whose threads can be set")
+def test_one_row_decoding_runs_in_numpys_blas_where_its_products_measure_faster(
+    make_gpt, remember_kernels, monkeypatch
+):
+    """Where the kernel file says that a one-row step's products, summed over its layers, run faster in
+    numpy's BLAS than in torch's kernels, every linear layer reads its weight there for the call: from
+    a transposed copy (``numpy_t``) where that is faster and repays its making within the steps, else
+    as it is (``numpy``, also for a call too short to make copies). The tokens are F.linear's; during
+    the products numpy's BLAS has torch's threads and torch one; torch has its threads back at every
+    token handed out, and nothing stays packed after the call. Where torch's kernels measure faster,
+    nothing runs in numpy."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
+    shapes = {(m.out_features, m.in_features) for m in linears}
+    torch_us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"pack": 300.0}
+    packed, threads = [], []
+    pack, numpy_linear = ops.Linear.pack, ops.numpy_linear
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+
+    def counted(*args):
+        threads.append((torch.get_num_threads(), [lib.num_threads for lib in ops._numpy_blas()]))
+        return numpy_linear(*args)
+
+    monkeypatch.setattr(ops, "numpy_linear", counted)
+    reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for numpy_us, n, want in ((150.0, 40, None), (60.0, 40, "numpy_t"), (60.0, 8, "numpy")):
+            us = {"numpy": numpy_us, "numpy_t": numpy_us - 20, "pack": 300.0}  # numpy_t repaid by the 15th step
+            entry = {"kernel": "numpy_t", "us_per_product": us}
+            remember_kernels({f"numpy {o}x{i} rows 1": entry for o, i in shapes})
+            remember_kernels(
+                {f"packed {o}x{i} rows 1": {"kernel": "onednn", "us_per_product": torch_us} for o, i in shapes}
+            )
+            backends = Backends(linear="auto", pack_min_steps=4, pack_repeated=False)
+            model = make_gpt(seed=5, backends=backends, **config)  # a new table: it reads the entries afresh
+            packed.clear(), threads.clear()
+            tokens = []
+            for token in stream(model, [SHORT], n, temperature=0, eos_id=None):
+                assert torch.get_num_threads() == 2
+                tokens.append(int(token[0]))
+            assert [tokens] == generate(reference, [SHORT], n, temperature=0, eos_id=None)
+            if want is None:  # torch's kernels: no product in numpy's BLAS
+                assert not threads and not set(packed) & set(kernels.NUMPY_KERNELS)
+                continue
+            assert packed == [want] * len(linears)
+            assert len(threads) == (n - 1) * len(linears)  # every product of every step
+            assert all(t[0] == 1 and t[1] == [2] * len(t[1]) for t in threads)
+            assert all(m.packed is None for m in model.modules() if isinstance(m, ops.Linear))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_stream_checks_its_arguments_when_called(make_gpt):
@@ -484,22 +540,31 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
 def test_a_calls_later_compiled_steps_skip_the_full_guards():
     """A generation call's compiled step runs dynamo's guards in full on its first call only: a change
     that the full guards would catch (an attribute the compiled code read), made after that call,
-    does not compile again within the call, and the next call's first step catches it."""
+    does not compile again within the call, and the next call's first step catches it. The later
+    calls, which cannot compile, skip the settings a compile reads (as ``decode._frozen`` sets them)."""
     from torch._dynamo.testing import CompileCounter
 
     from gpt2lab import decode
 
-    counter = CompileCounter()
+    counter, with_settings = CompileCounter(), []
     holder = torch.nn.Module()
     holder.scale = 2
     compiled = torch.compile(lambda model, token, input_pos: token * model.scale, backend=counter)
+
+    def frozen(*args):
+        with_settings.append(True)
+        return compiled(*args)
+
+    frozen.compiled_already = compiled
     token, pos = torch.ones(1, 1), torch.tensor([0])
-    step = decode._GuardsCheckedOnce(compiled)
+    step = decode._GuardsCheckedOnce(frozen)
     assert step(holder, token, pos).item() == 2 and counter.frame_count == 1
     holder.scale = 3
-    assert step(holder, token, pos).item() == 2 and counter.frame_count == 1  # guards skipped: not seen
-    assert decode._GuardsCheckedOnce(compiled)(holder, token, pos).item() == 3  # a new call checks in full
-    assert counter.frame_count == 2
+    for _ in range(2):
+        assert step(holder, token, pos).item() == 2 and counter.frame_count == 1  # guards skipped: not seen
+    assert len(with_settings) == 1
+    assert decode._GuardsCheckedOnce(frozen)(holder, token, pos).item() == 3  # a new call checks in full
+    assert counter.frame_count == 2 and len(with_settings) == 2
 
 
 @pytest.mark.slow

@@ -290,6 +290,8 @@ def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, remember_kernels, mo
     "gelu") measured the fastest for the row count: one oneDNN call with the GELU fused in only where
     that won; the logits are the same either way."""
     assert kernels.candidates("gelu", 4) == kernels.FLOAT32_KERNELS + ("onednn_gelu",)
+    numpy = kernels.NUMPY_KERNELS if ops.numpy_blas_available() else ()
+    assert kernels.candidates("numpy", 1) == numpy and kernels.candidates("numpy", 2) == ()  # one row only
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     remember_kernels({"gelu 512x128 rows 32": {"kernel": chosen, "us_per_product": {}}})
     fused = []
@@ -328,7 +330,12 @@ def test_a_measurement_holds_for_one_wait_policy_and_library_instruction_cap(mon
     assert kernels.machine_key().endswith("MKL_ENABLE_INSTRUCTIONS=AVX2 | ONEDNN_MAX_CPU_ISA=AVX2")
 
 
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
 PARITY_TESTS = ["tests/test_hf.py", "tests/test_ops.py", "tests/test_quantize.py", "tests/test_generate.py"]
 
 

@@ -240,3 +240,50 @@ def test_an_optimizer_step_makes_the_packed_copy_stale():
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert layer.packed is None
+
+
+needs_numpy_blas = pytest.mark.skipif(
+    not ops.numpy_blas_available(), reason="numpy has no BLAS whose threads can be set"
+)
+
+
+@needs_numpy_blas
+@pytest.mark.parametrize("kernel", ["numpy", "numpy_t"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_products_in_numpys_blas_match_f_linear(kernel, bias):
+    """A one-row product in numpy's BLAS, on the weight as it is (``numpy``) or on its transposed copy
+    (``numpy_t``), equals F.linear to float32 rounding, its GELU too, and keeps the input's leading shape."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 1, 64, generator=g), torch.randn(96, 64, generator=g)
+    b = torch.randn(96, generator=g) if bias else None
+    copy = ops.copy_weight(w, 1, kernel)
+    assert (copy.data_ptr() == w.data_ptr()) == (kernel == "numpy")  # only numpy_t copies
+    with torch.no_grad(), ops.numpy_blas_threads():
+        y = ops.copy_linear(x, copy, kernel, w, b)
+        gelu = ops.copy_linear(x, copy, kernel, w, b, gelu=True)
+    assert y.shape == (1, 1, 96)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gelu, F.gelu(F.linear(x, w, b), approximate="tanh"), rtol=1e-5, atol=1e-5)
+
+
+@needs_numpy_blas
+def test_numpys_blas_takes_torchs_threads_while_torch_runs_on_one():
+    """Within ``numpy_blas_threads`` numpy's BLAS runs on as many threads as torch had, and torch on one,
+    so the two pools never compete for the cores; both settings come back after, an error included."""
+    previous = torch.get_num_threads()
+    blas = ops._numpy_blas()
+    before = [lib.num_threads for lib in blas]
+    try:
+        torch.set_num_threads(2)
+        for lib in blas:
+            lib.set_num_threads(3)
+        with pytest.raises(RuntimeError, match="inside"), ops.numpy_blas_threads():
+            assert torch.get_num_threads() == 1
+            assert [lib.num_threads for lib in blas] == [2] * len(blas)
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        assert [lib.num_threads for lib in blas] == [3] * len(blas)
+    finally:
+        torch.set_num_threads(previous)
+        for lib, n in zip(blas, before, strict=True):
+            lib.set_num_threads(n)

@@ -7,7 +7,19 @@ command line with a mistake in it) answers without loading torch.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING
+
+# numpy's OpenBLAS threads look for more work for 2^20 cycles (under a millisecond) before they sleep,
+# not OpenBLAS's default 2^28 (a tenth of a second). A decode step whose products run in numpy's BLAS
+# (gpt2lab.ops.numpy_blas_threads) gives them work every few dozen microseconds, well within that;
+# with the default they went on spinning through torch's next multi-threaded work (a 2-thread read of
+# 494 MB right after a 124M step took 23.5 ms instead of 15.3). OpenBLAS reads the environment once,
+# when numpy loads: a value the user set is kept, and where numpy is loaded already nothing changes.
+OPENBLAS_SPIN = "20"
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_SPIN)
 
 if TYPE_CHECKING:
     from gpt2lab.config import GPTConfig

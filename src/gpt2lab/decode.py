@@ -57,15 +57,17 @@ class _GuardsCheckedOnce:
     the compiled versions apart (``torch.compiler.set_stance``'s ``skip_guard_eval_unsafe``). The full
     guards walk every module of the model, a few hundred microseconds a step. Nothing they check
     changes within a call (the model and its modules, its cache, the shapes), and dynamo tries first
-    the version that ran last. A torch without that stance checks every call in full."""
+    the version that ran last. Those later calls, which cannot compile, skip the settings a compile
+    reads (``_frozen``'s). A torch without that stance checks every call in full."""
 
     def __init__(self, compiled: Callable) -> None:
         self.compiled, self.checked = compiled, False
+        self.compiled_already = getattr(compiled, "compiled_already", compiled)  # for calls that cannot compile
 
     def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if self.checked and _can_skip_guards():
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self.compiled(model, token, input_pos)
+                return self.compiled_already(model, token, input_pos)
         logits = self.compiled(model, token, input_pos)
         self.checked = True
         return logits
@@ -215,6 +217,7 @@ def _frozen(step: Callable) -> Callable:
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             return step(model, token, input_pos)
 
+    run.compiled_already = step  # without the settings only compiling reads (80 us a call to enter)
     return run
 
 

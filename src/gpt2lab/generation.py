@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import math
 import numbers
@@ -14,6 +15,7 @@ import torch
 from gpt2lab.decode import decode_step, prefill
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+from gpt2lab.ops import numpy_blas_threads
 from gpt2lab.tokenizer import EOT
 
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a temperature below it is greedy
@@ -184,9 +186,11 @@ def _stream(
     step, compiled = decode_step(model, B, compile)
     packed = []
     try:
+        logits = prefill(model, idx, torch.arange(P, device=device))
         if not compiled:  # a compiled step takes F.linear
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
-        logits = prefill(model, idx, torch.arange(P, device=device))
+        in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
+        threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(P, P + max_new_tokens):
             token = pick(logits)
@@ -196,7 +200,8 @@ def _stream(
             yield token
             if t == P + max_new_tokens - 1 or bool(done.all()):
                 break
-            logits = step(model, token[:, None], torch.tensor([t], device=device))
+            with threads():  # torch's own threads are back by the time a token is yielded
+                logits = step(model, token[:, None], torch.tensor([t], device=device))
     finally:  # free this call's decode copies (those of repeated prompts stay) and the cache unless kept
         for layer in packed:
             layer.unpack()

@@ -13,7 +13,9 @@ between fbgemm and ``torch._int_mm`` (``gpt2lab.ops.int8_linear``); an MLP's fir
 training also measures oneDNN with its GELU fused in (``gpt2lab.ops.linear_gelu``); and a product
 without gradients measures a copy of the weight laid out for its row count (MKL's packed layout at
 two rows or more, the transposed layout at one) with the time of making the copy (kind ``packed``),
-from which a layer decides whether and when to keep one (``gpt2lab.ops.Linear``).
+from which a layer decides whether and when to keep one (``gpt2lab.ops.Linear``); a one-row product
+without gradients also measures numpy's BLAS, on the weight and on its transposed copy (kind
+``numpy``), which a decode step takes for all of its products or for none (``GPT.pack_for_decoding``).
 Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
@@ -33,6 +35,7 @@ cannot be written still works: the choices are kept in memory for the process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -50,8 +53,14 @@ from gpt2lab.errors import ConfigError
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
-COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t")  # kernels that read a copy of the weight (ops.copy_weight)
-KINDS = ("float32", "int8", "packed", "gelu")  # of products measured (candidates); a file's others are dropped
+COPY_KERNELS = (
+    "mkl_packed",
+    "onednn_t",
+    "torch_t",
+    "numpy_t",
+)  # kernels that read a copy of the weight (ops.copy_weight)
+NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS (ops.numpy_linear)
+KINDS = ("float32", "int8", "packed", "gelu", "numpy")  # of products measured (candidates); a file's others are dropped
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -68,7 +77,12 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
     by oneDNN or MKL: ``onednn_t``, ``torch_t``), "gelu" (an MLP's first product and its tanh-GELU
     without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
-    float32 kernel then ``F.gelu``)."""
+    float32 kernel then ``F.gelu``), "numpy" (a one-row product without gradients in numpy's BLAS, on
+    the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``; none where numpy's BLAS
+    cannot be told its threads. A decode step weighs these against the "packed" kind's kernels:
+    ``GPT.pack_for_decoding``)."""
+    if kind == "numpy":
+        return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
         return ops.int8_kernels(rows)
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
@@ -137,13 +151,14 @@ def int8_weight_levels() -> int:
     return 127 if "avx512_vnni" in cpu_flags() and not capped else 63
 
 
-LIBRARY_ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")  # torch's own: ATEN_CPU_CAPABILITY
+# torch's own: ATEN_CPU_CAPABILITY; numpy's OpenBLAS: OPENBLAS_CORETYPE
+LIBRARY_ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
 
 
 def machine_key() -> str:
     """What a measurement is valid for: the CPU, the torch build, the thread count, how idle threads
     wait (a kernel call's fixed cost depends on it: ``gpt2lab.cli.openmp_wait_policy``) and any cap
-    on the instructions MKL and oneDNN may use (the CPU model names torch's own, ``cpu_model``)."""
+    on the instructions MKL, oneDNN and OpenBLAS may use (the CPU model names torch's own, ``cpu_model``)."""
     wait = os.environ.get("OMP_WAIT_POLICY", "default").lower()
     key = f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | wait {wait}"
     caps = [f"{name}={os.environ[name]}" for name in LIBRARY_ISA_CAPS if os.environ.get(name)]
@@ -180,14 +195,20 @@ class KernelTable:
         """The kernel for a ``kind`` product of ``rows`` rows by an (out, in) weight; measured if not known."""
         return self._entry(out_features, in_features, rows, kind)["kernel"]
 
-    def pack_repays(self, out_features: int, in_features: int, rows: int) -> float:
+    def times(self, out_features: int, in_features: int, rows: int, kind: str) -> dict[str, float]:
+        """Microseconds per product of each candidate kernel of a ``kind`` product, as measured (and
+        ``pack``, where a candidate reads a copy); empty for an edited entry without them."""
+        us = self._entry(out_features, in_features, rows, kind).get("us_per_product")
+        return us if isinstance(us, dict) else {}
+
+    def pack_repays(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> float:
         """After how many products of ``rows`` rows by an (out, in) weight the time that reading a copy
-        laid out for them saves has repaid making the copy, as measured (kind ``packed``): the copy's
-        time over the saving per product against the faster float32 kernel; infinite where no copy's
-        kernel is the one chosen."""
-        entry = self._entry(out_features, in_features, rows, "packed")
+        laid out for them saves has repaid making the copy, as measured (kind ``packed``, or ``numpy``):
+        the copy's time over the saving per product against the faster of the kind's kernels that read
+        the weight as it is; infinite where no copy's kernel is the one chosen."""
+        entry = self._entry(out_features, in_features, rows, kind)
         us, kernel = entry.get("us_per_product", {}), entry["kernel"]
-        plain = [us[k] for k in FLOAT32_KERNELS if k in us]
+        plain = [us[k] for k in candidates(kind, rows) if k in us and k not in COPY_KERNELS]
         if kernel not in COPY_KERNELS or not plain or not {"pack", kernel} <= us.keys():
             return math.inf  # not chosen, or an edited entry without the times this weighs
         if min(plain) <= us[kernel]:
@@ -273,7 +294,9 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
-    times = {k: statistics.median(v) * scale for k, v in alternated(runs, repeat).items()}
+    with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
+        timed = alternated(runs, repeat)
+    times = {k: statistics.median(v) * scale for k, v in timed.items()}
     copy = next((k for k in runs if k in COPY_KERNELS), None)
     if copy is not None:  # and the time of making one copy of the whole weight
         weight = torch.full((n, in_features), 0.01)

@@ -219,6 +219,28 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool) -> bool:
+    """Whether ``steps`` decode steps of ``rows`` rows run the products of ``layers`` faster in numpy's
+    BLAS than in torch's kernels, as their kernel table measured each product (kinds ``numpy`` and
+    ``packed``): the sum over the layers of the fastest kernel each kind may run, a kernel that reads
+    a copy only with ``copies`` and where the copy repays itself within the steps; numpy's by
+    ``kernels.MARGIN`` at least. False where numpy has no BLAS that can be told its threads, or a
+    time is missing (an edited entry)."""
+    if not layers or not kernels.candidates("numpy", rows):
+        return False
+    totals = {"numpy": 0.0, "packed": 0.0}
+    for m in layers:
+        shape = (m.out_features, m.in_features, rows)
+        for kind in totals:
+            repaid = copies and m.table.pack_repays(*shape, kind) <= steps
+            us = m.table.times(*shape, kind)
+            options = [k for k in kernels.candidates(kind, rows) if repaid or k not in kernels.COPY_KERNELS]
+            if not all(k in us for k in options):
+                return False
+            totals[kind] += min(us[k] for k in options)
+    return totals["numpy"] < (1 - kernels.MARGIN) * totals["packed"]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backends: Backends | None = None) -> None:
         super().__init__()
@@ -407,30 +429,47 @@ class GPT(nn.Module):
         return max(grown, max_seq_len)
 
     def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
-        """Before ``steps`` CPU decode steps of ``rows`` rows each (at least ``backends.pack_min_steps``):
-        give every linear layer of an ``auto`` kernel a copy of its weight laid out for products of that
-        many rows (``Linear.pack``: MKL's packed layout, or at one row the transposed one) where the
-        kernel table measures them faster from it (kind ``packed`` in gpt2lab.kernels) and the saving
-        repays making the copy within ``steps`` (``KernelTable.pack_repays``). The copies hold about as
-        much memory again as the weights they copy, and together never more than half the memory the
-        OS has available (``gpt2lab.device.available_memory``); the logits change by float32 rounding only.
-        Returns the layers packed (generation unpacks them when it ends)."""
-        min_steps, p = self.backends.pack_min_steps, self.wte.weight
-        if not min_steps or steps < min_steps or p.device.type != "cpu" or p.dtype != torch.float32:
+        """Before ``steps`` CPU decode steps of ``rows`` rows each, set up how the linear layers of an
+        ``auto`` kernel read their weights. At one row, where the kernel table measures the step's
+        products faster in numpy's BLAS than in torch's kernels (kind ``numpy`` against ``packed`` in
+        gpt2lab.kernels, summed over the layers), every layer reads its weight there (``Linear.pack``
+        with ``numpy``, or ``numpy_t`` on a transposed copy), and the steps must run within
+        ``ops.numpy_blas_threads``. Otherwise, for at least ``backends.pack_min_steps`` steps, a layer
+        reads a copy of its weight laid out for products of that many rows (MKL's packed layout, or at
+        one row the transposed one) where the table measures that faster (kind ``packed``). A copy is
+        made only where the saving repays making it within ``steps`` (``KernelTable.pack_repays``); the
+        copies hold about as much memory again as the weights they copy, and together never more than
+        half the memory the OS has available (``gpt2lab.device.available_memory``). The logits change
+        by float32 rounding only. Returns the layers packed (generation unpacks them when it ends)."""
+        p = self.wte.weight
+        if p.device.type != "cpu" or p.dtype != torch.float32:
+            return []
+        layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
+        min_steps = self.backends.pack_min_steps
+        copies = bool(min_steps) and steps >= min_steps
+        kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies) else "packed"
+        if kind == "packed" and not copies:
             return []
         spare = available_memory()
         budget = spare // 2 if spare is not None else math.inf
         packed = []
-        for m in self.modules():
-            if not (isinstance(m, Linear) and m.kernel == "auto" and m.table is not None):
-                continue
+        for m in layers:
             shape = (m.out_features, m.in_features, rows)
-            kernel = m.table.choose(*shape, kind="packed")
+            kernel = m.table.choose(*shape, kind=kind)
             size = m.weight.numel() * m.weight.element_size()
-            if kernel in kernels.COPY_KERNELS and m.table.pack_repays(*shape) <= steps and size <= budget:
+            if (
+                copies
+                and kernel in kernels.COPY_KERNELS
+                and m.table.pack_repays(*shape, kind) <= steps
+                and size <= budget
+            ):
                 m.pack(rows, kernel)
-                packed.append(m)
                 budget -= size
+            elif kind == "numpy":
+                m.pack(rows, "numpy")  # the weight as it is
+            else:
+                continue
+            packed.append(m)
         return packed
 
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:

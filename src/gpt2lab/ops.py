@@ -15,13 +15,22 @@ where they measure faster and repay their making. Without gradients,
 an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
 ``linear_gelu``), where that measures faster.
 
+A one-row product without gradients (a decode step's) may also run in numpy's BLAS, OpenBLAS in
+numpy's wheels, whose matrix-vector kernel streams the weight faster than oneDNN's or MKL's on some
+CPUs: ``numpy`` on the weight as it is, ``numpy_t`` on its transposed copy. Its threads are not
+torch's, so the two pools must not run at once (``numpy_blas_threads``): a decode step either runs
+all its products there, with torch's own ops on one thread, or none (``GPT.pack_for_decoding``).
+
 The results equal ``F.linear`` to float32 rounding (only the summation order differs). Anything else
 (CUDA, half precision, autocast, ``torch.compile``, a build without oneDNN) takes ``F.linear``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +68,59 @@ def packed_linear(
 
 def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     """The copy of a float32 weight (out, in) that ``kernel`` reads in products of ``rows`` rows:
-    ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t`` or ``torch_t``, the weight
-    transposed in memory ((in, out)-contiguous, seen as (out, in))."""
+    ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t``, ``torch_t`` or ``numpy_t``,
+    the weight transposed in memory ((in, out)-contiguous, seen as (out, in)); ``numpy``, no copy
+    (the weight itself, which numpy's BLAS reads as it is)."""
     if kernel == "mkl_packed":
         return pack_weight(weight, rows)
+    if kernel == "numpy":
+        return weight.detach()
     return weight.detach().t().contiguous().t()
+
+
+def numpy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one row x (..., in) in numpy's BLAS, on the (out, in) weight
+    in whichever layout it has (row-major, or a transposed copy's view: BLAS reads either without
+    copying); no gradient. Run it within ``numpy_blas_threads``."""
+    row = x.detach().reshape(-1).numpy()
+    y = torch.from_numpy(weight.detach().numpy() @ row)
+    if bias is not None:
+        y.add_(bias.detach())
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _numpy_blas() -> tuple:
+    """threadpoolctl's controllers of the BLAS libraries numpy has loaded (OpenBLAS in its wheels)."""
+    import numpy  # noqa: F401  (loads its BLAS, which the controller finds among the process's libraries)
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+def numpy_blas_available() -> bool:
+    """Whether numpy has a BLAS whose threads can be set (``numpy`` kernels are candidates then)."""
+    return bool(_numpy_blas())
+
+
+@contextlib.contextmanager
+def numpy_blas_threads() -> Iterator[None]:
+    """While products run in numpy's BLAS (``numpy_linear``): its threads as many as torch's intra-op
+    threads, and torch's own ops on one thread, so that neither pool spins on a core the other needs
+    (with torch's threads left at two, a 124M decode step on numpy's products took five times as
+    long). Both are restored after."""
+    threads = torch.get_num_threads()
+    blas = _numpy_blas()
+    before = [lib.num_threads for lib in blas]
+    for lib in blas:
+        lib.set_num_threads(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for lib, n in zip(blas, before, strict=True):
+            lib.set_num_threads(n)
 
 
 _optimizer_steps = 0  # optimizer steps taken in this process (``_count_optimizer_step``)
@@ -119,7 +176,10 @@ class _OneDNNLinear(torch.autograd.Function):
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto"
 ) -> torch.Tensor:
-    """``F.linear``, through oneDNN where ``use_onednn`` says so."""
+    """``F.linear``, through oneDNN where ``use_onednn`` says so, or numpy's BLAS for kernel ``numpy``
+    (one row without gradients only: ``numpy_linear``)."""
+    if kernel == "numpy":
+        return numpy_linear(x, weight, bias)
     if not use_onednn(x, weight, kernel):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
@@ -243,6 +303,11 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         self.packed = None
+
+    @property
+    def reads_numpy(self) -> bool:
+        """Whether its packed products run in numpy's BLAS (``numpy_blas_threads`` around them)."""
+        return self.packed is not None and self.packed[3] in ("numpy", "numpy_t")
 
     def _reads_packed(self, rows: int, count: bool = True) -> bool:
         """Whether a CPU product of ``rows`` rows reads the weight's copy: without grad, one made for this
