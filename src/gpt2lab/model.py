@@ -50,7 +50,8 @@ class Backends:
     (flex where ``flex_applies``, else sdpa). ``linear``: the CPU float32 kernel of every linear layer:
     ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
     shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
-    names the environment variables that override it). ``pack_min_steps``: CPU decoding of at least
+    names the environment variables that override it); with ``auto``, a one-row decode step runs all its
+    products in numpy's BLAS where that measures faster (``GPT.pack_for_decoding``). ``pack_min_steps``: CPU decoding of at least
     this many steps reads each linear layer's weight from a copy laid out for the step's row count
     (MKL's packed layout; at one row, the transposed one) where the table measures that faster and the
     copy repays its making within the steps (``GPT.pack_for_decoding``; 0 = never). ``pack_repeated``: a
