@@ -37,7 +37,7 @@ from common import cpu_header, positive_int, read_probe  # noqa: E402
 
 from gpt2lab import GPT, GPTConfig  # noqa: E402
 from gpt2lab.decode import decode_one_token, prefill  # noqa: E402
-from gpt2lab.kernels import alternated  # noqa: E402
+from gpt2lab.kernels import COPY_KERNELS, alternated  # noqa: E402
 from gpt2lab.ops import Linear, numpy_blas_threads  # noqa: E402
 from gpt2lab.quantize import Int8Linear, quantize_int8  # noqa: E402
 
@@ -111,7 +111,7 @@ def main() -> None:
     in_step: list[float] = []
 
     copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
-    in_numpy = any(getattr(m, "reads_numpy", False) for m in copies)
+    in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
 
     def step() -> None:
@@ -137,8 +137,13 @@ def main() -> None:
         # The read first, then a pause: for about 10 ms after torch's threads worked (the two-thread
         # read), OpenMP's spinning slowed products in numpy's BLAS by a third, which decoding never meets.
         settle = functools.partial(time.sleep, 0.03)
-        fns = {"read": read, "pause": settle, "step without products": stubbed, "products back to back": alone}
-        fns["step"] = step
+        fns = {
+            "read": read,
+            "pause": settle,
+            "step without products": stubbed,
+            "products back to back": alone,
+            "step": step,
+        }
         times = alternated(fns, args.rounds, warmup=2)
     in_step = in_step[2:]  # the warm-up calls
     rest = [s - p for s, p in zip(times["step"], in_step, strict=True)]
@@ -151,7 +156,7 @@ def main() -> None:
         f"read {n_bytes / 1e6:.0f} MB (memory ceiling)": times["read"],
     }
     kind = "int8" if args.int8 else "fp32"
-    laid = sum(not m.reads_numpy or m.packed[3] == "numpy_t" for m in copies)  # copies made
+    laid = sum(m.packed[3] in COPY_KERNELS for m in copies)  # copies made
     where = ", in numpy's BLAS" if in_numpy else ""
     print(f"{kind} weights, {len(layers)} products ({laid} from copies{where}), {args.rounds} rounds in alternation")
     print("| measure | median ms | range (ms) |\n|---|---:|---|")

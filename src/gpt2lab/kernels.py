@@ -55,7 +55,7 @@ ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
-NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS (ops.numpy_linear)
+NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 KINDS = ("float32", "int8", "packed", "gelu", "numpy")  # of products measured (candidates); a file's others are dropped
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192

@@ -40,6 +40,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
+NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
 
 
 def onednn_available() -> bool:
@@ -307,7 +308,7 @@ class Linear(nn.Linear):
     @property
     def reads_numpy(self) -> bool:
         """Whether its packed products run in numpy's BLAS (``numpy_blas_threads`` around them)."""
-        return self.packed is not None and self.packed[3] in ("numpy", "numpy_t")
+        return self.packed is not None and self.packed[3] in NUMPY_KERNELS
 
     def _reads_packed(self, rows: int, count: bool = True) -> bool:
         """Whether a CPU product of ``rows`` rows reads the weight's copy: without grad, one made for this
