@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -350,3 +351,68 @@ def test_the_parity_tests_pass_with_avx2_kernels_only():
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
+
+
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path, monkeypatch):
+    for index, size in enumerate(["48K", "64K", "2048K", "491520K"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    (tmp_path / "index4").mkdir()  # an entry without a size is passed over
+    monkeypatch.setattr(kernels, "CPU_CACHES", tmp_path)
+    assert kernels.last_level_cache() == 491520 * 2**10
+    monkeypatch.setattr(kernels, "available_memory", lambda: 2**40)
+    assert kernels.eviction_bytes() == int(kernels.EVICT_FACTOR * 491520 * 2**10)
+    monkeypatch.setattr(kernels, "available_memory", lambda: 2**30)
+    assert kernels.eviction_bytes() == 2**30 // 8  # never more than an eighth of the memory available
+    monkeypatch.setattr(kernels, "CPU_CACHES", tmp_path / "absent")
+    assert kernels.last_level_cache() is None and kernels.eviction_bytes() == 0
+
+
+def test_alternated_runs_before_untimed_ahead_of_every_timed_call():
+    calls = []
+
+    def before():
+        calls.append("before")
+        time.sleep(0.05)
+
+    times = kernels.alternated({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, before=before)
+    assert calls == ["a", "b"] + ["before", "a", "before", "b"] * 2  # the warm-up calls come first, bare
+    assert all(t < 0.05 for ts in times.values() for t in ts)
+
+
+def test_few_row_products_are_timed_with_the_cache_evicted_before_each_call(monkeypatch):
+    """A decode step's weights, read once per step, outgrow the last-level cache; a kernel timed on
+    weights it read in its last call would be timed partly from a cache (a Xeon's 480 MB L3 held most of
+    a kernel's 64 MB), so every timed product of few rows follows a read of more than the cache holds."""
+    reads = []
+    monkeypatch.setattr(kernels, "eviction_bytes", lambda: 3 * 2**20)
+    real = kernels._evictor
+    monkeypatch.setattr(kernels, "_evictor", lambda n: reads.append(n) or real(n))
+    counted = []
+    monkeypatch.setattr(
+        kernels, "alternated", lambda fns, rounds, **kw: counted.append(kw["before"]) or {k: [1.0] for k in fns}
+    )
+    kernels.measure(256, 64, 1, repeat=2)
+    kernels.measure(256, 64, kernels.FEW_ROWS * 2, repeat=2)
+    assert reads == [3 * 2**20, 0]
+    evict, none = counted
+    assert evict.__self__.numel() * 4 == 3 * 2**20  # reads a buffer of that size
+    assert none() is None
+
+
+def test_an_entry_of_few_rows_measured_without_the_eviction_is_measured_again(tmp_path, monkeypatch):
+    options = ("onednn", "torch")
+    monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
+    monkeypatch.setattr(kernels, "measure", lambda *args: {"onednn": 2e-4, "torch": 1e-4})
+    monkeypatch.setattr(kernels, "eviction_bytes", lambda: 7 * 2**20)
+    path = tmp_path / "k.json"
+    old = {"kernel": "onednn", "us_per_product": {"onednn": 100.0, "torch": 200.0}}
+    many = dict(old)
+    path.write_text(
+        json.dumps({kernels.machine_key(): {"float32 768x768 rows 1": old, "float32 768x768 rows 256": many}})
+    )
+    table = kernels.KernelTable(path)
+    assert table.choose(768, 768, 1) == "torch" and table.choose(768, 768, 256) == "onednn"
+    saved = json.loads(path.read_text())[kernels.machine_key()]
+    assert saved["float32 768x768 rows 1"]["evicted_mb"] == 7 and "evicted_mb" not in saved["float32 768x768 rows 256"]
+    assert kernels.KernelTable(path).choose(768, 768, 1) == "torch"  # now complete: read, not measured

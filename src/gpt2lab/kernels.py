@@ -20,7 +20,11 @@ Later runs on that machine measure nothing. Measuring one product takes a fracti
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
 a wide weight whole, since how a kernel splits it between threads sets its read rate: MKL reads the
-lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-output slice of it faster than oneDNN),
+lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-output slice of it faster than oneDNN;
+and before each timed call, untimed, a read of ``EVICT_FACTOR`` times as many bytes as the CPU's
+last-level cache holds, so that no kernel finds the weights it read in its last call still cached:
+a decode step's weights, read once per step, outgrow that cache, while a Xeon's 480 MB L3 held most of
+a kernel's 64 MB between its calls and flattered some kernels far more than others),
 and at most ``MAX_OUT`` of a wide product's outputs when the rows are many (per output it then
 behaves as the whole). Small products are
 measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger
@@ -48,6 +52,7 @@ from pathlib import Path
 import torch
 
 from gpt2lab import files, ops
+from gpt2lab.device import available_memory
 from gpt2lab.errors import ConfigError
 
 ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
@@ -62,6 +67,8 @@ MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 128
 FEW_ROWS = 16  # up to this many rows a product is bound by reading its weight
+EVICT_FACTOR = 1.5  # bytes read between timed few-row products, per byte of the last-level cache
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # Linux's description of the CPU's caches
 MARGIN = 0.03  # a later candidate must be this much faster than the choice so far to be chosen
 
 
@@ -224,7 +231,7 @@ class KernelTable:
             return {"kernel": options[0]}
         name = f"{kind} {out_features}x{in_features} rows {rows}"
         entry = self._entries().get(name)
-        if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options):
+        if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows):
             return entry
         times = measure(out_features, in_features, rows, kind)
         kernel = options[0]
@@ -232,6 +239,8 @@ class KernelTable:
             if times[other] < (1 - MARGIN) * times[kernel]:
                 kernel = other
         entry = {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}}
+        if rows <= FEW_ROWS:
+            entry["evicted_mb"] = round(eviction_bytes() / 2**20)
         self._record(name, entry)
         return entry
 
@@ -290,8 +299,9 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
+    evict = _evictor(eviction_bytes() if rows <= FEW_ROWS else 0)
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
-        timed = alternated(runs, repeat)
+        timed = alternated(runs, repeat, before=evict)
     times = {k: statistics.median(v) * scale for k, v in timed.items()}
     copy = next((k for k in runs if k in COPY_KERNELS), None)
     if copy is not None:  # and the time of making one copy of the whole weight
@@ -301,17 +311,20 @@ def measure(out_features: int, in_features: int, rows: int, kind: str = "float32
     return times
 
 
-def _complete(entry: dict, options: tuple[str, ...]) -> bool:
+def _complete(entry: dict, options: tuple[str, ...], rows: int) -> bool:
     """Whether a remembered entry has every measurement its kind reads: a time for each candidate (an
     entry written before a candidate was added is measured again, and so is one with a time that is
-    not a number >= 0; an edited one without times is taken as it is) and, where a kernel reads a copy
+    not a number >= 0; an edited one without times is taken as it is), where a kernel reads a copy
     of the weight, the time of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs
-    against its saving."""
+    against its saving, and for a product of few rows, how much was read to evict the cache before each
+    timed call (``evicted_mb``; one measured without the eviction is measured again)."""
     us = entry.get("us_per_product")
     us = us if isinstance(us, dict) else {}
     if not us:
         return True
     if not all(_is_time(t) for t in us.values()):  # an edit that left a time unreadable
+        return False
+    if rows <= FEW_ROWS and "evicted_mb" not in entry:
         return False
     return set(options) <= us.keys() and ("pack" in us or not set(options) & set(COPY_KERNELS))
 
@@ -320,21 +333,60 @@ def _is_time(t: object) -> bool:
     return isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
 
 
-def alternated(fns: dict, rounds: int, sync=lambda: None, warmup: int = 1) -> dict[str, list[float]]:
+def alternated(
+    fns: dict, rounds: int, sync=lambda: None, warmup: int = 1, before=lambda: None
+) -> dict[str, list[float]]:
     """Seconds of every call of each function, called in turn for ``rounds`` rounds after ``warmup`` calls
-    of each, so a busy machine slows all alike; ``sync`` waits for queued device work around each call."""
+    of each, so a busy machine slows all alike; ``sync`` waits for queued device work around each call,
+    and ``before`` runs, untimed, before each timed call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            before()
             sync()
             start = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def last_level_cache() -> int | None:
+    """Bytes of the largest cache of the CPU this process runs on (Linux's sysfs: the shared L3 on
+    x86), or None where it does not say."""
+    sizes = []
+    for index in CPU_CACHES.glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:].upper(), 1)
+        digits = size[:-1] if unit > 1 else size
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
+def eviction_bytes() -> int:
+    """How many bytes ``measure`` reads before each timed product of few rows: ``EVICT_FACTOR`` times the
+    last-level cache, at most an eighth of the memory available; 0 where neither is known."""
+    cache, spare = last_level_cache(), available_memory()
+    if not cache:
+        return 0
+    wanted = int(EVICT_FACTOR * cache)
+    return wanted if spare is None else min(wanted, spare // 8)
+
+
+def _evictor(nbytes: int):
+    """A function that reads ``nbytes`` of its own (pushing other data out of the caches), or does
+    nothing for 0."""
+    if nbytes <= 0:
+        return lambda: None
+    filler = torch.ones(nbytes // 4)
+    return filler.sum
 
 
 def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):
