@@ -372,7 +372,7 @@ def last_level_cache() -> int | None:
 
 def eviction_bytes() -> int:
     """How many bytes ``measure`` reads before each timed product of few rows: ``EVICT_FACTOR`` times the
-    last-level cache, at most an eighth of the memory available; 0 where neither is known."""
+    last-level cache, at most an eighth of the memory available; 0 where the cache's size is not known."""
     cache, spare = last_level_cache(), available_memory()
     if not cache:
         return 0
