@@ -69,7 +69,7 @@ def test_entries_of_a_kind_no_longer_measured_are_dropped(tmp_path, monkeypatch)
     path = tmp_path / "k.json"
     old = {"head 1024x64 rows 1": {"kernel": "torch_t"}, "float32 64x64 rows 1": {"kernel": "torch"}}
     path.write_text(json.dumps({kernels.machine_key(): old, "another machine": old}))
-    monkeypatch.setattr(kernels, "measure", lambda *args: {k: 1e-5 for k in kernels.candidates("float32", 2)})
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: {k: 1e-5 for k in kernels.candidates("float32", 2)})
     table = kernels.KernelTable(path)
     assert table.choose(64, 64, 1) == "torch" and "head 1024x64 rows 1" not in table._entries()
     table.choose(64, 64, 2)  # measured: the file is written again
@@ -118,7 +118,7 @@ def test_an_entry_with_an_unreadable_time_is_measured_again(tmp_path, monkeypatc
     options = ("onednn", "torch", "mkl_packed")
     monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
     monkeypatch.setattr(
-        kernels, "measure", lambda *args: {"onednn": 1e-4, "torch": 8e-5, "mkl_packed": 4e-5, "pack": 4e-4}
+        kernels, "measure", lambda *args, **kwargs: {"onednn": 1e-4, "torch": 8e-5, "mkl_packed": 4e-5, "pack": 4e-4}
     )
     path = tmp_path / "k.json"
     edited = {
@@ -135,7 +135,7 @@ def test_an_entry_with_an_unreadable_time_is_measured_again(tmp_path, monkeypatc
 def test_a_cache_path_that_is_no_regular_file_is_never_replaced(tmp_path, monkeypatch):
     """GPT2LAB_KERNEL_CACHE=/dev/null (or any non-file) keeps the choices in memory; a link to a file
     has its target written, and stays a link."""
-    monkeypatch.setattr(kernels, "measure", lambda *args: {k: 1e-5 for k in kernels.candidates("float32", 2)})
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: {k: 1e-5 for k in kernels.candidates("float32", 2)})
     null = tmp_path / "null"  # through a link: a table that replaced what it names would replace the link
     null.symlink_to(os.devnull)
     assert kernels.KernelTable(null).choose(64, 64, 2) in kernels.FLOAT32_KERNELS
@@ -228,7 +228,7 @@ def test_each_later_candidate_must_beat_the_choice_so_far(tmp_path, monkeypatch)
         ({"onednn": 100.0, "torch": 98.0, "mkl_packed": 99.0}, "onednn"),  # neither 3% faster than oneDNN
     ]:
         monkeypatch.setattr(kernels, "candidates", lambda kind, rows, t=times: tuple(t))
-        monkeypatch.setattr(kernels, "measure", lambda *args, t=times: t)
+        monkeypatch.setattr(kernels, "measure", lambda *args, t=times, **kwargs: t)
         assert kernels.KernelTable(tmp_path / f"{expected}.json").choose(768, 768, 8, kind="packed") == expected
 
 
@@ -273,13 +273,13 @@ def test_pack_repays_weighs_the_copys_time_against_each_products_saving(tmp_path
         ({"onednn": 100e-6, "torch": 80e-6, "mkl_packed": 60e-6, "pack": 200e-6}, 10),
         ({"onednn": 100e-6, "torch": 80e-6, "mkl_packed": 79e-6, "pack": 1e-6}, math.inf),  # not chosen
     ]:
-        monkeypatch.setattr(kernels, "measure", lambda *args, t=times: t)
+        monkeypatch.setattr(kernels, "measure", lambda *args, t=times, **kwargs: t)
         assert kernels.KernelTable(tmp_path / f"{repays}.json").pack_repays(768, 768, 256) == pytest.approx(repays)
     old = tmp_path / "old.json"
     entry = {"kernel": "mkl_packed", "us_per_product": {"onednn": 100.0, "torch": 80.0, "mkl_packed": 60.0}}
     old.write_text(json.dumps({kernels.machine_key(): {"packed 768x768 rows 256": entry}}))
     measured = {"onednn": 1e-4, "torch": 8e-5, "mkl_packed": 4e-5, "pack": 4e-4}
-    monkeypatch.setattr(kernels, "measure", lambda *args: measured)
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: measured)
     assert kernels.KernelTable(old).pack_repays(768, 768, 256) == pytest.approx(10)
     remembered = json.loads(old.read_text())[kernels.machine_key()]["packed 768x768 rows 256"]
     assert remembered["us_per_product"]["pack"] == 400
@@ -403,7 +403,12 @@ def test_few_row_products_are_timed_with_the_cache_evicted_before_each_call(monk
 def test_an_entry_of_few_rows_measured_without_the_eviction_is_measured_again(tmp_path, monkeypatch):
     options = ("onednn", "torch")
     monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
-    monkeypatch.setattr(kernels, "measure", lambda *args: {"onednn": 2e-4, "torch": 1e-4})
+    told = []  # the bytes each measurement was told to read between its timed calls
+    monkeypatch.setattr(
+        kernels,
+        "measure",
+        lambda *args, **kwargs: told.append(kwargs["evict_bytes"]) or {"onednn": 2e-4, "torch": 1e-4},
+    )
     monkeypatch.setattr(kernels, "eviction_bytes", lambda: 7 * 2**20)
     path = tmp_path / "k.json"
     old = {"kernel": "onednn", "us_per_product": {"onednn": 100.0, "torch": 200.0}}
@@ -416,3 +421,4 @@ def test_an_entry_of_few_rows_measured_without_the_eviction_is_measured_again(tm
     saved = json.loads(path.read_text())[kernels.machine_key()]
     assert saved["float32 768x768 rows 1"]["evicted_mb"] == 7 and "evicted_mb" not in saved["float32 768x768 rows 256"]
     assert kernels.KernelTable(path).choose(768, 768, 1) == "torch"  # now complete: read, not measured
+    assert told == [7 * 2**20]  # the entry records what the measurement read

@@ -233,14 +233,15 @@ class KernelTable:
         entry = self._entries().get(name)
         if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows):
             return entry
-        times = measure(out_features, in_features, rows, kind)
+        evicted = eviction_bytes() if rows <= FEW_ROWS else 0
+        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted)
         kernel = options[0]
         for other in options[1:]:
             if times[other] < (1 - MARGIN) * times[kernel]:
                 kernel = other
         entry = {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}}
         if rows <= FEW_ROWS:
-            entry["evicted_mb"] = round(eviction_bytes() / 2**20)
+            entry["evicted_mb"] = round(evicted / 2**20)
         self._record(name, entry)
         return entry
 
@@ -288,18 +289,28 @@ def _current(entries) -> dict:
 
 
 @torch.no_grad()
-def measure(out_features: int, in_features: int, rows: int, kind: str = "float32", repeat: int = 5) -> dict[str, float]:
+def measure(
+    out_features: int,
+    in_features: int,
+    rows: int,
+    kind: str = "float32",
+    repeat: int = 5,
+    evict_bytes: int | None = None,
+) -> dict[str, float]:
     """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
     medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
     a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
-    copy of the whole weight."""
+    copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
+    ``eviction_bytes()`` for a product of few rows, else none)."""
     n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
-    evict = _evictor(eviction_bytes() if rows <= FEW_ROWS else 0)
+    if evict_bytes is None:
+        evict_bytes = eviction_bytes() if rows <= FEW_ROWS else 0
+    evict = _evictor(evict_bytes)
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
         timed = alternated(runs, repeat, before=evict)
     times = {k: statistics.median(v) * scale for k, v in timed.items()}
