@@ -12,7 +12,7 @@ Four things are timed in one process, in alternation, ``--rounds`` times each:
   the rest of the step runs (layer norms, attention, residual adds, the Python between them).
 
 The layers read their weights as generation would for a call of ``--new-tokens`` tokens
-(``GPT.pack_for_decoding``: the copies it makes, and numpy's BLAS where it runs the products there,
+(``GPT.pack_for_decoding``: the copies it makes, ``GPT.plan_decoding``: each product's kernel chosen once, and numpy's BLAS where it runs the products there,
 with its threads set as generation sets them; 0: neither). The memory read rate (``common.read_probe`` over as many bytes
 as the step's weights) is timed in the same alternation. The step minus its products is what the
 rest costs inside a real step; against the step without products, it shows how much slower the same
@@ -111,6 +111,7 @@ def main() -> None:
     in_step: list[float] = []
 
     copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
+    model.plan_decoding(1)  # each layer's kernel chosen once, as generation does
     in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
 

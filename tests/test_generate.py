@@ -505,6 +505,49 @@ def test_one_row_decoding_runs_in_numpys_blas_where_its_products_measure_faster(
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_steps_choose_each_products_kernel_once_per_call(make_gpt, remember_kernels, monkeypatch, int8):
+    """Each linear layer (float32 or int8) chooses the kernel of the decode steps' products once per
+    generation call (``GPT.plan_decoding``), not once per step: the kernel table is asked as often for
+    3 steps as for 12, every layer runs its plan during the steps, the tokens are those of a model that
+    chooses per product, and no plan outlives the call."""
+    from gpt2lab.quantize import Int8Linear, quantize_int8
+
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=3, backends=Backends(linear="auto"), **config)
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, ops.Linear)}
+    entries = {}
+    for o, i in shapes:
+        for kind in ("float32", "gelu", "packed", "numpy", "int8"):
+            us = {k: 100.0 for k in kernels.candidates(kind, 1)} | {"pack": 300.0}
+            if len(us) > 2:
+                entries[f"{kind} {o}x{i} rows 1"] = {"kernel": kernels.fallback(kind, 1), "us_per_product": us}
+    remember_kernels(entries)
+    layer_type = Int8Linear if int8 else ops.Linear
+    if int8:
+        model = quantize_int8(model)
+    reference = copy.deepcopy(model)
+    for m in reference.modules():
+        if isinstance(m, layer_type):
+            m.plan = lambda rows: None  # chooses per product
+    asked = []
+    choose = kernels.KernelTable.choose
+    monkeypatch.setattr(kernels.KernelTable, "choose", lambda *a, **k: asked.append(a[1:]) or choose(*a, **k))
+    layers = [m for m in model.modules() if isinstance(m, layer_type)]
+    counts = []
+    for n in (4, 13):
+        asked.clear()
+        tokens = []
+        for token in stream(model, [SHORT], n, temperature=0, eos_id=None):
+            tokens.append(int(token[0]))
+            if len(tokens) > 1 and (int8 or ops.onednn_available()):
+                assert all(m.planned is not None for m in layers)
+        counts.append(len(asked))
+        assert [tokens] == generate(reference, [SHORT], n, temperature=0, eos_id=None)
+        assert all(m.planned is None for m in layers)
+    assert counts[0] == counts[1]
+
+
 def test_stream_checks_its_arguments_when_called(make_gpt):
     """A caller (the CLI prints the prompt first) learns of bad arguments from the call, not from the
     first next()."""

@@ -242,6 +242,86 @@ def test_an_optimizer_step_makes_the_packed_copy_stale():
     assert layer.packed is None
 
 
+class CountingTable:
+    """A table that always answers ``kernel`` (and ``onednn_gelu`` for the GELU) and counts its questions."""
+
+    def __init__(self, kernel: str = "torch") -> None:
+        self.kernel, self.asked = kernel, 0
+
+    def choose(self, out_features, in_features, rows, kind="float32"):
+        self.asked += 1
+        return "onednn_gelu" if kind == "gelu" else self.kernel
+
+    def pack_repays(self, out_features, in_features, rows):
+        return 3
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernel", ["torch", "onednn", "torch_t"])
+def test_a_planned_layer_chooses_its_kernel_once_and_still_follows_its_weight(kernel):
+    """After plan(rows), products of that many rows without grad run the kernel (and copy) chosen then,
+    the GELU's on its first use, without asking the table again: the same results as unplanned. Other
+    row counts, products with grad, a weight changed in place or replaced, unplan, pack and unpack all
+    go back to choosing per product, and the results follow the weight."""
+    torch.manual_seed(0)
+    table = CountingTable("torch" if kernel == "torch_t" else kernel)
+    layer = ops.Linear(64, 32, kernel="auto", table=table)
+    if kernel == "torch_t":
+        layer.pack(1, kernel)  # the transposed copy, which the plan reads
+    x, x4 = torch.randn(1, 1, 64), torch.randn(4, 64)
+
+    def check(x, gelu=False):
+        y = layer.gelu(x) if gelu else layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(y, F.gelu(expected, approximate="tanh") if gelu else expected)
+        return y
+
+    layer.plan(1)
+    assert layer.planned is not None
+    with torch.no_grad():
+        asked = table.asked
+        for _ in range(3):
+            check(x)
+        check(x, gelu=True)  # the GELU's kernel: chosen on first use, then kept
+        asked_gelu = table.asked
+        check(x, gelu=True)
+        assert table.asked == asked_gelu <= asked + 1
+        check(x4)  # another row count: chosen per product
+        assert table.asked > asked_gelu
+        layer.weight.mul_(2.0)  # in place: the plan (and any copy) is dropped, the product follows
+        check(x)
+        assert layer.planned is None
+        layer.plan(1)
+        layer.weight = nn.Parameter(torch.randn(32, 64))  # replaced: the plan is not read
+        check(x)
+        assert layer.planned is None
+        layer.plan(1)
+    y = check(x.clone().requires_grad_())  # with grad: never the plan (a copy has no backward)
+    assert y.requires_grad
+    for drop in (layer.unplan, lambda: layer.pack(1, "torch_t"), layer.unpack):
+        layer.plan(1)
+        drop()
+        assert layer.planned is None
+    assert copy.deepcopy(layer).planned is None  # a copy of the layer plans for itself
+
+
+def test_products_that_still_count_towards_a_copy_are_not_planned():
+    """Under pack_repeated, products of two rows or more count towards a packed copy (see above); a plan
+    would stop the count, so there is none for them until the copy exists, and one-row products plan."""
+    layer = ops.Linear(64, 32, kernel="auto", table=CountingTable(), pack_repeated=True)
+    layer.plan(8)
+    assert layer.planned is None
+    layer.plan(1)
+    assert (layer.planned is not None) == ops.onednn_available()
+    if ops.packing_available():
+        layer.pack(8)
+        layer.plan(8)
+        assert layer.planned is not None
+    fixed = ops.Linear(64, 32, kernel="torch")  # F.linear whatever the rows: nothing to choose
+    fixed.plan(1)
+    assert fixed.planned is None
+
+
 needs_numpy_blas = pytest.mark.skipif(
     not ops.numpy_blas_available(), reason="numpy has no BLAS whose threads can be set"
 )

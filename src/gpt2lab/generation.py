@@ -184,11 +184,12 @@ def _stream(
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad, keep=compile)
     step, compiled = decode_step(model, B, compile)
-    packed = []
+    packed, planned = [], []
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
         if not compiled:  # a compiled step takes F.linear
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
+            planned = model.plan_decoding(B)
         in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -205,6 +206,8 @@ def _stream(
     finally:  # free this call's decode copies (those of repeated prompts stay) and the cache unless kept
         for layer in packed:
             layer.unpack()
+        for layer in planned:
+            layer.unplan()
         if not model.cache_kept:
             model.clear_cache(packs=False)
         model.train(was_training)

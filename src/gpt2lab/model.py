@@ -473,6 +473,16 @@ class GPT(nn.Module):
             packed.append(m)
         return packed
 
+    def plan_decoding(self, rows: int) -> list[nn.Module]:
+        """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
+        copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
+        layer's, ``Int8Linear.plan``), instead of at every product. Returns the layers planned, for
+        ``unplan`` when the steps end."""
+        planned = [m for m in self.modules() if callable(getattr(m, "plan", None))]
+        for m in planned:
+            m.plan(rows)
+        return planned
+
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
         """Free what generation keeps between its steps: with ``kv``, the KV caches (kept or not) and the
         rows' padding; with ``packs``, every copy of a weight (``Linear.pack``), those of repeated

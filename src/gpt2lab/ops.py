@@ -28,9 +28,10 @@ The results equal ``F.linear`` to float32 rounding (only the summation order dif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,30 @@ def needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     )
 
 
+def _product(
+    weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, copy: torch.Tensor | None, gelu: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The product x -> F.linear(x, weight, bias) (its tanh-GELU with ``gelu``) by ``kernel``, reading
+    ``copy`` (``copy_weight``'s) where not None."""
+    if copy is not None:
+        return lambda x: copy_linear(x, copy, kernel, weight, bias, gelu)
+    if gelu:
+        return lambda x: linear_gelu(x, weight, bias, kernel)
+    return lambda x: linear(x, weight, bias, kernel)
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    """``Linear.plan``'s choice for inputs of ``numel`` elements: the tensors it was made for, the
+    weight's ``weight_key`` then, and the product with and without the GELU (that one made on first use)."""
+
+    numel: int
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    key: tuple
+    calls: dict[bool, Callable[[torch.Tensor], torch.Tensor]]
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) whose forward is ``linear`` above with the
     layer's ``kernel`` (one of LINEAR_KERNELS); ``auto`` asks ``table`` (a ``gpt2lab.kernels.KernelTable``)
@@ -256,20 +281,20 @@ class Linear(nn.Linear):
         self.kernel, self.table, self.pack_repeated = kernel, table, pack_repeated
         self.packed: tuple[int, tuple, torch.Tensor, str] | None = None  # rows, weight_key, copy, kernel
         self._counted: tuple = (None, {})  # weight version, {rows: products} since it or the copy changed
+        self.planned: _Plan | None = None
 
     def __getstate__(self) -> dict:
         """What copy.deepcopy and pickle keep: not the weight's copy (MKL's packed one is a tensor with no
         storage to copy) nor the counts towards one; a copy of the layer makes its own."""
-        return self.__dict__ | {"packed": None, "_counted": (None, {})}
+        return self.__dict__ | {"packed": None, "_counted": (None, {}), "planned": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel
-        if use_onednn(x, self.weight, kernel):
-            rows = x.numel() // self.in_features
-            if self._reads_packed(rows):
-                return copy_linear(x, self.packed[2], self.packed[3], self.weight, self.bias)
-            kernel = self.kernel_for(rows)
-        return linear(x, self.weight, self.bias, kernel)
+        planned = self._planned(x)
+        if planned is not None:
+            return planned(x)
+        if not use_onednn(x, self.weight, self.kernel):
+            return linear(x, self.weight, self.bias, self.kernel)
+        return _product(self.weight, self.bias, *self._choose(x.numel() // self.in_features))(x)
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation). Without
@@ -278,13 +303,24 @@ class Linear(nn.Linear):
         fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. Where the fused call is the
         fastest, repeated products make no copy: the GELU's own pass over the output, which fusing
         saves, costs more than packing saves (c_fc of 124M at 256 and 2,048 rows on the Xeon)."""
+        planned = self._planned(x, gelu=True)
+        if planned is not None:
+            return planned(x)
         if use_onednn(x, self.weight, self.kernel) and not needs_grad(x, self.weight, self.bias):
             rows = x.numel() // self.in_features
-            kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
-            if self._reads_packed(rows, count=kernel != "onednn_gelu"):
-                return copy_linear(x, self.packed[2], self.packed[3], self.weight, self.bias, gelu=True)
-            return linear_gelu(x, self.weight, self.bias, kernel)
+            return _product(self.weight, self.bias, *self._choose(rows, gelu=True), gelu=True)(x)
         return F.gelu(self(x), approximate="tanh")
+
+    def _choose(self, rows: int, gelu: bool = False, count: bool = True) -> tuple[str, torch.Tensor | None]:
+        """The kernel of a CPU float32 product of ``rows`` rows (with the GELU: ``gelu``) and the copy
+        of the weight it reads (None: the weight itself), outside autocast and compile. ``count``:
+        whether the product counts towards a copy under ``pack_repeated`` (``_reads_packed``)."""
+        if gelu:
+            kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
+            count = count and kernel != "onednn_gelu"
+        if self._reads_packed(rows, count=count):
+            return self.packed[3], self.packed[2]
+        return (kernel if gelu else self.kernel_for(rows)), None
 
     def kernel_for(self, rows: int, kind: str = "float32") -> str:
         """The kernel of a ``kind`` CPU product of ``rows`` rows (``gpt2lab.kernels.candidates``): ``auto``
@@ -300,10 +336,60 @@ class Linear(nn.Linear):
         equal ``F.linear``'s to float32 rounding."""
         w = self.weight
         self.packed = (rows, weight_key(w), copy_weight(w, rows, kernel), kernel)
+        self.planned = None  # it may have chosen the previous copy
         self._counted = (None, {})  # a new copy: the next must repay itself from here
 
     def unpack(self) -> None:
-        self.packed = None
+        self.packed = self.planned = None
+
+    def plan(self, rows: int) -> None:
+        """Choose once the kernel (and copy) of this layer's CPU products of ``rows`` rows without
+        gradients, and run them so until ``unplan``, ``pack`` or ``unpack``, or the weight changes or is
+        replaced: the same choice as each product would make (``_choose``), without making it again
+        per call. A decode step is dozens of products; choosing each anew cost about 2% of a 124M
+        float32 step (docs/benchmarks.md). Where products of ``rows`` rows still count towards a
+        copy (``pack_repeated``, two rows or more, no copy yet), nothing is planned."""
+        self.planned = None
+        w = self.weight
+        if not use_onednn(w, w, self.kernel):  # a CPU float32 weight and a kernel of the layer's own
+            return
+        if self.pack_repeated and rows >= 2 and not (self.packed is not None and self.packed[0] == rows):
+            return
+        with torch.no_grad():
+            call = _product(w, self.bias, *self._choose(rows, count=False))
+        self.planned = _Plan(rows * self.in_features, w, self.bias, weight_key(w), {False: call})
+
+    def unplan(self) -> None:
+        self.planned = None
+
+    def _planned(self, x: torch.Tensor, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The planned product for x (``plan``), or None where there is no plan for it: another row
+        count, gradients on, autocast or compile, or a weight changed (the plan is dropped) or replaced
+        since. The plan with the GELU is chosen on its first use. (``self.weight`` would be looked up
+        through ``nn.Module.__getattr__``, slower than the rest of these checks together.)"""
+        plan = self.planned
+        if (
+            plan is None
+            or x.numel() != plan.numel
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        params = self._parameters
+        if (
+            params["weight"] is not plan.weight
+            or params["bias"] is not plan.bias
+            or weight_key(plan.weight) != plan.key
+        ):
+            self.planned = None
+            return None
+        call = plan.calls.get(gelu)
+        if call is None:
+            call = plan.calls[gelu] = _product(
+                plan.weight, plan.bias, *self._choose(plan.numel // self.in_features, gelu=True, count=False), gelu=True
+            )
+        return call
 
     @property
     def reads_numpy(self) -> bool:

@@ -38,6 +38,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
         self._packed: dict[str, object] = {}  # kernel -> the weights as it reads them, made on first use
+        self.planned: tuple | None = None  # rows, kernel, packed weights (``plan``)
         self.register_load_state_dict_post_hook(_drop_packed)  # laid out again from the loaded weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,16 +51,30 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():  # torch._int_mm's path: plain tensor ops that inductor compiles
             kernel = "int_mm"
             packed = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+        elif self.planned is not None and self.planned[0] == rows:
+            kernel, packed = self.planned[1:]
         else:
-            if self.table is None:
-                kernel = kernels.fallback("int8", rows)
-            else:
-                kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
-            if kernel not in self._packed:
-                self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
-            packed = self._packed[kernel]
+            kernel, packed = self._choose(rows)
         y = ops.int8_linear(x2, packed, kernel)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _choose(self, rows: int) -> tuple[str, object]:
+        """The kernel of a product of ``rows`` rows and the weight as it reads it (made on first use)."""
+        if self.table is None:
+            kernel = kernels.fallback("int8", rows)
+        else:
+            kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
+        if kernel not in self._packed:
+            self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+        return kernel, self._packed[kernel]
+
+    def plan(self, rows: int) -> None:
+        """Choose once the kernel of products of ``rows`` rows, until ``unplan`` or new weights are
+        loaded, instead of at every product (``ops.Linear.plan``)."""
+        self.planned = (rows, *self._choose(rows))
+
+    def unplan(self) -> None:
+        self.planned = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -67,6 +82,7 @@ class Int8Linear(nn.Module):
 
 def _drop_packed(layer: Int8Linear, incompatible_keys) -> None:
     layer._packed.clear()
+    layer.unplan()
 
 
 def quantize_int8(model: GPT) -> GPT:
