@@ -335,14 +335,33 @@ def test_position_interpolation_scales_the_rotary_angles(make_gpt):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("masked", [False, True])
-def test_one_query_attention_equals_sdpa(n_kv_head, masked):
+@pytest.mark.parametrize("hs", [16, 24])
+def test_one_query_attention_equals_sdpa(n_kv_head, masked, hs):
     """A decode step's attention (three small products, grouped heads as blocks of rows) equals SDPA with
-    enable_gqa, with and without a per-row boolean mask."""
+    enable_gqa, with and without a per-row boolean mask, whether or not 1/sqrt(head_dim) is exact."""
     from gpt2lab.model import one_query_attention
 
     g = torch.Generator().manual_seed(n_kv_head)
-    q = torch.randn(3, 4, 1, 16, generator=g)
-    k, v = torch.randn(3, n_kv_head, 9, 16, generator=g), torch.randn(3, n_kv_head, 9, 16, generator=g)
+    q = torch.randn(3, 4, 1, hs, generator=g)
+    k, v = torch.randn(3, n_kv_head, 9, hs, generator=g), torch.randn(3, n_kv_head, 9, hs, generator=g)
     mask = (torch.rand(3, 1, 1, 9, generator=g) > 0.4) | (torch.arange(9) == 8) if masked else None
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv_head != 4)
     torch.testing.assert_close(one_query_attention(q, k, v, mask, n_kv_head != 4), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_applies_in_training_only(make_gpt):
+    """Dropout (after the embeddings and each residual branch) draws new masks in training; in eval its
+    modules are not even called (each call costs a decode step time), and the logits are deterministic."""
+    model = make_gpt(dropout=0.5)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda *args: calls.append(1))
+    idx = torch.randint(0, 97, (2, 8))
+    logits, _ = model(idx)
+    torch.testing.assert_close(model(idx)[0], logits, rtol=0, atol=0)
+    assert not calls
+    model.train()
+    first, second = model(idx)[0], model(idx)[0]
+    assert len(calls) == 2 * (2 * model.config.n_layer + 1)
+    assert not torch.allclose(first, second) and not torch.allclose(first, logits)

@@ -122,7 +122,8 @@ def one_query_attention(
     nkv, S = k.shape[1], k.shape[2]
     q = q.reshape(B * nkv, nh // nkv, hs)  # (B * nkv, group, hs)
     k, v = k.reshape(B * nkv, S, hs), v.reshape(B * nkv, S, hs)  # views of the cache
-    att = torch.bmm(q, k.transpose(1, 2)).mul_(1.0 / math.sqrt(hs))  # (B * nkv, group, S)
+    scale = 1.0 / math.sqrt(hs)  # in the product (baddbmm's alpha; beta=0 ignores its first term, left unset)
+    att = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scale)  # (B * nkv, group, S)
     if attn_mask is not None:
         att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
     return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
@@ -190,8 +191,8 @@ class CausalSelfAttention(nn.Module):
             )
         else:  # a flex BlockMask: GPT._window_mask chose FlexAttention for this device
             y = flex_kernel(x.device.type)(q, k, v, block_mask=window_mask, enable_gqa=self.gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side
+        return self.resid_dropout(y) if self.training else y  # (eval: the identity, not called)
 
 
 class MLP(nn.Module):
@@ -204,7 +205,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc = self.c_fc  # Linear.gelu may fuse the activation into the product; an int8 layer cannot
         h = fc.gelu(x) if isinstance(fc, Linear) else F.gelu(fc(x), approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        h = self.c_proj(h)
+        return self.dropout(h) if self.training else h
 
 
 class Block(nn.Module):
@@ -315,7 +317,9 @@ class GPT(nn.Module):
                     f"{self.cache_len} steps)"
                 )
             step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos, self.cache_len))
-            pos = (input_pos[None] - self.cache_pad[:, None]).clamp_min(0)  # (B, T) per-row positions
+            pos = input_pos[None]  # (1, T): every row's positions
+            if self.cache_padded:
+                pos = (pos - self.cache_pad[:, None]).clamp_min(0)  # (B, T): each row's own
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -325,7 +329,8 @@ class GPT(nn.Module):
                 self.rotary.build(T)
             rope = self.rotary(pos)
         window_mask = self._window_mask(T, idx.device) if step is None and self.config.window else None
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         for block in self.h:
             x = block(x, rope, window_mask, step)
         return self.ln_f(x)
