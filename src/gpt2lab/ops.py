@@ -346,9 +346,10 @@ class Linear(nn.Linear):
         """Choose once the kernel (and copy) of this layer's CPU products of ``rows`` rows without
         gradients, and run them so until ``unplan``, ``pack`` or ``unpack``, or the weight changes or is
         replaced: the same choice as each product would make (``_choose``), without making it again
-        per call. A decode step is dozens of products; choosing each anew cost about 2% of a 124M
-        float32 step (docs/benchmarks.md). Where products of ``rows`` rows still count towards a
-        copy (``pack_repeated``, two rows or more, no copy yet), nothing is planned."""
+        per call. A decode step is dozens of products, and choosing costs about as much Python as a
+        small product takes (architecture.md, "Kernels on the CPU"). Where products of ``rows`` rows
+        still count towards a copy (``pack_repeated``, two rows or more, no copy yet), nothing is
+        planned."""
         self.planned = None
         w = self.weight
         if not use_onednn(w, w, self.kernel):  # a CPU float32 weight and a kernel of the layer's own
