@@ -508,8 +508,8 @@ def test_one_row_decoding_runs_in_numpys_blas_where_its_products_measure_faster(
 @pytest.mark.parametrize("int8", [False, True])
 def test_decode_steps_choose_each_products_kernel_once_per_call(make_gpt, remember_kernels, monkeypatch, int8):
     """Each linear layer (float32 or int8) chooses the kernel of the decode steps' products once per
-    generation call (``GPT.plan_decoding``), not once per step: the kernel table is asked as often for
-    3 steps as for 12, every layer runs its plan during the steps, the tokens are those of a model that
+    generation call (``GPT.plan_decoding``), not once per step: the kernel table is asked about one-row
+    products as often for 3 steps as for 12, every layer runs its plan during the steps, the tokens are those of a model that
     chooses per product, and no plan outlives the call."""
     from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -532,7 +532,13 @@ def test_decode_steps_choose_each_products_kernel_once_per_call(make_gpt, rememb
             m.plan = lambda rows: None  # chooses per product
     asked = []
     choose = kernels.KernelTable.choose
-    monkeypatch.setattr(kernels.KernelTable, "choose", lambda *a, **k: asked.append(a[1:]) or choose(*a, **k))
+
+    def counted(table, out_features, in_features, rows, **kwargs):
+        if rows == 1:  # the decode steps' products (the prompt's may pack as they repeat, and stop asking)
+            asked.append((out_features, in_features))
+        return choose(table, out_features, in_features, rows, **kwargs)
+
+    monkeypatch.setattr(kernels.KernelTable, "choose", counted)
     layers = [m for m in model.modules() if isinstance(m, layer_type)]
     counts = []
     for n in (4, 13):
