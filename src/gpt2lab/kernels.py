@@ -23,8 +23,8 @@ a wide weight whole, since how a kernel splits it between threads sets its read 
 lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-output slice of it faster than oneDNN;
 and before each timed call, untimed, a read of ``EVICT_FACTOR`` times as many bytes as the CPU's
 last-level cache holds, so that no kernel finds the weights it read in its last call still cached:
-a decode step's weights, read once per step, outgrow that cache, while a Xeon's 480 MB L3 held most of
-a kernel's 64 MB between its calls and flattered some kernels far more than others),
+a decode step's weights, read once per step, outgrow that cache, while a Xeon's 480 MiB L3 held most of
+a kernel's 64 MiB between its calls and flattered some kernels far more than others),
 and at most ``MAX_OUT`` of a wide product's outputs when the rows are many (per output it then
 behaves as the whole). Small products are
 measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger
