@@ -12,8 +12,9 @@ Four things are timed in one process, in alternation, ``--rounds`` times each:
   the rest of the step runs (layer norms, attention, residual adds, the Python between them).
 
 The layers read their weights as generation would for a call of ``--new-tokens`` tokens
-(``GPT.pack_for_decoding``: the copies it makes, ``GPT.plan_decoding``: each product's kernel chosen once, and numpy's BLAS where it runs the products there,
-with its threads set as generation sets them; 0: neither). The memory read rate (``common.read_probe`` over as many bytes
+(``GPT.pack_for_decoding``: the copies it makes, and numpy's BLAS where it runs the products there,
+with its threads set as generation sets them; 0: neither), each product's kernel chosen once
+(``GPT.plan_decoding``). The memory read rate (``common.read_probe`` over as many bytes
 as the step's weights) is timed in the same alternation. The step minus its products is what the
 rest costs inside a real step; against the step without products, it shows how much slower the same
 small operations run right after a product has streamed megabytes of weights through the caches.

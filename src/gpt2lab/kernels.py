@@ -233,7 +233,7 @@ class KernelTable:
         entry = self._entries().get(name)
         if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows):
             return entry
-        evicted = eviction_bytes() if rows <= FEW_ROWS else 0
+        evicted = evicted_before(rows)
         times = measure(out_features, in_features, rows, kind, evict_bytes=evicted)
         kernel = options[0]
         for other in options[1:]:
@@ -301,7 +301,7 @@ def measure(
     medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
     a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
     copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
-    ``eviction_bytes()`` for a product of few rows, else none)."""
+    ``evicted_before(rows)``)."""
     n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
@@ -309,7 +309,7 @@ def measure(
     runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
     scale = out_features / n / copies
     if evict_bytes is None:
-        evict_bytes = eviction_bytes() if rows <= FEW_ROWS else 0
+        evict_bytes = evicted_before(rows)
     evict = _evictor(evict_bytes)
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
         timed = alternated(runs, repeat, before=evict)
@@ -379,6 +379,12 @@ def last_level_cache() -> int | None:
         if digits.isdigit():
             sizes.append(int(digits) * unit)
     return max(sizes) if sizes else None
+
+
+def evicted_before(rows: int) -> int:
+    """The bytes ``measure`` reads before each timed product of ``rows`` rows: ``eviction_bytes()`` for
+    few rows (they stream from memory in a decode step), none for more."""
+    return eviction_bytes() if rows <= FEW_ROWS else 0
 
 
 def eviction_bytes() -> int:
