@@ -62,7 +62,22 @@ def test_int8_kernels_agree_with_the_float_product(rows, levels):
     for kernel in ops.int8_kernels(rows):
         y = ops.int8_linear(x, ops.pack_int8(qweight, scale, b, kernel), kernel)
         assert (y - ref).abs().max() < 0.03 * ref.abs().max(), kernel
-    assert ops.int8_kernels(5) == ("int_mm",)  # fbgemm quantizes a whole input with one scale: one row only
+    assert ops.int8_kernels(ops.FBGEMM_MAX_ROWS + 1) == ("int_mm",)
+
+
+def test_fbgemm_quantizes_each_row_on_its_own():
+    """fbgemm takes one input scale per call, so a product of several rows is each row's own product:
+    a row of small values keeps its precision beside a row of large ones."""
+    if "fbgemm" not in ops.int8_kernels(5):
+        pytest.skip("no fbgemm in this torch build")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 200, generator=g), torch.randn(5, 200, generator=g)
+    x *= torch.tensor([1e-3, 1.0, 1e3, 0.1, 10.0])[:, None]
+    packed = ops.pack_int8(*ops.quantize_weight(w, kernels.int8_weight_levels()), None, "fbgemm")
+    y = ops.int8_linear(x, packed, "fbgemm")
+    assert torch.equal(y, torch.cat([ops.int8_linear(row, packed, "fbgemm") for row in x.split(1)]))
+    ref = F.linear(x, w)
+    assert ((y - ref).abs().amax(dim=1) < 0.05 * ref.abs().amax(dim=1)).all()  # one scale for all: 73-100% off
 
 
 def test_int8_weights_keep_to_7_bits_where_a_kernel_lacks_vnni(monkeypatch):
@@ -102,7 +117,9 @@ def test_int8_products_stay_exact_on_onednn_without_vnni():
 def test_int8_kernel_is_measured_per_row_count(tmp_path):
     table = kernels.KernelTable(tmp_path / "k.json")
     assert table.choose(1024, 512, 1, kind="int8") in ops.int8_kernels(1)
-    assert table.choose(1024, 512, 8, kind="int8") == "int_mm"
+    assert table.choose(1024, 512, 8, kind="int8") in ops.int8_kernels(8)
+    assert table.choose(1024, 512, 32, kind="int8") == "int_mm"
+    assert set(table.times(1024, 512, 8, "int8")) == set(ops.int8_kernels(8))
 
 
 def test_int8_generation_matches_its_own_full_forward(make_gpt):
