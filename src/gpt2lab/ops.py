@@ -432,8 +432,8 @@ def int8_kernels(rows: int) -> tuple[str, ...]:
     scale per token): fbgemm quantizes its whole input with one scale, so it runs one call per row
     (each after the first reads a weight the first left in cache), offered up to ``FBGEMM_MAX_ROWS``
     rows; ``torch._int_mm`` (oneDNN, with AMX or VNNI where present) runs all rows in one call. Without
-    VNNI oneDNN's int8 products took 3.6-6.8x fbgemm's time at one row, so at a few rows too the
-    choice is measured."""
+    VNNI oneDNN's int8 products can take several times fbgemm's (docs/benchmarks.md), so at a few
+    rows too the choice is measured."""
     has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     return INT8_KERNELS if rows <= FBGEMM_MAX_ROWS and has_fbgemm else ("int_mm",)
 
