@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import platform
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -421,21 +422,28 @@ class Linear(nn.Linear):
         return True
 
 
-INT8_KERNELS = ("fbgemm", "int_mm")
-
-
 FBGEMM_MAX_ROWS = 16  # int8 products of up to this many rows may run fbgemm, one call per row
+# oneDNN's quantized linear: its int8 weight laid out once, and the product (x86 builds with oneDNN)
+_qlinear = (
+    (torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise)
+    if torch.backends.mkldnn.is_available()
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    else None
+)
 
 
 def int8_kernels(rows: int) -> tuple[str, ...]:
-    """The int8 kernels that may run a product of ``rows`` rows. Both quantize the input per row (one
-    scale per token): fbgemm quantizes its whole input with one scale, so it runs one call per row
-    (each after the first reads a weight the first left in cache), offered up to ``FBGEMM_MAX_ROWS``
-    rows; ``torch._int_mm`` (oneDNN, with AMX or VNNI where present) runs all rows in one call. Without
-    VNNI oneDNN's int8 products can take several times fbgemm's (docs/benchmarks.md), so at a few
-    rows too the choice is measured."""
-    has_fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
-    return INT8_KERNELS if rows <= FBGEMM_MAX_ROWS and has_fbgemm else ("int_mm",)
+    """The int8 kernels that may run a product of ``rows`` rows, the fallback first. Each quantizes the
+    input per row (one scale per token). fbgemm quantizes its whole input with one scale, so it runs
+    one call per row (each after the first reads a weight the first left in cache), offered up to
+    ``FBGEMM_MAX_ROWS`` rows; ``torch._int_mm`` runs all rows in one call on signed 8-bit inputs;
+    ``qlinear``, oneDNN's quantized linear, runs them in one call on unsigned ones (the signed values
+    shifted by 128, its zero point), the form its int8 kernels take natively, with or without VNNI
+    (x86 only). Without VNNI, ``torch._int_mm`` can take tens of times ``qlinear``'s time, and at one
+    row fbgemm is the fastest (docs/benchmarks.md): the choice is measured."""
+    fbgemm = ("fbgemm",) if rows <= FBGEMM_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines else ()
+    return (*fbgemm, "int_mm", *(("qlinear",) if _qlinear is not None else ()))
 
 
 def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,7 +463,10 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
             warnings.simplefilter("ignore", UserWarning)
             q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
         return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-    return qweight.t(), scale, None if bias is None else bias.detach().float()  # (in, out) view: _int_mm's B
+    bias = None if bias is None else bias.detach().float()
+    if kernel == "qlinear":  # oneDNN's own layout (a wrong one crashes the product): made here only
+        return _qlinear[0](qweight, None), scale, torch.zeros(len(scale), dtype=torch.long), bias
+    return qweight.t(), scale, bias  # (in, out) view: _int_mm's B
 
 
 def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
@@ -466,10 +477,15 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
         if len(x) == 1:
             return torch.ops.quantized.linear_dynamic(x, packed, False)
         return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, False) for row in x.split(1)])
-    qweight_t, scale, bias = packed
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
-    qx = torch.div(x, x_scale).round_().to(torch.int8)
-    y = torch._int_mm(qx, qweight_t).float().mul_(x_scale).mul_(scale)
+    qx = torch.div(x, x_scale).round_()
+    if kernel == "qlinear":  # input scale 1, output scale 1: the int32 sums times the weight's scales
+        qweight, scale, zero, bias = packed
+        qx = qx.add_(128).to(torch.uint8)
+        y = _qlinear[1](qx, 1.0, 128, qweight, scale, zero, None, 1.0, 0, torch.float32, "none", [], "").mul_(x_scale)
+    else:
+        qweight_t, scale, bias = packed
+        y = torch._int_mm(qx.to(torch.int8), qweight_t).float().mul_(x_scale).mul_(scale)
     return y if bias is None else y.add_(bias)
 
 
