@@ -15,9 +15,9 @@ process, gpt2lab ran slower there.
 Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports
 the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
 Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
-tokens agree; prefill rows run a 256-token prompt to its first new token; forward rows compute the
-logits of every position (both repeat one shape and are timed after ``REPEATED_WARMUP`` warm-up calls
-of each engine, bench/common.py). With ``--compile`` every greedy row runs a second time
+tokens agree; prefill rows run a 256-token prompt to its first new token (float32 and 8-bit); forward
+rows compute the logits of every position (both repeat one shape and are timed after
+``REPEATED_WARMUP`` warm-up calls of each engine, bench/common.py). With ``--compile`` every greedy row runs a second time
 with ``compile=True``: the compiled decode step, timed against the eager one on its first steps, the
 faster kept (the compile line says which). A decode row also states each engine's decode speed as a
 fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
@@ -313,18 +313,25 @@ def decode_row(model, ours_model, quant, batch, n, compile, peers, repeat, probe
         report(row, peer, times, "ms", extra)
 
 
-def prefill_rows(model: GPT, peers: Peers, repeat: int) -> None:
-    """A 256-token prompt to its first new token (batch 1 and 8); llama.cpp runs the 8 one after another."""
-    for batch in (1, 8):
-        prompts = torch.randint(0, 50257, (batch, 256), generator=torch.Generator().manual_seed(256 + batch)).tolist()
-        ours = lambda p=prompts: generate(model, p, 1, temperature=0, eos_id=None)
-        engines = {"CTranslate2 float32": lambda p=prompts: peers.ct2_greedy("float32", p, 1)}
-        if "f32" in peers.llama_quants:
-            engines["llama.cpp f32"] = lambda p=prompts: [peers.llama_greedy("f32", q, 1) for q in p]
-        for peer, fn in engines.items():
-            note = "one prompt after another" if batch > 1 and peer.startswith("llama") else ""
-            times = paired(ours, fn, repeat, warmup=REPEATED_WARMUP)
-            report(f"prefill {batch}x256, to the first token", peer, times, "ms", note)
+def prefill_rows(model: GPT, int8: GPT, peers: Peers, repeat: int) -> None:
+    """A 256-token prompt to its first new token (batch 1 and 8), float32 and 8-bit; llama.cpp runs the 8
+    one after another."""
+    for quant, ours_model in (("float32", model), ("int8", int8)):
+        llama_quant = "f32" if quant == "float32" else "q8_0"
+        for batch in (1, 8):
+            prompts = torch.randint(0, 50257, (batch, 256), generator=torch.Generator().manual_seed(256 + batch))
+            prompts = prompts.tolist()
+            ours = lambda p=prompts, m=ours_model: generate(m, p, 1, temperature=0, eos_id=None)
+            engines = {f"CTranslate2 {quant}": lambda p=prompts, q=quant: peers.ct2_greedy(q, p, 1)}
+            if llama_quant in peers.llama_quants:
+                engines[f"llama.cpp {llama_quant}"] = lambda p=prompts, q=llama_quant: [
+                    peers.llama_greedy(q, one, 1) for one in p
+                ]
+            row = f"prefill {batch}x256{'' if quant == 'float32' else ' 8-bit'}, to the first token"
+            for peer, fn in engines.items():
+                note = "one prompt after another" if batch > 1 and peer.startswith("llama") else ""
+                times = paired(ours, fn, repeat, warmup=REPEATED_WARMUP)
+                report(row, peer, times, "ms", note)
 
 
 def forward_rows(model: GPT, peers: Peers, repeat: int) -> None:
@@ -405,7 +412,7 @@ def main() -> None:
         if "decode" in only:
             decode_rows(model, int8, peers, args.repeat, compiled=args.compile)
         if "prefill" in only:
-            prefill_rows(model, peers, args.repeat)
+            prefill_rows(model, int8, peers, args.repeat)
         if "forward" in only:
             forward_rows(model, peers, args.repeat)
         if "quality" in only:
