@@ -5,10 +5,10 @@ weights read a quarter of float32's bytes. Each weight row (output channel) gets
 (its largest magnitude maps to 127, or to 63 on a CPU whose int8 kernels lack VNNI, where larger
 weights could saturate their 16-bit sums: ``kernels.int8_weight_levels``); each input row (token) is
 quantized on the fly with its own scale; products accumulate in int32 and come out in float32, plus
-the float32 bias. Which int8 kernel runs a product (fbgemm, or ``torch._int_mm`` on oneDNN, which uses
-AMX or VNNI where the CPU has them) is measured per shape and row count like the float32 ones
-(``gpt2lab.kernels``). The embedding table stays float32 (a lookup reads one row); the tied lm_head
-gets its own int8 copy. The logit error and the top-1 agreement with float32 are measured in
+the float32 bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, or oneDNN's quantized
+linear; oneDNN uses AMX or VNNI where the CPU has them: ``ops.int8_kernels``) is measured per shape
+and row count like the float32 ones (``gpt2lab.kernels``). The embedding table stays float32 (a
+lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and the top-1 agreement with float32 are measured in
 bench/peers.py and checked in tests/test_quantize.py.
 """
 
@@ -48,7 +48,7 @@ class Int8Linear(nn.Module):
             raise GPT2LabError("an int8 model runs in float32 (its scales and biases); do not cast it with .to(dtype)")
         x2 = x.reshape(-1, self.in_features).float()
         rows = x2.shape[0]
-        if torch.compiler.is_compiling():  # torch._int_mm's path: plain tensor ops that inductor compiles
+        if torch.compiler.is_compiling():  # torch._int_mm: the other kernels' weight layouts cannot be traced
             kernel = "int_mm"
             packed = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
         elif self.planned is not None and self.planned[0] == rows:
