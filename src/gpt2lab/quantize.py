@@ -8,8 +8,8 @@ quantized on the fly with its own scale; products accumulate in int32 and come o
 the float32 bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, or oneDNN's quantized
 linear; oneDNN uses AMX or VNNI where the CPU has them: ``ops.int8_kernels``) is measured per shape
 and row count like the float32 ones (``gpt2lab.kernels``). The embedding table stays float32 (a
-lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and the top-1 agreement with float32 are measured in
-bench/peers.py and checked in tests/test_quantize.py.
+lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and the top-1
+agreement with float32 are measured in bench/peers.py and checked in tests/test_quantize.py.
 """
 
 from __future__ import annotations
