@@ -19,8 +19,8 @@ tokens agree; prefill rows run a 256-token prompt to its first new token (float3
 rows compute the logits of every position (both repeat one shape and are timed after
 ``REPEATED_WARMUP`` warm-up calls of each engine, bench/common.py). With ``--compile`` every greedy row
 runs a second time with ``compile=True``: the compiled decode step, timed against the eager one on its
-first steps, the faster kept (the compile line says which). A decode row also states each engine's decode speed as a
-fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
+first steps, the faster kept (the compile line says which). A decode row also states each
+engine's decode speed as a fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
 the rate at which torch reads a 1 GiB matrix, the fastest here of a sum and the one-row products of
 MKL and oneDNN (``common.read_probe``), timed in the same alternation. The 8-bit quality rows compare each
 8-bit engine's logits with gpt2lab's float32 logits on 2 x 256 random tokens.

@@ -16,7 +16,8 @@ out for its row count (MKL's packed layout at two rows or more, the transposed l
 the time of making the copy (kind ``packed``), from which a layer decides whether and when to keep
 one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
 the weight and on its transposed copy (kind ``numpy``), which a decode step takes for all of its
-products or for none (``GPT.pack_for_decoding``). Later runs on that machine measure nothing. Measuring one product takes a fraction of a second:
+products or for none (``GPT.pack_for_decoding``). Later runs on that machine measure nothing.
+Measuring one product takes a fraction of a second:
 weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
 step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
 a wide weight whole, since how a kernel splits it between threads sets its read rate: MKL reads the
@@ -148,8 +149,8 @@ def int8_weight_levels() -> int:
     multiply without VNNI. Without it every kernel multiplies unsigned 8-bit inputs (fbgemm's own and
     oneDNN's quantized linear's, or ``torch._int_mm``'s signed ones shifted by 128) by signed 8-bit
     weights into 16-bit pair sums that saturate past 32,767: 255 x 127 x 2 would. Weights within 63
-    keep every pair sum exact (255 x 63 x 2 = 32,130). fbgemm has VNNI kernels for AVX-512 only, so an AVX2 CPU with AVX-VNNI gets 63 too, as
-    does oneDNN capped below VNNI by ``ONEDNN_MAX_CPU_ISA``."""
+    keep every pair sum exact (255 x 63 x 2 = 32,130). fbgemm has VNNI kernels for AVX-512 only, so an
+    AVX2 CPU with AVX-VNNI gets 63 too, as does oneDNN capped below VNNI by ``ONEDNN_MAX_CPU_ISA``."""
     capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_VNNI
     return 127 if "avx512_vnni" in cpu_flags() and not capped else 63
 
