@@ -12,17 +12,17 @@ sources, not with the wheel; rows without it say so. Every engine runs on ``--th
 each peer in a process of its own (gpt2lab in this one): once CTranslate2 had run in gpt2lab's
 process, gpt2lab ran slower there.
 
-Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports
-the peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster).
-Greedy rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the
-tokens agree; prefill rows run a 256-token prompt to its first new token (float32 and 8-bit); forward
-rows compute the logits of every position (both repeat one shape and are timed after
-``REPEATED_WARMUP`` warm-up calls of each engine, bench/common.py). With ``--compile`` every greedy row
-runs a second time with ``compile=True``: the compiled decode step, timed against the eager one on its
-first steps, the faster kept (the compile line says which). A decode row also states each
-engine's decode speed as a fraction of the memory read rate: the bytes of weights one step reads times steps per second, over
-the rate at which torch reads a 1 GiB matrix, the fastest here of a sum and the one-row products of
-MKL and oneDNN (``common.read_probe``), timed in the same alternation. The 8-bit quality rows compare each
+Each row times gpt2lab and one peer in alternation (gpt2lab, peer, gpt2lab, peer, ...) and reports the
+peer's time over gpt2lab's, pair by pair: the median and the range (above 1: gpt2lab is faster). Greedy
+rows generate exactly N new tokens after a 16-token prompt (no early stop) and check that the tokens
+agree; prefill rows run a 256-token prompt to its first new token (float32 and 8-bit); forward rows
+compute the logits of every position (both repeat one shape and are timed after ``REPEATED_WARMUP``
+warm-up calls of each engine, bench/common.py). With ``--compile`` every greedy row runs a second time
+with ``compile=True``: the compiled decode step, timed against the eager one on its first steps, the
+faster kept (the compile line says which). A decode row also states each engine's decode speed as a
+fraction of the memory read rate: the bytes of weights one step reads times steps per second, over the
+rate at which torch reads a 1 GiB matrix, the fastest here of a sum and the one-row products of MKL and
+oneDNN (``common.read_probe``), timed in the same alternation. The 8-bit quality rows compare each
 8-bit engine's logits with gpt2lab's float32 logits on 2 x 256 random tokens.
 
 Every engine runs with the OpenMP wait policy gpt2lab's command line would choose (gpt2lab.cli's

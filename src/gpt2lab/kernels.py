@@ -8,28 +8,27 @@ cuDNN's benchmark mode, ``Backends(linear="auto")`` measures: the first time a l
 (out, in, rows bucket) product, each candidate kernel is timed on a product of that shape, and the
 fastest is remembered in a JSON file keyed by the CPU model, the torch version and the thread count
 (``machine_key``).
-Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones (``gpt2lab.quantize``)
-between fbgemm, ``torch._int_mm`` and oneDNN's quantized linear (``gpt2lab.ops.int8_linear``); an
-MLP's first product outside training also measures oneDNN with its GELU fused in
-(``gpt2lab.ops.linear_gelu``); and a product without gradients measures a copy of the weight laid
-out for its row count (MKL's packed layout at two rows or more, the transposed layout at one) with
-the time of making the copy (kind ``packed``), from which a layer decides whether and when to keep
-one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
+Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones
+(``gpt2lab.quantize``) between fbgemm, ``torch._int_mm`` and oneDNN's quantized linear
+(``gpt2lab.ops.int8_linear``); an MLP's first product outside training also measures oneDNN with its
+GELU fused in (``gpt2lab.ops.linear_gelu``); and a product without gradients measures a copy of the
+weight laid out for its row count (MKL's packed layout at two rows or more, the transposed layout at
+one) with the time of making the copy (kind ``packed``), from which a layer decides whether and when to
+keep one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
 the weight and on its transposed copy (kind ``numpy``), which a decode step takes for all of its
-products or for none (``GPT.pack_for_decoding``). Later runs on that machine measure nothing.
-Measuring one product takes a fraction of a second:
-weights totalling ``STREAM_BYTES`` when the rows are few (so they stream from memory, as in a decode
-step; at most ``MAX_COPIES`` copies of a small weight, whose cost is the kernel's fixed cost per call;
-a wide weight whole, since how a kernel splits it between threads sets its read rate: MKL reads the
-lm_head of 124M at 8 rows at half oneDNN's rate, and an 8192-output slice of it faster than oneDNN;
-and before each timed call, untimed, a read of ``EVICT_FACTOR`` times as many bytes as the CPU's
-last-level cache holds, so that no kernel finds the weights it read in its last call still cached:
-a decode step's weights, read once per step, outgrow that cache, while a Xeon's 480 MiB L3 held most of
-a kernel's 64 MiB between its calls and flattered some kernels far more than others),
-and at most ``MAX_OUT`` of a wide product's outputs when the rows are many (per output it then
-behaves as the whole). Small products are
-measured too: a call's fixed cost differs between the kernels by several times (oneDNN's is the larger
-on some CPUs), and a small model's decode step is made of such calls.
+products or for none (``GPT.pack_for_decoding``). Later runs on that machine measure nothing. Measuring
+one product takes a fraction of a second: weights totalling ``STREAM_BYTES`` when the rows are few (so
+they stream from memory, as in a decode step; at most ``MAX_COPIES`` copies of a small weight, whose
+cost is the kernel's fixed cost per call; a wide weight whole, since how a kernel splits it between
+threads sets its read rate: MKL reads the lm_head of 124M at 8 rows at half oneDNN's rate, and an
+8192-output slice of it faster than oneDNN; and before each timed call, untimed, a read of
+``EVICT_FACTOR`` times as many bytes as the CPU's last-level cache holds, so that no kernel finds the
+weights it read in its last call still cached: a decode step's weights, read once per step, outgrow
+that cache, while a Xeon's 480 MiB L3 held most of a kernel's 64 MiB between its calls and flattered
+some kernels far more than others), and at most ``MAX_OUT`` of a wide product's outputs when the rows
+are many (per output it then behaves as the whole). Small products are measured too: a call's fixed
+cost differs between the kernels by several times (oneDNN's is the larger on some CPUs), and a small
+model's decode step is made of such calls.
 
 Overrides, most specific first: an explicit ``Backends(linear="onednn" | "torch")``; the environment
 variable ``GPT2LAB_LINEAR_KERNEL`` (``onednn``, ``torch`` or ``auto``) for models built with ``auto``;
