@@ -35,8 +35,11 @@ def remember_kernels(kernel_cache):
     a test pins the kernel choices it relies on."""
 
     def remember(entries: dict[str, dict]) -> None:
-        for entry in entries.values():  # measured as measure() would (no entry of few rows lacks it)
+        for name, entry in entries.items():  # written as a measurement writes them (evicted_mb: few rows)
             entry.setdefault("evicted_mb", 0)
+            kind = name.split(" ", 1)[0]
+            if kind in kernels.REVISIONS:
+                entry.setdefault("revision", kernels.REVISIONS[kind])
         data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
         data.setdefault(kernels.machine_key(), {}).update(entries)
         kernel_cache.write_text(json.dumps(data))

@@ -62,6 +62,8 @@ FLOAT32_KERNELS = ("onednn", "torch")
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 KINDS = ("float32", "int8", "packed", "gelu", "numpy")  # of products measured (candidates); a file's others are dropped
+# a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
+REVISIONS = {"int8": 2}
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -87,7 +89,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
-        return ops.int8_kernels(rows)
+        return ops.int8_kernels()
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
@@ -231,7 +233,7 @@ class KernelTable:
             return {"kernel": options[0]}
         name = f"{kind} {out_features}x{in_features} rows {rows}"
         entry = self._entries().get(name)
-        if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows):
+        if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows, kind):
             return entry
         evicted = evicted_before(rows)
         times = measure(out_features, in_features, rows, kind, evict_bytes=evicted)
@@ -242,6 +244,8 @@ class KernelTable:
         entry = {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}}
         if rows <= FEW_ROWS:
             entry["evicted_mb"] = round(evicted / 2**20)
+        if kind in REVISIONS:
+            entry["revision"] = REVISIONS[kind]
         self._record(name, entry)
         return entry
 
@@ -322,10 +326,11 @@ def measure(
     return times
 
 
-def _complete(entry: dict, options: tuple[str, ...], rows: int) -> bool:
-    """Whether a remembered entry has every measurement its kind reads: a time for each candidate (an
-    entry written before a candidate was added is measured again, and so is one with a time that is
-    not a number >= 0; an edited one without times is taken as it is), where a kernel reads a copy
+def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bool:
+    """Whether a remembered entry has every measurement its kind reads, taken as its kernels run now: a
+    time for each candidate (an entry written before a candidate was added, or at an older revision of
+    its kind, ``REVISIONS``, is measured again, and so is one with a time that is not a number >= 0;
+    an edited one without times is taken as it is), where a kernel reads a copy
     of the weight, the time of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs
     against its saving, and for a product of few rows, how much was read to evict the cache before each
     timed call (``evicted_mb``; one measured without the eviction is measured again)."""
@@ -334,6 +339,8 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int) -> bool:
     if not us:
         return True
     if not all(_is_time(t) for t in us.values()):  # an edit that left a time unreadable
+        return False
+    if entry.get("revision", 1) != REVISIONS.get(kind, 1):
         return False
     if rows <= FEW_ROWS and "evicted_mb" not in entry:
         return False

@@ -422,7 +422,6 @@ class Linear(nn.Linear):
         return True
 
 
-FBGEMM_MAX_ROWS = 16  # int8 products of up to this many rows may run fbgemm, one call per row
 # oneDNN's quantized linear: its int8 weight laid out once, and the product (x86 builds with oneDNN)
 _qlinear = (
     (torch.ops.onednn.qlinear_prepack, torch.ops.onednn.qlinear_pointwise)
@@ -433,16 +432,15 @@ _qlinear = (
 )
 
 
-def int8_kernels(rows: int) -> tuple[str, ...]:
-    """The int8 kernels that may run a product of ``rows`` rows, the fallback first. Each quantizes the
-    input per row (one scale per token). fbgemm quantizes its whole input with one scale, so it runs
-    one call per row (each after the first reads a weight the first left in cache), offered up to
-    ``FBGEMM_MAX_ROWS`` rows; ``torch._int_mm`` runs all rows in one call on signed 8-bit inputs;
-    ``qlinear``, oneDNN's quantized linear, runs them in one call on unsigned ones (the signed values
+def int8_kernels() -> tuple[str, ...]:
+    """The int8 kernels this torch build has, the fallback first. Each quantizes the input per row (one
+    scale per token). fbgemm's dynamic linear quantizes its whole input with one scale, so the rows are
+    first scaled to the same largest magnitude and the products scaled back; ``torch._int_mm`` runs
+    signed 8-bit inputs; ``qlinear``, oneDNN's quantized linear, runs unsigned ones (the signed values
     shifted by 128, its zero point), the form its int8 kernels take natively, with or without VNNI
-    (x86 only). Without VNNI, ``torch._int_mm`` can take tens of times ``qlinear``'s time, and at one
-    row fbgemm is the fastest (docs/benchmarks.md): the choice is measured."""
-    fbgemm = ("fbgemm",) if rows <= FBGEMM_MAX_ROWS and "fbgemm" in torch.backends.quantized.supported_engines else ()
+    (x86 only). Which is fastest depends on the CPU and the row count (docs/benchmarks.md): the choice
+    is measured."""
+    fbgemm = ("fbgemm",) if "fbgemm" in torch.backends.quantized.supported_engines else ()
     return (*fbgemm, "int_mm", *(("qlinear",) if _qlinear is not None else ()))
 
 
@@ -457,13 +455,13 @@ def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tens
 
 def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
     """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel."""
-    if kernel == "fbgemm":
+    bias = None if bias is None else bias.detach().float()
+    if kernel == "fbgemm":  # the bias packed in (one op fewer at one row), and kept for int8_linear's rows
         zero = torch.zeros(len(scale), dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing takes only them
             warnings.simplefilter("ignore", UserWarning)
             q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-    bias = None if bias is None else bias.detach().float()
+        return torch.ops.quantized.linear_prepack(q, bias), bias
     if kernel == "qlinear":  # oneDNN's own layout (a wrong one crashes the product): made here only
         return _qlinear[0](qweight, None), scale, torch.zeros(len(scale), dtype=torch.long), bias
     return qweight.t(), scale, bias  # (in, out) view: _int_mm's B
@@ -473,10 +471,13 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
     quantized to 8 bits per row, int32 accumulation, float32 out. Exact in int32 where the kernel has
     VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
-    if kernel == "fbgemm":  # one input scale per call: one call per row
+    if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
+        prepacked, bias = packed
         if len(x) == 1:
-            return torch.ops.quantized.linear_dynamic(x, packed, False)
-        return torch.cat([torch.ops.quantized.linear_dynamic(row, packed, False) for row in x.split(1)])
+            return torch.ops.quantized.linear_dynamic(x, prepacked, False)
+        x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
+        y = torch.ops.quantized.linear_dynamic(x / x_max, prepacked, False)  # bias included: scale the rest
+        return y.mul_(x_max) if bias is None else y.sub_(bias).mul_(x_max).add_(bias)
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
     qx = torch.div(x, x_scale).round_()
     if kernel == "qlinear":  # input scale 1, output scale 1: the int32 sums times the weight's scales
