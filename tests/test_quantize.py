@@ -147,6 +147,8 @@ def test_int8_kernel_is_measured_per_row_count(tmp_path):
 def test_int8_entries_timed_before_fbgemm_ran_rows_together_are_timed_again(tmp_path, monkeypatch):
     """fbgemm's products of several rows once ran one call per row: an entry timed then (no revision)
     is measured again; one of the current revision, or an edit without times, is taken as it is."""
+    if len(ops.int8_kernels()) < 2:
+        pytest.skip("one int8 kernel in this torch build: nothing to measure")
     monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: {k: 1e-5 for k in ops.int8_kernels()})
     slow_fbgemm = {"kernel": "int_mm", "us_per_product": {k: 1.0 for k in ops.int8_kernels()}, "evicted_mb": 0}
     entries = {
