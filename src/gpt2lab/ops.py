@@ -471,14 +471,14 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
     quantized to 8 bits per row, int32 accumulation, float32 out. Exact in int32 where the kernel has
     VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
+    if kernel == "fbgemm" and len(x) == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed[0], False)
+    x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
     if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
         prepacked, bias = packed
-        if len(x) == 1:
-            return torch.ops.quantized.linear_dynamic(x, prepacked, False)
-        x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
         y = torch.ops.quantized.linear_dynamic(x / x_max, prepacked, False)  # bias included: scale the rest
         return y.mul_(x_max) if bias is None else y.sub_(bias).mul_(x_max).add_(bias)
-    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (rows, 1)
+    x_scale = x_max.div_(127)
     qx = torch.div(x, x_scale).round_()
     if kernel == "qlinear":  # input scale 1, output scale 1: the int32 sums times the weight's scales
         qweight, scale, zero, bias = packed
