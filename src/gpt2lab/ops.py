@@ -477,7 +477,7 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
         prepacked, bias = packed
         y = torch.ops.quantized.linear_dynamic(x / x_max, prepacked, False)  # bias included: scale the rest
-        return y.mul_(x_max) if bias is None else y.sub_(bias).mul_(x_max).add_(bias)
+        return y.mul_(x_max) if bias is None else torch.lerp(bias, y, x_max, out=y)  # bias + x_max (y - bias)
     x_scale = x_max.div_(127)
     qx = torch.div(x, x_scale).round_()
     if kernel == "qlinear":  # input scale 1, output scale 1: the int32 sums times the weight's scales
