@@ -51,8 +51,11 @@ class KVCache(nn.Module):
 
         ``filled`` (the last time step + 1, when known) lets a cache that does not roll attend over
         its written slots only, instead of the whole preallocated buffer; a compiled step off the
-        CPU passes None and keeps static shapes. One query over the written slots of an unpadded
-        batch sees all of them, so it gets no mask (None)."""
+        CPU passes None and keeps static shapes. Where each query of an unpadded batch sees exactly the
+        written slots up to its own time step, the mask is None: one query over the written slots, or
+        a prompt written from time step 0 (then the mask is causal, which attention kernels apply
+        without reading one; a cache that does not roll is no longer than its window, which then excludes
+        nothing)."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the
             # earlier of them still need, so attend over old + new and keep only the newest after.
@@ -65,7 +68,7 @@ class KVCache(nn.Module):
             keys, values, times = self.k, self.v, self.times
             if filled is not None and not self.rolls:  # slot == time step here, so [:filled] is all there is
                 keys, values, times = keys[:, :, :filled], values[:, :, :filled], times[:filled]
-                if pad is None and t.numel() == 1:
+                if pad is None and (t.numel() == 1 or _from_start(t, filled)):
                     return keys, values, None
         return keys, values, attention_mask(t, times, pad, self.window)
 
@@ -74,6 +77,13 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
         self.times.index_copy_(0, slots, t)
+
+
+def _from_start(t: torch.Tensor, filled: int | torch.SymInt) -> bool:
+    """Whether time steps ``t`` are 0, 1, ... ``filled`` - 1: a prompt written from the start."""
+    if torch.compiler.is_compiling():  # a traced length cannot be compared with the steps
+        return False
+    return t.numel() == filled and torch.equal(t, torch.arange(filled, device=t.device))
 
 
 def attention_mask(q_t: torch.Tensor, k_t: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:

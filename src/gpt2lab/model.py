@@ -178,9 +178,11 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
-            k, v, mask = self.kv_cache.update(k, v, *step)
-            attend = one_query_attention if T == 1 else F.scaled_dot_product_attention
-            y = attend(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+            k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
+            if T == 1:
+                y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.gqa)
         elif self.window is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
