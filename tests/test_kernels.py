@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gpt2lab import GPT, Backends, GPTConfig, kernels, ops
 from gpt2lab.errors import ConfigError
+from gpt2lab.quantize import quantize_int8
 
 pytestmark = [
     pytest.mark.skipif(not ops.onednn_available(), reason="this PyTorch build has no oneDNN"),
@@ -314,6 +315,64 @@ def test_mlp_fuses_its_gelu_where_measured_faster(make_gpt, remember_kernels, mo
 def test_gelu_kind_times_the_product_and_its_activation():
     times = kernels.measure(512, 128, 32, kind="gelu", repeat=2)
     assert set(times) == {"onednn", "torch", "onednn_gelu"} and all(0 < t < 1 for t in times.values())
+
+
+def test_the_sigmoid_form_of_the_gelu_is_gpt2s_tanh_gelu(monkeypatch):
+    """tanh_gelu's sigmoid form, y sigmoid(2u), equals 0.5 y (1 + tanh u) to float32 rounding, for
+    outputs of any leading shape, worked on a block of rows at a time; an unknown form is an error."""
+    y = torch.linspace(-12, 12, 5 * 7 * 96).view(5, 7, 96)
+    want = F.gelu(y, approximate="tanh")
+    monkeypatch.setattr(ops, "GELU_BLOCK", 3 * 96)  # 35 rows in blocks of 3, the last of 2
+    got = ops.tanh_gelu(y, "sigmoid")
+    assert got.shape == y.shape
+    torch.testing.assert_close(got, want)
+    assert torch.equal(ops.tanh_gelu(y, "tanh"), want)
+    with pytest.raises(ValueError, match="GELU form"):
+        ops.tanh_gelu(y, "erf")
+
+
+def test_the_gelu_kinds_product_is_timed_with_the_gelu_form_measured_faster(tmp_path, monkeypatch):
+    """Kind tanh_gelu times each form of the GELU over an output of the product's shape (with no cache
+    eviction: its input was just made); kind gelu then times the unfused kernels with the faster form."""
+    times = kernels.measure(512, 128, 32, kind="tanh_gelu", repeat=2)
+    assert set(times) == set(ops.GELU_FORMS) and all(0 < t < 1 for t in times.values())
+    assert kernels.evicted_before(1, "tanh_gelu") == 0
+    forms = {}
+
+    def measured(out, inp, rows, kind="float32", repeat=5, evict_bytes=None, gelu_form="tanh"):
+        forms[kind] = gelu_form
+        return {k: 1e-4 if k == "sigmoid" else 2e-4 for k in kernels.candidates(kind, rows)}
+
+    monkeypatch.setattr(kernels, "measure", measured)
+    table = kernels.KernelTable(tmp_path / "kernels.json")
+    assert table.choose(512, 128, 32, kind="gelu") == kernels.fallback("gelu", 32)
+    assert forms == {"tanh_gelu": "tanh", "gelu": "sigmoid"}
+    assert table.choose(512, 128, 32, kind="tanh_gelu") == "sigmoid"
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+def test_mlps_apply_their_gelu_in_the_form_measured_faster(make_gpt, remember_kernels, monkeypatch, int8):
+    """Without grad an auto model's MLPs, float32 or int8, apply a GELU on its own in the form the table
+    (kind tanh_gelu) measured the faster for the output; the logits are the same either way."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    remember_kernels(
+        {
+            "gelu 512x128 rows 32": {"kernel": "torch", "us_per_product": {}},
+            "tanh_gelu 512x128 rows 32": {"kernel": "sigmoid", "us_per_product": {}},
+        }
+    )
+    forms = []
+    real = ops.tanh_gelu
+    monkeypatch.setattr(ops, "tanh_gelu", lambda y, form="tanh": forms.append(form) or real(y, form))
+    model = make_gpt(seed=5, backends=Backends(linear="auto"), **config)
+    model = quantize_int8(model) if int8 else model
+    idx = torch.randint(0, 1024, (2, 9))  # 18 rows: the bucket of 32
+    with torch.no_grad():
+        got = model(idx)[0]
+        assert forms == ["sigmoid"] * model.config.n_layer
+        monkeypatch.setattr(ops, "tanh_gelu", lambda y, form="tanh": real(y, "tanh"))
+        want = model(idx)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_measurement_holds_for_one_wait_policy_and_library_instruction_cap(monkeypatch):

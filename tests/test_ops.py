@@ -166,7 +166,7 @@ def test_repeated_products_read_a_packed_copy_once_it_repays():
 
     class Table:  # a measured table's answers: MKL's plain kernel, and a copy repaid by the third product
         def choose(self, out_features, in_features, rows, kind="float32"):
-            return "torch"
+            return "sigmoid" if kind == "tanh_gelu" else "torch"
 
         def pack_repays(self, out_features, in_features, rows):
             return 3
@@ -213,7 +213,7 @@ def test_repeated_products_read_a_packed_copy_once_it_repays():
 
     class FusedTable(Table):  # where the GELU fused into oneDNN's call is the fastest, products never pack
         def choose(self, out_features, in_features, rows, kind="float32"):
-            return "onednn_gelu" if kind == "gelu" else "torch"
+            return "onednn_gelu" if kind == "gelu" else super().choose(out_features, in_features, rows, kind)
 
     if ops.onednn_available():
         layer = ops.Linear(64, 32, kernel="auto", table=FusedTable(), pack_repeated=True)
@@ -243,14 +243,15 @@ def test_an_optimizer_step_makes_the_packed_copy_stale():
 
 
 class CountingTable:
-    """A table that always answers ``kernel`` (and ``onednn_gelu`` for the GELU) and counts its questions."""
+    """A table that always answers ``kernel`` (``onednn_gelu`` for the GELU with its product, the sigmoid
+    form for the GELU on its own) and counts its questions."""
 
     def __init__(self, kernel: str = "torch") -> None:
         self.kernel, self.asked = kernel, 0
 
     def choose(self, out_features, in_features, rows, kind="float32"):
         self.asked += 1
-        return "onednn_gelu" if kind == "gelu" else self.kernel
+        return {"gelu": "onednn_gelu", "tanh_gelu": "sigmoid"}.get(kind, self.kernel)
 
     def pack_repays(self, out_features, in_features, rows):
         return 3
@@ -282,10 +283,10 @@ def test_a_planned_layer_chooses_its_kernel_once_and_still_follows_its_weight(ke
         asked = table.asked
         for _ in range(3):
             check(x)
-        check(x, gelu=True)  # the GELU's kernel: chosen on first use, then kept
+        check(x, gelu=True)  # the GELU's kernel and form: chosen on first use, then kept
         asked_gelu = table.asked
         check(x, gelu=True)
-        assert table.asked == asked_gelu <= asked + 1
+        assert table.asked == asked_gelu <= asked + 2
         check(x4)  # another row count: chosen per product
         assert table.asked > asked_gelu
         layer.weight.mul_(2.0)  # in place: the plan (and any copy) is dropped, the product follows

@@ -11,7 +11,8 @@ fastest is remembered in a JSON file keyed by the CPU model, the torch version a
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones
 (``gpt2lab.quantize``) between fbgemm, ``torch._int_mm`` and oneDNN's quantized linear
 (``gpt2lab.ops.int8_linear``); an MLP's first product outside training also measures oneDNN with its
-GELU fused in (``gpt2lab.ops.linear_gelu``); and a product without gradients measures a copy of the
+GELU fused in (``gpt2lab.ops.linear_gelu``), and a GELU on its own its two forms (``gpt2lab.ops.tanh_gelu``,
+kind ``tanh_gelu``); and a product without gradients measures a copy of the
 weight laid out for its row count (MKL's packed layout at two rows or more, the transposed layout at
 one) with the time of making the copy (kind ``packed``), from which a layer decides whether and when to
 keep one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
@@ -61,9 +62,16 @@ FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
-KINDS = ("float32", "int8", "packed", "gelu", "numpy")  # of products measured (candidates); a file's others are dropped
+KINDS = (
+    "float32",
+    "int8",
+    "packed",
+    "gelu",
+    "numpy",
+    "tanh_gelu",
+)  # measured (candidates); a file's others are dropped
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
-REVISIONS = {"int8": 2}
+REVISIONS = {"int8": 2, "gelu": 2}
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -82,10 +90,13 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
     by oneDNN or MKL: ``onednn_t``, ``torch_t``), "gelu" (an MLP's first product and its tanh-GELU
     without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
-    float32 kernel then ``F.gelu``), "numpy" (a one-row product without gradients in numpy's BLAS, on
-    the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``; none where numpy's BLAS
-    cannot be told its threads. A decode step weighs these against the "packed" kind's kernels:
-    ``GPT.pack_for_decoding``)."""
+    float32 kernel then the GELU in the form its own kind chose), "numpy" (a one-row product without
+    gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
+    none where numpy's BLAS cannot be told its threads. A decode step weighs these against the "packed"
+    kind's kernels: ``GPT.pack_for_decoding``), "tanh_gelu" (not a product: the form of the tanh-GELU
+    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu``'s ``tanh`` or ``sigmoid``)."""
+    if kind == "tanh_gelu":
+        return ops.GELU_FORMS
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
@@ -235,8 +246,9 @@ class KernelTable:
         entry = self._entries().get(name)
         if isinstance(entry, dict) and entry.get("kernel") in options and _complete(entry, options, rows, kind):
             return entry
-        evicted = evicted_before(rows)
-        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted)
+        evicted = evicted_before(rows, kind)
+        form = self.choose(out_features, in_features, rows, "tanh_gelu") if kind == "gelu" else "tanh"
+        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted, gelu_form=form)
         kernel = options[0]
         for other in options[1:]:
             if times[other] < (1 - MARGIN) * times[kernel]:
@@ -300,20 +312,22 @@ def measure(
     kind: str = "float32",
     repeat: int = 5,
     evict_bytes: int | None = None,
+    gelu_form: str = "tanh",
 ) -> dict[str, float]:
     """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
     medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
     a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
     copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
-    ``evicted_before(rows)``)."""
+    ``evicted_before(rows, kind)``). Kind ``gelu`` applies its GELU, where not fused, in ``gelu_form``;
+    kind ``tanh_gelu`` times each form over a (rows, out) output."""
     n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
-    runs = {k: _runner(kind, k, n, in_features, copies, x) for k in candidates(kind, rows)}
+    runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in candidates(kind, rows)}
     scale = out_features / n / copies
     if evict_bytes is None:
-        evict_bytes = evicted_before(rows)
+        evict_bytes = evicted_before(rows, kind)
     evict = _evictor(evict_bytes)
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
         timed = alternated(runs, repeat, before=evict)
@@ -388,10 +402,11 @@ def last_level_cache() -> int | None:
     return max(sizes) if sizes else None
 
 
-def evicted_before(rows: int) -> int:
+def evicted_before(rows: int, kind: str = "float32") -> int:
     """The bytes ``measure`` reads before each timed product of ``rows`` rows: ``eviction_bytes()`` for
-    few rows (they stream from memory in a decode step), none for more."""
-    return eviction_bytes() if rows <= FEW_ROWS else 0
+    few rows (their weights stream from memory in a decode step), none for more, nor for a GELU on its
+    own (its input is the output just made)."""
+    return eviction_bytes() if rows <= FEW_ROWS and kind != "tanh_gelu" else 0
 
 
 def eviction_bytes() -> int:
@@ -413,15 +428,19 @@ def _evictor(nbytes: int):
     return filler.sum
 
 
-def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor):
-    """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights."""
+def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor, gelu_form: str = "tanh"):
+    """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights (kind
+    ``tanh_gelu``: the form ``kernel`` on each of ``copies`` (rows, n) outputs)."""
+    if kind == "tanh_gelu":
+        outputs = [torch.linspace(-4, 4, n).expand(len(x), n).contiguous() for _ in range(copies)]
+        return lambda: [ops.tanh_gelu(y, kernel) for y in outputs]
     if kind == "int8":
         scale = torch.full((n,), 0.01)
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]
         return lambda: [ops.int8_linear(x, p, kernel) for p in packed]
     weights = [torch.full((n, k), 0.01) for _ in range(copies)]
     if kind == "gelu":  # the product and its activation, fused or one after the other
-        return lambda: [ops.linear_gelu(x, w, kernel=kernel) for w in weights]
+        return lambda: [ops.linear_gelu(x, w, kernel=kernel, form=gelu_form) for w in weights]
     if kernel in COPY_KERNELS:
         laid = [ops.copy_weight(w, len(x), kernel) for w in weights]
         return lambda: [ops.copy_linear(x, c, kernel, w, None) for c, w in zip(laid, weights, strict=True)]

@@ -13,7 +13,8 @@ one row the weight transposed in memory, which oneDNN streams faster on some CPU
 such copies for its decode steps, and a layer for products of a row count that keeps repeating,
 where they measure faster and repay their making. Without gradients,
 an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
-``linear_gelu``), where that measures faster.
+``linear_gelu``), where that measures faster, and the GELU on its own may run in its sigmoid form
+(``tanh_gelu``), where that does.
 
 A one-row product without gradients (a decode step's) may also run in numpy's BLAS, OpenBLAS in
 numpy's wheels, whose matrix-vector kernel streams the weight faster than oneDNN's or MKL's on some
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import platform
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,6 +45,8 @@ _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
+GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu computes the activation
+GELU_BLOCK = 2**20  # elements the sigmoid form works on at a time: its passes over them stay in cache
 
 
 def onednn_available() -> bool:
@@ -193,14 +197,37 @@ def linear(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def tanh_gelu(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
+    """``F.gelu(y, approximate="tanh")``, GPT-2's GELU 0.5 y (1 + tanh(u)) with u = sqrt(2 / pi) (y +
+    0.044715 y^3). The form ``sigmoid`` computes the same function as y sigmoid(2u) (equal to float32
+    rounding), in a few passes of cheap operations over blocks of ``GELU_BLOCK`` elements, which stay in
+    cache: aten's tanh is several times slower than its sigmoid on some CPUs. Which form is faster is
+    measured (kind ``tanh_gelu`` in ``gpt2lab.kernels``). The sigmoid form has no gradient."""
+    if form == "tanh":
+        return F.gelu(y, approximate="tanh")
+    if form != "sigmoid":
+        raise ValueError(f"GELU form must be one of {GELU_FORMS}, got {form!r}")
+    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    n = y.shape[-1]
+    ys, outs = y.reshape(-1, n), out.view(-1, n)
+    rows = max(1, GELU_BLOCK // n)
+    two_c = 2 * math.sqrt(2 / math.pi)
+    for start in range(0, len(ys), rows):
+        block, u = ys[start : start + rows], outs[start : start + rows]
+        torch.square(block, out=u).mul_(two_c * 0.044715).add_(two_c).mul_(block)  # 2u
+        u.sigmoid_().mul_(block)
+    return out
+
+
 def linear_gelu(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto", form: str = "tanh"
 ) -> torch.Tensor:
-    """``F.gelu(linear(x, weight, bias, kernel), approximate="tanh")``. The kernel ``onednn_gelu`` makes it
-    one oneDNN call that applies the GELU to each block of the output while the block is still in cache,
-    instead of a second pass over the whole output; it has no gradient (inference only)."""
+    """``F.gelu(linear(x, weight, bias, kernel), approximate="tanh")``, the GELU in ``form``
+    (``tanh_gelu``). The kernel ``onednn_gelu`` makes it one oneDNN call that applies the GELU to each
+    block of the output while the block is still in cache, instead of a second pass over the whole
+    output; it has no gradient (inference only)."""
     if kernel != "onednn_gelu":
-        return F.gelu(linear(x, weight, bias, kernel), approximate="tanh")
+        return tanh_gelu(linear(x, weight, bias, kernel), form)
     y = _onednn(x.reshape(-1, x.shape[-1]), weight, bias, "gelu", [], "tanh")
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -212,15 +239,17 @@ def copy_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     gelu: bool = False,
+    form: str = "tanh",
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``) read from ``copy =
-    copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into its call."""
+    """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu``) read from
+    ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
+    its call."""
     if kernel == "mkl_packed":
         y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
-        return F.gelu(y, approximate="tanh") if gelu else y
+        return tanh_gelu(y, form) if gelu else y
     plain = kernel.removesuffix("_t")
     if gelu:
-        return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain)
+        return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain, form)
     return linear(x, copy, bias, plain)
 
 
@@ -232,14 +261,19 @@ def needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _product(
-    weight: torch.Tensor, bias: torch.Tensor | None, kernel: str, copy: torch.Tensor | None, gelu: bool = False
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: str,
+    copy: torch.Tensor | None,
+    gelu: bool = False,
+    form: str = "tanh",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The product x -> F.linear(x, weight, bias) (its tanh-GELU with ``gelu``) by ``kernel``, reading
-    ``copy`` (``copy_weight``'s) where not None."""
+    """The product x -> F.linear(x, weight, bias) (its tanh-GELU with ``gelu``, in ``form``:
+    ``tanh_gelu``) by ``kernel``, reading ``copy`` (``copy_weight``'s) where not None."""
     if copy is not None:
-        return lambda x: copy_linear(x, copy, kernel, weight, bias, gelu)
+        return lambda x: copy_linear(x, copy, kernel, weight, bias, gelu, form)
     if gelu:
-        return lambda x: linear_gelu(x, weight, bias, kernel)
+        return lambda x: linear_gelu(x, weight, bias, kernel, form)
     return lambda x: linear(x, weight, bias, kernel)
 
 
@@ -301,16 +335,28 @@ class Linear(nn.Linear):
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation). Without
         gradients: the weight's copy where there is one for this many rows, else the kernel the table
         measures the fastest with the GELU (kind ``gelu``), which may be one oneDNN call with the GELU
-        fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. Where the fused call is the
+        fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. A GELU on its own takes the
+        form measured faster for its shape (``gelu_form``). Where the fused call is the
         fastest, repeated products make no copy: the GELU's own pass over the output, which fusing
         saves, costs more than packing saves (c_fc of 124M at 256 and 2,048 rows on the Xeon)."""
         planned = self._planned(x, gelu=True)
         if planned is not None:
             return planned(x)
         if use_onednn(x, self.weight, self.kernel) and not needs_grad(x, self.weight, self.bias):
-            rows = x.numel() // self.in_features
-            return _product(self.weight, self.bias, *self._choose(rows, gelu=True), gelu=True)(x)
+            return self._gelu_product(x.numel() // self.in_features)(x)
         return F.gelu(self(x), approximate="tanh")
+
+    def _gelu_product(self, rows: int, count: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The product of ``rows`` rows and its GELU, as ``gelu`` runs them without gradients."""
+        kernel, copy = self._choose(rows, gelu=True, count=count)
+        return _product(self.weight, self.bias, kernel, copy, gelu=True, form=self.gelu_form(rows))
+
+    def gelu_form(self, rows: int) -> str:
+        """The form of a GELU on its own over this layer's output of ``rows`` rows (``tanh_gelu``): ``auto``
+        asks the table (kind ``tanh_gelu``), else ``tanh``."""
+        if self.kernel == "auto" and self.table is not None:
+            return self.table.choose(self.out_features, self.in_features, rows, kind="tanh_gelu")
+        return "tanh"
 
     def _choose(self, rows: int, gelu: bool = False, count: bool = True) -> tuple[str, torch.Tensor | None]:
         """The kernel of a CPU float32 product of ``rows`` rows (with the GELU: ``gelu``) and the copy
@@ -388,9 +434,7 @@ class Linear(nn.Linear):
             return None
         call = plan.calls.get(gelu)
         if call is None:
-            call = plan.calls[gelu] = _product(
-                plan.weight, plan.bias, *self._choose(plan.numel // self.in_features, gelu=True, count=False), gelu=True
-            )
+            call = plan.calls[gelu] = self._gelu_product(plan.numel // self.in_features, count=False)
         return call
 
     @property
