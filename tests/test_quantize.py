@@ -230,3 +230,27 @@ def test_cli_int8(tiny_dir, capsys):
     assert capsys.readouterr().out.startswith("Hello")
     assert main(["predict", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "bfloat16", "--int8", "Hi"]) == 2
     assert "float32" in capsys.readouterr().err
+
+
+def test_a_planned_int8_layer_chooses_its_gelu_form_on_first_use_only():
+    """plan(rows) chooses the product's kernel at once and the GELU's form only when the layer first
+    applies one (an MLP's first product; the other layers never measure a form), then keeps it."""
+
+    class Table:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        def choose(self, out_features, in_features, rows, kind="float32"):
+            self.asked.append(kind)
+            return "sigmoid" if kind == "tanh_gelu" else kernels.fallback(kind, rows)
+
+    table = Table()
+    layer = Int8Linear(torch.nn.Linear(64, 32), table)
+    x = torch.randn(1, 64)
+    layer.plan(1)
+    assert table.asked == ["int8"]
+    with torch.no_grad():
+        want = F.gelu(layer(x), approximate="tanh")
+        for _ in range(2):
+            torch.testing.assert_close(layer.gelu(x), want)
+    assert table.asked == ["int8", "tanh_gelu"]

@@ -62,14 +62,8 @@ FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
-KINDS = (
-    "float32",
-    "int8",
-    "packed",
-    "gelu",
-    "numpy",
-    "tanh_gelu",
-)  # measured (candidates); a file's others are dropped
+# what is measured (``candidates``); a file's entries of other kinds are dropped
+KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 2, "gelu": 2}
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256

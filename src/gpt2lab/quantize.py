@@ -39,7 +39,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
         self._packed: dict[str, object] = {}  # kernel -> the weights as it reads them, made on first use
-        self.planned: tuple | None = None  # rows, kernel, packed weights, GELU form (``plan``)
+        self.planned: list | None = None  # rows, kernel, packed weights, GELU form (``plan``; on first use)
         self.register_load_state_dict_post_hook(_drop_packed)  # laid out again from the loaded weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,13 +65,16 @@ class Int8Linear(nn.Module):
         y = self(x)
         if torch.compiler.is_compiling():
             return F.gelu(y, approximate="tanh")
-        rows = y.numel() // self.out_features
-        planned = self.planned
-        return ops.tanh_gelu(y, planned[3] if planned is not None and planned[0] == rows else self._gelu_form(rows))
+        rows, planned = y.numel() // self.out_features, self.planned
+        if planned is None or planned[0] != rows:
+            return ops.tanh_gelu(y, self._gelu_form(rows))
+        if planned[3] is None:
+            planned[3] = self._gelu_form(rows)
+        return ops.tanh_gelu(y, planned[3])
 
     def _gelu_form(self, rows: int) -> str:
         if self.table is None:
-            return ops.GELU_FORMS[0]
+            return "tanh"
         return self.table.choose(self.out_features, self.in_features, rows, kind="tanh_gelu")
 
     def _choose(self, rows: int) -> tuple[str, object]:
@@ -87,7 +90,7 @@ class Int8Linear(nn.Module):
     def plan(self, rows: int) -> None:
         """Choose once the kernel of products of ``rows`` rows, until ``unplan`` or new weights are
         loaded, instead of at every product (``ops.Linear.plan``)."""
-        self.planned = (rows, *self._choose(rows), self._gelu_form(rows))
+        self.planned = [rows, *self._choose(rows), None]
 
     def unplan(self) -> None:
         self.planned = None
