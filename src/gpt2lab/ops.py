@@ -200,7 +200,7 @@ def linear(
 def tanh_gelu(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     """``F.gelu(y, approximate="tanh")``, GPT-2's GELU 0.5 y (1 + tanh(u)) with u = sqrt(2 / pi) (y +
     0.044715 y^3). The form ``sigmoid`` computes the same function as y sigmoid(2u) (equal to float32
-    rounding), in a few passes of cheap operations over blocks of ``GELU_BLOCK`` elements, which stay in
+    rounding), in five passes of cheap operations over blocks of ``GELU_BLOCK`` elements, which stay in
     cache: aten's tanh is several times slower than its sigmoid on some CPUs. Which form is faster is
     measured (kind ``tanh_gelu`` in ``gpt2lab.kernels``). The sigmoid form has no gradient."""
     if form == "tanh":
@@ -214,8 +214,8 @@ def tanh_gelu(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     two_c = 2 * math.sqrt(2 / math.pi)
     for start in range(0, len(ys), rows):
         block, u = ys[start : start + rows], outs[start : start + rows]
-        torch.square(block, out=u).mul_(two_c * 0.044715).add_(two_c).mul_(block)  # 2u
-        u.sigmoid_().mul_(block)
+        torch.addcmul(block, torch.square(block, out=u), block, value=0.044715, out=u)  # y + 0.044715 y^3
+        u.mul_(two_c).sigmoid_().mul_(block)
     return out
 
 
