@@ -63,7 +63,7 @@ class Int8Linear(nn.Module):
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation), the GELU in
         the form the table measures faster for this output (``ops.tanh_gelu``, kind ``tanh_gelu``)."""
         y = self(x)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # inductor writes its own fused GELU
             return F.gelu(y, approximate="tanh")
         rows, planned = y.numel() // self.out_features, self.planned
         if planned is None or planned[0] != rows:
@@ -88,8 +88,8 @@ class Int8Linear(nn.Module):
         return kernel, self._packed[kernel]
 
     def plan(self, rows: int) -> None:
-        """Choose once the kernel of products of ``rows`` rows, until ``unplan`` or new weights are
-        loaded, instead of at every product (``ops.Linear.plan``)."""
+        """Choose once the kernel of products of ``rows`` rows (and on its first use the GELU's form),
+        until ``unplan`` or new weights are loaded, instead of at every product (``ops.Linear.plan``)."""
         self.planned = [rows, *self._choose(rows), None]
 
     def unplan(self) -> None:
