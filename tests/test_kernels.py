@@ -318,17 +318,18 @@ def test_gelu_kind_times_the_product_and_its_activation():
 
 
 def test_the_sigmoid_form_of_the_gelu_is_gpt2s_tanh_gelu(monkeypatch):
-    """tanh_gelu's sigmoid form, y sigmoid(2u), equals 0.5 y (1 + tanh u) to float32 rounding, for
-    outputs of any leading shape, worked on a block of rows at a time; an unknown form is an error."""
+    """tanh_gelu_'s sigmoid form, y sigmoid(2u), equals 0.5 y (1 + tanh u) to float32 rounding, for
+    outputs of any leading shape, worked on a block of rows at a time; either form writes over the
+    output it is given; an unknown form is an error."""
     y = torch.linspace(-12, 12, 5 * 7 * 96).view(5, 7, 96)
     want = F.gelu(y, approximate="tanh")
     monkeypatch.setattr(ops, "GELU_BLOCK", 3 * 96)  # 35 rows in blocks of 3, the last of 2
-    got = ops.tanh_gelu(y, "sigmoid")
-    assert got.shape == y.shape
-    torch.testing.assert_close(got, want)
-    assert torch.equal(ops.tanh_gelu(y, "tanh"), want)
+    for form in ops.GELU_FORMS:
+        out = y.clone()
+        assert ops.tanh_gelu_(out, form) is out
+        torch.testing.assert_close(out, want)
     with pytest.raises(ValueError, match="GELU form"):
-        ops.tanh_gelu(y, "erf")
+        ops.tanh_gelu_(y, "erf")
 
 
 def test_the_gelu_kinds_product_is_timed_with_the_gelu_form_measured_faster(tmp_path, monkeypatch):
@@ -362,15 +363,15 @@ def test_mlps_apply_their_gelu_in_the_form_measured_faster(make_gpt, remember_ke
         }
     )
     forms = []
-    real = ops.tanh_gelu
-    monkeypatch.setattr(ops, "tanh_gelu", lambda y, form="tanh": forms.append(form) or real(y, form))
+    real = ops.tanh_gelu_
+    monkeypatch.setattr(ops, "tanh_gelu_", lambda y, form="tanh": forms.append(form) or real(y, form))
     model = make_gpt(seed=5, backends=Backends(linear="auto"), **config)
     model = quantize_int8(model) if int8 else model
     idx = torch.randint(0, 1024, (2, 9))  # 18 rows: the bucket of 32
     with torch.no_grad():
         got = model(idx)[0]
         assert forms == ["sigmoid"] * model.config.n_layer
-        monkeypatch.setattr(ops, "tanh_gelu", lambda y, form="tanh": real(y, "tanh"))
+        monkeypatch.setattr(ops, "tanh_gelu_", lambda y, form="tanh": real(y, "tanh"))
         want = model(idx)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 

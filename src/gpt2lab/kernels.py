@@ -11,7 +11,7 @@ fastest is remembered in a JSON file keyed by the CPU model, the torch version a
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones
 (``gpt2lab.quantize``) between fbgemm, ``torch._int_mm`` and oneDNN's quantized linear
 (``gpt2lab.ops.int8_linear``); an MLP's first product outside training also measures oneDNN with its
-GELU fused in (``gpt2lab.ops.linear_gelu``), and a GELU on its own its two forms (``gpt2lab.ops.tanh_gelu``,
+GELU fused in (``gpt2lab.ops.linear_gelu``), and a GELU on its own its two forms (``gpt2lab.ops.tanh_gelu_``,
 kind ``tanh_gelu``); and a product without gradients measures a copy of the
 weight laid out for its row count (MKL's packed layout at two rows or more, the transposed layout at
 one) with the time of making the copy (kind ``packed``), from which a layer decides whether and when to
@@ -88,7 +88,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
     none where numpy's BLAS cannot be told its threads. A decode step weighs these against the "packed"
     kind's kernels: ``GPT.pack_for_decoding``), "tanh_gelu" (not a product: the form of the tanh-GELU
-    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu``'s ``tanh`` or ``sigmoid``)."""
+    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``)."""
     if kind == "tanh_gelu":
         return ops.GELU_FORMS
     if kind == "numpy":
@@ -424,10 +424,11 @@ def _evictor(nbytes: int):
 
 def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor, gelu_form: str = "tanh"):
     """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights (kind
-    ``tanh_gelu``: the form ``kernel`` on each of ``copies`` (rows, n) outputs)."""
+    ``tanh_gelu``: the form ``kernel`` over each of ``copies`` (rows, n) outputs, in place as the
+    layers apply it: a few applications keep the values far from float32's subnormals)."""
     if kind == "tanh_gelu":
         outputs = [torch.linspace(-4, 4, n).expand(len(x), n).contiguous() for _ in range(copies)]
-        return lambda: [ops.tanh_gelu(y, kernel) for y in outputs]
+        return lambda: [ops.tanh_gelu_(y, kernel) for y in outputs]
     if kind == "int8":
         scale = torch.full((n,), 0.01)
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]

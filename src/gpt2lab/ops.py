@@ -14,7 +14,7 @@ such copies for its decode steps, and a layer for products of a row count that k
 where they measure faster and repay their making. Without gradients,
 an MLP's first product may take its tanh-GELU inside the same oneDNN call (``Linear.gelu``,
 ``linear_gelu``), where that measures faster, and the GELU on its own may run in its sigmoid form
-(``tanh_gelu``), where that does.
+(``tanh_gelu_``), where that does.
 
 A one-row product without gradients (a decode step's) may also run in numpy's BLAS, OpenBLAS in
 numpy's wheels, whose matrix-vector kernel streams the weight faster than oneDNN's or MKL's on some
@@ -45,7 +45,7 @@ _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
-GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu computes the activation
+GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu_ computes the activation
 GELU_BLOCK = 2**20  # elements the sigmoid form works on at a time: its passes over them stay in cache
 
 
@@ -197,37 +197,40 @@ def linear(
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def tanh_gelu(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
+def tanh_gelu_(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     """``F.gelu(y, approximate="tanh")``, GPT-2's GELU 0.5 y (1 + tanh(u)) with u = sqrt(2 / pi) (y +
-    0.044715 y^3). The form ``sigmoid`` computes the same function as y sigmoid(2u) (equal to float32
-    rounding), in five passes of cheap operations over blocks of ``GELU_BLOCK`` elements, which stay in
-    cache: aten's tanh is several times slower than its sigmoid on some CPUs. Which form is faster is
-    measured (kind ``tanh_gelu`` in ``gpt2lab.kernels``). The sigmoid form has no gradient."""
+    0.044715 y^3), written over y (a contiguous product output the caller owns, without gradients):
+    a new output of hundreds of rows costs its page faults again on every call. The form ``sigmoid``
+    computes the same function as y sigmoid(2u) (equal to float32 rounding), in five passes of cheap
+    operations over blocks of ``GELU_BLOCK`` elements, which stay in cache: aten's tanh is several
+    times slower than its sigmoid on some CPUs. Which form is faster is measured (kind ``tanh_gelu``
+    in ``gpt2lab.kernels``)."""
     if form == "tanh":
-        return F.gelu(y, approximate="tanh")
+        return torch.ops.aten.gelu_(y, approximate="tanh")
     if form != "sigmoid":
         raise ValueError(f"GELU form must be one of {GELU_FORMS}, got {form!r}")
-    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     n = y.shape[-1]
-    ys, outs = y.reshape(-1, n), out.view(-1, n)
+    ys = y.view(-1, n)
     rows = max(1, GELU_BLOCK // n)
+    u = torch.empty(min(rows, len(ys)), n, dtype=y.dtype, device=y.device)  # one block's sigmoid(2u)
     two_c = 2 * math.sqrt(2 / math.pi)
     for start in range(0, len(ys), rows):
-        block, u = ys[start : start + rows], outs[start : start + rows]
-        torch.addcmul(block, torch.square(block, out=u), block, value=0.044715, out=u)  # y + 0.044715 y^3
-        u.mul_(two_c).sigmoid_().mul_(block)
-    return out
+        block = ys[start : start + rows]
+        t = u[: len(block)]
+        torch.addcmul(block, torch.square(block, out=t), block, value=0.044715, out=t)  # y + 0.044715 y^3
+        block.mul_(t.mul_(two_c).sigmoid_())
+    return y
 
 
 def linear_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto", form: str = "tanh"
 ) -> torch.Tensor:
     """``F.gelu(linear(x, weight, bias, kernel), approximate="tanh")``, the GELU in ``form``
-    (``tanh_gelu``). The kernel ``onednn_gelu`` makes it one oneDNN call that applies the GELU to each
+    (``tanh_gelu_``). The kernel ``onednn_gelu`` makes it one oneDNN call that applies the GELU to each
     block of the output while the block is still in cache, instead of a second pass over the whole
     output; it has no gradient (inference only)."""
     if kernel != "onednn_gelu":
-        return tanh_gelu(linear(x, weight, bias, kernel), form)
+        return tanh_gelu_(linear(x, weight, bias, kernel), form)
     y = _onednn(x.reshape(-1, x.shape[-1]), weight, bias, "gelu", [], "tanh")
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -241,12 +244,12 @@ def copy_linear(
     gelu: bool = False,
     form: str = "tanh",
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu``) read from
+    """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu_``) read from
     ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
     its call."""
     if kernel == "mkl_packed":
         y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
-        return tanh_gelu(y, form) if gelu else y
+        return tanh_gelu_(y, form) if gelu else y
     plain = kernel.removesuffix("_t")
     if gelu:
         return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain, form)
@@ -269,7 +272,7 @@ def _product(
     form: str = "tanh",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The product x -> F.linear(x, weight, bias) (its tanh-GELU with ``gelu``, in ``form``:
-    ``tanh_gelu``) by ``kernel``, reading ``copy`` (``copy_weight``'s) where not None."""
+    ``tanh_gelu_``) by ``kernel``, reading ``copy`` (``copy_weight``'s) where not None."""
     if copy is not None:
         return lambda x: copy_linear(x, copy, kernel, weight, bias, gelu, form)
     if gelu:
@@ -352,7 +355,7 @@ class Linear(nn.Linear):
         return _product(self.weight, self.bias, kernel, copy, gelu=True, form=self.gelu_form(rows))
 
     def gelu_form(self, rows: int) -> str:
-        """The form of a GELU on its own over this layer's output of ``rows`` rows (``tanh_gelu``): ``auto``
+        """The form of a GELU on its own over this layer's output of ``rows`` rows (``tanh_gelu_``): ``auto``
         asks the table (kind ``tanh_gelu``), else ``tanh``."""
         if self.kernel == "auto" and self.table is not None:
             return self.table.choose(self.out_features, self.in_features, rows, kind="tanh_gelu")

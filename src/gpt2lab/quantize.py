@@ -61,16 +61,16 @@ class Int8Linear(nn.Module):
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation), the GELU in
-        the form the table measures faster for this output (``ops.tanh_gelu``, kind ``tanh_gelu``)."""
+        the form the table measures faster for this output (``ops.tanh_gelu_``, kind ``tanh_gelu``)."""
         y = self(x)
         if torch.compiler.is_compiling():  # inductor writes its own fused GELU
             return F.gelu(y, approximate="tanh")
         rows, planned = y.numel() // self.out_features, self.planned
         if planned is None or planned[0] != rows:
-            return ops.tanh_gelu(y, self._gelu_form(rows))
+            return ops.tanh_gelu_(y, self._gelu_form(rows))
         if planned[3] is None:
             planned[3] = self._gelu_form(rows)
-        return ops.tanh_gelu(y, planned[3])
+        return ops.tanh_gelu_(y, planned[3])
 
     def _gelu_form(self, rows: int) -> str:
         if self.table is None:
