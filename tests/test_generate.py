@@ -389,8 +389,8 @@ def test_unpadded_decode_step_needs_no_mask():
 def test_a_prompt_written_from_the_start_is_attended_causally_without_a_mask(make_gpt):
     """A prompt written from time step 0 into an unpadded cache sees exactly the slots up to its own step:
     no mask is built (attention applies it as causal, which kernels do without reading one). Steps that
-    continue a prompt, or a padded batch, still get one; and the logits of a prompt written in two
-    pieces, the second through the mask, equal the full forward's."""
+    continue a prompt, or a padded batch, still get one; and the logits of a prompt written whole, or
+    in two pieces, the second through the mask, equal the full forward's, grouped heads too."""
     from gpt2lab.kv_cache import KVCache
 
     cache = KVCache(1, 2, 4, 8, None, False, torch.float32, torch.device("cpu"))
@@ -402,15 +402,18 @@ def test_a_prompt_written_from_the_start_is_attended_causally_without_a_mask(mak
     _, _, mask = cache.update(kv, kv, torch.arange(3), torch.tensor([1]), 3)
     assert mask is not None
 
-    model = make_gpt(seed=3)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full, _ = model(idx)
-        model.setup_cache(2, 9)
-        prefill(model, idx[:, :5], torch.arange(5))
-        last = prefill(model, idx[:, 5:], torch.arange(5, 9))
-    model.clear_cache()
-    torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=0)
+    for variant in (dict(), dict(pos_emb="rope", n_kv_head=1, window=4, window_pattern="LG")):
+        model = make_gpt(seed=3, **variant)  # the second: grouped (one kv head) global layers, causal too
+        with torch.no_grad():
+            full, _ = model(idx)
+            model.setup_cache(2, 9)
+            whole = prefill(model, idx, torch.arange(9))
+            prefill(model, idx[:, :5], torch.arange(5))
+            last = prefill(model, idx[:, 5:], torch.arange(5, 9))
+        model.clear_cache()
+        torch.testing.assert_close(whole, full[:, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=0)
 
 
 COPIES = [  # (prompts, the kernel reading the copy) for a decode step of that many rows
