@@ -222,6 +222,14 @@ def tanh_gelu_(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     return y
 
 
+def gelu_form(table, out_features: int, in_features: int, rows: int) -> str:
+    """The form of ``tanh_gelu_`` over the (rows, out) output of an (out, in) layer: the one ``table`` (a
+    ``gpt2lab.kernels.KernelTable``) measured faster, kind ``tanh_gelu``; ``tanh`` without a table."""
+    if table is None:
+        return "tanh"
+    return table.choose(out_features, in_features, rows, kind="tanh_gelu")
+
+
 def linear_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, kernel: str = "auto", form: str = "tanh"
 ) -> torch.Tensor:
@@ -339,7 +347,7 @@ class Linear(nn.Linear):
         gradients: the weight's copy where there is one for this many rows, else the kernel the table
         measures the fastest with the GELU (kind ``gelu``), which may be one oneDNN call with the GELU
         fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. A GELU on its own takes the
-        form measured faster for its shape (``gelu_form``). Where the fused call is the
+        form measured faster for its shape (``ops.gelu_form``). Where the fused call is the
         fastest, repeated products make no copy: the GELU's own pass over the output, which fusing
         saves, costs more than packing saves (c_fc of 124M at 256 and 2,048 rows on the Xeon)."""
         planned = self._planned(x, gelu=True)
@@ -352,14 +360,9 @@ class Linear(nn.Linear):
     def _gelu_product(self, rows: int, count: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """The product of ``rows`` rows and its GELU, as ``gelu`` runs them without gradients."""
         kernel, copy = self._choose(rows, gelu=True, count=count)
-        return _product(self.weight, self.bias, kernel, copy, gelu=True, form=self.gelu_form(rows))
-
-    def gelu_form(self, rows: int) -> str:
-        """The form of a GELU on its own over this layer's output of ``rows`` rows (``tanh_gelu_``): ``auto``
-        asks the table (kind ``tanh_gelu``), else ``tanh``."""
-        if self.kernel == "auto" and self.table is not None:
-            return self.table.choose(self.out_features, self.in_features, rows, kind="tanh_gelu")
-        return "tanh"
+        table = self.table if self.kernel == "auto" else None  # a fixed kernel measures nothing
+        form = gelu_form(table, self.out_features, self.in_features, rows)
+        return _product(self.weight, self.bias, kernel, copy, gelu=True, form=form)
 
     def _choose(self, rows: int, gelu: bool = False, count: bool = True) -> tuple[str, torch.Tensor | None]:
         """The kernel of a CPU float32 product of ``rows`` rows (with the GELU: ``gelu``) and the copy

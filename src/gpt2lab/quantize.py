@@ -66,16 +66,13 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():  # inductor writes its own fused GELU
             return F.gelu(y, approximate="tanh")
         rows, planned = y.numel() // self.out_features, self.planned
-        if planned is None or planned[0] != rows:
-            return ops.tanh_gelu_(y, self._gelu_form(rows))
-        if planned[3] is None:
-            planned[3] = self._gelu_form(rows)
-        return ops.tanh_gelu_(y, planned[3])
-
-    def _gelu_form(self, rows: int) -> str:
-        if self.table is None:
-            return "tanh"
-        return self.table.choose(self.out_features, self.in_features, rows, kind="tanh_gelu")
+        if planned is not None and planned[0] == rows:
+            form = planned[3]
+            if form is None:  # chosen on the plan's first GELU, then kept
+                form = planned[3] = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
+        else:
+            form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
+        return ops.tanh_gelu_(y, form)
 
     def _choose(self, rows: int) -> tuple[str, object]:
         """The kernel of a product of ``rows`` rows and the weight as it reads it (made on first use)."""
