@@ -99,6 +99,30 @@ def test_fbgemm_quantizes_each_row_on_its_own(bias):
     assert ((y - alone).abs() < 0.03 * spread).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fbgemm_products_skip_the_torch_function_lookup(monkeypatch, rows):
+    """torch asks each argument of an op that is not a tensor for ``__torch_function__``; fbgemm's packed
+    weight answers that lookup with a C++ exception thrown and caught, which cost as long as a small
+    product. Its products are run without the lookup."""
+    if "fbgemm" not in ops.int8_kernels():
+        pytest.skip("no fbgemm in this torch build")
+    w = torch.randn(64, 32)
+    prepacked, bias = ops.pack_int8(*ops.quantize_weight(w), torch.zeros(64), "fbgemm")
+    x = torch.randn(rows, 32)
+    expected = ops.int8_linear(x, (prepacked, bias), "fbgemm")
+    asked, lookup = [], type(prepacked).__getattr__
+
+    def spy(obj, name):
+        asked.append(name)
+        return lookup(obj, name)
+
+    monkeypatch.setattr(type(prepacked), "__getattr__", spy)
+    assert torch.equal(ops.int8_linear(x, (prepacked, bias), "fbgemm"), expected)
+    assert "__torch_function__" not in asked
+    torch.ops.quantized.linear_dynamic(x, prepacked, False)  # the spy sees the lookup of a plain call
+    assert "__torch_function__" in asked
+
+
 def test_int8_weights_keep_to_7_bits_where_a_kernel_lacks_vnni(monkeypatch):
     """Without AVX-512 VNNI (fbgemm has no other VNNI kernels), or with oneDNN capped below VNNI, an int8
     kernel sums pairs of 8-bit products in 16 bits, which 8-bit weights could saturate."""
