@@ -386,32 +386,58 @@ def test_unpadded_decode_step_needs_no_mask():
     assert mask.tolist() == [[[[False, False, True, True]]]]
 
 
-def test_a_prompt_written_from_the_start_is_attended_causally_without_a_mask(make_gpt):
+def test_a_prompt_written_from_the_start_is_attended_causally_without_a_mask(make_gpt, monkeypatch):
     """A prompt written from time step 0 into an unpadded cache sees exactly the slots up to its own step:
     no mask is built (attention applies it as causal, which kernels do without reading one). Steps that
     continue a prompt, or a padded batch, still get one; and the logits of a prompt written whole, or
-    in two pieces, the second through the mask, equal the full forward's, grouped heads too."""
+    in two pieces, the second through the mask, equal the full forward's, grouped heads too. The model
+    compares the time steps with 0, 1, ... once per forward, not in every layer (on a GPU each
+    comparison waits for the device)."""
+    from gpt2lab import kv_cache
     from gpt2lab.kv_cache import KVCache
 
     cache = KVCache(1, 2, 4, 8, None, False, torch.float32, torch.device("cpu"))
     kv = torch.randn(1, 2, 3, 4)
-    keys, _, mask = cache.update(kv, kv, torch.arange(3), None, 3)
+    t = torch.arange(3)
+    assert (
+        kv_cache.written_from_start(t, 3)
+        and not kv_cache.written_from_start(t, 4)
+        and not kv_cache.written_from_start(t + 1, 4)
+    )
+    keys, _, mask = cache.update(kv, kv, t, None, 3, kv_cache.written_from_start(t, 3))
     assert mask is None and keys.shape == (1, 2, 3, 4)
-    _, _, mask = cache.update(kv[:, :, :2], kv[:, :, :2], torch.tensor([3, 4]), None, 5)
+    t = torch.tensor([3, 4])
+    _, _, mask = cache.update(kv[:, :, :2], kv[:, :, :2], t, None, 5, kv_cache.written_from_start(t, 5))
     assert mask.tolist() == [[[[True, True, True, True, False], [True] * 5]]]
-    _, _, mask = cache.update(kv, kv, torch.arange(3), torch.tensor([1]), 3)
+    _, _, mask = cache.update(kv, kv, torch.arange(3), torch.tensor([1]), 3, True)
     assert mask is not None
 
+    asked, causal, sdpa = [], [], F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        gpt2lab.model, "written_from_start", lambda t, n: asked.append(n) or kv_cache.written_from_start(t, n)
+    )
+
+    def attention(*args, is_causal=False, **kwargs):
+        causal.append(is_causal)
+        return sdpa(*args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attention)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     for variant in (dict(), dict(pos_emb="rope", n_kv_head=1, window=4, window_pattern="LG")):
         model = make_gpt(seed=3, **variant)  # the second: grouped (one kv head) global layers, causal too
         with torch.no_grad():
             full, _ = model(idx)
             model.setup_cache(2, 9)
+            causal.clear()
             whole = prefill(model, idx, torch.arange(9))
+            plain = [not block.attn.kv_cache.rolls for block in model.h]  # a rolling window's cache needs its mask
+            assert causal == plain  # the other layers: causal, without a mask
             prefill(model, idx[:, :5], torch.arange(5))
             last = prefill(model, idx[:, 5:], torch.arange(5, 9))
         model.clear_cache()
+        assert causal == plain * 2 + [False] * len(plain)
+        assert asked == [9, 5, 9]  # once per forward
+        asked.clear()
         torch.testing.assert_close(whole, full[:, -1], atol=1e-5, rtol=0)
         torch.testing.assert_close(last, full[:, -1], atol=1e-5, rtol=0)
 

@@ -44,6 +44,7 @@ class KVCache(nn.Module):
         t: torch.Tensor,
         pad: torch.Tensor | None,
         filled: int | torch.SymInt | None = None,
+        from_start: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store k, v (B, nkv, T, hs) of time steps t (T,); return the keys, values and boolean mask
         (B, 1, T, S) to attend with. ``pad`` (B,) is each row's count of left-padding steps (None: no
@@ -53,9 +54,10 @@ class KVCache(nn.Module):
         its written slots only, instead of the whole preallocated buffer; a compiled step off the
         CPU passes None and keeps static shapes. Where each query of an unpadded batch sees exactly the
         written slots up to its own time step, the mask is None: one query over the written slots, or
-        a prompt written from time step 0 (then the mask is causal, which attention kernels apply
-        without reading one; a cache that does not roll is no longer than its window, which then excludes
-        nothing)."""
+        a prompt written from time step 0 (``from_start``: t is 0, 1, ... filled - 1, which the model
+        checks once for all its layers: ``written_from_start``). Then the mask is causal,
+        which attention kernels apply without reading one; a cache that does not roll is no longer
+        than its window, which then excludes nothing."""
         if self.rolls and t.numel() > 1:
             # Several new tokens in a rolling cache: writing first would overwrite keys that the
             # earlier of them still need, so attend over old + new and keep only the newest after.
@@ -68,7 +70,7 @@ class KVCache(nn.Module):
             keys, values, times = self.k, self.v, self.times
             if filled is not None and not self.rolls:  # slot == time step here, so [:filled] is all there is
                 keys, values, times = keys[:, :, :filled], values[:, :, :filled], times[:filled]
-                if pad is None and (t.numel() == 1 or _from_start(t, filled)):
+                if pad is None and (t.numel() == 1 or from_start):
                     return keys, values, None
         return keys, values, attention_mask(t, times, pad, self.window)
 
@@ -79,9 +81,10 @@ class KVCache(nn.Module):
         self.times.index_copy_(0, slots, t)
 
 
-def _from_start(t: torch.Tensor, filled: int | torch.SymInt) -> bool:
-    """Whether time steps ``t`` are 0, 1, ... ``filled`` - 1: a prompt written from the start."""
-    if torch.compiler.is_compiling():  # a traced length cannot be compared with the steps
+def written_from_start(t: torch.Tensor, filled: int | torch.SymInt | None) -> bool:
+    """Whether time steps ``t`` are 0, 1, ... ``filled`` - 1: a prompt written from the start (``update``).
+    On a GPU the comparison waits for the device, so a model asks once per forward, not per layer."""
+    if filled is None or torch.compiler.is_compiling():  # a traced length cannot be compared with the steps
         return False
     return t.numel() == filled and torch.equal(t, torch.arange(filled, device=t.device))
 

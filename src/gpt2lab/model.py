@@ -21,7 +21,7 @@ from gpt2lab import kernels
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import available_memory
 from gpt2lab.errors import CheckpointError
-from gpt2lab.kv_cache import KVCache
+from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
     LINEAR_KERNELS,
     Linear,
@@ -170,14 +170,14 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         window_mask: torch.Tensor | None,
-        step: tuple[torch.Tensor, torch.Tensor, int | None] | None,
+        step: tuple[torch.Tensor, torch.Tensor | None, int | None, bool] | None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         heads = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
         q, k, v = heads.split(self.heads, dim=1)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled)
+        if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled, from start)
             k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
             if T == 1:
                 y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
@@ -316,7 +316,13 @@ class GPT(nn.Module):
                     f"model.setup_cache({B}, length) first (the cache now holds {len(self.cache_pad)} row(s) of "
                     f"{self.cache_len} steps)"
                 )
-            step = (input_pos, self.cache_pad if self.cache_padded else None, _filled(input_pos, self.cache_len))
+            filled = _filled(input_pos, self.cache_len)
+            step = (
+                input_pos,
+                self.cache_pad if self.cache_padded else None,
+                filled,
+                written_from_start(input_pos, filled),
+            )
             pos = input_pos[None]  # (1, T): every row's positions
             if self.cache_padded:
                 pos = (pos - self.cache_pad[:, None]).clamp_min(0)  # (B, T): each row's own
