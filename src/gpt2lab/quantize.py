@@ -15,6 +15,7 @@ agreement with float32 are measured in bench/peers.py and checked in tests/test_
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,17 @@ from torch import nn
 from gpt2lab import kernels, ops
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    """``Int8Linear.plan``'s choice for products of ``rows`` rows: the kernel, the weights as it reads
+    them, and the GELU's form (``ops.gelu_form``), chosen on the plan's first GELU."""
+
+    rows: int
+    kernel: str
+    packed: object
+    gelu_form: str | None = None
 
 
 class Int8Linear(nn.Module):
@@ -39,7 +51,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
         self._packed: dict[str, object] = {}  # kernel -> the weights as it reads them, made on first use
-        self.planned: list | None = None  # rows, kernel, packed weights, GELU form (``plan``; on first use)
+        self.planned: _Plan | None = None
         self.register_load_state_dict_post_hook(_drop_packed)  # laid out again from the loaded weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +64,8 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():  # torch._int_mm: the other kernels' weight layouts cannot be traced
             kernel = "int_mm"
             packed = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
-        elif self.planned is not None and self.planned[0] == rows:
-            kernel, packed = self.planned[1:3]
+        elif self.planned is not None and self.planned.rows == rows:
+            kernel, packed = self.planned.kernel, self.planned.packed
         else:
             kernel, packed = self._choose(rows)
         y = ops.int8_linear(x2, packed, kernel)
@@ -66,10 +78,10 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling():  # inductor writes its own fused GELU
             return F.gelu(y, approximate="tanh")
         rows, planned = y.numel() // self.out_features, self.planned
-        if planned is not None and planned[0] == rows:
-            form = planned[3]
+        if planned is not None and planned.rows == rows:
+            form = planned.gelu_form
             if form is None:  # chosen on the plan's first GELU, then kept
-                form = planned[3] = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
+                form = planned.gelu_form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
         else:
             form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
         return ops.tanh_gelu_(y, form)
@@ -87,7 +99,7 @@ class Int8Linear(nn.Module):
     def plan(self, rows: int) -> None:
         """Choose once the kernel of products of ``rows`` rows (and on its first use the GELU's form),
         until ``unplan`` or new weights are loaded, instead of at every product (``ops.Linear.plan``)."""
-        self.planned = [rows, *self._choose(rows), None]
+        self.planned = _Plan(rows, *self._choose(rows))
 
     def unplan(self) -> None:
         self.planned = None
