@@ -544,8 +544,9 @@ def fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:
     """fbgemm's dynamic int8 linear of x (rows, in) with its packed weight (``pack_int8``; bias
     included). Before an op runs, torch asks each argument that is not a tensor for
     ``__torch_function__``; the packed weight is a TorchScript object, and its lookup of a missing
-    attribute throws and catches a C++ exception: about 15 us per call, as long as a small product
-    takes. No argument here overrides torch's functions, so that check is off around the call."""
+    attribute throws and catches a C++ exception, which takes as long as a small product
+    (docs/benchmarks.md, item 7). No argument here overrides torch's functions, so that check is off
+    around the call."""
     with torch._C.DisableTorchFunctionSubclass():
         return torch.ops.quantized.linear_dynamic(x, prepacked, False)
 
