@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -330,6 +331,25 @@ def test_the_sigmoid_form_of_the_gelu_is_gpt2s_tanh_gelu(monkeypatch):
         torch.testing.assert_close(out, want)
     with pytest.raises(ValueError, match="GELU form"):
         ops.tanh_gelu_(y, "erf")
+
+
+def test_the_sigmoid_form_works_in_memory_kept_per_thread():
+    """The sigmoid form's working block is the same memory on every call from one thread (a fresh one of
+    megabytes costs its page faults again each time), grows when a call needs more, and is another
+    thread's own in another thread."""
+    y = torch.linspace(-4, 4, 64 * 96).view(64, 96)
+    first = ops.gelu_scratch(64 * 96, y).fill_(math.nan)
+    ops.tanh_gelu_(y.clone(), "sigmoid")
+    assert first.isfinite().all()  # the form worked in this very memory
+    assert ops.gelu_scratch(64 * 96, y).data_ptr() == first.data_ptr()
+    assert ops.gelu_scratch(10, y).data_ptr() == first.data_ptr()
+    assert ops.gelu_scratch(64 * 96 + 1, y).numel() == 64 * 96 + 1
+    assert ops.gelu_scratch(10, y.double()).dtype == torch.float64
+    other = []
+    thread = threading.Thread(target=lambda: other.append(ops.gelu_scratch(64 * 96, y).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != ops.gelu_scratch(64 * 96, y).data_ptr()
 
 
 def test_the_gelu_kinds_product_is_timed_with_the_gelu_form_measured_faster(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 import platform
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -212,7 +213,7 @@ def tanh_gelu_(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     n = y.shape[-1]
     ys = y.view(-1, n)
     rows = max(1, GELU_BLOCK // n)
-    u = torch.empty(min(rows, len(ys)), n, dtype=y.dtype, device=y.device)  # one block's sigmoid(2u)
+    u = gelu_scratch(min(rows, len(ys)) * n, y).view(-1, n)  # one block's sigmoid(2u)
     two_c = 2 * math.sqrt(2 / math.pi)
     for start in range(0, len(ys), rows):
         block = ys[start : start + rows]
@@ -220,6 +221,22 @@ def tanh_gelu_(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
         torch.addcmul(block, torch.square(block, out=t), block, value=0.044715, out=t)  # y + 0.044715 y^3
         block.mul_(t.mul_(two_c).sigmoid_())
     return y
+
+
+_scratch = threading.local()  # each thread's working blocks for tanh_gelu_'s sigmoid form
+
+
+def gelu_scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``numel`` elements of ``like``'s dtype and device to work in, the same memory on each
+    call from this thread (another thread has its own): a block allocated afresh (megabytes, past
+    malloc's threshold for mapping new pages) costs its page faults again on every call, a few times
+    the time of the pass that first writes it (docs/benchmarks.md, item 14). Its values are left over."""
+    blocks = _scratch.__dict__.setdefault("blocks", {})
+    key = (like.dtype, like.device)
+    block = blocks.get(key)
+    if block is None or block.numel() < numel:
+        block = blocks[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return block[:numel]
 
 
 def gelu_form(table, out_features: int, in_features: int, rows: int) -> str:
