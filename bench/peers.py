@@ -143,9 +143,14 @@ class EngineProcess:
 def serve(conn, engine: str, directory: Path, threads: int, llama_convert: Path | None) -> None:
     """The child process's loop: convert and load ``engine``'s models, then answer calls until "stop"."""
     torch.set_num_threads(threads)  # gpt2lab is not run here; torch only converts
-    server = (
-        Ct2Server(directory, threads) if engine == "ctranslate2" else LlamaServer(directory, threads, llama_convert)
-    )
+    try:
+        server = (
+            Ct2Server(directory, threads) if engine == "ctranslate2" else LlamaServer(directory, threads, llama_convert)
+        )
+    except Exception as e:  # answers the parent's "ready" call, which raises it with the message
+        conn.recv()
+        conn.send((False, f"{engine} could not be loaded: {type(e).__name__}: {e}"))
+        return
     while True:
         method, args = conn.recv()
         if method == "stop":
@@ -195,7 +200,14 @@ class LlamaServer:
         for quant in self.QUANTS:
             gguf = directory.parent / f"gpt2-{quant}.gguf"
             cmd = [sys.executable, str(convert), str(directory), "--outtype", quant, "--outfile", str(gguf)]
-            subprocess.run(cmd, check=True, capture_output=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                said = "\n".join(done.stderr.strip().splitlines()[-5:])
+                raise RuntimeError(
+                    f"{convert} exited with status {done.returncode} converting to {quant}; its last words:\n{said}\n"
+                    "--llama-convert takes convert_hf_to_gguf.py inside llama.cpp's source tree, which it imports "
+                    "from (its conversion/ and gguf-py/ folders), run with a Python that has gguf installed"
+                )
             self.models[quant], self.paths[quant] = load_llama(gguf, threads), gguf
 
     def greedy(self, quant: str, prompt: list[int], n: int) -> list[int]:
@@ -402,7 +414,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "gpt2-random"
         save_pretrained(model, directory)
-        peers = Peers(directory, args.threads, args.llama_convert)
+        try:
+            peers = Peers(directory, args.threads, args.llama_convert)
+        except RuntimeError as e:  # a peer that could not convert or load: its message, not a traceback
+            sys.exit(f"bench/peers.py: {e}")
         if peers.llama_note:
             print(f"llama.cpp rows skipped: {peers.llama_note}\n", flush=True)
         int8 = quantize_int8(model)

@@ -33,3 +33,28 @@ def test_ctranslate2_converts_a_saved_directory(tiny_dir, tmp_path):
         ours = load_model(tiny_dir)(ids)[0]
     theirs = torch.from_numpy(np.asarray(generator.forward_batch(ids.tolist())))
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_a_peer_that_cannot_convert_says_why_instead_of_a_dropped_pipe(tiny_dir, tmp_path):
+    """bench/peers.py loads each peer in a child process; a converter that fails there (llama.cpp's, run
+    outside its source tree) reaches the parent as the converter's own words and what to pass instead."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    convert = tmp_path / "convert_hf_to_gguf.py"
+    convert.write_text("import sys\nsys.exit(\"ModuleNotFoundError: No module named 'conversion'\")\n")
+    bench = Path(__file__).parents[1] / "bench"
+    script = (
+        f"import sys; sys.path.insert(0, {str(bench)!r}); import peers\n"
+        "from pathlib import Path\n"
+        "try:\n"
+        f"    peers.EngineProcess('llama.cpp', Path({str(tiny_dir)!r}), 1, Path({str(convert)!r}))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout
+    assert "llama.cpp could not be loaded" in said and "exited with status 1 converting to f32" in said
+    assert "No module named 'conversion'" in said and "llama.cpp's source tree" in said
