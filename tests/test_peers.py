@@ -1,10 +1,14 @@
 """Directories written by save_pretrained (and so by convert and export) convert with the CPU peers'
 own converters as they are: the files those converters read are there, and CTranslate2's converted
-model gives our logits. Skipped where the peers are not installed (they are the optional bench extra)."""
+model gives our logits. Skipped where the peers are not installed (they are the optional bench extra).
+And bench/peers.py reports a peer that fails to convert with the converter's own words."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,10 +42,6 @@ def test_ctranslate2_converts_a_saved_directory(tiny_dir, tmp_path):
 def test_a_peer_that_cannot_convert_says_why_instead_of_a_dropped_pipe(tiny_dir, tmp_path):
     """bench/peers.py loads each peer in a child process; a converter that fails there (llama.cpp's, run
     outside its source tree) reaches the parent as the converter's own words and what to pass instead."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     convert = tmp_path / "convert_hf_to_gguf.py"
     convert.write_text("import sys\nsys.exit(\"ModuleNotFoundError: No module named 'conversion'\")\n")
     bench = Path(__file__).parents[1] / "bench"
