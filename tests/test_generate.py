@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -619,29 +620,51 @@ def test_stream_checks_its_arguments_when_called(make_gpt):
         stream(make_gpt(), [[1] * 60], 5)
 
 
+class _CountedLookups(weakref.WeakValueDictionary):
+    """``quantize._planned_layers``, counting the lookups of ``int8_product`` (a compiled step's opaque
+    int8 products)."""
+
+    lookups = 0
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("int8", [False, "laid out", "plain"], ids=["float32", "int8-laid-out", "int8-plain"])
+@pytest.mark.parametrize(
+    "int8", [False, "laid out", "plain", "fbgemm"], ids=["float32", "int8-laid-out", "int8-plain", "int8-fbgemm"]
+)
 def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, monkeypatch, int8):
     """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
-    step; an int8 model compiles its products as torch._int_mm, so it is checked against eager int8
-    run on that kernel, with its weights laid out for inductor's kernels (AMX CPUs) and as they are."""
-    from gpt2lab import decode
+    step. An int8 model's compiled step runs each product on the kernel its plan chose: torch._int_mm,
+    traced, with its weights laid out for inductor's kernels (AMX CPUs) and as they are; fbgemm as one
+    opaque op (``quantize.int8_product``), which every product of the compiled steps calls."""
+    from gpt2lab import quantize
     from gpt2lab.quantize import Int8Linear, quantize_int8
 
-    monkeypatch.setattr(decode, "_has_amx_int8", lambda: int8 == "laid out")
+    if int8 == "fbgemm" and "fbgemm" not in ops.int8_kernels():
+        pytest.skip("this torch has no fbgemm")
+    monkeypatch.setattr(kernels, "has_amx_int8", lambda: int8 == "laid out")
+    lookups = _CountedLookups()
+    monkeypatch.setattr(quantize, "_planned_layers", lookups)
     model = make_gpt(seed=4)
     if int8:
         model = quantize_int8(model)
+        kernel = "fbgemm" if int8 == "fbgemm" else "int_mm"
         for layer in model.modules():
             if isinstance(layer, Int8Linear):
                 layer.table = type(
-                    "IntMM", (), {"choose": lambda self, *a, kind: "int_mm" if kind == "int8" else "tanh"}
+                    "Fixed", (), {"choose": lambda self, *a, kind: kernel if kind == "int8" else "tanh"}
                 )()
     prompts = [SHORT, SHORT[:2]]
     eager = generate(model, prompts, 10, temperature=0, eos_id=None)
+    assert lookups.lookups == 0
     compiled = generate(model, prompts, 10, temperature=0, eos_id=None, compile=True)
     model.clear_cache()
     assert compiled == eager
+    products = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert lookups.lookups == (products * 9 if int8 == "fbgemm" else 0)  # 9 compiled steps after the prefill
 
 
 def test_a_calls_later_compiled_steps_skip_the_full_guards():
@@ -804,7 +827,7 @@ def test_a_compiled_step_lays_its_weights_out_where_that_is_the_faster_kernel(
     assert decode.prepacks_weights(model, 2)
     int8 = quantize_int8(model)
     for amx in (True, False):
-        monkeypatch.setattr(decode, "_has_amx_int8", lambda amx=amx: amx)
+        monkeypatch.setattr(kernels, "has_amx_int8", lambda amx=amx: amx)
         assert decode.prepacks_weights(int8, 1) == decode.prepacks_weights(int8, 8) == amx
 
 

@@ -278,3 +278,27 @@ def test_a_planned_int8_layer_chooses_its_gelu_form_on_first_use_only():
         for _ in range(2):
             torch.testing.assert_close(layer.gelu(x), want)
     assert table.asked == ["int8", "tanh_gelu"]
+
+
+@pytest.mark.parametrize("kernel", ops.int8_kernels())
+@pytest.mark.parametrize("amx", [False, True])
+def test_a_compiled_step_calls_the_planned_int8_kernel_as_one_op(monkeypatch, kernel, amx):
+    """A plan marks its kernel for compiled steps to call as one opaque op (``int8_product``), which
+    computes the planned layer's own product and passes torch's checks of a custom op (schema, fake
+    tensor, dispatch); not ``torch._int_mm``, which a compiled step traces, nor any kernel where the
+    CPU has AMX int8 tiles (inductor lays the weights out for its own kernels then)."""
+
+    class Table:
+        def choose(self, out_features, in_features, rows, kind="float32"):
+            return kernel
+
+    monkeypatch.setattr(kernels, "has_amx_int8", lambda: amx)
+    layer = Int8Linear(torch.nn.Linear(64, 48), Table())
+    x = torch.randn(3, 64)
+    layer.plan(3)
+    assert layer.planned.opaque == (kernel != "int_mm" and not amx)
+    with torch.no_grad():
+        want = layer(x)
+        got = torch.ops.gpt2lab.int8_product(x, id(layer), layer.out_features)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.gpt2lab.int8_product, (x, id(layer), layer.out_features))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from gpt2lab.kernels import cpu_flags
+from gpt2lab import kernels
 from gpt2lab.kv_cache import KVCache
 from gpt2lab.model import GPT
 from gpt2lab.ops import Linear, weight_key
@@ -284,19 +284,15 @@ def prepacks_weights(model: GPT, rows: int) -> bool:
     laid out where the CPU has AMX int8 tiles (``amx_int8``): on the Xeon of docs/benchmarks.md the
     laid-out int8 step took 5.7 ms against 11.6 ms on the plain weights, while on the AMD EPYC there
     (AVX-512 VNNI, no AMX) it decoded 39-40 tokens/s against 261 (one row) and 716 (eight rows) on
-    the plain weights, where ATen's ``_int_mm`` runs the products. ``quantize_int8`` converts every
+    the plain weights with ATen's ``_int_mm`` running the products. (On the plain weights each int8
+    layer runs its planned kernel: ``Int8Linear._compiled_product``.) ``quantize_int8`` converts every
     linear layer, the lm_head included, so the lm_head tells which products a model has."""
     head = model.lm_head
     if isinstance(head, Int8Linear):
-        return _has_amx_int8()
+        return kernels.has_amx_int8()
     if rows > 1 or not (isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32):
         return True
     return not mkl_reads_one_row_faster(model)
-
-
-@functools.cache
-def _has_amx_int8() -> bool:
-    return "amx_int8" in cpu_flags()
 
 
 def mkl_reads_one_row_faster(model: GPT) -> bool:

@@ -187,9 +187,9 @@ def _stream(
     packed, planned = [], []
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
-        if not compiled:  # a compiled step takes F.linear
+        if not compiled:  # a compiled step reads the weights frozen into it, not copies
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
-            planned = model.plan_decoding(B)
+        planned = model.plan_decoding(B)  # a compiled step runs the planned int8 kernels (Int8Linear.plan)
         in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)

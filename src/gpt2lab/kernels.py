@@ -146,6 +146,13 @@ def cpu_flags() -> set[str]:
     return set((_cpuinfo("flags") or "").split())
 
 
+@functools.cache
+def has_amx_int8() -> bool:
+    """Whether the CPU has AMX int8 tiles: a compiled CPU step then lays its int8 weights out for
+    inductor's own kernels (``gpt2lab.decode.prepacks_weights``), which trace ``torch._int_mm``."""
+    return "amx_int8" in cpu_flags()
+
+
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below the first with VNNI: its int8 kernels then saturate too
 ONEDNN_ISAS_WITHOUT_VNNI = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,38 @@ from gpt2lab.model import GPT
 @dataclasses.dataclass(slots=True)
 class _Plan:
     """``Int8Linear.plan``'s choice for products of ``rows`` rows: the kernel, the weights as it reads
-    them, and the GELU's form (``ops.gelu_form``), chosen on the plan's first GELU."""
+    them, whether a compiled step calls that kernel as one opaque op (``int8_product``) rather than
+    tracing ``torch._int_mm``, and the GELU's form (``ops.gelu_form``), chosen on the plan's first GELU."""
 
     rows: int
     kernel: str
     packed: object
+    opaque: bool
     gelu_form: str | None = None
+
+
+# The int8 layers with a plan, by id: what a compiled step's int8_product reads its kernel from.
+_planned_layers: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+
+
+def _int8_product(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return _planned_layers[layer].product(x)
+
+
+# torch.ops.gpt2lab.int8_product(x, layer, out_features): x (rows, in) times the weight of the planned
+# int8 layer whose id is ``layer``, on its kernel (``Int8Linear.product``), as one op that a compiled
+# step calls as it is. fbgemm's and oneDNN's packed weights are made by calls that dynamo cannot trace
+# (they take no fake tensors), so a compiled step could otherwise run only ``torch._int_mm``, which
+# takes 6-46x fbgemm's time on a CPU without VNNI (docs/benchmarks.md). Defined with torch.library's
+# Library rather than with its custom_op, whose wrapper adds several times this one's cost per call.
+_ops = torch.library.Library("gpt2lab", "DEF")  # the op lives as long as this object
+_ops.define("int8_product(Tensor x, int layer, int out_features) -> Tensor")
+_ops.impl("int8_product", _int8_product, "CPU")
+
+
+@torch.library.register_fake("gpt2lab::int8_product")
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 class Int8Linear(nn.Module):
@@ -60,16 +87,27 @@ class Int8Linear(nn.Module):
         if self.scale.dtype != torch.float32:
             raise GPT2LabError("an int8 model runs in float32 (its scales and biases); do not cast it with .to(dtype)")
         x2 = x.reshape(-1, self.in_features).float()
-        rows = x2.shape[0]
-        if torch.compiler.is_compiling():  # torch._int_mm: the other kernels' weight layouts cannot be traced
-            kernel = "int_mm"
-            packed = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
-        elif self.planned is not None and self.planned.rows == rows:
-            kernel, packed = self.planned.kernel, self.planned.packed
-        else:
-            kernel, packed = self._choose(rows)
-        y = ops.int8_linear(x2, packed, kernel)
+        y = self._compiled_product(x2) if torch.compiler.is_compiling() else self.product(x2)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (rows, in) times the weight, plus the bias, on the planned kernel (``plan``) or the one
+        the table chooses for that many rows."""
+        planned = self.planned
+        if planned is not None and planned.rows == x2.shape[0]:
+            kernel, packed = planned.kernel, planned.packed
+        else:
+            kernel, packed = self._choose(x2.shape[0])
+        return ops.int8_linear(x2, packed, kernel)
+
+    def _compiled_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``product`` as a compiled step runs it: the planned kernel as one opaque op
+        (``int8_product``) where the plan says so; else ``torch._int_mm``, traced, whose weight
+        inductor reads as a constant and, where the CPU has AMX int8 tiles, lays out for its own kernels."""
+        planned = self.planned
+        if planned is not None and planned.rows == x2.shape[0] and planned.opaque:
+            return torch.ops.gpt2lab.int8_product(x2, id(self), self.out_features)
+        return ops.int8_linear(x2, ops.pack_int8(self.qweight, self.scale, self.bias, "int_mm"), "int_mm")
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """``F.gelu(self(x), approximate="tanh")`` (an MLP's first product and its activation), the GELU in
@@ -98,8 +136,12 @@ class Int8Linear(nn.Module):
 
     def plan(self, rows: int) -> None:
         """Choose once the kernel of products of ``rows`` rows (and on its first use the GELU's form),
-        until ``unplan`` or new weights are loaded, instead of at every product (``ops.Linear.plan``)."""
-        self.planned = _Plan(rows, *self._choose(rows))
+        until ``unplan`` or new weights are loaded, instead of at every product (``ops.Linear.plan``).
+        A compiled step runs the planned kernel too, as one opaque op, unless it is ``torch._int_mm``
+        or the step lays int8 weights out for inductor's AMX kernels (``kernels.has_amx_int8``)."""
+        kernel, packed = self._choose(rows)
+        self.planned = _Plan(rows, kernel, packed, opaque=kernel != "int_mm" and not kernels.has_amx_int8())
+        _planned_layers[id(self)] = self
 
     def unplan(self) -> None:
         self.planned = None
