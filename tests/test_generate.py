@@ -639,7 +639,10 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
     """``compile=True`` on the CPU (inductor, C++ wrapper) decodes the same greedy tokens as the eager
     step. An int8 model's compiled step runs each product on the kernel its plan chose: torch._int_mm,
     traced, with its weights laid out for inductor's kernels (AMX CPUs) and as they are; fbgemm as one
-    opaque op (``quantize.int8_product``), which every product of the compiled steps calls."""
+    opaque op (``quantize.int8_product``), which every product of the compiled steps calls, and which
+    keeps the step out of inductor's on-disk cache (the op names layers by their id in this process)."""
+    from torch._dynamo.utils import counters
+
     from gpt2lab import quantize
     from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -660,11 +663,14 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
     prompts = [SHORT, SHORT[:2]]
     eager = generate(model, prompts, 10, temperature=0, eos_id=None)
     assert lookups.lookups == 0
+    counters.clear()
     compiled = generate(model, prompts, 10, temperature=0, eos_id=None, compile=True)
     model.clear_cache()
     assert compiled == eager
     products = sum(isinstance(m, Int8Linear) for m in model.modules())
     assert lookups.lookups == (products * 9 if int8 == "fbgemm" else 0)  # 9 compiled steps after the prefill
+    if int8 == "fbgemm":
+        assert counters["inductor"]["fxgraph_cache_miss"] == counters["inductor"]["fxgraph_cache_hit"] == 0
 
 
 def test_a_calls_later_compiled_steps_skip_the_full_guards():

@@ -194,7 +194,8 @@ def _frozen(step: Callable) -> Callable:
     (``prepacks_weights``), and with each of those kernels' templates compiled once
     (``_templates_compiled_once``). A step on laid-out weights stays out of inductor's on-disk cache
     (``fx_graph_cache``): its kernels read copies of the weights made as it compiles, so a stored one,
-    found again by shapes, would decode the weights it was compiled with. Autotuning's own
+    found again by shapes, would decode the weights it was compiled with. So does a step that calls
+    int8 layers by their id in this process (``calls_layers_by_id``). Autotuning's own
     deprecation warning (inductor calls ``Tensor.storage()``) is kept out of the output."""
 
     @functools.wraps(step)
@@ -206,7 +207,8 @@ def _frozen(step: Callable) -> Callable:
         prepack = layouts[rows]
         if prepack:
             _let_freezing_pack_weights()
-        options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": not prepack}
+        cacheable = not prepack and not calls_layers_by_id(model)
+        options = {"freezing": True, "cpp.weight_prepack": prepack, "fx_graph_cache": cacheable}
         traced_length = torch._dynamo.config.patch(capture_scalar_outputs=True)  # the cache's length: model._filled
         with (
             torch._inductor.config.patch(options),
@@ -310,6 +312,13 @@ def mkl_reads_one_row_faster(model: GPT) -> bool:
             else:
                 onednn += layer.weight.numel()
     return mkl >= onednn
+
+
+def calls_layers_by_id(model: GPT) -> bool:
+    """Whether a compiled step of ``model`` calls int8 layers' planned kernels as one opaque op each
+    (``quantize.int8_product``), which names its layer by its id in this process: a step stored in
+    inductor's on-disk cache would name layers of a process that is gone."""
+    return any(isinstance(m, Int8Linear) and m.planned is not None and m.planned.opaque for m in model.modules())
 
 
 def frozen_weights_key(model: GPT) -> tuple:
