@@ -30,6 +30,30 @@ def test_rows_buckets():
     assert [kernels.rows_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 200, 256, 257, 4096)] == [
         1, 2, 4, 4, 8, 8, 16, 256, 256, 256, 256,
     ]  # fmt: skip
+    assert [kernels.rows_bucket(r, "int8") for r in (1, 200, 257, 1024, 1025, 2048, 4096)] == [
+        1, 256, 512, 1024, 2048, 2048, 2048,
+    ]  # fmt: skip
+
+
+def test_int8_products_of_many_rows_time_only_the_kernels_close_at_half_the_rows(tmp_path, monkeypatch):
+    """Past 256 rows an int8 product is measured per bucket up to 2,048 rows, the kernels that took more
+    than PRUNE times the fastest's time at half the rows left out (measured there first, in turn)."""
+    options = ("fbgemm", "int_mm", "qlinear")
+    monkeypatch.setattr(kernels, "candidates", lambda kind, rows: options)
+    timed = []
+
+    def measure(out_features, in_features, rows, kind, options=None, **kwargs):
+        timed.append((rows, options))
+        slow = {256: 3.0, 512: 1.5}.get(rows, 9.0)  # int_mm: 3x at 256 rows, then 1.5x (never timed)
+        times = {"fbgemm": 1e-3, "int_mm": slow * 1e-3, "qlinear": 0.9e-3 if rows == 2048 else 1.1e-3}
+        return {k: times[k] for k in options}
+
+    monkeypatch.setattr(kernels, "measure", measure)
+    table = kernels.KernelTable(tmp_path / "k.json")
+    assert table.choose(768, 768, 256, kind="int8") == "fbgemm"
+    assert table.choose(768, 768, 2000, kind="int8") == "qlinear"
+    assert timed == [(256, options)] + [(rows, ("fbgemm", "qlinear")) for rows in (512, 1024, 2048)]
+    assert table.choose(768, 768, 5000, kind="int8") == "qlinear" and len(timed) == 4  # 2,048 rows' choice
 
 
 def test_machines_sharing_a_model_name_are_told_apart(monkeypatch):
@@ -360,7 +384,7 @@ def test_the_gelu_kinds_product_is_timed_with_the_gelu_form_measured_faster(tmp_
     assert kernels.evicted_before(1, "tanh_gelu") == 0
     forms = {}
 
-    def measured(out, inp, rows, kind="float32", repeat=5, evict_bytes=None, gelu_form="tanh"):
+    def measured(out, inp, rows, kind="float32", repeat=5, evict_bytes=None, gelu_form="tanh", options=None):
         forms[kind] = gelu_form
         return {k: 1e-4 if k == "sigmoid" else 2e-4 for k in kernels.candidates(kind, rows)}
 

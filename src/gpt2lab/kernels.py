@@ -67,6 +67,12 @@ KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 3, "gelu": 2}
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
+# int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
+# (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
+# the rows is not timed at more (torch._int_mm, many times fbgemm's time without VNNI, would take
+# seconds a call there)
+MAX_INT8_BUCKET = 2048
+PRUNE = 2.0
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
 MAX_COPIES = 128
@@ -109,9 +115,10 @@ def fallback(kind: str = "float32", rows: int = 1) -> str:
     return candidates(kind, rows)[0]
 
 
-def rows_bucket(rows: int) -> int:
-    """The power of two at or above ``rows``, at most MAX_BUCKET: products are measured per bucket."""
-    return min(1 << max(rows - 1, 0).bit_length(), MAX_BUCKET)
+def rows_bucket(rows: int, kind: str = "float32") -> int:
+    """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kind ``int8``):
+    products are measured per bucket."""
+    return min(1 << max(rows - 1, 0).bit_length(), MAX_INT8_BUCKET if kind == "int8" else MAX_BUCKET)
 
 
 @functools.cache  # read once: the model, family and flags come from it, each time a key is made
@@ -233,14 +240,14 @@ class KernelTable:
         return us["pack"] / (min(plain) - us[kernel])
 
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
-        key = (out_features, in_features, rows_bucket(rows), kind, torch.get_num_threads())
+        key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())
         entry = self._chosen.get(key)
         if entry is None:
             entry = self._chosen[key] = self._lookup_or_measure(*key[:4])
         return entry
 
     def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
-        options = candidates(kind, rows)
+        options = self._options(out_features, in_features, rows, kind)
         if len(options) == 1:
             return {"kernel": options[0]}
         name = f"{kind} {out_features}x{in_features} rows {rows}"
@@ -249,7 +256,7 @@ class KernelTable:
             return entry
         evicted = evicted_before(rows, kind)
         form = self.choose(out_features, in_features, rows, "tanh_gelu") if kind == "gelu" else "tanh"
-        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted, gelu_form=form)
+        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted, gelu_form=form, options=options)
         kernel = options[0]
         for other in options[1:]:
             if times[other] < (1 - MARGIN) * times[kernel]:
@@ -261,6 +268,19 @@ class KernelTable:
             entry["revision"] = REVISIONS[kind]
         self._record(name, entry)
         return entry
+
+    def _options(self, out_features: int, in_features: int, rows: int, kind: str) -> tuple[str, ...]:
+        """``candidates(kind, rows)``; for int8 products of more rows than MAX_BUCKET, only those that
+        took at most PRUNE times the fastest one's time at half as many rows (measured first; a kernel
+        left out there is left out here)."""
+        options = candidates(kind, rows)
+        if kind != "int8" or rows <= MAX_BUCKET:
+            return options
+        us = self.times(out_features, in_features, rows // 2, kind)
+        timed = [us[k] for k in options if _is_time(us.get(k))]
+        if not timed:  # an edited entry without times
+            return options
+        return tuple(k for k in options if _is_time(us.get(k)) and us[k] <= PRUNE * min(timed))
 
     def file(self) -> Path:
         """The JSON file this table reads and writes."""
@@ -314,8 +334,10 @@ def measure(
     repeat: int = 5,
     evict_bytes: int | None = None,
     gelu_form: str = "tanh",
+    options: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
-    """Seconds per product of each candidate kernel on ``rows`` rows by an (out, in) ``kind`` weight,
+    """Seconds per product of each candidate kernel (``options``; None: ``candidates(kind, rows)``)
+    on ``rows`` rows by an (out, in) ``kind`` weight,
     medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
     a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
     copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
@@ -325,7 +347,8 @@ def measure(
     element = 1 if kind == "int8" else 4
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
     x = torch.full((rows, in_features), 0.5)
-    runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in candidates(kind, rows)}
+    options = candidates(kind, rows) if options is None else options
+    runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in options}
     scale = out_features / n / copies
     if evict_bytes is None:
         evict_bytes = evicted_before(rows, kind)
