@@ -103,7 +103,8 @@ def test_fbgemm_quantizes_each_row_on_its_own(bias):
 def test_fbgemm_products_skip_the_torch_function_lookup(monkeypatch, rows):
     """torch asks each argument of an op that is not a tensor for ``__torch_function__``; fbgemm's packed
     weight answers that lookup with a C++ exception thrown and caught, which cost as long as a small
-    product. Its products are run without the lookup."""
+    product. Its products are run without the lookup, and without torch.ops' Python search of the
+    arguments for a fake TorchScript object (which only tracing passes)."""
     if "fbgemm" not in ops.int8_kernels():
         pytest.skip("no fbgemm in this torch build")
     w = torch.randn(64, 32)
@@ -116,11 +117,14 @@ def test_fbgemm_products_skip_the_torch_function_lookup(monkeypatch, rows):
         asked.append(name)
         return lookup(obj, name)
 
+    searched = []
+    search = torch._ops._must_dispatch_in_python
+    monkeypatch.setattr(torch._ops, "_must_dispatch_in_python", lambda *a: searched.append(1) or search(*a))
     monkeypatch.setattr(type(prepacked), "__getattr__", spy)
     assert torch.equal(ops.int8_linear(x, (prepacked, bias), "fbgemm"), expected)
-    assert "__torch_function__" not in asked
-    torch.ops.quantized.linear_dynamic(x, prepacked, False)  # the spy sees the lookup of a plain call
-    assert "__torch_function__" in asked
+    assert "__torch_function__" not in asked and not searched
+    torch.ops.quantized.linear_dynamic(x, prepacked, False)  # the spies see both in a plain call
+    assert "__torch_function__" in asked and searched
 
 
 def test_int8_weights_keep_to_7_bits_where_a_kernel_lacks_vnni(monkeypatch):

@@ -563,9 +563,18 @@ def fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:
     ``__torch_function__``; the packed weight is a TorchScript object, and its lookup of a missing
     attribute throws and catches a C++ exception, which takes as long as a small product
     (docs/benchmarks.md, item 7). No argument here overrides torch's functions, so that check is off
-    around the call."""
+    around the call, which goes to the op's C++ function itself (``_linear_dynamic``)."""
     with torch._C.DisableTorchFunctionSubclass():
-        return torch.ops.quantized.linear_dynamic(x, prepacked, False)
+        return _linear_dynamic()(x, prepacked, False)
+
+
+@functools.cache
+def _linear_dynamic() -> Callable:
+    """fbgemm's dynamic linear as the C++ function of its one overload: torch.ops' Python wrapper of an
+    op that takes a TorchScript object first looks through every argument for a fake one (for
+    tracing), which no call here passes (docs/benchmarks.md, item 7)."""
+    op = torch.ops.quantized.linear_dynamic.default
+    return getattr(op, "_op", op)
 
 
 CHUNK_ELEMS = 2**24  # logits a chunk of linear_cross_entropy holds
