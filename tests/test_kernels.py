@@ -56,6 +56,52 @@ def test_int8_products_of_many_rows_time_only_the_kernels_close_at_half_the_rows
     assert table.choose(768, 768, 5000, kind="int8") == "qlinear" and len(timed) == 4  # 2,048 rows' choice
 
 
+def test_attention_is_measured_per_keys_bucket_on_streamed_caches(monkeypatch):
+    """A decode step's attention (kind "attention": query heads x head size, rows = keys) chooses between
+    the three small products and SDPA, per power-of-two bucket of keys up to MAX_KEYS_BUCKET, each timed
+    call after a read that evicts the caches, whatever the key count (the step's weights streamed
+    through them since the last step read its KV cache), over as many layers' caches as stream."""
+    assert kernels.candidates("attention", 300) == ops.ONE_QUERY_KERNELS == ("products", "sdpa")
+    assert [kernels.rows_bucket(r, "attention") for r in (1, 3, 300, 1024, 4096, 9000)] == [1, 4, 512, 1024, 4096, 4096]
+    monkeypatch.setattr(kernels, "eviction_bytes", lambda: 2**20)
+    before = []
+    real = kernels.alternated
+    monkeypatch.setattr(
+        kernels, "alternated", lambda fns, rounds, **kw: before.append(kw["before"]) or real(fns, rounds, **kw)
+    )
+    times = kernels.measure(4, 16, 512, kind="attention", repeat=2)
+    assert set(times) == {"products", "sdpa"} and all(t > 0 for t in times.values())
+    assert before[0].__self__.numel() * 4 == 2**20  # evicted before each timed call at 512 keys too
+
+
+@pytest.mark.parametrize("chosen", ["products", "sdpa"])
+def test_decode_steps_attend_with_the_kernel_measured_faster(make_gpt, remember_kernels, monkeypatch, chosen):
+    """Under Backends(decode_attention="auto") each eager decode step attends with the kernel the table
+    chose for its rows' query heads, head size and keys; an explicit choice is run without asking the
+    table. The tokens are the same either way."""
+    from gpt2lab import model as model_module
+    from gpt2lab.generation import generate
+
+    remember_kernels({f"attention 4x8 rows {keys}": {"kernel": chosen, "us_per_product": {}} for keys in (8, 16)})
+    ran = []
+    real = model_module.one_query_attention
+    monkeypatch.setattr(
+        model_module, "one_query_attention", lambda *a, **kw: ran.append(kw["kernel"]) or real(*a, **kw)
+    )
+    prompt = [[3, 1, 4, 1, 5, 9]]
+    auto = make_gpt(seed=2, backends=Backends(decode_attention="auto"))
+    tokens = generate(auto, prompt, 8, eos_id=None)
+    assert ran == [chosen] * 2 * 7  # 2 layers, 7 steps of 7 to 13 keys: buckets 8 and 16
+    ran.clear()
+    monkeypatch.setattr(kernels, "measure", lambda *a, **kw: pytest.fail("an explicit kernel asks no table"))
+    other = "sdpa" if chosen == "products" else "products"
+    fixed = make_gpt(seed=2, backends=Backends(decode_attention=other))
+    assert generate(fixed, prompt, 8, eos_id=None) == tokens
+    assert ran == [other] * 2 * 7
+    with pytest.raises(ValueError, match="decode_attention must be one of"):
+        Backends(decode_attention="flash")
+
+
 def test_machines_sharing_a_model_name_are_told_apart(monkeypatch):
     """A virtual machine may name two CPU generations alike; their measurements must not be shared."""
 

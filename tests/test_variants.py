@@ -333,20 +333,23 @@ def test_position_interpolation_scales_the_rotary_angles(make_gpt):
         GPTConfig(pos_emb="rope", rope_interpolation=2.0)
 
 
+@pytest.mark.parametrize("kernel", ["products", "sdpa"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("hs", [16, 24])
-def test_one_query_attention_equals_sdpa(n_kv_head, masked, hs):
-    """A decode step's attention (three small products, grouped heads as blocks of rows) equals SDPA with
-    enable_gqa, with and without a per-row boolean mask, whether or not 1/sqrt(head_dim) is exact."""
-    from gpt2lab.model import one_query_attention
+def test_one_query_attention_equals_sdpa(n_kv_head, masked, hs, kernel):
+    """A decode step's attention, by either kernel (three small products with grouped heads as blocks of
+    rows, or SDPA's own), equals SDPA with enable_gqa, with and without a per-row boolean mask, whether
+    or not 1/sqrt(head_dim) is exact."""
+    from gpt2lab.ops import one_query_attention
 
     g = torch.Generator().manual_seed(n_kv_head)
     q = torch.randn(3, 4, 1, hs, generator=g)
     k, v = torch.randn(3, n_kv_head, 9, hs, generator=g), torch.randn(3, n_kv_head, 9, hs, generator=g)
     mask = (torch.rand(3, 1, 1, 9, generator=g) > 0.4) | (torch.arange(9) == 8) if masked else None
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv_head != 4)
-    torch.testing.assert_close(one_query_attention(q, k, v, mask, n_kv_head != 4), ref, atol=1e-6, rtol=1e-5)
+    got = one_query_attention(q, k, v, mask, n_kv_head != 4, kernel)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
 
 
 def test_dropout_applies_in_training_only(make_gpt):

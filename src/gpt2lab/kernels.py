@@ -17,7 +17,9 @@ weight laid out for its row count (MKL's packed layout at two rows or more, the 
 one) with the time of making the copy (kind ``packed``), from which a layer decides whether and when to
 keep one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
 the weight and on its transposed copy (kind ``numpy``), which a decode step takes for all of its
-products or for none (``GPT.pack_for_decoding``). Later runs on that machine measure nothing. Measuring
+products or for none (``GPT.pack_for_decoding``). A decode step's attention is measured the same way, per
+query heads, head size and keys bucket (kind ``attention``: ``Backends.decode_attention``). Later runs
+on that machine measure nothing. Measuring
 one product takes a fraction of a second: weights totalling ``STREAM_BYTES`` when the rows are few (so
 they stream from memory, as in a decode step; at most ``MAX_COPIES`` copies of a small weight, whose
 cost is the kernel's fixed cost per call; a wide weight whole, since how a kernel splits it between
@@ -63,7 +65,7 @@ FLOAT32_KERNELS = ("onednn", "torch")
 COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
-KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu")
+KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 3, "gelu": 2}
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
@@ -72,6 +74,7 @@ MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # the rows is not timed at more (torch._int_mm, many times fbgemm's time without VNNI, would take
 # seconds a call there)
 MAX_INT8_BUCKET = 2048
+MAX_KEYS_BUCKET = 4096  # kind attention: keys 1, 2, 4, ... 4096; more keys behave as 4096
 PRUNE = 2.0
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -94,9 +97,14 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
     none where numpy's BLAS cannot be told its threads. A decode step weighs these against the "packed"
     kind's kernels: ``GPT.pack_for_decoding``), "tanh_gelu" (not a product: the form of the tanh-GELU
-    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``)."""
+    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``),
+    "attention" (not a product: a decode step's one query per head over ``rows`` keys of its KV cache,
+    out = the query heads of every row, in = the head size: ``gpt2lab.ops.one_query_attention``'s
+    ``products`` or ``sdpa``)."""
     if kind == "tanh_gelu":
         return ops.GELU_FORMS
+    if kind == "attention":
+        return ops.ONE_QUERY_KERNELS
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
@@ -116,9 +124,10 @@ def fallback(kind: str = "float32", rows: int = 1) -> str:
 
 
 def rows_bucket(rows: int, kind: str = "float32") -> int:
-    """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kind ``int8``):
-    products are measured per bucket."""
-    return min(1 << max(rows - 1, 0).bit_length(), MAX_INT8_BUCKET if kind == "int8" else MAX_BUCKET)
+    """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kind ``int8``,
+    MAX_KEYS_BUCKET for ``attention``, whose rows are keys): products are measured per bucket."""
+    cap = {"int8": MAX_INT8_BUCKET, "attention": MAX_KEYS_BUCKET}.get(kind, MAX_BUCKET)
+    return min(1 << max(rows - 1, 0).bit_length(), cap)
 
 
 @functools.cache  # read once: the model, family and flags come from it, each time a key is made
@@ -262,7 +271,7 @@ class KernelTable:
             if times[other] < (1 - MARGIN) * times[kernel]:
                 kernel = other
         entry = {"kernel": kernel, "us_per_product": {k: round(v * 1e6, 1) for k, v in times.items()}}
-        if rows <= FEW_ROWS:
+        if streams(rows, kind):
             entry["evicted_mb"] = round(evicted / 2**20)
         if kind in REVISIONS:
             entry["revision"] = REVISIONS[kind]
@@ -343,9 +352,12 @@ def measure(
     copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
     ``evicted_before(rows, kind)``). Kind ``gelu`` applies its GELU, where not fused, in ``gelu_form``;
     kind ``tanh_gelu`` times each form over a (rows, out) output."""
-    n = out_features if rows <= FEW_ROWS else min(out_features, MAX_OUT)
+    n = out_features if rows <= FEW_ROWS or kind == "attention" else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
-    copies = min(MAX_COPIES, max(1, STREAM_BYTES // (element * n * in_features))) if rows <= FEW_ROWS else 1
+    size = (
+        element * n * in_features * (2 * rows if kind == "attention" else 1)
+    )  # a weight, or a layer's keys and values
+    copies = min(MAX_COPIES, max(1, STREAM_BYTES // size)) if streams(rows, kind) else 1
     x = torch.full((rows, in_features), 0.5)
     options = candidates(kind, rows) if options is None else options
     runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in options}
@@ -380,7 +392,7 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bo
         return False
     if entry.get("revision", 1) != REVISIONS.get(kind, 1):
         return False
-    if rows <= FEW_ROWS and "evicted_mb" not in entry:
+    if streams(rows, kind) and "evicted_mb" not in entry:
         return False
     return set(options) <= us.keys() and ("pack" in us or not set(options) & set(COPY_KERNELS))
 
@@ -426,11 +438,18 @@ def last_level_cache() -> int | None:
     return max(sizes) if sizes else None
 
 
+def streams(rows: int, kind: str) -> bool:
+    """Whether a ``kind`` product of ``rows`` rows reads what a decode step streams from memory: the
+    weights of a product of few rows, read once a step, and the KV cache a step's attention reads
+    (every weight of the step streamed through the caches since); not a GELU on its own (its input is
+    the output just made)."""
+    return kind == "attention" or (rows <= FEW_ROWS and kind != "tanh_gelu")
+
+
 def evicted_before(rows: int, kind: str = "float32") -> int:
-    """The bytes ``measure`` reads before each timed product of ``rows`` rows: ``eviction_bytes()`` for
-    few rows (their weights stream from memory in a decode step), none for more, nor for a GELU on its
-    own (its input is the output just made)."""
-    return eviction_bytes() if rows <= FEW_ROWS and kind != "tanh_gelu" else 0
+    """The bytes ``measure`` reads before each timed product of ``rows`` rows: ``eviction_bytes()``
+    where it streams what it reads (``streams``), else none."""
+    return eviction_bytes() if streams(rows, kind) else 0
 
 
 def eviction_bytes() -> int:
@@ -455,10 +474,15 @@ def _evictor(nbytes: int):
 def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor, gelu_form: str = "tanh"):
     """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights (kind
     ``tanh_gelu``: the form ``kernel`` over each of ``copies`` (rows, n) outputs, in place as the
-    layers apply it: a few applications keep the values far from float32's subnormals)."""
+    layers apply it: a few applications keep the values far from float32's subnormals; kind
+    ``attention``: n query heads of size k over each of ``copies`` caches of x's row count of keys)."""
     if kind == "tanh_gelu":
         outputs = [torch.linspace(-4, 4, n).expand(len(x), n).contiguous() for _ in range(copies)]
         return lambda: [ops.tanh_gelu_(y, kernel) for y in outputs]
+    if kind == "attention":  # n query heads of size k over len(x) keys, each copy a layer's cache
+        q = torch.full((1, n, 1, k), 0.5)
+        caches = [(torch.full((1, n, len(x), k), 0.01), torch.full((1, n, len(x), k), 0.02)) for _ in range(copies)]
+        return lambda: [ops.one_query_attention(q, key, value, None, False, kernel) for key, value in caches]
     if kind == "int8":
         scale = torch.full((n,), 0.01)
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]

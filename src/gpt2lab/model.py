@@ -24,9 +24,11 @@ from gpt2lab.errors import CheckpointError
 from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
     LINEAR_KERNELS,
+    ONE_QUERY_KERNELS,
     Linear,
     chunk_rows,
     linear_cross_entropy,
+    one_query_attention,
     use_onednn,
 )
 from gpt2lab.rope import Rotary, apply_rotary
@@ -37,6 +39,7 @@ except ImportError:
     BlockMask = create_block_mask = flex_attention = None
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+DECODE_ATTENTION_KERNELS = ("auto", *ONE_QUERY_KERNELS)
 MIN_GROWN_CACHE = 64  # time steps a kept KV cache grows to at least (GPT.kept_cache_len)
 _BLOCK_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 
@@ -58,13 +61,18 @@ class Backends:
     layer whose CPU products without grad keep one row count (evaluation batches, same-length prompts,
     forwards of one shape) reads an MKL-packed copy once they have repeated often enough to repay it, as
     measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
-    ``GPT.clear_cache``.
+    ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row attends over
+    the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``, or
+    ``auto``: on the CPU the faster of the two for the step's query heads and key count on this
+    machine, measured the first time and remembered with the linear kernels (kind ``attention``), else
+    ``products``. A compiled step traces ``products`` under ``auto``.
     """
 
     attention: str = "auto"
     linear: str = "auto"
     pack_min_steps: int = 64
     pack_repeated: bool = True
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
@@ -76,6 +84,10 @@ class Backends:
             raise ValueError(f"pack_min_steps must be an integer >= 0 (0 = never), got {steps!r}")
         if not isinstance(self.pack_repeated, bool):
             raise ValueError(f"pack_repeated must be True or False, got {self.pack_repeated!r}")
+        if self.decode_attention not in DECODE_ATTENTION_KERNELS:
+            raise ValueError(
+                f"decode_attention must be one of {DECODE_ATTENTION_KERNELS}, got {self.decode_attention!r}"
+            )
 
 
 def flex_applies(device: torch.device, config: GPTConfig) -> bool:
@@ -110,25 +122,6 @@ def window_block_mask(T: int, window: int, device: torch.device) -> BlockMask:
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
-def one_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, enable_gqa: bool
-) -> torch.Tensor:
-    """SDPA for one query per row (a decode step): q (B, nh, 1, hs), k and v (B, nkv, S, hs), a boolean
-    mask broadcastable to (B, 1, 1, S) or None. Three small products on one thread: CPU SDPA's flash
-    kernel pays a parallel region and buffers per call, which at one query cost more than the attention
-    itself (docs/benchmarks.md). Each kv head's group of queries (h // group, as SDPA's enable_gqa) is
-    one block of rows, so grouped heads need no copies of k and v."""
-    B, nh, _, hs = q.shape
-    nkv, S = k.shape[1], k.shape[2]
-    q = q.reshape(B * nkv, nh // nkv, hs)  # (B * nkv, group, hs)
-    k, v = k.reshape(B * nkv, S, hs), v.reshape(B * nkv, S, hs)  # views of the cache
-    scale = 1.0 / math.sqrt(hs)  # in the product (baddbmm's alpha; beta=0 ignores its first term, left unset)
-    att = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scale)  # (B * nkv, group, S)
-    if attn_mask is not None:
-        att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
-    return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
-
-
 def _writable_here(t: torch.Tensor) -> bool:
     """Whether buffer ``t`` can be written in place now: one made under torch.inference_mode cannot be
     outside it (setup_cache then makes new buffers)."""
@@ -153,7 +146,14 @@ def _filled(input_pos: torch.Tensor, cache_len: int) -> int | torch.SymInt | Non
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
+    def __init__(
+        self,
+        config: GPTConfig,
+        layer: int,
+        make_linear: Callable[..., Linear],
+        decode_attention: str,
+        table: kernels.KernelTable | None,
+    ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.heads = (config.n_head, config.n_kv_head, config.n_kv_head)  # of q, k and v, side by side
@@ -163,6 +163,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.window = config.layer_window(layer)
         self.gqa = config.n_kv_head != config.n_head
+        self.decode_attention, self.table = decode_attention, table  # Backends.decode_attention, its table
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -180,7 +181,8 @@ class CausalSelfAttention(nn.Module):
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled, from start)
             k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
             if T == 1:
-                y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
+                kernel = self.one_query_kernel(B, k.shape[2], x.device)
+                y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa, kernel=kernel)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.gqa)
         elif self.window is None:
@@ -196,6 +198,18 @@ class CausalSelfAttention(nn.Module):
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side
         return self.resid_dropout(y) if self.training else y  # (eval: the identity, not called)
 
+    def one_query_kernel(self, rows: int, keys: int, device: torch.device) -> str:
+        """The kernel of a decode step's attention of ``rows`` rows over ``keys`` keys
+        (``Backends.decode_attention``): under ``auto``, the one the kernel table measures faster for
+        this many query heads (every row's) of this size and keys on this CPU, and ``products``
+        elsewhere or in a compiled step, whose graph cannot follow a choice that changes with the key
+        count."""
+        if self.decode_attention != "auto":
+            return self.decode_attention
+        if self.table is None or device.type != "cpu" or torch.compiler.is_compiling():
+            return "products"
+        return self.table.choose(rows * self.n_head, self.head_dim, keys, kind="attention")
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig, make_linear: Callable[..., Linear]) -> None:
@@ -210,10 +224,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, make_linear: Callable[..., Linear]) -> None:
+    def __init__(
+        self,
+        config: GPTConfig,
+        layer: int,
+        make_linear: Callable[..., Linear],
+        make_attention: Callable[..., CausalSelfAttention],
+    ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config, layer, make_linear)
+        self.attn = make_attention(config, layer, make_linear)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, make_linear)
 
@@ -251,6 +271,10 @@ class GPT(nn.Module):
         self.backends = backends = backends or Backends()
         kernel, table = kernels.resolve(backends.linear)  # one table: every layer's measured choices
         make_linear = functools.partial(Linear, kernel=kernel, table=table, pack_repeated=backends.pack_repeated)
+        attention_table = table if table is not None else kernels.KernelTable()  # linear kernels fixed: its own
+        make_attention = functools.partial(
+            CausalSelfAttention, decode_attention=backends.decode_attention, table=attention_table
+        )
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
@@ -259,7 +283,7 @@ class GPT(nn.Module):
             Rotary(config.head_dim, config.rope_theta, config.block_size, config.rope_interpolation) if rope else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config, i, make_linear) for i in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, i, make_linear, make_attention) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = make_linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight

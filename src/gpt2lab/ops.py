@@ -1,4 +1,5 @@
-"""The linear layer's CPU kernels, and the chunked linear + cross-entropy loss.
+"""The linear layer's CPU kernels, a decode step's attention kernels, and the chunked linear +
+cross-entropy loss.
 
 On x86 CPUs a float32 product can run in two libraries that ship inside every x86 PyTorch build:
 MKL's sgemm (what ``F.linear`` calls) and oneDNN's inner product, which takes the same row-major
@@ -575,6 +576,37 @@ def _linear_dynamic() -> Callable:
     tracing), which no call here passes (docs/benchmarks.md, item 7)."""
     op = torch.ops.quantized.linear_dynamic.default
     return getattr(op, "_op", op)
+
+
+ONE_QUERY_KERNELS = ("products", "sdpa")  # how a decode step's one query per row attends: the fallback first
+
+
+def one_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    enable_gqa: bool,
+    kernel: str = "products",
+) -> torch.Tensor:
+    """SDPA for one query per row (a decode step): q (B, nh, 1, hs), k and v (B, nkv, S, hs), a boolean
+    mask broadcastable to (B, 1, 1, S) or None; (B, nh, 1, hs) out. ``kernel``: ``products``, three
+    small products (``q @ k^T``, softmax, ``@ v``) with each kv head's group of queries (h // group, as
+    SDPA's enable_gqa) as one block of rows, so grouped heads need no copies of k and v; or ``sdpa``,
+    ``F.scaled_dot_product_attention`` itself, whose CPU flash kernel opens a parallel region and
+    allocates buffers on every call. Which is faster depends on the CPU and the key count
+    (docs/benchmarks.md): ``Backends.decode_attention`` measures it (kind ``attention`` of gpt2lab.kernels)."""
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+    B, nh, _, hs = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    q = q.reshape(B * nkv, nh // nkv, hs)  # (B * nkv, group, hs)
+    k, v = k.reshape(B * nkv, S, hs), v.reshape(B * nkv, S, hs)  # views of the cache
+    scale = 1.0 / math.sqrt(hs)  # in the product (baddbmm's alpha; beta=0 ignores its first term, left unset)
+    att = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scale)  # (B * nkv, group, S)
+    if attn_mask is not None:
+        att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
+    return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
 CHUNK_ELEMS = 2**24  # logits a chunk of linear_cross_entropy holds
