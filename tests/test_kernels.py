@@ -69,9 +69,14 @@ def test_attention_is_measured_per_keys_bucket_on_streamed_caches(monkeypatch):
     monkeypatch.setattr(
         kernels, "alternated", lambda fns, rounds, **kw: before.append(kw["before"]) or real(fns, rounds, **kw)
     )
+    read = []
+    real_attention = ops.one_query_attention
+    monkeypatch.setattr(ops, "one_query_attention", lambda q, k, *a: read.append(k) or real_attention(q, k, *a))
     times = kernels.measure(4, 16, 512, kind="attention", repeat=2)
     assert set(times) == {"products", "sdpa"} and all(t > 0 for t in times.values())
     assert before[0].__self__.numel() * 4 == 2**20  # evicted before each timed call at 512 keys too
+    # the keys as a step reads them: the written part of a longer cache, its heads apart
+    assert all(k.shape == (1, 4, 512, 16) and k.stride(1) > 512 * 16 for k in read)
 
 
 @pytest.mark.parametrize("chosen", ["products", "sdpa"])
