@@ -107,6 +107,19 @@ def test_decode_steps_attend_with_the_kernel_measured_faster(make_gpt, remember_
         Backends(decode_attention="flash")
 
 
+def test_a_compiled_cpu_step_attends_by_sums_of_products_under_auto(make_gpt, monkeypatch):
+    """Under auto a compiled CPU step's attention is the ``reduction`` form, which inductor fuses into
+    loops of its own (one graph serves every key count, so it cannot follow the table); a compiled
+    step elsewhere runs the products, and an explicit choice holds everywhere."""
+    attn = make_gpt().h[0].attn
+    fixed = make_gpt(backends=Backends(decode_attention="sdpa")).h[0].attn
+    monkeypatch.setattr(kernels, "measure", lambda *a, **kw: pytest.fail("a compiled step asks no table"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert attn.one_query_kernel(1, 40, cpu) == "reduction" and attn.one_query_kernel(1, 40, gpu) == "products"
+    assert fixed.one_query_kernel(1, 40, cpu) == fixed.one_query_kernel(1, 40, gpu) == "sdpa"
+
+
 def test_machines_sharing_a_model_name_are_told_apart(monkeypatch):
     """A virtual machine may name two CPU generations alike; their measurements must not be shared."""
 

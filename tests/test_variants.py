@@ -333,7 +333,7 @@ def test_position_interpolation_scales_the_rotary_angles(make_gpt):
         GPTConfig(pos_emb="rope", rope_interpolation=2.0)
 
 
-@pytest.mark.parametrize("kernel", ["products", "sdpa"])
+@pytest.mark.parametrize("kernel", ["products", "sdpa", "reduction"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("hs", [16, 24])

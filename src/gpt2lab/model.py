@@ -200,13 +200,17 @@ class CausalSelfAttention(nn.Module):
 
     def one_query_kernel(self, rows: int, keys: int, device: torch.device) -> str:
         """The kernel of a decode step's attention of ``rows`` rows over ``keys`` keys
-        (``Backends.decode_attention``): under ``auto``, the one the kernel table measures faster for
-        this many query heads (every row's) of this size and keys on this CPU, and ``products``
-        elsewhere or in a compiled step, whose graph cannot follow a choice that changes with the key
-        count."""
+        (``Backends.decode_attention``): under ``auto``, on the CPU, the one the kernel table measures
+        faster for this many query heads (every row's) of this size and keys on this CPU; in a compiled
+        CPU step, whose graph cannot follow a choice that changes with the key count, ``reduction``,
+        which inductor fuses into loops of its own; elsewhere ``products``."""
         if self.decode_attention != "auto":
             return self.decode_attention
-        if self.table is None or device.type != "cpu" or torch.compiler.is_compiling():
+        if device.type != "cpu":
+            return "products"
+        if torch.compiler.is_compiling():
+            return "reduction"
+        if self.table is None:
             return "products"
         return self.table.choose(rows * self.n_head, self.head_dim, keys, kind="attention")
 
