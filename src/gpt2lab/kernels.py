@@ -354,9 +354,8 @@ def measure(
     kind ``tanh_gelu`` times each form over a (rows, out) output."""
     n = out_features if rows <= FEW_ROWS or kind == "attention" else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
-    size = (
-        element * n * in_features * (2 * rows if kind == "attention" else 1)
-    )  # a weight, or a layer's keys and values
+    per_weight = 2 * rows if kind == "attention" else 1  # a layer's keys and values, or a weight
+    size = element * n * in_features * per_weight
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // size)) if streams(rows, kind) else 1
     x = torch.full((rows, in_features), 0.5)
     options = candidates(kind, rows) if options is None else options

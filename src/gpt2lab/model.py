@@ -65,7 +65,8 @@ class Backends:
     the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``, or
     ``auto``: on the CPU the faster of the two for the step's query heads and key count on this
     machine, measured the first time and remembered with the linear kernels (kind ``attention``), else
-    ``products``. A compiled step traces ``products`` under ``auto``.
+    ``products``. A compiled CPU step traces a third form under ``auto``, ``reduction``
+    (``CausalSelfAttention.one_query_kernel``).
     """
 
     attention: str = "auto"

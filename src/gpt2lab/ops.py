@@ -595,12 +595,13 @@ def one_query_attention(
     SDPA's enable_gqa) as one block of rows, so grouped heads need no copies of k and v; or ``sdpa``,
     ``F.scaled_dot_product_attention`` itself, whose CPU flash kernel opens a parallel region and
     allocates buffers on every call. Which is faster depends on the CPU and the key count
-    (docs/benchmarks.md): ``Backends.decode_attention`` measures it (kind ``attention`` of gpt2lab.kernels)."""
+    (docs/benchmarks.md): ``Backends.decode_attention`` measures it (kind ``attention`` of gpt2lab.kernels).
+    A compiled CPU step runs ``reduction``, sums of elementwise products that inductor fuses."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
     B, nh, _, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
-    if kernel == "reduction":  # sums of elementwise products, for a compiler to fuse: eager, it makes them all
+    if kernel == "reduction":  # for a compiler to fuse: eager, every product would be made
         qg = q.view(B, nkv, nh // nkv, 1, hs)  # (B, nkv, group, 1, hs)
         att = (k[:, :, None] * qg).sum(-1) * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
         if attn_mask is not None:
