@@ -153,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         layer: int,
         make_linear: Callable[..., Linear],
         decode_attention: str,
-        table: kernels.KernelTable | None,
+        table: kernels.KernelTable,
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -211,8 +211,6 @@ class CausalSelfAttention(nn.Module):
             return "products"
         if torch.compiler.is_compiling():
             return "reduction"
-        if self.table is None:
-            return "products"
         return self.table.choose(rows * self.n_head, self.head_dim, keys, kind="attention")
 
 

@@ -601,16 +601,17 @@ def one_query_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
     B, nh, _, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(hs)
     if kernel == "reduction":  # for a compiler to fuse: eager, every product would be made
         qg = q.view(B, nkv, nh // nkv, 1, hs)  # (B, nkv, group, 1, hs)
-        att = (k[:, :, None] * qg).sum(-1) * (1.0 / math.sqrt(hs))  # (B, nkv, group, S)
+        att = (k[:, :, None] * qg).sum(-1) * scale  # (B, nkv, group, S)
         if attn_mask is not None:
             att = att.masked_fill(~attn_mask, float("-inf"))  # (B, 1, 1, S) over (B, nkv, group, S)
         y = (att.softmax(dim=-1)[..., None] * v[:, :, None]).sum(3)  # (B, nkv, group, hs)
         return y.view(B, nh, 1, hs)
     q = q.reshape(B * nkv, nh // nkv, hs)  # (B * nkv, group, hs)
     k, v = k.reshape(B * nkv, S, hs), v.reshape(B * nkv, S, hs)  # views of the cache
-    scale = 1.0 / math.sqrt(hs)  # in the product (baddbmm's alpha; beta=0 ignores its first term, left unset)
+    # the scale in the product: baddbmm's alpha (beta=0 ignores its first term, left unset)
     att = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0, alpha=scale)  # (B * nkv, group, S)
     if attn_mask is not None:
         att = att.view(B, nkv, -1, S).masked_fill(~attn_mask, float("-inf")).view(B * nkv, -1, S)
