@@ -168,8 +168,8 @@ def test_int8_products_stay_exact_on_onednn_without_vnni():
 def test_int8_kernel_is_measured_per_row_count(tmp_path):
     table = kernels.KernelTable(tmp_path / "k.json")
     for rows in (1, 8, 32):
-        assert table.choose(1024, 512, rows, kind="int8") in ops.int8_kernels()
-        assert set(table.times(1024, 512, rows, "int8")) == set(ops.int8_kernels())
+        assert table.choose(1024, 512, rows, kind="int8") in ops.int8_kernels(rows)
+        assert set(table.times(1024, 512, rows, "int8")) == set(ops.int8_kernels(rows))
 
 
 def test_int8_entries_timed_before_fbgemm_ran_rows_together_are_timed_again(tmp_path, monkeypatch):

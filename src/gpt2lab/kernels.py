@@ -108,7 +108,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
-        return ops.int8_kernels()
+        return ops.int8_kernels(rows)
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32

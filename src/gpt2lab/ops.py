@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from gpt2lab import native
+
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
@@ -500,16 +502,22 @@ _qlinear = (
 )
 
 
-def int8_kernels() -> tuple[str, ...]:
-    """The int8 kernels this torch build has, the fallback first. Each quantizes the input per row (one
-    scale per token). fbgemm's dynamic linear quantizes its whole input with one scale, so the rows are
-    first scaled to the same largest magnitude and the products scaled back; ``torch._int_mm`` runs
-    signed 8-bit inputs; ``qlinear``, oneDNN's quantized linear, runs unsigned ones (the signed values
-    shifted by 128, its zero point), the form its int8 kernels take natively, with or without VNNI
-    (x86 only). Which is fastest depends on the CPU and the row count (docs/benchmarks.md): the choice
-    is measured."""
+AVX2_MAX_ROWS = 16  # gpt2lab's own kernel (native) is a candidate up to this many rows: it reads for few
+
+
+def int8_kernels(rows: int | None = None) -> tuple[str, ...]:
+    """The int8 kernels this torch build has for products of ``rows`` rows (None: of any), the fallback
+    first. Each quantizes the input per row (one scale per token). fbgemm's dynamic linear quantizes
+    its whole input with one scale, so the rows are first scaled to the same largest magnitude and the
+    products scaled back; ``torch._int_mm`` runs signed 8-bit inputs; ``qlinear``, oneDNN's quantized
+    linear, runs unsigned ones (the signed values shifted by 128, its zero point), the form its int8
+    kernels take natively, with or without VNNI (x86 only); ``avx2``, gpt2lab's own (``gpt2lab.native``;
+    x86 with AVX2, up to ``AVX2_MAX_ROWS`` rows), reads a weight laid out for it in one stream. Which is
+    fastest depends on the CPU and the row count (docs/benchmarks.md): the choice is measured."""
     fbgemm = ("fbgemm",) if "fbgemm" in torch.backends.quantized.supported_engines else ()
-    return (*fbgemm, "int_mm", *(("qlinear",) if _qlinear is not None else ()))
+    qlinear = ("qlinear",) if _qlinear is not None else ()
+    few = rows is None or rows <= AVX2_MAX_ROWS
+    return (*fbgemm, "int_mm", *qlinear, *(("avx2",) if few and native.available() else ()))
 
 
 def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,6 +540,12 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
         return torch.ops.quantized.linear_prepack(q, bias), bias
     if kernel == "qlinear":  # oneDNN's own layout (a wrong one crashes the product): made here only
         return _qlinear[0](qweight, None), scale, torch.zeros(len(scale), dtype=torch.long), bias
+    if kernel == "avx2":  # blocks of 4 output channels, their rows interleaved in 32-byte chunks
+        native.require()
+        out, width = qweight.shape
+        padded = F.pad(qweight, (0, -width % 32, 0, -out % 4))  # zeros: they add nothing to a sum
+        blocks = padded.view(len(padded) // 4, 4, padded.shape[1] // 32, 32).transpose(1, 2).contiguous()
+        return blocks, scale.contiguous(), bias
     return qweight.t(), scale, bias  # (in, out) view: _int_mm's B
 
 
@@ -541,6 +555,8 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
     if kernel == "fbgemm" and len(x) == 1:
         return fbgemm_linear(x, packed[0])
+    if kernel == "avx2":  # quantizes x itself, as below
+        return torch.ops.gpt2lab_native.int8_avx2(x, *packed)
     x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
     if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
         prepacked, bias = packed

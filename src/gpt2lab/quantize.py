@@ -5,8 +5,9 @@ weights read a quarter of float32's bytes. Each weight row (output channel) gets
 (its largest magnitude maps to 127, or to 63 on a CPU whose int8 kernels lack VNNI, where larger
 weights could saturate their 16-bit sums: ``kernels.int8_weight_levels``); each input row (token) is
 quantized on the fly with its own scale; products accumulate in int32 and come out in float32, plus
-the float32 bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, or oneDNN's quantized
-linear; oneDNN uses AMX or VNNI where the CPU has them: ``ops.int8_kernels``) is measured per shape
+the float32 bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, oneDNN's quantized
+linear, which uses AMX or VNNI where the CPU has them, or gpt2lab's own for few rows on AVX2 CPUs,
+``gpt2lab.native``: ``ops.int8_kernels``) is measured per shape
 and row count like the float32 ones (``gpt2lab.kernels``). The embedding table stays float32 (a
 lookup reads one row); the tied lm_head gets its own int8 copy. The logit error and the top-1
 agreement with float32 are measured in bench/peers.py and checked in tests/test_quantize.py.
@@ -101,11 +102,14 @@ class Int8Linear(nn.Module):
         return ops.int8_linear(x2, packed, kernel)
 
     def _compiled_product(self, x2: torch.Tensor) -> torch.Tensor:
-        """``product`` as a compiled step runs it: the planned kernel as one opaque op
-        (``int8_product``) where the plan says so; else ``torch._int_mm``, traced, whose weight
+        """``product`` as a compiled step runs it: the planned kernel as one opaque op where the plan
+        says so (``int8_product``; gpt2lab's own ``avx2`` kernel is a C++ op the step calls directly);
+        else ``torch._int_mm``, traced, whose weight
         inductor reads as a constant and, where the CPU has AMX int8 tiles, lays out for its own kernels."""
         planned = self.planned
         if planned is not None and planned.rows == x2.shape[0] and planned.opaque:
+            if planned.kernel == "avx2":  # a C++ op with a fake of its own: called as it is, no Python between
+                return ops.int8_linear(x2, planned.packed, "avx2")
             return torch.ops.gpt2lab.int8_product(x2, id(self), self.out_features)
         return ops.int8_linear(x2, ops.pack_int8(self.qweight, self.scale, self.bias, "int_mm"), "int_mm")
 

@@ -1,0 +1,119 @@
+"""gpt2lab's own C++ CPU kernel: an int8 product for the few rows of a decode step on AVX2 CPUs.
+
+At one row fbgemm's int8 product reads its weight at about half the rate memory gives, and no other
+kernel torch ships reads it faster (docs/benchmarks.md, item 15). ``csrc/int8_avx2.cpp`` reads a weight
+laid out for it in one sequential stream (``gpt2lab.ops.pack_int8``, kernel ``avx2``); it is one more
+candidate of the int8 kernel table, chosen only where it measures faster. It is built with torch's C++
+extension builder the first time a process on an AVX2 CPU needs it (about 10-20 seconds; the built library
+is kept under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the op
+``torch.ops.gpt2lab_native.int8_avx2``. Where it cannot be built (no C++ compiler, not x86 with AVX2, or
+``GPT2LAB_NATIVE=0``) the kernel is left out of the candidates and ``unavailable_reason`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from gpt2lab.errors import GPT2LabError
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_avx2.cpp"
+ENV_NATIVE = "GPT2LAB_NATIVE"  # "0": never build or load the kernel
+# no contraction of a*b+c into an FMA: the epilogue rounds as gpt2lab.ops.int8_linear's other paths do
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+
+
+def available() -> bool:
+    """Whether ``torch.ops.gpt2lab_native.int8_avx2`` can run here (built and loaded on first call)."""
+    return unavailable_reason() is None
+
+
+def require() -> None:
+    """Load the kernel, or raise a ``GPT2LabError`` saying why it cannot run here."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise GPT2LabError(f"gpt2lab's avx2 int8 kernel is not available: {reason}; choose another int8 kernel")
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here, or None once it is loaded (building it if needed)."""
+    if os.environ.get(ENV_NATIVE, "1") == "0":
+        return f"{ENV_NATIVE}=0"
+    capability = torch.backends.cpu.get_cpu_capability()  # what torch's own kernels use here
+    if platform.machine().lower() not in ("x86_64", "amd64") or not capability.startswith(("AVX2", "AVX512")):
+        return f"needs an x86 CPU with AVX2 (this one: {platform.machine()}, {capability})"
+    try:
+        _build_and_load()
+    except Exception as error:  # a missing compiler or a failed build: the other kernels still run
+        last_line = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+        return f"could not be built: {last_line[0]}"
+    return None
+
+
+def build_directory() -> Path:
+    """Where the library is built and kept: one directory per torch version and source."""
+    from torch.utils import cpp_extension
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
+    return root / f"gpt2lab-{torch.__version__}-{digest}"
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension  # imported here: it takes a while and most runs never need it
+
+    if _loaded():
+        return
+    directory = build_directory()
+    name = "gpt2lab_native"
+    if not (directory / f"{name}.so").exists():
+        print("gpt2lab: building its int8 CPU kernel (once per torch version, about 10-20 s)", file=sys.stderr)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _ninja_on_path():
+        cpp_extension.load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,
+        )
+    # its output's shape, for tracing: a compiled decode step calls the op itself (gpt2lab.quantize)
+    torch.library.register_fake("gpt2lab_native::int8_avx2")(
+        lambda x, weight, scale, bias: x.new_empty(x.shape[0], scale.shape[0])
+    )
+
+
+def _loaded() -> bool:
+    try:
+        torch.ops.gpt2lab_native.int8_avx2  # noqa: B018 (the lookup is the question)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's builder runs ``ninja`` from PATH; the ``ninja`` package's own binary is used where PATH has
+    none (a virtual environment that is not activated)."""
+    if shutil.which("ninja"):
+        yield
+        return
+    import ninja
+
+    previous = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, previous]) if previous else ninja.BIN_DIR
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = previous
