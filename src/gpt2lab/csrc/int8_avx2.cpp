@@ -26,8 +26,8 @@ namespace {
 
 constexpr int64_t kBlock = 4;     // output channels read together
 constexpr int64_t kChunk = 32;    // bytes of one AVX2 register
-constexpr int64_t kGrain = 16;    // blocks per thread at least: a small product is not worth splitting finer
-constexpr int64_t kAhead = 512;   // bytes of the weight prefetched ahead of the ones read
+constexpr int64_t kGrain = 4;     // blocks per thread at least: a tiny product is not worth splitting finer
+constexpr int64_t kAhead = 1024;  // bytes of the weight prefetched (into L2) ahead of the ones read
 
 inline int32_t sum_lanes(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -108,8 +108,8 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
                                _mm256_setzero_si256()};
         const int8_t* p = first;
         for (int64_t k = 0; k < padded; k += kChunk, p += kBlock * kChunk) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
           const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k));
           const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
           for (int j = 0; j < kBlock; ++j) {
