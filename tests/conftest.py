@@ -38,6 +38,9 @@ def remember_kernels(kernel_cache):
         for name, entry in entries.items():  # written as a measurement writes them (evicted_mb: few rows)
             entry.setdefault("evicted_mb", 0)
             kind = name.split(" ", 1)[0]
+            us = entry.get("us_per_product", {})
+            if "pack" in us:  # a copy with a time of its own (kernels.OWN_COPIES) costs the same as the others
+                entry["us_per_product"] = {kernels.pack_key(k): us["pack"] for k in us} | us
             if kind in kernels.REVISIONS:
                 entry.setdefault("revision", kernels.REVISIONS[kind])
         data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}

@@ -1,5 +1,5 @@
-"""gpt2lab's own int8 CPU kernel (gpt2lab.native, kernel "avx2"): exact, traceable, and left out cleanly
-where it cannot be built."""
+"""gpt2lab's own CPU kernels (gpt2lab.native: int8 "avx2", float32 "avx2_f32"): exact or within float32
+rounding, traceable, measured with what their copies cost, and left out cleanly where they cannot be built."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from gpt2lab import GPT2LabError, kernels, native, ops, quantize
+import gpt2lab.model
+from gpt2lab import Backends, GPT2LabError, generate, kernels, native, ops, quantize
 from gpt2lab.quantize import Int8Linear
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"avx2 kernel: {native.unavailable_reason()}")
@@ -100,11 +102,13 @@ def test_a_compiled_step_calls_the_avx2_op_itself(monkeypatch):
 
 
 def test_without_the_kernel_the_others_run_and_asking_for_it_says_why():
-    """GPT2LAB_NATIVE=0: never built, not a candidate, and a request for it names the reason."""
+    """GPT2LAB_NATIVE=0: never built, neither kernel a candidate, and a request for one names the reason."""
     code = (
         "import torch\n"
         "from gpt2lab import GPT2LabError, native, ops\n"
+        "from gpt2lab import kernels\n"
         "assert 'avx2' not in ops.int8_kernels(1), ops.int8_kernels(1)\n"
+        "assert 'avx2_f32' not in kernels.candidates('packed', 1)\n"
         "q, s = ops.quantize_weight(torch.randn(8, 32), 63)\n"
         "try:\n"
         "    ops.pack_int8(q, s, None, 'avx2')\n"
@@ -113,7 +117,7 @@ def test_without_the_kernel_the_others_run_and_asking_for_it_says_why():
     )
     env = {**os.environ, native.ENV_NATIVE: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "GPT2LAB_NATIVE=0" in out.stdout and "choose another int8 kernel" in out.stdout
+    assert "GPT2LAB_NATIVE=0" in out.stdout and "choose another kernel" in out.stdout
 
 
 def test_a_failed_build_leaves_the_kernel_out(monkeypatch):
@@ -131,3 +135,96 @@ def test_a_failed_build_leaves_the_kernel_out(monkeypatch):
             native.require()
     finally:
         native.unavailable_reason.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31)])
+def test_blocks_interleave_four_channels_chunk_by_chunk(out_features, in_features):
+    """The layout the int8 kernel reads: zero-padded to whole blocks of 4 channels and 32-byte chunks,
+    then each block's rows chunk by chunk."""
+    w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
+    padded = F.pad(w, (0, -in_features % 32, 0, -out_features % 4))
+    want = padded.view(len(padded) // 4, 4, padded.shape[1] // 32, 32).transpose(1, 2)
+    assert torch.equal(ops.blocks(w), want)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (50, 1000), (13, 8)])
+def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, in_features):
+    """Whole groups of 8 channels and the channels past them, widths with and without a tail past the
+    8-lane chunks, with and without bias and the GELU after; the weight read as it is (no copy)."""
+    g = torch.Generator().manual_seed(out_features + in_features)
+    w, b = torch.randn(out_features, in_features, generator=g), torch.randn(out_features, generator=g)
+    x = torch.randn(2, rows, in_features, generator=g)
+    copy = ops.copy_weight(w, rows, "avx2_f32")
+    assert copy.data_ptr() == w.data_ptr()
+    for bias in (b, None):
+        want = F.linear(x, w, bias)
+        torch.testing.assert_close(ops.copy_linear(x, copy, "avx2_f32", w, bias), want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            ops.copy_linear(x, copy, "avx2_f32", w, bias, gelu=True),
+            F.gelu(want, approximate="tanh"),
+            atol=1e-4,
+            rtol=1e-5,
+        )
+    torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x[0], w, b))
+
+
+@needs_kernel
+def test_the_float32_kernel_is_timed_with_the_cost_of_its_own_copy(tmp_path, monkeypatch):
+    """It reads the weight itself: its "copy" is timed on its own (``pack avx2_f32``, next to nothing), not
+    as the transposed copies are, and so it repays at once."""
+    times = kernels.measure(256, 128, 1, kind="packed", repeat=1)
+    assert {"pack", "pack avx2_f32"} <= times.keys() and times["pack avx2_f32"] < times["pack"]
+    us = {k: 100e-6 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 50e-6}
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: us | {"pack": 1e-3, "pack avx2_f32": 5e-6})
+    table = kernels.KernelTable(tmp_path / "k.json")
+    assert table.choose(256, 128, 1, kind="packed") == "avx2_f32"
+    assert table.pack_repays(256, 128, 1) == pytest.approx(0.1)  # 5 us to "copy", 50 us saved a product
+
+
+@needs_kernel
+@pytest.mark.parametrize("steps", [4, 40])
+def test_one_row_decoding_reads_the_weights_with_it_however_short(
+    make_gpt, remember_kernels, monkeypatch, steps, pack_min_steps=16
+):
+    """Where the table measures it faster, every float32 layer of a one-row decode reads its weight with
+    gpt2lab's kernel, for fewer steps than copies need (``pack_min_steps``) too, without taking from
+    the memory the copies may use: the same tokens as F.linear's, nothing packed after the call."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=pack_min_steps), **config)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 50.0, "pack": 300.0}
+    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
+    for o, i in {(m.out_features, m.in_features) for m in linears}:
+        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": "avx2_f32", "us_per_product": dict(us)}})
+        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+    monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: 0)  # no room for any copy
+    packed, pack = [], ops.Linear.pack
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
+    tokens = generate(model, [[5, 17, 3]], steps, temperature=0, eos_id=None)
+    assert packed == ["avx2_f32"] * len(linears)
+    assert tokens == generate(reference, [[5, 17, 3]], steps, temperature=0, eos_id=None)
+    assert all(m.packed is None for m in linears)
+
+
+@needs_kernel
+def test_reading_the_weights_in_place_leaves_the_memory_to_copies(make_gpt, remember_kernels, monkeypatch):
+    """Layers read by gpt2lab's kernel hold no copy: a copy that the memory has room for is still made
+    for the one layer measured faster from it (here the lm_head, its own shape)."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 60.0, "torch_t": 50.0, "pack": 300.0}
+    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
+    for o, i in {(m.out_features, m.in_features) for m in linears}:
+        kernel = "torch_t" if (o, i) == (1024, 128) else "avx2_f32"
+        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": kernel, "us_per_product": dict(us)}})
+        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+    monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: 2 * model.lm_head.weight.numel() * 4)
+    packed, pack = [], ops.Linear.pack
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    generate(model, [[5, 17, 3]], 40, temperature=0, eos_id=None)
+    assert packed == ["avx2_f32"] * (len(linears) - 1) + ["torch_t"]

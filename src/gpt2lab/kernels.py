@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import files, ops
+from gpt2lab import files, native, ops
 from gpt2lab.device import available_memory
 from gpt2lab.errors import ConfigError
 
@@ -62,7 +62,11 @@ ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
-COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t")
+COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32")
+# copy kernels whose copy differs from the others' of their kind (``avx2_f32`` reads the weight itself: its
+# "copy" costs nothing): the time of making it is its own, ``pack <kernel>``; the others share
+# ``pack``, the time of making the first candidate's copy
+OWN_COPIES = ("avx2_f32",)
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
 KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention")
@@ -91,7 +95,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     "int8", "packed" (whether a product of ``rows`` rows without gradients reads the weight from a copy
     laid out for it, against the float32 kernels: at two rows or more MKL's packed layout,
     ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
-    by oneDNN or MKL: ``onednn_t``, ``torch_t``), "gelu" (an MLP's first product and its tanh-GELU
+    by oneDNN or MKL: ``onednn_t``, ``torch_t``, and on AVX2 CPUs gpt2lab's own kernel on the weight
+    as it is, ``avx2_f32``: ``gpt2lab.native``), "gelu" (an MLP's first product and its tanh-GELU
     without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
     float32 kernel then the GELU in the form its own kind chose), "numpy" (a one-row product without
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
@@ -113,7 +118,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
     if kind == "packed" and rows == 1:
-        return float32 + tuple(f"{k}_t" for k in float32)
+        return float32 + tuple(f"{k}_t" for k in float32) + (("avx2_f32",) if native.available() else ())
     if kind == "packed":
         return float32 + ("mkl_packed",) if ops.packing_available() else float32
     return float32
@@ -242,11 +247,12 @@ class KernelTable:
         entry = self._entry(out_features, in_features, rows, kind)
         us, kernel = entry.get("us_per_product", {}), entry["kernel"]
         plain = [us[k] for k in candidates(kind, rows) if k in us and k not in COPY_KERNELS]
-        if kernel not in COPY_KERNELS or not plain or not {"pack", kernel} <= us.keys():
+        made = pack_key(kernel)
+        if kernel not in COPY_KERNELS or not plain or not {made, kernel} <= us.keys():
             return math.inf  # not chosen, or an edited entry without the times this weighs
         if min(plain) <= us[kernel]:
             return math.inf
-        return us["pack"] / (min(plain) - us[kernel])
+        return us[made] / (min(plain) - us[kernel])
 
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())
@@ -348,8 +354,8 @@ def measure(
     """Seconds per product of each candidate kernel (``options``; None: ``candidates(kind, rows)``)
     on ``rows`` rows by an (out, in) ``kind`` weight,
     medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
-    a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack``: the seconds of making the
-    copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
+    a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack`` (and ``pack <kernel>`` for
+    one whose copy is its own, ``pack_key``): the seconds of making the copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
     ``evicted_before(rows, kind)``). Kind ``gelu`` applies its GELU, where not fused, in ``gelu_form``;
     kind ``tanh_gelu`` times each form over a (rows, out) output."""
     n = out_features if rows <= FEW_ROWS or kind == "attention" else min(out_features, MAX_OUT)
@@ -367,12 +373,21 @@ def measure(
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
         timed = alternated(runs, repeat, before=evict)
     times = {k: statistics.median(v) * scale for k, v in timed.items()}
-    copy = next((k for k in runs if k in COPY_KERNELS), None)
-    if copy is not None:  # and the time of making one copy of the whole weight
+    copies: dict[str, str] = {}  # "pack": the first copy kernel's
+    for k in runs:
+        if k in COPY_KERNELS:
+            copies.setdefault(pack_key(k), k)
+    if copies:  # and the time of making each form of copy of the whole weight
         weight = torch.full((n, in_features), 0.01)
-        made = alternated({"pack": lambda: ops.copy_weight(weight, rows, copy)}, 3, warmup=0)["pack"]
-        times["pack"] = statistics.median(made) * out_features / n
+        make = {key: functools.partial(ops.copy_weight, weight, rows, k) for key, k in copies.items()}
+        made = alternated(make, 3, warmup=0)
+        times |= {key: statistics.median(t) * out_features / n for key, t in made.items()}
     return times
+
+
+def pack_key(kernel: str) -> str:
+    """The time in a measurement of making the copy ``kernel`` reads (``OWN_COPIES``)."""
+    return f"pack {kernel}" if kernel in OWN_COPIES else "pack"
 
 
 def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bool:
@@ -380,7 +395,7 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bo
     time for each candidate (an entry written before a candidate was added, or at an older revision of
     its kind, ``REVISIONS``, is measured again, and so is one with a time that is not a number >= 0;
     an edited one without times is taken as it is), where a kernel reads a copy
-    of the weight, the time of making the copy (``pack``), which ``KernelTable.pack_repays`` weighs
+    of the weight, the time of making the copy (``pack``, or ``pack <kernel>``: ``pack_key``), which ``KernelTable.pack_repays`` weighs
     against its saving, and for a product of few rows, how much was read to evict the cache before each
     timed call (``evicted_mb``; one measured without the eviction is measured again)."""
     us = entry.get("us_per_product")
@@ -393,7 +408,7 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bo
         return False
     if streams(rows, kind) and "evicted_mb" not in entry:
         return False
-    return set(options) <= us.keys() and ("pack" in us or not set(options) & set(COPY_KERNELS))
+    return set(options) <= us.keys() and {pack_key(k) for k in options if k in COPY_KERNELS} <= us.keys()
 
 
 def _is_time(t: object) -> bool:

@@ -25,6 +25,7 @@ from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
     LINEAR_KERNELS,
     ONE_QUERY_KERNELS,
+    READS_THE_WEIGHT,
     Linear,
     chunk_rows,
     linear_cross_entropy,
@@ -478,8 +479,11 @@ class GPT(nn.Module):
         one row the transposed one) where the table measures that faster (kind ``packed``). A copy is
         made only where the saving repays making it within ``steps`` (``KernelTable.pack_repays``); the
         copies hold about as much memory again as the weights they copy, and together never more than
-        half the memory the OS has available (``gpt2lab.device.available_memory``). The logits change
-        by float32 rounding only. Returns the layers packed (generation unpacks them when it ends)."""
+        half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, where
+        the table measures gpt2lab's own kernel faster (``avx2_f32``, which reads the weight as it is: no
+        copy), a layer reads with it for any number of steps (unless ``pack_min_steps`` is 0). The
+        logits change by float32 rounding only. Returns the layers packed (generation unpacks them when
+        it ends)."""
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
@@ -487,7 +491,7 @@ class GPT(nn.Module):
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
         kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies) else "packed"
-        if kind == "packed" and not copies:
+        if kind == "packed" and not min_steps:
             return []
         spare = available_memory()
         budget = spare // 2 if spare is not None else math.inf
@@ -495,15 +499,12 @@ class GPT(nn.Module):
         for m in layers:
             shape = (m.out_features, m.in_features, rows)
             kernel = m.table.choose(*shape, kind=kind)
+            in_place = kernel in READS_THE_WEIGHT  # its "copy" is the weight: no memory, nothing to repay
             size = m.weight.numel() * m.weight.element_size()
-            if (
-                copies
-                and kernel in kernels.COPY_KERNELS
-                and m.table.pack_repays(*shape, kind) <= steps
-                and size <= budget
-            ):
+            repaid = in_place or (copies and m.table.pack_repays(*shape, kind) <= steps and size <= budget)
+            if kernel in kernels.COPY_KERNELS and repaid:
                 m.pack(rows, kernel)
-                budget -= size
+                budget -= 0 if in_place else size
             elif kind == "numpy":
                 m.pack(rows, "numpy")  # the weight as it is
             else:

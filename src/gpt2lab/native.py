@@ -1,13 +1,16 @@
-"""gpt2lab's own C++ CPU kernel: an int8 product for the few rows of a decode step on AVX2 CPUs.
+"""gpt2lab's own C++ CPU kernels: int8 and float32 products for the few rows of a decode step on AVX2 CPUs.
 
-At one row fbgemm's int8 product reads its weight at about half the rate memory gives, and no other
-kernel torch ships reads it faster (docs/benchmarks.md, item 15). ``csrc/int8_avx2.cpp`` reads a weight
-laid out for it in one sequential stream (``gpt2lab.ops.pack_int8``, kernel ``avx2``); it is one more
-candidate of the int8 kernel table, chosen only where it measures faster. It is built with torch's C++
-extension builder the first time a process on an AVX2 CPU needs it (about 10-20 seconds; the built library
-is kept under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the op
-``torch.ops.gpt2lab_native.int8_avx2``. Where it cannot be built (no C++ compiler, not x86 with AVX2, or
-``GPT2LAB_NATIVE=0``) the kernel is left out of the candidates and ``unavailable_reason`` says why.
+At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones, read their weights well below
+the rate memory gives, and no other kernel torch ships reads them faster (docs/benchmarks.md, item
+15). ``csrc/avx2.cpp`` streams the weights with a software prefetch ahead: the int8 kernel ``avx2``
+(on a weight laid out for it by ``gpt2lab.ops.pack_int8``) and the float32 one-row kernel ``avx2_f32``
+(kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Each is one more candidate of the
+kernel table, chosen only where it measures faster. They are built with torch's C++ extension
+builder the first time a process on an AVX2 CPU needs them (about 10-20 seconds; the built library
+is kept under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the
+ops ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2`` and ``blocks``. Where they cannot be
+built (no C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the
+candidates and ``unavailable_reason`` says why.
 """
 
 from __future__ import annotations
@@ -26,27 +29,27 @@ import torch
 
 from gpt2lab.errors import GPT2LabError
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_avx2.cpp"
-ENV_NATIVE = "GPT2LAB_NATIVE"  # "0": never build or load the kernel
+SOURCE = Path(__file__).with_name("csrc") / "avx2.cpp"
+ENV_NATIVE = "GPT2LAB_NATIVE"  # "0": never build or load the kernels
 # no contraction of a*b+c into an FMA: the epilogue rounds as gpt2lab.ops.int8_linear's other paths do
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 
 
 def available() -> bool:
-    """Whether ``torch.ops.gpt2lab_native.int8_avx2`` can run here (built and loaded on first call)."""
+    """Whether gpt2lab's kernels (``torch.ops.gpt2lab_native``) can run here (built and loaded on first call)."""
     return unavailable_reason() is None
 
 
 def require() -> None:
-    """Load the kernel, or raise a ``GPT2LabError`` saying why it cannot run here."""
+    """Load the kernels, or raise a ``GPT2LabError`` saying why they cannot run here."""
     reason = unavailable_reason()
     if reason is not None:
-        raise GPT2LabError(f"gpt2lab's avx2 int8 kernel is not available: {reason}; choose another int8 kernel")
+        raise GPT2LabError(f"gpt2lab's avx2 kernels are not available: {reason}; choose another kernel")
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run here, or None once it is loaded (building it if needed)."""
+    """Why the kernels cannot run here, or None once they are loaded (building them if needed)."""
     if os.environ.get(ENV_NATIVE, "1") == "0":
         return f"{ENV_NATIVE}=0"
     capability = torch.backends.cpu.get_cpu_capability()  # what torch's own kernels use here
@@ -77,7 +80,7 @@ def _build_and_load() -> None:
     directory = build_directory()
     name = "gpt2lab_native"
     if not (directory / f"{name}.so").exists():
-        print("gpt2lab: building its int8 CPU kernel (once per torch version, about 10-20 s)", file=sys.stderr)
+        print("gpt2lab: building its CPU kernels (once per torch version, about 10-20 s)", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
     with _ninja_on_path():
         cpp_extension.load(
@@ -88,15 +91,18 @@ def _build_and_load() -> None:
             build_directory=str(directory),
             is_python_module=False,
         )
-    # its output's shape, for tracing: a compiled decode step calls the op itself (gpt2lab.quantize)
+    # their outputs' shapes, for tracing: a compiled decode step calls the ops themselves
     torch.library.register_fake("gpt2lab_native::int8_avx2")(
         lambda x, weight, scale, bias: x.new_empty(x.shape[0], scale.shape[0])
+    )
+    torch.library.register_fake("gpt2lab_native::float_avx2")(
+        lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
     )
 
 
 def _loaded() -> bool:
     try:
-        torch.ops.gpt2lab_native.int8_avx2  # noqa: B018 (the lookup is the question)
+        torch.ops.gpt2lab_native.float_avx2  # noqa: B018 (the lookup is the question)
     except (AttributeError, RuntimeError):
         return False
     return True

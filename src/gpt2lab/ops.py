@@ -48,6 +48,7 @@ from gpt2lab import native
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
+READS_THE_WEIGHT = ("numpy", "avx2_f32")  # copy kernels whose copy is the weight itself (copy_weight)
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
 GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu_ computes the activation
 GELU_BLOCK = 2**20  # elements the sigmoid form works on at a time: its passes over them stay in cache
@@ -81,12 +82,30 @@ def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     """The copy of a float32 weight (out, in) that ``kernel`` reads in products of ``rows`` rows:
     ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t``, ``torch_t`` or ``numpy_t``,
     the weight transposed in memory ((in, out)-contiguous, seen as (out, in)); ``numpy``, no copy
-    (the weight itself, which numpy's BLAS reads as it is)."""
+    (the weight itself, which numpy's BLAS reads as it is); ``avx2_f32``, no copy either (gpt2lab's own
+    kernel reads the weight as it is: ``gpt2lab.native``)."""
     if kernel == "mkl_packed":
         return pack_weight(weight, rows)
-    if kernel == "numpy":
+    if kernel == "avx2_f32":
+        native.require()
+    if kernel in READS_THE_WEIGHT:
         return weight.detach()
     return weight.detach().t().contiguous().t()
+
+
+def blocks(qweight: torch.Tensor) -> torch.Tensor:
+    """An int8 weight (out, in) as gpt2lab's own int8 kernel reads it (``gpt2lab.native``): (out / 4,
+    in / 32, 4, 32), zero-padded to whole blocks and chunks, so that each block of 4 output channels is
+    one stream of their rows' 32-byte chunks in turn."""
+    native.require()
+    return torch.ops.gpt2lab_native.blocks(qweight)
+
+
+def float_avx2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by gpt2lab's own float32 kernel (``gpt2lab.native``), for few rows
+    without gradients."""
+    y = torch.ops.gpt2lab_native.float_avx2(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def numpy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -275,8 +294,11 @@ def copy_linear(
     """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu_``) read from
     ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
     its call."""
-    if kernel == "mkl_packed":
-        y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
+    if kernel in ("mkl_packed", "avx2_f32"):
+        if kernel == "mkl_packed":
+            y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
+        else:
+            y = float_avx2(x, copy, bias)
         return tanh_gelu_(y, form) if gelu else y
     plain = kernel.removesuffix("_t")
     if gelu:
@@ -541,11 +563,7 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
     if kernel == "qlinear":  # oneDNN's own layout (a wrong one crashes the product): made here only
         return _qlinear[0](qweight, None), scale, torch.zeros(len(scale), dtype=torch.long), bias
     if kernel == "avx2":  # blocks of 4 output channels, their rows interleaved in 32-byte chunks
-        native.require()
-        out, width = qweight.shape
-        padded = F.pad(qweight, (0, -width % 32, 0, -out % 4))  # zeros: they add nothing to a sum
-        blocks = padded.view(len(padded) // 4, 4, padded.shape[1] // 32, 32).transpose(1, 2).contiguous()
-        return blocks, scale.contiguous(), bias
+        return blocks(qweight), scale.contiguous(), bias
     return qweight.t(), scale, bias  # (in, out) view: _int_mm's B
 
 

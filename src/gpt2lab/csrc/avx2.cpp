@@ -1,0 +1,246 @@
+// gpt2lab's own products for x86 CPUs with AVX2, for the few rows of a decode step, where a product
+// is bound by reading its weight from memory, with a software prefetch ahead of the reads.
+//
+// int8_avx2: y = (x quantized per row) times an int8 weight with a float32 scale per output channel,
+// plus a float32 bias. Its rows are short (768 bytes in GPT-2 124M) for the hardware prefetchers to
+// follow several at once, so the weight is laid out as the kernel reads it, (blocks, chunks, 4, 32)
+// by gpt2lab.ops.pack_int8: blocks of four output channels whose rows are interleaved in 32-byte
+// chunks, one sequential stream per thread. The
+// rows of x are quantized to int8 with one scale each (the largest magnitude maps to 127, rounding
+// half to even), as gpt2lab.ops.int8_linear does for the other kernels. Each 32-byte chunk multiplies
+// by the sign trick of AVX2's unsigned-by-signed byte product: |x| times (w with x's sign), whose
+// 16-bit pair sums (at most 2 x 127 x 127) never saturate, then sums them in int32: the result is
+// exact. The float32 epilogue is ((sum * x scale) * weight scale) + bias, rounded at each step (built
+// without contraction into FMAs), the order gpt2lab.ops.int8_linear's torch._int_mm path takes.
+//
+// float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: its rows are long
+// enough to read eight at once).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 4;     // output channels read together
+constexpr int64_t kChunk = 32;    // bytes of one AVX2 register
+constexpr int64_t kGrain = 4;     // blocks per thread at least: a tiny product is not worth splitting finer
+constexpr int64_t kAhead = 1024;  // bytes of the weight prefetched (into L2) ahead of the ones read
+
+inline int32_t sum_lanes(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One row of x quantized: its values (zero past the input's width) and their magnitudes, and its scale.
+struct QuantizedRow {
+  std::vector<int8_t> value;
+  std::vector<uint8_t> magnitude;
+  float scale;
+};
+
+QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
+  const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 largest8 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) largest8 = _mm256_max_ps(largest8, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude_bits));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, largest8);
+  float largest = *std::max_element(lanes, lanes + 8);
+  for (; k < in; ++k) largest = std::max(largest, std::fabs(x[k]));
+  QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), std::max(largest, 1e-12f) / 127.f};
+  // x / scale rounded half to even: the same correctly rounded division and rounding, 8 lanes at a time
+  const __m256 scale8 = _mm256_set1_ps(row.scale);
+  alignas(32) int32_t q[8];
+  for (k = 0; k < in; k += 8) {
+    const int64_t n = std::min<int64_t>(8, in - k);
+    alignas(32) float chunk[8] = {};
+    std::copy(x + k, x + k + n, chunk);
+    const __m256 rounded = _mm256_round_ps(_mm256_div_ps(_mm256_load_ps(chunk), scale8),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(rounded));
+    for (int64_t j = 0; j < n; ++j) {
+      row.value[k + j] = static_cast<int8_t>(q[j]);
+      row.magnitude[k + j] = static_cast<uint8_t>(q[j] < 0 ? -q[j] : q[j]);
+    }
+  }
+  return row;
+}
+
+at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == kBlock && weight.size(3) == kChunk &&
+                  weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be int8 laid out as (blocks, chunks, 4, 32) by gpt2lab.ops.pack_int8");
+  const int64_t rows = x.size(0), in = x.size(1), out = scale.size(0);
+  const int64_t blocks = weight.size(0), chunks = weight.size(1), padded = chunks * kChunk;
+  TORCH_CHECK(in <= padded && padded < in + kChunk, "x has ", in, " columns, the weight ", padded, " padded");
+  TORCH_CHECK(out <= blocks * kBlock && blocks * kBlock < out + kBlock, "scale has ", out, " channels, the weight ",
+              blocks * kBlock, " padded");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous float32");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "bias must be contiguous float32 with one value per output channel");
+    b = bias->data_ptr<float>();
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<QuantizedRow> qx;
+  for (int64_t r = 0; r < rows; ++r) qx.push_back(quantize_row(xc.data_ptr<float>() + r * in, in, padded));
+
+  at::Tensor y = at::empty({rows, out}, x.options());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const __m256i ones = _mm256_set1_epi16(1);
+  at::parallel_for(0, blocks, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int8_t* first = w + block * chunks * kBlock * kChunk;
+      for (int64_t r = 0; r < rows; ++r) {  // past the first row the block's weights come from L1
+        const int8_t* v = qx[r].value.data();
+        const uint8_t* m = qx[r].magnitude.data();
+        __m256i acc[kBlock] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                               _mm256_setzero_si256()};
+        const int8_t* p = first;
+        for (int64_t k = 0; k < padded; k += kChunk, p += kBlock * kChunk) {
+          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
+          const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k));
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
+          for (int j = 0; j < kBlock; ++j) {
+            const __m256i wj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * kChunk));
+            const __m256i pairs = _mm256_maddubs_epi16(xm, _mm256_sign_epi8(wj, xv));
+            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const int64_t o = block * kBlock + j;
+          if (o >= out) break;
+          float value = static_cast<float>(sum_lanes(acc[j])) * qx[r].scale;
+          value = value * s[o];
+          yp[r * out + o] = b == nullptr ? value : value + b[o];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// N output channels from `row0` (each `in` long) times one row of x, plus the bias (b may be null).
+template <int64_t N>
+inline void float_channels(const float* row0, const float* xr, int64_t in, const float* b, float* y) {
+  constexpr int64_t kLanes = 8, kAheadValues = 256;  // 1 KiB ahead in each row
+  __m256 acc[N];
+  for (int64_t j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  const int64_t whole = in / kLanes * kLanes;
+  for (int64_t k = 0; k < whole; k += kLanes) {
+    if (k % 16 == 0)  // a cache line of each row
+      for (int64_t j = 0; j < N; ++j) _mm_prefetch(reinterpret_cast<const char*>(row0 + j * in + k + kAheadValues), _MM_HINT_T1);
+    const __m256 xv = _mm256_loadu_ps(xr + k);
+    for (int64_t j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row0 + j * in + k), xv, acc[j]);
+  }
+  for (int64_t j = 0; j < N; ++j) {
+    const float* row = row0 + j * in;
+    float sum = sum_lanes(acc[j]);
+    for (int64_t k = whole; k < in; ++k) sum += row[k] * xr[k];
+    y[j] = b == nullptr ? sum : sum + b[j];
+  }
+}
+
+// The float32 product for the few rows of a decode step: x times a float32 weight as it is, (out, in)
+// contiguous, plus the bias. Eight output channels are read together, eight streams with a prefetch
+// ahead in each; float32 sums in eight lanes, then across them.
+at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  constexpr int64_t kRows = 8;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
+              "weight must be (out, in) contiguous float32");
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  TORCH_CHECK(weight.size(1) == in, "x has ", in, " columns, the weight ", weight.size(1));
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
+                "bias must be contiguous float32 with one value per output channel");
+    b = bias->data_ptr<float>();
+  }
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  at::Tensor y = at::empty({rows, out}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (out + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * kRows, n = std::min(kRows, out - first);
+      for (int64_t r = 0; r < rows; ++r) {  // past the first row the group's weights come from cache
+        const float* bias_at = b == nullptr ? nullptr : b + first;
+        if (n == kRows) {
+          float_channels<kRows>(w + first * in, xp + r * in, in, bias_at, yp + r * out + first);
+        } else {
+          for (int64_t j = 0; j < n; ++j)
+            float_channels<1>(w + (first + j) * in, xp + r * in, in, bias_at ? bias_at + j : nullptr,
+                              yp + r * out + first + j);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
+// channels one stream of their rows' 32-byte chunks in turn; zero-padded to whole blocks and chunks
+// (zeros add nothing to a sum).
+at::Tensor blocks(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "weight must be (out, in) int8");
+  const at::Tensor w = weight.contiguous();
+  const int64_t out = w.size(0), in = w.size(1);
+  const int64_t blocks = (out + kBlock - 1) / kBlock, chunks = (in + kChunk - 1) / kChunk;
+  at::Tensor laid = at::empty({blocks, chunks, kBlock, kChunk}, w.options());
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = laid.data_ptr<int8_t>();
+  at::parallel_for(0, blocks, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t j = 0; j < kBlock; ++j) {
+          int8_t* to = dst + ((block * chunks + c) * kBlock + j) * kChunk;
+          const int64_t o = block * kBlock + j, from = c * kChunk;
+          const int64_t n = o < out ? std::min<int64_t>(kChunk, in - from) : 0;
+          if (n > 0) std::memcpy(to, src + o * in + from, n);
+          if (n < kChunk) std::memset(to + n, 0, kChunk - n);
+        }
+      }
+    }
+  });
+  return laid;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gpt2lab_native, m) {
+  m.def("int8_avx2(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("blocks(Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
+  m.impl("int8_avx2", &int8_avx2);
+  m.impl("float_avx2", &float_avx2);
+  m.impl("blocks", &blocks);
+}
