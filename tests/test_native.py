@@ -228,3 +228,24 @@ def test_reading_the_weights_in_place_leaves_the_memory_to_copies(make_gpt, reme
     monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
     generate(model, [[5, 17, 3]], 40, temperature=0, eos_id=None)
     assert packed == ["avx2_f32"] * (len(linears) - 1) + ["torch_t"]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("steps", "want"), [(40, "torch_t"), (8, "avx2_f32")])
+def test_where_a_faster_copy_does_not_repay_the_kernel_on_the_weight_reads_it(
+    make_gpt, remember_kernels, monkeypatch, steps, want
+):
+    """The transposed copy is fastest and repays within 15 steps: a 40-step decode makes it; an 8-step
+    one reads with gpt2lab's kernel, faster than both kernels on the plain weight, instead."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 70.0, "torch_t": 50.0, "pack": 700.0}
+    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
+    for o, i in {(m.out_features, m.in_features) for m in linears}:
+        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": "torch_t", "us_per_product": dict(us)}})
+        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+    packed, pack = [], ops.Linear.pack
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    generate(model, [[5, 17, 3]], steps + 1, temperature=0, eos_id=None)
+    assert packed == [want] * len(linears)

@@ -254,6 +254,17 @@ class KernelTable:
             return math.inf
         return us[made] / (min(plain) - us[kernel])
 
+    def in_place(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> str | None:
+        """The copy kernel of a ``kind`` product whose "copy" is the weight itself (``ops.READS_THE_WEIGHT``),
+        where it measured ``MARGIN`` faster than every kernel on the plain weight: what a layer reads with
+        when the chosen copy does not repay its making; else None."""
+        us = self._entry(out_features, in_features, rows, kind).get("us_per_product", {})
+        options = candidates(kind, rows)
+        plain = [us[k] for k in options if k not in COPY_KERNELS and _is_time(us.get(k))]
+        free = [k for k in options if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and _is_time(us.get(k))]
+        best = min(free, key=us.__getitem__, default=None)
+        return best if best is not None and plain and us[best] < (1 - MARGIN) * min(plain) else None
+
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())
         entry = self._chosen.get(key)

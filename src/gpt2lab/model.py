@@ -481,7 +481,8 @@ class GPT(nn.Module):
         copies hold about as much memory again as the weights they copy, and together never more than
         half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, where
         the table measures gpt2lab's own kernel faster (``avx2_f32``, which reads the weight as it is: no
-        copy), a layer reads with it for any number of steps (unless ``pack_min_steps`` is 0). The
+        copy), a layer reads with it for any number of steps (unless ``pack_min_steps`` is 0), and also
+        where a faster copy does not repay (``KernelTable.in_place``). The
         logits change by float32 rounding only. Returns the layers packed (generation unpacks them when
         it ends)."""
         p = self.wte.weight
@@ -502,6 +503,9 @@ class GPT(nn.Module):
             in_place = kernel in READS_THE_WEIGHT  # its "copy" is the weight: no memory, nothing to repay
             size = m.weight.numel() * m.weight.element_size()
             repaid = in_place or (copies and m.table.pack_repays(*shape, kind) <= steps and size <= budget)
+            if kernel in kernels.COPY_KERNELS and not repaid:  # then the fastest kernel that needs no copy
+                kernel = m.table.in_place(*shape, kind)
+                in_place = repaid = kernel is not None
             if kernel in kernels.COPY_KERNELS and repaid:
                 m.pack(rows, kernel)
                 budget -= 0 if in_place else size
