@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,16 @@ def test_where_a_faster_copy_does_not_repay_the_kernel_on_the_weight_reads_it(
     monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
     generate(model, [[5, 17, 3]], steps + 1, temperature=0, eos_id=None)
     assert packed == [want] * len(linears)
+
+
+def test_the_build_finds_ninja_in_its_package_where_path_has_none(monkeypatch):
+    """torch's builder runs ``ninja`` from PATH; in a virtual environment that is not activated the
+    ``ninja`` package's own binary is put first on PATH for the build, and PATH is restored after."""
+    import ninja
+
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    with native._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+        assert (Path(ninja.BIN_DIR) / "ninja").exists()
+    assert os.environ["PATH"] == "/nowhere"
