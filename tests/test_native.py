@@ -185,6 +185,23 @@ def test_the_float32_kernel_is_timed_with_the_cost_of_its_own_copy(tmp_path, mon
     assert table.pack_repays(256, 128, 1) == pytest.approx(0.1)  # 5 us to "copy", 50 us saved a product
 
 
+def remember_one_row(remember_kernels, linears, us: dict, chosen) -> None:
+    """Kernel-file entries for the one-row products of ``linears``: kind ``packed`` timed 100 us a
+    product but for ``us``, its kernel ``chosen((out, in))``; numpy's BLAS slower (200 us)."""
+    timed = {k: 100.0 for k in kernels.candidates("packed", 1)} | us
+    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
+    for o, i in {(m.out_features, m.in_features) for m in linears}:
+        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": chosen((o, i)), "us_per_product": dict(timed)}})
+        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+
+
+def recorded_packs(monkeypatch) -> list[str]:
+    """The kernels ``Linear.pack`` is called with from now on, in order."""
+    packed, pack = [], ops.Linear.pack
+    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    return packed
+
+
 @needs_kernel
 @pytest.mark.parametrize("steps", [4, 40])
 def test_one_row_decoding_reads_the_weights_with_it_however_short(
@@ -196,14 +213,9 @@ def test_one_row_decoding_reads_the_weights_with_it_however_short(
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=pack_min_steps), **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
-    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 50.0, "pack": 300.0}
-    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
-    for o, i in {(m.out_features, m.in_features) for m in linears}:
-        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": "avx2_f32", "us_per_product": dict(us)}})
-        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+    remember_one_row(remember_kernels, linears, {"avx2_f32": 50.0, "pack": 300.0}, lambda shape: "avx2_f32")
     monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: 0)  # no room for any copy
-    packed, pack = [], ops.Linear.pack
-    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    packed = recorded_packs(monkeypatch)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     tokens = generate(model, [[5, 17, 3]], steps, temperature=0, eos_id=None)
     assert packed == ["avx2_f32"] * len(linears)
@@ -218,15 +230,10 @@ def test_reading_the_weights_in_place_leaves_the_memory_to_copies(make_gpt, reme
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
-    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 60.0, "torch_t": 50.0, "pack": 300.0}
-    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
-    for o, i in {(m.out_features, m.in_features) for m in linears}:
-        kernel = "torch_t" if (o, i) == (1024, 128) else "avx2_f32"
-        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": kernel, "us_per_product": dict(us)}})
-        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
+    us = {"avx2_f32": 60.0, "torch_t": 50.0, "pack": 300.0}
+    remember_one_row(remember_kernels, linears, us, lambda shape: "torch_t" if shape == (1024, 128) else "avx2_f32")
     monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: 2 * model.lm_head.weight.numel() * 4)
-    packed, pack = [], ops.Linear.pack
-    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    packed = recorded_packs(monkeypatch)
     generate(model, [[5, 17, 3]], 40, temperature=0, eos_id=None)
     assert packed == ["avx2_f32"] * (len(linears) - 1) + ["torch_t"]
 
@@ -241,13 +248,10 @@ def test_where_a_faster_copy_does_not_repay_the_kernel_on_the_weight_reads_it(
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
-    us = {k: 100.0 for k in kernels.candidates("packed", 1)} | {"avx2_f32": 70.0, "torch_t": 50.0, "pack": 700.0}
-    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
-    for o, i in {(m.out_features, m.in_features) for m in linears}:
-        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": "torch_t", "us_per_product": dict(us)}})
-        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
-    packed, pack = [], ops.Linear.pack
-    monkeypatch.setattr(ops.Linear, "pack", lambda self, r, k: packed.append(k) or pack(self, r, k))
+    remember_one_row(
+        remember_kernels, linears, {"avx2_f32": 70.0, "torch_t": 50.0, "pack": 700.0}, lambda shape: "torch_t"
+    )
+    packed = recorded_packs(monkeypatch)
     generate(model, [[5, 17, 3]], steps + 1, temperature=0, eos_id=None)
     assert packed == [want] * len(linears)
 

@@ -77,6 +77,14 @@ QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
   return row;
 }
 
+// The bias's values (null without one), checked: contiguous float32, one per output channel.
+const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
+              "bias must be contiguous float32 with one value per output channel");
+  return bias->data_ptr<float>();
+}
+
 at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
@@ -89,12 +97,7 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(out <= blocks * kBlock && blocks * kBlock < out + kBlock, "scale has ", out, " channels, the weight ",
               blocks * kBlock, " padded");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous float32");
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
-                "bias must be contiguous float32 with one value per output channel");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_values(bias, out);
   const at::Tensor xc = x.contiguous();
   std::vector<QuantizedRow> qx;
   for (int64_t r = 0; r < rows; ++r) qx.push_back(quantize_row(xc.data_ptr<float>() + r * in, in, padded));
@@ -175,12 +178,7 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
               "weight must be (out, in) contiguous float32");
   const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
   TORCH_CHECK(weight.size(1) == in, "x has ", in, " columns, the weight ", weight.size(1));
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
-                "bias must be contiguous float32 with one value per output channel");
-    b = bias->data_ptr<float>();
-  }
+  const float* b = bias_values(bias, out);
   const at::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
