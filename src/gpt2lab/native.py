@@ -1,8 +1,8 @@
 """gpt2lab's own C++ CPU kernels: int8 and float32 products for the few rows of a decode step on AVX2 CPUs.
 
-At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones, read their weights well below
-the rate memory gives, and no other kernel torch ships reads them faster (docs/benchmarks.md, item
-15). ``csrc/avx2.cpp`` streams the weights with a software prefetch ahead: the int8 kernel ``avx2``
+At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the weight as it is, read
+their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
+``csrc/avx2.cpp`` streams the weights with a software prefetch ahead: the int8 kernel ``avx2``
 (on a weight laid out for it by ``gpt2lab.ops.pack_int8``) and the float32 one-row kernel ``avx2_f32``
 (kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Each is one more candidate of the
 kernel table, chosen only where it measures faster. They are built with torch's C++ extension
