@@ -246,24 +246,22 @@ class KernelTable:
         the weight as it is; infinite where no copy's kernel is the one chosen."""
         entry = self._entry(out_features, in_features, rows, kind)
         us, kernel = entry.get("us_per_product", {}), entry["kernel"]
-        plain = [us[k] for k in candidates(kind, rows) if k in us and k not in COPY_KERNELS]
-        made = pack_key(kernel)
-        if kernel not in COPY_KERNELS or not plain or not {made, kernel} <= us.keys():
+        plain, made = _fastest_plain(us, kind, rows), pack_key(kernel)
+        if kernel not in COPY_KERNELS or plain is None or not {made, kernel} <= us.keys():
             return math.inf  # not chosen, or an edited entry without the times this weighs
-        if min(plain) <= us[kernel]:
+        if plain <= us[kernel]:
             return math.inf
-        return us[made] / (min(plain) - us[kernel])
+        return us[made] / (plain - us[kernel])
 
     def in_place(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> str | None:
         """The copy kernel of a ``kind`` product whose "copy" is the weight itself (``ops.READS_THE_WEIGHT``),
         where it measured ``MARGIN`` faster than every kernel on the plain weight: what a layer reads with
         when the chosen copy does not repay its making; else None."""
         us = self._entry(out_features, in_features, rows, kind).get("us_per_product", {})
-        options = candidates(kind, rows)
-        plain = [us[k] for k in options if k not in COPY_KERNELS and _is_time(us.get(k))]
-        free = [k for k in options if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and _is_time(us.get(k))]
+        plain = _fastest_plain(us, kind, rows)
+        free = [k for k in candidates(kind, rows) if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and k in us]
         best = min(free, key=us.__getitem__, default=None)
-        return best if best is not None and plain and us[best] < (1 - MARGIN) * min(plain) else None
+        return best if best is not None and plain is not None and us[best] < (1 - MARGIN) * plain else None
 
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())
@@ -384,16 +382,22 @@ def measure(
     with ops.numpy_blas_threads() if kind == "numpy" else contextlib.nullcontext():  # as a decode step runs them
         timed = alternated(runs, repeat, before=evict)
     times = {k: statistics.median(v) * scale for k, v in timed.items()}
-    copies: dict[str, str] = {}  # "pack": the first copy kernel's
+    copy_kernels: dict[str, str] = {}  # the time's key -> the kernel whose copy is made ("pack": the first's)
     for k in runs:
         if k in COPY_KERNELS:
-            copies.setdefault(pack_key(k), k)
-    if copies:  # and the time of making each form of copy of the whole weight
+            copy_kernels.setdefault(pack_key(k), k)
+    if copy_kernels:  # and the time of making each form of copy of the whole weight
         weight = torch.full((n, in_features), 0.01)
-        make = {key: functools.partial(ops.copy_weight, weight, rows, k) for key, k in copies.items()}
+        make = {key: functools.partial(ops.copy_weight, weight, rows, k) for key, k in copy_kernels.items()}
         made = alternated(make, 3, warmup=0)
         times |= {key: statistics.median(t) * out_features / n for key, t in made.items()}
     return times
+
+
+def _fastest_plain(us: dict, kind: str, rows: int) -> float | None:
+    """The fastest time in an entry's ``us`` of a ``kind`` kernel that reads the weight as it is (not a
+    copy kernel), or None where it has none."""
+    return min((us[k] for k in candidates(kind, rows) if k in us and k not in COPY_KERNELS), default=None)
 
 
 def pack_key(kernel: str) -> str:
