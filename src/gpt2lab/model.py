@@ -381,8 +381,12 @@ class GPT(nn.Module):
             flat_x, flat_y = x.view(-1, x.size(-1)), targets.reshape(-1)
             kernel = head.kernel_for(min(len(flat_x), chunk_rows(vocab)))  # each chunk's product
             return linear_cross_entropy(flat_x, head.weight, flat_y, vocab, kernel=kernel)
-        logits = self.lm_head(x)[..., :vocab]
-        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
+        logits = self.lm_head(x).float()
+        # A padded vocabulary's columns get probability 0, as if sliced off. Filling them with -inf
+        # instead of slicing keeps each row's length a multiple of 64, so the fused cross-entropy kernels
+        # that torch.compile writes for a GPU read whole vectors; eager, it writes only those columns.
+        logits[..., vocab:] = float("-inf")
+        return F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=-100)
 
     def _window_mask(self, T: int, device: torch.device) -> torch.Tensor | BlockMask:
         """The sliding-window causal mask for T tokens, built once per (length, device): a flex
