@@ -2,10 +2,13 @@
 
     python bench/gpu.py                 # on a CUDA machine; writes nothing, prints a table
     python bench/gpu.py --dry-run       # tiny shapes on CPU: checks the script end to end
+    python bench/gpu.py --train gpt2:16,gpt2:16:sliced --profile   # a sweep, and where the time goes
 
 1. the card's own ceilings: bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s;
-2. training tokens/s and MFU, bf16 autocast + torch.compile + fused AdamW, 124M at 16x1024 and
-   gpt2-medium (vocabulary padded to 50304);
+2. training tokens/s and MFU, bf16 autocast + torch.compile + fused AdamW (vocabulary padded to 50304),
+   for each --train run PRESET:BATCH[:sliced] at 1024 tokens per sequence; ``sliced`` takes the loss
+   over the logits sliced to the vocabulary instead of GPT.loss's masked padding. --profile adds each
+   run's GPU time per kind of kernel (matmul, attention, fused elementwise, optimizer);
 3. inference against transformers' GPT2LMHeadModel with identical random 124M weights, bf16: prefill
    tokens/s (1x1024) and greedy decode tokens/s (batch 1, 256 new tokens), ours eager and with the
    compiled decode step (CUDA graphs).
@@ -22,10 +25,12 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from gpt2lab import GPT, GPTConfig, load_model  # noqa: E402
+from gpt2lab.config import PRESETS  # noqa: E402
 from gpt2lab.decode import compiled_decode, decode_one_token, prefill  # noqa: E402
 from gpt2lab.train import BF16_PEAK_TFLOPS, configure_optimizer, flops_per_token  # noqa: E402
 from gpt2lab.train_config import OptimSection  # noqa: E402
@@ -59,11 +64,63 @@ def ceilings(device: torch.device, dry: bool) -> dict:
     return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbs": 2 * x.numel() / tc / 1e9}
 
 
-def train_throughput(preset: str, batch: int, seq: int, device: torch.device, dry: bool, steps: int) -> dict:
+def sliced_loss(model: GPT):
+    """GPT.loss with the padded vocabulary's columns sliced off the logits instead of masked: the usual
+    way, kept here to measure what the mask buys."""
+    vocab = model.config.vocab_size
+
+    def loss(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(x)[..., :vocab]
+        return F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100)
+
+    return loss
+
+
+KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins; the rest is "other"
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("optimizer and clipping", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise (inductor)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_steps(step, device: torch.device, steps: int = 3) -> dict:
+    """Device time per step of each kind of kernel (ms), and the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    times: dict[str, float] = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(e.key)
+        times[kind] = times.get(kind, 0.0) + us / 1e3 / steps
+        kernels.append((us / 1e3 / steps, e.key[:90], kind))
+    kernels.sort(reverse=True)
+    return {"ms_per_step_by_kind": times, "top_kernels": kernels[:12]}
+
+
+def train_throughput(
+    preset: str, batch: int, seq: int, loss: str, device: torch.device, dry: bool, steps: int, profile: bool
+) -> dict:
     overrides = dict(n_layer=2, n_head=2, n_embd=64, block_size=seq) if dry else {}
     config = GPTConfig.from_name(preset, padded_vocab_size=50304, **overrides)
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each run compiles afresh, for its own static shapes
     model = GPT(config).to(device)
+    if loss == "sliced":
+        model.loss = sliced_loss(model)
     optimizer = configure_optimizer(model, OptimSection())
     step_model = model if dry else torch.compile(model)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not dry)
@@ -87,6 +144,7 @@ def train_throughput(preset: str, batch: int, seq: int, device: torch.device, dr
     result = {
         "preset": preset,
         "batch": f"{batch}x{seq}",
+        "loss": loss,
         "params": model.num_params(),
         "tokens_per_s": tok_s,
         "step_ms": seconds * 1e3,
@@ -96,7 +154,23 @@ def train_throughput(preset: str, batch: int, seq: int, device: torch.device, dr
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         torch.cuda.reset_peak_memory_stats(device)
+    if profile:
+        result["profile"] = profile_steps(step, device)
     return result
+
+
+def parse_runs(text: str) -> list[tuple[str, int, str]]:
+    """--train's PRESET:BATCH[:sliced],... as (preset, batch, loss) triples."""
+    runs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        loss = parts[2] if len(parts) == 3 else "masked"
+        if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1 or loss not in ("masked", "sliced"):
+            raise argparse.ArgumentTypeError(f"{item!r} is not PRESET:BATCH or PRESET:BATCH:sliced (e.g. gpt2:16)")
+        if parts[0] not in PRESETS:
+            raise argparse.ArgumentTypeError(f"unknown preset {parts[0]!r}; choose from {', '.join(PRESETS)}")
+        runs.append((parts[0], int(parts[1]), loss))
+    return runs
 
 
 def inference_vs_hf(device: torch.device, dry: bool) -> dict:
@@ -147,7 +221,14 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, to check the script")
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per model (default 10)")
     ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--presets", default="gpt2,gpt2-medium", help="models to train (default gpt2,gpt2-medium)")
+    ap.add_argument(
+        "--train",
+        type=parse_runs,
+        default="gpt2:16,gpt2-medium:16",
+        help="training runs, PRESET:BATCH[:sliced],... at 1024 tokens a sequence (default gpt2:16,gpt2-medium:16)",
+    )
+    ap.add_argument("--no-inference", action="store_true", help="skip the comparison with transformers")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kind of kernel in each training run")
     args = ap.parse_args()
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
@@ -161,10 +242,14 @@ def main() -> None:
     print(f"ceilings: matmul {c['matmul_tflops']:.1f} TFLOP/s, copy {c['copy_gbs']:.0f} GB/s", flush=True)
     datasheet = next((tf for key, tf in BF16_PEAK_TFLOPS if key in name), None)
     results["train"] = []
-    shapes = [(p, 16, 1024) for p in args.presets.split(",")] if not dry else [("gpt2", 2, 32)]
-    for preset, batch, seq in shapes:
+    runs = (
+        [(p, b, 1024, a) for p, b, a in args.train]
+        if not dry
+        else [("gpt2", 2, 32, loss) for loss in dict.fromkeys(a for _, _, a in args.train)]
+    )
+    for preset, batch, seq, loss in runs:
         try:
-            r = train_throughput(preset, batch, seq, device, dry, 2 if dry else args.steps)
+            r = train_throughput(preset, batch, seq, loss, device, dry, 2 if dry else args.steps, args.profile)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         except Exception as e:  # report and go on: one failure should not cost the other figures
@@ -175,25 +260,36 @@ def main() -> None:
         r["mfu_measured_ceiling"] = r["model_tflops"] / c["matmul_tflops"]
         results["train"].append(r)
         print(
-            f"train {preset:<12} {r['batch']:>8}: {r['tokens_per_s']:>10,.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
+            f"train {preset:<12} {r['batch']:>8} {loss:<6}: {r['tokens_per_s']:>10,.0f} tok/s  "
+            f"{r['step_ms']:8.1f} ms/step  "
             f"{r['model_tflops']:6.1f} TFLOP/s  MFU {100 * r.get('mfu_datasheet', float('nan')):5.1f}% of datasheet, "
             f"{100 * r['mfu_measured_ceiling']:5.1f}% of measured  (first step {r['first_step_s']:.0f} s)",
             flush=True,
         )
-    try:
-        results["inference"] = inf = inference_vs_hf(device, dry)
-        print(
-            f"prefill 1x{1024 if not dry else 32}: HF {inf['hf_prefill_tok_s']:,.0f} tok/s, "
-            f"ours {inf['ours_prefill_tok_s']:,.0f} tok/s ({inf['ours_prefill_tok_s'] / inf['hf_prefill_tok_s']:.2f}x)"
-        )
-        print(
-            f"greedy decode b=1: HF {inf['hf_decode_tok_s']:,.0f} tok/s, ours eager {inf['ours_decode_tok_s']:,.0f} "
-            f"({inf['ours_decode_tok_s'] / inf['hf_decode_tok_s']:.2f}x), ours compiled "
-            f"{inf['ours_compiled_decode_tok_s']:,.0f} ({inf['ours_compiled_decode_tok_s'] / inf['hf_decode_tok_s']:.2f}x)",
-            flush=True,
-        )
-    except Exception as e:
-        print(f"inference: FAILED {type(e).__name__}: {e}", flush=True)
+        if "profile" in r:
+            prof = r["profile"]
+            total = sum(prof["ms_per_step_by_kind"].values())
+            print(f"  device time per step by kind of kernel ({total:.1f} ms in all):")
+            for kind, ms in sorted(prof["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1]):
+                print(f"    {kind:<30} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+            print("  top kernels:")
+            for ms, name, kind in prof["top_kernels"]:
+                print(f"    {ms:8.2f} ms  [{kind}] {name}")
+    if not args.no_inference:
+        try:
+            results["inference"] = inf = inference_vs_hf(device, dry)
+            print(
+                f"prefill 1x{1024 if not dry else 32}: HF {inf['hf_prefill_tok_s']:,.0f} tok/s, "
+                f"ours {inf['ours_prefill_tok_s']:,.0f} tok/s ({inf['ours_prefill_tok_s'] / inf['hf_prefill_tok_s']:.2f}x)"
+            )
+            print(
+                f"greedy decode b=1: HF {inf['hf_decode_tok_s']:,.0f} tok/s, ours eager {inf['ours_decode_tok_s']:,.0f} "
+                f"({inf['ours_decode_tok_s'] / inf['hf_decode_tok_s']:.2f}x), ours compiled "
+                f"{inf['ours_compiled_decode_tok_s']:,.0f} ({inf['ours_compiled_decode_tok_s'] / inf['hf_decode_tok_s']:.2f}x)",
+                flush=True,
+            )
+        except Exception as e:
+            print(f"inference: FAILED {type(e).__name__}: {e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

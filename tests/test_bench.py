@@ -17,7 +17,8 @@ BENCH = Path(__file__).parents[1] / "bench"
 def test_gpu_bench_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--json", str(out)],
+        [sys.executable, str(BENCH / "gpu.py"), "--dry-run", "--json", str(out), "--train", "gpt2:16,gpt2:16:sliced"]
+        + ["--profile"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -25,8 +26,11 @@ def test_gpu_bench_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "FAILED" not in proc.stdout, proc.stdout
     results = json.loads(out.read_text())
-    [train] = results["train"]
-    assert train["tokens_per_s"] > 0 and train["model_tflops"] > 0
+    masked, sliced = results["train"]  # the dry run trains one tiny model per kind of loss asked for
+    assert (masked["loss"], sliced["loss"]) == ("masked", "sliced")
+    for train in (masked, sliced):
+        assert train["tokens_per_s"] > 0 and train["model_tflops"] > 0
+        assert train["profile"]["ms_per_step_by_kind"]["matmul"] > 0
     inference = results["inference"]
     for key in (
         "hf_prefill_tok_s",
@@ -46,6 +50,8 @@ def test_gpu_bench_dry_run(tmp_path):
         ("linear.py", ["--repeat", "0"], "--repeat: must be at least 1"),
         ("decode_step.py", ["--rounds", "x"], "--rounds: 'x' is not an integer"),
         ("peers.py", ["--preset", "bogus"], "--preset must be one of gpt2,"),
+        ("gpu.py", ["--train", "gpt2:x"], "'gpt2:x' is not PRESET:BATCH or PRESET:BATCH:sliced"),
+        ("gpu.py", ["--train", "gpt9:16"], "unknown preset 'gpt9'"),
     ],
 )
 def test_bench_scripts_refuse_bad_options_before_any_work(script, args, phrase):
