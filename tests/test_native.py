@@ -1,5 +1,6 @@
-"""gpt2lab's own CPU kernels (gpt2lab.native: int8 "avx2", float32 "avx2_f32"): exact or within float32
-rounding, traceable, measured with what their copies cost, and left out cleanly where they cannot be built."""
+"""gpt2lab's own CPU kernels (gpt2lab.native: int8 "avx2", float32 "avx2_f32", attention "avx2"): exact
+or within float32 rounding, traceable, measured with what their copies cost, and left out cleanly where
+they cannot be built."""
 
 from __future__ import annotations
 
@@ -103,22 +104,24 @@ def test_a_compiled_step_calls_the_avx2_op_itself(monkeypatch):
 
 
 def test_without_the_kernel_the_others_run_and_asking_for_it_says_why():
-    """GPT2LAB_NATIVE=0: never built, neither kernel a candidate, and a request for one names the reason."""
+    """GPT2LAB_NATIVE=0: never built, no kernel of it a candidate, and a request for one names the reason."""
     code = (
         "import torch\n"
-        "from gpt2lab import GPT2LabError, native, ops\n"
+        "from gpt2lab import Backends, GPT2LabError, native, ops\n"
         "from gpt2lab import kernels\n"
         "assert 'avx2' not in ops.int8_kernels(1), ops.int8_kernels(1)\n"
         "assert 'avx2_f32' not in kernels.candidates('packed', 1)\n"
+        "assert kernels.candidates('attention', 64) == ('products', 'sdpa')\n"
         "q, s = ops.quantize_weight(torch.randn(8, 32), 63)\n"
-        "try:\n"
-        "    ops.pack_int8(q, s, None, 'avx2')\n"
-        "except GPT2LabError as e:\n"
-        "    print(e)\n"
+        "for ask in (lambda: ops.pack_int8(q, s, None, 'avx2'), lambda: Backends(decode_attention='avx2')):\n"
+        "    try:\n"
+        "        ask()\n"
+        "    except GPT2LabError as e:\n"
+        "        print(e)\n"
     )
     env = {**os.environ, native.ENV_NATIVE: "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert "GPT2LAB_NATIVE=0" in out.stdout and "choose another kernel" in out.stdout
+    assert out.stdout.count("GPT2LAB_NATIVE=0") == 2 and "choose another kernel" in out.stdout
 
 
 def test_a_failed_build_leaves_the_kernel_out(monkeypatch):
@@ -267,3 +270,71 @@ def test_the_build_finds_ninja_in_its_package_where_path_has_none(monkeypatch):
         assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
         assert (Path(ninja.BIN_DIR) / "ninja").exists()
     assert os.environ["PATH"] == "/nowhere"
+
+
+def naive_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(hs), masked) v in float64, grouped query heads reading their kv head."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).float()
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("rows", "n_head", "n_kv_head", "keys", "hs"), [(1, 12, 12, 1, 64), (2, 8, 2, 37, 20), (3, 4, 1, 300, 64)]
+)
+@pytest.mark.parametrize("mask", [None, "per row", "shared"])
+def test_the_attention_kernel_reads_the_cache_where_it_lies(rows, n_head, n_kv_head, keys, hs, mask):
+    """On the written part of a longer cache (its rows, heads and steps apart in memory, as
+    GPT.setup_cache lays them out) with a query that is a view of the fused q/k/v product, it equals
+    float64 attention to float32 rounding: grouped heads, masks per row or one for every row."""
+    g = torch.Generator().manual_seed(keys)
+    q = torch.randn(rows, 1, n_head + 2 * n_kv_head, hs, generator=g).transpose(1, 2)[:, :n_head]
+    cache = torch.randn(2, rows, n_kv_head, 2 * keys + 3, hs, generator=g)
+    k, v = cache[0, :, :, :keys], cache[1, :, :, :keys]
+    m = None
+    if mask == "per row":
+        m = (torch.rand(rows, 1, 1, keys, generator=g) > 0.3) | (torch.arange(keys) == keys - 1)
+    elif mask == "shared":
+        m = torch.arange(keys).view(1, 1, 1, keys) >= keys // 2
+    got = ops.one_query_attention(q, k, v, m, n_kv_head != n_head, "avx2")
+    assert got.shape == (rows, n_head, 1, hs) and got.is_contiguous()
+    torch.testing.assert_close(got, naive_attention(q, k, v, m), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_the_attention_op_passes_torchs_custom_op_checks_and_refuses_bad_shapes():
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16)
+    torch.library.opcheck(torch.ops.gpt2lab_native.attention_avx2, (q, k, k.clone(), None))
+    torch.library.opcheck(torch.ops.gpt2lab_native.attention_avx2, (q, k, k.clone(), torch.rand(2, 1, 1, 9) > 0.5))
+    with pytest.raises(RuntimeError, match="multiple of nkv"):
+        torch.ops.gpt2lab_native.attention_avx2(torch.randn(2, 3, 1, 16), k, k, None)
+    every_other = torch.randn(2, 2, 9, 32)[..., ::2]
+    with pytest.raises(RuntimeError, match="unit stride"):
+        torch.ops.gpt2lab_native.attention_avx2(q, every_other, every_other, None)
+    with pytest.raises(RuntimeError, match="boolean"):
+        torch.ops.gpt2lab_native.attention_avx2(q, k, k, torch.ones(2, 1, 1, 9))
+
+
+@needs_kernel
+def test_decoding_with_the_attention_kernel_keeps_the_tokens(make_gpt):
+    """Greedy tokens of left-padded rows (the mask path) and of a sliding window's rolling cache are
+    the same with gpt2lab's attention kernel as with the three small products; it is a candidate of the
+    kernel table's attention kind."""
+    assert "avx2" in kernels.candidates("attention", 64)
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
+    for config in ({}, {"window": 4}):
+        runs = [
+            generate(
+                make_gpt(seed=3, backends=Backends(decode_attention=kernel), **config),
+                prompts,
+                10,
+                temperature=0,
+                eos_id=None,
+            )
+            for kernel in ("products", "avx2")
+        ]
+        assert runs[0] == runs[1]

@@ -333,15 +333,20 @@ def test_position_interpolation_scales_the_rotary_angles(make_gpt):
         GPTConfig(pos_emb="rope", rope_interpolation=2.0)
 
 
-@pytest.mark.parametrize("kernel", ["products", "sdpa", "reduction"])
+@pytest.mark.parametrize("kernel", ["products", "sdpa", "reduction", "avx2"])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("hs", [16, 24])
+@pytest.mark.parametrize("hs", [16, 20])
 def test_one_query_attention_equals_sdpa(n_kv_head, masked, hs, kernel):
-    """A decode step's attention, by either kernel (three small products with grouped heads as blocks of
-    rows, or SDPA's own), equals SDPA with enable_gqa, with and without a per-row boolean mask, whether
-    or not 1/sqrt(head_dim) is exact."""
+    """A decode step's attention, by any kernel (three small products with grouped heads as blocks of
+    rows, SDPA's own, sums for a compiler, gpt2lab's own C++ one), equals SDPA with enable_gqa, with and
+    without a per-row boolean mask, whether or not 1/sqrt(head_dim) is exact or the head size a whole
+    number of 8-float vectors."""
+    from gpt2lab import native
     from gpt2lab.ops import one_query_attention
+
+    if kernel == "avx2" and not native.available():
+        pytest.skip(f"gpt2lab's kernels: {native.unavailable_reason()}")
 
     g = torch.Generator().manual_seed(n_kv_head)
     q = torch.randn(3, 4, 1, hs, generator=g)

@@ -105,11 +105,11 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``),
     "attention" (not a product: a decode step's one query per head over ``rows`` keys of its KV cache,
     out = the query heads of every row, in = the head size: ``gpt2lab.ops.one_query_attention``'s
-    ``products`` or ``sdpa``)."""
+    ``products``, ``sdpa`` or, where ``gpt2lab.native`` runs, ``avx2``)."""
     if kind == "tanh_gelu":
         return ops.GELU_FORMS
     if kind == "attention":
-        return ops.ONE_QUERY_KERNELS
+        return tuple(k for k in ops.ONE_QUERY_KERNELS if k != "avx2" or native.available())
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":

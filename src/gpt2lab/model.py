@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lab import kernels
+from gpt2lab import kernels, native
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import available_memory
 from gpt2lab.errors import CheckpointError
@@ -63,11 +63,11 @@ class Backends:
     forwards of one shape) reads an MKL-packed copy once they have repeated often enough to repay it, as
     measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
     ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row attends over
-    the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``, or
-    ``auto``: on the CPU the faster of the two for the step's query heads and key count on this
-    machine, measured the first time and remembered with the linear kernels (kind ``attention``), else
-    ``products``. A compiled CPU step traces a third form under ``auto``, ``reduction``
-    (``CausalSelfAttention.one_query_kernel``).
+    the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``,
+    ``avx2`` (gpt2lab's own CPU kernel: ``gpt2lab.native``), or ``auto``: on the CPU the fastest of those
+    that run here for the step's query heads and key count on this machine, measured the first time and
+    remembered with the linear kernels (kind ``attention``), else ``products``. A compiled CPU step
+    traces another form under ``auto``, ``reduction`` (``CausalSelfAttention.one_query_kernel``).
     """
 
     attention: str = "auto"
@@ -90,6 +90,8 @@ class Backends:
             raise ValueError(
                 f"decode_attention must be one of {DECODE_ATTENTION_KERNELS}, got {self.decode_attention!r}"
             )
+        if self.decode_attention == "avx2":
+            native.require()  # says why where it cannot run
 
 
 def flex_applies(device: torch.device, config: GPTConfig) -> bool:

@@ -1,16 +1,19 @@
-"""gpt2lab's own C++ CPU kernels: int8 and float32 products for the few rows of a decode step on AVX2 CPUs.
+"""gpt2lab's own C++ CPU kernels for the few rows of a decode step on AVX2 CPUs: int8 and float32
+products, and the attention of one query per head over the KV cache.
 
 At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the weight as it is, read
 their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
 ``csrc/avx2.cpp`` streams the weights with a software prefetch ahead: the int8 kernel ``avx2``
 (on a weight laid out for it by ``gpt2lab.ops.pack_int8``) and the float32 one-row kernel ``avx2_f32``
-(kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Each is one more candidate of the
-kernel table, chosen only where it measures faster. They are built with torch's C++ extension
-builder the first time a process on an AVX2 CPU needs them (about 10-20 seconds; the built library
-is kept under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the
-ops ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2`` and ``blocks``. Where they cannot be
-built (no C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the
-candidates and ``unavailable_reason`` says why.
+(kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Its attention kernel, ``avx2`` of
+``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it lies, in one pass
+per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
+They are built with torch's C++ extension builder the first time a process on an AVX2 CPU needs them
+(about 10-20 seconds; the built library is kept under torch's extension directory,
+``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops ``torch.ops.gpt2lab_native.int8_avx2``,
+``float_avx2``, ``attention_avx2`` and ``blocks``. Where they cannot be built (no C++ compiler, not
+x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and ``unavailable_reason``
+says why.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def _build_and_load() -> None:
     torch.library.register_fake("gpt2lab_native::float_avx2")(
         lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
     )
+    torch.library.register_fake("gpt2lab_native::attention_avx2")(lambda q, k, v, mask: q.new_empty(q.shape))
 
 
 def _loaded() -> bool:

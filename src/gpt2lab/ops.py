@@ -612,7 +612,8 @@ def _linear_dynamic() -> Callable:
     return getattr(op, "_op", op)
 
 
-ONE_QUERY_KERNELS = ("products", "sdpa")  # how a decode step's one query per row attends: the fallback first
+# how a decode step's one query per row attends: the fallback first; ``avx2`` where gpt2lab.native runs
+ONE_QUERY_KERNELS = ("products", "sdpa", "avx2")
 
 
 def one_query_attention(
@@ -628,11 +629,15 @@ def one_query_attention(
     small products (``q @ k^T``, softmax, ``@ v``) with each kv head's group of queries (h // group, as
     SDPA's enable_gqa) as one block of rows, so grouped heads need no copies of k and v; or ``sdpa``,
     ``F.scaled_dot_product_attention`` itself, whose CPU flash kernel opens a parallel region and
-    allocates buffers on every call. Which is faster depends on the CPU and the key count
+    allocates buffers on every call; or ``avx2``, gpt2lab's own (``gpt2lab.native``), one pass of each
+    query over its keys and values where they lie in the cache, on one thread for a short cache. Which
+    is faster depends on the CPU and the key count
     (docs/benchmarks.md): ``Backends.decode_attention`` measures it (kind ``attention`` of gpt2lab.kernels).
     A compiled CPU step runs ``reduction``, sums of elementwise products that inductor fuses."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
+    if kernel == "avx2":  # grouped heads read their kv head, as enable_gqa
+        return torch.ops.gpt2lab_native.attention_avx2(q, k, v, attn_mask)
     B, nh, _, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(hs)

@@ -15,6 +15,9 @@
 //
 // float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: its rows are long
 // enough to read eight at once).
+//
+// attention_avx2: a decode step's attention, one query per row and head over the keys and values of
+// the KV cache, read where they lie (strided views of it), in one pass of each query over its keys.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -202,6 +205,81 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
+// Dot product of two float32 vectors of n values (8 lanes, then the tail).
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  float sum = sum_lanes(acc);
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+// out += p * v over n values.
+inline void add_scaled(float* out, float p, const float* v, int64_t n) {
+  const __m256 p8 = _mm256_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p8, _mm256_loadu_ps(v + d), _mm256_loadu_ps(out + d)));
+  for (; d < n; ++d) out[d] += p * v[d];
+}
+
+// softmax(q k^T / sqrt(hs), masked) v for one query per row and head: q (B, nh, 1, hs), k and v
+// (B, nkv, S, hs) with unit stride in hs and any other strides (views of the KV cache), the mask
+// boolean and broadcastable to (B, 1, 1, S) (true: attend) or none. Query head h reads kv head
+// h / (nh / nkv), as SDPA's enable_gqa. Each (row, head) is one task: its scores in a buffer of S,
+// their largest subtracted before exp, the values summed with the unnormalized weights, then divided.
+at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
+              "q must be (B, nh, 1, hs), k and v (B, nkv, S, hs)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "q, k and v must be float32");
+  const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), nkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == hs && nkv > 0 && nh % nkv == 0,
+              "k and v must be (B, nkv, S, hs) with nh a multiple of nkv; got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k and v need unit stride in hs");
+  at::Tensor m;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "the mask must be boolean");
+    m = mask->expand({B, 1, 1, S});
+  }
+  const bool* mp = mask.has_value() ? m.data_ptr<bool>() : nullptr;
+  const int64_t group = nh / nkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hs));
+  at::Tensor y = at::zeros({B, nh, 1, hs}, q.options());
+  float* yp = y.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 2 * S * hs));  // a tiny task: one thread
+  at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nh, h = task % nh, g = h / group;
+      const float* qr = qp + b * q.stride(0) + h * q.stride(1);
+      const float* kr = kp + b * k.stride(0) + g * k.stride(1);
+      const float* vr = vp + b * v.stride(0) + g * v.stride(1);
+      float largest = -INFINITY;
+      for (int64_t j = 0; j < S; ++j) {
+        const bool seen = mp == nullptr || mp[b * m.stride(0) + j * m.stride(3)];
+        score[j] = seen ? dot(qr, kr + j * k.stride(2), hs) * scale : -INFINITY;
+        largest = std::max(largest, score[j]);
+      }
+      float total = 0.f;
+      float* out = yp + task * hs;
+      for (int64_t j = 0; j < S; ++j) {
+        const float p = std::exp(score[j] - largest);
+        total += p;
+        if (p != 0.f) add_scaled(out, p, vr + j * v.stride(2), hs);
+      }
+      for (int64_t d = 0; d < hs; ++d) out[d] /= total;
+    }
+  });
+  return y;
+}
+
 // The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
 // channels one stream of their rows' 32-byte chunks in turn; zero-padded to whole blocks and chunks
 // (zeros add nothing to a sum).
@@ -235,10 +313,12 @@ TORCH_LIBRARY(gpt2lab_native, m) {
   m.def("int8_avx2(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("blocks(Tensor weight) -> Tensor");
+  m.def("attention_avx2(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("int8_avx2", &int8_avx2);
   m.impl("float_avx2", &float_avx2);
   m.impl("blocks", &blocks);
+  m.impl("attention_avx2", &attention_avx2);
 }
