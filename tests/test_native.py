@@ -286,7 +286,7 @@ def naive_attention(q, k, v, mask):
 @pytest.mark.parametrize(
     ("rows", "n_head", "n_kv_head", "keys", "hs"), [(1, 12, 12, 1, 64), (2, 8, 2, 37, 20), (3, 4, 1, 300, 64)]
 )
-@pytest.mark.parametrize("mask", [None, "per row", "shared"])
+@pytest.mark.parametrize("mask", [None, "per row", "one for all"])
 def test_the_attention_kernel_reads_the_cache_where_it_lies(rows, n_head, n_kv_head, keys, hs, mask):
     """On the written part of a longer cache (its rows, heads and steps apart in memory, as
     GPT.setup_cache lays them out) with a query that is a view of the fused q/k/v product, it equals
@@ -298,7 +298,7 @@ def test_the_attention_kernel_reads_the_cache_where_it_lies(rows, n_head, n_kv_h
     m = None
     if mask == "per row":
         m = (torch.rand(rows, 1, 1, keys, generator=g) > 0.3) | (torch.arange(keys) == keys - 1)
-    elif mask == "shared":
+    elif mask == "one for all":
         m = torch.arange(keys).view(1, 1, 1, keys) >= keys // 2
     got = ops.one_query_attention(q, k, v, m, n_kv_head != n_head, "avx2")
     assert got.shape == (rows, n_head, 1, hs) and got.is_contiguous()
