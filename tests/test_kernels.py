@@ -120,6 +120,9 @@ def test_a_compiled_cpu_step_attends_by_sums_of_products_under_auto(make_gpt, mo
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert attn.one_query_kernel(1, 40, cpu) == "reduction" and attn.one_query_kernel(1, 40, gpu) == "products"
     assert fixed.one_query_kernel(1, 40, cpu) == fixed.one_query_kernel(1, 40, gpu) == "sdpa"
+    if native.available():  # gpt2lab's own kernel runs on the CPU only
+        own = make_gpt(backends=Backends(decode_attention="avx2")).h[0].attn
+        assert own.one_query_kernel(1, 40, cpu) == "avx2" and own.one_query_kernel(1, 40, gpu) == "products"
 
 
 def test_machines_sharing_a_model_name_are_told_apart(monkeypatch):

@@ -64,10 +64,11 @@ class Backends:
     measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
     ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row attends over
     the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``,
-    ``avx2`` (gpt2lab's own CPU kernel: ``gpt2lab.native``), or ``auto``: on the CPU the fastest of those
-    that run here for the step's query heads and key count on this machine, measured the first time and
-    remembered with the linear kernels (kind ``attention``), else ``products``. A compiled CPU step
-    traces another form under ``auto``, ``reduction`` (``CausalSelfAttention.one_query_kernel``).
+    ``avx2`` (gpt2lab's own CPU kernel, ``gpt2lab.native``; off the CPU, the products), or ``auto``: on
+    the CPU the fastest of those that run here for the step's query heads and key count on this
+    machine, measured the first time and remembered with the linear kernels (kind ``attention``), else
+    ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
+    (``CausalSelfAttention.one_query_kernel``).
     """
 
     attention: str = "auto"
@@ -208,6 +209,8 @@ class CausalSelfAttention(nn.Module):
         faster for this many query heads (every row's) of this size and keys on this CPU; in a compiled
         CPU step, whose graph cannot follow a choice that changes with the key count, ``reduction``,
         which inductor fuses into loops of its own; elsewhere ``products``."""
+        if self.decode_attention == "avx2" and device.type != "cpu":
+            return "products"  # a CPU kernel: elsewhere the products
         if self.decode_attention != "auto":
             return self.decode_attention
         if device.type != "cpu":

@@ -253,7 +253,8 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 2 * S * hs));  // a tiny task: one thread
+  // tasks per thread at least: about 32K multiply-adds each, so a short cache runs on one thread
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 2 * S * hs));
   at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> score(S);
     for (int64_t task = begin; task < end; ++task) {
