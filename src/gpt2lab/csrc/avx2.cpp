@@ -205,16 +205,6 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
   return y;
 }
 
-// Dot product of two float32 vectors of n values (8 lanes, then the tail).
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-  float sum = sum_lanes(acc);
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
-}
-
 // out += p * v over n values.
 inline void add_scaled(float* out, float p, const float* v, int64_t n) {
   const __m256 p8 = _mm256_set1_ps(p);
@@ -265,7 +255,11 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
       float largest = -INFINITY;
       for (int64_t j = 0; j < S; ++j) {
         const bool seen = mp == nullptr || mp[b * m.stride(0) + j * m.stride(3)];
-        score[j] = seen ? dot(qr, kr + j * k.stride(2), hs) * scale : -INFINITY;
+        score[j] = -INFINITY;
+        if (seen) {  // the key times the query: one channel of a product
+          float_channels<1>(kr + j * k.stride(2), qr, hs, nullptr, &score[j]);
+          score[j] *= scale;
+        }
         largest = std::max(largest, score[j]);
       }
       float total = 0.f;
