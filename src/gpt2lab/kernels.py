@@ -254,9 +254,9 @@ class KernelTable:
         return us[made] / (plain - us[kernel])
 
     def in_place(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> str | None:
-        """The copy kernel of a ``kind`` product whose "copy" is the weight itself (``ops.READS_THE_WEIGHT``),
-        where it measured ``MARGIN`` faster than every kernel on the plain weight: what a layer reads with
-        when the chosen copy does not repay its making; else None."""
+        """The copy kernel of a ``kind`` product whose "copy" is the weight itself
+        (``ops.READS_THE_WEIGHT``), where it measured ``MARGIN`` faster than every kernel on the plain
+        weight: what a layer reads with when the chosen copy does not repay its making; else None."""
         us = self._entry(out_features, in_features, rows, kind).get("us_per_product", {})
         plain = _fastest_plain(us, kind, rows)
         free = [k for k in candidates(kind, rows) if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and k in us]
@@ -361,12 +361,13 @@ def measure(
     options: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """Seconds per product of each candidate kernel (``options``; None: ``candidates(kind, rows)``)
-    on ``rows`` rows by an (out, in) ``kind`` weight,
-    medians of runs taken in alternation (so a busy machine slows all alike); where a kernel that reads
-    a copy of the weight is a candidate (``COPY_KERNELS``), also ``pack`` (and ``pack <kernel>`` for
-    one whose copy is its own, ``pack_key``): the seconds of making the copy of the whole weight. ``evict_bytes`` are read, untimed, before each timed call (None:
-    ``evicted_before(rows, kind)``). Kind ``gelu`` applies its GELU, where not fused, in ``gelu_form``;
-    kind ``tanh_gelu`` times each form over a (rows, out) output."""
+    on ``rows`` rows by an (out, in) ``kind`` weight, medians of runs taken in alternation (so a busy
+    machine slows all alike); where a kernel that reads a copy of the weight is a candidate
+    (``COPY_KERNELS``), also ``pack`` (and ``pack <kernel>`` for one whose copy is its own,
+    ``pack_key``): the seconds of making the copy of the whole weight. ``evict_bytes`` are read,
+    untimed, before each timed call (None: ``evicted_before(rows, kind)``). Kind ``gelu`` applies its
+    GELU, where not fused, in ``gelu_form``; kind ``tanh_gelu`` times each form over a (rows, out)
+    output."""
     n = out_features if rows <= FEW_ROWS or kind == "attention" else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     per_weight = 2 * rows if kind == "attention" else 1  # a layer's keys and values, or a weight
@@ -409,10 +410,11 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bo
     """Whether a remembered entry has every measurement its kind reads, taken as its kernels run now: a
     time for each candidate (an entry written before a candidate was added, or at an older revision of
     its kind, ``REVISIONS``, is measured again, and so is one with a time that is not a number >= 0;
-    an edited one without times is taken as it is), where a kernel reads a copy
-    of the weight, the time of making the copy (``pack``, or ``pack <kernel>``: ``pack_key``), which ``KernelTable.pack_repays`` weighs
-    against its saving, and for a product of few rows, how much was read to evict the cache before each
-    timed call (``evicted_mb``; one measured without the eviction is measured again)."""
+    an edited one without times is taken as it is), where a kernel reads a copy of the weight, the
+    time of making the copy (``pack``, or ``pack <kernel>``: ``pack_key``), which
+    ``KernelTable.pack_repays`` weighs against its saving, and for a product of few rows, how much was
+    read to evict the cache before each timed call (``evicted_mb``; one measured without the eviction
+    is measured again)."""
     us = entry.get("us_per_product")
     us = us if isinstance(us, dict) else {}
     if not us:

@@ -491,9 +491,8 @@ class GPT(nn.Module):
         half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, where
         the table measures gpt2lab's own kernel faster (``avx2_f32``, which reads the weight as it is: no
         copy), a layer reads with it for any number of steps (unless ``pack_min_steps`` is 0), and also
-        where a faster copy does not repay (``KernelTable.in_place``). The
-        logits change by float32 rounding only. Returns the layers packed (generation unpacks them when
-        it ends)."""
+        where a faster copy does not repay (``KernelTable.in_place``). The logits change by float32
+        rounding only. Returns the layers packed (generation unpacks them when it ends)."""
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []

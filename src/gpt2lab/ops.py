@@ -294,11 +294,9 @@ def copy_linear(
     """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu_``) read from
     ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
     its call."""
-    if kernel in ("mkl_packed", "avx2_f32"):
-        if kernel == "mkl_packed":
-            y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
-        else:
-            y = float_avx2(x, copy, bias)
+    if kernel in ("mkl_packed", "avx2_f32"):  # the GELU after the product
+        rows = x.numel() // x.shape[-1]
+        y = packed_linear(x, copy, rows, weight, bias) if kernel == "mkl_packed" else float_avx2(x, copy, bias)
         return tanh_gelu_(y, form) if gelu else y
     plain = kernel.removesuffix("_t")
     if gelu:
