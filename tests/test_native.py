@@ -338,3 +338,119 @@ def test_decoding_with_the_attention_kernel_keeps_the_tokens(make_gpt):
             for kernel in ("products", "avx2")
         ]
         assert runs[0] == runs[1]
+
+
+def cache_step(rows, n_head, n_kv_head, size, now, hs=16, seed=0):
+    """A KV cache of ``size`` slots holding time steps 0 .. now - 1 (rolled where ``size`` is shorter),
+    the next step's query, key and value as views of a fused q/k/v product, and the step's time."""
+    g = torch.Generator().manual_seed(seed)
+    caches = torch.randn(2, rows, n_kv_head, size, hs, generator=g)
+    times = torch.full((size,), -1, dtype=torch.long)
+    for s in range(now):
+        times[s % size] = s
+    qkv = torch.randn(rows, 1, n_head + 2 * n_kv_head, hs, generator=g).transpose(1, 2)
+    q, k, v = qkv.split((n_head, n_kv_head, n_kv_head), dim=1)
+    return q, k, v, caches[0], caches[1], times, torch.tensor([now])
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("rows", "n_head", "n_kv_head", "size", "now", "window", "pad"),
+    [
+        (1, 12, 12, 100, 64, None, None),  # GPT-2: the written slots of a longer cache
+        (2, 8, 2, 16, 40, 16, None),  # a rolling window's cache, grouped heads
+        (3, 4, 1, 50, 20, None, [0, 3, 5]),  # left-padded rows, one kv head
+        (2, 4, 4, 8, 30, 5, [0, 27]),  # a window shorter than the cache, padding up to the step itself
+    ],
+)
+def test_the_cache_attention_writes_the_step_and_attends_as_the_mask_says(
+    rows, n_head, n_kv_head, size, now, window, pad
+):
+    """One op does what KVCache.update and the attention over what it returns do: the new key and value
+    land in slot now % size, the slot's time is marked, and each row attends over the slots that
+    kv_cache.attention_mask lets it see (written, not later, within the window, not its padding)."""
+    from gpt2lab.kv_cache import attention_mask
+
+    q, k, v, k_cache, v_cache, times, t = cache_step(rows, n_head, n_kv_head, size, now)
+    pad = None if pad is None else torch.tensor(pad)
+    slots = min(size, now + 1)
+    want_k, want_v, want_times = k_cache.clone(), v_cache.clone(), times.clone()
+    want_k[:, :, now % size], want_v[:, :, now % size], want_times[now % size] = k[:, :, 0], v[:, :, 0], now
+    mask = attention_mask(t, want_times[:slots], pad, window)
+    want = naive_attention(q, want_k[:, :, :slots], want_v[:, :, :slots], mask)
+    got = torch.ops.gpt2lab_native.cache_attention_avx2(q, k, v, k_cache, v_cache, times, t, slots, pad, window)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v) and torch.equal(times, want_times)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_the_cache_attention_op_passes_torchs_custom_op_checks_and_refuses_bad_input():
+    op = torch.ops.gpt2lab_native.cache_attention_avx2
+    q, k, v, k_cache, v_cache, times, t = cache_step(2, 4, 2, 12, 7)
+    torch.library.opcheck(op, (q, k, v, k_cache, v_cache, times, t, 8, torch.tensor([0, 2]), 4))
+    with pytest.raises(RuntimeError, match="slots must be in 1..12"):
+        op(q, k, v, k_cache, v_cache, times, t, 13, None, None)
+    with pytest.raises(RuntimeError, match="one int64 per row"):
+        op(q, k, v, k_cache, v_cache, times, t, 8, torch.tensor([0]), None)
+    with pytest.raises(RuntimeError, match="caches must be contiguous"):
+        op(q, k, v, k_cache[:, :, ::2], v_cache[:, :, ::2], times[::2], t, 4, None, None)
+    with pytest.raises(RuntimeError, match="one new key"):
+        op(q, k_cache, v_cache, k_cache, v_cache, times, t, 8, None, None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1, 768), (5, 3, 20)])
+def test_add_layer_norm_is_the_add_then_the_norm(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x, delta = torch.randn(shape, generator=g), torch.randn(shape, generator=g) * 3
+    norm = torch.nn.LayerNorm(shape[-1])
+    torch.nn.init.normal_(norm.weight, generator=g), torch.nn.init.normal_(norm.bias, generator=g)
+    with torch.no_grad():
+        total, normed = ops.add_layer_norm(x, delta, norm, fused=True)
+        torch.library.opcheck(torch.ops.gpt2lab_native.add_layer_norm, (x, delta, norm.weight, norm.bias, 1e-5))
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, norm(x + delta), atol=2e-6, rtol=1e-5)
+
+
+def test_add_layer_norm_takes_the_two_ops_where_it_does_not_fuse(monkeypatch):
+    """Not fused (outside the KV cache, with gradients, or without gpt2lab.native): exactly x + delta
+    and the module's norm, gradients flowing."""
+    x, delta = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8)
+    norm = torch.nn.LayerNorm(8)
+    calls = []
+    monkeypatch.setattr(torch.ops.gpt2lab_native, "add_layer_norm", lambda *a: calls.append(a), raising=False)
+    for fused in (False, True):  # with gradients: the two ops even where asked to fuse
+        total, normed = ops.add_layer_norm(x, delta, norm, fused=fused)
+        assert torch.equal(total, x + delta) and torch.equal(normed, norm(x + delta)) and normed.requires_grad
+    with torch.no_grad():
+        ops.add_layer_norm(x, delta, norm, fused=False)
+    assert calls == []
+
+
+@needs_kernel
+def test_a_decode_step_runs_the_fused_ops_and_keeps_the_tokens(make_gpt, monkeypatch):
+    """With the attention kernel avx2, each decode step's layer writes its cache and attends in one op,
+    and each block adds and norms in one; the tokens equal those of the unfused ops (left padding, a
+    sliding window, grouped heads)."""
+    calls = {"cache_attention_avx2": 0, "add_layer_norm": 0}
+    for name in calls:
+        op = getattr(torch.ops.gpt2lab_native, name)
+
+        def counted(*args, _op=op, _name=name):
+            calls[_name] += 1
+            return _op(*args)
+
+        monkeypatch.setattr(torch.ops.gpt2lab_native, name, counted)
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
+    for config in ({}, {"window": 4, "n_kv_head": 2}):
+        model = make_gpt(seed=3, backends=Backends(decode_attention="avx2"), **config)
+        fused = generate(model, prompts, 10, temperature=0, eos_id=None)
+        assert calls["cache_attention_avx2"] == 9 * 2 and calls["add_layer_norm"] == 10 * 2  # steps (+ prompt) x layers
+        calls = dict.fromkeys(calls, 0)
+        with monkeypatch.context() as unfused:
+            unfused.setattr(gpt2lab.model, "add_layer_norm", lambda x, d, n, fused: ops.add_layer_norm(x, d, n, False))
+            model = make_gpt(seed=3, backends=Backends(decode_attention="products"), **config)
+            plain = generate(model, prompts, 10, temperature=0, eos_id=None)
+        assert calls == {"cache_attention_avx2": 0, "add_layer_norm": 0}
+        assert fused == plain
+

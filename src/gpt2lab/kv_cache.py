@@ -74,6 +74,22 @@ class KVCache(nn.Module):
                     return keys, values, None
         return keys, values, attention_mask(t, times, pad, self.window)
 
+    def slots(self, filled: int | torch.SymInt | None) -> int | torch.SymInt:
+        """How many slots a step attends over (``update``'s keys): the written ones where ``filled`` is
+        known and the cache does not roll, else all."""
+        return filled if filled is not None and not self.rolls else self.size
+
+    def attend_one(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor, pad: torch.Tensor | None, filled
+    ) -> torch.Tensor:
+        """``update`` with one new time step t (1,) and the attention of each row's query per head q
+        (B, nh, 1, hs) over what it returns, as ``ops.one_query_attention`` with its ``avx2`` kernel:
+        one C++ op (``gpt2lab.native``) that writes k and v, marks the slot's time step and attends
+        over the slots each row sees, the mask taken from ``times`` as ``attention_mask`` makes it.
+        (B, nh, 1, hs) out. A float32 cache on the CPU."""
+        cache_attention = torch.ops.gpt2lab_native.cache_attention_avx2
+        return cache_attention(q, k, v, self.k, self.v, self.times, t, self.slots(filled), pad, self.window)
+
     def _write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
         slots = t % self.size if self.rolls else t  # a cache that never wraps holds time step t in slot t
         self.k.index_copy_(2, slots, k)

@@ -27,6 +27,7 @@ from gpt2lab.ops import (
     ONE_QUERY_KERNELS,
     READS_THE_WEIGHT,
     Linear,
+    add_layer_norm,
     chunk_rows,
     linear_cross_entropy,
     one_query_attention,
@@ -184,12 +185,17 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled, from start)
-            k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
-            if T == 1:
-                kernel = self.one_query_kernel(B, k.shape[2], x.device)
-                y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa, kernel=kernel)
+            kernel = self.one_query_kernel(B, self.kv_cache.slots(step[2]), x.device) if T == 1 else None
+            if kernel == "avx2":  # the cache's write and the attention in one C++ op
+                y = self.kv_cache.attend_one(q, k, v, *step[:3])
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.gqa)
+                k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
+                if T == 1:
+                    y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa, kernel=kernel)
+                else:
+                    y = F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.gqa
+                    )
         elif self.window is None:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
@@ -247,8 +253,8 @@ class Block(nn.Module):
         self.mlp = MLP(config, make_linear)
 
     def forward(self, x, rope, window_mask, step) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, window_mask, step)
-        return x + self.mlp(self.ln_2(x))
+        x, h = add_layer_norm(x, self.attn(self.ln_1(x), rope, window_mask, step), self.ln_2, fused=step is not None)
+        return x + self.mlp(h)  # h: ln_2 of the new x
 
 
 def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool) -> bool:

@@ -8,10 +8,15 @@ their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmark
 (kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Its attention kernel, ``avx2`` of
 ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it lies, in one pass
 per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
+Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
+keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
+through the KV cache each block's residual add and the LayerNorm after it are one op
+(``add_layer_norm``, ``ops.add_layer_norm``).
 They are built with torch's C++ extension builder the first time a process on an AVX2 CPU needs them
 (about 10-20 seconds; the built library is kept under torch's extension directory,
 ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops ``torch.ops.gpt2lab_native.int8_avx2``,
-``float_avx2``, ``attention_avx2`` and ``blocks``. Where they cannot be built (no C++ compiler, not
+``float_avx2``, ``attention_avx2``, ``cache_attention_avx2``, ``add_layer_norm`` and ``blocks``.
+Where they cannot be built (no C++ compiler, not
 x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and ``unavailable_reason``
 says why.
 """
@@ -102,6 +107,12 @@ def _build_and_load() -> None:
         lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
     )
     torch.library.register_fake("gpt2lab_native::attention_avx2")(lambda q, k, v, mask: q.new_empty(q.shape))
+    torch.library.register_fake("gpt2lab_native::cache_attention_avx2")(
+        lambda q, k, v, k_cache, v_cache, times, t, slots, pad, window: q.new_empty(q.shape)
+    )
+    torch.library.register_fake("gpt2lab_native::add_layer_norm")(
+        lambda x, delta, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape))
+    )
 
 
 def _loaded() -> bool:

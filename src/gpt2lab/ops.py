@@ -655,6 +655,30 @@ def one_query_attention(
     return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
+def add_layer_norm(
+    x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + delta`` and ``norm`` of it: a pre-norm block's residual add and the LayerNorm after it.
+    ``fused`` (a forward through the KV cache), on the CPU in float32 without gradients and outside
+    compile (inductor fuses them itself), where ``gpt2lab.native`` runs: one pass of its
+    ``add_layer_norm``, equal to the two to float32 rounding. A decode step is dozens of small
+    operations, each several times slower than its arithmetic right after a product has streamed
+    megabytes of weights through the caches (``python bench/decode_step.py``): one fewer a block."""
+    if (
+        fused
+        and x.device.type == "cpu"
+        and x.dtype == delta.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and norm.weight is not None
+        and norm.bias is not None
+        and native.available()
+    ):
+        return torch.ops.gpt2lab_native.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    x = x + delta
+    return x, norm(x)
+
+
 CHUNK_ELEMS = 2**24  # logits a chunk of linear_cross_entropy holds
 
 

@@ -18,6 +18,9 @@
 //
 // attention_avx2: a decode step's attention, one query per row and head over the keys and values of
 // the KV cache, read where they lie (strided views of it), in one pass of each query over its keys.
+// cache_attention_avx2 writes the step's keys and values into the cache first, in the same call.
+//
+// add_layer_norm: a block's residual add and the LayerNorm after it, in one pass over each row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -214,65 +217,193 @@ inline void add_scaled(float* out, float p, const float* v, int64_t n) {
   for (; d < n; ++d) out[d] += p * v[d];
 }
 
-// softmax(q k^T / sqrt(hs), masked) v for one query per row and head: q (B, nh, 1, hs), k and v
-// (B, nkv, S, hs) with unit stride in hs and any other strides (views of the KV cache), the mask
-// boolean and broadcastable to (B, 1, 1, S) (true: attend) or none. Query head h reads kv head
-// h / (nh / nkv), as SDPA's enable_gqa. Each (row, head) is one task: its scores in a buffer of S,
-// their largest subtracted before exp, the values summed with the unnormalized weights, then divided.
-at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& mask) {
+// softmax(q k^T / sqrt(hs)) v of one query (qr) over S keys at kr + j * k_step and their values at
+// vr + j * v_step, only those keys that seen(j) admits, into out (hs values); score: room for S. The
+// scores' largest is subtracted before exp, the values summed with the unnormalized weights, then divided.
+template <typename Seen>
+inline void attend(const float* qr, const float* kr, int64_t k_step, const float* vr, int64_t v_step, int64_t S,
+                   int64_t hs, float scale, Seen seen, float* score, float* out) {
+  float largest = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    score[j] = -INFINITY;
+    if (seen(j)) {  // the key times the query: one channel of a product
+      float_channels<1>(kr + j * k_step, qr, hs, nullptr, &score[j]);
+      score[j] *= scale;
+    }
+    largest = std::max(largest, score[j]);
+  }
+  float total = 0.f;
+  std::fill(out, out + hs, 0.f);
+  for (int64_t j = 0; j < S; ++j) {
+    const float p = std::exp(score[j] - largest);
+    total += p;
+    if (p != 0.f) add_scaled(out, p, vr + j * v_step, hs);
+  }
+  for (int64_t d = 0; d < hs; ++d) out[d] /= total;
+}
+
+// (row, head) tasks per thread at least: about 32K multiply-adds each, so a short cache runs on one thread
+inline int64_t attention_grain(int64_t S, int64_t hs) {
+  return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 2 * S * hs));
+}
+
+void check_one_query(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1,
               "q must be (B, nh, 1, hs), k and v (B, nkv, S, hs)");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "q, k and v must be float32");
-  const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), nkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == hs && nkv > 0 && nh % nkv == 0,
+  const int64_t nh = q.size(1), nkv = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3) && nkv > 0 && nh % nkv == 0,
               "k and v must be (B, nkv, S, hs) with nh a multiple of nkv; got q ", q.sizes(), ", k ", k.sizes(),
               ", v ", v.sizes());
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k and v need unit stride in hs");
+}
+
+// softmax(q k^T / sqrt(hs), masked) v for one query per row and head: q (B, nh, 1, hs), k and v
+// (B, nkv, S, hs) with unit stride in hs and any other strides (views of the KV cache), the mask
+// boolean and broadcastable to (B, 1, 1, S) (true: attend) or none. Query head h reads kv head
+// h / (nh / nkv), as SDPA's enable_gqa. Each (row, head) is one task.
+at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask) {
+  check_one_query(q, k, v);
+  const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), S = k.size(2), group = nh / k.size(1);
   at::Tensor m;
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool, "the mask must be boolean");
     m = mask->expand({B, 1, 1, S});
   }
   const bool* mp = mask.has_value() ? m.data_ptr<bool>() : nullptr;
-  const int64_t group = nh / nkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(hs));
-  at::Tensor y = at::zeros({B, nh, 1, hs}, q.options());
+  at::Tensor y = at::empty({B, nh, 1, hs}, q.options());
   float* yp = y.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  // tasks per thread at least: about 32K multiply-adds each, so a short cache runs on one thread
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, 2 * S * hs));
-  at::parallel_for(0, B * nh, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nh, attention_grain(S, hs), [&](int64_t begin, int64_t end) {
     std::vector<float> score(S);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nh, h = task % nh, g = h / group;
-      const float* qr = qp + b * q.stride(0) + h * q.stride(1);
-      const float* kr = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vr = vp + b * v.stride(0) + g * v.stride(1);
-      float largest = -INFINITY;
-      for (int64_t j = 0; j < S; ++j) {
-        const bool seen = mp == nullptr || mp[b * m.stride(0) + j * m.stride(3)];
-        score[j] = -INFINITY;
-        if (seen) {  // the key times the query: one channel of a product
-          float_channels<1>(kr + j * k.stride(2), qr, hs, nullptr, &score[j]);
-          score[j] *= scale;
-        }
-        largest = std::max(largest, score[j]);
-      }
-      float total = 0.f;
-      float* out = yp + task * hs;
-      for (int64_t j = 0; j < S; ++j) {
-        const float p = std::exp(score[j] - largest);
-        total += p;
-        if (p != 0.f) add_scaled(out, p, vr + j * v.stride(2), hs);
-      }
-      for (int64_t d = 0; d < hs; ++d) out[d] /= total;
+      auto seen = [&](int64_t j) { return mp == nullptr || mp[b * m.stride(0) + j * m.stride(3)]; };
+      attend(qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + g * k.stride(1), k.stride(2),
+             vp + b * v.stride(0) + g * v.stride(1), v.stride(2), S, hs, scale, seen, score.data(), yp + task * hs);
     }
   });
   return y;
+}
+
+// A decode step's attention with its KV-cache write, in one call: the new keys and values k, v
+// (B, nkv, 1, hs) are written at slot t % size of k_cache and v_cache (B, nkv, size, hs, contiguous)
+// and times[slot] = t (times: the time step each slot holds, -1 empty); then each row's query per
+// head (q (B, nh, 1, hs)) attends over the first `slots` slots, those whose time step s the row sees
+// from t, as gpt2lab.kv_cache.attention_mask says: 0 <= s <= t, s > t - window (with a window), and
+// s >= pad[b] or s == t (with left padding). (B, nh, 1, hs) out.
+at::Tensor cache_attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                                at::Tensor& v_cache, at::Tensor& times, const at::Tensor& t, int64_t slots,
+                                const std::optional<at::Tensor>& pad, std::optional<int64_t> window) {
+  check_one_query(q, k, v);
+  const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), nkv = k.size(1), group = nh / nkv;
+  TORCH_CHECK(k.size(2) == 1, "one new key and value per row and kv head, got k ", k.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == B &&
+                  k_cache.size(1) == nkv && k_cache.size(3) == hs && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat,
+              "the caches must be contiguous float32 (B, nkv, size, hs) matching k; got ", k_cache.sizes());
+  const int64_t size = k_cache.size(2);
+  TORCH_CHECK(times.dim() == 1 && times.size(0) == size && times.scalar_type() == at::kLong && times.is_contiguous(),
+              "times must be contiguous int64 with one entry per cache slot");
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kLong, "t must be one int64 time step");
+  TORCH_CHECK(0 < slots && slots <= size, "slots must be in 1..", size, ", got ", slots);
+  const int64_t now = t.item<int64_t>();
+  TORCH_CHECK(now >= 0, "the time step must be >= 0, got ", now);
+  const int64_t* padp = nullptr;
+  at::Tensor pc;
+  if (pad.has_value()) {
+    pc = pad->contiguous();
+    TORCH_CHECK(pc.scalar_type() == at::kLong && pc.numel() == B, "pad must hold one int64 per row");
+    padp = pc.data_ptr<int64_t>();
+  }
+  const int64_t slot = now % size;
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t g = 0; g < nkv; ++g) {
+      const int64_t at_slot = ((b * nkv + g) * size + slot) * hs;
+      std::memcpy(kc + at_slot, k.data_ptr<float>() + b * k.stride(0) + g * k.stride(1), hs * sizeof(float));
+      std::memcpy(vc + at_slot, v.data_ptr<float>() + b * v.stride(0) + g * v.stride(1), hs * sizeof(float));
+    }
+  }
+  int64_t* tp = times.data_ptr<int64_t>();
+  tp[slot] = now;
+  const int64_t oldest = window.has_value() ? now - *window : -1;  // seen: later than this
+  const float scale = 1.f / std::sqrt(static_cast<float>(hs));
+  at::Tensor y = at::empty({B, nh, 1, hs}, q.options());
+  float* yp = y.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, B * nh, attention_grain(slots, hs), [&](int64_t begin, int64_t end) {
+    std::vector<float> score(slots);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nh, h = task % nh, g = h / group;
+      const int64_t first = padp == nullptr ? 0 : padp[b];
+      auto seen = [&](int64_t j) {
+        const int64_t s = tp[j];
+        return s >= 0 && s <= now && s > oldest && (s >= first || s == now);
+      };
+      const int64_t head = (b * nkv + g) * size * hs;
+      attend(qp + b * q.stride(0) + h * q.stride(1), kc + head, hs, vc + head, hs, slots, hs, scale, seen,
+             score.data(), yp + task * hs);
+    }
+  });
+  return y;
+}
+
+// x + delta and its layer norm, (x + delta - mean) / sqrt(variance + eps) * weight + bias over the last
+// dimension, in one pass over each row: the residual add and the LayerNorm after it in a pre-norm block.
+std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& delta,
+                                                  const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && delta.scalar_type() == at::kFloat && x.sizes() == delta.sizes(),
+              "x and delta must be float32 of one shape");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == n &&
+                  bias.numel() == n && weight.is_contiguous() && bias.is_contiguous(),
+              "weight and bias must be contiguous float32 of ", n, " values");
+  const at::Tensor xc = x.contiguous(), dc = delta.contiguous();
+  at::Tensor sum = at::empty_like(xc), normed = at::empty_like(xc);
+  const int64_t rows = n == 0 ? 0 : xc.numel() / n;
+  const float *xp = xc.data_ptr<float>(), *dp = dc.data_ptr<float>();
+  const float *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *np = normed.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* s = sp + r * n;
+      __m256 total8 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 si = _mm256_add_ps(_mm256_loadu_ps(xp + r * n + i), _mm256_loadu_ps(dp + r * n + i));
+        _mm256_storeu_ps(s + i, si);
+        total8 = _mm256_add_ps(total8, si);
+      }
+      float total = sum_lanes(total8);
+      for (; i < n; ++i) total += (s[i] = xp[r * n + i] + dp[r * n + i]);
+      const float mean = total / static_cast<float>(n);
+      const __m256 mean8 = _mm256_set1_ps(mean);
+      __m256 square8 = _mm256_setzero_ps();
+      for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(s + i), mean8);
+        square8 = _mm256_add_ps(square8, _mm256_mul_ps(c, c));
+      }
+      float squares = sum_lanes(square8);
+      for (; i < n; ++i) squares += (s[i] - mean) * (s[i] - mean);
+      const float rstd = 1.f / std::sqrt(squares / static_cast<float>(n) + static_cast<float>(eps));
+      const __m256 rstd8 = _mm256_set1_ps(rstd);
+      for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(s + i), mean8), rstd8);
+        _mm256_storeu_ps(np + r * n + i,
+                         _mm256_add_ps(_mm256_mul_ps(c, _mm256_loadu_ps(w + i)), _mm256_loadu_ps(b + i)));
+      }
+      for (; i < n; ++i) np[r * n + i] = (s[i] - mean) * rstd * w[i] + b[i];
+    }
+  });
+  return {sum, normed};
 }
 
 // The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
@@ -309,6 +440,10 @@ TORCH_LIBRARY(gpt2lab_native, m) {
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("blocks(Tensor weight) -> Tensor");
   m.def("attention_avx2(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
+  m.def(
+      "cache_attention_avx2(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, "
+      "Tensor t, int slots, Tensor? pad, int? window) -> Tensor");
+  m.def("add_layer_norm(Tensor x, Tensor delta, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
@@ -316,4 +451,6 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("float_avx2", &float_avx2);
   m.impl("blocks", &blocks);
   m.impl("attention_avx2", &attention_avx2);
+  m.impl("cache_attention_avx2", &cache_attention_avx2);
+  m.impl("add_layer_norm", &add_layer_norm);
 }
