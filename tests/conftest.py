@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lab import GPT, Backends, GPTConfig, kernels
+from gpt2lab import GPT, Backends, GPTConfig, kernels, native
 from gpt2lab.load import save_pretrained
 
 
@@ -43,6 +43,8 @@ def remember_kernels(kernel_cache):
                 entry["us_per_product"] = {kernels.pack_key(k): us["pack"] for k in us} | us
             if kind in kernels.REVISIONS:
                 entry.setdefault("revision", kernels.REVISIONS[kind])
+            if any(k in kernels.NATIVE_KERNELS for k in us):  # timed on the kernels as built now
+                entry.setdefault("native", native.source_digest())
         data = json.loads(kernel_cache.read_text()) if kernel_cache.exists() else {}
         data.setdefault(kernels.machine_key(), {}).update(entries)
         kernel_cache.write_text(json.dumps(data))

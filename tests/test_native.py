@@ -4,6 +4,7 @@ they cannot be built."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -454,3 +455,33 @@ def test_a_decode_step_runs_the_fused_ops_and_keeps_the_tokens(make_gpt, monkeyp
         assert calls == {"cache_attention_avx2": 0, "add_layer_norm": 0}
         assert fused == plain
 
+
+@needs_kernel
+def test_entries_timing_the_kernels_are_timed_again_on_another_build(tmp_path, monkeypatch):
+    """An entry that timed gpt2lab.native's kernels records their build; one timed on another build (or
+    before builds were recorded) is timed again, one on this build is taken as it is; a process without
+    the kernels takes the entry as it is too (its candidates do not include them)."""
+    options = kernels.candidates("attention", 64)
+    us = dict.fromkeys(options, 1.0)
+    entries = {
+        "attention 12x64 rows 64": {"kernel": "sdpa", "us_per_product": us, "evicted_mb": 0},
+        "attention 12x64 rows 32": {"kernel": "sdpa", "us_per_product": us, "evicted_mb": 0, "native": "0" * 12},
+        "attention 12x64 rows 16": {
+            "kernel": "sdpa",
+            "us_per_product": us,
+            "evicted_mb": 0,
+            "native": native.source_digest(),
+        },
+    }
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({kernels.machine_key(): entries}))
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: {k: 2e-6 if k == "avx2" else 1e-5 for k in options})
+    table = kernels.KernelTable(path)
+    assert [table.choose(12, 64, keys, kind="attention") for keys in (64, 32, 16)] == ["avx2", "avx2", "sdpa"]
+    written = json.loads(path.read_text())[kernels.machine_key()]
+    assert written["attention 12x64 rows 64"]["native"] == native.source_digest()
+    stale = {"kernel": "sdpa", "us_per_product": us, "evicted_mb": 0, "native": "0" * 12}
+    path.write_text(json.dumps({kernels.machine_key(): {"attention 12x64 rows 8": stale}}))
+    monkeypatch.setattr(kernels, "candidates", lambda kind, rows: ("products", "sdpa"))
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: pytest.fail("timed again"))
+    assert kernels.KernelTable(path).choose(12, 64, 8, kind="attention") == "sdpa"

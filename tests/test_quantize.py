@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import GPT2LabError, generate, kernels, ops
+from gpt2lab import GPT2LabError, generate, kernels, native, ops
 from gpt2lab.cli import main
 from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -181,7 +181,7 @@ def test_int8_entries_timed_before_fbgemm_ran_rows_together_are_timed_again(tmp_
     slow_fbgemm = {"kernel": "int_mm", "us_per_product": {k: 1.0 for k in ops.int8_kernels()}, "evicted_mb": 0}
     entries = {
         "int8 1024x512 rows 8": slow_fbgemm,
-        "int8 1024x512 rows 2": slow_fbgemm | {"revision": kernels.REVISIONS["int8"]},
+        "int8 1024x512 rows 2": slow_fbgemm | {"revision": kernels.REVISIONS["int8"], "native": native.source_digest()},
         "int8 1024x512 rows 4": {"kernel": "int_mm"},
     }
     path = tmp_path / "k.json"

@@ -72,6 +72,7 @@ NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy
 KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 3, "gelu": 2}
+NATIVE_KERNELS = ("avx2", "avx2_f32")  # gpt2lab.native's: an entry timing them records their build (source_digest)
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
 # (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
@@ -290,6 +291,9 @@ class KernelTable:
             entry["evicted_mb"] = round(evicted / 2**20)
         if kind in REVISIONS:
             entry["revision"] = REVISIONS[kind]
+        build = _native_build(options)
+        if build is not None:
+            entry["native"] = build
         self._record(name, entry)
         return entry
 
@@ -408,13 +412,13 @@ def pack_key(kernel: str) -> str:
 
 def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bool:
     """Whether a remembered entry has every measurement its kind reads, taken as its kernels run now: a
-    time for each candidate (an entry written before a candidate was added, or at an older revision of
-    its kind, ``REVISIONS``, is measured again, and so is one with a time that is not a number >= 0;
-    an edited one without times is taken as it is), where a kernel reads a copy of the weight, the
-    time of making the copy (``pack``, or ``pack <kernel>``: ``pack_key``), which
-    ``KernelTable.pack_repays`` weighs against its saving, and for a product of few rows, how much was
-    read to evict the cache before each timed call (``evicted_mb``; one measured without the eviction
-    is measured again)."""
+    time for each candidate (an entry written before a candidate was added, at an older revision of its
+    kind, ``REVISIONS``, or where it times gpt2lab.native's kernels, on another build of them, ``native``,
+    is measured again, and so is one with a time that is not a number >= 0; an edited one without
+    times is taken as it is), where a kernel reads a copy of the weight, the time of making the copy
+    (``pack``, or ``pack <kernel>``: ``pack_key``), which ``KernelTable.pack_repays`` weighs against
+    its saving, and for a product of few rows, how much was read to evict the cache before each timed
+    call (``evicted_mb``; one measured without the eviction is measured again)."""
     us = entry.get("us_per_product")
     us = us if isinstance(us, dict) else {}
     if not us:
@@ -423,9 +427,17 @@ def _complete(entry: dict, options: tuple[str, ...], rows: int, kind: str) -> bo
         return False
     if entry.get("revision", 1) != REVISIONS.get(kind, 1):
         return False
+    build = _native_build(options)
+    if build is not None and entry.get("native") != build:
+        return False
     if streams(rows, kind) and "evicted_mb" not in entry:
         return False
     return set(options) <= us.keys() and {pack_key(k) for k in options if k in COPY_KERNELS} <= us.keys()
+
+
+def _native_build(options: tuple[str, ...]) -> str | None:
+    """The build of gpt2lab.native's kernels (``native.source_digest``) where ``options`` has one of them."""
+    return native.source_digest() if any(k in NATIVE_KERNELS for k in options) else None
 
 
 def _is_time(t: object) -> bool:

@@ -76,8 +76,14 @@ def build_directory() -> Path:
     from torch.utils import cpp_extension
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
-    return root / f"gpt2lab-{torch.__version__}-{digest}"
+    return root / f"gpt2lab-{torch.__version__}-{source_digest()}"
+
+
+@functools.cache
+def source_digest() -> str:
+    """What the built kernels are made of, in 12 hex digits: their source and compiler flags. The kernel
+    table times them again where an entry was timed on another build (``gpt2lab.kernels``)."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:12]
 
 
 def _build_and_load() -> None:
