@@ -485,3 +485,34 @@ def test_entries_timing_the_kernels_are_timed_again_on_another_build(tmp_path, m
     monkeypatch.setattr(kernels, "candidates", lambda kind, rows: ("products", "sdpa"))
     monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: pytest.fail("timed again"))
     assert kernels.KernelTable(path).choose(12, 64, 8, kind="attention") == "sdpa"
+
+
+@needs_kernel
+def test_the_attention_kernel_is_asked_for_float32_on_the_cpu_only(make_gpt, monkeypatch):
+    """avx2 is a float32 CPU kernel: for another dtype an explicit avx2 runs the products, and auto the
+    fastest other kernel the table measured; a bfloat16 model decodes with either."""
+    own = make_gpt(backends=Backends(decode_attention="avx2"))
+    auto = make_gpt()
+    attn = auto.h[0].attn
+    monkeypatch.setattr(attn.table, "choose", lambda *a, **kw: "avx2")
+    monkeypatch.setattr(attn.table, "times", lambda *a, **kw: {"products": 3.0, "sdpa": 2.0, "avx2": 1.0})
+    cpu = torch.device("cpu")
+    assert own.h[0].attn.one_query_kernel(1, 40, cpu, torch.bfloat16) == "products"
+    assert attn.one_query_kernel(1, 40, cpu) == "avx2" and attn.one_query_kernel(1, 40, cpu, torch.bfloat16) == "sdpa"
+    for model in (own, auto):
+        tokens = generate(model.to(torch.bfloat16), [[3, 1, 4]], 4, temperature=0, eos_id=None)
+        assert len(tokens[0]) == 4
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_a_compiled_step_with_the_attention_kernel_keeps_the_tokens(make_gpt):
+    """A compiled step asked for the avx2 attention traces the cache's update and the attention op (the
+    op that also writes the cache takes the written length, which a compiled CPU step traces as an
+    integer known only when it runs) and decodes the tokens of the eager products."""
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
+    eager = generate(
+        make_gpt(seed=5, backends=Backends(decode_attention="products")), prompts, 8, temperature=0, eos_id=None
+    )
+    model = make_gpt(seed=5, backends=Backends(decode_attention="avx2"))
+    assert generate(model, prompts, 8, temperature=0, eos_id=None, compile=True) == eager

@@ -56,19 +56,19 @@ class Backends:
     ``onednn``, ``torch`` (MKL through F.linear), or ``auto``: the faster of the two for each product's
     shape and row count on this CPU, measured the first time and remembered (gpt2lab.kernels, which also
     names the environment variables that override it); with ``auto``, a one-row decode step runs all its
-    products in numpy's BLAS where that measures faster (``GPT.pack_for_decoding``). ``pack_min_steps``: CPU decoding of at least
-    this many steps reads each linear layer's weight from a copy laid out for the step's row count
-    (MKL's packed layout; at one row, the transposed one) where the table measures that faster and the
-    copy repays its making within the steps (``GPT.pack_for_decoding``; 0 = never). ``pack_repeated``: a
-    layer whose CPU products without grad keep one row count (evaluation batches, same-length prompts,
-    forwards of one shape) reads an MKL-packed copy once they have repeated often enough to repay it, as
-    measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory again until
-    ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row attends over
-    the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small products), ``sdpa``,
-    ``avx2`` (gpt2lab's own CPU kernel, ``gpt2lab.native``; off the CPU, the products), or ``auto``: on
-    the CPU the fastest of those that run here for the step's query heads and key count on this
-    machine, measured the first time and remembered with the linear kernels (kind ``attention``), else
-    ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
+    products in numpy's BLAS where that measures faster (``GPT.pack_for_decoding``). ``pack_min_steps``:
+    CPU decoding of at least this many steps reads each linear layer's weight from a copy laid out for
+    the step's row count (MKL's packed layout; at one row, the transposed one) where the table measures
+    that faster and the copy repays its making within the steps (``GPT.pack_for_decoding``; 0 = never).
+    ``pack_repeated``: a layer whose CPU products without grad keep one row count (evaluation batches,
+    same-length prompts, forwards of one shape) reads an MKL-packed copy once they have repeated often
+    enough to repay it, as measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory
+    again until ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row
+    attends over the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small
+    products), ``sdpa``, ``avx2`` (gpt2lab's own float32 CPU kernel, ``gpt2lab.native``; elsewhere the
+    products), or ``auto``: on the CPU the fastest of those that run here for the step's query heads
+    and key count on this machine, measured the first time and remembered with the linear kernels
+    (kind ``attention``), else ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
     (``CausalSelfAttention.one_query_kernel``).
     """
 
@@ -185,8 +185,8 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if step is not None:  # inference with the KV cache: (time steps (T,), left padding (B,), filled, from start)
-            kernel = self.one_query_kernel(B, self.kv_cache.slots(step[2]), x.device) if T == 1 else None
-            if kernel == "avx2":  # the cache's write and the attention in one C++ op
+            kernel = self.one_query_kernel(B, self.kv_cache.slots(step[2]), x.device, q.dtype) if T == 1 else None
+            if kernel == "avx2" and not torch.compiler.is_compiling():  # the cache's write and the attention in one op
                 y = self.kv_cache.attend_one(q, k, v, *step[:3])
             else:
                 k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
@@ -209,21 +209,29 @@ class CausalSelfAttention(nn.Module):
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side
         return self.resid_dropout(y) if self.training else y  # (eval: the identity, not called)
 
-    def one_query_kernel(self, rows: int, keys: int, device: torch.device) -> str:
-        """The kernel of a decode step's attention of ``rows`` rows over ``keys`` keys
+    def one_query_kernel(self, rows: int, keys: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The kernel of a decode step's attention of ``rows`` rows over ``keys`` keys of ``dtype``
         (``Backends.decode_attention``): under ``auto``, on the CPU, the one the kernel table measures
         faster for this many query heads (every row's) of this size and keys on this CPU; in a compiled
         CPU step, whose graph cannot follow a choice that changes with the key count, ``reduction``,
-        which inductor fuses into loops of its own; elsewhere ``products``."""
-        if self.decode_attention == "avx2" and device.type != "cpu":
-            return "products"  # a CPU kernel: elsewhere the products
+        which inductor fuses into loops of its own; elsewhere ``products``. ``avx2`` is a float32 CPU
+        kernel: elsewhere and for other dtypes an explicit one runs the products, ``auto`` the fastest
+        of the others the table measured."""
+        own_runs = device.type == "cpu" and dtype == torch.float32
+        if self.decode_attention == "avx2" and not own_runs:
+            return "products"
         if self.decode_attention != "auto":
             return self.decode_attention
         if device.type != "cpu":
             return "products"
         if torch.compiler.is_compiling():
             return "reduction"
-        return self.table.choose(rows * self.n_head, self.head_dim, keys, kind="attention")
+        shape = (rows * self.n_head, self.head_dim, keys)
+        kernel = self.table.choose(*shape, kind="attention")
+        if kernel == "avx2" and not own_runs:
+            us = self.table.times(*shape, "attention")
+            kernel = min((k for k in ONE_QUERY_KERNELS if k != "avx2" and k in us), key=us.get, default="products")
+        return kernel
 
 
 class MLP(nn.Module):
