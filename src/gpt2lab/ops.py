@@ -629,9 +629,9 @@ def one_query_attention(
     ``F.scaled_dot_product_attention`` itself, whose CPU flash kernel opens a parallel region and
     allocates buffers on every call; or ``avx2``, gpt2lab's own (``gpt2lab.native``), one pass of each
     query over its keys and values where they lie in the cache, on one thread for a short cache. Which
-    is faster depends on the CPU and the key count
-    (docs/benchmarks.md): ``Backends.decode_attention`` measures it (kind ``attention`` of gpt2lab.kernels).
-    A compiled CPU step runs ``reduction``, sums of elementwise products that inductor fuses."""
+    is faster depends on the CPU and the key count (docs/benchmarks.md): ``Backends.decode_attention``
+    measures it (kind ``attention`` of gpt2lab.kernels). A compiled CPU step runs ``reduction``, sums
+    of elementwise products that inductor fuses."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=enable_gqa)
     if kernel == "avx2":  # grouped heads read their kv head, as enable_gqa
