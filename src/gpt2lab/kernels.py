@@ -62,17 +62,18 @@ ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
-COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32")
+COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx2_f32_blocks")
 # copy kernels whose copy differs from the others' of their kind (``avx2_f32`` reads the weight itself: its
-# "copy" costs nothing): the time of making it is its own, ``pack <kernel>``; the others share
-# ``pack``, the time of making the first candidate's copy
-OWN_COPIES = ("avx2_f32",)
+# "copy" costs nothing; ``avx2_f32_blocks`` reads a layout of its own): the time of making it is its own,
+# ``pack <kernel>``; the others share ``pack``, the time of making the first candidate's copy
+OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
 KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 3, "gelu": 2}
-NATIVE_KERNELS = ("avx2", "avx2_f32")  # gpt2lab.native's: an entry timing them records their build (source_digest)
+# gpt2lab.native's: an entry timing them records their build (source_digest)
+NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
 # (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
@@ -97,7 +98,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     laid out for it, against the float32 kernels: at two rows or more MKL's packed layout,
     ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
     by oneDNN or MKL: ``onednn_t``, ``torch_t``, and on AVX2 CPUs gpt2lab's own kernel on the weight
-    as it is, ``avx2_f32``: ``gpt2lab.native``), "gelu" (an MLP's first product and its tanh-GELU
+    as it is, ``avx2_f32``, and on its copy in blocks of 16 output channels, ``avx2_f32_blocks``:
+    ``gpt2lab.native``), "gelu" (an MLP's first product and its tanh-GELU
     without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
     float32 kernel then the GELU in the form its own kind chose), "numpy" (a one-row product without
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
@@ -119,7 +121,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
     if kind == "packed" and rows == 1:
-        return float32 + tuple(f"{k}_t" for k in float32) + (("avx2_f32",) if native.available() else ())
+        own = ("avx2_f32", "avx2_f32_blocks") if native.available() else ()
+        return float32 + tuple(f"{k}_t" for k in float32) + own
     if kind == "packed":
         return float32 + ("mkl_packed",) if ops.packing_available() else float32
     return float32
@@ -243,11 +246,14 @@ class KernelTable:
     def pack_repays(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> float:
         """After how many products of ``rows`` rows by an (out, in) weight the time that reading a copy
         laid out for them saves has repaid making the copy, as measured (kind ``packed``, or ``numpy``):
-        the copy's time over the saving per product against the faster of the kind's kernels that read
-        the weight as it is; infinite where no copy's kernel is the one chosen."""
+        the copy's time over the saving per product against the fastest of the kind's kernels that read
+        the weight as it is (``avx2_f32`` among them: ``ops.READS_THE_WEIGHT``); infinite where no copy's
+        kernel is the one chosen."""
         entry = self._entry(out_features, in_features, rows, kind)
         us, kernel = entry.get("us_per_product", {}), entry["kernel"]
-        plain, made = _fastest_plain(us, kind, rows), pack_key(kernel)
+        made = pack_key(kernel)
+        in_place = (k for k in candidates(kind, rows) if k not in COPY_KERNELS or k in ops.READS_THE_WEIGHT)
+        plain = min((us[k] for k in in_place if k in us and k != kernel), default=None)
         if kernel not in COPY_KERNELS or plain is None or not {made, kernel} <= us.keys():
             return math.inf  # not chosen, or an edited entry without the times this weighs
         if plain <= us[kernel]:

@@ -3,9 +3,11 @@ products, and the attention of one query per head over the KV cache.
 
 At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the weight as it is, read
 their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
-``csrc/avx2.cpp`` streams the weights with a software prefetch ahead: the int8 kernel ``avx2``
-(on a weight laid out for it by ``gpt2lab.ops.pack_int8``) and the float32 one-row kernel ``avx2_f32``
-(kind ``packed`` of ``gpt2lab.kernels``, on the weight as it is). Its attention kernel, ``avx2`` of
+``csrc/avx2.cpp`` streams the weights: the int8 kernel ``avx2`` (on a weight laid out for it by
+``gpt2lab.ops.pack_int8``, with a software prefetch ahead) and the float32 one-row kernels (kind
+``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight as it is, eight rows at once with a
+prefetch ahead in each, and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one stream
+per thread (``gpt2lab.ops.copy_weight``). Its attention kernel, ``avx2`` of
 ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it lies, in one pass
 per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
@@ -14,9 +16,10 @@ through the KV cache each block's residual add and the LayerNorm after it are on
 (``add_layer_norm``, ``ops.add_layer_norm``). They are built with torch's C++ extension builder the
 first time a process on an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under
 torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
-``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``attention_avx2``, ``cache_attention_avx2``,
-``add_layer_norm`` and ``blocks``. Where they cannot be built (no C++ compiler, not x86 with AVX2, or
-``GPT2LAB_NATIVE=0``) they are left out of the candidates and ``unavailable_reason`` says why.
+``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
+``cache_attention_avx2``, ``add_layer_norm``, ``blocks`` and ``float_blocks``. Where they cannot be
+built (no C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the
+candidates and ``unavailable_reason`` says why.
 """
 
 from __future__ import annotations
@@ -109,6 +112,12 @@ def _build_and_load() -> None:
     )
     torch.library.register_fake("gpt2lab_native::float_avx2")(
         lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
+    )
+    torch.library.register_fake("gpt2lab_native::float_blocks_avx2")(
+        lambda x, weight, bias, out: x.new_empty(x.shape[0], out)
+    )
+    torch.library.register_fake("gpt2lab_native::float_blocks")(
+        lambda weight: weight.new_empty(-(-weight.shape[0] // 16), weight.shape[1], 16)
     )
     torch.library.register_fake("gpt2lab_native::attention_avx2")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("gpt2lab_native::cache_attention_avx2")(

@@ -83,9 +83,14 @@ def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t``, ``torch_t`` or ``numpy_t``,
     the weight transposed in memory ((in, out)-contiguous, seen as (out, in)); ``numpy``, no copy
     (the weight itself, which numpy's BLAS reads as it is); ``avx2_f32``, no copy either (gpt2lab's own
-    kernel reads the weight as it is: ``gpt2lab.native``)."""
+    kernel reads the weight as it is: ``gpt2lab.native``); ``avx2_f32_blocks``, the weight in blocks of
+    16 output channels, each one stream of their values at one input position after another, as gpt2lab's
+    own blocked kernel reads it."""
     if kernel == "mkl_packed":
         return pack_weight(weight, rows)
+    if kernel == "avx2_f32_blocks":
+        native.require()
+        return torch.ops.gpt2lab_native.float_blocks(weight.detach())
     if kernel == "avx2_f32":
         native.require()
     if kernel in READS_THE_WEIGHT:
@@ -106,6 +111,13 @@ def float_avx2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     without gradients."""
     y = torch.ops.gpt2lab_native.float_avx2(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def float_blocks_avx2(x: torch.Tensor, blocked: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` by gpt2lab's own float32 kernel on ``blocked``, the weight's copy
+    (``copy_weight``'s ``avx2_f32_blocks``) with ``out`` output channels, for few rows without gradients."""
+    y = torch.ops.gpt2lab_native.float_blocks_avx2(x.reshape(-1, x.shape[-1]), blocked, bias, out)
+    return y.view(*x.shape[:-1], out)
 
 
 def numpy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -294,9 +306,13 @@ def copy_linear(
     """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu_``) read from
     ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
     its call."""
-    if kernel in ("mkl_packed", "avx2_f32"):  # the GELU after the product
-        rows = x.numel() // x.shape[-1]
-        y = packed_linear(x, copy, rows, weight, bias) if kernel == "mkl_packed" else float_avx2(x, copy, bias)
+    if kernel in ("mkl_packed", "avx2_f32", "avx2_f32_blocks"):  # the GELU after the product
+        if kernel == "mkl_packed":
+            y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
+        elif kernel == "avx2_f32":
+            y = float_avx2(x, copy, bias)
+        else:
+            y = float_blocks_avx2(x, copy, weight.shape[0], bias)
         return tanh_gelu_(y, form) if gelu else y
     plain = kernel.removesuffix("_t")
     if gelu:
