@@ -240,11 +240,11 @@ def test_the_float32_kernel_is_timed_with_the_cost_of_its_own_copy(tmp_path, mon
     assert table.pack_repays(256, 128, 1) == pytest.approx(0.1)  # 5 us to "copy", 50 us saved a product
 
 
-def remember_one_row(remember_kernels, linears, us: dict, chosen) -> None:
+def remember_one_row(remember_kernels, linears, us: dict, chosen, numpy_us: float = 200.0) -> None:
     """Kernel-file entries for the one-row products of ``linears``: kind ``packed`` timed 100 us a
-    product but for ``us``, its kernel ``chosen((out, in))``; numpy's BLAS slower (200 us)."""
+    product but for ``us``, its kernel ``chosen((out, in))``; numpy's BLAS ``numpy_us`` (slower)."""
     timed = {k: 100.0 for k in kernels.candidates("packed", 1)} | us
-    numpy_us = {k: 200.0 for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
+    numpy_us = {k: numpy_us for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
     for o, i in {(m.out_features, m.in_features) for m in linears}:
         remember_kernels({f"packed {o}x{i} rows 1": {"kernel": chosen((o, i)), "us_per_product": dict(timed)}})
         remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
@@ -276,6 +276,21 @@ def test_one_row_decoding_reads_the_weights_with_it_however_short(
     assert packed == ["avx2_f32"] * len(linears)
     assert tokens == generate(reference, [[5, 17, 3]], steps, temperature=0, eos_id=None)
     assert all(m.packed is None for m in linears)
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernels.candidates("numpy", 1), reason="numpy's BLAS cannot be told its threads here")
+def test_a_short_decode_weighs_numpy_against_the_kernel_on_the_weight_too(make_gpt, remember_kernels, monkeypatch):
+    """Fewer steps than copies need (``pack_min_steps``): numpy's BLAS (80 us a product) is faster than
+    torch's kernels on the plain weight (100 us) but not than gpt2lab's kernel on it (50 us), which such
+    a decode runs too: the layers read with it, not in numpy."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=16), **config)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    remember_one_row(remember_kernels, linears, {"avx2_f32": 50.0, "pack": 300.0}, lambda shape: "avx2_f32", 80.0)
+    packed = recorded_packs(monkeypatch)
+    generate(model, [[5, 17, 3]], 8, temperature=0, eos_id=None)
+    assert packed == ["avx2_f32"] * len(linears)
 
 
 @needs_kernel

@@ -265,11 +265,12 @@ class Block(nn.Module):
         return x + self.mlp(h)  # h: ln_2 of the new x
 
 
-def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool) -> bool:
+def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool, in_place: bool) -> bool:
     """Whether ``steps`` decode steps of ``rows`` rows run the products of ``layers`` faster in numpy's
-    BLAS than in torch's kernels, as their kernel table measured each product (kinds ``numpy`` and
-    ``packed``): the sum over the layers of the fastest kernel each kind may run, a kernel that reads
-    a copy only with ``copies`` and where the copy repays itself within the steps; numpy's by
+    BLAS than in torch's and gpt2lab's kernels, as their kernel table measured each product (kinds
+    ``numpy`` and ``packed``): the sum over the layers of the fastest kernel each kind may run, a
+    kernel that reads a copy only with ``copies`` and where the copy repays itself within the steps,
+    one whose "copy" is the weight itself (``ops.READS_THE_WEIGHT``) with ``in_place``; numpy's by
     ``kernels.MARGIN`` at least. False where numpy has no BLAS that can be told its threads, or a
     time is missing (an edited entry)."""
     if not layers or not kernels.candidates("numpy", rows):
@@ -280,7 +281,11 @@ def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool) 
         for kind in totals:
             repaid = copies and m.table.pack_repays(*shape, kind) <= steps
             us = m.table.times(*shape, kind)
-            options = [k for k in kernels.candidates(kind, rows) if repaid or k not in kernels.COPY_KERNELS]
+            options = [
+                k
+                for k in kernels.candidates(kind, rows)
+                if repaid or k not in kernels.COPY_KERNELS or (in_place and k in READS_THE_WEIGHT)
+            ]
             if not all(k in us for k in options):
                 return False
             totals[kind] += min(us[k] for k in options)
@@ -494,8 +499,9 @@ class GPT(nn.Module):
     def pack_for_decoding(self, rows: int, steps: int) -> list[Linear]:
         """Before ``steps`` CPU decode steps of ``rows`` rows each, set up how the linear layers of an
         ``auto`` kernel read their weights. At one row, where the kernel table measures the step's
-        products faster in numpy's BLAS than in torch's kernels (kind ``numpy`` against ``packed`` in
-        gpt2lab.kernels, summed over the layers), every layer reads its weight there (``Linear.pack``
+        products faster in numpy's BLAS than in torch's and gpt2lab's kernels (kind ``numpy`` against
+        ``packed`` in gpt2lab.kernels, summed over the layers, each kind's copies counted where they would
+        be made), every layer reads its weight there (``Linear.pack``
         with ``numpy``, or ``numpy_t`` on a transposed copy), and the steps must run within
         ``ops.numpy_blas_threads``. Otherwise, for at least ``backends.pack_min_steps`` steps, a layer
         reads a copy of its weight laid out for products of that many rows (MKL's packed layout, or at
@@ -513,7 +519,7 @@ class GPT(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
-        kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies) else "packed"
+        kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies, in_place=bool(min_steps)) else "packed"
         if kind == "packed" and not min_steps:
             return []
         spare = available_memory()
