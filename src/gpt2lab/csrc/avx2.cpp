@@ -283,6 +283,26 @@ void huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// 8 rows of 8 values (row r at from + r * stride) written as 8 rows of 8 (column c at to + c * 16).
+inline void transpose_8x8(const float* from, int64_t stride, float* to) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + i * stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(to + i * kFloatBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(to + (i + 4) * kFloatBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
 // A float32 weight (out, in) as float_blocks_avx2 reads it: (out / 16, in, 16), block j holding
 // output channels 16j..16j+15 at each input position in turn; zero-padded to whole blocks.
 at::Tensor float_blocks(const at::Tensor& weight) {
@@ -297,7 +317,11 @@ at::Tensor float_blocks(const at::Tensor& weight) {
     for (int64_t block = begin; block < end; ++block) {
       float* to = dst + block * in * kFloatBlock;
       const int64_t first = block * kFloatBlock, n = std::min(kFloatBlock, out - first);
-      for (int64_t k = 0; k < in; ++k, to += kFloatBlock) {
+      int64_t k = 0;
+      if (n == kFloatBlock)  // whole blocks: two 8 x 8 tiles at a time, transposed in registers
+        for (; k + 8 <= in; k += 8, to += 8 * kFloatBlock)
+          for (int64_t half = 0; half < 2; ++half) transpose_8x8(src + (first + 8 * half) * in + k, in, to + 8 * half);
+      for (; k < in; ++k, to += kFloatBlock) {
         for (int64_t j = 0; j < n; ++j) to[j] = src[(first + j) * in + k];
         for (int64_t j = n; j < kFloatBlock; ++j) to[j] = 0.0f;
       }
