@@ -85,17 +85,36 @@ def test_the_avx2_kernel_is_a_candidate_for_few_rows_only():
     assert "avx2" not in ops.int8_kernels(ops.AVX2_MAX_ROWS + 1)
 
 
+class AlwaysAvx2:
+    def choose(self, out_features, in_features, rows, kind="float32"):
+        return "avx2"
+
+
+@needs_kernel
+def test_a_planned_avx2_layer_takes_x_with_its_leading_dimensions(monkeypatch):
+    """Planned for its row count, an int8 layer hands x (..., in) to the op as it is (no reshape before
+    nor view after) and gets the same bits as the op on the rows flattened; other row counts reshape."""
+    layer = Int8Linear(torch.nn.Linear(50, 70), AlwaysAvx2())
+    layer.plan(6)
+    x = torch.randn(2, 3, 50)
+    want = torch.ops.gpt2lab_native.int8_avx2(x.reshape(6, 50), *layer.planned.packed).view(2, 3, 70)
+    reshapes = []
+    monkeypatch.setattr(torch.Tensor, "reshape", lambda t, *a: reshapes.append(a) or t.view(*a))
+    with torch.no_grad():
+        got = layer(x)
+        assert torch.equal(got, want) and not reshapes
+        layer(x[:1])
+    assert reshapes == [(-1, 50)]
+    torch.library.opcheck(torch.ops.gpt2lab_native.int8_avx2, (x, *layer.planned.packed))
+
+
 @needs_kernel
 def test_a_compiled_step_calls_the_avx2_op_itself(monkeypatch):
     """With the avx2 kernel planned, a compiled product calls the C++ op directly, not through the
     Python of ``int8_product`` (which finds its layer by id: here the layer is not registered there)."""
 
-    class Table:
-        def choose(self, out_features, in_features, rows, kind="float32"):
-            return "avx2"
-
     monkeypatch.setattr(kernels, "has_amx_int8", lambda: False)  # with AMX a compiled step traces _int_mm
-    layer = Int8Linear(torch.nn.Linear(64, 48), Table())
+    layer = Int8Linear(torch.nn.Linear(64, 48), AlwaysAvx2())
     layer.plan(1)
     quantize._planned_layers.pop(id(layer))
     x = torch.randn(1, 64)
@@ -176,7 +195,8 @@ def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, 
             atol=1e-4,
             rtol=1e-5,
         )
-    torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x[0], w, b))
+    torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x, w, b))
+    torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x[0, 0], w, None))
 
 
 @needs_kernel
@@ -198,7 +218,8 @@ def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_fe
             atol=1e-4,
             rtol=1e-5,
         )
-    torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x[0], copy, b, out_features))
+    torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x, copy, b, out_features))
+    torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x[0, 0], copy, None, out_features))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks, (w,))
 
 

@@ -108,13 +108,13 @@ def _build_and_load() -> None:
         )
     # their outputs' shapes, for tracing: a compiled decode step calls the ops themselves
     torch.library.register_fake("gpt2lab_native::int8_avx2")(
-        lambda x, weight, scale, bias: x.new_empty(x.shape[0], scale.shape[0])
+        lambda x, weight, scale, bias: x.new_empty(*x.shape[:-1], scale.shape[0])
     )
     torch.library.register_fake("gpt2lab_native::float_avx2")(
-        lambda x, weight, bias: x.new_empty(x.shape[0], weight.shape[0])
+        lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
     )
     torch.library.register_fake("gpt2lab_native::float_blocks_avx2")(
-        lambda x, weight, bias, out: x.new_empty(x.shape[0], out)
+        lambda x, weight, bias, out: x.new_empty(*x.shape[:-1], out)
     )
     torch.library.register_fake("gpt2lab_native::float_blocks")(
         lambda weight: weight.new_empty(-(-weight.shape[0] // 16), weight.shape[1], 16)

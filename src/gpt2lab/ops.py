@@ -109,15 +109,13 @@ def blocks(qweight: torch.Tensor) -> torch.Tensor:
 def float_avx2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by gpt2lab's own float32 kernel (``gpt2lab.native``), for few rows
     without gradients."""
-    y = torch.ops.gpt2lab_native.float_avx2(x.reshape(-1, x.shape[-1]), weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.ops.gpt2lab_native.float_avx2(x, weight, bias)
 
 
 def float_blocks_avx2(x: torch.Tensor, blocked: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` by gpt2lab's own float32 kernel on ``blocked``, the weight's copy
     (``copy_weight``'s ``avx2_f32_blocks``) with ``out`` output channels, for few rows without gradients."""
-    y = torch.ops.gpt2lab_native.float_blocks_avx2(x.reshape(-1, x.shape[-1]), blocked, bias, out)
-    return y.view(*x.shape[:-1], out)
+    return torch.ops.gpt2lab_native.float_blocks_avx2(x, blocked, bias, out)
 
 
 def numpy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -582,9 +580,10 @@ def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
 
 
 def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
-    """x (rows, in) float32 times an int8 weight packed by ``pack_int8``, plus its bias: the input
-    quantized to 8 bits per row, int32 accumulation, float32 out. Exact in int32 where the kernel has
-    VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
+    """x (rows, in) float32 (``avx2``: (..., in), its leading dimensions kept) times an int8 weight
+    packed by ``pack_int8``, plus its bias: the input quantized to 8 bits per row, int32 accumulation,
+    float32 out. Exact in int32 where the kernel has VNNI, or the weight keeps within 63
+    (``quantize_weight``'s levels)."""
     if kernel == "fbgemm" and len(x) == 1:
         return fbgemm_linear(x, packed[0])
     if kernel == "avx2":  # quantizes x itself, as below

@@ -87,9 +87,22 @@ class Int8Linear(nn.Module):
             raise GPT2LabError("int8 layers compute no gradients; train the float32 model and quantize it after")
         if self.scale.dtype != torch.float32:
             raise GPT2LabError("an int8 model runs in float32 (its scales and biases); do not cast it with .to(dtype)")
+        if self._runs_avx2_as_it_is(x):  # the op keeps x's leading dimensions: no reshapes around it
+            return ops.int8_linear(x, self.planned.packed, "avx2")
         x2 = x.reshape(-1, self.in_features).float()
         y = self._compiled_product(x2) if torch.compiler.is_compiling() else self.product(x2)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _runs_avx2_as_it_is(self, x: torch.Tensor) -> bool:
+        """Whether x (..., in) goes to the planned ``avx2`` kernel as it is: float32, the planned rows, eager."""
+        planned = self.planned
+        return (
+            planned is not None
+            and planned.kernel == "avx2"
+            and planned.rows * self.in_features == x.numel()
+            and x.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
         """x2 (rows, in) times the weight, plus the bias, on the planned kernel (``plan``) or the one

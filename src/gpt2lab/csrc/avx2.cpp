@@ -89,6 +89,18 @@ QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
   return row;
 }
 
+// The rows of x (..., in): every position before its last dimension.
+inline int64_t leading_rows(const at::Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// The output (..., out) of a product of x (..., in): x's leading dimensions, then `out`.
+inline at::Tensor output_of(const at::Tensor& x, int64_t out) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out;
+  return at::empty(shape, x.options());
+}
+
 // The bias's values (null without one), checked: contiguous float32, one per output channel.
 const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
   if (!bias.has_value()) return nullptr;
@@ -99,11 +111,11 @@ const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
 
 at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                      const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == kBlock && weight.size(3) == kChunk &&
                   weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight must be int8 laid out as (blocks, chunks, 4, 32) by gpt2lab.ops.pack_int8");
-  const int64_t rows = x.size(0), in = x.size(1), out = scale.size(0);
+  const int64_t rows = leading_rows(x), in = x.size(-1), out = scale.size(0);
   const int64_t blocks = weight.size(0), chunks = weight.size(1), padded = chunks * kChunk;
   TORCH_CHECK(in <= padded && padded < in + kChunk, "x has ", in, " columns, the weight ", padded, " padded");
   TORCH_CHECK(out <= blocks * kBlock && blocks * kBlock < out + kBlock, "scale has ", out, " channels, the weight ",
@@ -114,7 +126,7 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
   std::vector<QuantizedRow> qx;
   for (int64_t r = 0; r < rows; ++r) qx.push_back(quantize_row(xc.data_ptr<float>() + r * in, in, padded));
 
-  at::Tensor y = at::empty({rows, out}, x.options());
+  at::Tensor y = output_of(x, out);
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -185,16 +197,16 @@ inline void float_channels(const float* row0, const float* xr, int64_t in, const
 // ahead in each; float32 sums in eight lanes, then across them.
 at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr int64_t kRows = 8;
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous(),
               "weight must be (out, in) contiguous float32");
-  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  const int64_t rows = leading_rows(x), in = x.size(-1), out = weight.size(0);
   TORCH_CHECK(weight.size(1) == in, "x has ", in, " columns, the weight ", weight.size(1));
   const float* b = bias_values(bias, out);
   const at::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
-  at::Tensor y = at::empty({rows, out}, x.options());
+  at::Tensor y = output_of(x, out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, (out + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
@@ -246,11 +258,11 @@ inline void float_block(const float* block, const float* xr, int64_t in, const f
 // (blocks, in, 16), `out` channels of it real (the rest zero padding). The threads take whole blocks.
 at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, const std::optional<at::Tensor>& bias,
                              int64_t out) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
   TORCH_CHECK(blocked.dim() == 3 && blocked.size(2) == kFloatBlock && blocked.scalar_type() == at::kFloat &&
                   blocked.is_contiguous(),
               "weight must be float32 laid out as (blocks, in, 16) by gpt2lab.ops.copy_weight");
-  const int64_t rows = x.size(0), in = x.size(1), nblocks = blocked.size(0);
+  const int64_t rows = leading_rows(x), in = x.size(-1), nblocks = blocked.size(0);
   TORCH_CHECK(blocked.size(1) == in, "x has ", in, " columns, the weight ", blocked.size(1));
   TORCH_CHECK(out > (nblocks - 1) * kFloatBlock && out <= nblocks * kFloatBlock, "a weight of ", nblocks,
               " blocks of 16 output channels cannot have ", out);
@@ -258,7 +270,7 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
   const at::Tensor xc = x.contiguous();
   const float* xp = xc.data_ptr<float>();
   const float* w = blocked.data_ptr<float>();
-  at::Tensor y = at::empty({rows, out}, x.options());
+  at::Tensor y = output_of(x, out);
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, nblocks, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
