@@ -447,7 +447,7 @@ at::Tensor cache_attention_avx2(const at::Tensor& q, const at::Tensor& k, const 
               "times must be contiguous int64 with one entry per cache slot");
   TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kLong, "t must be one int64 time step");
   TORCH_CHECK(0 < slots && slots <= size, "slots must be in 1..", size, ", got ", slots);
-  const int64_t now = t.item<int64_t>();
+  const int64_t now = t.data_ptr<int64_t>()[0];  // a CPU tensor: read, not dispatched as item() would be
   TORCH_CHECK(now >= 0, "the time step must be >= 0, got ", now);
   const int64_t* padp = nullptr;
   at::Tensor pc;
