@@ -175,6 +175,16 @@ def test_blocks_interleave_four_channels_chunk_by_chunk(out_features, in_feature
     assert torch.equal(ops.blocks(w), want)
 
 
+def assert_copy_linear_is_f_linear(x, w, b, copy, kernel: str) -> None:
+    """``kernel`` on ``copy`` gives F.linear's result within float32 rounding, with and without the bias
+    and with the GELU after."""
+    for bias in (b, None):
+        want = F.linear(x, w, bias)
+        torch.testing.assert_close(ops.copy_linear(x, copy, kernel, w, bias), want, atol=1e-4, rtol=1e-5)
+        got = ops.copy_linear(x, copy, kernel, w, bias, gelu=True)
+        torch.testing.assert_close(got, F.gelu(want, approximate="tanh"), atol=1e-4, rtol=1e-5)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (50, 1000), (13, 8)])
@@ -186,15 +196,7 @@ def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, 
     x = torch.randn(2, rows, in_features, generator=g)
     copy = ops.copy_weight(w, rows, "avx2_f32")
     assert copy.data_ptr() == w.data_ptr()
-    for bias in (b, None):
-        want = F.linear(x, w, bias)
-        torch.testing.assert_close(ops.copy_linear(x, copy, "avx2_f32", w, bias), want, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(
-            ops.copy_linear(x, copy, "avx2_f32", w, bias, gelu=True),
-            F.gelu(want, approximate="tanh"),
-            atol=1e-4,
-            rtol=1e-5,
-        )
+    assert_copy_linear_is_f_linear(x, w, b, copy, "avx2_f32")
     torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x, w, b))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_avx2, (x[0, 0], w, None))
 
@@ -209,15 +211,7 @@ def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_fe
     w, b = torch.randn(out_features, in_features, generator=g), torch.randn(out_features, generator=g)
     x = torch.randn(2, rows, in_features, generator=g)
     copy = ops.copy_weight(w, rows, "avx2_f32_blocks")
-    for bias in (b, None):
-        want = F.linear(x, w, bias)
-        torch.testing.assert_close(ops.copy_linear(x, copy, "avx2_f32_blocks", w, bias), want, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(
-            ops.copy_linear(x, copy, "avx2_f32_blocks", w, bias, gelu=True),
-            F.gelu(want, approximate="tanh"),
-            atol=1e-4,
-            rtol=1e-5,
-        )
+    assert_copy_linear_is_f_linear(x, w, b, copy, "avx2_f32_blocks")
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x, copy, b, out_features))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x[0, 0], copy, None, out_features))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks, (w,))
