@@ -88,11 +88,10 @@ def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     own blocked kernel reads it."""
     if kernel == "mkl_packed":
         return pack_weight(weight, rows)
+    if kernel in ("avx2_f32", "avx2_f32_blocks"):
+        native.require()
     if kernel == "avx2_f32_blocks":
-        native.require()
         return torch.ops.gpt2lab_native.float_blocks(weight.detach())
-    if kernel == "avx2_f32":
-        native.require()
     if kernel in READS_THE_WEIGHT:
         return weight.detach()
     return weight.detach().t().contiguous().t()
@@ -304,18 +303,18 @@ def copy_linear(
     """``F.linear(x, weight, bias)`` (its tanh-GELU with ``gelu``, in ``form``: ``tanh_gelu_``) read from
     ``copy = copy_weight(weight, rows, kernel)`` by ``kernel``; no gradient. oneDNN takes the GELU into
     its call."""
-    if kernel in ("mkl_packed", "avx2_f32", "avx2_f32_blocks"):  # the GELU after the product
-        if kernel == "mkl_packed":
-            y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
-        elif kernel == "avx2_f32":
-            y = float_avx2(x, copy, bias)
-        else:
-            y = float_blocks_avx2(x, copy, weight.shape[0], bias)
-        return tanh_gelu_(y, form) if gelu else y
-    plain = kernel.removesuffix("_t")
-    if gelu:
-        return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain, form)
-    return linear(x, copy, bias, plain)
+    if kernel == "mkl_packed":  # these three: the GELU after the product
+        y = packed_linear(x, copy, x.numel() // x.shape[-1], weight, bias)
+    elif kernel == "avx2_f32":
+        y = float_avx2(x, copy, bias)
+    elif kernel == "avx2_f32_blocks":
+        y = float_blocks_avx2(x, copy, weight.shape[0], bias)
+    else:
+        plain = kernel.removesuffix("_t")
+        if gelu:
+            return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain, form)
+        return linear(x, copy, bias, plain)
+    return tanh_gelu_(y, form) if gelu else y
 
 
 def needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

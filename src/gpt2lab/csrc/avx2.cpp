@@ -284,8 +284,8 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
 }
 
 // Ask Linux to back the whole 2 MiB pages of a new allocation with huge pages (where transparent huge
-// pages are left to madvise): writing it then faults a few hundred pages, not a hundred thousand, which
-// made a 124M model's decode copies about twice as fast to write. Not a requirement: a refusal is ignored.
+// pages are left to madvise): writing it then faults a few hundred pages, not a hundred thousand
+// (docs/benchmarks.md, item 15). Not a requirement: a refusal is ignored.
 void huge_pages(void* data, size_t bytes) {
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
