@@ -2,14 +2,16 @@
 
     python bench/decode_step.py [--rounds 20] [--threads 2] [--int8] [--new-tokens 1000]
 
-Four things are timed in one process, in alternation, ``--rounds`` times each:
+Five things are timed in one process, in alternation, ``--rounds`` times each:
 
-- the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt;
-- its products inside it: a timer around every linear layer's call during that step (with the GELU
-  where the MLP's first product takes it);
+- the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
+  runs it: each block in one op where its products run gpt2lab's own kernels (``Block.plan``);
+- the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
+- its products inside it: a timer around every linear layer's call during that Python step (with
+  the GELU where the MLP's first product takes it);
 - the same products back to back: each layer called on a ready input, in the step's order;
 - the step without products: every linear layer returns a ready-made output of its shape, so only
-  the rest of the step runs (layer norms, attention, residual adds, the Python between them).
+  the rest of the Python step runs (layer norms, attention, residual adds, the Python between them).
 
 The layers read their weights as generation would for a call of ``--new-tokens`` tokens
 (``GPT.pack_for_decoding``: the copies it makes, and numpy's BLAS where it runs the products there,
@@ -113,18 +115,33 @@ def main() -> None:
 
     copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
     model.plan_decoding(1)  # each layer's kernel chosen once, as generation does
+    one_op = [block.step_plan for block in model.h]
     in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
 
+    @contextlib.contextmanager
+    def python_blocks():
+        for block in model.h:
+            block.step_plan = None
+        try:
+            yield
+        finally:
+            for block, plan in zip(model.h, one_op, strict=True):
+                block.step_plan = plan
+
     def step() -> None:
-        timers.spent = 0.0
         with threads():
+            decode_one_token(model, token, pos)
+
+    def python_step() -> None:
+        timers.spent = 0.0
+        with threads(), python_blocks():
             decode_one_token(model, token, pos)
         in_step.append(timers.spent)
 
     def stubbed() -> None:
         timers.stub = True
-        with threads():
+        with threads(), python_blocks():
             decode_one_token(model, token, pos)
         timers.stub = False
 
@@ -144,13 +161,15 @@ def main() -> None:
             "pause": settle,
             "step without products": stubbed,
             "products back to back": alone,
+            "python step": python_step,
             "step": step,
         }
         times = alternated(fns, args.rounds, warmup=2)
     in_step = in_step[2:]  # the warm-up calls
-    rest = [s - p for s, p in zip(times["step"], in_step, strict=True)]
+    rest = [s - p for s, p in zip(times["python step"], in_step, strict=True)]
     rows = {
-        "step": times["step"],
+        f"step ({sum(p is not None for p in one_op)} of {len(one_op)} blocks one op each)": times["step"],
+        "step, block by block in Python": times["python step"],
         "  its products, inside it": in_step,
         "  the rest of it": rest,
         "products back to back": times["products back to back"],
@@ -165,6 +184,12 @@ def main() -> None:
     for name, values in rows.items():
         ms = [1000 * v for v in values]
         print(f"| {name} | {statistics.median(ms):.2f} | {min(ms):.2f}-{max(ms):.2f} |")
+    ratios = sorted(a / b for a, b in zip(times["step"], times["python step"], strict=True))
+    quartiles = statistics.quantiles(ratios, n=4)
+    print(
+        f"step / the Python step, round by round: median {statistics.median(ratios):.3f}x, "
+        f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}"
+    )
 
 
 if __name__ == "__main__":

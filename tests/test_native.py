@@ -629,3 +629,163 @@ def test_a_compiled_step_with_the_attention_kernel_keeps_the_tokens(make_gpt):
     )
     model = make_gpt(seed=5, backends=Backends(decode_attention="avx2"))
     assert generate(model, prompts, 8, temperature=0, eos_id=None, compile=True) == eager
+
+
+class GeluFormTable:
+    """Chooses the avx2 kernel for int8 products, ``form`` for the GELU, torch's kernel for the rest."""
+
+    def __init__(self, form: str) -> None:
+        self.form = form
+
+    def choose(self, out_features, in_features, rows, kind="float32"):
+        return {"tanh_gelu": self.form, "int8": "avx2"}.get(kind, "torch")
+
+    def pack_repays(self, *shape):
+        return float("inf")  # no copies of repeated products
+
+
+def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh") -> None:
+    """Plan ``model``'s decode steps of ``rows`` rows with each float32 layer reading a copy for
+    ``kernels_by_layer(layer)`` (an int8 layer: the avx2 kernel), the GELU in ``gelu_form``, as
+    generation plans them."""
+    for m in model.modules():
+        if isinstance(m, ops.Linear):
+            m.table = GeluFormTable(gelu_form)
+            m.pack(rows, kernels_by_layer(m))
+        elif isinstance(m, Int8Linear):
+            m.table = GeluFormTable(gelu_form)
+    model.plan_decoding(rows)
+
+
+def steps_both_ways(model, prompts: torch.Tensor, steps: int, pad=None) -> list[torch.Tensor]:
+    """Greedy decode steps after ``prompts`` (B, P) in a planned ``model``: each step's logits from the
+    one-op blocks (``Block.plan``) asserted equal, bit for bit, to the same step through the Python
+    blocks on the same kernels (the step writes the same keys and values into the cache either way);
+    the logits of every step."""
+    from gpt2lab.decode import decode_one_token, prefill
+
+    B, P = prompts.shape
+    one_op = [block.step_plan for block in model.h]
+    assert all(one_op)
+    logits, out = prefill(model, prompts, torch.arange(P)), []
+    for t in range(P, P + steps):
+        token, pos = logits.argmax(-1)[:, None], torch.tensor([t])
+        for block in model.h:
+            block.step_plan = None
+        want = decode_one_token(model, token, pos)
+        for block, plan in zip(model.h, one_op, strict=True):
+            block.step_plan = plan
+        logits = decode_one_token(model, token, pos)
+        assert torch.equal(logits, want)
+        out.append(logits)
+    return out
+
+
+def count_calls(monkeypatch, name: str) -> list:
+    """Record each call of ``torch.ops.gpt2lab_native.<name>`` from now on."""
+    calls, op = [], getattr(torch.ops.gpt2lab_native, name)
+    monkeypatch.setattr(torch.ops.gpt2lab_native, name, lambda *args: calls.append(args) or op(*args))
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("int8", "gelu_form"), [(False, "tanh"), (True, "tanh"), (False, "sigmoid"), (True, "sigmoid")]
+)
+def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, monkeypatch, int8, gelu_form):
+    """Where a block's four products run gpt2lab's kernels (float32: the blocked copies and the weight as
+    it is, mixed; int8: its blocks) and its attention avx2, each decode step of the block is one
+    ``decode_block`` call, whose logits are the Python blocks' bit for bit, in either form of the GELU."""
+    model = make_gpt(seed=7, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+    if int8:
+        model = quantize.quantize_int8(model)
+    with torch.no_grad():
+        model.setup_cache(1, 12)
+        layer_kernel = lambda m: "avx2_f32" if m.out_features == 64 else "avx2_f32_blocks"  # noqa: E731
+        plan_one_op_steps(model, 1, layer_kernel, gelu_form)
+        calls = count_calls(monkeypatch, "decode_block")
+        steps_both_ways(model, torch.tensor([[5, 3, 9, 1]]), 6)
+    assert len(calls) == 6 * len(model.h)
+    kernels_run = {k for call in calls for k in call[3]}
+    assert kernels_run == ({2} if int8 else {0, 1})  # indices in ops.NATIVE_PRODUCTS
+    assert {call[-1] for call in calls} == {gelu_form}
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [dict(n_kv_head=2), dict(window=3, n_kv_head=1)])
+def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_gpt, config):
+    """Two left-padded rows, grouped or single kv heads, a rolling window's cache: the same bits as the
+    Python blocks (int8, whose kernel runs several rows)."""
+    model = quantize.quantize_int8(
+        make_gpt(seed=2, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256, **config)
+    )
+    pad = torch.tensor([0, 3])
+    with torch.no_grad():
+        model.setup_cache(2, 16, pad=pad)
+        plan_one_op_steps(model, 2, None)
+        steps_both_ways(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9, pad)
+
+
+@needs_kernel
+def test_a_block_steps_in_python_where_the_one_op_does_not_apply(make_gpt, monkeypatch):
+    """No one-op step for a block with a product on another kernel; steps of rotary positions, of
+    another attention kernel, or after a product's weight changed run the Python blocks: the logits of
+    F.linear's products to float32 rounding, the changed weight read as it is now."""
+    calls = count_calls(monkeypatch, "decode_block")
+    blocked = lambda m: "avx2_f32_blocks"  # noqa: E731
+    with torch.no_grad():
+        model = make_gpt(seed=4, backends=Backends(decode_attention="avx2"))
+        model.setup_cache(1, 8)
+        model.h[1].mlp.c_proj.pack(1, "onednn_t")  # the plan below keeps it: not one of the native kernels
+        plan_one_op_steps(model, 1, lambda m: "onednn_t" if m is model.h[1].mlp.c_proj else "avx2_f32_blocks")
+        assert model.h[0].step_plan is not None and model.h[1].step_plan is None
+
+        for config, backends in (({"pos_emb": "rope"}, {}), ({}, {"decode_attention": "products"})):
+            model = make_gpt(seed=4, backends=Backends(**{"decode_attention": "avx2"} | backends), **config)
+            reference = make_gpt(seed=4, backends=Backends(linear="torch"), **config)
+            for m in (model, reference):
+                m.setup_cache(1, 8)
+            plan_one_op_steps(model, 1, blocked)
+            assert all(block.step_plan is not None for block in model.h)
+            prompt = torch.tensor([[5, 3, 9]])
+            from gpt2lab.decode import decode_one_token, prefill
+
+            prefill(model, prompt, torch.arange(3)), prefill(reference, prompt, torch.arange(3))
+            got = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]))
+            torch.testing.assert_close(got, decode_one_token(reference, torch.tensor([[4]]), torch.tensor([3])))
+        assert calls == []
+
+        model = make_gpt(seed=4, backends=Backends(decode_attention="avx2"))
+        model.setup_cache(1, 8)
+        plan_one_op_steps(model, 1, blocked)
+        model.h[0].attn.c_proj.weight.mul_(2)  # the copies it planned with are stale now
+        reference = make_gpt(seed=4, backends=Backends(linear="torch"))
+        reference.h[0].attn.c_proj.weight.mul_(2)
+        reference.setup_cache(1, 8)
+        for m in (model, reference):
+            prefill(m, prompt, torch.arange(3))
+        got = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]))
+        torch.testing.assert_close(got, decode_one_token(reference, torch.tensor([[4]]), torch.tensor([3])))
+        assert len(calls) == len(model.h) - 1  # the block whose plan still holds
+        assert model.h[0].attn.c_proj.planned is None
+
+
+@needs_kernel
+def test_generation_runs_one_op_block_steps_and_ends_their_plans(make_gpt, remember_kernels, monkeypatch):
+    """A greedy generation whose products all read gpt2lab's kernels steps each block in one op, gives
+    F.linear's tokens, and leaves no plan behind; the op passes torch's custom-op checks."""
+    config = dict(vocab_size=1024, n_embd=128, n_head=4)
+    model = make_gpt(seed=5, backends=Backends(pack_min_steps=4, decode_attention="avx2"), **config)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    remember_one_row(remember_kernels, linears, {"avx2_f32_blocks": 50.0, "pack": 100.0}, lambda s: "avx2_f32_blocks")
+    calls = count_calls(monkeypatch, "decode_block")
+    tokens = generate(model, [[5, 17, 3]], 9, temperature=0, eos_id=None)
+    reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
+    assert tokens == generate(reference, [[5, 17, 3]], 9, temperature=0, eos_id=None)
+    assert len(calls) == 8 * len(model.h)
+    assert all(block.step_plan is None for block in model.h)
+    monkeypatch.undo()  # the op itself again
+    args = list(calls[0])
+    args[9:12] = [t.clone() for t in args[9:12]]  # the caches the op writes
+    with torch.no_grad():  # an inference op: no gradients
+        torch.library.opcheck(torch.ops.gpt2lab_native.decode_block, tuple(args))

@@ -246,6 +246,23 @@ class MLP(nn.Module):
         return self.dropout(h) if self.training else h
 
 
+@dataclass(frozen=True, eq=False)
+class _StepPlan:
+    """``Block.plan``'s: the block's layers and their plans then, and the arguments of
+    gpt2lab.native's ``decode_block`` that do not change from step to step."""
+
+    rows: int
+    layers: tuple[nn.Module, ...]
+    plans: tuple[object, ...]
+    norms: list[torch.Tensor]
+    eps: float
+    products: tuple[list, ...]  # kernels, weights, scales, biases, output widths
+    gelu_form: str
+
+    def holds(self) -> bool:
+        return all(m.planned is p and m.plan_holds() for m, p in zip(self.layers, self.plans, strict=True))
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -259,10 +276,73 @@ class Block(nn.Module):
         self.attn = make_attention(config, layer, make_linear)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, make_linear)
+        self.step_plan: _StepPlan | None = None
 
     def forward(self, x, rope, window_mask, step) -> torch.Tensor:
+        # (a compiled step traces the Python forward: inductor fuses it itself)
+        if step is not None and not torch.compiler.is_compiling() and self.step_plan is not None and rope is None:
+            y = self._one_op_step(x, step)
+            if y is not None:
+                return y
         x, h = add_layer_norm(x, self.attn(self.ln_1(x), rope, window_mask, step), self.ln_2, fused=step is not None)
         return x + self.mlp(h)  # h: ln_2 of the new x
+
+    def plan(self, rows: int) -> None:
+        """Once each of the block's products of ``rows`` rows is planned (``GPT.plan_decoding``), run
+        its eager decode steps of ``rows`` rows as one op where they can: gpt2lab.native's
+        ``decode_block``, the same operations as ``forward`` in the same order on the same kernels (so
+        the same results), without the Python between them, whose cost grows several times right
+        after a product has streamed megabytes of weights through the caches (docs/benchmarks.md).
+        That is where all four products run gpt2lab's own kernels (``ops.NATIVE_PRODUCTS``), the
+        layer norms have their weights and biases, and, checked at each step, there are no rotary
+        positions, the attention runs ``avx2`` for the step's key count, the model is in eval mode
+        without gradients, and the plans still hold. Forward hooks of the block's submodules are not called by those steps."""
+        self.step_plan = None
+        attn, mlp = self.attn, self.mlp
+        layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+        products = [m.native_product(rows, gelu=m is mlp.c_fc) for m in layers]
+        norms = [self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias]
+        if None in products or any(t is None for t in norms) or self.ln_1.eps != self.ln_2.eps:
+            return
+        columns = ("kernel", "weight", "scale", "bias", "out_features")
+        self.step_plan = _StepPlan(
+            rows,
+            layers,
+            tuple(m.planned for m in layers),
+            norms,
+            self.ln_1.eps,
+            tuple([getattr(p, c) for p in products] for c in columns),
+            products[2].gelu_form,
+        )
+
+    def unplan(self) -> None:
+        self.step_plan = None
+
+    def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """``forward``'s decode step as the one op ``plan`` set up, or None where it does not apply."""
+        plan, attn = self.step_plan, self.attn
+        B, T, _ = x.shape
+        if T != 1 or plan.rows != B or self.training or torch.is_grad_enabled() or not plan.holds():
+            return None
+        cache = attn.kv_cache
+        slots = cache.slots(step[2])
+        if attn.one_query_kernel(B, slots, x.device, x.dtype) != "avx2":
+            return None
+        return torch.ops.gpt2lab_native.decode_block(
+            x,
+            plan.norms,
+            plan.eps,
+            *plan.products,
+            attn.n_head,
+            cache.k,
+            cache.v,
+            cache.times,
+            step[0],
+            slots,
+            step[1],
+            cache.window,
+            plan.gelu_form,
+        )
 
 
 def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool, in_place: bool) -> bool:
@@ -547,12 +627,15 @@ class GPT(nn.Module):
     def plan_decoding(self, rows: int) -> list[nn.Module]:
         """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
-        layer's, ``Int8Linear.plan``), instead of at every product. Returns the layers planned, for
-        ``unplan`` when the steps end."""
-        planned = [m for m in self.modules() if callable(getattr(m, "plan", None))]
+        layer's, ``Int8Linear.plan``), instead of at every product; then each block whose products
+        all run gpt2lab's own kernels steps in one op (``Block.plan``). Returns the modules planned,
+        for ``unplan`` when the steps end."""
+        planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
-        return planned
+        for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
+            block.plan(rows)
+        return [*planned, *self.h]
 
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
         """Free what generation keeps between its steps: with ``kv``, the KV caches (kept or not) and the

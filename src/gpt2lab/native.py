@@ -13,13 +13,14 @@ per query. Each is one more candidate of the kernel table, chosen only where it 
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
 keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
 through the KV cache each block's residual add and the LayerNorm after it are one op
-(``add_layer_norm``, ``ops.add_layer_norm``). They are built with torch's C++ extension builder the
-first time a process on an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under
-torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
-``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
-``cache_attention_avx2``, ``add_layer_norm``, ``blocks`` and ``float_blocks``. Where they cannot be
-built (no C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the
-candidates and ``unavailable_reason`` says why.
+(``add_layer_norm``, ``ops.add_layer_norm``); where all of a block's products run these kernels, its
+whole eager decode step is one op (``decode_block``, ``model.Block.plan``). They are built with torch's
+C++ extension builder the first time a process on an AVX2 CPU needs them (about 10-20 seconds; the
+built library is kept under torch's extension directory, ``TORCH_EXTENSIONS_DIR``, and reused), and
+loaded as the ops ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``,
+``attention_avx2``, ``cache_attention_avx2``, ``add_layer_norm``, ``decode_block``, ``blocks`` and
+``float_blocks``. Where they cannot be built (no C++ compiler, not x86 with AVX2, or
+``GPT2LAB_NATIVE=0``) they are left out of the candidates and ``unavailable_reason`` says why.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def _build_and_load() -> None:
     torch.library.register_fake("gpt2lab_native::add_layer_norm")(
         lambda x, delta, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape))
     )
+    torch.library.register_fake("gpt2lab_native::decode_block")(lambda x, *args: x.new_empty(x.shape))
 
 
 def _loaded() -> bool:

@@ -51,6 +51,9 @@ LINEAR_KERNELS = ("auto", "onednn", "torch")
 READS_THE_WEIGHT = ("numpy", "avx2_f32")  # copy kernels whose copy is the weight itself (copy_weight)
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
 GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu_ computes the activation
+# the kernels whose planned products gpt2lab.native's decode_block runs, by their index there: float32
+# on the weight as it is, on its blocked copy, and int8 on its blocks (gpt2lab.quantize)
+NATIVE_PRODUCTS = ("avx2_f32", "avx2_f32_blocks", "avx2")
 GELU_BLOCK = 2**20  # elements the sigmoid form works on at a time: its passes over them stay in cache
 
 
@@ -341,6 +344,21 @@ def _product(
     return lambda x: linear(x, weight, bias, kernel)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NativeProduct:
+    """A layer's planned product as gpt2lab.native's ``decode_block`` runs it: its kernel (the index of
+    its name in ``NATIVE_PRODUCTS``), the weight as that kernel reads it, the int8 weight's scales (None
+    in float32), the bias, the output's width, and where the product takes the tanh-GELU after it, the
+    GELU's form (``tanh_gelu_``)."""
+
+    kernel: int
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
+    out_features: int
+    gelu_form: str | None
+
+
 @dataclasses.dataclass(slots=True)
 class _Plan:
     """``Linear.plan``'s choice for inputs of ``numel`` elements: the tensors it was made for, the
@@ -413,9 +431,11 @@ class Linear(nn.Linear):
     def _gelu_product(self, rows: int, count: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """The product of ``rows`` rows and its GELU, as ``gelu`` runs them without gradients."""
         kernel, copy = self._choose(rows, gelu=True, count=count)
+        return _product(self.weight, self.bias, kernel, copy, gelu=True, form=self._gelu_form(rows))
+
+    def _gelu_form(self, rows: int) -> str:
         table = self.table if self.kernel == "auto" else None  # a fixed kernel measures nothing
-        form = gelu_form(table, self.out_features, self.in_features, rows)
-        return _product(self.weight, self.bias, kernel, copy, gelu=True, form=form)
+        return gelu_form(table, self.out_features, self.in_features, rows)
 
     def _choose(self, rows: int, gelu: bool = False, count: bool = True) -> tuple[str, torch.Tensor | None]:
         """The kernel of a CPU float32 product of ``rows`` rows (with the GELU: ``gelu``) and the copy
@@ -481,8 +501,20 @@ class Linear(nn.Linear):
             or torch.is_grad_enabled()
             or torch.is_autocast_enabled("cpu")
             or torch.compiler.is_compiling()
+            or not self.plan_holds()
         ):
             return None
+        call = plan.calls.get(gelu)
+        if call is None:
+            call = plan.calls[gelu] = self._gelu_product(plan.numel // self.in_features, count=False)
+        return call
+
+    def plan_holds(self) -> bool:
+        """Whether there is a plan (``plan``) and it still holds: the weight and bias it was made for are
+        the layer's, unchanged (else it is dropped)."""
+        plan = self.planned
+        if plan is None:
+            return False
         params = self._parameters
         if (
             params["weight"] is not plan.weight
@@ -490,11 +522,21 @@ class Linear(nn.Linear):
             or weight_key(plan.weight) != plan.key
         ):
             self.planned = None
+            return False
+        return True
+
+    def native_product(self, rows: int, gelu: bool = False) -> NativeProduct | None:
+        """This layer's planned product of ``rows`` rows (with ``gelu``, and its GELU) as gpt2lab.native's
+        ``decode_block`` runs it, or None where there is no such plan (``plan``) or it runs another kernel."""
+        plan = self.planned
+        if plan is None or plan.numel != rows * self.in_features or not self.plan_holds():
             return None
-        call = plan.calls.get(gelu)
-        if call is None:
-            call = plan.calls[gelu] = self._gelu_product(plan.numel // self.in_features, count=False)
-        return call
+        with torch.no_grad():  # the choice a planned product makes: without gradients
+            kernel, copy = self._choose(rows, gelu=gelu, count=False)
+        if kernel not in NATIVE_PRODUCTS or copy is None:
+            return None
+        form = self._gelu_form(rows) if gelu else None
+        return NativeProduct(NATIVE_PRODUCTS.index(kernel), copy, None, self.bias, self.out_features, form)
 
     @property
     def reads_numpy(self) -> bool:

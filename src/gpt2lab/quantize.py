@@ -132,14 +132,15 @@ class Int8Linear(nn.Module):
         y = self(x)
         if torch.compiler.is_compiling():  # inductor writes its own fused GELU
             return F.gelu(y, approximate="tanh")
-        rows, planned = y.numel() // self.out_features, self.planned
-        if planned is not None and planned.rows == rows:
-            form = planned.gelu_form
-            if form is None:  # chosen on the plan's first GELU, then kept
-                form = planned.gelu_form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
-        else:
-            form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
-        return ops.tanh_gelu_(y, form)
+        return ops.tanh_gelu_(y, self._gelu_form(y.numel() // self.out_features))
+
+    def _gelu_form(self, rows: int) -> str:
+        planned = self.planned
+        if planned is None or planned.rows != rows:
+            return ops.gelu_form(self.table, self.out_features, self.in_features, rows)
+        if planned.gelu_form is None:  # chosen on the plan's first GELU, then kept
+            planned.gelu_form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
+        return planned.gelu_form
 
     def _choose(self, rows: int) -> tuple[str, object]:
         """The kernel of a product of ``rows`` rows and the weight as it reads it (made on first use)."""
@@ -162,6 +163,22 @@ class Int8Linear(nn.Module):
 
     def unplan(self) -> None:
         self.planned = None
+
+    def plan_holds(self) -> bool:
+        """Whether there is a plan (``plan``): loading new weights drops it."""
+        return self.planned is not None
+
+    def native_product(self, rows: int, gelu: bool = False) -> ops.NativeProduct | None:
+        """The planned product of ``rows`` rows (with ``gelu``, and its GELU) as gpt2lab.native's
+        ``decode_block`` runs it, or None where there is no such plan or it runs another kernel."""
+        planned = self.planned
+        if planned is None or planned.rows != rows or planned.kernel not in ops.NATIVE_PRODUCTS:
+            return None
+        blocks, scale, bias = planned.packed
+        form = self._gelu_form(rows) if gelu else None
+        return ops.NativeProduct(
+            ops.NATIVE_PRODUCTS.index(planned.kernel), blocks, scale, bias, self.out_features, form
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

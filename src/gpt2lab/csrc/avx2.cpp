@@ -540,6 +540,67 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at:
   return {sum, normed};
 }
 
+// One linear layer of decode_block, by kernel: 0 float_avx2 on the weight as it is, 1 float_blocks_avx2 on
+// its blocked copy, 2 int8_avx2 on its int8 blocks with their scales (gpt2lab.ops.NATIVE_PRODUCTS).
+at::Tensor product(int64_t kernel, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                   const std::optional<at::Tensor>& bias, int64_t out) {
+  switch (kernel) {
+    case 0:
+      return float_avx2(x, weight, bias);
+    case 1:
+      return float_blocks_avx2(x, weight, bias, out);
+    case 2:
+      TORCH_CHECK(scale.has_value(), "an int8 product needs its scales");
+      return int8_avx2(x, weight, *scale, bias);
+  }
+  TORCH_CHECK(false, "unknown product kernel ", kernel);
+}
+
+// GPT-2's tanh-GELU over y in place, in the form gpt2lab.ops.tanh_gelu_ names: "tanh" (aten's gelu) or
+// "sigmoid" (y sigmoid(2u), u = sqrt(2 / pi) (y + 0.044715 y^3)), with the same aten operations.
+void tanh_gelu_(at::Tensor& y, c10::string_view form) {
+  if (form == "tanh") {
+    at::gelu_(y, "tanh");
+    return;
+  }
+  TORCH_CHECK(form == "sigmoid", "GELU form must be tanh or sigmoid, got ", form);
+  at::Tensor t = at::square(y);
+  at::addcmul_out(t, y, t, y, 0.044715);
+  y.mul_(t.mul_(2 * std::sqrt(2 / M_PI)).sigmoid_());
+}
+
+// One eager decode step (one new token per row) of a pre-norm GPT block, the operations its Python
+// forward runs, in one call: x (B, 1, C) + attention(ln_1(x)), then that + mlp(ln_2(that)). The
+// products (in order: the attention's fused q, k, v, its output, the MLP's first with its GELU, its
+// second) run the kernels `kernels` name on `weights` (`scales` for int8), the attention
+// cache_attention_avx2 over the KV cache (n_head query heads; no rotary positions). Equal to the
+// Python forward with the same kernels: the same functions in the same order.
+at::Tensor decode_block(const at::Tensor& x, at::TensorList norms, double eps, at::IntArrayRef kernels,
+                        at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                        const c10::List<std::optional<at::Tensor>>& biases, at::IntArrayRef outs, int64_t n_head,
+                        at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& times, const at::Tensor& t,
+                        int64_t slots, const std::optional<at::Tensor>& pad, std::optional<int64_t> window,
+                        c10::string_view gelu) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "x must be (B, 1, C): one new token per row");
+  TORCH_CHECK(norms.size() == 4 && kernels.size() == 4 && weights.size() == 4 && scales.size() == 4 &&
+                  biases.size() == 4 && outs.size() == 4,
+              "a block has two LayerNorms (weight, bias) and four products");
+  TORCH_CHECK(k_cache.dim() == 4, "the caches must be (B, nkv, size, hs)");
+  const int64_t B = x.size(0), C = x.size(2), nkv = k_cache.size(1), hs = k_cache.size(3);
+  auto linear = [&](int64_t i, const at::Tensor& in) {
+    return product(kernels[i], in, weights[i], scales.get(i), biases.get(i), outs[i]);
+  };
+  const at::Tensor h = at::layer_norm(x, {C}, norms[0], norms[1], eps);
+  const at::Tensor heads = linear(0, h).view({B, 1, n_head + 2 * nkv, hs}).transpose(1, 2);
+  const at::Tensor y = cache_attention_avx2(heads.narrow(1, 0, n_head), heads.narrow(1, n_head, nkv),
+                                            heads.narrow(1, n_head + nkv, nkv), k_cache, v_cache, times, t, slots,
+                                            pad, window);
+  auto [sum, normed] = add_layer_norm(x, linear(1, y.view({B, 1, n_head * hs})), norms[2], norms[3], eps);
+  at::Tensor hidden = linear(2, normed);
+  tanh_gelu_(hidden, gelu);
+  return sum + linear(3, hidden);
+}
+
 // The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
 // channels one stream of their rows' 32-byte chunks in turn; zero-padded to whole blocks and chunks
 // (zeros add nothing to a sum).
@@ -580,6 +641,10 @@ TORCH_LIBRARY(gpt2lab_native, m) {
       "cache_attention_avx2(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, "
       "Tensor t, int slots, Tensor? pad, int? window) -> Tensor");
   m.def("add_layer_norm(Tensor x, Tensor delta, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "decode_block(Tensor x, Tensor[] norms, float eps, int[] kernels, Tensor[] weights, Tensor?[] scales, "
+      "Tensor?[] biases, int[] outs, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, Tensor t, "
+      "int slots, Tensor? pad, int? window, str gelu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
@@ -591,4 +656,5 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("attention_avx2", &attention_avx2);
   m.impl("cache_attention_avx2", &cache_attention_avx2);
   m.impl("add_layer_norm", &add_layer_norm);
+  m.impl("decode_block", &decode_block);
 }
