@@ -187,7 +187,10 @@ def assert_copy_linear_is_f_linear(x, w, b, copy, kernel: str) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (50, 1000), (13, 8)])
+@pytest.mark.parametrize(
+    ("out_features", "in_features"),
+    [(64, 64), (70, 50), (3, 31), (50, 1000), (13, 8), (40, 1030), (13, 1500)],  # rows of up to 4 KB, and longer
+)
 def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, in_features):
     """Whole groups of 8 channels and the channels past them, widths with and without a tail past the
     8-lane chunks, with and without bias and the GELU after; the weight read as it is (no copy)."""

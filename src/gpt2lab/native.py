@@ -5,9 +5,9 @@ At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the wei
 their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
 ``csrc/avx2.cpp`` streams the weights: the int8 kernel ``avx2`` (on a weight laid out for it by
 ``gpt2lab.ops.pack_int8``, with a software prefetch ahead) and the float32 one-row kernels (kind
-``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight as it is, eight rows at once with a
-prefetch ahead in each, and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one stream
-per thread (``gpt2lab.ops.copy_weight``). Its attention kernel, ``avx2`` of
+``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight as it is (rows of up to 4 KB one after
+another, longer ones eight at once with a prefetch ahead in each), and ``avx2_f32_blocks`` on a copy
+in blocks of 16 output channels, one stream per thread (``gpt2lab.ops.copy_weight``). Its attention kernel, ``avx2`` of
 ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it lies, in one pass
 per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's

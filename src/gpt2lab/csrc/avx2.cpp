@@ -13,8 +13,8 @@
 // exact. The float32 epilogue is ((sum * x scale) * weight scale) + bias, rounded at each step (built
 // without contraction into FMAs), the order gpt2lab.ops.int8_linear's torch._int_mm path takes.
 //
-// float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: its rows are long
-// enough to read eight at once).
+// float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: rows of up to a page
+// are read one after another, longer ones eight at once).
 //
 // float_blocks_avx2: the same product on a copy of the weight laid out as the kernel reads it,
 // (blocks, in, 16) by float_blocks: blocks of 16 output channels, each one sequential stream of the
@@ -192,9 +192,26 @@ inline void float_channels(const float* row0, const float* xr, int64_t in, const
   }
 }
 
+// One output channel's row (`in` long) times one row of x: a sequential read of the row into four
+// float32 sums of eight lanes, then across them.
+inline float float_row(const float* row, const float* xr, int64_t in) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 32 <= in; k += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u), _mm256_loadu_ps(xr + k + 8 * u), acc[u]);
+  for (; k + 8 <= in; k += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(xr + k), acc[0]);
+  float sum = sum_lanes(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; k < in; ++k) sum += row[k] * xr[k];
+  return sum;
+}
+
+constexpr int64_t kShortRow = 4096;  // bytes: rows up to a page long are read one after another
+
 // The float32 product for the few rows of a decode step: x times a float32 weight as it is, (out, in)
-// contiguous, plus the bias. Eight output channels are read together, eight streams with a prefetch
-// ahead in each; float32 sums in eight lanes, then across them.
+// contiguous, plus the bias. Rows of up to a page are read one after another, so each thread reads one
+// sequential stream; longer rows eight output channels together, eight streams with a prefetch ahead
+// in each (on the family-25 EPYC each form was the faster one there: docs/benchmarks.md, item 15).
 at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr int64_t kRows = 8;
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -213,7 +230,12 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
       const int64_t first = group * kRows, n = std::min(kRows, out - first);
       for (int64_t r = 0; r < rows; ++r) {  // past the first row the group's weights come from cache
         const float* bias_at = b == nullptr ? nullptr : b + first;
-        if (n == kRows) {
+        if (in * static_cast<int64_t>(sizeof(float)) <= kShortRow) {
+          for (int64_t j = 0; j < n; ++j) {
+            const float sum = float_row(w + (first + j) * in, xp + r * in, in);
+            yp[r * out + first + j] = bias_at == nullptr ? sum : sum + bias_at[j];
+          }
+        } else if (n == kRows) {
           float_channels<kRows>(w + first * in, xp + r * in, in, bias_at, yp + r * out + first);
         } else {
           for (int64_t j = 0; j < n; ++j)
