@@ -260,15 +260,17 @@ class KernelTable:
             return math.inf
         return us[made] / (plain - us[kernel])
 
-    def in_place(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> str | None:
+    def in_place(
+        self, out_features: int, in_features: int, rows: int, kind: str = "packed", slower: float = -MARGIN
+    ) -> str | None:
         """The copy kernel of a ``kind`` product whose "copy" is the weight itself
-        (``ops.READS_THE_WEIGHT``), where it measured ``MARGIN`` faster than every kernel on the plain
-        weight: what a layer reads with when the chosen copy does not repay its making; else None."""
+        (``ops.READS_THE_WEIGHT``), where it measured at most ``slower`` (a fraction; negative: at least
+        that much faster) slower than every kernel on the plain weight; else None."""
         us = self._entry(out_features, in_features, rows, kind).get("us_per_product", {})
         plain = _fastest_plain(us, kind, rows)
         free = [k for k in candidates(kind, rows) if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and k in us]
         best = min(free, key=us.__getitem__, default=None)
-        return best if best is not None and plain is not None and us[best] < (1 - MARGIN) * plain else None
+        return best if best is not None and plain is not None and us[best] < (1 + slower) * plain else None
 
     def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
         key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())

@@ -588,11 +588,13 @@ class GPT(nn.Module):
         one row the transposed one) where the table measures that faster (kind ``packed``). A copy is
         made only where the saving repays making it within ``steps`` (``KernelTable.pack_repays``); the
         copies hold about as much memory again as the weights they copy, and together never more than
-        half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, where
-        the table measures gpt2lab's own kernel faster (``avx2_f32``, which reads the weight as it is: no
-        copy), a layer reads with it for any number of steps (unless ``pack_min_steps`` is 0), and also
-        where a faster copy does not repay (``KernelTable.in_place``). The logits change by float32
-        rounding only. Returns the layers packed (generation unpacks them when it ends)."""
+        half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, a layer
+        that reads no copy reads with gpt2lab's own kernel on the weight as it is (``avx2_f32``: no
+        copy) for any number of steps (unless ``pack_min_steps`` is 0) wherever the table measures it
+        at most ``kernels.MARGIN`` slower than the other kernels on the weight (``KernelTable.in_place``):
+        a block whose four products run gpt2lab's kernels steps in one op (``Block.plan``), which saves
+        more than that. The logits change by float32 rounding only. Returns the layers packed
+        (generation unpacks them when it ends)."""
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
@@ -611,8 +613,10 @@ class GPT(nn.Module):
             in_place = kernel in READS_THE_WEIGHT  # its "copy" is the weight: no memory, nothing to repay
             size = m.weight.numel() * m.weight.element_size()
             repaid = in_place or (copies and m.table.pack_repays(*shape, kind) <= steps and size <= budget)
-            if kernel in kernels.COPY_KERNELS and not repaid:  # then the fastest kernel that needs no copy
-                kernel = m.table.in_place(*shape, kind)
+            if kind == "packed" and not (kernel in kernels.COPY_KERNELS and repaid):
+                # gpt2lab's kernel on the weight as it is, unless measurably slower (kernels.MARGIN) than
+                # the others on it: a block whose products all run gpt2lab's kernels steps in one op
+                kernel = m.table.in_place(*shape, kind, slower=kernels.MARGIN)
                 in_place = repaid = kernel is not None
             if kernel in kernels.COPY_KERNELS and repaid:
                 m.pack(rows, kernel)
