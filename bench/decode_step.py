@@ -7,6 +7,8 @@ Five things are timed in one process, in alternation, ``--rounds`` times each:
 - the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
   runs it: each block in one op where its products run gpt2lab's own kernels (``Block.plan``);
 - the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
+  each of these two is timed right after an untimed step of its own kind, as in a generation, and
+  they take turns going first;
 - its products inside it: a timer around every linear layer's call during that Python step (with
   the GELU where the MLP's first product takes it);
 - the same products back to back: each layer called on a ready input, in the step's order;
@@ -129,15 +131,26 @@ def main() -> None:
             for block, plan in zip(model.h, one_op, strict=True):
                 block.step_plan = plan
 
-    def step() -> None:
-        with threads():
-            decode_one_token(model, token, pos)
+    stepped: dict[str, list[float]] = {"step": [], "python step": []}
 
-    def python_step() -> None:
-        timers.spent = 0.0
-        with threads(), python_blocks():
+    def timed_step(kind: str) -> None:
+        """One step untimed, then the one timed: each kind's timed step follows a step of its own kind,
+        not whatever the alternation ran before it (a step that follows the products back to back
+        starts colder)."""
+        with threads(), python_blocks() if kind == "python step" else contextlib.nullcontext():
             decode_one_token(model, token, pos)
-        in_step.append(timers.spent)
+            timers.spent = 0.0
+            start = time.perf_counter()
+            decode_one_token(model, token, pos)
+            stepped[kind].append(time.perf_counter() - start)
+        if kind == "python step":
+            in_step.append(timers.spent)
+
+    def both_steps() -> None:
+        """The two kinds of step, one after the other, in turn first (so neither always follows the other)."""
+        kinds = ["step", "python step"]
+        for kind in kinds if len(stepped["step"]) % 2 else kinds[::-1]:
+            timed_step(kind)
 
     def stubbed() -> None:
         timers.stub = True
@@ -161,11 +174,11 @@ def main() -> None:
             "pause": settle,
             "step without products": stubbed,
             "products back to back": alone,
-            "python step": python_step,
-            "step": step,
+            "steps": both_steps,
         }
         times = alternated(fns, args.rounds, warmup=2)
     in_step = in_step[2:]  # the warm-up calls
+    times |= {kind: values[2:] for kind, values in stepped.items()}
     rest = [s - p for s, p in zip(times["python step"], in_step, strict=True)]
     rows = {
         f"step ({sum(p is not None for p in one_op)} of {len(one_op)} blocks one op each)": times["step"],
