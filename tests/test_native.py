@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import gpt2lab.model
 from gpt2lab import Backends, GPT2LabError, generate, kernels, native, ops, quantize
+from gpt2lab.decode import decode_one_token, prefill
 from gpt2lab.quantize import Int8Linear
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"avx2 kernel: {native.unavailable_reason()}")
@@ -564,31 +565,30 @@ def test_add_layer_norm_takes_the_two_ops_where_it_does_not_fuse(monkeypatch):
     assert calls == []
 
 
+def count_calls(monkeypatch, name: str) -> list:
+    """Record each call of ``torch.ops.gpt2lab_native.<name>`` from now on."""
+    calls, op = [], getattr(torch.ops.gpt2lab_native, name)
+    monkeypatch.setattr(torch.ops.gpt2lab_native, name, lambda *args: calls.append(args) or op(*args))
+    return calls
+
+
 @needs_kernel
 def test_a_decode_step_runs_the_fused_ops_and_keeps_the_tokens(make_gpt, monkeypatch):
     """With the attention kernel avx2, each decode step's layer writes its cache and attends in one op,
     and each block adds and norms in one; the tokens equal those of the unfused ops (left padding, a
     sliding window, grouped heads)."""
-    calls = {"cache_attention_avx2": 0, "add_layer_norm": 0}
-    for name in calls:
-        op = getattr(torch.ops.gpt2lab_native, name)
-
-        def counted(*args, _op=op, _name=name):
-            calls[_name] += 1
-            return _op(*args)
-
-        monkeypatch.setattr(torch.ops.gpt2lab_native, name, counted)
+    attends, norms = count_calls(monkeypatch, "cache_attention_avx2"), count_calls(monkeypatch, "add_layer_norm")
     prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
     for config in ({}, {"window": 4, "n_kv_head": 2}):
         model = make_gpt(seed=3, backends=Backends(decode_attention="avx2"), **config)
         fused = generate(model, prompts, 10, temperature=0, eos_id=None)
-        assert calls["cache_attention_avx2"] == 9 * 2 and calls["add_layer_norm"] == 10 * 2  # steps (+ prompt) x layers
-        calls = dict.fromkeys(calls, 0)
+        assert len(attends) == 9 * 2 and len(norms) == 10 * 2  # steps (+ prompt) x layers
+        attends.clear(), norms.clear()
         with monkeypatch.context() as unfused:
             unfused.setattr(gpt2lab.model, "add_layer_norm", lambda x, d, n, fused: ops.add_layer_norm(x, d, n, False))
             model = make_gpt(seed=3, backends=Backends(decode_attention="products"), **config)
             plain = generate(model, prompts, 10, temperature=0, eos_id=None)
-        assert calls == {"cache_attention_avx2": 0, "add_layer_norm": 0}
+        assert attends == [] and norms == []
         assert fused == plain
 
 
@@ -680,17 +680,15 @@ def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh
     model.plan_decoding(rows)
 
 
-def steps_both_ways(model, prompts: torch.Tensor, steps: int, pad=None) -> list[torch.Tensor]:
-    """Greedy decode steps after ``prompts`` (B, P) in a planned ``model``: each step's logits from the
-    one-op blocks (``Block.plan``) asserted equal, bit for bit, to the same step through the Python
-    blocks on the same kernels (the step writes the same keys and values into the cache either way);
-    the logits of every step."""
-    from gpt2lab.decode import decode_one_token, prefill
-
-    B, P = prompts.shape
+def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
+    """Greedy decode steps after ``prompts`` (B, P) in a planned ``model`` (its cache set up, padding
+    included): each step's logits from the one-op blocks (``Block.plan``) asserted equal, bit for bit,
+    to the same step through the Python blocks on the same kernels (the step writes the same keys and
+    values into the cache either way)."""
+    P = prompts.shape[1]
     one_op = [block.step_plan for block in model.h]
     assert all(one_op)
-    logits, out = prefill(model, prompts, torch.arange(P)), []
+    logits = prefill(model, prompts, torch.arange(P))
     for t in range(P, P + steps):
         token, pos = logits.argmax(-1)[:, None], torch.tensor([t])
         for block in model.h:
@@ -700,15 +698,6 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int, pad=None) -> list[
             block.step_plan = plan
         logits = decode_one_token(model, token, pos)
         assert torch.equal(logits, want)
-        out.append(logits)
-    return out
-
-
-def count_calls(monkeypatch, name: str) -> list:
-    """Record each call of ``torch.ops.gpt2lab_native.<name>`` from now on."""
-    calls, op = [], getattr(torch.ops.gpt2lab_native, name)
-    monkeypatch.setattr(torch.ops.gpt2lab_native, name, lambda *args: calls.append(args) or op(*args))
-    return calls
 
 
 @needs_kernel
@@ -746,7 +735,7 @@ def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_
     with torch.no_grad():
         model.setup_cache(2, 16, pad=pad)
         plan_one_op_steps(model, 2, None)
-        steps_both_ways(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9, pad)
+        steps_both_ways(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9)
 
 
 @needs_kernel
@@ -771,8 +760,6 @@ def test_a_block_steps_in_python_where_the_one_op_does_not_apply(make_gpt, monke
             plan_one_op_steps(model, 1, blocked)
             assert all(block.step_plan is not None for block in model.h)
             prompt = torch.tensor([[5, 3, 9]])
-            from gpt2lab.decode import decode_one_token, prefill
-
             prefill(model, prompt, torch.arange(3)), prefill(reference, prompt, torch.arange(3))
             got = decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]))
             torch.testing.assert_close(got, decode_one_token(reference, torch.tensor([[4]]), torch.tensor([3])))

@@ -296,7 +296,8 @@ class Block(nn.Module):
         That is where all four products run gpt2lab's own kernels (``ops.NATIVE_PRODUCTS``), the
         layer norms have their weights and biases, and, checked at each step, there are no rotary
         positions, the attention runs ``avx2`` for the step's key count, the model is in eval mode
-        without gradients, and the plans still hold. Forward hooks of the block's submodules are not called by those steps."""
+        without gradients, and the plans still hold. Forward hooks of the block's submodules are not
+        called by those steps."""
         self.step_plan = None
         attn, mlp = self.attn, self.mlp
         layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)

@@ -7,9 +7,9 @@ their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmark
 ``gpt2lab.ops.pack_int8``, with a software prefetch ahead) and the float32 one-row kernels (kind
 ``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight as it is (rows of up to 4 KB one after
 another, longer ones eight at once with a prefetch ahead in each), and ``avx2_f32_blocks`` on a copy
-in blocks of 16 output channels, one stream per thread (``gpt2lab.ops.copy_weight``). Its attention kernel, ``avx2`` of
-``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it lies, in one pass
-per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
+in blocks of 16 output channels, one stream per thread (``gpt2lab.ops.copy_weight``). Its attention
+kernel, ``avx2`` of ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it
+lies, in one pass per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
 keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
 through the KV cache each block's residual add and the LayerNorm after it are one op
