@@ -581,6 +581,8 @@ def test_decode_steps_choose_each_products_kernel_once_per_call(make_gpt, rememb
             us = {k: 100.0 for k in kernels.candidates(kind, 1)} | {"pack": 300.0}
             if len(us) > 2:
                 entries[f"{kind} {o}x{i} rows 1"] = {"kernel": kernels.fallback(kind, 1), "us_per_product": us}
+    # one op per block saves nothing here: the int8 layers keep the table's choices (Block.plan)
+    entries["int8_block 128x4 rows 1"] = {"kernel": "python", "us_per_product": {"python": 1.0, "one_op": 1.0}}
     remember_kernels(entries)
     layer_type = Int8Linear if int8 else ops.Linear
     if int8:
@@ -659,8 +661,10 @@ def test_compiled_cpu_decode_gives_the_eager_tokens(always_compiled, make_gpt, m
         kernel = "fbgemm" if int8 == "fbgemm" else "int_mm"
         for layer in model.modules():
             if isinstance(layer, Int8Linear):
-                layer.table = type(
-                    "Fixed", (), {"choose": lambda self, *a, kind: kernel if kind == "int8" else "tanh"}
+                layer.table = type(  # no times: no block weighs its one op against the choice (Block.plan)
+                    "Fixed",
+                    (),
+                    {"choose": lambda self, *a, kind: kernel if kind == "int8" else "tanh", "times": lambda *a: {}},
                 )()
     prompts = [SHORT, SHORT[:2]]
     eager = generate(model, prompts, 10, temperature=0, eos_id=None)

@@ -455,7 +455,9 @@ def test_the_gelu_kinds_product_is_timed_with_the_gelu_form_measured_faster(tmp_
     assert kernels.evicted_before(1, "tanh_gelu") == 0
     forms = {}
 
-    def measured(out, inp, rows, kind="float32", repeat=5, evict_bytes=None, gelu_form="tanh", options=None):
+    def measured(
+        out, inp, rows, kind="float32", repeat=5, evict_bytes=None, gelu_form="tanh", options=None, steps=None
+    ):
         forms[kind] = gelu_form
         return {k: 1e-4 if k == "sigmoid" else 2e-4 for k in kernels.candidates(kind, rows)}
 

@@ -799,3 +799,56 @@ def test_generation_runs_one_op_block_steps_and_ends_their_plans(make_gpt, remem
     args[9:12] = [t.clone() for t in args[9:12]]  # the caches the op writes
     with torch.no_grad():  # an inference op: no gradients
         torch.library.opcheck(torch.ops.gpt2lab_native.decode_block, tuple(args))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("saving_us", "one_op"), [(20.0, True), (5.0, False)])
+def test_an_int8_block_runs_its_products_on_the_kernel_where_one_op_repays_them(
+    make_gpt, remember_kernels, monkeypatch, saving_us, one_op
+):
+    """The table measured each int8 product fastest on gpt2lab's kernel but the MLP's second (fbgemm, 10
+    us faster there). Where one op per block saves more than that a step (20 us), that product runs
+    gpt2lab's kernel too and every block steps in one op; where it saves less (5 us), the table's
+    choices stand and the blocks step in Python."""
+    config = dict(vocab_size=1024, n_embd=64, n_head=4)
+    model = quantize.quantize_int8(make_gpt(seed=6, backends=Backends(decode_attention="avx2"), **config))
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            slower_here = (m.out_features, m.in_features) == (64, 256)
+            us = {k: 100.0 for k in ops.int8_kernels(1)} | {"avx2": 110.0 if slower_here else 90.0}
+            kernel = "fbgemm" if slower_here else "avx2"
+            remember_kernels(
+                {f"int8 {m.out_features}x{m.in_features} rows 1": {"kernel": kernel, "us_per_product": us}}
+            )
+    steps = {"python": 200.0, "one_op": 200.0 - saving_us}
+    remember_kernels({"int8_block 64x4 rows 1": {"kernel": "one_op", "us_per_product": steps}})
+    calls = count_calls(monkeypatch, "decode_block")
+    generate(model, [[5, 17, 3]], 6, temperature=0, eos_id=None)
+    assert len(calls) == (5 * len(model.h) if one_op else 0)
+    assert all(call[3] == [2, 2, 2, 2] for call in calls)  # int8 avx2 (ops.NATIVE_PRODUCTS) for all four
+    assert all(m.planned is None for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@needs_kernel
+def test_the_saving_of_one_op_is_timed_on_int8_blocks_each_way(tmp_path, monkeypatch):
+    """Kind ``int8_block`` times a decode step through int8 blocks on gpt2lab's kernels as the Python
+    forward and as one op per block; the saving an int8 layer reads from its table is the difference.
+    A compiled step's plan leaves the blocks to its own code."""
+    steps = quantize.block_steps(64, 4, 3, 2, ("python", "one_op"))
+    calls = count_calls(monkeypatch, "decode_block")
+    with torch.no_grad():
+        steps["python"]()
+        assert calls == []
+        steps["one_op"]()
+    assert len(calls) == 3 and all(call[3] == [2, 2, 2, 2] for call in calls)  # four int8 products each
+    config = gpt2lab.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256)
+    model = quantize.quantize_int8(gpt2lab.model.GPT(config, Backends(linear="torch")))
+    assert model.plan_decoding(1, eager=False) == [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert all(block.step_plan is None for block in model.h)
+    timed = []
+    measured = {"python": 300e-6, "one_op": 120e-6}
+    monkeypatch.setattr(kernels, "measure", lambda *a, steps, **k: timed.append((a, steps)) or measured)
+    layer = model.h[0].attn.c_attn
+    layer.table = kernels.KernelTable(tmp_path / "k.json")
+    assert layer.one_op_saving(4, 2) == pytest.approx(180.0)
+    assert timed == [((64, 4, 2, "int8_block"), quantize.block_steps)]

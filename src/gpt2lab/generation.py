@@ -189,7 +189,7 @@ def _stream(
         logits = prefill(model, idx, torch.arange(P, device=device))
         if not compiled:  # a compiled step reads the weights frozen into it, not copies
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
-        planned = model.plan_decoding(B)  # a compiled step runs the planned int8 kernels (Int8Linear.plan)
+        planned = model.plan_decoding(B, eager=not compiled)  # a compiled step: its planned int8 kernels
         in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -18,8 +18,9 @@ one) with the time of making the copy (kind ``packed``), from which a layer deci
 keep one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
 the weight and on its transposed copy (kind ``numpy``), which a decode step takes for all of its
 products or for none (``GPT.pack_for_decoding``). A decode step's attention is measured the same way, per
-query heads, head size and keys bucket (kind ``attention``: ``Backends.decode_attention``). Later runs
-on that machine measure nothing. Measuring
+query heads, head size and keys bucket (kind ``attention``: ``Backends.decode_attention``), and what an
+int8 block's decode step saves as one op (kind ``int8_block``, a second or two once per width, heads
+and rows: ``model.Block.plan``). Later runs on that machine measure nothing. Measuring
 one product takes a fraction of a second: weights totalling ``STREAM_BYTES`` when the rows are few (so
 they stream from memory, as in a decode step; at most ``MAX_COPIES`` copies of a small weight, whose
 cost is the kernel's fixed cost per call; a wide weight whole, since how a kernel splits it between
@@ -50,6 +51,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,11 +71,11 @@ COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx
 OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
-KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention")
+KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention", "int8_block")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 3, "gelu": 2}
 # gpt2lab.native's: an entry timing them records their build (source_digest)
-NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks")
+NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks", "one_op")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
 # (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
@@ -108,9 +110,14 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``),
     "attention" (not a product: a decode step's one query per head over ``rows`` keys of its KV cache,
     out = the query heads of every row, in = the head size: ``gpt2lab.ops.one_query_attention``'s
-    ``products``, ``sdpa`` or, where ``gpt2lab.native`` runs, ``avx2``)."""
+    ``products``, ``sdpa`` or, where ``gpt2lab.native`` runs, ``avx2``), "int8_block" (not a product:
+    the decode step of an int8 block whose products all run gpt2lab's own kernel, out = its width, in =
+    its heads, in Python, ``python``, or as one op, ``one_op``, where ``gpt2lab.native`` runs:
+    ``model.Block.plan``, which weighs the difference against the products' own times)."""
     if kind == "tanh_gelu":
         return ops.GELU_FORMS
+    if kind == "int8_block":
+        return ("python", "one_op") if native.available() else ("python",)
     if kind == "attention":
         return tuple(k for k in ops.ONE_QUERY_KERNELS if k != "avx2" or native.available())
     if kind == "numpy":
@@ -272,14 +279,24 @@ class KernelTable:
         best = min(free, key=us.__getitem__, default=None)
         return best if best is not None and plain is not None and us[best] < (1 + slower) * plain else None
 
-    def _entry(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
+    def one_op_saving(self, n_embd: int, n_head: int, rows: int, steps: Callable) -> float:
+        """The microseconds an int8 block of that width and head count saves per decode step of ``rows``
+        rows as one op, as measured (kind ``int8_block``, on the steps ``steps`` makes: ``measure``;
+        0 where it cannot run as one or an edited entry has no times)."""
+        us = self._entry(n_embd, n_head, rows, "int8_block", steps).get("us_per_product")
+        us = us if isinstance(us, dict) else {}
+        return us["python"] - us["one_op"] if {"python", "one_op"} <= us.keys() else 0.0
+
+    def _entry(self, out_features: int, in_features: int, rows: int, kind: str, steps: Callable | None = None) -> dict:
         key = (out_features, in_features, rows_bucket(rows, kind), kind, torch.get_num_threads())
         entry = self._chosen.get(key)
         if entry is None:
-            entry = self._chosen[key] = self._lookup_or_measure(*key[:4])
+            entry = self._chosen[key] = self._lookup_or_measure(*key[:4], steps)
         return entry
 
-    def _lookup_or_measure(self, out_features: int, in_features: int, rows: int, kind: str) -> dict:
+    def _lookup_or_measure(
+        self, out_features: int, in_features: int, rows: int, kind: str, steps: Callable | None = None
+    ) -> dict:
         options = self._options(out_features, in_features, rows, kind)
         if len(options) == 1:
             return {"kernel": options[0]}
@@ -289,7 +306,9 @@ class KernelTable:
             return entry
         evicted = evicted_before(rows, kind)
         form = self.choose(out_features, in_features, rows, "tanh_gelu") if kind == "gelu" else "tanh"
-        times = measure(out_features, in_features, rows, kind, evict_bytes=evicted, gelu_form=form, options=options)
+        times = measure(
+            out_features, in_features, rows, kind, evict_bytes=evicted, gelu_form=form, options=options, steps=steps
+        )
         kernel = options[0]
         for other in options[1:]:
             if times[other] < (1 - MARGIN) * times[kernel]:
@@ -371,6 +390,7 @@ def measure(
     evict_bytes: int | None = None,
     gelu_form: str = "tanh",
     options: tuple[str, ...] | None = None,
+    steps: Callable | None = None,
 ) -> dict[str, float]:
     """Seconds per product of each candidate kernel (``options``; None: ``candidates(kind, rows)``)
     on ``rows`` rows by an (out, in) ``kind`` weight, medians of runs taken in alternation (so a busy
@@ -379,15 +399,20 @@ def measure(
     ``pack_key``): the seconds of making the copy of the whole weight. ``evict_bytes`` are read,
     untimed, before each timed call (None: ``evicted_before(rows, kind)``). Kind ``gelu`` applies its
     GELU, where not fused, in ``gelu_form``; kind ``tanh_gelu`` times each form over a (rows, out)
-    output."""
-    n = out_features if rows <= FEW_ROWS or kind == "attention" else min(out_features, MAX_OUT)
-    element = 1 if kind == "int8" else 4
+    output. Kind ``int8_block`` times the functions ``steps(out, in, copies, rows, options)`` returns
+    by option (``gpt2lab.quantize.block_steps``: a model's decode step each way)."""
+    n = out_features if rows <= FEW_ROWS or kind in ("attention", "int8_block") else min(out_features, MAX_OUT)
+    element = 1 if kind in ("int8", "int8_block") else 4
     per_weight = 2 * rows if kind == "attention" else 1  # a layer's keys and values, or a weight
-    size = element * n * in_features * per_weight
+    # an int8 block's four weights: (3 + 1 + 4 + 4) n x n bytes
+    size = 12 * n * n if kind == "int8_block" else element * n * in_features * per_weight
     copies = min(MAX_COPIES, max(1, STREAM_BYTES // size)) if streams(rows, kind) else 1
     x = torch.full((rows, in_features), 0.5)
     options = candidates(kind, rows) if options is None else options
-    runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in options}
+    if steps is not None:
+        runs = steps(n, in_features, copies, rows, options)
+    else:
+        runs = {k: _runner(kind, k, n, in_features, copies, x, gelu_form) for k in options}
     scale = out_features / n / copies
     if evict_bytes is None:
         evict_bytes = evicted_before(rows, kind)

@@ -297,11 +297,22 @@ class Block(nn.Module):
         layer norms have their weights and biases, and, checked at each step, there are no rotary
         positions, the attention runs ``avx2`` for the step's key count, the model is in eval mode
         without gradients, and the plans still hold. Forward hooks of the block's submodules are not
-        called by those steps."""
+        called by those steps.
+
+        Where some products were planned on other kernels, they are planned again on gpt2lab's where
+        the time the table measured them to lose there, summed (``native_cost``), is less than one op
+        per step saves, as measured (``KernelTable.one_op_saving``): a near tie between two int8
+        kernels should not cost a block its one op. Float32 layers settle their near ties when
+        generation lays out their weights (``GPT.pack_for_decoding``)."""
         self.step_plan = None
         attn, mlp = self.attn, self.mlp
         layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
         products = [m.native_product(rows, gelu=m is mlp.c_fc) for m in layers]
+        if None in products and self._one_op_repays(layers, rows):
+            for m, product in zip(layers, products, strict=True):
+                if product is None:
+                    m.plan(rows, "avx2")
+            products = [m.native_product(rows, gelu=m is mlp.c_fc) for m in layers]
         norms = [self.ln_1.weight, self.ln_1.bias, self.ln_2.weight, self.ln_2.bias]
         if None in products or any(t is None for t in norms) or self.ln_1.eps != self.ln_2.eps:
             return
@@ -315,6 +326,12 @@ class Block(nn.Module):
             tuple([getattr(p, c) for p in products] for c in columns),
             products[2].gelu_form,
         )
+
+    def _one_op_repays(self, layers: tuple[nn.Module, ...], rows: int) -> bool:
+        """Whether running all of ``layers``' planned products of ``rows`` rows on gpt2lab's kernels loses
+        less time than one op per step saves, as the kernel table measured them."""
+        costs = [m.native_cost(rows) for m in layers]
+        return None not in costs and sum(costs) < layers[0].one_op_saving(self.attn.n_head, rows)
 
     def unplan(self) -> None:
         self.step_plan = None
@@ -629,15 +646,17 @@ class GPT(nn.Module):
             packed.append(m)
         return packed
 
-    def plan_decoding(self, rows: int) -> list[nn.Module]:
+    def plan_decoding(self, rows: int, eager: bool = True) -> list[nn.Module]:
         """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
-        layer's, ``Int8Linear.plan``), instead of at every product; then each block whose products
-        all run gpt2lab's own kernels steps in one op (``Block.plan``). Returns the modules planned,
-        for ``unplan`` when the steps end."""
+        layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
+        compiled one runs its own code), each block whose products all run gpt2lab's own kernels steps
+        in one op (``Block.plan``). Returns the modules planned, for ``unplan`` when the steps end."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
+        if not eager:
+            return planned
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
             block.plan(rows)
         return [*planned, *self.h]

@@ -525,6 +525,12 @@ class Linear(nn.Linear):
             return False
         return True
 
+    def native_cost(self, rows: int) -> float | None:
+        """None: a float32 layer is not planned again on gpt2lab's kernels for a block's one op
+        (``model.Block.plan``); it takes them on near ties as generation lays out its weight
+        (``model.GPT.pack_for_decoding``)."""
+        return None
+
     def native_product(self, rows: int, gelu: bool = False) -> NativeProduct | None:
         """This layer's planned product of ``rows`` rows (with ``gelu``, and its GELU) as gpt2lab.native's
         ``decode_block`` runs it, or None where there is no such plan (``plan``) or it runs another kernel."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import weakref
 
 import torch
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2lab import kernels, ops
+from gpt2lab.config import GPTConfig
 from gpt2lab.errors import GPT2LabError
-from gpt2lab.model import GPT
+from gpt2lab.model import GPT, Backends
 
 
 @dataclasses.dataclass(slots=True)
@@ -142,22 +144,24 @@ class Int8Linear(nn.Module):
             planned.gelu_form = ops.gelu_form(self.table, self.out_features, self.in_features, rows)
         return planned.gelu_form
 
-    def _choose(self, rows: int) -> tuple[str, object]:
-        """The kernel of a product of ``rows`` rows and the weight as it reads it (made on first use)."""
-        if self.table is None:
+    def _choose(self, rows: int, kernel: str | None = None) -> tuple[str, object]:
+        """The kernel of a product of ``rows`` rows (``kernel``, or the table's choice) and the weight as it
+        reads it (made on first use)."""
+        if kernel is None and self.table is None:
             kernel = kernels.fallback("int8", rows)
-        else:
+        elif kernel is None:
             kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
         if kernel not in self._packed:
             self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
         return kernel, self._packed[kernel]
 
-    def plan(self, rows: int) -> None:
-        """Choose once the kernel of products of ``rows`` rows (and on its first use the GELU's form),
-        until ``unplan`` or new weights are loaded, instead of at every product (``ops.Linear.plan``).
-        A compiled step runs the planned kernel too, as one opaque op, unless it is ``torch._int_mm``
-        or the step lays int8 weights out for inductor's AMX kernels (``kernels.has_amx_int8``)."""
-        kernel, packed = self._choose(rows)
+    def plan(self, rows: int, kernel: str | None = None) -> None:
+        """Choose once the kernel of products of ``rows`` rows (``kernel``, or the table's choice; and on
+        its first use the GELU's form), until ``unplan`` or new weights are loaded, instead of at every
+        product (``ops.Linear.plan``). A compiled step runs the planned kernel too, as one opaque op,
+        unless it is ``torch._int_mm`` or the step lays int8 weights out for inductor's AMX kernels
+        (``kernels.has_amx_int8``)."""
+        kernel, packed = self._choose(rows, kernel)
         self.planned = _Plan(rows, kernel, packed, opaque=kernel != "int_mm" and not kernels.has_amx_int8())
         _planned_layers[id(self)] = self
 
@@ -167,6 +171,29 @@ class Int8Linear(nn.Module):
     def plan_holds(self) -> bool:
         """Whether there is a plan (``plan``): loading new weights drops it."""
         return self.planned is not None
+
+    def native_cost(self, rows: int) -> float | None:
+        """The microseconds a planned product of ``rows`` rows would lose on gpt2lab's own kernel
+        (``avx2``) against the planned one, as the table measured the two (0 where it is planned there
+        already; ``Block.plan`` weighs it); None where that kernel does not run such products or was not
+        timed."""
+        planned = self.planned
+        if planned is None or planned.rows != rows:
+            return None
+        if planned.kernel == "avx2":
+            return 0.0
+        if self.table is None or "avx2" not in ops.int8_kernels(rows):  # AVX2, few rows
+            return None
+        us = self.table.times(self.out_features, self.in_features, rows, "int8")
+        if not {"avx2", planned.kernel} <= us.keys():
+            return None
+        return us["avx2"] - us[planned.kernel]
+
+    def one_op_saving(self, n_head: int, rows: int) -> float:
+        """The microseconds an int8 block of this layer's input width and ``n_head`` heads saves per
+        decode step of ``rows`` rows as one op (``Block.plan``), as the table measured it (kind
+        ``int8_block``, on ``block_steps``); 0 without a table."""
+        return 0.0 if self.table is None else self.table.one_op_saving(self.in_features, n_head, rows, block_steps)
 
     def native_product(self, rows: int, gelu: bool = False) -> ops.NativeProduct | None:
         """The planned product of ``rows`` rows (with ``gelu``, and its GELU) as gpt2lab.native's
@@ -187,6 +214,34 @@ class Int8Linear(nn.Module):
 def _drop_packed(layer: Int8Linear, incompatible_keys) -> None:
     layer._packed.clear()
     layer.unplan()
+
+
+BLOCK_KEYS = 32  # the keys each step of block_steps attends over
+
+
+def block_steps(n_embd: int, n_head: int, layers: int, rows: int, options: tuple[str, ...]) -> dict:
+    """Functions that each run one decode step of ``rows`` rows through a model of ``layers`` int8 blocks
+    of width ``n_embd`` and ``n_head`` heads (GPT-2's form, its initial random weights, a tiny
+    vocabulary), every product and the attention on gpt2lab's own kernels, by option: ``python``, the
+    blocks' Python forward; ``one_op``, each block as one op (``Block.plan``). What the kernel table
+    times for kind ``int8_block``."""
+    config = GPTConfig(vocab_size=64, block_size=2 * BLOCK_KEYS, n_layer=layers, n_head=n_head, n_embd=n_embd)
+    model = quantize_int8(GPT(config, Backends(linear="torch", decode_attention="avx2")))
+    model.setup_cache(rows, 2 * BLOCK_KEYS)
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.plan(rows, "avx2")
+    for block in model.h:  # its products planned on gpt2lab's kernel: one op
+        block.plan(rows)
+    plans = [block.step_plan for block in model.h]
+    token, pos = torch.zeros(rows, 1, dtype=torch.long), torch.tensor([BLOCK_KEYS])
+
+    def step(one_op: bool) -> None:
+        for block, plan in zip(model.h, plans, strict=True):
+            block.step_plan = plan if one_op else None
+        model.hidden_states(token, pos)
+
+    return {k: functools.partial(step, k == "one_op") for k in options}
 
 
 def quantize_int8(model: GPT) -> GPT:
