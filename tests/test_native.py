@@ -758,6 +758,9 @@ def test_a_block_steps_in_python_where_the_one_op_does_not_apply(make_gpt, monke
             for m in (model, reference):
                 m.setup_cache(1, 8)
             plan_one_op_steps(model, 1, blocked)
+            assert all((block.step_plan is None) == ("pos_emb" in config) for block in model.h)  # GPT.plan_decoding
+            for block in model.h:  # planned block by block: the step itself falls back
+                block.plan(1)
             assert all(block.step_plan is not None for block in model.h)
             prompt = torch.tensor([[5, 3, 9]])
             prefill(model, prompt, torch.arange(3)), prefill(reference, prompt, torch.arange(3))
@@ -827,6 +830,30 @@ def test_an_int8_block_runs_its_products_on_the_kernel_where_one_op_repays_them(
     assert len(calls) == (5 * len(model.h) if one_op else 0)
     assert all(call[3] == [2, 2, 2, 2] for call in calls)  # int8 avx2 (ops.NATIVE_PRODUCTS) for all four
     assert all(m.planned is None for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["rotary positions", "sdpa attention"])
+def test_int8_products_keep_the_tables_choice_where_blocks_cannot_step_in_one_op(make_gpt, remember_kernels, where):
+    """With rotary positions or an attention kernel other than gpt2lab's, no block steps in one op: one
+    op's saving is not weighed, and the product the table measured faster on fbgemm stays there."""
+    config = dict(vocab_size=1024, n_embd=64, n_head=4) | ({"pos_emb": "rope"} if where == "rotary positions" else {})
+    attention = "avx2" if where == "rotary positions" else "sdpa"
+    model = quantize.quantize_int8(make_gpt(seed=6, backends=Backends(decode_attention=attention), **config))
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            slower_here = (m.out_features, m.in_features) == (64, 256)
+            us = {k: 100.0 for k in ops.int8_kernels(1)} | {"avx2": 110.0 if slower_here else 90.0}
+            entry = {"kernel": "fbgemm" if slower_here else "avx2", "us_per_product": us}
+            remember_kernels({f"int8 {m.out_features}x{m.in_features} rows 1": entry})
+    remember_kernels(
+        {"int8_block 64x4 rows 1": {"kernel": "one_op", "us_per_product": {"python": 200.0, "one_op": 100.0}}}
+    )
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        model.plan_decoding(1)
+    assert all(block.step_plan is None for block in model.h)
+    assert {block.mlp.c_proj.planned.kernel for block in model.h} == {"fbgemm"}
 
 
 @needs_kernel

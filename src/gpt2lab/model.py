@@ -302,8 +302,9 @@ class Block(nn.Module):
         Where some products were planned on other kernels, they are planned again on gpt2lab's where
         the time the table measured them to lose there, summed (``native_cost``), is less than one op
         per step saves, as measured (``KernelTable.one_op_saving``): a near tie between two int8
-        kernels should not cost a block its one op. Float32 layers settle their near ties when
-        generation lays out their weights (``GPT.pack_for_decoding``)."""
+        kernels should not cost a block its one op. Not where the attention cannot run ``avx2``
+        (``Backends.decode_attention``). Float32 layers settle their near ties when generation lays
+        out their weights (``GPT.pack_for_decoding``)."""
         self.step_plan = None
         attn, mlp = self.attn, self.mlp
         layers = (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
@@ -330,6 +331,8 @@ class Block(nn.Module):
     def _one_op_repays(self, layers: tuple[nn.Module, ...], rows: int) -> bool:
         """Whether running all of ``layers``' planned products of ``rows`` rows on gpt2lab's kernels loses
         less time than one op per step saves, as the kernel table measured them."""
+        if self.attn.decode_attention not in ("auto", "avx2"):  # the one op attends with avx2 only
+            return False
         costs = [m.native_cost(rows) for m in layers]
         return None not in costs and sum(costs) < layers[0].one_op_saving(self.attn.n_head, rows)
 
@@ -650,12 +653,13 @@ class GPT(nn.Module):
         """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
         layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
-        compiled one runs its own code), each block whose products all run gpt2lab's own kernels steps
-        in one op (``Block.plan``). Returns the modules planned, for ``unplan`` when the steps end."""
+        compiled one runs its own code) without rotary positions, each block whose products all run
+        gpt2lab's own kernels steps in one op (``Block.plan``). Returns the modules planned, for
+        ``unplan`` when the steps end."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
-        if not eager:
+        if not eager or self.rotary is not None:  # a block steps with rotary positions in Python
             return planned
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
             block.plan(rows)
