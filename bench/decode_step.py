@@ -121,23 +121,13 @@ def main() -> None:
     in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
 
-    @contextlib.contextmanager
-    def python_blocks():
-        for block in model.h:
-            block.step_plan = None
-        try:
-            yield
-        finally:
-            for block, plan in zip(model.h, one_op, strict=True):
-                block.step_plan = plan
-
     stepped: dict[str, list[float]] = {"step": [], "python step": []}
 
     def timed_step(kind: str) -> None:
         """One step untimed, then the one timed: each kind's timed step follows a step of its own kind,
         not whatever the alternation ran before it (a step that follows the products back to back
         starts colder)."""
-        with threads(), python_blocks() if kind == "python step" else contextlib.nullcontext():
+        with threads(), model.python_blocks() if kind == "python step" else contextlib.nullcontext():
             decode_one_token(model, token, pos)
             timers.spent = 0.0
             start = time.perf_counter()
@@ -154,7 +144,7 @@ def main() -> None:
 
     def stubbed() -> None:
         timers.stub = True
-        with threads(), python_blocks():
+        with threads(), model.python_blocks():
             decode_one_token(model, token, pos)
         timers.stub = False
 

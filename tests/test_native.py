@@ -686,16 +686,12 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
     to the same step through the Python blocks on the same kernels (the step writes the same keys and
     values into the cache either way)."""
     P = prompts.shape[1]
-    one_op = [block.step_plan for block in model.h]
-    assert all(one_op)
+    assert all(block.step_plan for block in model.h)
     logits = prefill(model, prompts, torch.arange(P))
     for t in range(P, P + steps):
         token, pos = logits.argmax(-1)[:, None], torch.tensor([t])
-        for block in model.h:
-            block.step_plan = None
-        want = decode_one_token(model, token, pos)
-        for block, plan in zip(model.h, one_op, strict=True):
-            block.step_plan = plan
+        with model.python_blocks():
+            want = decode_one_token(model, token, pos)
         logits = decode_one_token(model, token, pos)
         assert torch.equal(logits, want)
 

@@ -402,7 +402,7 @@ def measure(
     output. Kind ``int8_block`` times the functions ``steps(out, in, copies, rows, options)`` returns
     by option (``gpt2lab.quantize.block_steps``: a model's decode step each way)."""
     n = out_features if rows <= FEW_ROWS or kind in ("attention", "int8_block") else min(out_features, MAX_OUT)
-    element = 1 if kind in ("int8", "int8_block") else 4
+    element = 1 if kind == "int8" else 4
     per_weight = 2 * rows if kind == "attention" else 1  # a layer's keys and values, or a weight
     # an int8 block's four weights: (3 + 1 + 4 + 4) n x n bytes
     size = 12 * n * n if kind == "int8_block" else element * n * in_features * per_weight

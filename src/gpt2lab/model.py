@@ -7,10 +7,11 @@ checkpoint keys map one to one (only the Conv1D transposes differ; see gpt2lab.h
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -664,6 +665,19 @@ class GPT(nn.Module):
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
             block.plan(rows)
         return [*planned, *self.h]
+
+    @contextlib.contextmanager
+    def python_blocks(self) -> Iterator[None]:
+        """Within it, every block's eager decode steps run its Python forward rather than its one op
+        (``Block.plan``; the same kernels, the same results); the blocks' plans are back after it."""
+        plans = [block.step_plan for block in self.h]
+        for block in self.h:
+            block.step_plan = None
+        try:
+            yield
+        finally:
+            for block, plan in zip(self.h, plans, strict=True):
+                block.step_plan = plan
 
     def clear_cache(self, packs: bool = True, kv: bool = True) -> None:
         """Free what generation keeps between its steps: with ``kv``, the KV caches (kept or not) and the

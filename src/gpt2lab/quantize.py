@@ -15,6 +15,7 @@ agreement with float32 are measured in bench/peers.py and checked in tests/test_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -233,13 +234,11 @@ def block_steps(n_embd: int, n_head: int, layers: int, rows: int, options: tuple
             m.plan(rows, "avx2")
     for block in model.h:  # its products planned on gpt2lab's kernel: one op
         block.plan(rows)
-    plans = [block.step_plan for block in model.h]
     token, pos = torch.zeros(rows, 1, dtype=torch.long), torch.tensor([BLOCK_KEYS])
 
     def step(one_op: bool) -> None:
-        for block, plan in zip(model.h, plans, strict=True):
-            block.step_plan = plan if one_op else None
-        model.hidden_states(token, pos)
+        with contextlib.nullcontext() if one_op else model.python_blocks():
+            model.hidden_states(token, pos)
 
     return {k: functools.partial(step, k == "one_op") for k in options}
 
