@@ -62,6 +62,82 @@ def test_the_avx2_kernel_equals_int_mm_on_seven_bit_weights():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [2, 17, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (300, 1000)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_other_int8_kernels_quantize_and_scale_in_one_pass_each_to_the_same_bits(
+    rows, out_features, in_features, bias, monkeypatch
+):
+    """fbgemm, torch._int_mm and oneDNN's products with their input's scaling or quantization and their
+    output's scaling in gpt2lab.native (``normalize_rows``, ``quantize_rows``, ``scale_rows_``) give the
+    aten path's bits: widths that are not multiples of the ops' 8 and 32 values per pass, a zero row,
+    magnitudes from 1e-3 to 1e3."""
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g) * torch.logspace(-3, 3, rows)[:, None]
+    x[1] = 0
+    b = torch.randn(out_features, generator=g) if bias else None
+    qweight, scale = ops.quantize_weight(w, kernels.int8_weight_levels())
+    for kernel in [k for k in ops.int8_kernels(rows) if k != "avx2"]:  # avx2 quantizes in its product
+        packed = ops.pack_int8(qweight, scale, b, kernel)
+        got = ops._int8_linear_native(x, packed, kernel)
+        with monkeypatch.context() as m:
+            m.setattr(native, "available", lambda: False)
+            want = ops.int8_linear(x, packed, kernel)
+        assert torch.equal(got, want), kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("in_features", [1, 31, 64, 1000])
+def test_the_row_ops_give_atens_values(in_features):
+    """``normalize_rows`` is x over each row's largest magnitude, ``quantize_rows`` that over 127 as the
+    scale and x over it rounded half to even (a row of halves), int8 or shifted by 128 as uint8: aten's
+    bits."""
+    g = torch.Generator().manual_seed(in_features)
+    x = torch.randn(5, in_features, generator=g) * torch.logspace(-3, 3, 5)[:, None]
+    x[2] = 0
+    x[3] = torch.arange(in_features) % 8 - 3.5  # halves: with 127 the largest, the scale is 1
+    x[3, 0] = 127
+    largest = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    got, got_largest = torch.ops.gpt2lab_native.normalize_rows(x)
+    assert torch.equal(got_largest, largest) and torch.equal(got, x / largest)
+    q = torch.div(x, largest / 127).round()
+    signed, x_scale = torch.ops.gpt2lab_native.quantize_rows(x, 0)
+    unsigned, _ = torch.ops.gpt2lab_native.quantize_rows(x, 128)
+    assert torch.equal(x_scale, largest / 127)
+    assert torch.equal(signed, q.to(torch.int8)) and torch.equal(unsigned, (q + 128).to(torch.uint8))
+
+
+@needs_kernel
+def test_int8_products_of_several_rows_quantize_with_the_native_ops(monkeypatch):
+    """Where gpt2lab.native runs, an eager product of several rows on another kernel takes the one-pass
+    ops; a compiled step traces aten's."""
+    calls = []
+    monkeypatch.setattr(ops, "_int8_linear_native", lambda x, packed, kernel: calls.append(kernel) or x)
+    qweight, scale = ops.quantize_weight(torch.randn(8, 8), 127)
+    x = torch.randn(3, 8)
+    for kernel in ops.int8_kernels(3):
+        ops.int8_linear(x, ops.pack_int8(qweight, scale, None, kernel), kernel)
+    assert calls == [k for k in ops.int8_kernels(3) if k != "avx2"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ops.int8_linear(x, ops.pack_int8(qweight, scale, None, "int_mm"), "int_mm")
+    assert len(calls) == len(ops.int8_kernels(3)) - ("avx2" in ops.int8_kernels(3))
+
+
+@needs_kernel
+def test_the_quantizing_ops_refuse_what_they_cannot_take():
+    n = torch.ops.gpt2lab_native
+    with pytest.raises(RuntimeError, match="offset must be 0"):
+        n.quantize_rows(torch.randn(2, 8), 3)
+    with pytest.raises(RuntimeError, match=r"\(rows, in\) float32"):
+        n.normalize_rows(torch.randn(2, 8, 3))
+    with pytest.raises(RuntimeError, match="one per row"):
+        n.scale_rows_(torch.zeros(2, 8, dtype=torch.int32), torch.ones(3), None, None)
+    with pytest.raises(RuntimeError, match="one per output channel"):
+        n.scale_rows_(torch.zeros(2, 8), torch.ones(2), torch.ones(7), None)
+
+
+@needs_kernel
 def test_the_avx2_op_passes_torchs_custom_op_checks():
     """Schema, fake tensor (a compiled step traces it), dispatch."""
     qweight, scale = ops.quantize_weight(torch.randn(40, 70), 63)

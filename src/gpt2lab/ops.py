@@ -635,6 +635,8 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
         return fbgemm_linear(x, packed[0])
     if kernel == "avx2":  # quantizes x itself, as below
         return torch.ops.gpt2lab_native.int8_avx2(x, *packed)
+    if not torch.compiler.is_compiling() and native.available():  # compiled: traced in aten
+        return _int8_linear_native(x, packed, kernel)
     x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
     if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
         prepacked, bias = packed
@@ -650,6 +652,27 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
         qweight_t, scale, bias = packed
         y = torch._int_mm(qx.to(torch.int8), qweight_t).float().mul_(x_scale).mul_(scale)
     return y if bias is None else y.add_(bias)
+
+
+def _int8_linear_native(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
+    """``int8_linear`` of ``fbgemm``, ``int_mm`` and ``qlinear`` with the input's scaling or
+    quantization, and the output's scaling, each one pass of gpt2lab.native (``normalize_rows``,
+    ``quantize_rows``, ``scale_rows_``, the last in the product's own memory) instead of up to five aten
+    ops each with a new tensor, whose page faults cost more than the passes at hundreds of rows: the
+    same values."""
+    ops = torch.ops.gpt2lab_native
+    if kernel == "fbgemm":
+        prepacked, bias = packed
+        x_norm, x_max = ops.normalize_rows(x)
+        y = fbgemm_linear(x_norm, prepacked)
+        return y.mul_(x_max) if bias is None else torch.lerp(bias, y, x_max, out=y)
+    qx, x_scale = ops.quantize_rows(x, 128 if kernel == "qlinear" else 0)
+    if kernel == "qlinear":
+        qweight, scale, zero, bias = packed
+        y = _qlinear[1](qx, 1.0, 128, qweight, scale, zero, None, 1.0, 0, torch.float32, "none", [], "")
+        return ops.scale_rows_(y, x_scale, None, bias)
+    qweight_t, scale, bias = packed
+    return ops.scale_rows_(torch._int_mm(qx, qweight_t), x_scale, scale, bias)
 
 
 def fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:

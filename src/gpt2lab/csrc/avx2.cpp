@@ -26,6 +26,9 @@
 // cache_attention_avx2 writes the step's keys and values into the cache first, in the same call.
 //
 // add_layer_norm: a block's residual add and the LayerNorm after it, in one pass over each row.
+//
+// quantize_rows, normalize_rows and scale_rows_: the other int8 kernels' (torch._int_mm, oneDNN's,
+// fbgemm's) input scaling or quantization per row, and their output's scaling, one pass each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,14 +57,8 @@ inline int32_t sum_lanes(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// One row of x quantized: its values (zero past the input's width) and their magnitudes, and its scale.
-struct QuantizedRow {
-  std::vector<int8_t> value;
-  std::vector<uint8_t> magnitude;
-  float scale;
-};
-
-QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
+// The largest magnitude in one row of x, at least 1e-12.
+float row_largest(const float* x, int64_t in) {
   const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 largest8 = _mm256_setzero_ps();
   int64_t k = 0;
@@ -70,17 +67,34 @@ QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
   _mm256_store_ps(lanes, largest8);
   float largest = *std::max_element(lanes, lanes + 8);
   for (; k < in; ++k) largest = std::max(largest, std::fabs(x[k]));
-  QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), std::max(largest, 1e-12f) / 127.f};
-  // x / scale rounded half to even: the same correctly rounded division and rounding, 8 lanes at a time
+  return std::max(largest, 1e-12f);
+}
+
+// The scale of one row of x quantized to 8 bits: its largest magnitude maps to 127.
+inline float row_scale(const float* x, int64_t in) { return row_largest(x, in) / 127.f; }
+
+// x / scale rounded half to even (the same correctly rounded division and rounding as aten's), 8 lanes.
+inline __m256i quantized8(const float* x, __m256 scale8) {
+  return _mm256_cvtps_epi32(
+      _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), scale8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// One row of x quantized: its values (zero past the input's width) and their magnitudes, and its scale.
+struct QuantizedRow {
+  std::vector<int8_t> value;
+  std::vector<uint8_t> magnitude;
+  float scale;
+};
+
+QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
+  QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), row_scale(x, in)};
   const __m256 scale8 = _mm256_set1_ps(row.scale);
   alignas(32) int32_t q[8];
-  for (k = 0; k < in; k += 8) {
+  for (int64_t k = 0; k < in; k += 8) {
     const int64_t n = std::min<int64_t>(8, in - k);
     alignas(32) float chunk[8] = {};
     std::copy(x + k, x + k + n, chunk);
-    const __m256 rounded = _mm256_round_ps(_mm256_div_ps(_mm256_load_ps(chunk), scale8),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(q), _mm256_cvtps_epi32(rounded));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), quantized8(chunk, scale8));
     for (int64_t j = 0; j < n; ++j) {
       row.value[k + j] = static_cast<int8_t>(q[j]);
       row.magnitude[k + j] = static_cast<uint8_t>(q[j] < 0 ? -q[j] : q[j]);
@@ -107,6 +121,114 @@ const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
               "bias must be contiguous float32 with one value per output channel");
   return bias->data_ptr<float>();
+}
+
+// quantize_rows: each row of x (rows, in) float32 quantized to 8 bits with its own scale (row_scale), as
+// gpt2lab.ops.int8_linear's torch._int_mm and oneDNN kernels take it: (q, scales (rows, 1)), q int8, or
+// with offset 128 uint8 q + 128 (oneDNN's zero point). One pass over each row to find its scale, one
+// to quantize it, 32 values at a time; the same values as aten's abs, amax, div and round.
+std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t offset) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  TORCH_CHECK(offset == 0 || offset == 128, "offset must be 0 (int8) or 128 (uint8)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), in = xc.size(1);
+  at::Tensor q = at::empty({rows, in}, xc.options().dtype(offset == 0 ? at::kChar : at::kByte));
+  at::Tensor scales = at::empty({rows, 1}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
+  float* sp = scales.data_ptr<float>();
+  const __m256i shift = _mm256_set1_epi32(static_cast<int32_t>(offset));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs interleave 128-bit lanes
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * in;
+      uint8_t* qr = qp + r * in;
+      const float scale = sp[r] = row_scale(xr, in);
+      const __m256 scale8 = _mm256_set1_ps(scale);
+      int64_t k = 0;
+      for (; k + 32 <= in; k += 32) {
+        __m256i v[4];
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_add_epi32(quantized8(xr + k + 8 * j, scale8), shift);
+        const __m256i pairs01 = _mm256_packs_epi32(v[0], v[1]), pairs23 = _mm256_packs_epi32(v[2], v[3]);
+        const __m256i bytes = offset == 0 ? _mm256_packs_epi16(pairs01, pairs23) : _mm256_packus_epi16(pairs01, pairs23);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(bytes, order));
+      }
+      for (; k < in; ++k) qr[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[k] / scale)) + offset);
+    }
+  });
+  return {q, scales};
+}
+
+// normalize_rows: each row of x (rows, in) float32 over its largest magnitude (row_largest), as
+// gpt2lab.ops.int8_linear's fbgemm kernel takes it: (x / largest, largest (rows, 1)), in one pass over
+// each row for the largest and one to divide (the same values as aten's abs, amax and div).
+std::tuple<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t rows = xc.size(0), in = xc.size(1);
+  at::Tensor y = at::empty_like(xc);
+  at::Tensor largest = at::empty({rows, 1}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* lp = largest.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * in;
+      float* yr = yp + r * in;
+      const float l = lp[r] = row_largest(xr, in);
+      const __m256 l8 = _mm256_set1_ps(l);
+      int64_t k = 0;
+      for (; k + 8 <= in; k += 8) _mm256_storeu_ps(yr + k, _mm256_div_ps(_mm256_loadu_ps(xr + k), l8));
+      for (; k < in; ++k) yr[k] = xr[k] / l;
+    }
+  });
+  return {y, largest};
+}
+
+// scale_rows_: a product's output y (rows, out) of 8-bit inputs, int32 sums (converted to float32 in
+// their own memory) or float32, to ((y * row_scales[r]) * scale[c]) + bias[c], rounded at each step as
+// aten's mul_, mul_ and add_ round them; scale and bias optional. Returns y's memory as float32.
+at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && (y.scalar_type() == at::kInt || y.scalar_type() == at::kFloat),
+              "y must be contiguous (rows, out) int32 or float32");
+  const int64_t rows = y.size(0), out = y.size(1);
+  TORCH_CHECK(row_scales.scalar_type() == at::kFloat && row_scales.is_contiguous() && row_scales.numel() == rows,
+              "row_scales must be contiguous float32, one per row");
+  const float* s = nullptr;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == out,
+                "scale must be contiguous float32, one per output channel");
+    s = scale->data_ptr<float>();
+  }
+  const float* b = bias_values(bias, out);
+  const bool sums = y.scalar_type() == at::kInt;
+  float* yp = static_cast<float*>(y.data_ptr());
+  const float* rs = row_scales.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* yr = yp + r * out;
+      const __m256 rs8 = _mm256_set1_ps(rs[r]);
+      int64_t c = 0;
+      for (; c + 8 <= out; c += 8) {
+        __m256 v = sums ? _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(yr + c)))
+                        : _mm256_loadu_ps(yr + c);
+        v = _mm256_mul_ps(v, rs8);
+        if (s != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(s + c));
+        if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c));
+        _mm256_storeu_ps(yr + c, v);
+      }
+      for (; c < out; ++c) {
+        int32_t sum;
+        std::memcpy(&sum, yr + c, sizeof sum);
+        float v = (sums ? static_cast<float>(sum) : yr[c]) * rs[r];
+        if (s != nullptr) v = v * s[c];
+        if (b != nullptr) v = v + b[c];
+        yr[c] = v;
+      }
+    }
+  });
+  return sums ? y.view(at::kFloat) : y;
 }
 
 at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -656,6 +778,9 @@ TORCH_LIBRARY(gpt2lab_native, m) {
   m.def("int8_avx2(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("float_blocks_avx2(Tensor x, Tensor weight, Tensor? bias, int out) -> Tensor");
+  m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor)");
+  m.def("normalize_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("scale_rows_(Tensor(a!) y, Tensor row_scales, Tensor? scale, Tensor? bias) -> Tensor(a!)");
   m.def("blocks(Tensor weight) -> Tensor");
   m.def("float_blocks(Tensor weight) -> Tensor");
   m.def("attention_avx2(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
@@ -673,6 +798,9 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("int8_avx2", &int8_avx2);
   m.impl("float_avx2", &float_avx2);
   m.impl("float_blocks_avx2", &float_blocks_avx2);
+  m.impl("quantize_rows", &quantize_rows);
+  m.impl("normalize_rows", &normalize_rows);
+  m.impl("scale_rows_", &scale_rows_);
   m.impl("blocks", &blocks);
   m.impl("float_blocks", &float_blocks);
   m.impl("attention_avx2", &attention_avx2);
