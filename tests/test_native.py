@@ -24,13 +24,17 @@ needs_kernel = pytest.mark.skipif(not native.available(), reason=f"avx2 kernel: 
 
 
 def exact_product(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """What the kernel computes, by its definition: each row of x quantized to int8 with scale
-    max|x| / 127 (float32), x / scale rounded half to even; the int8 sums exact in int64; then
-    ((sum * x scale) * weight scale) + bias, each step rounded to float32."""
-    x_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-    qx = (x.double() / x_scale.double()).float().round()  # float32's correctly rounded quotient
+    """What the kernel computes, by its definition: each row of x quantized to int8 about its center
+    c = (max + min) / 2 with scale max((max - min) / 2, 1e-12) / 127 (float32), (x - c) / scale rounded
+    half to even; the int8 sums exact in int64; then (((sum * x scale) * weight scale) + c * weight sum)
+    + bias, the weight sum its int8 row's sum times its scale, each step rounded to float32."""
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    center = (hi + lo) / 2
+    x_scale = ((hi - lo) / 2).clamp_min(1e-12) / 127
+    qx = ((x - center).double() / x_scale.double()).float().round()  # float32's correctly rounded quotient
     sums = qx.long() @ qweight.long().T
-    y = (sums.float() * x_scale) * scale
+    weight_sums = qweight.long().sum(1).float() * scale
+    y = ((sums.float() * x_scale) * scale) + center * weight_sums
     return y if bias is None else y + bias
 
 
@@ -90,22 +94,25 @@ def test_the_other_int8_kernels_quantize_and_scale_in_one_pass_each_to_the_same_
 @needs_kernel
 @pytest.mark.parametrize("in_features", [1, 31, 64, 1000])
 def test_the_row_ops_give_atens_values(in_features):
-    """``normalize_rows`` is x over each row's largest magnitude, ``quantize_rows`` that over 127 as the
-    scale and x over it rounded half to even (a row of halves), int8 or shifted by 128 as uint8: aten's
-    bits."""
+    """``quantize_rows`` gives ``ops.quantize_rows``' bits (rounded half to even: a row of halves), as
+    int8 or shifted by 128 as uint8; ``normalize_rows`` each row about its center over its half range."""
     g = torch.Generator().manual_seed(in_features)
-    x = torch.randn(5, in_features, generator=g) * torch.logspace(-3, 3, 5)[:, None]
+    x = torch.randn(5, in_features, generator=g) * torch.logspace(-3, 3, 5)[:, None] + torch.arange(5)[:, None]
     x[2] = 0
-    x[3] = torch.arange(in_features) % 8 - 3.5  # halves: with 127 the largest, the scale is 1
+    x[3] = torch.arange(in_features) % 8 - 3.5  # halves: with -127 and 127 the extremes, the scale is 1
     x[3, 0] = 127
-    largest = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-    got, got_largest = torch.ops.gpt2lab_native.normalize_rows(x)
-    assert torch.equal(got_largest, largest) and torch.equal(got, x / largest)
-    q = torch.div(x, largest / 127).round()
-    signed, x_scale = torch.ops.gpt2lab_native.quantize_rows(x, 0)
-    unsigned, _ = torch.ops.gpt2lab_native.quantize_rows(x, 128)
-    assert torch.equal(x_scale, largest / 127)
+    if in_features > 1:
+        x[3, 1] = -127
+    q, x_scale, center = ops.quantize_rows(x)
+    signed, got_scale, got_center = torch.ops.gpt2lab_native.quantize_rows(x, 0)
+    unsigned, _, _ = torch.ops.gpt2lab_native.quantize_rows(x, 128)
+    assert torch.equal(got_scale, x_scale) and torch.equal(got_center, center)
     assert torch.equal(signed, q.to(torch.int8)) and torch.equal(unsigned, (q + 128).to(torch.uint8))
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    half = ((hi - lo) / 2).clamp_min(1e-12)
+    got, got_half, got_center = torch.ops.gpt2lab_native.normalize_rows(x)
+    assert torch.equal(got_half, half) and torch.equal(got_center, center)
+    assert torch.equal(got, (x - center) / half)
 
 
 @needs_kernel
@@ -132,9 +139,11 @@ def test_the_quantizing_ops_refuse_what_they_cannot_take():
     with pytest.raises(RuntimeError, match=r"\(rows, in\) float32"):
         n.normalize_rows(torch.randn(2, 8, 3))
     with pytest.raises(RuntimeError, match="one per row"):
-        n.scale_rows_(torch.zeros(2, 8, dtype=torch.int32), torch.ones(3), None, None)
-    with pytest.raises(RuntimeError, match="one per output channel"):
-        n.scale_rows_(torch.zeros(2, 8), torch.ones(2), torch.ones(7), None)
+        n.scale_rows_(
+            torch.zeros(2, 8, dtype=torch.int32), torch.ones(3), torch.zeros(2), torch.ones(2, 8), False, None
+        )
+    with pytest.raises(RuntimeError, match=r"\(2, out\)"):
+        n.scale_rows_(torch.zeros(2, 8), torch.ones(2), torch.zeros(2), torch.ones(2, 7), False, None)
 
 
 @needs_kernel

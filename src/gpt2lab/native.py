@@ -113,7 +113,7 @@ def _build_and_load() -> None:
         )
     # their outputs' shapes, for tracing: a compiled decode step calls the ops themselves
     torch.library.register_fake("gpt2lab_native::int8_avx2")(
-        lambda x, weight, scale, bias: x.new_empty(*x.shape[:-1], scale.shape[0])
+        lambda x, weight, channels, bias: x.new_empty(*x.shape[:-1], channels.shape[1])
     )
     torch.library.register_fake("gpt2lab_native::float_avx2")(
         lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0])

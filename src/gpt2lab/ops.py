@@ -347,8 +347,8 @@ def _product(
 @dataclasses.dataclass(frozen=True, slots=True)
 class NativeProduct:
     """A layer's planned product as gpt2lab.native's ``decode_block`` runs it: its kernel (the index of
-    its name in ``NATIVE_PRODUCTS``), the weight as that kernel reads it, the int8 weight's scales (None
-    in float32), the bias, the output's width, and where the product takes the tanh-GELU after it, the
+    its name in ``NATIVE_PRODUCTS``), the weight as that kernel reads it, the int8 weight's channels
+    (``weight_channels``; None in float32), the bias, the output's width, and where the product takes the tanh-GELU after it, the
     GELU's form (``tanh_gelu_``)."""
 
     kernel: int
@@ -611,68 +611,97 @@ def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tens
 
 
 def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
-    """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel."""
+    """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel, with
+    its channels (``weight_channels``)."""
     bias = None if bias is None else bias.detach().float()
+    channels = weight_channels(qweight, scale)
     if kernel == "fbgemm":  # the bias packed in (one op fewer at one row), and kept for int8_linear's rows
         zero = torch.zeros(len(scale), dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing takes only them
             warnings.simplefilter("ignore", UserWarning)
             q = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
-        return torch.ops.quantized.linear_prepack(q, bias), bias
+        return torch.ops.quantized.linear_prepack(q, bias), channels, bias
     if kernel == "qlinear":  # oneDNN's own layout (a wrong one crashes the product): made here only
-        return _qlinear[0](qweight, None), scale, torch.zeros(len(scale), dtype=torch.long), bias
+        return _qlinear[0](qweight, None), channels, torch.zeros(len(scale), dtype=torch.long), bias
     if kernel == "avx2":  # blocks of 4 output channels, their rows interleaved in 32-byte chunks
-        return blocks(qweight), scale.contiguous(), bias
-    return qweight.t(), scale, bias  # (in, out) view: _int_mm's B
+        return blocks(qweight), channels, bias
+    return qweight.t(), channels, bias  # (in, out) view: _int_mm's B
+
+
+def weight_channels(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(2, out) float32: each output channel's scale, and the sum of its dequantized weights (the sum
+    of its int8 row, exact, times its scale), by which ``int8_linear`` multiplies each input row's center."""
+    return torch.stack([scale.float(), qweight.sum(1, dtype=torch.int32).float() * scale.float()])
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of x (rows, in) quantized to 8 bits about its center (the midpoint of its smallest and
+    largest values), its half range (at least 1e-12) mapping to 127: (q, scales, centers), q the rounded
+    (x - center) / scale within 127 as float32, scales and centers (rows, 1). About the center, the 255
+    levels span each row's own range, however lopsided (a GELU's output runs from -0.17 to its largest:
+    symmetric levels would leave about half unused)."""
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+    center = (hi + lo) / 2
+    scale = ((hi - lo) / 2).clamp_min_(1e-12).div_(127)
+    return torch.div(x - center, scale).round_().clamp_(-127, 127), scale, center
 
 
 def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     """x (rows, in) float32 (``avx2``: (..., in), its leading dimensions kept) times an int8 weight
-    packed by ``pack_int8``, plus its bias: the input quantized to 8 bits per row, int32 accumulation,
-    float32 out. Exact in int32 where the kernel has VNNI, or the weight keeps within 63
-    (``quantize_weight``'s levels)."""
-    if kernel == "fbgemm" and len(x) == 1:
+    packed by ``pack_int8``, plus its bias: each input row quantized to 8 bits about its center
+    (``quantize_rows``), int32 accumulation, float32 out, the center times the weight's sums added back
+    (((sum * row scale) * channel scale) + row center * channel sum) + bias. Exact in int32 where the
+    kernel has VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
+    if kernel == "fbgemm" and len(x) == 1:  # fbgemm quantizes the row about its own range itself
         return fbgemm_linear(x, packed[0])
     if kernel == "avx2":  # quantizes x itself, as below
         return torch.ops.gpt2lab_native.int8_avx2(x, *packed)
     if not torch.compiler.is_compiling() and native.available():  # compiled: traced in aten
         return _int8_linear_native(x, packed, kernel)
-    x_max = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)  # (rows, 1)
-    if kernel == "fbgemm":  # one input scale per call: every row scaled to largest magnitude 1 first
-        prepacked, bias = packed
-        y = fbgemm_linear(x / x_max, prepacked)  # bias included: scale the rest
-        return y.mul_(x_max) if bias is None else torch.lerp(bias, y, x_max, out=y)  # bias + x_max (y - bias)
-    x_scale = x_max.div_(127)
-    qx = torch.div(x, x_scale).round_()
+    if kernel == "fbgemm":  # one input scale per call: every row first centered and scaled to [-1, 1]
+        prepacked, channels, bias = packed
+        lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        center, half = (hi + lo) / 2, ((hi - lo) / 2).clamp_min_(1e-12)
+        y = fbgemm_linear((x - center) / half, prepacked)  # bias included: scale the rest
+        return _fbgemm_rows(y, half, center, channels, bias)
+    qx, x_scale, center = quantize_rows(x)
     if kernel == "qlinear":  # input scale 1, output scale 1: the int32 sums times the weight's scales
-        qweight, scale, zero, bias = packed
+        qweight, channels, zero, bias = packed
         qx = qx.add_(128).to(torch.uint8)
-        y = _qlinear[1](qx, 1.0, 128, qweight, scale, zero, None, 1.0, 0, torch.float32, "none", [], "").mul_(x_scale)
+        y = _qlinear[1](qx, 1.0, 128, qweight, channels[0], zero, None, 1.0, 0, torch.float32, "none", [], "")
+        y = y.mul_(x_scale)
     else:
-        qweight_t, scale, bias = packed
-        y = torch._int_mm(qx.to(torch.int8), qweight_t).float().mul_(x_scale).mul_(scale)
+        qweight_t, channels, bias = packed
+        y = torch._int_mm(qx.to(torch.int8), qweight_t).float().mul_(x_scale).mul_(channels[0])
+    y = y.add_(center * channels[1])
     return y if bias is None else y.add_(bias)
+
+
+def _fbgemm_rows(y: torch.Tensor, half: torch.Tensor, center: torch.Tensor, channels, bias) -> torch.Tensor:
+    """fbgemm's product y of the centered, scaled rows (bias included) scaled back: bias + half (y -
+    bias), plus each row's center times the weight's sums."""
+    y = y.mul_(half) if bias is None else torch.lerp(bias, y, half, out=y)
+    return y.add_(center * channels[1])
 
 
 def _int8_linear_native(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     """``int8_linear`` of ``fbgemm``, ``int_mm`` and ``qlinear`` with the input's scaling or
     quantization, and the output's scaling, each one pass of gpt2lab.native (``normalize_rows``,
-    ``quantize_rows``, ``scale_rows_``, the last in the product's own memory) instead of up to five aten
-    ops each with a new tensor, whose page faults cost more than the passes at hundreds of rows: the
-    same values."""
+    ``quantize_rows``, ``scale_rows_``, the last in the product's own memory) instead of up to seven
+    aten ops each with a new tensor, whose page faults cost more than the passes at hundreds of rows:
+    the same values."""
     ops = torch.ops.gpt2lab_native
     if kernel == "fbgemm":
-        prepacked, bias = packed
-        x_norm, x_max = ops.normalize_rows(x)
-        y = fbgemm_linear(x_norm, prepacked)
-        return y.mul_(x_max) if bias is None else torch.lerp(bias, y, x_max, out=y)
-    qx, x_scale = ops.quantize_rows(x, 128 if kernel == "qlinear" else 0)
+        prepacked, channels, bias = packed
+        x_norm, half, center = ops.normalize_rows(x)
+        return _fbgemm_rows(fbgemm_linear(x_norm, prepacked), half, center, channels, bias)
+    qx, x_scale, center = ops.quantize_rows(x, 128 if kernel == "qlinear" else 0)
     if kernel == "qlinear":
-        qweight, scale, zero, bias = packed
-        y = _qlinear[1](qx, 1.0, 128, qweight, scale, zero, None, 1.0, 0, torch.float32, "none", [], "")
-        return ops.scale_rows_(y, x_scale, None, bias)
-    qweight_t, scale, bias = packed
-    return ops.scale_rows_(torch._int_mm(qx, qweight_t), x_scale, scale, bias)
+        qweight, channels, zero, bias = packed
+        y = _qlinear[1](qx, 1.0, 128, qweight, channels[0], zero, None, 1.0, 0, torch.float32, "none", [], "")
+        return ops.scale_rows_(y, x_scale, center, channels, True, bias)
+    qweight_t, channels, bias = packed
+    return ops.scale_rows_(torch._int_mm(qx, qweight_t), x_scale, center, channels, False, bias)
 
 
 def fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:

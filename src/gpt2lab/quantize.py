@@ -4,8 +4,9 @@ A decode step at batch 1 reads every weight once per token, so it is bound by me
 weights read a quarter of float32's bytes. Each weight row (output channel) gets its own float32 scale
 (its largest magnitude maps to 127, or to 63 on a CPU whose int8 kernels lack VNNI, where larger
 weights could saturate their 16-bit sums: ``kernels.int8_weight_levels``); each input row (token) is
-quantized on the fly with its own scale; products accumulate in int32 and come out in float32, plus
-the float32 bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, oneDNN's quantized
+quantized on the fly about its own center with its own scale (``ops.quantize_rows``); products
+accumulate in int32 and come out in float32, plus the center times the weight's sums and the float32
+bias. Which int8 kernel runs a product (fbgemm, ``torch._int_mm``, oneDNN's quantized
 linear, which uses AMX or VNNI where the CPU has them, or gpt2lab's own for few rows on AVX2 CPUs,
 ``gpt2lab.native``: ``ops.int8_kernels``) is measured per shape
 and row count like the float32 ones (``gpt2lab.kernels``). The embedding table stays float32 (a
@@ -202,10 +203,10 @@ class Int8Linear(nn.Module):
         planned = self.planned
         if planned is None or planned.rows != rows or planned.kernel not in ops.NATIVE_PRODUCTS:
             return None
-        blocks, scale, bias = planned.packed
+        blocks, channels, bias = planned.packed
         form = self._gelu_form(rows) if gelu else None
         return ops.NativeProduct(
-            ops.NATIVE_PRODUCTS.index(planned.kernel), blocks, scale, bias, self.out_features, form
+            ops.NATIVE_PRODUCTS.index(planned.kernel), blocks, channels, bias, self.out_features, form
         )
 
     def extra_repr(self) -> str:

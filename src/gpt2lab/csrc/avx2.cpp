@@ -6,12 +6,13 @@
 // follow several at once, so the weight is laid out as the kernel reads it, (blocks, chunks, 4, 32)
 // by gpt2lab.ops.pack_int8: blocks of four output channels whose rows are interleaved in 32-byte
 // chunks, one sequential stream per thread. The
-// rows of x are quantized to int8 with one scale each (the largest magnitude maps to 127, rounding
-// half to even), as gpt2lab.ops.int8_linear does for the other kernels. Each 32-byte chunk multiplies
-// by the sign trick of AVX2's unsigned-by-signed byte product: |x| times (w with x's sign), whose
-// 16-bit pair sums (at most 2 x 127 x 127) never saturate, then sums them in int32: the result is
-// exact. The float32 epilogue is ((sum * x scale) * weight scale) + bias, rounded at each step (built
-// without contraction into FMAs), the order gpt2lab.ops.int8_linear's torch._int_mm path takes.
+// rows of x are quantized to int8 each about its center with its own scale (row_range: the half range
+// maps to 127, rounding half to even), as gpt2lab.ops.int8_linear does for the other kernels. Each
+// 32-byte chunk multiplies by the sign trick of AVX2's unsigned-by-signed byte product: |x| times (w
+// with x's sign), whose 16-bit pair sums (at most 2 x 127 x 127) never saturate, then sums them in
+// int32: the result is exact. The float32 epilogue is (((sum * x scale) * weight scale) + x center *
+// weight sum) + bias, rounded at each step (built without contraction into FMAs), the order
+// gpt2lab.ops.int8_linear's torch._int_mm path takes.
 //
 // float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: rows of up to a page
 // are read one after another, longer ones eight at once).
@@ -57,48 +58,74 @@ inline int32_t sum_lanes(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// The largest magnitude in one row of x, at least 1e-12.
-float row_largest(const float* x, int64_t in) {
-  const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 largest8 = _mm256_setzero_ps();
+// How one row of x is quantized to 8 bits: about its center (the midpoint of its smallest and largest
+// values), its half range (at least 1e-12) mapping to 127, so the 255 levels span the row's own range
+// however lopsided (a GELU's output: from -0.17 to its largest). The product then adds back the center
+// times each output channel's weight sum (gpt2lab.ops.pack_int8).
+struct RowRange {
+  float center;
+  float half;
+};
+
+RowRange row_range(const float* x, int64_t in) {
+  __m256 lo8 = _mm256_set1_ps(INFINITY), hi8 = _mm256_set1_ps(-INFINITY);
   int64_t k = 0;
-  for (; k + 8 <= in; k += 8) largest8 = _mm256_max_ps(largest8, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude_bits));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, largest8);
-  float largest = *std::max_element(lanes, lanes + 8);
-  for (; k < in; ++k) largest = std::max(largest, std::fabs(x[k]));
-  return std::max(largest, 1e-12f);
+  for (; k + 8 <= in; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    lo8 = _mm256_min_ps(lo8, v);
+    hi8 = _mm256_max_ps(hi8, v);
+  }
+  alignas(32) float lows[8], highs[8];
+  _mm256_store_ps(lows, lo8);
+  _mm256_store_ps(highs, hi8);
+  float lo = *std::min_element(lows, lows + 8), hi = *std::max_element(highs, highs + 8);
+  for (; k < in; ++k) {
+    lo = std::min(lo, x[k]);
+    hi = std::max(hi, x[k]);
+  }
+  return {(hi + lo) / 2.f, std::max((hi - lo) / 2.f, 1e-12f)};
 }
 
-// The scale of one row of x quantized to 8 bits: its largest magnitude maps to 127.
-inline float row_scale(const float* x, int64_t in) { return row_largest(x, in) / 127.f; }
-
-// x / scale rounded half to even (the same correctly rounded division and rounding as aten's), 8 lanes.
-inline __m256i quantized8(const float* x, __m256 scale8) {
-  return _mm256_cvtps_epi32(
-      _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), scale8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+// (x - center) / scale rounded half to even and kept within 127 (the same correctly rounded operations
+// as aten's sub, div, round and clamp), 8 lanes.
+inline __m256i quantized8(const float* x, __m256 center8, __m256 scale8) {
+  const __m256 rounded = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(x), center8), scale8),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i q = _mm256_cvtps_epi32(rounded);
+  return _mm256_max_epi32(_mm256_min_epi32(q, _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
 }
 
-// One row of x quantized: its values (zero past the input's width) and their magnitudes, and its scale.
+inline int32_t quantized(float x, float center, float scale) {
+  return std::clamp(static_cast<int32_t>(std::nearbyint((x - center) / scale)), -127, 127);
+}
+
+// One row of x quantized: its values (zero past the input's width) and their magnitudes, its scale
+// and its center.
 struct QuantizedRow {
   std::vector<int8_t> value;
   std::vector<uint8_t> magnitude;
   float scale;
+  float center;
 };
 
 QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
-  QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), row_scale(x, in)};
-  const __m256 scale8 = _mm256_set1_ps(row.scale);
+  const RowRange range = row_range(x, in);
+  QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), range.half / 127.f,
+                   range.center};
+  const __m256 scale8 = _mm256_set1_ps(row.scale), center8 = _mm256_set1_ps(row.center);
   alignas(32) int32_t q[8];
-  for (int64_t k = 0; k < in; k += 8) {
-    const int64_t n = std::min<int64_t>(8, in - k);
-    alignas(32) float chunk[8] = {};
-    std::copy(x + k, x + k + n, chunk);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(q), quantized8(chunk, scale8));
-    for (int64_t j = 0; j < n; ++j) {
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q), quantized8(x + k, center8, scale8));
+    for (int64_t j = 0; j < 8; ++j) {
       row.value[k + j] = static_cast<int8_t>(q[j]);
       row.magnitude[k + j] = static_cast<uint8_t>(q[j] < 0 ? -q[j] : q[j]);
     }
+  }
+  for (; k < in; ++k) {
+    const int32_t v = quantized(x[k], row.center, row.scale);
+    row.value[k] = static_cast<int8_t>(v);
+    row.magnitude[k] = static_cast<uint8_t>(v < 0 ? -v : v);
   }
   return row;
 }
@@ -123,98 +150,123 @@ const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
   return bias->data_ptr<float>();
 }
 
-// quantize_rows: each row of x (rows, in) float32 quantized to 8 bits with its own scale (row_scale), as
-// gpt2lab.ops.int8_linear's torch._int_mm and oneDNN kernels take it: (q, scales (rows, 1)), q int8, or
-// with offset 128 uint8 q + 128 (oneDNN's zero point). One pass over each row to find its scale, one
-// to quantize it, 32 values at a time; the same values as aten's abs, amax, div and round.
-std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t offset) {
+// The per-channel constants of an int8 weight (out, in), (2, out) float32 (gpt2lab.ops.pack_int8): its
+// scales, and the sums of its dequantized rows (the product of a row of x's center by the weight).
+struct Channels {
+  const float* scale;
+  const float* sum;
+};
+
+Channels channel_values(const at::Tensor& channels, int64_t out) {
+  TORCH_CHECK(channels.dim() == 2 && channels.size(0) == 2 && channels.size(1) == out &&
+                  channels.scalar_type() == at::kFloat && channels.is_contiguous(),
+              "channels must be contiguous (2, out) float32: the weight's scales and its rows' sums");
+  return {channels.data_ptr<float>(), channels.data_ptr<float>() + out};
+}
+
+// The rows' own values checked: contiguous float32, one per row.
+const float* row_values(const at::Tensor& values, int64_t rows, const char* name) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.is_contiguous() && values.numel() == rows, name,
+              " must be contiguous float32, one per row");
+  return values.data_ptr<float>();
+}
+
+// quantize_rows: each row of x (rows, in) float32 quantized to 8 bits about its center (row_range), as
+// gpt2lab.ops.int8_linear's torch._int_mm and oneDNN kernels take it: (q, scales (rows, 1), centers
+// (rows, 1)), q int8, or with offset 128 uint8 q + 128 (oneDNN's zero point). One pass over each row
+// to find its range, one to quantize it, 32 values at a time; the same values as aten's amin, amax,
+// sub, div, round and clamp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t offset) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
   TORCH_CHECK(offset == 0 || offset == 128, "offset must be 0 (int8) or 128 (uint8)");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), in = xc.size(1);
   at::Tensor q = at::empty({rows, in}, xc.options().dtype(offset == 0 ? at::kChar : at::kByte));
-  at::Tensor scales = at::empty({rows, 1}, xc.options());
+  at::Tensor scales = at::empty({rows, 1}, xc.options()), centers = at::empty({rows, 1}, xc.options());
   const float* xp = xc.data_ptr<float>();
   uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
   float* sp = scales.data_ptr<float>();
+  float* cp = centers.data_ptr<float>();
   const __m256i shift = _mm256_set1_epi32(static_cast<int32_t>(offset));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs interleave 128-bit lanes
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = xp + r * in;
       uint8_t* qr = qp + r * in;
-      const float scale = sp[r] = row_scale(xr, in);
-      const __m256 scale8 = _mm256_set1_ps(scale);
+      const RowRange range = row_range(xr, in);
+      const float scale = sp[r] = range.half / 127.f, center = cp[r] = range.center;
+      const __m256 scale8 = _mm256_set1_ps(scale), center8 = _mm256_set1_ps(center);
       int64_t k = 0;
       for (; k + 32 <= in; k += 32) {
         __m256i v[4];
-        for (int j = 0; j < 4; ++j) v[j] = _mm256_add_epi32(quantized8(xr + k + 8 * j, scale8), shift);
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_add_epi32(quantized8(xr + k + 8 * j, center8, scale8), shift);
         const __m256i pairs01 = _mm256_packs_epi32(v[0], v[1]), pairs23 = _mm256_packs_epi32(v[2], v[3]);
         const __m256i bytes = offset == 0 ? _mm256_packs_epi16(pairs01, pairs23) : _mm256_packus_epi16(pairs01, pairs23);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permutevar8x32_epi32(bytes, order));
       }
-      for (; k < in; ++k) qr[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(xr[k] / scale)) + offset);
+      for (; k < in; ++k) qr[k] = static_cast<uint8_t>(quantized(xr[k], center, scale) + offset);
     }
   });
-  return {q, scales};
+  return {q, scales, centers};
 }
 
-// normalize_rows: each row of x (rows, in) float32 over its largest magnitude (row_largest), as
-// gpt2lab.ops.int8_linear's fbgemm kernel takes it: (x / largest, largest (rows, 1)), in one pass over
-// each row for the largest and one to divide (the same values as aten's abs, amax and div).
-std::tuple<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+// normalize_rows: each row of x (rows, in) float32 about its center over its half range (row_range), as
+// gpt2lab.ops.int8_linear's fbgemm kernel takes it: ((x - center) / half, halves (rows, 1), centers
+// (rows, 1)), in one pass over each row for its range and one for the rest (the same values as aten's
+// amin, amax, sub and div).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be (rows, in) float32");
   const at::Tensor xc = x.contiguous();
   const int64_t rows = xc.size(0), in = xc.size(1);
   at::Tensor y = at::empty_like(xc);
-  at::Tensor largest = at::empty({rows, 1}, xc.options());
+  at::Tensor halves = at::empty({rows, 1}, xc.options()), centers = at::empty({rows, 1}, xc.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  float* lp = largest.data_ptr<float>();
+  float* hp = halves.data_ptr<float>();
+  float* cp = centers.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = xp + r * in;
       float* yr = yp + r * in;
-      const float l = lp[r] = row_largest(xr, in);
-      const __m256 l8 = _mm256_set1_ps(l);
+      const RowRange range = row_range(xr, in);
+      const float half = hp[r] = range.half, center = cp[r] = range.center;
+      const __m256 half8 = _mm256_set1_ps(half), center8 = _mm256_set1_ps(center);
       int64_t k = 0;
-      for (; k + 8 <= in; k += 8) _mm256_storeu_ps(yr + k, _mm256_div_ps(_mm256_loadu_ps(xr + k), l8));
-      for (; k < in; ++k) yr[k] = xr[k] / l;
+      for (; k + 8 <= in; k += 8)
+        _mm256_storeu_ps(yr + k, _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + k), center8), half8));
+      for (; k < in; ++k) yr[k] = (xr[k] - center) / half;
     }
   });
-  return {y, largest};
+  return {y, halves, centers};
 }
 
 // scale_rows_: a product's output y (rows, out) of 8-bit inputs, int32 sums (converted to float32 in
-// their own memory) or float32, to ((y * row_scales[r]) * scale[c]) + bias[c], rounded at each step as
-// aten's mul_, mul_ and add_ round them; scale and bias optional. Returns y's memory as float32.
-at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const std::optional<at::Tensor>& scale,
-                       const std::optional<at::Tensor>& bias) {
+// their own memory) or float32 ones that carry the weight's scales already (`scaled`: oneDNN's), to
+// (((y * row_scales[r]) * scale[c]) + centers[r] * sum[c]) + bias[c] (scale and sum: `channels`),
+// rounded at each step as aten's mul_, mul_, mul, add_ and add_ round them; the bias optional. Returns
+// y's memory as float32.
+at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const at::Tensor& centers,
+                       const at::Tensor& channels, bool scaled, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && (y.scalar_type() == at::kInt || y.scalar_type() == at::kFloat),
               "y must be contiguous (rows, out) int32 or float32");
   const int64_t rows = y.size(0), out = y.size(1);
-  TORCH_CHECK(row_scales.scalar_type() == at::kFloat && row_scales.is_contiguous() && row_scales.numel() == rows,
-              "row_scales must be contiguous float32, one per row");
-  const float* s = nullptr;
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->numel() == out,
-                "scale must be contiguous float32, one per output channel");
-    s = scale->data_ptr<float>();
-  }
+  const float* rs = row_values(row_scales, rows, "row_scales");
+  const float* rc = row_values(centers, rows, "centers");
+  const Channels ch = channel_values(channels, out);
   const float* b = bias_values(bias, out);
   const bool sums = y.scalar_type() == at::kInt;
   float* yp = static_cast<float*>(y.data_ptr());
-  const float* rs = row_scales.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* yr = yp + r * out;
-      const __m256 rs8 = _mm256_set1_ps(rs[r]);
+      const __m256 rs8 = _mm256_set1_ps(rs[r]), rc8 = _mm256_set1_ps(rc[r]);
       int64_t c = 0;
       for (; c + 8 <= out; c += 8) {
         __m256 v = sums ? _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(yr + c)))
                         : _mm256_loadu_ps(yr + c);
         v = _mm256_mul_ps(v, rs8);
-        if (s != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(s + c));
+        if (!scaled) v = _mm256_mul_ps(v, _mm256_loadu_ps(ch.scale + c));
+        v = _mm256_add_ps(v, _mm256_mul_ps(rc8, _mm256_loadu_ps(ch.sum + c)));
         if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + c));
         _mm256_storeu_ps(yr + c, v);
       }
@@ -222,7 +274,8 @@ at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const std::o
         int32_t sum;
         std::memcpy(&sum, yr + c, sizeof sum);
         float v = (sums ? static_cast<float>(sum) : yr[c]) * rs[r];
-        if (s != nullptr) v = v * s[c];
+        if (!scaled) v = v * ch.scale[c];
+        v = v + rc[r] * ch.sum[c];
         if (b != nullptr) v = v + b[c];
         yr[c] = v;
       }
@@ -231,18 +284,19 @@ at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const std::o
   return sums ? y.view(at::kFloat) : y;
 }
 
-at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == kBlock && weight.size(3) == kChunk &&
                   weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "weight must be int8 laid out as (blocks, chunks, 4, 32) by gpt2lab.ops.pack_int8");
-  const int64_t rows = leading_rows(x), in = x.size(-1), out = scale.size(0);
+  TORCH_CHECK(channels.dim() == 2, "channels must be (2, out): the weight's scales and its rows' sums");
+  const int64_t rows = leading_rows(x), in = x.size(-1), out = channels.size(1);
   const int64_t blocks = weight.size(0), chunks = weight.size(1), padded = chunks * kChunk;
   TORCH_CHECK(in <= padded && padded < in + kChunk, "x has ", in, " columns, the weight ", padded, " padded");
-  TORCH_CHECK(out <= blocks * kBlock && blocks * kBlock < out + kBlock, "scale has ", out, " channels, the weight ",
-              blocks * kBlock, " padded");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(), "scale must be contiguous float32");
+  TORCH_CHECK(out <= blocks * kBlock && blocks * kBlock < out + kBlock, "channels has ", out,
+              " channels, the weight ", blocks * kBlock, " padded");
+  const Channels ch = channel_values(channels, out);
   const float* b = bias_values(bias, out);
   const at::Tensor xc = x.contiguous();
   std::vector<QuantizedRow> qx;
@@ -250,7 +304,6 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
 
   at::Tensor y = output_of(x, out);
   const int8_t* w = weight.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256i ones = _mm256_set1_epi16(1);
   at::parallel_for(0, blocks, kGrain, [&](int64_t begin, int64_t end) {
@@ -277,7 +330,8 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
           const int64_t o = block * kBlock + j;
           if (o >= out) break;
           float value = static_cast<float>(sum_lanes(acc[j])) * qx[r].scale;
-          value = value * s[o];
+          value = value * ch.scale[o];
+          value = value + qx[r].center * ch.sum[o];
           yp[r * out + o] = b == nullptr ? value : value + b[o];
         }
       }
@@ -694,7 +748,7 @@ at::Tensor product(int64_t kernel, const at::Tensor& x, const at::Tensor& weight
     case 1:
       return float_blocks_avx2(x, weight, bias, out);
     case 2:
-      TORCH_CHECK(scale.has_value(), "an int8 product needs its scales");
+      TORCH_CHECK(scale.has_value(), "an int8 product needs its channels' scales and sums");
       return int8_avx2(x, weight, *scale, bias);
   }
   TORCH_CHECK(false, "unknown product kernel ", kernel);
@@ -775,12 +829,12 @@ at::Tensor blocks(const at::Tensor& weight) {
 }  // namespace
 
 TORCH_LIBRARY(gpt2lab_native, m) {
-  m.def("int8_avx2(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
+  m.def("int8_avx2(Tensor x, Tensor weight, Tensor channels, Tensor? bias) -> Tensor");
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("float_blocks_avx2(Tensor x, Tensor weight, Tensor? bias, int out) -> Tensor");
-  m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor)");
-  m.def("normalize_rows(Tensor x) -> (Tensor, Tensor)");
-  m.def("scale_rows_(Tensor(a!) y, Tensor row_scales, Tensor? scale, Tensor? bias) -> Tensor(a!)");
+  m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor, Tensor)");
+  m.def("normalize_rows(Tensor x) -> (Tensor, Tensor, Tensor)");
+  m.def("scale_rows_(Tensor(a!) y, Tensor row_scales, Tensor centers, Tensor channels, bool scaled, Tensor? bias) -> Tensor(a!)");
   m.def("blocks(Tensor weight) -> Tensor");
   m.def("float_blocks(Tensor weight) -> Tensor");
   m.def("attention_avx2(Tensor q, Tensor k, Tensor v, Tensor? mask) -> Tensor");
