@@ -348,8 +348,8 @@ def _product(
 class NativeProduct:
     """A layer's planned product as gpt2lab.native's ``decode_block`` runs it: its kernel (the index of
     its name in ``NATIVE_PRODUCTS``), the weight as that kernel reads it, the int8 weight's channels
-    (``weight_channels``; None in float32), the bias, the output's width, and where the product takes the tanh-GELU after it, the
-    GELU's form (``tanh_gelu_``)."""
+    (``weight_channels``; None in float32), the bias, the output's width, and where the product takes
+    the tanh-GELU after it, the GELU's form (``tanh_gelu_``)."""
 
     kernel: int
     weight: torch.Tensor
@@ -652,7 +652,7 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     (``quantize_rows``), int32 accumulation, float32 out, the center times the weight's sums added back
     (((sum * row scale) * channel scale) + row center * channel sum) + bias. Exact in int32 where the
     kernel has VNNI, or the weight keeps within 63 (``quantize_weight``'s levels)."""
-    if kernel == "fbgemm" and len(x) == 1:  # fbgemm quantizes the row about its own range itself
+    if kernel == "fbgemm" and len(x) == 1:  # fbgemm quantizes the row over its range and zero itself
         return fbgemm_linear(x, packed[0])
     if kernel == "avx2":  # quantizes x itself, as below
         return torch.ops.gpt2lab_native.int8_avx2(x, *packed)
@@ -690,18 +690,18 @@ def _int8_linear_native(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
     ``quantize_rows``, ``scale_rows_``, the last in the product's own memory) instead of up to seven
     aten ops each with a new tensor, whose page faults cost more than the passes at hundreds of rows:
     the same values."""
-    ops = torch.ops.gpt2lab_native
+    native_ops = torch.ops.gpt2lab_native
     if kernel == "fbgemm":
         prepacked, channels, bias = packed
-        x_norm, half, center = ops.normalize_rows(x)
+        x_norm, half, center = native_ops.normalize_rows(x)
         return _fbgemm_rows(fbgemm_linear(x_norm, prepacked), half, center, channels, bias)
-    qx, x_scale, center = ops.quantize_rows(x, 128 if kernel == "qlinear" else 0)
+    qx, x_scale, center = native_ops.quantize_rows(x, 128 if kernel == "qlinear" else 0)
     if kernel == "qlinear":
         qweight, channels, zero, bias = packed
         y = _qlinear[1](qx, 1.0, 128, qweight, channels[0], zero, None, 1.0, 0, torch.float32, "none", [], "")
-        return ops.scale_rows_(y, x_scale, center, channels, True, bias)
+        return native_ops.scale_rows_(y, x_scale, center, channels, True, bias)
     qweight_t, channels, bias = packed
-    return ops.scale_rows_(torch._int_mm(qx, qweight_t), x_scale, center, channels, False, bias)
+    return native_ops.scale_rows_(torch._int_mm(qx, qweight_t), x_scale, center, channels, False, bias)
 
 
 def fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:
