@@ -634,15 +634,21 @@ def weight_channels(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.stack([scale.float(), qweight.sum(1, dtype=torch.int32).float() * scale.float()])
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row of x (rows, in) quantized to 8 bits about its center (the midpoint of its smallest and
-    largest values), its half range (at least 1e-12) mapping to 127: (q, scales, centers), q the rounded
-    (x - center) / scale within 127 as float32, scales and centers (rows, 1). About the center, the 255
-    levels span each row's own range, however lopsided (a GELU's output runs from -0.17 to its largest:
-    symmetric levels would leave about half unused)."""
+def row_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x (rows, in): its center (the midpoint of its smallest and largest values) and its
+    half range (at least 1e-12), (rows, 1) each."""
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-    center = (hi + lo) / 2
-    scale = ((hi - lo) / 2).clamp_min_(1e-12).div_(127)
+    return (hi + lo) / 2, ((hi - lo) / 2).clamp_min_(1e-12)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of x (rows, in) quantized to 8 bits about its center, its half range mapping to 127
+    (``row_range``): (q, scales, centers), q the rounded (x - center) / scale within 127 as float32,
+    scales and centers (rows, 1). About the center, the 255 levels span each row's own range, however
+    lopsided (a GELU's output runs from -0.17 to its largest: symmetric levels would leave about half
+    unused)."""
+    center, half = row_range(x)
+    scale = half.div_(127)
     return torch.div(x - center, scale).round_().clamp_(-127, 127), scale, center
 
 
@@ -660,8 +666,7 @@ def int8_linear(x: torch.Tensor, packed, kernel: str) -> torch.Tensor:
         return _int8_linear_native(x, packed, kernel)
     if kernel == "fbgemm":  # one input scale per call: every row first centered and scaled to [-1, 1]
         prepacked, channels, bias = packed
-        lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
-        center, half = (hi + lo) / 2, ((hi - lo) / 2).clamp_min_(1e-12)
+        center, half = row_range(x)
         y = fbgemm_linear((x - center) / half, prepacked)  # bias included: scale the rest
         return _fbgemm_rows(y, half, center, channels, bias)
     qx, x_scale, center = quantize_rows(x)

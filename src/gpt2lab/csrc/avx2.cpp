@@ -60,8 +60,8 @@ inline int32_t sum_lanes(__m256i v) {
 
 // How one row of x is quantized to 8 bits: about its center (the midpoint of its smallest and largest
 // values), its half range (at least 1e-12) mapping to 127, so the 255 levels span the row's own range
-// however lopsided (a GELU's output: from -0.17 to its largest). The product then adds back the center
-// times each output channel's weight sum (gpt2lab.ops.pack_int8).
+// however lopsided (a GELU's output: from -0.17 to its largest; gpt2lab.ops.row_range). The product
+// then adds back the center times each output channel's weight sum (gpt2lab.ops.weight_channels).
 struct RowRange {
   float center;
   float half;
@@ -150,8 +150,9 @@ const float* bias_values(const std::optional<at::Tensor>& bias, int64_t out) {
   return bias->data_ptr<float>();
 }
 
-// The per-channel constants of an int8 weight (out, in), (2, out) float32 (gpt2lab.ops.pack_int8): its
-// scales, and the sums of its dequantized rows (the product of a row of x's center by the weight).
+// The per-channel constants of an int8 weight (out, in), (2, out) float32
+// (gpt2lab.ops.weight_channels): its scales, and the sums of its dequantized rows (the product of a row
+// of x's center by the weight).
 struct Channels {
   const float* scale;
   const float* sum;
