@@ -38,14 +38,26 @@ def exact_product(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
     return y if bias is None else y + bias
 
 
+@pytest.fixture(params=["avx2", "vnni"])
+def int8_path(request):
+    """Each way of multiplying the int8 kernel has on this CPU (``native.int8_paths``), set for the test."""
+    if not native.available() or request.param not in native.int8_paths():
+        pytest.skip(f"this CPU has no {request.param} path")
+    before = torch.ops.gpt2lab_native.int8_vnni(None)
+    torch.ops.gpt2lab_native.int8_vnni(request.param == "vnni")
+    yield request.param
+    torch.ops.gpt2lab_native.int8_vnni(before)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
-@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (300, 1000)])
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (6, 70), (300, 1000)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias):
-    """Bit for bit what its definition gives, with widths that are not multiples of its 32-byte chunks
-    nor of its 4-channel blocks, weights of 127 levels (its pair sums never saturate) and inputs that
-    span large and small magnitudes."""
+def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias, int8_path):
+    """Bit for bit what its definition gives, on each path, with widths that are not multiples of its
+    32-byte chunks (an odd number of them too) nor of its 4-channel blocks, rows in groups of four and
+    left over, weights of 127 levels (its pair sums never saturate) and inputs that span large and small
+    magnitudes."""
     g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     w = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(rows, in_features, generator=g) * torch.logspace(-3, 3, rows)[:, None]
@@ -53,6 +65,24 @@ def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias):
     qweight, scale = ops.quantize_weight(w, 127)
     y = ops.int8_linear(x, ops.pack_int8(qweight, scale, b, "avx2"), "avx2")
     assert torch.equal(y, exact_product(x, qweight, scale, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 4])  # and one more
+def test_the_avx2_kernel_is_exact_at_the_largest_sums(rows, int8_path):
+    """Rows of x at -127 and 127 times weights of the same signs (every byte product 127 x 127 = 16,129,
+    or on the VNNI path (127 + 128) x 127 before the offset goes), 4,000 wide: sums of 64.5 million,
+    exact; and a row all at -127 (its offset sum at its most negative)."""
+    signs = torch.where(torch.arange(4000) % 3 == 0, -1, 1)
+    qweight = (signs * 127).to(torch.int8).repeat(8, 1)
+    qweight[1::2] = -127
+    scale = torch.full((8,), 1.0)
+    x = signs.float().repeat(rows + 1, 1)
+    x[-1] = -1.0
+    x[-1, 0] = 1.0  # its range: -1 to 1, so -1 is -127
+    y = ops.int8_linear(x, ops.pack_int8(qweight, scale, None, "avx2"), "avx2")
+    assert torch.equal(y, exact_product(x, qweight, scale, None))
+    assert y[0, 0] == 4000 * 127  # x scale 1/127, weight scale 1: 4,000 products of 127 x 127
 
 
 @needs_kernel
@@ -163,6 +193,23 @@ def test_the_avx2_op_refuses_a_weight_not_laid_out_for_it():
     blocks, scale, _ = ops.pack_int8(qweight, scale, None, "avx2")
     with pytest.raises(RuntimeError, match="columns"):
         torch.ops.gpt2lab_native.int8_avx2(torch.randn(1, 30), blocks, scale, None)
+
+
+@needs_kernel
+def test_the_int8_kernel_takes_the_vnni_path_where_torch_is_not_held_below_avx512():
+    """The VNNI path runs by default where the CPU has it, and not where ``ATEN_CPU_CAPABILITY`` holds
+    torch to AVX2 (as on a CPU without AVX-512); it cannot be turned on where the CPU lacks it."""
+    code = "from gpt2lab import native; import torch; native.require(); print(torch.ops.gpt2lab_native.int8_vnni(None))"
+    runs = {}
+    for capability in (None, "avx2"):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        env.update({"ATEN_CPU_CAPABILITY": capability} if capability else {})
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        runs[capability] = out.stdout.strip()
+    assert runs == {None: str("vnni" in native.int8_paths()), "avx2": "False"}
+    if "vnni" not in native.int8_paths():
+        with pytest.raises(RuntimeError, match="no AVX-512 VNNI"):
+            torch.ops.gpt2lab_native.int8_vnni(True)
 
 
 @needs_kernel

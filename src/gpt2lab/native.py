@@ -4,10 +4,12 @@ products, and the attention of one query per head over the KV cache.
 At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the weight as it is, read
 their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
 ``csrc/avx2.cpp`` streams the weights: the int8 kernel ``avx2`` (on a weight laid out for it by
-``gpt2lab.ops.pack_int8``, with a software prefetch ahead) and the float32 one-row kernels (kind
-``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight as it is (rows of up to 4 KB one after
-another, longer ones eight at once with a prefetch ahead in each), and ``avx2_f32_blocks`` on a copy
-in blocks of 16 output channels, one stream per thread (``gpt2lab.ops.copy_weight``). Its attention
+``gpt2lab.ops.pack_int8``, with a software prefetch ahead; AVX2's byte products, or where the CPU has
+AVX-512 VNNI its dot product of 64 bytes an instruction, four rows of x at a time: ``int8_paths``),
+and the float32 one-row kernels (kind ``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight
+as it is (rows of up to 4 KB one after another, longer ones eight at once with a prefetch ahead in
+each), and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one stream per thread
+(``gpt2lab.ops.copy_weight``). Its attention
 kernel, ``avx2`` of ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it
 lies, in one pass per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
@@ -22,7 +24,7 @@ an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under tor
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
 ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
 ``cache_attention_avx2``, ``add_layer_norm``, ``decode_block``, ``quantize_rows``,
-``normalize_rows``, ``scale_rows_``, ``blocks`` and ``float_blocks``. Where they cannot be built (no
+``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks`` and ``int8_vnni``. Where they cannot be built (no
 C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and
 ``unavailable_reason`` says why.
 """
@@ -111,6 +113,8 @@ def _build_and_load() -> None:
             build_directory=str(directory),
             is_python_module=False,
         )
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # torch held to AVX2: so are they
+        torch.ops.gpt2lab_native.int8_vnni(False)
     # their outputs' shapes, for tracing: a compiled decode step calls the ops themselves
     torch.library.register_fake("gpt2lab_native::int8_avx2")(
         lambda x, weight, channels, bias: x.new_empty(*x.shape[:-1], channels.shape[1])
@@ -132,6 +136,23 @@ def _build_and_load() -> None:
         lambda x, delta, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape))
     )
     torch.library.register_fake("gpt2lab_native::decode_block")(lambda x, *args: x.new_empty(x.shape))
+
+
+def int8_paths() -> tuple[str, ...]:
+    """How the int8 kernel ``avx2`` can multiply on this CPU: by AVX2's byte products (``avx2``), and
+    where the CPU has AVX-512 VNNI by its dot product of 64 bytes an instruction (``vnni``: the weight
+    offset by 128 to unsigned, the offset taken back from the exact sums). Both give the same sums.
+    ``vnni`` runs where the CPU has it and torch's own kernels are not held below AVX-512
+    (``ATEN_CPU_CAPABILITY``); ``torch.ops.gpt2lab_native.int8_vnni(enable)`` sets it, and says which
+    runs with ``None``."""
+    require()
+    vnni = torch.ops.gpt2lab_native.int8_vnni(None)
+    try:
+        torch.ops.gpt2lab_native.int8_vnni(True)
+    except RuntimeError:  # no AVX-512 VNNI
+        return ("avx2",)
+    torch.ops.gpt2lab_native.int8_vnni(vnni)
+    return ("avx2", "vnni")
 
 
 def _loaded() -> bool:

@@ -5,12 +5,11 @@
 // plus a float32 bias. Its rows are short (768 bytes in GPT-2 124M) for the hardware prefetchers to
 // follow several at once, so the weight is laid out as the kernel reads it, (blocks, chunks, 4, 32)
 // by gpt2lab.ops.pack_int8: blocks of four output channels whose rows are interleaved in 32-byte
-// chunks, one sequential stream per thread. The
-// rows of x are quantized to int8 each about its center with its own scale (row_range: the half range
-// maps to 127, rounding half to even), as gpt2lab.ops.int8_linear does for the other kernels. Each
-// 32-byte chunk multiplies by the sign trick of AVX2's unsigned-by-signed byte product: |x| times (w
-// with x's sign), whose 16-bit pair sums (at most 2 x 127 x 127) never saturate, then sums them in
-// int32: the result is exact. The float32 epilogue is (((sum * x scale) * weight scale) + x center *
+// chunks, one sequential stream per thread. The rows of x are quantized to int8 each about its center
+// with its own scale (row_range: the half range maps to 127, rounding half to even), as
+// gpt2lab.ops.int8_linear does for the other kernels. The sums are exact in int32, by AVX2's byte
+// products (block_sums_avx2) or, where the CPU has AVX-512 VNNI, by its dot products, four rows of x
+// at a time (block_sums_vnni; int8_vnni turns it off: both give the same sums). The float32 epilogue is (((sum * x scale) * weight scale) + x center *
 // weight sum) + bias, rounded at each step (built without contraction into FMAs), the order
 // gpt2lab.ops.int8_linear's torch._int_mm path takes.
 //
@@ -99,19 +98,20 @@ inline int32_t quantized(float x, float center, float scale) {
   return std::clamp(static_cast<int32_t>(std::nearbyint((x - center) / scale)), -127, 127);
 }
 
-// One row of x quantized: its values (zero past the input's width) and their magnitudes, its scale
-// and its center.
+// One row of x quantized: its values (zero past the input's width) and their magnitudes, its scale,
+// its center and the sum of its values.
 struct QuantizedRow {
   std::vector<int8_t> value;
   std::vector<uint8_t> magnitude;
   float scale;
   float center;
+  int32_t total;  // the sum of its values
 };
 
 QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
   const RowRange range = row_range(x, in);
   QuantizedRow row{std::vector<int8_t>(padded, 0), std::vector<uint8_t>(padded, 0), range.half / 127.f,
-                   range.center};
+                   range.center, 0};
   const __m256 scale8 = _mm256_set1_ps(row.scale), center8 = _mm256_set1_ps(row.center);
   alignas(32) int32_t q[8];
   int64_t k = 0;
@@ -120,12 +120,14 @@ QuantizedRow quantize_row(const float* x, int64_t in, int64_t padded) {
     for (int64_t j = 0; j < 8; ++j) {
       row.value[k + j] = static_cast<int8_t>(q[j]);
       row.magnitude[k + j] = static_cast<uint8_t>(q[j] < 0 ? -q[j] : q[j]);
+      row.total += q[j];
     }
   }
   for (; k < in; ++k) {
     const int32_t v = quantized(x[k], row.center, row.scale);
     row.value[k] = static_cast<int8_t>(v);
     row.magnitude[k] = static_cast<uint8_t>(v < 0 ? -v : v);
+    row.total += v;
   }
   return row;
 }
@@ -285,6 +287,108 @@ at::Tensor scale_rows_(at::Tensor& y, const at::Tensor& row_scales, const at::Te
   return sums ? y.view(at::kFloat) : y;
 }
 
+// One block's four sums of a row of x by AVX2: each 32-byte chunk multiplies by the sign trick of the
+// unsigned-by-signed byte product, |x| times (w with x's sign), whose 16-bit pair sums (at most 2 x 127
+// x 127) never saturate, then sums them in int32.
+void block_sums_avx2(const int8_t* first, int64_t chunks, const int8_t* v, const uint8_t* m, int32_t* sums) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kBlock] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
+  const int8_t* p = first;
+  for (int64_t k = 0; k < chunks * kChunk; k += kChunk, p += kBlock * kChunk) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
+    const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
+    for (int j = 0; j < kBlock; ++j) {
+      const __m256i wj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * kChunk));
+      const __m256i pairs = _mm256_maddubs_epi16(xm, _mm256_sign_epi8(wj, xv));
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
+    }
+  }
+  for (int j = 0; j < kBlock; ++j) sums[j] = sum_lanes(acc[j]);
+}
+
+// The same four sums by AVX-512 VNNI's unsigned-by-signed byte dot product, 64 bytes (two channels'
+// chunks) per instruction: the weight offset to unsigned (w ^ 0x80 = w + 128) times x, less 128 times
+// the sum of x's values (`total`). Exact in int32 (at most 255 x 127 per byte pair): the same sums.
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+VNNI inline __m512i unsigned_chunks(const int8_t* w) {  // 64 bytes of the weight, each + 128 as unsigned
+  return _mm512_xor_si512(_mm512_loadu_si512(w), _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+VNNI inline __m512i row_chunk(const int8_t* v, int64_t k) {  // x's chunk k in both halves
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k * kChunk)));
+}
+
+// The four channels' sums from the accumulators of channels 0, 1 (a01's halves) and 2, 3 (a23's).
+VNNI inline void vnni_sums(__m512i a01, __m512i a23, int32_t total, int32_t* sums) {
+  sums[0] = sum_lanes(_mm512_castsi512_si256(a01)) - 128 * total;
+  sums[1] = sum_lanes(_mm512_extracti64x4_epi64(a01, 1)) - 128 * total;
+  sums[2] = sum_lanes(_mm512_castsi512_si256(a23)) - 128 * total;
+  sums[3] = sum_lanes(_mm512_extracti64x4_epi64(a23, 1)) - 128 * total;
+}
+
+VNNI void block_sums_vnni(const int8_t* first, int64_t chunks, const int8_t* v, int32_t total, int32_t* sums) {
+  __m512i a01 = _mm512_setzero_si512(), a23 = _mm512_setzero_si512();  // even chunks: channels 0, 1 and 2, 3
+  __m512i b01 = _mm512_setzero_si512(), b23 = _mm512_setzero_si512();  // odd chunks
+  const int8_t* p = first;
+  int64_t k = 0;
+  for (; k + 2 <= chunks; k += 2, p += 2 * kBlock * kChunk) {
+    for (int64_t line = 0; line < 4; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + line * 64), _MM_HINT_T1);
+    }
+    const __m512i x0 = row_chunk(v, k), x1 = row_chunk(v, k + 1);
+    a01 = _mm512_dpbusd_epi32(a01, unsigned_chunks(p), x0);
+    a23 = _mm512_dpbusd_epi32(a23, unsigned_chunks(p + 64), x0);
+    b01 = _mm512_dpbusd_epi32(b01, unsigned_chunks(p + 128), x1);
+    b23 = _mm512_dpbusd_epi32(b23, unsigned_chunks(p + 192), x1);
+  }
+  if (k < chunks) {
+    const __m512i x0 = row_chunk(v, k);
+    a01 = _mm512_dpbusd_epi32(a01, unsigned_chunks(p), x0);
+    a23 = _mm512_dpbusd_epi32(a23, unsigned_chunks(p + 64), x0);
+  }
+  vnni_sums(_mm512_add_epi32(a01, b01), _mm512_add_epi32(a23, b23), total, sums);
+}
+
+// The same for four rows of x at once (kRowGroup), each chunk of the weight loaded and offset once for
+// the four.
+constexpr int64_t kRowGroup = 4;
+
+VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const QuantizedRow* qx,
+                               int32_t (*sums)[kBlock]) {
+  __m512i a01[kRowGroup], a23[kRowGroup];
+  for (int64_t r = 0; r < kRowGroup; ++r) a01[r] = a23[r] = _mm512_setzero_si512();
+  const int8_t* p = first;
+  for (int64_t k = 0; k < chunks; ++k, p += kBlock * kChunk) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
+    const __m512i w01 = unsigned_chunks(p), w23 = unsigned_chunks(p + 64);
+    for (int64_t r = 0; r < kRowGroup; ++r) {
+      const __m512i x = row_chunk(qx[r].value.data(), k);
+      a01[r] = _mm512_dpbusd_epi32(a01[r], w01, x);
+      a23[r] = _mm512_dpbusd_epi32(a23[r], w23, x);
+    }
+  }
+  for (int64_t r = 0; r < kRowGroup; ++r) vnni_sums(a01[r], a23[r], qx[r].total, sums[r]);
+}
+
+// Whether int8_avx2 takes the VNNI path: where the CPU has AVX-512 VNNI, unless int8_vnni turned it off.
+bool int8_uses_vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+
+// int8_vnni: whether int8_avx2 takes the VNNI path, after setting it where `enable` is given (only on
+// a CPU that has AVX-512 VNNI); the two paths give the same sums.
+bool int8_vnni(std::optional<bool> enable) {
+  if (enable.has_value()) {
+    TORCH_CHECK(!*enable || (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")),
+                "this CPU has no AVX-512 VNNI");
+    int8_uses_vnni = *enable;
+  }
+  return int8_uses_vnni;
+}
+
 at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -306,34 +410,30 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor y = output_of(x, out);
   const int8_t* w = weight.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  const __m256i ones = _mm256_set1_epi16(1);
+  const bool vnni = int8_uses_vnni;
   at::parallel_for(0, blocks, kGrain, [&](int64_t begin, int64_t end) {
+    int32_t sums[kRowGroup][kBlock];
     for (int64_t block = begin; block < end; ++block) {
       const int8_t* first = w + block * chunks * kBlock * kChunk;
-      for (int64_t r = 0; r < rows; ++r) {  // past the first row the block's weights come from L1
-        const int8_t* v = qx[r].value.data();
-        const uint8_t* m = qx[r].magnitude.data();
-        __m256i acc[kBlock] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                               _mm256_setzero_si256()};
-        const int8_t* p = first;
-        for (int64_t k = 0; k < padded; k += kChunk, p += kBlock * kChunk) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
-          const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + k));
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k));
-          for (int j = 0; j < kBlock; ++j) {
-            const __m256i wj = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * kChunk));
-            const __m256i pairs = _mm256_maddubs_epi16(xm, _mm256_sign_epi8(wj, xv));
-            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(pairs, ones));
-          }
+      for (int64_t r = 0; r < rows;) {  // past the first rows the block's weights come from L1
+        int64_t n = 1;
+        if (vnni && rows - r >= kRowGroup) {
+          block_sums_vnni_rows(first, chunks, &qx[r], sums);
+          n = kRowGroup;
+        } else if (vnni) {
+          block_sums_vnni(first, chunks, qx[r].value.data(), qx[r].total, sums[0]);
+        } else {
+          block_sums_avx2(first, chunks, qx[r].value.data(), qx[r].magnitude.data(), sums[0]);
         }
-        for (int64_t j = 0; j < kBlock; ++j) {
-          const int64_t o = block * kBlock + j;
-          if (o >= out) break;
-          float value = static_cast<float>(sum_lanes(acc[j])) * qx[r].scale;
-          value = value * ch.scale[o];
-          value = value + qx[r].center * ch.sum[o];
-          yp[r * out + o] = b == nullptr ? value : value + b[o];
+        for (int64_t i = 0; i < n; ++i, ++r) {
+          for (int64_t j = 0; j < kBlock; ++j) {
+            const int64_t o = block * kBlock + j;
+            if (o >= out) break;
+            float value = static_cast<float>(sums[i][j]) * qx[r].scale;
+            value = value * ch.scale[o];
+            value = value + qx[r].center * ch.sum[o];
+            yp[r * out + o] = b == nullptr ? value : value + b[o];
+          }
         }
       }
     }
@@ -831,6 +931,7 @@ at::Tensor blocks(const at::Tensor& weight) {
 
 TORCH_LIBRARY(gpt2lab_native, m) {
   m.def("int8_avx2(Tensor x, Tensor weight, Tensor channels, Tensor? bias) -> Tensor");
+  m.def("int8_vnni(bool? enable) -> bool", &int8_vnni);  // no tensors: not dispatched by device
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("float_blocks_avx2(Tensor x, Tensor weight, Tensor? bias, int out) -> Tensor");
   m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor, Tensor)");
