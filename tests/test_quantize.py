@@ -240,6 +240,17 @@ def test_int8_layers_follow_loaded_weights(make_gpt, rows):
         torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)
 
 
+def test_an_int8_layer_makes_its_channels_once_for_every_kernel():
+    """The per-channel scales and weight sums (``ops.weight_channels``) are one tensor however many
+    kernels the layer packs for (the lm_head's are 400 KB in GPT-2)."""
+    layer = Int8Linear(torch.nn.Linear(32, 8), None)
+    for kernel in ops.int8_kernels(1) + ops.int8_kernels(64):
+        layer._choose(1, kernel)
+    channels = {id(packed[1]) for packed in layer._packed.values()}
+    assert len(layer._packed) > 1 and len(channels) == 1
+    assert torch.equal(next(iter(layer._packed.values()))[1], ops.weight_channels(layer.qweight, layer.scale))
+
+
 def test_an_int8_model_is_for_inference_only(make_gpt):
     """No gradients: its parameters need none, training mode refuses, and a cast to another dtype is a
     clear error rather than a mixed-dtype failure deep in a kernel."""

@@ -610,11 +610,18 @@ def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tens
     return (w / scale[:, None]).round_().clamp_(-levels, levels).to(torch.int8), scale
 
 
-def pack_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, kernel: str):
+def pack_int8(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    kernel: str,
+    channels: torch.Tensor | None = None,
+):
     """The weight in the form ``int8_linear``'s ``kernel`` reads, made once per layer and kernel, with
-    its channels (``weight_channels``)."""
+    its channels (``weight_channels``: made here where not given; a layer that packs for several
+    kernels passes its own, made once)."""
     bias = None if bias is None else bias.detach().float()
-    channels = weight_channels(qweight, scale)
+    channels = weight_channels(qweight, scale) if channels is None else channels
     if kernel == "fbgemm":  # the bias packed in (one op fewer at one row), and kept for int8_linear's rows
         zero = torch.zeros(len(scale), dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's packing takes only them

@@ -83,6 +83,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.table = table
         self._packed: dict[str, object] = {}  # kernel -> the weights as it reads them, made on first use
+        self._channels: torch.Tensor | None = None  # ops.weight_channels, made once for every kernel's packing
         self.planned: _Plan | None = None
         self.register_load_state_dict_post_hook(_drop_packed)  # laid out again from the loaded weights
 
@@ -154,7 +155,9 @@ class Int8Linear(nn.Module):
         elif kernel is None:
             kernel = self.table.choose(self.out_features, self.in_features, rows, kind="int8")
         if kernel not in self._packed:
-            self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel)
+            if self._channels is None:
+                self._channels = ops.weight_channels(self.qweight, self.scale)
+            self._packed[kernel] = ops.pack_int8(self.qweight, self.scale, self.bias, kernel, self._channels)
         return kernel, self._packed[kernel]
 
     def plan(self, rows: int, kernel: str | None = None) -> None:
@@ -215,6 +218,7 @@ class Int8Linear(nn.Module):
 
 def _drop_packed(layer: Int8Linear, incompatible_keys) -> None:
     layer._packed.clear()
+    layer._channels = None
     layer.unplan()
 
 
