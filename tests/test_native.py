@@ -319,7 +319,7 @@ def assert_copy_linear_is_f_linear(x, w, b, copy, kernel: str) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 7, 8])
 @pytest.mark.parametrize(
     ("out_features", "in_features"),
     [(64, 64), (70, 50), (3, 31), (50, 1000), (13, 8), (40, 1030), (13, 1500)],  # rows of up to 4 KB, and longer
@@ -338,7 +338,7 @@ def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, 
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 7, 8])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (50, 1000), (16, 5), (1, 1)])
 def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_features, in_features):
     """Whole blocks of 16 channels and a padded last block, widths with and without a tail past the
@@ -391,13 +391,16 @@ def test_the_float32_kernel_is_timed_with_the_cost_of_its_own_copy(tmp_path, mon
     assert table.pack_repays(256, 128, 1) == pytest.approx(0.1)  # 5 us to "copy", 50 us saved a product
 
 
-def remember_one_row(remember_kernels, linears, us: dict, chosen, numpy_us: float = 200.0) -> None:
-    """Kernel-file entries for the one-row products of ``linears``: kind ``packed`` timed 100 us a
-    product but for ``us``, its kernel ``chosen((out, in))``; numpy's BLAS ``numpy_us`` (slower)."""
-    timed = {k: 100.0 for k in kernels.candidates("packed", 1)} | us
+def remember_one_row(remember_kernels, linears, us: dict, chosen, numpy_us: float = 200.0, rows: int = 1) -> None:
+    """Kernel-file entries for the one-row products of ``linears`` (or the decode steps' of ``rows``): kind
+    ``packed`` (``steps``) timed 100 us a product but for ``us``, its kernel ``chosen((out, in))``;
+    numpy's BLAS ``numpy_us`` (slower)."""
+    kind = "packed" if rows == 1 else "steps"
+    timed = {k: 100.0 for k in kernels.candidates(kind, rows)} | us
     numpy_us = {k: numpy_us for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
     for o, i in {(m.out_features, m.in_features) for m in linears}:
-        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": chosen((o, i)), "us_per_product": dict(timed)}})
+        entry = {"kernel": chosen((o, i)), "us_per_product": dict(timed)}
+        remember_kernels({f"{kind} {o}x{i} rows {kernels.rows_bucket(rows, kind)}": entry})
         remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": dict(numpy_us)}})
 
 
@@ -510,23 +513,40 @@ def test_the_blocked_copy_repays_against_the_kernel_on_the_weight_as_it_is(tmp_p
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("steps", "want"), [(40, "avx2_f32_blocks"), (20, "avx2_f32")])
-def test_one_row_decoding_reads_the_blocked_copies_where_they_repay(
-    make_gpt, remember_kernels, monkeypatch, steps, want
+def test_decoding_reads_the_blocked_copies_where_they_repay(
+    make_gpt, remember_kernels, monkeypatch, steps, want, rows
 ):
     """The blocked copies are fastest and repay within 35 steps against ``avx2_f32``: a 40-step decode
-    makes them and gives F.linear's tokens; a 20-step one reads the weights as they are instead."""
+    makes them and gives F.linear's tokens; a 20-step one reads the weights as they are instead. At one
+    row and at several (kind ``steps``), where each block then steps in one op."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
-    model = make_gpt(seed=5, backends=Backends(linear="auto", pack_min_steps=4), **config)
+    backends = Backends(linear="auto", pack_min_steps=4, decode_attention="avx2")
+    model = make_gpt(seed=5, backends=backends, **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
     us = {"avx2_f32": 70.0, "avx2_f32_blocks": 50.0, "pack": 700.0}
-    remember_one_row(remember_kernels, linears, us, lambda shape: "avx2_f32_blocks")
+    remember_one_row(remember_kernels, linears, us, lambda shape: "avx2_f32_blocks", rows=rows)
     packed = recorded_packs(monkeypatch)
+    calls = count_calls(monkeypatch, "decode_block")
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
-    tokens = generate(model, [[5, 17, 3]], steps + 1, temperature=0, eos_id=None)
+    prompts = [[5, 17, 3], [2, 9, 4], [7, 1, 8]][:rows]
+    tokens = generate(model, prompts, steps + 1, temperature=0, eos_id=None)
     assert packed == [want] * len(linears)
-    assert tokens == generate(reference, [[5, 17, 3]], steps + 1, temperature=0, eos_id=None)
+    assert len(calls) == steps * len(model.h)
+    assert tokens == generate(reference, prompts, steps + 1, temperature=0, eos_id=None)
     assert all(m.packed is None for m in linears)
+
+
+@needs_kernel
+def test_the_own_float32_kernels_are_candidates_for_decode_steps_of_few_rows():
+    """A decode step of 2 to ``FEW_ROWS`` rows (kind ``steps``) weighs gpt2lab's float32 kernels too; the
+    repeated prefill products of that many rows (kind ``packed``) weigh MKL's packed copy only."""
+    own = ("avx2_f32", "avx2_f32_blocks")
+    assert kernels.candidates("steps", 8) == kernels.candidates("packed", 8) + own
+    assert kernels.candidates("steps", kernels.FEW_ROWS) == kernels.candidates("packed", 8) + own
+    assert kernels.candidates("steps", 2 * kernels.FEW_ROWS) == kernels.candidates("packed", 32)
+    assert not set(own) & set(kernels.candidates("packed", 8))
 
 
 def test_the_build_finds_ninja_in_its_package_where_path_has_none(monkeypatch):
@@ -711,14 +731,14 @@ def test_a_decode_step_runs_the_fused_ops_and_keeps_the_tokens(make_gpt, monkeyp
     sliding window, grouped heads)."""
     attends, norms = count_calls(monkeypatch, "cache_attention_avx2"), count_calls(monkeypatch, "add_layer_norm")
     prompts = [[3, 1, 4, 1, 5, 9], [2, 7]]
-    for config in ({}, {"window": 4, "n_kv_head": 2}):
-        model = make_gpt(seed=3, backends=Backends(decode_attention="avx2"), **config)
+    for config in ({}, {"window": 4, "n_kv_head": 2}):  # torch's products: no block steps in one op
+        model = make_gpt(seed=3, backends=Backends(decode_attention="avx2", linear="torch"), **config)
         fused = generate(model, prompts, 10, temperature=0, eos_id=None)
         assert len(attends) == 9 * 2 and len(norms) == 10 * 2  # steps (+ prompt) x layers
         attends.clear(), norms.clear()
         with monkeypatch.context() as unfused:
             unfused.setattr(gpt2lab.model, "add_layer_norm", lambda x, d, n, fused: ops.add_layer_norm(x, d, n, False))
-            model = make_gpt(seed=3, backends=Backends(decode_attention="products"), **config)
+            model = make_gpt(seed=3, backends=Backends(decode_attention="products", linear="torch"), **config)
             plain = generate(model, prompts, 10, temperature=0, eos_id=None)
         assert attends == [] and norms == []
         assert fused == plain

@@ -71,7 +71,7 @@ COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx
 OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
-KINDS = ("float32", "int8", "packed", "gelu", "numpy", "tanh_gelu", "attention", "int8_block")
+KINDS = ("float32", "int8", "packed", "steps", "gelu", "numpy", "tanh_gelu", "attention", "int8_block")
 # a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
 REVISIONS = {"int8": 4, "gelu": 2}
 # gpt2lab.native's: an entry timing them records their build (source_digest)
@@ -101,7 +101,9 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
     by oneDNN or MKL: ``onednn_t``, ``torch_t``, and on AVX2 CPUs gpt2lab's own kernel on the weight
     as it is, ``avx2_f32``, and on its copy in blocks of 16 output channels, ``avx2_f32_blocks``:
-    ``gpt2lab.native``), "gelu" (an MLP's first product and its tanh-GELU
+    ``gpt2lab.native``), "steps" (the "packed" kind of a decode step of two rows or more: its kernels
+    and, up to ``FEW_ROWS`` rows, gpt2lab's two; apart from "packed", which repeated prefill products
+    of that many rows weigh, ``ops.Linear.pack_repeated``), "gelu" (an MLP's first product and its tanh-GELU
     without gradients: one oneDNN call with the activation fused in, ``onednn_gelu``, against either
     float32 kernel then the GELU in the form its own kind chose), "numpy" (a one-row product without
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
@@ -127,11 +129,14 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     float32 = FLOAT32_KERNELS if ops.onednn_available() else ("torch",)
     if kind == "gelu":
         return float32 + ("onednn_gelu",) if ops.onednn_available() else float32
+    own = ("avx2_f32", "avx2_f32_blocks") if rows <= FEW_ROWS and native.available() else ()
     if kind == "packed" and rows == 1:
-        own = ("avx2_f32", "avx2_f32_blocks") if native.available() else ()
         return float32 + tuple(f"{k}_t" for k in float32) + own
+    packed = float32 + ("mkl_packed",) if ops.packing_available() else float32
     if kind == "packed":
-        return float32 + ("mkl_packed",) if ops.packing_available() else float32
+        return packed
+    if kind == "steps":
+        return packed + own
     return float32
 
 

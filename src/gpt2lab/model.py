@@ -606,11 +606,12 @@ class GPT(nn.Module):
         be made), every layer reads its weight there (``Linear.pack``
         with ``numpy``, or ``numpy_t`` on a transposed copy), and the steps must run within
         ``ops.numpy_blas_threads``. Otherwise, for at least ``backends.pack_min_steps`` steps, a layer
-        reads a copy of its weight laid out for products of that many rows (MKL's packed layout, or at
-        one row the transposed one) where the table measures that faster (kind ``packed``). A copy is
+        reads a copy of its weight laid out for products of that many rows (MKL's packed layout, at one
+        row the transposed one, and up to ``kernels.FEW_ROWS`` rows gpt2lab's blocked one) where the
+        table measures that faster (kind ``packed`` at one row, ``steps`` at more). A copy is
         made only where the saving repays making it within ``steps`` (``KernelTable.pack_repays``); the
         copies hold about as much memory again as the weights they copy, and together never more than
-        half the memory the OS has available (``gpt2lab.device.available_memory``). At one row, a layer
+        half the memory the OS has available (``gpt2lab.device.available_memory``). A layer
         that reads no copy reads with gpt2lab's own kernel on the weight as it is (``avx2_f32``: no
         copy) for any number of steps (unless ``pack_min_steps`` is 0) wherever the table measures it
         at most ``kernels.MARGIN`` slower than the other kernels on the weight (``KernelTable.in_place``):
@@ -623,8 +624,9 @@ class GPT(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
-        kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies, in_place=bool(min_steps)) else "packed"
-        if kind == "packed" and not min_steps:
+        own = "packed" if rows == 1 else "steps"  # the kind with gpt2lab's kernels among its candidates
+        kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies, in_place=bool(min_steps)) else own
+        if kind == own and not min_steps:
             return []
         spare = available_memory()
         budget = spare // 2 if spare is not None else math.inf
@@ -635,7 +637,7 @@ class GPT(nn.Module):
             in_place = kernel in READS_THE_WEIGHT  # its "copy" is the weight: no memory, nothing to repay
             size = m.weight.numel() * m.weight.element_size()
             repaid = in_place or (copies and m.table.pack_repays(*shape, kind) <= steps and size <= budget)
-            if kind == "packed" and not (kernel in kernels.COPY_KERNELS and repaid):
+            if kind == own and not (kernel in kernels.COPY_KERNELS and repaid):
                 # gpt2lab's kernel on the weight as it is, unless measurably slower (kernels.MARGIN) than
                 # the others on it: a block whose products all run gpt2lab's kernels steps in one op
                 kernel = m.table.in_place(*shape, kind, slower=kernels.MARGIN)

@@ -14,12 +14,14 @@
 // gpt2lab.ops.int8_linear's torch._int_mm path takes.
 //
 // float_avx2: y = x times a float32 weight as it is, plus a float32 bias (no copy: rows of up to a page
-// are read one after another, longer ones eight at once).
+// are read one after another, longer ones eight at once; with several rows of x, four channels times
+// two rows of x at a time).
 //
 // float_blocks_avx2: the same product on a copy of the weight laid out as the kernel reads it,
 // (blocks, in, 16) by float_blocks: blocks of 16 output channels, each one sequential stream of the
 // 16 channels' values at one input position after another (a cache line each), one stream per thread.
-// Each line multiplies by one broadcast value of x: no sums across lanes, no prefetch of its own.
+// Each line multiplies by one broadcast value of x: no sums across lanes, no prefetch of its own. With
+// several rows of x each line is loaded once for four of them (8 FMAs a line, in flight together).
 //
 // attention_avx2: a decode step's attention, one query per row and head over the keys and values of
 // the KV cache, read where they lie (strided views of it), in one pass of each query over its keys.
@@ -448,24 +450,39 @@ inline float sum_lanes(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// N output channels from `row0` (each `in` long) times one row of x, plus the bias (b may be null).
-template <int64_t N>
-inline void float_channels(const float* row0, const float* xr, int64_t in, const float* b, float* y) {
+// N output channels from `row0` (each `in` long) times R rows of x (`in` apart), plus the bias (b may
+// be null), into R rows of y (`out` apart). Each 8-lane chunk of a channel's row is loaded once for
+// the R rows.
+template <int64_t N, int64_t R = 1>
+inline void float_channels(const float* row0, const float* x, int64_t in, const float* b, float* y,
+                           int64_t out = 0) {
   constexpr int64_t kLanes = 8, kAheadValues = 256;  // 1 KiB ahead in each row
-  __m256 acc[N];
-  for (int64_t j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  __m256 acc[N * R];  // [j * R + r]: channel j, row r
+#pragma GCC unroll 8
+  for (int i = 0; i < N * R; ++i) acc[i] = _mm256_setzero_ps();
   const int64_t whole = in / kLanes * kLanes;
   for (int64_t k = 0; k < whole; k += kLanes) {
     if (k % 16 == 0)  // a cache line of each row
-      for (int64_t j = 0; j < N; ++j) _mm_prefetch(reinterpret_cast<const char*>(row0 + j * in + k + kAheadValues), _MM_HINT_T1);
-    const __m256 xv = _mm256_loadu_ps(xr + k);
-    for (int64_t j = 0; j < N; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(row0 + j * in + k), xv, acc[j]);
+#pragma GCC unroll 8
+      for (int j = 0; j < N; ++j) _mm_prefetch(reinterpret_cast<const char*>(row0 + j * in + k + kAheadValues), _MM_HINT_T1);
+    __m256 xv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * in + k);
+#pragma GCC unroll 8
+    for (int j = 0; j < N; ++j) {
+      const __m256 wv = _mm256_loadu_ps(row0 + j * in + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[j * R + r] = _mm256_fmadd_ps(wv, xv[r], acc[j * R + r]);
+    }
   }
   for (int64_t j = 0; j < N; ++j) {
     const float* row = row0 + j * in;
-    float sum = sum_lanes(acc[j]);
-    for (int64_t k = whole; k < in; ++k) sum += row[k] * xr[k];
-    y[j] = b == nullptr ? sum : sum + b[j];
+    for (int64_t r = 0; r < R; ++r) {
+      const float* xr = x + r * in;
+      float sum = sum_lanes(acc[j * R + r]);
+      for (int64_t k = whole; k < in; ++k) sum += row[k] * xr[k];
+      y[r * out + j] = b == nullptr ? sum : sum + b[j];
+    }
   }
 }
 
@@ -488,7 +505,9 @@ constexpr int64_t kShortRow = 4096;  // bytes: rows up to a page long are read o
 // The float32 product for the few rows of a decode step: x times a float32 weight as it is, (out, in)
 // contiguous, plus the bias. Rows of up to a page are read one after another, so each thread reads one
 // sequential stream; longer rows eight output channels together, eight streams with a prefetch ahead
-// in each (on the family-25 EPYC each form was the faster one there: docs/benchmarks.md, item 15).
+// in each (on the family-25 EPYC each form was the faster one there: docs/benchmarks.md, item 15). With
+// several rows of x, two of them at a time take each group's channels four by four, every 8-lane chunk
+// of a channel loaded once for both.
 at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr int64_t kRows = 8;
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -505,8 +524,14 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
   at::parallel_for(0, (out + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * kRows, n = std::min(kRows, out - first);
-      for (int64_t r = 0; r < rows; ++r) {  // past the first row the group's weights come from cache
-        const float* bias_at = b == nullptr ? nullptr : b + first;
+      const float* bias_at = b == nullptr ? nullptr : b + first;
+      int64_t r = 0;
+      if (n == kRows)  // two rows at a time, four channels each time: past the first the weights come from cache
+        for (; r + 2 <= rows; r += 2)
+          for (int64_t half = 0; half < kRows; half += 4)
+            float_channels<4, 2>(w + (first + half) * in, xp + r * in, in, bias_at ? bias_at + half : nullptr,
+                                 yp + r * out + first + half, out);
+      for (; r < rows; ++r) {
         if (in * static_cast<int64_t>(sizeof(float)) <= kShortRow) {
           for (int64_t j = 0; j < n; ++j) {
             const float sum = float_row(w + (first + j) * in, xp + r * in, in);
@@ -527,34 +552,62 @@ at::Tensor float_avx2(const at::Tensor& x, const at::Tensor& weight, const std::
 
 constexpr int64_t kFloatBlock = 16;  // output channels of a float32 block: one cache line at each input position
 
-// The 16 outputs of one block (`block` points at its (in, 16) values) times one row of x, plus the
-// bias (b may be null), the first n of them written to y. Four input positions a round, each into
-// accumulators of its own: 4 FMAs deep, none waits for the last.
-inline void float_block(const float* block, const float* xr, int64_t in, const float* b, float* y, int64_t n) {
-  __m256 lo[4], hi[4];
-  for (int u = 0; u < 4; ++u) lo[u] = hi[u] = _mm256_setzero_ps();
+// The 16 outputs of one block (`block` points at its (in, 16) values) times R rows of x (`in` apart),
+// plus the bias (b may be null), the first n of them written to each row of y (`out` apart). Each
+// line of the block is loaded once for the R rows and multiplied by each row's broadcast value: 4 / R
+// input positions a round, each into accumulators of its own, so that 8 FMAs are in flight and none
+// waits for the last.
+template <int64_t R>
+inline void float_block(const float* block, const float* x, int64_t in, const float* b, float* y, int64_t out,
+                        int64_t n) {
+  constexpr int kRound = 4 / R;
+  __m256 lo[kRound * R], hi[kRound * R];  // [u * R + r]: input position u of the round, row r
+#pragma GCC unroll 8
+  for (int i = 0; i < kRound * R; ++i) lo[i] = hi[i] = _mm256_setzero_ps();
   const float* p = block;
   int64_t k = 0;
-  for (; k + 4 <= in; k += 4, p += 4 * kFloatBlock) {
-    for (int u = 0; u < 4; ++u) {
-      const __m256 xv = _mm256_broadcast_ss(xr + k + u);
-      lo[u] = _mm256_fmadd_ps(_mm256_loadu_ps(p + u * kFloatBlock), xv, lo[u]);
-      hi[u] = _mm256_fmadd_ps(_mm256_loadu_ps(p + u * kFloatBlock + 8), xv, hi[u]);
+  for (; k + kRound <= in; k += kRound, p += kRound * kFloatBlock) {
+#pragma GCC unroll 4
+    for (int u = 0; u < kRound; ++u) {
+      const __m256 w_lo = _mm256_loadu_ps(p + u * kFloatBlock), w_hi = _mm256_loadu_ps(p + u * kFloatBlock + 8);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(x + r * in + k + u);
+        lo[u * R + r] = _mm256_fmadd_ps(w_lo, xv, lo[u * R + r]);
+        hi[u * R + r] = _mm256_fmadd_ps(w_hi, xv, hi[u * R + r]);
+      }
     }
   }
   for (; k < in; ++k, p += kFloatBlock) {
-    const __m256 xv = _mm256_broadcast_ss(xr + k);
-    lo[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p), xv, lo[0]);
-    hi[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8), xv, hi[0]);
+    const __m256 w_lo = _mm256_loadu_ps(p), w_hi = _mm256_loadu_ps(p + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * in + k);
+      lo[r] = _mm256_fmadd_ps(w_lo, xv, lo[r]);
+      hi[r] = _mm256_fmadd_ps(w_hi, xv, hi[r]);
+    }
   }
-  float sum[kFloatBlock];
-  _mm256_storeu_ps(sum, _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3])));
-  _mm256_storeu_ps(sum + 8, _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3])));
-  for (int64_t j = 0; j < n; ++j) y[j] = b == nullptr ? sum[j] : sum[j] + b[j];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    __m256 l = lo[r], h = hi[r];  // the round's sums, pairwise: (0 + 1) + (2 + 3)
+    if constexpr (kRound == 4) {
+      l = _mm256_add_ps(_mm256_add_ps(lo[r], lo[R + r]), _mm256_add_ps(lo[2 * R + r], lo[3 * R + r]));
+      h = _mm256_add_ps(_mm256_add_ps(hi[r], hi[R + r]), _mm256_add_ps(hi[2 * R + r], hi[3 * R + r]));
+    } else if constexpr (kRound == 2) {
+      l = _mm256_add_ps(lo[r], lo[R + r]);
+      h = _mm256_add_ps(hi[r], hi[R + r]);
+    }
+    float sum[kFloatBlock];
+    _mm256_storeu_ps(sum, l);
+    _mm256_storeu_ps(sum + 8, h);
+    for (int64_t j = 0; j < n; ++j) y[r * out + j] = b == nullptr ? sum[j] : sum[j] + b[j];
+  }
 }
 
 // The float32 product for the few rows of a decode step on the weight laid out by float_blocks:
-// (blocks, in, 16), `out` channels of it real (the rest zero padding). The threads take whole blocks.
+// (blocks, in, 16), `out` channels of it real (the rest zero padding). The threads take whole blocks;
+// each block is read from memory once, for four rows of x at a time (then two, then one), the rows
+// past the first four from cache.
 at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, const std::optional<at::Tensor>& bias,
                              int64_t out) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -574,9 +627,12 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
   at::parallel_for(0, nblocks, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * kFloatBlock, n = std::min(kFloatBlock, out - first);
-      for (int64_t r = 0; r < rows; ++r)  // past the first row the block comes from cache
-        float_block(w + block * in * kFloatBlock, xp + r * in, in, b == nullptr ? nullptr : b + first,
-                    yp + r * out + first, n);
+      const float* wb = w + block * in * kFloatBlock;
+      const float* bb = b == nullptr ? nullptr : b + first;
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) float_block<4>(wb, xp + r * in, in, bb, yp + r * out + first, out, n);
+      for (; r + 2 <= rows; r += 2) float_block<2>(wb, xp + r * in, in, bb, yp + r * out + first, out, n);
+      if (r < rows) float_block<1>(wb, xp + r * in, in, bb, yp + r * out + first, out, n);
     }
   });
   return y;
