@@ -515,9 +515,7 @@ def test_the_blocked_copy_repays_against_the_kernel_on_the_weight_as_it_is(tmp_p
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("steps", "want"), [(40, "avx2_f32_blocks"), (20, "avx2_f32")])
-def test_decoding_reads_the_blocked_copies_where_they_repay(
-    make_gpt, remember_kernels, monkeypatch, steps, want, rows
-):
+def test_decoding_reads_the_blocked_copies_where_they_repay(make_gpt, remember_kernels, monkeypatch, steps, want, rows):
     """The blocked copies are fastest and repay within 35 steps against ``avx2_f32``: a 40-step decode
     makes them and gives F.linear's tokens; a 20-step one reads the weights as they are instead. At one
     row and at several (kind ``steps``), where each block then steps in one op."""
