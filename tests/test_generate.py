@@ -470,7 +470,7 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
     half the available memory holds, and a layer whose weight changed reads the weight itself."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     rows = len(prompts)
-    kind = "packed" if rows == 1 else "steps"  # a decode step's copies: the second with gpt2lab's kernels
+    kind = kernels.decode_kind(rows)  # a decode step's copies: "steps" with gpt2lab's kernels at 2+ rows
     linears = [m for m in make_gpt(**config).modules() if isinstance(m, ops.Linear)]
     us = {k: 100.0 for k in kernels.candidates(kind, rows)} | {kernel: 50.0, "pack": 300.0}  # repaid by 6
     if "avx2_f32" in us:  # gpt2lab's kernel on the weight as it is: measurably slower here, so never read instead

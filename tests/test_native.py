@@ -395,7 +395,7 @@ def remember_one_row(remember_kernels, linears, us: dict, chosen, numpy_us: floa
     """Kernel-file entries for the one-row products of ``linears`` (or the decode steps' of ``rows``): kind
     ``packed`` (``steps``) timed 100 us a product but for ``us``, its kernel ``chosen((out, in))``;
     numpy's BLAS ``numpy_us`` (slower)."""
-    kind = "packed" if rows == 1 else "steps"
+    kind = kernels.decode_kind(rows)
     timed = {k: 100.0 for k in kernels.candidates(kind, rows)} | us
     numpy_us = {k: numpy_us for k in kernels.candidates("numpy", 1)} | {"pack": 300.0}
     for o, i in {(m.out_features, m.in_features) for m in linears}:
@@ -545,6 +545,7 @@ def test_the_own_float32_kernels_are_candidates_for_decode_steps_of_few_rows():
     assert kernels.candidates("steps", kernels.FEW_ROWS) == kernels.candidates("packed", 8) + own
     assert kernels.candidates("steps", 2 * kernels.FEW_ROWS) == kernels.candidates("packed", 32)
     assert not set(own) & set(kernels.candidates("packed", 8))
+    assert [kernels.decode_kind(rows) for rows in (1, 2, 8)] == ["packed", "steps", "steps"]
 
 
 def test_the_build_finds_ninja_in_its_package_where_path_has_none(monkeypatch):

@@ -140,6 +140,12 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     return float32
 
 
+def decode_kind(rows: int) -> str:
+    """The kind whose kernels and copies a decode step of ``rows`` rows weighs (``candidates``):
+    ``packed`` at one row, ``steps`` at more (apart from the repeated prefill products' ``packed``)."""
+    return "packed" if rows == 1 else "steps"
+
+
 def fallback(kind: str = "float32", rows: int = 1) -> str:
     return candidates(kind, rows)[0]
 

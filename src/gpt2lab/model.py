@@ -624,7 +624,7 @@ class GPT(nn.Module):
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
-        own = "packed" if rows == 1 else "steps"  # the kind with gpt2lab's kernels among its candidates
+        own = kernels.decode_kind(rows)  # the kind with gpt2lab's kernels among its candidates
         kind = "numpy" if _faster_in_numpy(layers, rows, steps, copies, in_place=bool(min_steps)) else own
         if kind == own and not min_steps:
             return []
