@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -345,6 +347,47 @@ def test_a_transposed_copy_is_measured_at_one_row_with_the_time_of_making_it():
         copy = ops.copy_weight(w, 1, kernel)
         assert copy.shape == w.shape and copy.stride() == (1, 768)
         torch.testing.assert_close(ops.copy_linear(x, copy, kernel, w, None), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+def test_copies_are_timed_into_fresh_memory_as_a_model_makes_them(monkeypatch):
+    """Each timed copy is kept until all are timed and freed memory is handed back before it, so no copy
+    reuses pages that one before it, or an earlier measurement, touched (reused pages are several times
+    cheaper on some machines than the new ones a model's copies take)."""
+    made: list[weakref.ref] = []
+    events: list[str] = []
+
+    def copy(weight, rows, kernel):
+        assert all(ref() is not None for ref in made), "a timed copy was freed before the others were timed"
+        events.append("copy")
+        out = weight.clone()
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(ops, "copy_weight", copy)
+    monkeypatch.setattr(kernels, "_release_freed_memory", lambda: events.append("release"))
+    kernels._copy_times(64, 32, 1, {"pack": "onednn_t", "pack avx2_f32_blocks": "avx2_f32_blocks"}, lambda: None)
+    assert events == ["release", "copy"] * 6
+
+
+def test_a_wide_weights_copy_is_timed_on_a_slice_standing_for_the_whole(monkeypatch):
+    shapes = []
+
+    def copy(weight, rows, kernel):
+        shapes.append(tuple(weight.shape))
+        time.sleep(0.01)
+        return weight.clone()
+
+    monkeypatch.setattr(ops, "copy_weight", copy)
+    monkeypatch.setattr(kernels, "MAX_OUT", 100)
+    times = kernels._copy_times(1000, 32, 1, {"pack": "onednn_t"}, lambda: None)
+    assert shapes == [(100, 32)] * 3
+    assert 0.1 <= times["pack"] < 0.5  # ten slices' time
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_memory_is_handed_back_where_the_c_library_can():
+    assert kernels._malloc_trim() is not None
+    kernels._release_freed_memory()
 
 
 def test_a_wide_weight_is_measured_whole_at_a_few_rows(monkeypatch):

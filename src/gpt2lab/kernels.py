@@ -44,6 +44,7 @@ cannot be written still works: the choices are kept in memory for the process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import math
@@ -72,8 +73,9 @@ OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
 KINDS = ("float32", "int8", "packed", "steps", "gelu", "numpy", "tanh_gelu", "attention", "int8_block")
-# a kind's revision, where one of its kernels changed how it runs: entries timed at an older one are timed again
-REVISIONS = {"int8": 4, "gelu": 2}
+# a kind's revision, where one of its kernels changed how it runs or how it is timed: entries timed at an older
+# one are timed again
+REVISIONS = {"int8": 4, "gelu": 2, "packed": 2, "steps": 2, "numpy": 2}
 # gpt2lab.native's: an entry timing them records their build (source_digest)
 NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks", "one_op")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
@@ -436,11 +438,45 @@ def measure(
         if k in COPY_KERNELS:
             copy_kernels.setdefault(pack_key(k), k)
     if copy_kernels:  # and the time of making each form of copy of the whole weight
-        weight = torch.full((n, in_features), 0.01)
-        make = {key: functools.partial(ops.copy_weight, weight, rows, k) for key, k in copy_kernels.items()}
-        made = alternated(make, 3, warmup=0)
-        times |= {key: statistics.median(t) * out_features / n for key, t in made.items()}
+        times |= _copy_times(out_features, in_features, rows, copy_kernels, evict)
     return times
+
+
+def _copy_times(out_features: int, in_features: int, rows: int, copy_kernels: dict[str, str], evict) -> dict:
+    """Seconds of making the copy of an (out, in) weight that each kernel of ``copy_kernels`` (by the
+    time's key, ``pack_key``) reads in products of ``rows`` rows, medians of three, as a model makes its
+    copies: each into fresh memory (every copy is kept until all are timed, so none reuses the pages of
+    one before it: touching new pages costs several times the copy itself on some machines, a virtual
+    one's above all), from a weight read from memory (``evict`` runs before each). At most ``MAX_OUT``
+    outputs are copied, standing for the whole weight (a copy's time is per byte)."""
+    n = min(out_features, MAX_OUT)
+    weight = torch.full((n, in_features), 0.01)
+    kept: list[torch.Tensor] = []
+    make = {key: functools.partial(_kept, kept, ops.copy_weight, weight, rows, k) for key, k in copy_kernels.items()}
+    made = alternated(make, 3, warmup=0, before=lambda: (evict(), _release_freed_memory()))
+    return {key: statistics.median(t) * out_features / n for key, t in made.items()}
+
+
+def _kept(kept: list, fn: Callable, *args) -> None:
+    kept.append(fn(*args))
+
+
+@functools.cache
+def _malloc_trim() -> Callable | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory the process has freed back to the OS (glibc's ``malloc_trim``; nothing elsewhere),
+    so that the next allocation touches new pages, as a model's copies do, and not pages that an earlier
+    measurement freed."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _fastest_plain(us: dict, kind: str, rows: int) -> float | None:
