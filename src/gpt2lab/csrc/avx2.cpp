@@ -36,7 +36,6 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -638,18 +637,6 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
   return y;
 }
 
-// Ask Linux to back the whole 2 MiB pages of a new allocation with huge pages (where transparent huge
-// pages are left to madvise): writing it then faults a few hundred pages, not a hundred thousand
-// (docs/benchmarks.md, item 15). Not a requirement: a refusal is ignored.
-void huge_pages(void* data, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t from = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) / kHuge * kHuge;
-  const uintptr_t to = (reinterpret_cast<uintptr_t>(data) + bytes) / kHuge * kHuge;
-  if (to > from) madvise(reinterpret_cast<void*>(from), to - from, MADV_HUGEPAGE);
-#endif
-}
-
 // 8 rows of 8 values (row r at from + r * stride) written as 8 rows of 8 (column c at to + c * 16).
 inline void transpose_8x8(const float* from, int64_t stride, float* to) {
   __m256 r[8], t[8];
@@ -679,7 +666,6 @@ at::Tensor float_blocks(const at::Tensor& weight) {
   at::Tensor laid = at::empty({nblocks, in, kFloatBlock}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = laid.data_ptr<float>();
-  huge_pages(dst, laid.numel() * sizeof(float));
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       float* to = dst + block * in * kFloatBlock;
