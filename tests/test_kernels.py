@@ -390,6 +390,20 @@ def test_freed_memory_is_handed_back_where_the_c_library_can():
     kernels._release_freed_memory()
 
 
+@pytest.mark.parametrize("error", [AttributeError, OSError, TypeError])
+def test_a_c_library_without_malloc_trim_releases_nothing(monkeypatch, error):
+    def missing(name):
+        raise error(name)
+
+    monkeypatch.setattr(kernels.ctypes, "CDLL", missing)
+    kernels._malloc_trim.cache_clear()
+    try:
+        assert kernels._malloc_trim() is None
+        kernels._release_freed_memory()
+    finally:
+        kernels._malloc_trim.cache_clear()
+
+
 def test_a_wide_weight_is_measured_whole_at_a_few_rows(monkeypatch):
     """At a few rows the whole wide weight streams, as in a decode step (a kernel's split between threads
     sets its read rate); at many rows MAX_OUT outputs of it stand for the whole."""

@@ -466,7 +466,7 @@ def _malloc_trim() -> Callable | None:
     """glibc's ``malloc_trim``, or None where the C library has none."""
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no such function, or (Windows) no C library by that name
         return None
 
 
