@@ -6,6 +6,7 @@ they cannot be built."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -701,6 +702,39 @@ def test_add_layer_norm_is_the_add_then_the_norm(shape):
     torch.testing.assert_close(normed, norm(x + delta), atol=2e-6, rtol=1e-5)
 
 
+@needs_kernel
+def test_the_avx2_gelu_is_gpt2s_tanh_gelu_to_a_few_roundings():
+    """Against GPT-2's GELU in float64, over a sweep through the steep negative tail, random values and
+    edge values: within 4e-6 relative where the GELU is not tiny (aten's tanh form loses far more to
+    cancellation out there), within 1e-11 where it is; NaN stays NaN; written over its input."""
+    y = torch.cat([torch.linspace(-12, 12, 240_001), torch.randn(100_000) * 3, torch.tensor([0.0, -0.0, 1e-30, 50.0])])
+    y64 = y.double()
+    want = y64 * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (y64 + 0.044715 * y64**3))
+    got = y.clone()
+    assert ops.tanh_gelu_(got, "avx2") is got
+    big = want.abs() > 1e-6
+    assert ((got.double() - want).abs() / want.abs())[big].max() < 4e-6
+    assert (got.double() - want)[~big].abs().max() < 1e-11
+    assert torch.equal(got[-4:], torch.tensor([0.0, 0.0, 5e-31, 50.0]))
+    assert ops.tanh_gelu_(torch.tensor([math.nan, -1e20, 1e20]), "avx2").tolist()[1:] == pytest.approx([0.0, 1e20])
+    assert ops.tanh_gelu_(torch.tensor([math.nan]), "avx2").isnan().all()
+
+
+@needs_kernel
+def test_the_avx2_gelu_gives_a_value_the_same_bits_wherever_it_lies():
+    """The last values of an output of any length (a masked load and store) and those of a long output
+    shared between threads come out as the same value does at the start of a short one."""
+    values = torch.randn(21, generator=torch.Generator().manual_seed(3)) * 4
+    alone = torch.stack([ops.tanh_gelu_(v.repeat(8).clone(), "avx2")[0] for v in values])
+    for n in range(1, 22):
+        assert torch.equal(ops.tanh_gelu_(values[:n].clone(), "avx2"), alone[:n])
+    long = values.repeat(20_000)  # 420,000 values: past one thread's share
+    assert torch.equal(ops.tanh_gelu_(long.clone(), "avx2"), alone.repeat(20_000))
+    torch.library.opcheck(torch.ops.gpt2lab_native.gelu_avx2_, (values.clone(),))
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.gpt2lab_native.gelu_avx2_(torch.randn(4, 8)[:, ::2])
+
+
 def test_add_layer_norm_takes_the_two_ops_where_it_does_not_fuse(monkeypatch):
     """Not fused (outside the KV cache, with gradients, or without gpt2lab.native): exactly x + delta
     and the module's norm, gradients flowing."""
@@ -849,7 +883,7 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize(
-    ("int8", "gelu_form"), [(False, "tanh"), (True, "tanh"), (False, "sigmoid"), (True, "sigmoid")]
+    ("int8", "gelu_form"), [(int8, form) for form in ("tanh", "sigmoid", "avx2") for int8 in (False, True)]
 )
 def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, monkeypatch, int8, gelu_form):
     """Where a block's four products run gpt2lab's kernels (float32: the blocked copies and the weight as

@@ -111,7 +111,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     gradients in numpy's BLAS, on the weight as it is or on its transposed copy: ``numpy``, ``numpy_t``;
     none where numpy's BLAS cannot be told its threads. A decode step weighs these against the "packed"
     kind's kernels: ``GPT.pack_for_decoding``), "tanh_gelu" (not a product: the form of the tanh-GELU
-    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh`` or ``sigmoid``),
+    over a (rows, out) output without gradients, ``gpt2lab.ops.tanh_gelu_``'s ``tanh``, ``sigmoid`` or,
+    where ``gpt2lab.native`` runs, ``avx2``),
     "attention" (not a product: a decode step's one query per head over ``rows`` keys of its KV cache,
     out = the query heads of every row, in = the head size: ``gpt2lab.ops.one_query_attention``'s
     ``products``, ``sdpa`` or, where ``gpt2lab.native`` runs, ``avx2``), "int8_block" (not a product:
@@ -119,7 +120,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     its heads, in Python, ``python``, or as one op, ``one_op``, where ``gpt2lab.native`` runs:
     ``model.Block.plan``, which weighs the difference against the products' own times)."""
     if kind == "tanh_gelu":
-        return ops.GELU_FORMS
+        return tuple(f for f in ops.GELU_FORMS if f != "avx2" or native.available())
     if kind == "int8_block":
         return ("python", "one_op") if native.available() else ("python",)
     if kind == "attention":

@@ -15,7 +15,8 @@ lies, in one pass per query. Each is one more candidate of the kernel table, cho
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
 keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
 through the KV cache each block's residual add and the LayerNorm after it are one op
-(``add_layer_norm``, ``ops.add_layer_norm``); where all of a block's products run these kernels, its
+(``add_layer_norm``, ``ops.add_layer_norm``), and an MLP's tanh-GELU can run in AVX2 with an exponential
+of its own (``gelu_avx2_``, the form ``avx2`` of ``ops.tanh_gelu_``); where all of a block's products run these kernels, its
 whole eager decode step is one op (``decode_block``, ``model.Block.plan``). For the other int8
 kernels (products of many rows), each row's quantization (``quantize_rows``, or for fbgemm
 ``normalize_rows``) and the output's scaling (``scale_rows_``) are one pass each
@@ -23,7 +24,7 @@ kernels (products of many rows), each row's quantization (``quantize_rows``, or 
 an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under torch's extension
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
 ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
-``cache_attention_avx2``, ``add_layer_norm``, ``decode_block``, ``quantize_rows``,
+``cache_attention_avx2``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``quantize_rows``,
 ``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks`` and ``int8_vnni``. Where they cannot be built (no
 C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and
 ``unavailable_reason`` says why.
@@ -136,6 +137,7 @@ def _build_and_load() -> None:
         lambda x, delta, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape))
     )
     torch.library.register_fake("gpt2lab_native::decode_block")(lambda x, *args: x.new_empty(x.shape))
+    torch.library.register_fake("gpt2lab_native::gelu_avx2_")(lambda y: None)
 
 
 def int8_paths() -> tuple[str, ...]:

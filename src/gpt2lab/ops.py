@@ -50,7 +50,7 @@ _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 READS_THE_WEIGHT = ("numpy", "avx2_f32")  # copy kernels whose copy is the weight itself (copy_weight)
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
-GELU_FORMS = ("tanh", "sigmoid")  # how tanh_gelu_ computes the activation
+GELU_FORMS = ("tanh", "sigmoid", "avx2")  # how tanh_gelu_ computes the activation ("avx2": gpt2lab.native)
 # the kernels whose planned products gpt2lab.native's decode_block runs, by their index there: float32
 # on the weight as it is, on its blocked copy, and int8 on its blocks (gpt2lab.quantize)
 NATIVE_PRODUCTS = ("avx2_f32", "avx2_f32_blocks", "avx2")
@@ -238,10 +238,16 @@ def tanh_gelu_(y: torch.Tensor, form: str = "tanh") -> torch.Tensor:
     a new output of hundreds of rows costs its page faults again on every call. The form ``sigmoid``
     computes the same function as y sigmoid(2u) (equal to float32 rounding), in five passes of cheap
     operations over blocks of ``GELU_BLOCK`` elements, which stay in cache: aten's tanh is several
-    times slower than its sigmoid on some CPUs. Which form is faster is measured (kind ``tanh_gelu``
-    in ``gpt2lab.kernels``)."""
+    times slower than its sigmoid on some CPUs. The form ``avx2`` computes y sigmoid(2u) in one pass,
+    eight values at a time, with an exponential of its own (``gpt2lab.native``'s ``gelu_avx2_``; within
+    a few float32 roundings of the others): aten's take microseconds of fixed cost for the 3,072 values
+    of a decode step's row. Which form is faster is measured (kind ``tanh_gelu`` in ``gpt2lab.kernels``)."""
     if form == "tanh":
         return torch.ops.aten.gelu_(y, approximate="tanh")
+    if form == "avx2":
+        native.require()
+        torch.ops.gpt2lab_native.gelu_avx2_(y)
+        return y
     if form != "sigmoid":
         raise ValueError(f"GELU form must be one of {GELU_FORMS}, got {form!r}")
     n = y.shape[-1]

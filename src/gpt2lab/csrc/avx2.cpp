@@ -29,6 +29,8 @@
 //
 // add_layer_norm: a block's residual add and the LayerNorm after it, in one pass over each row.
 //
+// gelu_avx2_: GPT-2's tanh-GELU in place, by its sigmoid form with an exponential of its own.
+//
 // quantize_rows, normalize_rows and scale_rows_: the other int8 kernels' (torch._int_mm, oneDNN's,
 // fbgemm's) input scaling or quantization per row, and their output's scaling, one pass each.
 #include <ATen/ATen.h>
@@ -897,11 +899,56 @@ at::Tensor product(int64_t kernel, const at::Tensor& x, const at::Tensor& weight
   TORCH_CHECK(false, "unknown product kernel ", kernel);
 }
 
-// GPT-2's tanh-GELU over y in place, in the form gpt2lab.ops.tanh_gelu_ names: "tanh" (aten's gelu) or
-// "sigmoid" (y sigmoid(2u), u = sqrt(2 / pi) (y + 0.044715 y^3)), with the same aten operations.
+// e^z for z in [-87, 88] (callers clamp): z = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, so
+// that n ln 2 is exact), e^r by its Taylor series to r^7 (truncation under 1e-8 relative), times 2^n
+// put into the exponent bits.
+inline __m256 exp_avx2(__m256 z) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// GPT-2's tanh-GELU of 8 values, as y sigmoid(2u) = y / (1 + e^(-2u)), u = sqrt(2 / pi) (y + 0.044715
+// y^3). The exponent is clamped to exp_avx2's range (a NaN in y stays one: it is y that is divided);
+// past it the GELU is y, or a value within 1e-37 of 0.
+inline __m256 gelu8(__m256 y) {
+  const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), _mm256_mul_ps(y, y)), y, y);
+  __m256 z = _mm256_mul_ps(inner, _mm256_set1_ps(-2 * 0.7978845608f));
+  z = _mm256_min_ps(_mm256_max_ps(z, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_avx2(z)));
+}
+
+// gelu8 over a contiguous float32 y in place, 8 values at a time, the last few by a masked load and
+// store (the same arithmetic: a value's result does not depend on where it lies); threads share long
+// outputs.
+void gelu_avx2_(at::Tensor& y) {
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous(), "y must be contiguous float32");
+  float* data = y.data_ptr<float>();
+  at::parallel_for(0, y.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) _mm256_storeu_ps(data + i, gelu8(_mm256_loadu_ps(data + i)));
+    if (i < end) {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(end - i)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(data + i, mask, gelu8(_mm256_maskload_ps(data + i, mask)));
+    }
+  });
+}
+
+// GPT-2's tanh-GELU over y in place, in the form gpt2lab.ops.tanh_gelu_ names: "tanh" (aten's gelu),
+// "sigmoid" (y sigmoid(2u), u = sqrt(2 / pi) (y + 0.044715 y^3), with the same aten operations) or
+// "avx2" (gelu_avx2_).
 void tanh_gelu_(at::Tensor& y, c10::string_view form) {
   if (form == "tanh") {
     at::gelu_(y, "tanh");
+    return;
+  }
+  if (form == "avx2") {
+    gelu_avx2_(y);
     return;
   }
   TORCH_CHECK(form == "sigmoid", "GELU form must be tanh or sigmoid, got ", form);
@@ -986,6 +1033,7 @@ TORCH_LIBRARY(gpt2lab_native, m) {
       "cache_attention_avx2(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, "
       "Tensor t, int slots, Tensor? pad, int? window) -> Tensor");
   m.def("add_layer_norm(Tensor x, Tensor delta, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
+  m.def("gelu_avx2_(Tensor(a!) y) -> ()");
   m.def(
       "decode_block(Tensor x, Tensor[] norms, float eps, int[] kernels, Tensor[] weights, Tensor?[] scales, "
       "Tensor?[] biases, int[] outs, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, Tensor t, "
@@ -1004,5 +1052,6 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("attention_avx2", &attention_avx2);
   m.impl("cache_attention_avx2", &cache_attention_avx2);
   m.impl("add_layer_norm", &add_layer_norm);
+  m.impl("gelu_avx2_", &gelu_avx2_);
   m.impl("decode_block", &decode_block);
 }
