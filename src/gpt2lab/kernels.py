@@ -11,7 +11,7 @@ fastest is remembered in a JSON file keyed by the CPU model, the torch version a
 Float32 products choose between oneDNN and MKL (``gpt2lab.ops.linear``), int8 ones
 (``gpt2lab.quantize``) between fbgemm, ``torch._int_mm`` and oneDNN's quantized linear
 (``gpt2lab.ops.int8_linear``); an MLP's first product outside training also measures oneDNN with its
-GELU fused in (``gpt2lab.ops.linear_gelu``), and a GELU on its own its two forms (``gpt2lab.ops.tanh_gelu_``,
+GELU fused in (``gpt2lab.ops.linear_gelu``), and a GELU on its own its forms (``gpt2lab.ops.tanh_gelu_``,
 kind ``tanh_gelu``); and a product without gradients measures a copy of the
 weight laid out for its row count (MKL's packed layout at two rows or more, the transposed layout at
 one) with the time of making the copy (kind ``packed``), from which a layer decides whether and when to
