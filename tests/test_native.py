@@ -882,9 +882,7 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize(
-    ("int8", "gelu_form"), [(int8, form) for form in ("tanh", "sigmoid", "avx2") for int8 in (False, True)]
-)
+@pytest.mark.parametrize(("int8", "gelu_form"), [(int8, form) for form in ops.GELU_FORMS for int8 in (False, True)])
 def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, monkeypatch, int8, gelu_form):
     """Where a block's four products run gpt2lab's kernels (float32: the blocked copies and the weight as
     it is, mixed; int8: its blocks) and its attention avx2, each decode step of the block is one

@@ -453,13 +453,9 @@ def _copy_times(out_features: int, in_features: int, rows: int, copy_kernels: di
     n = min(out_features, MAX_OUT)
     weight = torch.full((n, in_features), 0.01)
     kept: list[torch.Tensor] = []
-    make = {key: functools.partial(_kept, kept, ops.copy_weight, weight, rows, k) for key, k in copy_kernels.items()}
+    make = {key: lambda k=k: kept.append(ops.copy_weight(weight, rows, k)) for key, k in copy_kernels.items()}
     made = alternated(make, 3, warmup=0, before=lambda: (evict(), _release_freed_memory()))
     return {key: statistics.median(t) * out_features / n for key, t in made.items()}
-
-
-def _kept(kept: list, fn: Callable, *args) -> None:
-    kept.append(fn(*args))
 
 
 @functools.cache

@@ -903,11 +903,13 @@ at::Tensor product(int64_t kernel, const at::Tensor& x, const at::Tensor& weight
 // that n ln 2 is exact), e^r by its Taylor series to r^7 (truncation under 1e-8 relative), times 2^n
 // put into the exponent bits.
 inline __m256 exp_avx2(__m256 z) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), z);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
@@ -951,7 +953,7 @@ void tanh_gelu_(at::Tensor& y, c10::string_view form) {
     gelu_avx2_(y);
     return;
   }
-  TORCH_CHECK(form == "sigmoid", "GELU form must be tanh or sigmoid, got ", form);
+  TORCH_CHECK(form == "sigmoid", "GELU form must be tanh, sigmoid or avx2, got ", form);
   at::Tensor t = at::square(y);
   at::addcmul_out(t, y, t, y, 0.044715);
   y.mul_(t.mul_(2 * std::sqrt(2 / M_PI)).sigmoid_());
