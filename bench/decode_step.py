@@ -5,9 +5,11 @@
 Five things are timed in one process, in alternation, ``--rounds`` times each:
 
 - the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
-  runs it: each block in one op where its products run gpt2lab's own kernels (``Block.plan``);
+  runs it: where every block's products run gpt2lab's own kernels (``Block.plan``), all the blocks in
+  one op (``GPT._blocks_in_one_op``);
+- the same step with each block its own op, called from Python block by block;
 - the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
-  each of these two is timed right after an untimed step of its own kind, as in a generation, and
+  each of these three is timed right after an untimed step of its own kind, as in a generation, and
   they take turns going first;
 - its products inside it: a timer around every linear layer's call during that Python step (with
   the GELU where the MLP's first product takes it);
@@ -121,13 +123,24 @@ def main() -> None:
     in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
 
-    stepped: dict[str, list[float]] = {"step": [], "python step": []}
+    stepped: dict[str, list[float]] = {"step": [], "block ops": [], "python step": []}
+
+    @contextlib.contextmanager
+    def block_ops():
+        """Each block its own op: the step through all the blocks in one op turned off."""
+        model._blocks_in_one_op = lambda x, step: None  # the instance's, over the method
+        try:
+            yield
+        finally:
+            del model._blocks_in_one_op
+
+    ways = {"step": contextlib.nullcontext, "block ops": block_ops, "python step": model.python_blocks}
 
     def timed_step(kind: str) -> None:
         """One step untimed, then the one timed: each kind's timed step follows a step of its own kind,
         not whatever the alternation ran before it (a step that follows the products back to back
         starts colder)."""
-        with threads(), model.python_blocks() if kind == "python step" else contextlib.nullcontext():
+        with threads(), ways[kind]():
             decode_one_token(model, token, pos)
             timers.spent = 0.0
             start = time.perf_counter()
@@ -136,10 +149,11 @@ def main() -> None:
         if kind == "python step":
             in_step.append(timers.spent)
 
-    def both_steps() -> None:
-        """The two kinds of step, one after the other, in turn first (so neither always follows the other)."""
-        kinds = ["step", "python step"]
-        for kind in kinds if len(stepped["step"]) % 2 else kinds[::-1]:
+    def all_steps() -> None:
+        """The kinds of step one after the other, each in turn first (so none always follows another)."""
+        kinds = list(stepped)
+        turn = len(stepped["step"]) % len(kinds)
+        for kind in kinds[turn:] + kinds[:turn]:
             timed_step(kind)
 
     def stubbed() -> None:
@@ -164,14 +178,15 @@ def main() -> None:
             "pause": settle,
             "step without products": stubbed,
             "products back to back": alone,
-            "steps": both_steps,
+            "steps": all_steps,
         }
         times = alternated(fns, args.rounds, warmup=2)
     in_step = in_step[2:]  # the warm-up calls
     times |= {kind: values[2:] for kind, values in stepped.items()}
     rest = [s - p for s, p in zip(times["python step"], in_step, strict=True)]
     rows = {
-        f"step ({sum(p is not None for p in one_op)} of {len(one_op)} blocks one op each)": times["step"],
+        f"step ({sum(p is not None for p in one_op)} of {len(one_op)} blocks planned as one op)": times["step"],
+        "step, each block its own op": times["block ops"],
         "step, block by block in Python": times["python step"],
         "  its products, inside it": in_step,
         "  the rest of it": rest,
@@ -187,12 +202,13 @@ def main() -> None:
     for name, values in rows.items():
         ms = [1000 * v for v in values]
         print(f"| {name} | {statistics.median(ms):.2f} | {min(ms):.2f}-{max(ms):.2f} |")
-    ratios = sorted(a / b for a, b in zip(times["step"], times["python step"], strict=True))
-    quartiles = statistics.quantiles(ratios, n=4)
-    print(
-        f"step / the Python step, round by round: median {statistics.median(ratios):.3f}x, "
-        f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}"
-    )
+    for other, name in (("block ops", "the step of block ops"), ("python step", "the Python step")):
+        ratios = sorted(a / b for a, b in zip(times["step"], times[other], strict=True))
+        quartiles = statistics.quantiles(ratios, n=4)
+        print(
+            f"step / {name}, round by round: median {statistics.median(ratios):.3f}x, "
+            f"quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ they cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -462,10 +463,10 @@ def test_a_short_decode_reads_with_the_kernel_unless_measurably_slower(
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
     remember_one_row(remember_kernels, linears, {"avx2_f32": avx2_us, "pack": 300.0}, lambda shape: "torch")
     packed = recorded_packs(monkeypatch)
-    calls = count_calls(monkeypatch, "decode_block")
+    calls = count_calls(monkeypatch, "decode_blocks")
     generate(model, [[5, 17, 3]], 8, temperature=0, eos_id=None)
     assert packed == (["avx2_f32"] * len(linears) if one_op else [])
-    assert len(calls) == (7 * len(model.h) if one_op else 0)
+    assert len(calls) == (7 if one_op else 0)
 
 
 @needs_kernel
@@ -527,12 +528,12 @@ def test_decoding_reads_the_blocked_copies_where_they_repay(make_gpt, remember_k
     us = {"avx2_f32": 70.0, "avx2_f32_blocks": 50.0, "pack": 700.0}
     remember_one_row(remember_kernels, linears, us, lambda shape: "avx2_f32_blocks", rows=rows)
     packed = recorded_packs(monkeypatch)
-    calls = count_calls(monkeypatch, "decode_block")
+    calls = count_calls(monkeypatch, "decode_blocks")
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     prompts = [[5, 17, 3], [2, 9, 4], [7, 1, 8]][:rows]
     tokens = generate(model, prompts, steps + 1, temperature=0, eos_id=None)
     assert packed == [want] * len(linears)
-    assert len(calls) == steps * len(model.h)
+    assert len(calls) == steps
     assert tokens == generate(reference, prompts, steps + 1, temperature=0, eos_id=None)
     assert all(m.packed is None for m in linears)
 
@@ -852,24 +853,35 @@ class GeluFormTable:
         return float("inf")  # no copies of repeated products
 
 
-def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh") -> None:
+def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh") -> list:
     """Plan ``model``'s decode steps of ``rows`` rows with each float32 layer reading a copy for
     ``kernels_by_layer(layer)`` (an int8 layer: the avx2 kernel), the GELU in ``gelu_form``, as
-    generation plans them."""
+    generation plans them; what ``GPT.plan_decoding`` returns to unplan."""
     for m in model.modules():
         if isinstance(m, ops.Linear):
             m.table = GeluFormTable(gelu_form)
             m.pack(rows, kernels_by_layer(m))
         elif isinstance(m, Int8Linear):
             m.table = GeluFormTable(gelu_form)
-    model.plan_decoding(rows)
+    return model.plan_decoding(rows)
 
 
-def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
+@contextlib.contextmanager
+def block_ops(model):
+    """Within it, each of ``model``'s planned blocks steps as its own op, ``decode_block``: the step
+    through all of them in one op (``GPT._blocks_in_one_op``) turned off."""
+    model._blocks_in_one_op = lambda x, step: None  # the instance's, over the method
+    try:
+        yield
+    finally:
+        del model._blocks_in_one_op
+
+
+def steps_every_way(model, prompts: torch.Tensor, steps: int) -> None:
     """Greedy decode steps after ``prompts`` (B, P) in a planned ``model`` (its cache set up, padding
-    included): each step's logits from the one-op blocks (``Block.plan``) asserted equal, bit for bit,
-    to the same step through the Python blocks on the same kernels (the step writes the same keys and
-    values into the cache either way)."""
+    included): each step's logits from all the blocks in one op (``decode_blocks``) asserted equal, bit
+    for bit, to the same step with each block its own op (``Block.plan``) and through the Python blocks
+    on the same kernels (the step writes the same keys and values into the cache each way)."""
     P = prompts.shape[1]
     assert all(block.step_plan for block in model.h)
     logits = prefill(model, prompts, torch.arange(P))
@@ -877,8 +889,17 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
         token, pos = logits.argmax(-1)[:, None], torch.tensor([t])
         with model.python_blocks():
             want = decode_one_token(model, token, pos)
+        with block_ops(model):
+            assert torch.equal(decode_one_token(model, token, pos), want)
         logits = decode_one_token(model, token, pos)
         assert torch.equal(logits, want)
+
+
+def recorded_blocks(monkeypatch) -> list:
+    """The arguments each block hands gpt2lab.native's ``DecodeBlocks`` from now on (``Block.native_args``)."""
+    added, native_args = [], gpt2lab.model.Block.native_args
+    monkeypatch.setattr(gpt2lab.model.Block, "native_args", lambda block: added.append(native_args(block)) or added[-1])
+    return added
 
 
 @needs_kernel
@@ -886,7 +907,9 @@ def steps_both_ways(model, prompts: torch.Tensor, steps: int) -> None:
 def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, monkeypatch, int8, gelu_form):
     """Where a block's four products run gpt2lab's kernels (float32: the blocked copies and the weight as
     it is, mixed; int8: its blocks) and its attention avx2, each decode step of the block is one
-    ``decode_block`` call, whose logits are the Python blocks' bit for bit, in either form of the GELU."""
+    ``decode_block`` call, and where every block's are, each decode step of all the blocks is one
+    ``decode_blocks`` call, with the blocks' arguments handed to it once: the logits are the Python
+    blocks' bit for bit either way, in each form of the GELU."""
     model = make_gpt(seed=7, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
     if int8:
         model = quantize.quantize_int8(model)
@@ -894,12 +917,60 @@ def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, 
         model.setup_cache(1, 12)
         layer_kernel = lambda m: "avx2_f32" if m.out_features == 64 else "avx2_f32_blocks"  # noqa: E731
         plan_one_op_steps(model, 1, layer_kernel, gelu_form)
-        calls = count_calls(monkeypatch, "decode_block")
-        steps_both_ways(model, torch.tensor([[5, 3, 9, 1]]), 6)
-    assert len(calls) == 6 * len(model.h)
-    kernels_run = {k for call in calls for k in call[3]}
-    assert kernels_run == ({2} if int8 else {0, 1})  # indices in ops.NATIVE_PRODUCTS
-    assert {call[-1] for call in calls} == {gelu_form}
+        block_calls, calls = count_calls(monkeypatch, "decode_block"), count_calls(monkeypatch, "decode_blocks")
+        added = recorded_blocks(monkeypatch)
+        steps_every_way(model, torch.tensor([[5, 3, 9, 1]]), 6)
+    assert len(block_calls) == 6 * len(model.h) and len(calls) == 6
+    assert len(added) == len(model.h)  # once, for all the steps
+    kernels_run = {k for call in block_calls for k in call[3]}
+    assert kernels_run == {k for args in added for k in args[2]} == ({2} if int8 else {0, 1})  # ops.NATIVE_PRODUCTS
+    assert {call[-1] for call in block_calls} == {args[-1] for args in added} == {gelu_form}
+
+
+@needs_kernel
+def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(make_gpt, monkeypatch):
+    """A hook on a block, or one on every module, is called: the blocks then step as their own ops,
+    not all in one. A new KV cache (``setup_cache`` after planning) is the one the next step writes
+    and reads; ``clear_cache``, and unplanning what ``plan_decoding`` planned, let go of the caches
+    and copies the one op held."""
+    model = quantize.quantize_int8(
+        make_gpt(seed=3, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+    )
+    prompt = torch.tensor([[5, 3, 9, 1]])
+    block_calls, calls = count_calls(monkeypatch, "decode_block"), count_calls(monkeypatch, "decode_blocks")
+    hooked = []
+    with torch.no_grad():
+        model.setup_cache(1, 12)
+        plan_one_op_steps(model, 1, None)
+        logits = prefill(model, prompt, torch.arange(4))
+        token = logits.argmax(-1)[:, None]
+        with model.python_blocks():
+            want = decode_one_token(model, token, torch.tensor([4]))
+        for register in (model.h[1].register_forward_hook, torch.nn.modules.module.register_module_forward_hook):
+            handle = register(lambda module, args, out: hooked.append(module) if module is model.h[1] else None)
+            assert torch.equal(decode_one_token(model, token, torch.tensor([4])), want)
+            handle.remove()
+        assert hooked == [model.h[1]] * 2 and calls == [] and len(block_calls) == 2 * len(model.h)
+        assert torch.equal(decode_one_token(model, token, torch.tensor([4])), want)
+        assert len(calls) == 1
+
+        model.setup_cache(1, 16)  # new caches, the plans kept
+        assert all(block.step_plan is not None for block in model.h)
+        logits = prefill(model, prompt, torch.arange(4))
+        assert torch.equal(decode_one_token(model, token, torch.tensor([4])), want)
+        assert len(calls) == 2
+        assert all(block.attn.kv_cache.times[4] == 4 for block in model.h)  # the step wrote the new caches
+        model.clear_cache()
+        assert model._blocks is None
+
+        model.setup_cache(1, 12)
+        planned = plan_one_op_steps(model, 1, None)
+        prefill(model, prompt, torch.arange(4))
+        decode_one_token(model, token, torch.tensor([4]))
+        assert model._blocks is not None
+        for m in planned:
+            m.unplan()
+        assert model._blocks is None
 
 
 @needs_kernel
@@ -914,7 +985,7 @@ def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_
     with torch.no_grad():
         model.setup_cache(2, 16, pad=pad)
         plan_one_op_steps(model, 2, None)
-        steps_both_ways(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9)
+        steps_every_way(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9)
 
 
 @needs_kernel
@@ -964,23 +1035,26 @@ def test_a_block_steps_in_python_where_the_one_op_does_not_apply(make_gpt, monke
 
 @needs_kernel
 def test_generation_runs_one_op_block_steps_and_ends_their_plans(make_gpt, remember_kernels, monkeypatch):
-    """A greedy generation whose products all read gpt2lab's kernels steps each block in one op, gives
-    F.linear's tokens, and leaves no plan behind; the op passes torch's custom-op checks."""
+    """A greedy generation whose products all read gpt2lab's kernels steps all the blocks in one op,
+    gives F.linear's tokens, and leaves no plan behind, nor the blocks' arguments (copies, caches) kept
+    for the op; a block's op passes torch's custom-op checks."""
     config = dict(vocab_size=1024, n_embd=128, n_head=4)
     model = make_gpt(seed=5, backends=Backends(pack_min_steps=4, decode_attention="avx2"), **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
     remember_one_row(remember_kernels, linears, {"avx2_f32_blocks": 50.0, "pack": 100.0}, lambda s: "avx2_f32_blocks")
-    calls = count_calls(monkeypatch, "decode_block")
+    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
     tokens = generate(model, [[5, 17, 3]], 9, temperature=0, eos_id=None)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     assert tokens == generate(reference, [[5, 17, 3]], 9, temperature=0, eos_id=None)
-    assert len(calls) == 8 * len(model.h)
-    assert all(block.step_plan is None for block in model.h)
+    assert len(calls) == 8 and len(added) == len(model.h)
+    assert all(block.step_plan is None for block in model.h) and model._blocks is None
     monkeypatch.undo()  # the op itself again
-    args = list(calls[0])
-    args[9:12] = [t.clone() for t in args[9:12]]  # the caches the op writes
+    norms, eps, kernels_, weights, scales, biases, outs, n_head, k, v, times, _, window, gelu = added[0]
+    x, t = calls[0][1], calls[0][2]
+    caches = [c.clone() for c in (k, v, times)]  # the caches the op writes
+    args = (x, norms, eps, kernels_, weights, scales, biases, outs, n_head, *caches, t, 4, None, window, gelu)
     with torch.no_grad():  # an inference op: no gradients
-        torch.library.opcheck(torch.ops.gpt2lab_native.decode_block, tuple(args))
+        torch.library.opcheck(torch.ops.gpt2lab_native.decode_block, args)
 
 
 @needs_kernel
@@ -1004,10 +1078,11 @@ def test_an_int8_block_runs_its_products_on_the_kernel_where_one_op_repays_them(
             )
     steps = {"python": 200.0, "one_op": 200.0 - saving_us}
     remember_kernels({"int8_block 64x4 rows 1": {"kernel": "one_op", "us_per_product": steps}})
-    calls = count_calls(monkeypatch, "decode_block")
+    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
     generate(model, [[5, 17, 3]], 6, temperature=0, eos_id=None)
-    assert len(calls) == (5 * len(model.h) if one_op else 0)
-    assert all(call[3] == [2, 2, 2, 2] for call in calls)  # int8 avx2 (ops.NATIVE_PRODUCTS) for all four
+    assert len(calls) == (5 if one_op else 0)
+    assert len(added) == (len(model.h) if one_op else 0)
+    assert all(args[2] == [2, 2, 2, 2] for args in added)  # int8 avx2 (ops.NATIVE_PRODUCTS) for all four
     assert all(m.planned is None for m in model.modules() if isinstance(m, Int8Linear))
 
 
@@ -1041,12 +1116,13 @@ def test_the_saving_of_one_op_is_timed_on_int8_blocks_each_way(tmp_path, monkeyp
     forward and as one op per block; the saving an int8 layer reads from its table is the difference.
     A compiled step's plan leaves the blocks to its own code."""
     steps = quantize.block_steps(64, 4, 3, 2, ("python", "one_op"))
-    calls = count_calls(monkeypatch, "decode_block")
+    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
     with torch.no_grad():
         steps["python"]()
         assert calls == []
         steps["one_op"]()
-    assert len(calls) == 3 and all(call[3] == [2, 2, 2, 2] for call in calls)  # four int8 products each
+    assert len(calls) == 1 and len(added) == 3
+    assert all(args[2] == [2, 2, 2, 2] for args in added)  # four int8 products each
     config = gpt2lab.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256)
     model = quantize.quantize_int8(gpt2lab.model.GPT(config, Backends(linear="torch")))
     assert model.plan_decoding(1, eager=False) == [m for m in model.modules() if isinstance(m, Int8Linear)]

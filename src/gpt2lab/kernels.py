@@ -117,7 +117,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     out = the query heads of every row, in = the head size: ``gpt2lab.ops.one_query_attention``'s
     ``products``, ``sdpa`` or, where ``gpt2lab.native`` runs, ``avx2``), "int8_block" (not a product:
     the decode step of an int8 block whose products all run gpt2lab's own kernel, out = its width, in =
-    its heads, in Python, ``python``, or as one op, ``one_op``, where ``gpt2lab.native`` runs:
+    its heads, in Python, ``python``, or as one op, ``one_op`` (the model's blocks all in one:
+    ``model.GPT._blocks_in_one_op``), where ``gpt2lab.native`` runs:
     ``model.Block.plan``, which weighs the difference against the products' own times)."""
     if kind == "tanh_gelu":
         return tuple(f for f in ops.GELU_FORMS if f != "avx2" or native.available())

@@ -297,8 +297,9 @@ class Block(nn.Module):
         That is where all four products run gpt2lab's own kernels (``ops.NATIVE_PRODUCTS``), the
         layer norms have their weights and biases, and, checked at each step, there are no rotary
         positions, the attention runs ``avx2`` for the step's key count, the model is in eval mode
-        without gradients, and the plans still hold. Forward hooks of the block's submodules are not
-        called by those steps.
+        without gradients, and the plans still hold; where every block's step is one op so, the
+        model's step runs all of them in one (``GPT._blocks_in_one_op``). Forward hooks of the
+        block's submodules are not called by those steps.
 
         Where some products were planned on other kernels, they are planned again on gpt2lab's where
         the time the table measured them to lose there, summed (``native_cost``), is less than one op
@@ -340,22 +341,29 @@ class Block(nn.Module):
     def unplan(self) -> None:
         self.step_plan = None
 
-    def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
-        """``forward``'s decode step as the one op ``plan`` set up, or None where it does not apply."""
+    def one_op_slots(self, x: torch.Tensor, step: tuple) -> int | None:
+        """The slots of its KV cache that a one-op decode step of x (``plan``) attends over, or None
+        where such a step does not apply: no plan, not one new token per planned row, gradients or
+        training, a plan that no longer holds, or an attention that would not run ``avx2`` here."""
         plan, attn = self.step_plan, self.attn
         B, T, _ = x.shape
-        if T != 1 or plan.rows != B or self.training or torch.is_grad_enabled() or not plan.holds():
+        if plan is None or T != 1 or plan.rows != B or self.training or torch.is_grad_enabled() or not plan.holds():
             return None
-        cache = attn.kv_cache
-        slots = cache.slots(step[2])
-        if attn.one_query_kernel(B, slots, x.device, x.dtype) != "avx2":
+        slots = attn.kv_cache.slots(step[2])
+        return slots if attn.one_query_kernel(B, slots, x.device, x.dtype) == "avx2" else None
+
+    def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """``forward``'s decode step as the one op ``plan`` set up, or None where it does not apply."""
+        slots = self.one_op_slots(x, step)
+        if slots is None:
             return None
+        plan, cache = self.step_plan, self.attn.kv_cache
         return torch.ops.gpt2lab_native.decode_block(
             x,
             plan.norms,
             plan.eps,
             *plan.products,
-            attn.n_head,
+            self.attn.n_head,
             cache.k,
             cache.v,
             cache.times,
@@ -365,6 +373,31 @@ class Block(nn.Module):
             cache.window,
             plan.gelu_form,
         )
+
+    def native_args(self) -> tuple:
+        """Its plan's arguments of gpt2lab.native's ``DecodeBlocks.add``: those of ``decode_block`` that do
+        not change from step to step, its KV cache's (whether it rolls, for the slots of each step)."""
+        plan, attn = self.step_plan, self.attn
+        cache = attn.kv_cache
+        return (
+            plan.norms,
+            plan.eps,
+            *plan.products,
+            attn.n_head,
+            cache.k,
+            cache.v,
+            cache.times,
+            cache.rolls,
+            cache.window,
+            plan.gelu_form,
+        )
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks are registered for every module (``nn.modules.module.register_module_forward_hook``
+    and its pre-hook): a step that skips the blocks' calls would skip them."""
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool, in_place: bool) -> bool:
@@ -423,6 +456,7 @@ class GPT(nn.Module):
         self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
+        self._blocks: tuple | None = None  # _blocks_in_one_op's: the blocks' plans and caches, their native arguments
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -491,9 +525,31 @@ class GPT(nn.Module):
         window_mask = self._window_mask(T, idx.device) if step is None and self.config.window else None
         if self.training:
             x = self.drop(x)
-        for block in self.h:
-            x = block(x, rope, window_mask, step)
+        stepped = self._blocks_in_one_op(x, step) if step is not None and rope is None else None
+        if stepped is not None:
+            x = stepped
+        else:
+            for block in self.h:
+                x = block(x, rope, window_mask, step)
         return self.ln_f(x)
+
+    def _blocks_in_one_op(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """``hidden_states``' eager decode step through every block in one op, gpt2lab.native's
+        ``decode_blocks``: each block's ``decode_block`` in turn with the arguments its plan fixed
+        (``Block.plan``), none of the Python a block's own step runs around it. None where some block
+        would not step as one op (``Block.one_op_slots``) or any block has hooks: the blocks step one by
+        one then. The arguments are kept (``_blocks``) while the blocks' plans and KV caches stay."""
+        if torch.compiler.is_compiling() or any(block.one_op_slots(x, step) is None for block in self.h):
+            return None
+        if any(block._forward_hooks or block._forward_pre_hooks for block in self.h) or _global_hooks():
+            return None
+        key = tuple((block.step_plan, block.attn.kv_cache) for block in self.h)
+        if self._blocks is None or self._blocks[0] != key:
+            blocks = torch.classes.gpt2lab_native.DecodeBlocks()
+            for block in self.h:
+                blocks.add(*block.native_args())
+            self._blocks = (key, blocks)
+        return torch.ops.gpt2lab_native.decode_blocks(self._blocks[1], x, step[0], step[2], step[1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd)."""
@@ -658,7 +714,7 @@ class GPT(nn.Module):
         layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
         compiled one runs its own code) without rotary positions, each block whose products all run
         gpt2lab's own kernels steps in one op (``Block.plan``). Returns the modules planned, for
-        ``unplan`` when the steps end."""
+        ``unplan`` when the steps end (the model too, for what its blocks' one op keeps: ``unplan``)."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
@@ -666,7 +722,12 @@ class GPT(nn.Module):
             return planned
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
             block.plan(rows)
-        return [*planned, *self.h]
+        return [*planned, *self.h, self]
+
+    def unplan(self) -> None:
+        """Drop what the blocks' one-op steps kept (``_blocks_in_one_op``): their weights' copies and KV
+        caches are not held past the blocks' plans."""
+        self._blocks = None
 
     @contextlib.contextmanager
     def python_blocks(self) -> Iterator[None]:
@@ -691,6 +752,7 @@ class GPT(nn.Module):
                     m.unpack()
         if not kv:
             return
+        self._blocks = None  # holds the caches
         for block in self.h:
             block.attn.kv_cache = None
         self.cache_len = self.cache_end = 0

@@ -229,8 +229,8 @@ def block_steps(n_embd: int, n_head: int, layers: int, rows: int, options: tuple
     """Functions that each run one decode step of ``rows`` rows through a model of ``layers`` int8 blocks
     of width ``n_embd`` and ``n_head`` heads (GPT-2's form, its initial random weights, a tiny
     vocabulary), every product and the attention on gpt2lab's own kernels, by option: ``python``, the
-    blocks' Python forward; ``one_op``, each block as one op (``Block.plan``). What the kernel table
-    times for kind ``int8_block``."""
+    blocks' Python forward; ``one_op``, the blocks in one op (``Block.plan``,
+    ``GPT._blocks_in_one_op``). What the kernel table times for kind ``int8_block``."""
     config = GPTConfig(vocab_size=64, block_size=2 * BLOCK_KEYS, n_layer=layers, n_head=n_head, n_embd=n_embd)
     model = quantize_int8(GPT(config, Backends(linear="torch", decode_attention="avx2")))
     model.setup_cache(rows, 2 * BLOCK_KEYS)

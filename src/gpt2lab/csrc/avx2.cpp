@@ -35,6 +35,7 @@
 // fbgemm's) input scaling or quantization per row, and their output's scaling, one pass each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -44,6 +45,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -991,6 +993,51 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList norms, double eps, a
   return sum + linear(3, hidden);
 }
 
+// A model's blocks as its eager decode steps run them, each with the arguments of decode_block that do
+// not change from step to step (gpt2lab.model.GPT, once every block is planned: Block.plan): its
+// layer norms, products, heads, KV cache (and whether it rolls), window and GELU form, in order.
+struct DecodeBlocks : torch::CustomClassHolder {
+  struct Block {
+    std::vector<at::Tensor> norms;
+    double eps;
+    std::vector<int64_t> kernels;
+    std::vector<at::Tensor> weights;
+    c10::List<std::optional<at::Tensor>> scales, biases;
+    std::vector<int64_t> outs;
+    int64_t n_head;
+    at::Tensor k_cache, v_cache, times;
+    bool rolls;
+    std::optional<int64_t> window;
+    std::string gelu;
+  };
+  std::vector<Block> blocks;
+
+  void add(std::vector<at::Tensor> norms, double eps, std::vector<int64_t> kernels, std::vector<at::Tensor> weights,
+           c10::List<std::optional<at::Tensor>> scales, c10::List<std::optional<at::Tensor>> biases,
+           std::vector<int64_t> outs, int64_t n_head, at::Tensor k_cache, at::Tensor v_cache, at::Tensor times,
+           bool rolls, std::optional<int64_t> window, std::string gelu) {
+    blocks.push_back({std::move(norms), eps, std::move(kernels), std::move(weights), std::move(scales),
+                      std::move(biases), std::move(outs), n_head, std::move(k_cache), std::move(v_cache),
+                      std::move(times), rolls, window, std::move(gelu)});
+  }
+};
+
+// One eager decode step of x (B, 1, C) at time step t through each of `blocks` in turn, by decode_block
+// with the block's kept arguments; a block attends over the written slots of its cache (`filled`,
+// where known and the cache does not roll), else over all of them, as gpt2lab.kv_cache.KVCache.slots.
+// It writes each block's KV cache, which its schema cannot say (the caches are inside `blocks`): an
+// eager op, never traced.
+at::Tensor decode_blocks(const c10::intrusive_ptr<DecodeBlocks>& blocks, const at::Tensor& x, const at::Tensor& t,
+                         std::optional<int64_t> filled, const std::optional<at::Tensor>& pad) {
+  at::Tensor y = x;
+  for (DecodeBlocks::Block& b : blocks->blocks) {
+    const int64_t slots = filled.has_value() && !b.rolls ? *filled : b.k_cache.size(2);
+    y = decode_block(y, b.norms, b.eps, b.kernels, b.weights, b.scales, b.biases, b.outs, b.n_head, b.k_cache,
+                     b.v_cache, b.times, t, slots, pad, b.window, b.gelu);
+  }
+  return y;
+}
+
 // The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
 // channels one stream of their rows' 32-byte chunks in turn; zero-padded to whole blocks and chunks
 // (zeros add nothing to a sum).
@@ -1040,6 +1087,10 @@ TORCH_LIBRARY(gpt2lab_native, m) {
       "decode_block(Tensor x, Tensor[] norms, float eps, int[] kernels, Tensor[] weights, Tensor?[] scales, "
       "Tensor?[] biases, int[] outs, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, Tensor t, "
       "int slots, Tensor? pad, int? window, str gelu) -> Tensor");
+  m.class_<DecodeBlocks>("DecodeBlocks").def(torch::init<>()).def("add", &DecodeBlocks::add);
+  m.def(
+      "decode_blocks(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor x, Tensor t, int? filled, "
+      "Tensor? pad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
@@ -1056,4 +1107,5 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("add_layer_norm", &add_layer_norm);
   m.impl("gelu_avx2_", &gelu_avx2_);
   m.impl("decode_block", &decode_block);
+  m.impl("decode_blocks", &decode_blocks);
 }
