@@ -6,6 +6,8 @@ they cannot be built."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import json
 import math
 import os
@@ -932,7 +934,7 @@ def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(m
     """A hook on a block, or one on every module, is called: the blocks then step as their own ops,
     not all in one. A new KV cache (``setup_cache`` after planning) is the one the next step writes
     and reads; ``clear_cache``, and unplanning what ``plan_decoding`` planned, let go of the caches
-    and copies the one op held."""
+    and copies the one op held, and a copy of the model mid-decode steps with its own."""
     model = quantize.quantize_int8(
         make_gpt(seed=3, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
     )
@@ -968,6 +970,11 @@ def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(m
         prefill(model, prompt, torch.arange(4))
         decode_one_token(model, token, torch.tensor([4]))
         assert model._blocks is not None
+        copied = copy.deepcopy(model)  # mid-decode: copied without what C++ holds, gathered again
+        torch.save(model, io.BytesIO())
+        assert copied._blocks is None
+        assert torch.equal(decode_one_token(copied, token, torch.tensor([4])), want)
+        assert copied._blocks is not None and copied._blocks[0] != model._blocks[0]
         for m in planned:
             m.unplan()
         assert model._blocks is None

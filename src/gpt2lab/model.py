@@ -729,6 +729,11 @@ class GPT(nn.Module):
         caches are not held past the blocks' plans."""
         self._blocks = None
 
+    def __getstate__(self) -> dict:
+        """What a copy or a pickle of the model holds: not the blocks' arguments kept in C++ for their
+        one-op steps (``_blocks``, which cannot be copied), gathered again by the next step that needs them."""
+        return super().__getstate__() | {"_blocks": None}
+
     @contextlib.contextmanager
     def python_blocks(self) -> Iterator[None]:
         """Within it, every block's eager decode steps run its Python forward rather than its one op
