@@ -125,16 +125,7 @@ def main() -> None:
 
     stepped: dict[str, list[float]] = {"step": [], "block ops": [], "python step": []}
 
-    @contextlib.contextmanager
-    def block_ops():
-        """Each block its own op: the step through all the blocks in one op turned off."""
-        model._blocks_in_one_op = lambda x, step: None  # the instance's, over the method
-        try:
-            yield
-        finally:
-            del model._blocks_in_one_op
-
-    ways = {"step": contextlib.nullcontext, "block ops": block_ops, "python step": model.python_blocks}
+    ways = {"step": contextlib.nullcontext, "block ops": model.block_ops, "python step": model.python_blocks}
 
     def timed_step(kind: str) -> None:
         """One step untimed, then the one timed: each kind's timed step follows a step of its own kind,

@@ -5,7 +5,6 @@ they cannot be built."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -868,17 +867,6 @@ def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh
     return model.plan_decoding(rows)
 
 
-@contextlib.contextmanager
-def block_ops(model):
-    """Within it, each of ``model``'s planned blocks steps as its own op, ``decode_block``: the step
-    through all of them in one op (``GPT._blocks_in_one_op``) turned off."""
-    model._blocks_in_one_op = lambda x, step: None  # the instance's, over the method
-    try:
-        yield
-    finally:
-        del model._blocks_in_one_op
-
-
 def steps_every_way(model, prompts: torch.Tensor, steps: int) -> None:
     """Greedy decode steps after ``prompts`` (B, P) in a planned ``model`` (its cache set up, padding
     included): each step's logits from all the blocks in one op (``decode_blocks``) asserted equal, bit
@@ -891,16 +879,25 @@ def steps_every_way(model, prompts: torch.Tensor, steps: int) -> None:
         token, pos = logits.argmax(-1)[:, None], torch.tensor([t])
         with model.python_blocks():
             want = decode_one_token(model, token, pos)
-        with block_ops(model):
+        with model.block_ops():
             assert torch.equal(decode_one_token(model, token, pos), want)
         logits = decode_one_token(model, token, pos)
         assert torch.equal(logits, want)
 
 
 def recorded_blocks(monkeypatch) -> list:
-    """The arguments each block hands gpt2lab.native's ``DecodeBlocks`` from now on (``Block.native_args``)."""
-    added, native_args = [], gpt2lab.model.Block.native_args
-    monkeypatch.setattr(gpt2lab.model.Block, "native_args", lambda block: added.append(native_args(block)) or added[-1])
+    """The arguments each block hands gpt2lab.native's ``DecodeBlocks`` (``Block.native_args``), each time a
+    step builds one (``GPT._blocks_in_one_op``) from now on."""
+    added, blocks_in_one_op = [], gpt2lab.model.GPT._blocks_in_one_op
+
+    def step(model, x, step_args):
+        before = model._blocks
+        y = blocks_in_one_op(model, x, step_args)
+        if model._blocks is not None and model._blocks is not before:
+            added.extend(block.native_args() for block in model.h)
+        return y
+
+    monkeypatch.setattr(gpt2lab.model.GPT, "_blocks_in_one_op", step)
     return added
 
 

@@ -357,22 +357,8 @@ class Block(nn.Module):
         slots = self.one_op_slots(x, step)
         if slots is None:
             return None
-        plan, cache = self.step_plan, self.attn.kv_cache
-        return torch.ops.gpt2lab_native.decode_block(
-            x,
-            plan.norms,
-            plan.eps,
-            *plan.products,
-            self.attn.n_head,
-            cache.k,
-            cache.v,
-            cache.times,
-            step[0],
-            slots,
-            step[1],
-            cache.window,
-            plan.gelu_form,
-        )
+        *fixed, _, window, gelu_form = self.native_args()  # (whether the cache rolls: slots says it)
+        return torch.ops.gpt2lab_native.decode_block(x, *fixed, step[0], slots, step[1], window, gelu_form)
 
     def native_args(self) -> tuple:
         """Its plan's arguments of gpt2lab.native's ``DecodeBlocks.add``: those of ``decode_block`` that do
@@ -457,6 +443,7 @@ class GPT(nn.Module):
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self._blocks: tuple | None = None  # _blocks_in_one_op's: the blocks' plans and caches, their native arguments
+        self._blocks_together = True  # whether planned blocks step all in one op (block_ops: each its own)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
@@ -538,10 +525,13 @@ class GPT(nn.Module):
         ``decode_blocks``: each block's ``decode_block`` in turn with the arguments its plan fixed
         (``Block.plan``), none of the Python a block's own step runs around it. None where some block
         would not step as one op (``Block.one_op_slots``) or any block has hooks: the blocks step one by
-        one then. The arguments are kept (``_blocks``) while the blocks' plans and KV caches stay."""
-        if torch.compiler.is_compiling() or any(block.one_op_slots(x, step) is None for block in self.h):
+        one then, as within ``block_ops``. The arguments are kept (``_blocks``) while the blocks' plans and
+        KV caches stay."""
+        if not self._blocks_together or torch.compiler.is_compiling() or _global_hooks():
             return None
-        if any(block._forward_hooks or block._forward_pre_hooks for block in self.h) or _global_hooks():
+        if any(block._forward_hooks or block._forward_pre_hooks for block in self.h):
+            return None
+        if any(block.one_op_slots(x, step) is None for block in self.h):
             return None
         key = tuple((block.step_plan, block.attn.kv_cache) for block in self.h)
         if self._blocks is None or self._blocks[0] != key:
@@ -733,6 +723,16 @@ class GPT(nn.Module):
         """What a copy or a pickle of the model holds: not the blocks' arguments kept in C++ for their
         one-op steps (``_blocks``, which cannot be copied), gathered again by the next step that needs them."""
         return super().__getstate__() | {"_blocks": None}
+
+    @contextlib.contextmanager
+    def block_ops(self) -> Iterator[None]:
+        """Within it, each planned block's eager decode steps run its own op (``Block.plan``) rather
+        than all the blocks in one (``_blocks_in_one_op``; the same kernels, the same results)."""
+        self._blocks_together = False
+        try:
+            yield
+        finally:
+            self._blocks_together = True
 
     @contextlib.contextmanager
     def python_blocks(self) -> Iterator[None]:

@@ -15,12 +15,12 @@ lies, in one pass per query. Each is one more candidate of the kernel table, cho
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
 keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
 through the KV cache each block's residual add and the LayerNorm after it are one op
-(``add_layer_norm``, ``ops.add_layer_norm``), and an MLP's tanh-GELU can run in AVX2 with an exponential
-of its own (``gelu_avx2_``, the form ``avx2`` of ``ops.tanh_gelu_``); where all of a block's products run these kernels, its
-whole eager decode step is one op (``decode_block``, ``model.Block.plan``), and where every block's do,
-a step through all the blocks is one op (``decode_blocks``, on a ``DecodeBlocks`` that holds each
-block's arguments of ``decode_block`` from step to step: ``model.GPT._blocks_in_one_op``). For the other int8
-kernels (products of many rows), each row's quantization (``quantize_rows``, or for fbgemm
+(``add_layer_norm``, ``ops.add_layer_norm``), and an MLP's tanh-GELU can run in AVX2 with an
+exponential of its own (``gelu_avx2_``, the form ``avx2`` of ``ops.tanh_gelu_``); where all of a
+block's products run these kernels, its whole eager decode step is one op (``decode_block``,
+``model.Block.plan``), and where every block's do, a step through all the blocks is one op
+(``decode_blocks``, on a ``DecodeBlocks`` that holds each block's arguments of ``decode_block`` from
+step to step: ``model.GPT._blocks_in_one_op``). For the other int8 kernels (products of many rows), each row's quantization (``quantize_rows``, or for fbgemm
 ``normalize_rows``) and the output's scaling (``scale_rows_``) are one pass each
 (``ops.int8_linear``). They are built with torch's C++ extension builder the first time a process on
 an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under torch's extension
