@@ -53,13 +53,13 @@ def int8_path(request):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (6, 70), (300, 1000)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias, int8_path):
     """Bit for bit what its definition gives, on each path, with widths that are not multiples of its
     32-byte chunks (an odd number of them too) nor of its 4-channel blocks, rows in groups of four and
-    left over, weights of 127 levels (its pair sums never saturate) and inputs that span large and small
+    of one to three left over, weights of 127 levels (its pair sums never saturate) and inputs that span large and small
     magnitudes."""
     g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     w = torch.randn(out_features, in_features, generator=g)
@@ -71,7 +71,7 @@ def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias, int8_pa
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 4])  # and one more
+@pytest.mark.parametrize("rows", [1, 2, 4])  # and one more
 def test_the_avx2_kernel_is_exact_at_the_largest_sums(rows, int8_path):
     """Rows of x at -127 and 127 times weights of the same signs (every byte product 127 x 127 = 16,129,
     or on the VNNI path (127 + 128) x 127 before the offset goes), 4,000 wide: sums of 64.5 million,

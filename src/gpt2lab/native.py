@@ -5,7 +5,7 @@ At one row fbgemm's int8 product, and oneDNN's and MKL's float32 ones on the wei
 their weights well below the rate memory gives on the AVX2 EPYCs (docs/benchmarks.md, item 15).
 ``csrc/avx2.cpp`` streams the weights: the int8 kernel ``avx2`` (on a weight laid out for it by
 ``gpt2lab.ops.pack_int8``, with a software prefetch ahead; AVX2's byte products, or where the CPU has
-AVX-512 VNNI its dot product of 64 bytes an instruction, four rows of x at a time: ``int8_paths``),
+AVX-512 VNNI its dot product of 64 bytes an instruction, up to four rows of x at a time: ``int8_paths``),
 and the float32 one-row kernels (kind ``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight
 as it is (rows of up to 4 KB one after another, longer ones eight at once with a prefetch ahead in
 each), and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one stream per thread

@@ -358,26 +358,40 @@ VNNI void block_sums_vnni(const int8_t* first, int64_t chunks, const int8_t* v, 
   vnni_sums(_mm512_add_epi32(a01, b01), _mm512_add_epi32(a23, b23), total, sums);
 }
 
-// The same for four rows of x at once (kRowGroup), each chunk of the weight loaded and offset once for
-// the four.
+// The same for R rows of x at once (2 to kRowGroup), each chunk of the weight loaded and offset once
+// for all R, their 2R accumulators in registers. More rows at a time take no less time per row: the
+// multiply-adds, not the loads, bound a product of four rows or more (eight rows run as two groups).
 constexpr int64_t kRowGroup = 4;
 
-VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const QuantizedRow* qx,
-                               int32_t (*sums)[kBlock]) {
-  __m512i a01[kRowGroup], a23[kRowGroup];
-  for (int64_t r = 0; r < kRowGroup; ++r) a01[r] = a23[r] = _mm512_setzero_si512();
+template <int64_t R>
+VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const QuantizedRow* qx, int32_t (*sums)[kBlock]) {
+  static_assert(2 <= R && R <= kRowGroup, "2 to kRowGroup rows");
+  __m512i a01[R], a23[R];
+  for (int64_t r = 0; r < R; ++r) a01[r] = a23[r] = _mm512_setzero_si512();
   const int8_t* p = first;
   for (int64_t k = 0; k < chunks; ++k, p += kBlock * kChunk) {
     _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
     _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
     const __m512i w01 = unsigned_chunks(p), w23 = unsigned_chunks(p + 64);
-    for (int64_t r = 0; r < kRowGroup; ++r) {
+    for (int64_t r = 0; r < R; ++r) {
       const __m512i x = row_chunk(qx[r].value.data(), k);
       a01[r] = _mm512_dpbusd_epi32(a01[r], w01, x);
       a23[r] = _mm512_dpbusd_epi32(a23[r], w23, x);
     }
   }
-  for (int64_t r = 0; r < kRowGroup; ++r) vnni_sums(a01[r], a23[r], qx[r].total, sums[r]);
+  for (int64_t r = 0; r < R; ++r) vnni_sums(a01[r], a23[r], qx[r].total, sums[r]);
+}
+
+// One block's sums for the n rows of x at qx (1 to kRowGroup) by VNNI.
+VNNI void block_sums_vnni_group(int64_t n, const int8_t* first, int64_t chunks, const QuantizedRow* qx,
+                                int32_t (*sums)[kBlock]) {
+  switch (n) {
+    case 1: return block_sums_vnni(first, chunks, qx[0].value.data(), qx[0].total, sums[0]);
+    case 2: return block_sums_vnni_rows<2>(first, chunks, qx, sums);
+    case 3: return block_sums_vnni_rows<3>(first, chunks, qx, sums);
+    case 4: return block_sums_vnni_rows<4>(first, chunks, qx, sums);
+  }
+  TORCH_CHECK(false, "1 to ", kRowGroup, " rows at a time, got ", n);
 }
 
 // Whether int8_avx2 takes the VNNI path: where the CPU has AVX-512 VNNI, unless int8_vnni turned it off.
@@ -421,12 +435,9 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
     for (int64_t block = begin; block < end; ++block) {
       const int8_t* first = w + block * chunks * kBlock * kChunk;
       for (int64_t r = 0; r < rows;) {  // past the first rows the block's weights come from L1
-        int64_t n = 1;
-        if (vnni && rows - r >= kRowGroup) {
-          block_sums_vnni_rows(first, chunks, &qx[r], sums);
-          n = kRowGroup;
-        } else if (vnni) {
-          block_sums_vnni(first, chunks, qx[r].value.data(), qx[r].total, sums[0]);
+        const int64_t n = vnni ? std::min(rows - r, kRowGroup) : 1;
+        if (vnni) {
+          block_sums_vnni_group(n, first, chunks, &qx[r], sums);
         } else {
           block_sums_avx2(first, chunks, qx[r].value.data(), qx[r].magnitude.data(), sums[0]);
         }
