@@ -59,8 +59,8 @@ def int8_path(request):
 def test_the_avx2_kernel_is_exact(rows, out_features, in_features, bias, int8_path):
     """Bit for bit what its definition gives, on each path, with widths that are not multiples of its
     32-byte chunks (an odd number of them too) nor of its 4-channel blocks, rows in groups of four and
-    of one to three left over, weights of 127 levels (its pair sums never saturate) and inputs that span large and small
-    magnitudes."""
+    of one to three left over, weights of 127 levels (its pair sums never saturate) and inputs that
+    span large and small magnitudes."""
     g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     w = torch.randn(out_features, in_features, generator=g)
     x = torch.randn(rows, in_features, generator=g) * torch.logspace(-3, 3, rows)[:, None]
@@ -952,6 +952,11 @@ def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(m
         assert hooked == [model.h[1]] * 2 and calls == [] and len(block_calls) == 2 * len(model.h)
         assert torch.equal(decode_one_token(model, token, torch.tensor([4])), want)
         assert len(calls) == 1
+        with model.block_ops():
+            with model.block_ops():
+                pass
+            assert torch.equal(decode_one_token(model, token, torch.tensor([4])), want)
+        assert len(calls) == 1  # nested: each block its own op until the outer block_ops ends
 
         model.setup_cache(1, 16)  # new caches, the plans kept
         assert all(block.step_plan is not None for block in model.h)

@@ -728,11 +728,11 @@ class GPT(nn.Module):
     def block_ops(self) -> Iterator[None]:
         """Within it, each planned block's eager decode steps run its own op (``Block.plan``) rather
         than all the blocks in one (``_blocks_in_one_op``; the same kernels, the same results)."""
-        self._blocks_together = False
+        together, self._blocks_together = self._blocks_together, False
         try:
             yield
         finally:
-            self._blocks_together = True
+            self._blocks_together = together
 
     @contextlib.contextmanager
     def python_blocks(self) -> Iterator[None]:

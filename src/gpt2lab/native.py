@@ -20,8 +20,9 @@ exponential of its own (``gelu_avx2_``, the form ``avx2`` of ``ops.tanh_gelu_``)
 block's products run these kernels, its whole eager decode step is one op (``decode_block``,
 ``model.Block.plan``), and where every block's do, a step through all the blocks is one op
 (``decode_blocks``, on a ``DecodeBlocks`` that holds each block's arguments of ``decode_block`` from
-step to step: ``model.GPT._blocks_in_one_op``). For the other int8 kernels (products of many rows), each row's quantization (``quantize_rows``, or for fbgemm
-``normalize_rows``) and the output's scaling (``scale_rows_``) are one pass each
+step to step: ``model.GPT._blocks_in_one_op``). For the other int8 kernels (products of many rows),
+each row's quantization (``quantize_rows``, or for fbgemm ``normalize_rows``) and the output's
+scaling (``scale_rows_``) are one pass each
 (``ops.int8_linear``). They are built with torch's C++ extension builder the first time a process on
 an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under torch's extension
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
