@@ -49,6 +49,7 @@ def test_gpu_bench_dry_run(tmp_path):
         ("cpu.py", ["--only", "forward,bogus"], "--only: choose from forward,train,"),
         ("linear.py", ["--repeat", "0"], "--repeat: must be at least 1"),
         ("decode_step.py", ["--rounds", "x"], "--rounds: 'x' is not an integer"),
+        ("pages.py", ["--rounds", "0"], "--rounds: must be at least 1"),
         ("peers.py", ["--preset", "bogus"], "--preset must be one of gpt2,"),
         ("gpu.py", ["--train", "gpt2:x"], "'gpt2:x' is not PRESET:BATCH or PRESET:BATCH:sliced"),
         ("gpu.py", ["--train", "gpt9:16"], "unknown preset 'gpt9'"),

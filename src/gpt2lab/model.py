@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2lab import kernels, native
+from gpt2lab import kernels, native, pages
 from gpt2lab.config import GPTConfig
 from gpt2lab.device import available_memory
 from gpt2lab.errors import CheckpointError
@@ -70,7 +70,11 @@ class Backends:
     products), or ``auto``: on the CPU the fastest of those that run here for the step's query heads
     and key count on this machine, measured the first time and remembered with the linear kernels
     (kind ``attention``), else ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
-    (``CausalSelfAttention.one_query_kernel``).
+    (``CausalSelfAttention.one_query_kernel``). ``huge_pages``: where Linux gives 2 MiB pages
+    only to memory that asks (transparent huge pages in ``madvise`` mode, ``gpt2lab.pages``), CPU
+    decoding moves the linear layers' float32 weights (each of 2 MiB or more; the Parameters stay,
+    their ``data`` moves) and the int8 blocks gpt2lab's own int8 kernel reads into such memory, once,
+    before the first decode steps that read them (``GPT.pack_for_decoding``, ``GPT.plan_decoding``).
     """
 
     attention: str = "auto"
@@ -78,6 +82,7 @@ class Backends:
     pack_min_steps: int = 64
     pack_repeated: bool = True
     decode_attention: str = "auto"
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
@@ -89,6 +94,8 @@ class Backends:
             raise ValueError(f"pack_min_steps must be an integer >= 0 (0 = never), got {steps!r}")
         if not isinstance(self.pack_repeated, bool):
             raise ValueError(f"pack_repeated must be True or False, got {self.pack_repeated!r}")
+        if not isinstance(self.huge_pages, bool):
+            raise ValueError(f"huge_pages must be True or False, got {self.huge_pages!r}")
         if self.decode_attention not in DECODE_ATTENTION_KERNELS:
             raise ValueError(
                 f"decode_attention must be one of {DECODE_ATTENTION_KERNELS}, got {self.decode_attention!r}"
@@ -386,6 +393,29 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
+def _weights_to_huge_pages(weights: list[nn.Parameter]) -> None:
+    """Move each float32 weight of at least one 2 MiB page's bytes into a mapping of its own in 2 MiB
+    pages (``gpt2lab.pages``), unless it lies in one already: the Parameter stays the same object, its
+    ``data`` the same values in other memory. A mapping of its own: a state dict saves each weight on
+    its own."""
+    for w in weights:  # a plain tensor's: not a shard of a distributed one (a DTensor)
+        if type(w.data) is torch.Tensor and w.nbytes >= pages.HUGE_PAGE and not pages.in_huge_pages(w):
+            w.data = pages.huge_copies([w.detach()])[0]
+
+
+def _blocks_to_huge_pages(layers: list[nn.Module]) -> None:
+    """Move the int8 blocks that the planned ``layers`` read (``Int8Linear.planned_blocks``) into one
+    mapping in 2 MiB pages (``gpt2lab.pages``), in the layers' order (a decode step's), unless they lie
+    in such pages already or fill less than one. The blocks are no module's state: one mapping holds
+    them all."""
+    held = [(m, m.planned_blocks()) for m in layers if callable(getattr(m, "planned_blocks", None))]
+    held = [(m, w) for m, w in held if w is not None and not pages.in_huge_pages(w)]
+    if pages.nbytes([w for _, w in held]) < pages.HUGE_PAGE:
+        return
+    for (m, _), copy in zip(held, pages.huge_copies([w for _, w in held]), strict=True):
+        m.replace_planned_blocks(copy)
+
+
 def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool, in_place: bool) -> bool:
     """Whether ``steps`` decode steps of ``rows`` rows run the products of ``layers`` faster in numpy's
     BLAS than in torch's and gpt2lab's kernels, as their kernel table measured each product (kinds
@@ -662,11 +692,14 @@ class GPT(nn.Module):
         copy) for any number of steps (unless ``pack_min_steps`` is 0) wherever the table measures it
         at most ``kernels.MARGIN`` slower than the other kernels on the weight (``KernelTable.in_place``):
         a block whose four products run gpt2lab's kernels steps in one op (``Block.plan``), which saves
-        more than that. The logits change by float32 rounding only. Returns the layers packed
+        more than that. The logits change by float32 rounding only. First, under ``backends.huge_pages``,
+        the weights move into 2 MiB pages (``_weights_to_huge_pages``). Returns the layers packed
         (generation unpacks them when it ends)."""
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
+        if self.backends.huge_pages and pages.wanted():
+            _weights_to_huge_pages([m.weight for m in self.modules() if isinstance(m, Linear)])
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
@@ -703,11 +736,15 @@ class GPT(nn.Module):
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
         layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
         compiled one runs its own code) without rotary positions, each block whose products all run
-        gpt2lab's own kernels steps in one op (``Block.plan``). Returns the modules planned, for
+        gpt2lab's own kernels steps in one op (``Block.plan``). Under ``backends.huge_pages`` the int8
+        blocks the planned products read move into 2 MiB pages first (``_blocks_to_huge_pages``).
+        Returns the modules planned, for
         ``unplan`` when the steps end (the model too, for what its blocks' one op keeps: ``unplan``)."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
+        if self.backends.huge_pages and pages.wanted():
+            _blocks_to_huge_pages(planned)
         if not eager or self.rotary is not None:  # a block steps with rotary positions in Python
             return planned
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)

@@ -173,6 +173,17 @@ class Int8Linear(nn.Module):
     def unplan(self) -> None:
         self.planned = None
 
+    def planned_blocks(self) -> torch.Tensor | None:
+        """The int8 blocks that its planned products read on gpt2lab's own kernel (``avx2``), else None."""
+        planned = self.planned
+        return planned.packed[0] if planned is not None and planned.kernel == "avx2" else None
+
+    def replace_planned_blocks(self, blocks: torch.Tensor) -> None:
+        """Have its plan, and the plans after it, read ``blocks``, a copy of ``planned_blocks``
+        (``GPT.plan_decoding`` moves them into 2 MiB pages)."""
+        packed = (blocks, *self.planned.packed[1:])
+        self._packed["avx2"] = self.planned.packed = packed
+
     def plan_holds(self) -> bool:
         """Whether there is a plan (``plan``): loading new weights drops it."""
         return self.planned is not None
