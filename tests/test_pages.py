@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gpt2lab.model
-from gpt2lab import Backends, generate, kernels, native, ops, pages
+from gpt2lab import Backends, generate, kernels, native, ops, pages, stream
 from gpt2lab.load import load_model, save_pretrained
 from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -190,3 +190,30 @@ def test_int8_decoding_reads_its_blocks_from_one_mapping_and_keeps_the_tokens(
         assert not any(pages.in_huge_pages(b) for b in blocks)
     assert generate(model, prompt, 6, temperature=0, eos_id=None) == tokens
     assert [m._packed["avx2"][0].data_ptr() for m in layers] == [b.data_ptr() for b in blocks]
+
+
+@pytest.mark.skipif(not native.available(), reason=f"avx2 kernel: {native.unavailable_reason()}")
+@pytest.mark.parametrize("kernel", ["avx2_f32_blocks", "torch_t"])
+def test_the_copies_decoding_reads_lie_in_2mib_pages_while_it_reads_them(
+    make_gpt, remember_kernels, monkeypatch, kernel
+):
+    """A copy of a weight made for the decode steps (gpt2lab's blocked layout, a transposed copy) moves
+    into 2 MiB pages as it is made, where it fills one: the layers read it there, the same tokens."""
+    monkeypatch.setattr(pages, "wanted", lambda: True)
+    model = make_gpt(seed=3, backends=Backends(pack_min_steps=2, decode_attention="products"), **CONFIG)
+    linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    for o, i in {(m.out_features, m.in_features) for m in linears}:
+        us = dict.fromkeys(kernels.candidates("packed", 1), 100.0) | {kernel: 10.0, "pack": 20.0}
+        remember_kernels({f"packed {o}x{i} rows 1": {"kernel": kernel, "us_per_product": us}})
+        numpy_us = dict.fromkeys(kernels.candidates("numpy", 1), 500.0) | {"pack": 300.0}
+        remember_kernels({f"numpy {o}x{i} rows 1": {"kernel": "numpy", "us_per_product": numpy_us}})
+    reference = make_gpt(seed=3, backends=Backends(linear="torch", huge_pages=False), **CONFIG)
+    want = generate(reference, [[5, 17, 3]], 6, temperature=0, eos_id=None)
+    tokens, held = [], []
+    for token in stream(model, [[5, 17, 3]], 6, temperature=0, eos_id=None):
+        tokens.append(token.item())
+        held.append({m.weight.nbytes: m.packed[2] for m in linears if m.packed is not None})
+    assert tokens == want[0]
+    copies = held[1]  # while the steps read them
+    assert {n: c.is_contiguous() for n, c in copies.items()} == dict.fromkeys(copies, kernel == "avx2_f32_blocks")
+    assert {n: pages.in_huge_pages(c) for n, c in copies.items()} == {n: n >= 2 * MiB for n in copies}

@@ -26,6 +26,7 @@ from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
     LINEAR_KERNELS,
     ONE_QUERY_KERNELS,
+    PLAIN_COPIES,
     READS_THE_WEIGHT,
     Linear,
     add_layer_norm,
@@ -74,7 +75,8 @@ class Backends:
     only to memory that asks (transparent huge pages in ``madvise`` mode, ``gpt2lab.pages``), CPU
     decoding moves the linear layers' float32 weights (each of 2 MiB or more; the Parameters stay,
     their ``data`` moves) and the int8 blocks gpt2lab's own int8 kernel reads into such memory, once,
-    before the first decode steps that read them (``GPT.pack_for_decoding``, ``GPT.plan_decoding``).
+    before the first decode steps that read them, and makes its copies of the weights there
+    (``GPT.pack_for_decoding``, ``GPT.plan_decoding``).
     """
 
     attention: str = "auto"
@@ -403,6 +405,16 @@ def _weights_to_huge_pages(weights: list[nn.Parameter]) -> None:
             w.data = pages.huge_copies([w.detach()])[0]
 
 
+def _copy_to_huge_pages(layer: Linear) -> None:
+    """Move the copy of its weight that ``layer`` reads (``Linear.pack``'s, a plain tensor:
+    ``ops.PLAIN_COPIES``) into a mapping of its own in 2 MiB pages, where it fills one at least."""
+    copy = layer.packed[2]
+    memory = copy if copy.is_contiguous() else copy.t()  # a transposed copy: its (in, out) memory
+    if memory.nbytes >= pages.HUGE_PAGE:
+        moved = pages.huge_copies([memory])[0]
+        layer.replace_copy(moved if memory is copy else moved.t())
+
+
 def _blocks_to_huge_pages(layers: list[nn.Module]) -> None:
     """Move the int8 blocks that the planned ``layers`` read (``Int8Linear.planned_blocks``) into one
     mapping in 2 MiB pages (``gpt2lab.pages``), in the layers' order (a decode step's), unless they lie
@@ -692,13 +704,15 @@ class GPT(nn.Module):
         copy) for any number of steps (unless ``pack_min_steps`` is 0) wherever the table measures it
         at most ``kernels.MARGIN`` slower than the other kernels on the weight (``KernelTable.in_place``):
         a block whose four products run gpt2lab's kernels steps in one op (``Block.plan``), which saves
-        more than that. The logits change by float32 rounding only. First, under ``backends.huge_pages``,
-        the weights move into 2 MiB pages (``_weights_to_huge_pages``). Returns the layers packed
+        more than that. The logits change by float32 rounding only. Under ``backends.huge_pages`` the weights
+        move into 2 MiB pages first (``_weights_to_huge_pages``), and each copy made after it is made
+        (``_copy_to_huge_pages``). Returns the layers packed
         (generation unpacks them when it ends)."""
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
-        if self.backends.huge_pages and pages.wanted():
+        huge = self.backends.huge_pages and pages.wanted()
+        if huge:
             _weights_to_huge_pages([m.weight for m in self.modules() if isinstance(m, Linear)])
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
@@ -724,6 +738,8 @@ class GPT(nn.Module):
             if kernel in kernels.COPY_KERNELS and repaid:
                 m.pack(rows, kernel)
                 budget -= 0 if in_place else size
+                if huge and kernel in PLAIN_COPIES:
+                    _copy_to_huge_pages(m)
             elif kind == "numpy":
                 m.pack(rows, "numpy")  # the weight as it is
             else:

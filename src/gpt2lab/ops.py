@@ -49,6 +49,8 @@ _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 READS_THE_WEIGHT = ("numpy", "avx2_f32")  # copy kernels whose copy is the weight itself (copy_weight)
+# copy kernels whose copy is a plain float32 tensor of its own: contiguous, or the transpose of one
+PLAIN_COPIES = ("onednn_t", "torch_t", "numpy_t", "avx2_f32_blocks")
 NUMPY_KERNELS = ("numpy", "numpy_t")  # one-row products in numpy's BLAS: the weight, its transposed copy
 GELU_FORMS = ("tanh", "sigmoid", "avx2")  # how tanh_gelu_ computes the activation ("avx2": gpt2lab.native)
 # the kernels whose planned products gpt2lab.native's decode_block runs, by their index there: float32
@@ -470,6 +472,13 @@ class Linear(nn.Linear):
         self.packed = (rows, weight_key(w), copy_weight(w, rows, kernel), kernel)
         self.planned = None  # it may have chosen the previous copy
         self._counted = (None, {})  # a new copy: the next must repay itself from here
+
+    def replace_copy(self, copy: torch.Tensor) -> None:
+        """Read ``copy``, equal to the copy ``pack`` made, instead of it (``GPT.pack_for_decoding``
+        moves copies into 2 MiB pages)."""
+        rows, key, _, kernel = self.packed
+        self.packed = (rows, key, copy, kernel)
+        self.planned = None  # it may have chosen the previous copy
 
     def unpack(self) -> None:
         self.packed = self.planned = None
