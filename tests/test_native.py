@@ -998,6 +998,43 @@ def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_
 
 
 @needs_kernel
+def test_a_steps_blocks_choose_their_attention_kernel_once_where_their_settings_agree(make_gpt, monkeypatch):
+    """A one-op step through every block asks the table for the attention kernel once, not once per
+    block; a choice made so serves only attentions of the same settings and key count: another
+    decode_attention, head count or key count chooses for itself."""
+    asked = []
+
+    def choose(heads, head_dim, keys, kind):
+        asked.append((heads, head_dim, keys))
+        return "avx2" if keys <= 64 else "sdpa"
+
+    model = make_gpt(seed=4, n_layer=3, backends=Backends(decode_attention="auto"))
+    for block in model.h:
+        monkeypatch.setattr(block.attn.table, "choose", choose)
+    with torch.no_grad():
+        model.setup_cache(1, 8)
+        plan_one_op_steps(model, 1, lambda m: "avx2_f32_blocks")
+        prefill(model, torch.tensor([[5, 3, 9]]), torch.arange(3))
+        asked.clear()
+        decode_one_token(model, torch.tensor([[4]]), torch.tensor([3]))
+    assert asked == [(model.config.n_head, model.config.head_dim, 4)]
+
+    cpu, chosen = torch.device("cpu"), {}
+    assert model.h[0].attn.one_query_kernel(1, 40, cpu, chosen=chosen) == "avx2"
+    fixed = make_gpt(backends=Backends(decode_attention="products")).h[0].attn
+    wider = make_gpt(n_head=8, n_embd=64, backends=Backends(decode_attention="auto")).h[0].attn  # heads as wide
+    fixed.table = wider.table = model.h[0].attn.table  # the same table: only the setting named differs
+    assert fixed.one_query_kernel(1, 40, cpu, chosen=chosen) == "products"
+    assert model.h[1].attn.one_query_kernel(1, 600, cpu, chosen=chosen) == "sdpa"
+    asked.clear()
+    assert wider.one_query_kernel(1, 40, cpu, chosen=chosen) == "avx2" and asked == [(8, wider.head_dim, 40)]
+    measured_apart = make_gpt(backends=Backends(decode_attention="auto")).h[0].attn  # a table of its own
+    assert measured_apart.table is not model.h[0].attn.table
+    monkeypatch.setattr(measured_apart.table, "choose", lambda *a, **kw: "sdpa")
+    assert measured_apart.one_query_kernel(1, 40, cpu, chosen=chosen) == "sdpa"
+
+
+@needs_kernel
 def test_a_block_steps_in_python_where_the_one_op_does_not_apply(make_gpt, monkeypatch):
     """No one-op step for a block with a product on another kernel; steps of rotary positions, of
     another attention kernel, or after a product's weight changed run the Python blocks: the logits of

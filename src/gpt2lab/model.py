@@ -219,14 +219,22 @@ class CausalSelfAttention(nn.Module):
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side
         return self.resid_dropout(y) if self.training else y  # (eval: the identity, not called)
 
-    def one_query_kernel(self, rows: int, keys: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    def one_query_kernel(
+        self, rows: int, keys: int, device: torch.device, dtype: torch.dtype = torch.float32, chosen: dict | None = None
+    ) -> str:
         """The kernel of a decode step's attention of ``rows`` rows over ``keys`` keys of ``dtype``
         (``Backends.decode_attention``): under ``auto``, on the CPU, the one the kernel table measures
         faster for this many query heads (every row's) of this size and keys on this CPU; in a compiled
         CPU step, whose graph cannot follow a choice that changes with the key count, ``reduction``,
         which inductor fuses into loops of its own; elsewhere ``products``. ``avx2`` is a float32 CPU
         kernel: elsewhere and for other dtypes an explicit one runs the products, ``auto`` the fastest
-        of the others the table measured."""
+        of the others the table measured. ``chosen``: the choices made already, by this attention or
+        others with the same settings (filled in here), so that a step's blocks choose once."""
+        if chosen is not None:  # what the choice depends on: it serves every attention with these settings
+            key = (rows, keys, device, dtype, self.decode_attention, self.table, self.n_head, self.head_dim)
+            if key not in chosen:
+                chosen[key] = self.one_query_kernel(rows, keys, device, dtype)
+            return chosen[key]
         own_runs = device.type == "cpu" and dtype == torch.float32
         if self.decode_attention == "avx2" and not own_runs:
             return "products"
@@ -262,6 +270,7 @@ class _StepPlan:
     gpt2lab.native's ``decode_block`` that do not change from step to step."""
 
     rows: int
+    attn: CausalSelfAttention  # whose KV cache the steps write and whose kernel choice they check
     layers: tuple[nn.Module, ...]
     plans: tuple[object, ...]
     norms: list[torch.Tensor]
@@ -331,6 +340,7 @@ class Block(nn.Module):
         columns = ("kernel", "weight", "scale", "bias", "out_features")
         self.step_plan = _StepPlan(
             rows,
+            attn,
             layers,
             tuple(m.planned for m in layers),
             norms,
@@ -350,16 +360,18 @@ class Block(nn.Module):
     def unplan(self) -> None:
         self.step_plan = None
 
-    def one_op_slots(self, x: torch.Tensor, step: tuple) -> int | None:
+    def one_op_slots(self, x: torch.Tensor, step: tuple, chosen: dict | None = None) -> int | None:
         """The slots of its KV cache that a one-op decode step of x (``plan``) attends over, or None
         where such a step does not apply: no plan, not one new token per planned row, gradients or
-        training, a plan that no longer holds, or an attention that would not run ``avx2`` here."""
-        plan, attn = self.step_plan, self.attn
+        training, a plan that no longer holds, or an attention that would not run ``avx2`` here
+        (``chosen``: as ``CausalSelfAttention.one_query_kernel``'s)."""
+        plan = self.step_plan
         B, T, _ = x.shape
         if plan is None or T != 1 or plan.rows != B or self.training or torch.is_grad_enabled() or not plan.holds():
             return None
+        attn = plan.attn
         slots = attn.kv_cache.slots(step[2])
-        return slots if attn.one_query_kernel(B, slots, x.device, x.dtype) == "avx2" else None
+        return slots if attn.one_query_kernel(B, slots, x.device, x.dtype, chosen) == "avx2" else None
 
     def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
         """``forward``'s decode step as the one op ``plan`` set up, or None where it does not apply."""
@@ -372,8 +384,8 @@ class Block(nn.Module):
     def native_args(self) -> tuple:
         """Its plan's arguments of gpt2lab.native's ``DecodeBlocks.add``: those of ``decode_block`` that do
         not change from step to step, its KV cache's (whether it rolls, for the slots of each step)."""
-        plan, attn = self.step_plan, self.attn
-        cache = attn.kv_cache
+        plan = self.step_plan
+        attn, cache = plan.attn, plan.attn.kv_cache
         return (
             plan.norms,
             plan.eps,
@@ -571,11 +583,13 @@ class GPT(nn.Module):
         KV caches stay."""
         if not self._blocks_together or torch.compiler.is_compiling() or _global_hooks():
             return None
-        if any(block._forward_hooks or block._forward_pre_hooks for block in self.h):
-            return None
-        if any(block.one_op_slots(x, step) is None for block in self.h):
-            return None
-        key = tuple((block.step_plan, block.attn.kv_cache) for block in self.h)
+        chosen: dict[tuple, str] = {}  # the blocks' attention kernels, chosen once for blocks alike
+        held = []
+        for block in self.h:
+            if block._forward_hooks or block._forward_pre_hooks or block.one_op_slots(x, step, chosen) is None:
+                return None
+            held.append((block.step_plan, block.step_plan.attn.kv_cache))
+        key = tuple(held)
         if self._blocks is None or self._blocks[0] != key:
             blocks = torch.classes.gpt2lab_native.DecodeBlocks()
             for block in self.h:
