@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import gpt2lab.model
 from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
 from gpt2lab.decode import prefill
-from gpt2lab.generation import next_token_probs, sample
+from gpt2lab.generation import greedy, next_token_probs, sample
 from gpt2lab.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,6 +150,24 @@ def test_top_k_ties_are_cut_reproducibly():
     logits = [1.0 if i % 3 == 0 else 0.0 for i in range(1000)]
     support, _ = _support(logits, top_k=5)
     assert support == {0, 3, 6, 9, 12}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_greedy_is_torchs_argmax_ties_and_nans_included(dtype):
+    """Greedy picks (numpy's argmax for float32 on the CPU) are torch's argmax: the first of tied
+    largest, the first NaN above any number, int64, also for rows that are views with gaps between them."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, 50257).to(dtype)[:, -1]  # each row a view into a larger tensor
+    logits[0, [7, 9000, 30000]] = 50.0  # tied largest: the first
+    logits[1, [100, 200]] = float("nan")  # NaNs: the first, above a larger number
+    logits[1, 300] = float("inf")
+    logits[2] = float("-inf")  # nothing above -inf: index 0
+    logits[3, -1] = 60.0  # the last token
+    picked = greedy(logits)
+    assert picked.dtype == torch.int64 and picked.shape == (6,)
+    assert picked.tolist() == logits.argmax(-1).tolist()
+    assert picked[:4].tolist() == [7, 100, 0, 50256]
+    assert sample(logits, temperature=0).tolist() == picked.tolist()
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def sample(
     Top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one).
     """
     if temperature < FLOAT32_TINY:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float()
     # shifted first, so that the largest is 0: a tiny temperature sends the others to -inf, not to inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
@@ -51,6 +51,16 @@ def sample(
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit (B,) from logits (B, V), as ``logits.argmax(-1)`` gives it:
+    the first of tied largest, a NaN above every number. Float32 logits on the CPU are searched by
+    numpy's argmax, whose vectorized search over a vocabulary takes a fraction of torch's time: part of
+    every greedy decode step (docs/benchmarks.md, item 17)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(-1)).long()  # int64 where numpy's index is narrower
+    return logits.argmax(dim=-1)
 
 
 def check_sampling(
