@@ -203,6 +203,7 @@ def _stream(
         in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)
+        position = torch.tensor([P - 1], device=device)
         for t in range(P, P + max_new_tokens):
             token = pick(logits)
             if eos_id is not None:
@@ -211,8 +212,9 @@ def _stream(
             yield token
             if t == P + max_new_tokens - 1 or bool(done.all()):
                 break
+            position = position + 1  # time step t, a tensor of its own for each step
             with threads():  # torch's own threads are back by the time a token is yielded
-                logits = step(model, token[:, None], torch.tensor([t], device=device))
+                logits = step(model, token[:, None], position)
     finally:  # free this call's decode copies (those of repeated prompts stay) and the cache unless kept
         for layer in packed:
             layer.unpack()

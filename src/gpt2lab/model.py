@@ -599,7 +599,9 @@ class GPT(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd)."""
-        return self.lm_head(x)[..., : self.config.vocab_size]  # a padded vocabulary's rows are never predicted
+        logits = self.lm_head(x)
+        vocab = self.config.vocab_size  # a padded vocabulary's rows are never predicted
+        return logits if logits.shape[-1] == vocab else logits[..., :vocab]
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the logits of hidden states x (B, T, n_embd) against targets (B, T;
