@@ -6,7 +6,8 @@ Five things are timed in one process, in alternation, ``--rounds`` times each:
 
 - the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
   runs it: where every block's products run gpt2lab's own kernels (``Block.plan``), all the blocks in
-  one op (``GPT._blocks_in_one_op``);
+  one op (``GPT._blocks_in_one_op``); then also what it spends outside its two ops (a timer around
+  the blocks' op and the lm_head's call): the Python and the torch calls between them;
 - the same step with each block its own op, called from Python block by block;
 - the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
   each of these three is timed right after an untimed step of its own kind, as in a generation, and
@@ -42,7 +43,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from common import cpu_header, positive_int, read_probe  # noqa: E402
 
-from gpt2lab import GPT, GPTConfig  # noqa: E402
+from gpt2lab import GPT, GPTConfig, native  # noqa: E402
 from gpt2lab.decode import decode_one_token, prefill  # noqa: E402
 from gpt2lab.kernels import COPY_KERNELS, alternated  # noqa: E402
 from gpt2lab.ops import Linear, numpy_blas_threads  # noqa: E402
@@ -94,6 +95,20 @@ class Timers:
 
         return call
 
+    def time_op(self, name: str) -> None:
+        """Time each call of the op ``torch.ops.gpt2lab_native.<name>`` too (as the model looks it up at
+        each call)."""
+        ops, op = torch.ops.gpt2lab_native, getattr(torch.ops.gpt2lab_native, name)
+
+        def call(*args):
+            start = time.perf_counter()
+            try:
+                return op(*args)
+            finally:
+                self.spent += time.perf_counter() - start
+
+        setattr(ops, name, call)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,8 +129,11 @@ def main() -> None:
     inputs = [torch.randn(1, 1, m.in_features) for m in layers]
     read = read_probe(n_bytes)
     timers = Timers(layers)
+    if native.available():
+        timers.time_op("decode_blocks")  # the blocks' one op: with the lm_head, the step's two ops
     token, pos = torch.tensor([[5]]), torch.tensor([PROMPT])
-    in_step: list[float] = []
+    in_step: list[float] = []  # the Python step's products
+    in_ops: list[float] = []  # the step's time in the blocks' one op and the lm_head
 
     copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
     model.plan_decoding(1)  # each layer's kernel chosen once, as generation does
@@ -139,6 +157,8 @@ def main() -> None:
             stepped[kind].append(time.perf_counter() - start)
         if kind == "python step":
             in_step.append(timers.spent)
+        if kind == "step":
+            in_ops.append(timers.spent)
 
     def all_steps() -> None:
         """The kinds of step one after the other, each in turn first (so none always follows another)."""
@@ -172,11 +192,16 @@ def main() -> None:
             "steps": all_steps,
         }
         times = alternated(fns, args.rounds, warmup=2)
-    in_step = in_step[2:]  # the warm-up calls
+    in_step, in_ops = in_step[2:], in_ops[2:]  # the warm-up calls
     times |= {kind: values[2:] for kind, values in stepped.items()}
     rest = [s - p for s, p in zip(times["python step"], in_step, strict=True)]
-    rows = {
-        f"step ({sum(p is not None for p in one_op)} of {len(one_op)} blocks planned as one op)": times["step"],
+    planned = sum(p is not None for p in one_op)
+    rows = {f"step ({planned} of {len(one_op)} blocks planned as one op)": times["step"]}
+    if planned == len(one_op):
+        rows["  outside its two ops (the blocks' one op, the lm_head)"] = [
+            s - o for s, o in zip(times["step"], in_ops, strict=True)
+        ]
+    rows |= {
         "step, each block its own op": times["block ops"],
         "step, block by block in Python": times["python step"],
         "  its products, inside it": in_step,
