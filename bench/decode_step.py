@@ -6,8 +6,9 @@ Five things are timed in one process, in alternation, ``--rounds`` times each:
 
 - the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
   runs it: where every block's products run gpt2lab's own kernels (``Block.plan``), all the blocks in
-  one op (``GPT._blocks_in_one_op``); then also what it spends outside its two ops (a timer around
-  the blocks' op and the lm_head's call): the Python and the torch calls between them;
+  one op (``GPT._blocks_in_one_op``), and where ``ln_f`` and the lm_head run gpt2lab's kernels too, on
+  to the logits in that op; then also what it spends outside those ops (a timer around the blocks'
+  op and the lm_head's call, or around the one op): the Python and the torch calls between them;
 - the same step with each block its own op, called from Python block by block;
 - the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
   each of these three is timed right after an untimed step of its own kind, as in a generation, and
@@ -130,7 +131,8 @@ def main() -> None:
     read = read_probe(n_bytes)
     timers = Timers(layers)
     if native.available():
-        timers.time_op("decode_blocks")  # the blocks' one op: with the lm_head, the step's two ops
+        for op in ("decode_blocks", "decode_logits"):  # the blocks' one op, or that op on to the logits
+            timers.time_op(op)
     token, pos = torch.tensor([[5]]), torch.tensor([PROMPT])
     in_step: list[float] = []  # the Python step's products
     in_ops: list[float] = []  # the step's time in the blocks' one op and the lm_head
@@ -198,7 +200,7 @@ def main() -> None:
     planned = sum(p is not None for p in one_op)
     rows = {f"step ({planned} of {len(one_op)} blocks planned as one op)": times["step"]}
     if planned == len(one_op):
-        rows["  outside its two ops (the blocks' one op, the lm_head)"] = [
+        rows["  outside its ops (the blocks' and the lm_head's, or one to the logits)"] = [
             s - o for s, o in zip(times["step"], in_ops, strict=True)
         ]
     rows |= {

@@ -464,7 +464,7 @@ def test_a_short_decode_reads_with_the_kernel_unless_measurably_slower(
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
     remember_one_row(remember_kernels, linears, {"avx2_f32": avx2_us, "pack": 300.0}, lambda shape: "torch")
     packed = recorded_packs(monkeypatch)
-    calls = count_calls(monkeypatch, "decode_blocks")
+    calls = one_op_steps(monkeypatch)
     generate(model, [[5, 17, 3]], 8, temperature=0, eos_id=None)
     assert packed == (["avx2_f32"] * len(linears) if one_op else [])
     assert len(calls) == (7 if one_op else 0)
@@ -529,7 +529,7 @@ def test_decoding_reads_the_blocked_copies_where_they_repay(make_gpt, remember_k
     us = {"avx2_f32": 70.0, "avx2_f32_blocks": 50.0, "pack": 700.0}
     remember_one_row(remember_kernels, linears, us, lambda shape: "avx2_f32_blocks", rows=rows)
     packed = recorded_packs(monkeypatch)
-    calls = count_calls(monkeypatch, "decode_blocks")
+    calls = one_op_steps(monkeypatch)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     prompts = [[5, 17, 3], [2, 9, 4], [7, 1, 8]][:rows]
     tokens = generate(model, prompts, steps + 1, temperature=0, eos_id=None)
@@ -752,11 +752,19 @@ def test_add_layer_norm_takes_the_two_ops_where_it_does_not_fuse(monkeypatch):
     assert calls == []
 
 
-def count_calls(monkeypatch, name: str) -> list:
-    """Record each call of ``torch.ops.gpt2lab_native.<name>`` from now on."""
-    calls, op = [], getattr(torch.ops.gpt2lab_native, name)
-    monkeypatch.setattr(torch.ops.gpt2lab_native, name, lambda *args: calls.append(args) or op(*args))
+def count_calls(monkeypatch, name: str, *names: str) -> list:
+    """Record each call of ``torch.ops.gpt2lab_native.<name>`` (and of each of ``names``) from now on."""
+    calls = []
+    for each in (name, *names):
+        op = getattr(torch.ops.gpt2lab_native, each)
+        monkeypatch.setattr(torch.ops.gpt2lab_native, each, lambda *args, op=op: calls.append(args) or op(*args))
     return calls
+
+
+def one_op_steps(monkeypatch) -> list:
+    """Record each decode step through all the blocks in one op from now on: ``decode_blocks``, or
+    ``decode_logits`` where the step goes on to the logits in the same op (their arguments alike)."""
+    return count_calls(monkeypatch, "decode_blocks", "decode_logits")
 
 
 @needs_kernel
@@ -869,9 +877,10 @@ def plan_one_op_steps(model, rows: int, kernels_by_layer, gelu_form: str = "tanh
 
 def steps_every_way(model, prompts: torch.Tensor, steps: int) -> None:
     """Greedy decode steps after ``prompts`` (B, P) in a planned ``model`` (its cache set up, padding
-    included): each step's logits from all the blocks in one op (``decode_blocks``) asserted equal, bit
-    for bit, to the same step with each block its own op (``Block.plan``) and through the Python blocks
-    on the same kernels (the step writes the same keys and values into the cache each way)."""
+    included): each step's logits from all the blocks in one op (``decode_blocks``, or ``decode_logits``
+    where ``ln_f`` and the lm_head are planned into it) asserted equal, bit for bit, to the same step with
+    each block its own op (``Block.plan``) and through the Python blocks on the same kernels, ``ln_f`` and
+    the lm_head called from Python (the step writes the same keys and values into the cache each way)."""
     P = prompts.shape[1]
     assert all(block.step_plan for block in model.h)
     logits = prefill(model, prompts, torch.arange(P))
@@ -890,9 +899,9 @@ def recorded_blocks(monkeypatch) -> list:
     step builds one (``GPT._blocks_in_one_op``) from now on."""
     added, blocks_in_one_op = [], gpt2lab.model.GPT._blocks_in_one_op
 
-    def step(model, x, step_args):
+    def step(model, x, step_args, logits=False):
         before = model._blocks
-        y = blocks_in_one_op(model, x, step_args)
+        y = blocks_in_one_op(model, x, step_args, logits)
         if model._blocks is not None and model._blocks is not before:
             added.extend(block.native_args() for block in model.h)
         return y
@@ -916,7 +925,7 @@ def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, 
         model.setup_cache(1, 12)
         layer_kernel = lambda m: "avx2_f32" if m.out_features == 64 else "avx2_f32_blocks"  # noqa: E731
         plan_one_op_steps(model, 1, layer_kernel, gelu_form)
-        block_calls, calls = count_calls(monkeypatch, "decode_block"), count_calls(monkeypatch, "decode_blocks")
+        block_calls, calls = count_calls(monkeypatch, "decode_block"), one_op_steps(monkeypatch)
         added = recorded_blocks(monkeypatch)
         steps_every_way(model, torch.tensor([[5, 3, 9, 1]]), 6)
     assert len(block_calls) == 6 * len(model.h) and len(calls) == 6
@@ -924,6 +933,40 @@ def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, 
     kernels_run = {k for call in block_calls for k in call[3]}
     assert kernels_run == {k for args in added for k in args[2]} == ({2} if int8 else {0, 1})  # ops.NATIVE_PRODUCTS
     assert {call[-1] for call in block_calls} == {args[-1] for args in added} == {gelu_form}
+
+
+@needs_kernel
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_decode_step_runs_ln_f_and_the_lm_head_in_the_blocks_op_where_they_are_planned(make_gpt, monkeypatch, int8):
+    """Where the lm_head's product runs gpt2lab's kernels too, each decode step goes through the blocks,
+    ln_f and the lm_head in one op (``decode_logits``), the Python steps' logits bit for bit (a padded
+    vocabulary's first columns). A hook on ln_f or the lm_head is called: those steps run them from
+    Python after the blocks' one op; an lm_head on another kernel does too."""
+    config = dict(n_embd=64, n_head=4, vocab_size=250, padded_vocab_size=256)
+    prompts = torch.tensor([[5, 3, 9, 1]])
+    layer_kernel = lambda m: "avx2_f32" if m.out_features == 64 else "avx2_f32_blocks"  # noqa: E731
+    for hooked in (None, "ln_f", "lm_head"):
+        model = make_gpt(seed=7, backends=Backends(decode_attention="avx2"), **config)
+        model = quantize.quantize_int8(model) if int8 else model
+        called = []
+        if hooked:
+            getattr(model, hooked).register_forward_hook(lambda *args, called=called: called.append(1))
+        with torch.no_grad(), monkeypatch.context() as patch:
+            model.setup_cache(1, 12)
+            plan_one_op_steps(model, 1, layer_kernel)
+            assert model.head_plan is not None
+            to_logits, blocks = count_calls(patch, "decode_logits"), count_calls(patch, "decode_blocks")
+            steps_every_way(model, prompts, 3)
+        assert (len(to_logits), len(blocks)) == ((0, 3) if hooked else (3, 0))
+        assert len(called) == (1 + 3 * 3 if hooked else 0)  # the prefill, then each step each way
+    if not int8:
+        with torch.no_grad(), monkeypatch.context() as patch:
+            model.setup_cache(1, 12)
+            plan_one_op_steps(model, 1, lambda m: "onednn_t" if m is model.lm_head else layer_kernel(m))
+            assert model.head_plan is None
+            to_logits, blocks = count_calls(patch, "decode_logits"), count_calls(patch, "decode_blocks")
+            steps_every_way(model, prompts, 2)
+        assert (len(to_logits), len(blocks)) == (0, 2)
 
 
 @needs_kernel
@@ -936,7 +979,7 @@ def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(m
         make_gpt(seed=3, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
     )
     prompt = torch.tensor([[5, 3, 9, 1]])
-    block_calls, calls = count_calls(monkeypatch, "decode_block"), count_calls(monkeypatch, "decode_blocks")
+    block_calls, calls = count_calls(monkeypatch, "decode_block"), one_op_steps(monkeypatch)
     hooked = []
     with torch.no_grad():
         model.setup_cache(1, 12)
@@ -1088,12 +1131,12 @@ def test_generation_runs_one_op_block_steps_and_ends_their_plans(make_gpt, remem
     model = make_gpt(seed=5, backends=Backends(pack_min_steps=4, decode_attention="avx2"), **config)
     linears = [m for m in model.modules() if isinstance(m, ops.Linear)]
     remember_one_row(remember_kernels, linears, {"avx2_f32_blocks": 50.0, "pack": 100.0}, lambda s: "avx2_f32_blocks")
-    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
+    calls, added = one_op_steps(monkeypatch), recorded_blocks(monkeypatch)
     tokens = generate(model, [[5, 17, 3]], 9, temperature=0, eos_id=None)
     reference = make_gpt(seed=5, backends=Backends(linear="torch"), **config)
     assert tokens == generate(reference, [[5, 17, 3]], 9, temperature=0, eos_id=None)
     assert len(calls) == 8 and len(added) == len(model.h)
-    assert all(block.step_plan is None for block in model.h) and model._blocks is None
+    assert all(block.step_plan is None for block in model.h) and model._blocks is None and model.head_plan is None
     monkeypatch.undo()  # the op itself again
     norms, eps, kernels_, weights, scales, biases, outs, n_head, k, v, times, _, window, gelu = added[0]
     x, t = calls[0][1], calls[0][2]
@@ -1124,7 +1167,7 @@ def test_an_int8_block_runs_its_products_on_the_kernel_where_one_op_repays_them(
             )
     steps = {"python": 200.0, "one_op": 200.0 - saving_us}
     remember_kernels({"int8_block 64x4 rows 1": {"kernel": "one_op", "us_per_product": steps}})
-    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
+    calls, added = one_op_steps(monkeypatch), recorded_blocks(monkeypatch)
     generate(model, [[5, 17, 3]], 6, temperature=0, eos_id=None)
     assert len(calls) == (5 if one_op else 0)
     assert len(added) == (len(model.h) if one_op else 0)
@@ -1162,7 +1205,7 @@ def test_the_saving_of_one_op_is_timed_on_int8_blocks_each_way(tmp_path, monkeyp
     forward and as one op per block; the saving an int8 layer reads from its table is the difference.
     A compiled step's plan leaves the blocks to its own code."""
     steps = quantize.block_steps(64, 4, 3, 2, ("python", "one_op"))
-    calls, added = count_calls(monkeypatch, "decode_blocks"), recorded_blocks(monkeypatch)
+    calls, added = one_op_steps(monkeypatch), recorded_blocks(monkeypatch)
     with torch.no_grad():
         steps["python"]()
         assert calls == []

@@ -29,6 +29,7 @@ from gpt2lab.ops import (
     PLAIN_COPIES,
     READS_THE_WEIGHT,
     Linear,
+    NativeProduct,
     add_layer_norm,
     chunk_rows,
     linear_cross_entropy,
@@ -282,6 +283,21 @@ class _StepPlan:
         return all(m.planned is p and m.plan_holds() for m, p in zip(self.layers, self.plans, strict=True))
 
 
+@dataclass(frozen=True, eq=False)
+class _HeadPlan:
+    """``GPT.plan_decoding``'s: the model's last LayerNorm and its lm_head's planned product of ``rows``
+    rows, as gpt2lab.native's ``decode_logits`` runs them after the blocks' one op."""
+
+    rows: int
+    plan: object  # the lm_head's plan then
+    norm: list[torch.Tensor]
+    eps: float
+    product: NativeProduct
+
+    def holds(self, head: nn.Module, rows: int) -> bool:
+        return rows == self.rows and head.planned is self.plan and head.plan_holds()
+
+
 class Block(nn.Module):
     def __init__(
         self,
@@ -400,6 +416,11 @@ class Block(nn.Module):
         )
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has forward hooks (a step that skips their calls would skip them)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 def _global_hooks() -> bool:
     """Whether forward hooks are registered for every module (``nn.modules.module.register_module_forward_hook``
     and its pre-hook): a step that skips the blocks' calls would skip them."""
@@ -497,6 +518,7 @@ class GPT(nn.Module):
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self._blocks: tuple | None = None  # _blocks_in_one_op's: the blocks' plans and caches, their native arguments
+        self.head_plan: _HeadPlan | None = None  # plan_decoding's: ln_f and the lm_head in the blocks' one op
         self._blocks_together = True  # whether planned blocks step all in one op (block_ops: each its own)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
@@ -525,7 +547,12 @@ class GPT(nn.Module):
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
         KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
         """
-        x = self.hidden_states(idx, input_pos)
+        x, rope, window_mask, step = self._embedded(idx, input_pos)
+        if targets is None and step is not None and rope is None:  # a decode step: its logits in one op where it can
+            logits = self._blocks_in_one_op(x, step, logits=True)
+            if logits is not None:
+                return logits, None
+        x = self._through_blocks(x, rope, window_mask, step)
         if targets is None:
             return self.logits(x), None
         return None, self.loss(x, targets)
@@ -533,6 +560,12 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ``ln_f``, of tokens idx (B, T); ``input_pos`` as
         in ``forward``. Generation calls this and ``logits`` itself, on the last position only."""
+        return self._through_blocks(*self._embedded(idx, input_pos))
+
+    def _embedded(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> tuple:
+        """``hidden_states``' first part: the embeddings x of tokens idx (B, T), the rotary positions
+        (None without them), the window mask of a full forward (None without a window) and the KV-cache
+        step (None without ``input_pos``: (time steps, left padding, slots written, written from start))."""
         B, T = idx.shape
         if input_pos is None:
             step, pos = None, torch.arange(T, device=idx.device)[None]  # (1, T)
@@ -566,6 +599,10 @@ class GPT(nn.Module):
         window_mask = self._window_mask(T, idx.device) if step is None and self.config.window else None
         if self.training:
             x = self.drop(x)
+        return x, rope, window_mask, step
+
+    def _through_blocks(self, x: torch.Tensor, rope, window_mask, step) -> torch.Tensor:
+        """``hidden_states``' second part: the embeddings x through the blocks and ``ln_f``."""
         stepped = self._blocks_in_one_op(x, step) if step is not None and rope is None else None
         if stepped is not None:
             x = stepped
@@ -574,14 +611,20 @@ class GPT(nn.Module):
                 x = block(x, rope, window_mask, step)
         return self.ln_f(x)
 
-    def _blocks_in_one_op(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+    def _blocks_in_one_op(self, x: torch.Tensor, step: tuple, logits: bool = False) -> torch.Tensor | None:
         """``hidden_states``' eager decode step through every block in one op, gpt2lab.native's
         ``decode_blocks``: each block's ``decode_block`` in turn with the arguments its plan fixed
         (``Block.plan``), none of the Python a block's own step runs around it. None where some block
         would not step as one op (``Block.one_op_slots``) or any block has hooks: the blocks step one by
-        one then, as within ``block_ops``. The arguments are kept (``_blocks``) while the blocks' plans and
-        KV caches stay."""
+        one then, as within ``block_ops``. With ``logits``, ``forward``'s step to the next-token logits
+        in one op, ``decode_logits``: the blocks', then ``ln_f`` and the lm_head as planned
+        (``head_plan``); None where that plan does not hold for x's rows or ``ln_f`` or the lm_head has
+        hooks (checked before the blocks). The arguments are kept (``_blocks``) while the blocks' plans
+        and KV caches and the head's plan stay."""
         if not self._blocks_together or torch.compiler.is_compiling() or _global_hooks():
+            return None
+        head = self.head_plan
+        if logits and (head is None or not head.holds(self.lm_head, x.shape[0]) or _hooked(self.ln_f, self.lm_head)):
             return None
         chosen: dict[tuple, str] = {}  # the blocks' attention kernels, chosen once for blocks alike
         held = []
@@ -589,13 +632,19 @@ class GPT(nn.Module):
             if block._forward_hooks or block._forward_pre_hooks or block.one_op_slots(x, step, chosen) is None:
                 return None
             held.append((block.step_plan, block.step_plan.attn.kv_cache))
-        key = tuple(held)
+        key = (*held, head)
         if self._blocks is None or self._blocks[0] != key:
             blocks = torch.classes.gpt2lab_native.DecodeBlocks()
             for block in self.h:
                 blocks.add(*block.native_args())
+            if head is not None:
+                p = head.product
+                blocks.set_head(
+                    head.norm, head.eps, p.kernel, p.weight, p.scale, p.bias, p.out_features, self.config.vocab_size
+                )
             self._blocks = (key, blocks)
-        return torch.ops.gpt2lab_native.decode_blocks(self._blocks[1], x, step[0], step[2], step[1])
+        op = torch.ops.gpt2lab_native.decode_logits if logits else torch.ops.gpt2lab_native.decode_blocks
+        return op(self._blocks[1], x, step[0], step[2], step[1])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd)."""
@@ -781,12 +830,24 @@ class GPT(nn.Module):
             return planned
         for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
             block.plan(rows)
+        self.head_plan = self._plan_head(rows)
         return [*planned, *self.h, self]
+
+    def _plan_head(self, rows: int) -> _HeadPlan | None:
+        """``ln_f`` and the lm_head's planned product of ``rows`` rows for the model's one-op decode steps
+        (``_blocks_in_one_op``'s ``logits``), where the lm_head runs one of gpt2lab's own kernels and
+        ``ln_f`` has its weight and bias; else None."""
+        product = self.lm_head.native_product(rows) if callable(getattr(self.lm_head, "native_product", None)) else None
+        norm = [self.ln_f.weight, self.ln_f.bias]
+        if product is None or any(t is None for t in norm):
+            return None
+        return _HeadPlan(rows, self.lm_head.planned, norm, self.ln_f.eps, product)
 
     def unplan(self) -> None:
         """Drop what the blocks' one-op steps kept (``_blocks_in_one_op``): their weights' copies and KV
-        caches are not held past the blocks' plans."""
+        caches are not held past the blocks' plans; nor the head's plan (``head_plan``)."""
         self._blocks = None
+        self.head_plan = None
 
     def __getstate__(self) -> dict:
         """What a copy or a pickle of the model holds: not the blocks' arguments kept in C++ for their

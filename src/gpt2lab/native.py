@@ -20,14 +20,16 @@ exponential of its own (``gelu_avx2_``, the form ``avx2`` of ``ops.tanh_gelu_``)
 block's products run these kernels, its whole eager decode step is one op (``decode_block``,
 ``model.Block.plan``), and where every block's do, a step through all the blocks is one op
 (``decode_blocks``, on a ``DecodeBlocks`` that holds each block's arguments of ``decode_block`` from
-step to step: ``model.GPT._blocks_in_one_op``). For the other int8 kernels (products of many rows),
+step to step: ``model.GPT._blocks_in_one_op``), and where the lm_head's product runs one of these
+kernels too, on through ``ln_f`` and the lm_head to the logits (``decode_logits``, the head set by
+``DecodeBlocks.set_head``: ``model.GPT.head_plan``). For the other int8 kernels (products of many rows),
 each row's quantization (``quantize_rows``, or for fbgemm ``normalize_rows``) and the output's
 scaling (``scale_rows_``) are one pass each
 (``ops.int8_linear``). They are built with torch's C++ extension builder the first time a process on
 an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under torch's extension
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
 ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
-``cache_attention_avx2``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``decode_blocks``,
+``cache_attention_avx2``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``decode_blocks``, ``decode_logits``,
 ``quantize_rows``, ``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks`` and ``int8_vnni``,
 with the class ``torch.classes.gpt2lab_native.DecodeBlocks``. Where they cannot be built (no
 C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and

@@ -1022,6 +1022,22 @@ struct DecodeBlocks : torch::CustomClassHolder {
     std::string gelu;
   };
   std::vector<Block> blocks;
+  // The model's last LayerNorm and its lm_head's product after the blocks (set_head): decode_logits's.
+  struct Head {
+    std::vector<at::Tensor> norm;
+    double eps;
+    int64_t kernel;
+    at::Tensor weight;
+    std::optional<at::Tensor> scale, bias;
+    int64_t out, vocab;
+  };
+  std::optional<Head> head;
+
+  void set_head(std::vector<at::Tensor> norm, double eps, int64_t kernel, at::Tensor weight,
+                std::optional<at::Tensor> scale, std::optional<at::Tensor> bias, int64_t out, int64_t vocab) {
+    TORCH_CHECK(norm.size() == 2 && 0 < vocab && vocab <= out, "a head has a LayerNorm (weight, bias) and vocab <= out");
+    head = Head{std::move(norm), eps, kernel, std::move(weight), std::move(scale), std::move(bias), out, vocab};
+  }
 
   void add(std::vector<at::Tensor> norms, double eps, std::vector<int64_t> kernels, std::vector<at::Tensor> weights,
            c10::List<std::optional<at::Tensor>> scales, c10::List<std::optional<at::Tensor>> biases,
@@ -1047,6 +1063,19 @@ at::Tensor decode_blocks(const c10::intrusive_ptr<DecodeBlocks>& blocks, const a
                      b.v_cache, b.times, t, slots, pad, b.window, b.gelu);
   }
   return y;
+}
+
+// decode_blocks, then the model's last LayerNorm and lm_head product (`blocks`' head: set_head): the
+// next-token logits (B, 1, vocab) of a decode step, by the functions the model's Python forward calls
+// after the blocks (at::layer_norm, the product, the first `vocab` columns), in its order.
+at::Tensor decode_logits(const c10::intrusive_ptr<DecodeBlocks>& blocks, const at::Tensor& x, const at::Tensor& t,
+                         std::optional<int64_t> filled, const std::optional<at::Tensor>& pad) {
+  TORCH_CHECK(blocks->head.has_value(), "decode_logits needs the blocks' head (DecodeBlocks.set_head)");
+  const DecodeBlocks::Head& head = *blocks->head;
+  const at::Tensor y = decode_blocks(blocks, x, t, filled, pad);
+  const at::Tensor h = at::layer_norm(y, {y.size(-1)}, head.norm[0], head.norm[1], head.eps);
+  const at::Tensor logits = product(head.kernel, h, head.weight, head.scale, head.bias, head.out);
+  return head.vocab == head.out ? logits : logits.narrow(-1, 0, head.vocab);
 }
 
 // The int8 weight (out, in) as int8_avx2 reads it: (out / 4, in / 32, 4, 32), each block of 4 output
@@ -1098,9 +1127,15 @@ TORCH_LIBRARY(gpt2lab_native, m) {
       "decode_block(Tensor x, Tensor[] norms, float eps, int[] kernels, Tensor[] weights, Tensor?[] scales, "
       "Tensor?[] biases, int[] outs, int n_head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, Tensor t, "
       "int slots, Tensor? pad, int? window, str gelu) -> Tensor");
-  m.class_<DecodeBlocks>("DecodeBlocks").def(torch::init<>()).def("add", &DecodeBlocks::add);
+  m.class_<DecodeBlocks>("DecodeBlocks")
+      .def(torch::init<>())
+      .def("add", &DecodeBlocks::add)
+      .def("set_head", &DecodeBlocks::set_head);
   m.def(
       "decode_blocks(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor x, Tensor t, int? filled, "
+      "Tensor? pad) -> Tensor");
+  m.def(
+      "decode_logits(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor x, Tensor t, int? filled, "
       "Tensor? pad) -> Tensor");
 }
 
@@ -1119,4 +1154,5 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("gelu_avx2_", &gelu_avx2_);
   m.impl("decode_block", &decode_block);
   m.impl("decode_blocks", &decode_blocks);
+  m.impl("decode_logits", &decode_logits);
 }
