@@ -52,7 +52,12 @@ def in_huge_pages(t: torch.Tensor) -> bool:
 
 def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     """The bytes ``huge_copies`` lays ``tensors`` out in: each rounded up to ``ALIGN``."""
-    return sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in tensors)
+    return sum(_aligned(t.numel() * t.element_size()) for t in tensors)
+
+
+def _aligned(n: int) -> int:
+    """``n`` bytes rounded up to a whole number of ``ALIGN``: where the next tensor starts."""
+    return -(-n // ALIGN) * ALIGN
 
 
 def huge_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -75,5 +80,5 @@ def huge_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         for t in tensors:
             n = t.numel() * t.element_size()
             copies.append(memory[offset : offset + n].view(t.dtype).view(t.shape).copy_(t))
-            offset += -(-n // ALIGN) * ALIGN
+            offset += _aligned(n)
     return copies
