@@ -776,7 +776,7 @@ class GPT(nn.Module):
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
-        huge = self.backends.huge_pages and pages.wanted()
+        huge = self._huge_pages()
         if huge:
             _weights_to_huge_pages([m.weight for m in self.modules() if isinstance(m, Linear)])
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
@@ -812,6 +812,11 @@ class GPT(nn.Module):
             packed.append(m)
         return packed
 
+    def _huge_pages(self) -> bool:
+        """Whether decoding moves what its steps read into 2 MiB pages: ``backends.huge_pages``, where
+        Linux gives such pages only to memory that asks (``pages.wanted``)."""
+        return self.backends.huge_pages and pages.wanted()
+
     def plan_decoding(self, rows: int, eager: bool = True) -> list[nn.Module]:
         """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
@@ -824,7 +829,7 @@ class GPT(nn.Module):
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
-        if self.backends.huge_pages and pages.wanted():
+        if self._huge_pages():
             _blocks_to_huge_pages(planned)
         if not eager or self.rotary is not None:  # a block steps with rotary positions in Python
             return planned
