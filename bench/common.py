@@ -93,19 +93,30 @@ def matmul_gflops(repeat: int = 10) -> float:
 
 
 def read_probe(n_bytes: int):
-    """A function that reads ``n_bytes`` of float32 once from a matrix much larger than the caches: the
-    fastest, timed three times each, of torch summing it (a pure read) and torch's two one-row
-    products by it, as a decode step reads its weights (MKL's matrix-vector product and oneDNN's).
-    Which is fastest depends on the CPU: on the AMD EPYC of docs/benchmarks.md the sum read 49 GB/s,
-    oneDNN's product 40 and MKL's 25, and llama.cpp's fp32 decoding streams faster than oneDNN's
-    product there, so the products alone make no ceiling."""
+    """A function that reads ``n_bytes`` of float32 once from a matrix much larger than the caches
+    (``read_matrix``): the fastest, timed three times each, of torch summing it (a pure read) and
+    torch's two one-row products by it, as a decode step reads its weights (MKL's matrix-vector product
+    and oneDNN's). Which is fastest depends on the CPU: on the AMD EPYC of docs/benchmarks.md the sum
+    read 49 GB/s, oneDNN's product 40 and MKL's 25, and llama.cpp's fp32 decoding streams faster than
+    oneDNN's product there, so the products alone make no ceiling."""
     from gpt2lab import ops
 
-    matrix, row = torch.ones(n_bytes // 4 // 4096, 4096), torch.ones(1, 4096)
+    matrix, row = read_matrix(n_bytes), torch.ones(1, 4096)
     probes = [matrix.sum, lambda: torch.mv(matrix, row[0])]
     if ops.onednn_available():
         probes.append(lambda: ops.linear(row, matrix))
     return min(probes, key=lambda fn: timeit(fn, repeat=3, warmup=1))
+
+
+def read_matrix(n_bytes: int) -> torch.Tensor:
+    """``read_probe``'s float32 matrix of ``n_bytes``, 4096 columns wide, in 2 MiB pages wherever
+    gpt2lab's decode steps read their weights from such pages (``gpt2lab.pages.wanted``): a ceiling
+    read from 4 KiB pages is lower than the steps' own rate (with ``madvise`` on the family-25 EPYC
+    of docs/benchmarks.md, torch's sum read a 1 GiB matrix 1.1-1.25x as fast from 2 MiB pages)."""
+    from gpt2lab import pages
+
+    matrix = torch.ones(n_bytes // 4 // 4096, 4096)
+    return pages.huge_copies([matrix])[0] if pages.wanted() else matrix
 
 
 def decode_bytes(model, bytes_per_weight: float = 4.0) -> float:

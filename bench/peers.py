@@ -22,7 +22,7 @@ with ``compile=True``: the compiled decode step, timed against the eager one on 
 faster kept (the compile line says which). A decode row also states each engine's decode speed as a
 fraction of the memory read rate: the bytes of weights one step reads times steps per second, over the
 rate at which torch reads a 1 GiB matrix, the fastest here of a sum and the one-row products of MKL and
-oneDNN (``common.read_probe``), timed in the same alternation. The 8-bit quality rows compare each
+oneDNN (``common.read_probe``; in 2 MiB pages where the steps' weights are), timed in the same alternation. The 8-bit quality rows compare each
 8-bit engine's logits with gpt2lab's float32 logits on 8 x 256 random tokens.
 
 Every engine runs with the OpenMP wait policy gpt2lab's command line would choose (gpt2lab.cli's

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).parents[1] / "bench"
 
@@ -61,3 +62,21 @@ def test_bench_scripts_refuse_bad_options_before_any_work(script, args, phrase):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert phrase in proc.stderr.splitlines()[-1], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [pytest.param(True, marks=pytest.mark.skipif(sys.platform != "linux", reason="2 MiB pages: Linux")), False],
+)
+def test_the_read_probe_reads_from_the_pages_the_decode_steps_read_from(monkeypatch, wanted):
+    """The memory read ceiling (common.read_probe) is timed on a matrix in 2 MiB pages wherever the
+    decode steps move their weights into such pages: from 4 KiB pages it reads slower than the steps."""
+    from gpt2lab import pages
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    monkeypatch.setattr(pages, "wanted", lambda: wanted)
+    matrix = common.read_matrix(4 * 2**20)
+    assert matrix.shape == (256, 4096) and matrix.dtype == torch.float32 and bool((matrix == 1).all())
+    assert pages.in_huge_pages(matrix) is wanted
