@@ -6,9 +6,10 @@ Five things are timed in one process, in alternation, ``--rounds`` times each:
 
 - the step: ``gpt2lab.decode.decode_one_token`` at position 64 of a 64-token prompt, as generation
   runs it: where every block's products run gpt2lab's own kernels (``Block.plan``), all the blocks in
-  one op (``GPT._blocks_in_one_op``), and where ``ln_f`` and the lm_head run gpt2lab's kernels too, on
-  to the logits in that op; then also what it spends outside those ops (a timer around the blocks'
-  op and the lm_head's call, or around the one op): the Python and the torch calls between them;
+  one op (``GPT._blocks_in_one_op``), and where ``ln_f`` and the lm_head run gpt2lab's kernels too, the
+  whole step from the tokens' embeddings to the logits in one op (``GPT._logits_in_one_op``); then
+  also what it spends outside those ops (a timer around the blocks' op and the lm_head's call, or
+  around the one op): the Python and the torch calls between them;
 - the same step with each block its own op, called from Python block by block;
 - the same step block by block in Python (the blocks' one-op steps turned off; the same kernels);
   each of these three is timed right after an untimed step of its own kind, as in a generation, and
@@ -200,7 +201,7 @@ def main() -> None:
     planned = sum(p is not None for p in one_op)
     rows = {f"step ({planned} of {len(one_op)} blocks planned as one op)": times["step"]}
     if planned == len(one_op):
-        rows["  outside its ops (the blocks' and the lm_head's, or one to the logits)"] = [
+        rows["  outside its ops (the blocks' and the lm_head's, or one from the tokens to the logits)"] = [
             s - o for s, o in zip(times["step"], in_ops, strict=True)
         ]
     rows |= {

@@ -896,17 +896,17 @@ def steps_every_way(model, prompts: torch.Tensor, steps: int) -> None:
 
 def recorded_blocks(monkeypatch) -> list:
     """The arguments each block hands gpt2lab.native's ``DecodeBlocks`` (``Block.native_args``), each time a
-    step builds one (``GPT._blocks_in_one_op``) from now on."""
-    added, blocks_in_one_op = [], gpt2lab.model.GPT._blocks_in_one_op
+    step builds one (``GPT._one_op_blocks``) from now on."""
+    added, one_op_blocks = [], gpt2lab.model.GPT._one_op_blocks
 
-    def step(model, x, step_args, logits=False):
+    def gather(model, *args, **kwargs):
         before = model._blocks
-        y = blocks_in_one_op(model, x, step_args, logits)
+        blocks = one_op_blocks(model, *args, **kwargs)
         if model._blocks is not None and model._blocks is not before:
             added.extend(block.native_args() for block in model.h)
-        return y
+        return blocks
 
-    monkeypatch.setattr(gpt2lab.model.GPT, "_blocks_in_one_op", step)
+    monkeypatch.setattr(gpt2lab.model.GPT, "_one_op_blocks", gather)
     return added
 
 
@@ -940,12 +940,12 @@ def test_a_block_decode_step_is_one_op_with_the_python_blocks_results(make_gpt, 
 def test_a_decode_step_runs_ln_f_and_the_lm_head_in_the_blocks_op_where_they_are_planned(make_gpt, monkeypatch, int8):
     """Where the lm_head's product runs gpt2lab's kernels too, each decode step goes through the blocks,
     ln_f and the lm_head in one op (``decode_logits``), the Python steps' logits bit for bit (a padded
-    vocabulary's first columns). A hook on ln_f or the lm_head is called: those steps run them from
-    Python after the blocks' one op; an lm_head on another kernel does too."""
+    vocabulary's first columns). A hook on ln_f, the lm_head or an embedding is called: those steps run
+    them from Python around the blocks' one op; an lm_head on another kernel does too."""
     config = dict(n_embd=64, n_head=4, vocab_size=250, padded_vocab_size=256)
     prompts = torch.tensor([[5, 3, 9, 1]])
     layer_kernel = lambda m: "avx2_f32" if m.out_features == 64 else "avx2_f32_blocks"  # noqa: E731
-    for hooked in (None, "ln_f", "lm_head"):
+    for hooked in (None, "ln_f", "lm_head", "wte", "wpe"):
         model = make_gpt(seed=7, backends=Backends(decode_attention="avx2"), **config)
         model = quantize.quantize_int8(model) if int8 else model
         called = []
@@ -1027,9 +1027,10 @@ def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(m
 
 @needs_kernel
 @pytest.mark.parametrize("config", [dict(n_kv_head=2), dict(window=3, n_kv_head=1)])
-def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_gpt, config):
+def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_gpt, monkeypatch, config):
     """Two left-padded rows, grouped or single kv heads, a rolling window's cache: the same bits as the
-    Python blocks (int8, whose kernel runs several rows)."""
+    Python blocks (int8, whose kernel runs several rows), each step from the tokens to the logits in one
+    op (each row's position embedding after its own padding)."""
     model = quantize.quantize_int8(
         make_gpt(seed=2, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256, **config)
     )
@@ -1037,7 +1038,29 @@ def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_
     with torch.no_grad():
         model.setup_cache(2, 16, pad=pad)
         plan_one_op_steps(model, 2, None)
+        calls = count_calls(monkeypatch, "decode_logits")
         steps_every_way(model, torch.tensor([[5, 3, 9, 1, 7], [0, 0, 0, 2, 8]]), 9)
+    assert len(calls) == 9
+
+
+@needs_kernel
+def test_a_decode_step_in_one_op_reads_the_embedding_tables_the_model_has_now(make_gpt, monkeypatch):
+    """The one op from the tokens to the logits (``decode_logits``) looks up the token and position
+    embeddings itself: tables replaced between steps (new parameters) are the ones the next step
+    reads, bit for bit as the Python steps read them."""
+    model = quantize.quantize_int8(
+        make_gpt(seed=4, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+    )
+    prompt = torch.tensor([[5, 3, 9, 1]])
+    with torch.no_grad():
+        model.setup_cache(1, 12)
+        plan_one_op_steps(model, 1, None)
+        calls = count_calls(monkeypatch, "decode_logits")
+        steps_every_way(model, prompt, 2)
+        for table in (model.wte, model.wpe):
+            table.weight = torch.nn.Parameter(table.weight.flip(0))
+            steps_every_way(model, prompt, 2)
+    assert len(calls) == 6
 
 
 @needs_kernel
@@ -1139,7 +1162,9 @@ def test_generation_runs_one_op_block_steps_and_ends_their_plans(make_gpt, remem
     assert all(block.step_plan is None for block in model.h) and model._blocks is None and model.head_plan is None
     monkeypatch.undo()  # the op itself again
     norms, eps, kernels_, weights, scales, biases, outs, n_head, k, v, times, _, window, gelu = added[0]
-    x, t = calls[0][1], calls[0][2]
+    idx, t = calls[0][1], calls[0][2]  # the step's token (1, 1) and time step
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe(t[None])  # a block's input there
     caches = [c.clone() for c in (k, v, times)]  # the caches the op writes
     args = (x, norms, eps, kernels_, weights, scales, biases, outs, n_head, *caches, t, 4, None, window, gelu)
     with torch.no_grad():  # an inference op: no gradients

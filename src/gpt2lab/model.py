@@ -376,22 +376,26 @@ class Block(nn.Module):
     def unplan(self) -> None:
         self.step_plan = None
 
-    def one_op_slots(self, x: torch.Tensor, step: tuple, chosen: dict | None = None) -> int | None:
-        """The slots of its KV cache that a one-op decode step of x (``plan``) attends over, or None
-        where such a step does not apply: no plan, not one new token per planned row, gradients or
-        training, a plan that no longer holds, or an attention that would not run ``avx2`` here
-        (``chosen``: as ``CausalSelfAttention.one_query_kernel``'s)."""
+    def one_op_slots(
+        self, rows: int, tokens: int, device: torch.device, dtype: torch.dtype, step: tuple, chosen: dict | None = None
+    ) -> int | None:
+        """The slots of its KV cache that a one-op decode step (``plan``) of ``tokens`` tokens in each of
+        ``rows`` rows of hidden states of ``dtype`` attends over, or None where such a step does not
+        apply: no plan, not one new token per planned row, gradients or training, a plan that no longer
+        holds, or an attention that would not run ``avx2`` here (``chosen``: as
+        ``CausalSelfAttention.one_query_kernel``'s)."""
         plan = self.step_plan
-        B, T, _ = x.shape
-        if plan is None or T != 1 or plan.rows != B or self.training or torch.is_grad_enabled() or not plan.holds():
+        if plan is None or tokens != 1 or plan.rows != rows or self.training or torch.is_grad_enabled():
+            return None
+        if not plan.holds():
             return None
         attn = plan.attn
         slots = attn.kv_cache.slots(step[2])
-        return slots if attn.one_query_kernel(B, slots, x.device, x.dtype, chosen) == "avx2" else None
+        return slots if attn.one_query_kernel(rows, slots, device, dtype, chosen) == "avx2" else None
 
     def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
         """``forward``'s decode step as the one op ``plan`` set up, or None where it does not apply."""
-        slots = self.one_op_slots(x, step)
+        slots = self.one_op_slots(x.shape[0], x.shape[1], x.device, x.dtype, step)
         if slots is None:
             return None
         *fixed, _, window, gelu_form = self.native_args()  # (whether the cache rolls: slots says it)
@@ -517,7 +521,7 @@ class GPT(nn.Module):
         self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
-        self._blocks: tuple | None = None  # _blocks_in_one_op's: the blocks' plans and caches, their native arguments
+        self._blocks: tuple | None = None  # _one_op_blocks': (what its DecodeBlocks was gathered from, that object)
         self.head_plan: _HeadPlan | None = None  # plan_decoding's: ln_f and the lm_head in the blocks' one op
         self._blocks_together = True  # whether planned blocks step all in one op (block_ops: each its own)
         self.apply(self._init_weights)
@@ -547,12 +551,12 @@ class GPT(nn.Module):
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
         KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
         """
-        x, rope, window_mask, step = self._embedded(idx, input_pos)
-        if targets is None and step is not None and rope is None:  # a decode step: its logits in one op where it can
-            logits = self._blocks_in_one_op(x, step, logits=True)
+        step = None if input_pos is None else self._cache_step(idx, input_pos)
+        if targets is None and step is not None and self.rotary is None:  # a decode step: one op where it can
+            logits = self._logits_in_one_op(idx, step)
             if logits is not None:
                 return logits, None
-        x = self._through_blocks(x, rope, window_mask, step)
+        x = self._through_blocks(*self._embedded(idx, step))
         if targets is None:
             return self.logits(x), None
         return None, self.loss(x, targets)
@@ -560,34 +564,22 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ``ln_f``, of tokens idx (B, T); ``input_pos`` as
         in ``forward``. Generation calls this and ``logits`` itself, on the last position only."""
-        return self._through_blocks(*self._embedded(idx, input_pos))
+        step = None if input_pos is None else self._cache_step(idx, input_pos)
+        return self._through_blocks(*self._embedded(idx, step))
 
-    def _embedded(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> tuple:
+    def _embedded(self, idx: torch.Tensor, step: tuple | None) -> tuple:
         """``hidden_states``' first part: the embeddings x of tokens idx (B, T), the rotary positions
         (None without them), the window mask of a full forward (None without a window) and the KV-cache
-        step (None without ``input_pos``: (time steps, left padding, slots written, written from start))."""
-        B, T = idx.shape
-        if input_pos is None:
-            step, pos = None, torch.arange(T, device=idx.device)[None]  # (1, T)
+        step (``_cache_step``'s; None outside the cache, from position 0)."""
+        T = idx.shape[1]
+        if step is None:
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
             if self.config.max_positions is not None and self.config.max_positions < T:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         else:
-            if self.cache_len == 0 or len(self.cache_pad) != B:
-                raise ValueError(
-                    f"decoding {B} row(s) with input_pos needs a KV cache set up for them: call "
-                    f"model.setup_cache({B}, length) first (the cache now holds {len(self.cache_pad)} row(s) of "
-                    f"{self.cache_len} steps)"
-                )
-            filled = _filled(input_pos, self.cache_len)
-            step = (
-                input_pos,
-                self.cache_pad if self.cache_padded else None,
-                filled,
-                written_from_start(input_pos, filled),
-            )
-            pos = input_pos[None]  # (1, T): every row's positions
-            if self.cache_padded:
-                pos = (pos - self.cache_pad[:, None]).clamp_min(0)  # (B, T): each row's own
+            pos = step[0][None]  # (1, T): every row's positions
+            if step[1] is not None:
+                pos = (pos - step[1][:, None]).clamp_min(0)  # (B, T): each row's own, after its left padding
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -601,6 +593,19 @@ class GPT(nn.Module):
             x = self.drop(x)
         return x, rope, window_mask, step
 
+    def _cache_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> tuple:
+        """The KV-cache step of tokens idx (B, T) at time steps ``input_pos`` (T,): (time steps, left
+        padding (None where no row is padded), slots written, written from the start)."""
+        B = idx.shape[0]
+        if self.cache_len == 0 or len(self.cache_pad) != B:
+            raise ValueError(
+                f"decoding {B} row(s) with input_pos needs a KV cache set up for them: call "
+                f"model.setup_cache({B}, length) first (the cache now holds {len(self.cache_pad)} row(s) of "
+                f"{self.cache_len} steps)"
+            )
+        filled = _filled(input_pos, self.cache_len)
+        return input_pos, self.cache_pad if self.cache_padded else None, filled, written_from_start(input_pos, filled)
+
     def _through_blocks(self, x: torch.Tensor, rope, window_mask, step) -> torch.Tensor:
         """``hidden_states``' second part: the embeddings x through the blocks and ``ln_f``."""
         stepped = self._blocks_in_one_op(x, step) if step is not None and rope is None else None
@@ -611,29 +616,58 @@ class GPT(nn.Module):
                 x = block(x, rope, window_mask, step)
         return self.ln_f(x)
 
-    def _blocks_in_one_op(self, x: torch.Tensor, step: tuple, logits: bool = False) -> torch.Tensor | None:
-        """``hidden_states``' eager decode step through every block in one op, gpt2lab.native's
-        ``decode_blocks``: each block's ``decode_block`` in turn with the arguments its plan fixed
-        (``Block.plan``), none of the Python a block's own step runs around it. None where some block
-        would not step as one op (``Block.one_op_slots``) or any block has hooks: the blocks step one by
-        one then, as within ``block_ops``. With ``logits``, ``forward``'s step to the next-token logits
-        in one op, ``decode_logits``: the blocks', then ``ln_f`` and the lm_head as planned
-        (``head_plan``); None where that plan does not hold for x's rows or ``ln_f`` or the lm_head has
-        hooks (checked before the blocks). The arguments are kept (``_blocks``) while the blocks' plans
-        and KV caches and the head's plan stay."""
+    def _blocks_in_one_op(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """``hidden_states``' eager decode step of x (B, T, C) through every block in one op,
+        gpt2lab.native's ``decode_blocks``: each block's ``decode_block`` in turn with the arguments its
+        plan fixed (``Block.plan``), none of the Python a block's own step runs around it. None where the
+        blocks would not step as one op (``_one_op_blocks``): they step one by one then, as within
+        ``block_ops``."""
+        blocks = self._one_op_blocks(x.shape[0], x.shape[1], x.device, x.dtype, step, logits=False)
+        if blocks is None:
+            return None
+        return torch.ops.gpt2lab_native.decode_blocks(blocks, x, step[0], step[2], step[1])
+
+    def _logits_in_one_op(self, idx: torch.Tensor, step: tuple) -> torch.Tensor | None:
+        """``forward``'s eager decode step from tokens idx (B, T) to their next-token logits in one op,
+        ``decode_logits``: the token and position embeddings, the blocks as ``decode_blocks`` runs them,
+        then ``ln_f`` and the lm_head as planned (``head_plan``). None where the blocks would not step as
+        one op, that plan does not hold for idx's rows, or the embeddings, ``ln_f`` or the lm_head have
+        hooks (``_one_op_blocks``): ``forward`` runs them from Python then."""
+        if _hooked(self.wte, self.wpe, self.ln_f, self.lm_head):
+            return None
+        table = self.wte.weight
+        blocks = self._one_op_blocks(idx.shape[0], idx.shape[1], table.device, table.dtype, step, logits=True)
+        if blocks is None:
+            return None
+        return torch.ops.gpt2lab_native.decode_logits(blocks, idx, step[0], step[2], step[1])
+
+    def _one_op_blocks(
+        self, rows: int, tokens: int, device: torch.device, dtype: torch.dtype, step: tuple, logits: bool
+    ) -> torch.ScriptObject | None:
+        """The blocks' arguments for a one-op eager decode step of ``tokens`` tokens in each of ``rows``
+        rows of hidden states of ``dtype``: gpt2lab.native's ``DecodeBlocks``, with the embedding tables
+        and, where planned (``head_plan``), ``ln_f`` and the lm_head's product. None where some block
+        would not step as one op (``Block.one_op_slots``) or any block has hooks, or, for ``logits``,
+        where the head's plan does not hold for ``rows`` rows (checked before the blocks). They are kept
+        (``_blocks``) while the blocks' plans and KV caches, the head's plan and the embedding tables
+        stay."""
         if not self._blocks_together or torch.compiler.is_compiling() or _global_hooks():
             return None
         head = self.head_plan
-        if logits and (head is None or not head.holds(self.lm_head, x.shape[0]) or _hooked(self.ln_f, self.lm_head)):
+        if logits and (head is None or not head.holds(self.lm_head, rows)):
             return None
         chosen: dict[tuple, str] = {}  # the blocks' attention kernels, chosen once for blocks alike
-        held = []
+        key = []  # what the kept arguments were gathered from, compared by identity
         for block in self.h:
-            if block._forward_hooks or block._forward_pre_hooks or block.one_op_slots(x, step, chosen) is None:
+            if block._forward_hooks or block._forward_pre_hooks:
                 return None
-            held.append((block.step_plan, block.step_plan.attn.kv_cache))
-        key = (*held, head)
-        if self._blocks is None or self._blocks[0] != key:
+            if block.one_op_slots(rows, tokens, device, dtype, step, chosen) is None:
+                return None
+            key += (block.step_plan, block.step_plan.attn.kv_cache)
+        tables = (self.wte.weight, self.wpe.weight) if self.wpe is not None else ()
+        key += (head, *tables)
+        kept = self._blocks
+        if kept is None or len(kept[0]) != len(key) or any(a is not b for a, b in zip(kept[0], key, strict=True)):
             blocks = torch.classes.gpt2lab_native.DecodeBlocks()
             for block in self.h:
                 blocks.add(*block.native_args())
@@ -642,9 +676,10 @@ class GPT(nn.Module):
                 blocks.set_head(
                     head.norm, head.eps, p.kernel, p.weight, p.scale, p.bias, p.out_features, self.config.vocab_size
                 )
-            self._blocks = (key, blocks)
-        op = torch.ops.gpt2lab_native.decode_logits if logits else torch.ops.gpt2lab_native.decode_blocks
-        return op(self._blocks[1], x, step[0], step[2], step[1])
+            if tables:
+                blocks.set_embeddings(*tables)
+            self._blocks = kept = (key, blocks)
+        return kept[1]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size) of hidden states x (B, T, n_embd)."""

@@ -21,8 +21,9 @@ block's products run these kernels, its whole eager decode step is one op (``dec
 ``model.Block.plan``), and where every block's do, a step through all the blocks is one op
 (``decode_blocks``, on a ``DecodeBlocks`` that holds each block's arguments of ``decode_block`` from
 step to step: ``model.GPT._blocks_in_one_op``), and where the lm_head's product runs one of these
-kernels too, on through ``ln_f`` and the lm_head to the logits (``decode_logits``, the head set by
-``DecodeBlocks.set_head``: ``model.GPT.head_plan``). For the other int8 kernels (products of many rows),
+kernels too, the whole step from the new tokens' embeddings through ``ln_f`` and the lm_head to the
+logits (``decode_logits``, the head set by ``DecodeBlocks.set_head``: ``model.GPT.head_plan``, and the
+embedding tables by ``DecodeBlocks.set_embeddings``: ``model.GPT._logits_in_one_op``). For the other int8 kernels (products of many rows),
 each row's quantization (``quantize_rows``, or for fbgemm ``normalize_rows``) and the output's
 scaling (``scale_rows_``) are one pass each
 (``ops.int8_linear``). They are built with torch's C++ extension builder the first time a process on

@@ -1032,6 +1032,16 @@ struct DecodeBlocks : torch::CustomClassHolder {
     int64_t out, vocab;
   };
   std::optional<Head> head;
+  // The model's token and position embedding tables before the blocks (set_embeddings): decode_logits's.
+  struct Embeddings {
+    at::Tensor wte, wpe;
+  };
+  std::optional<Embeddings> embeddings;
+
+  void set_embeddings(at::Tensor wte, at::Tensor wpe) {
+    TORCH_CHECK(wte.dim() == 2 && wpe.dim() == 2 && wte.size(1) == wpe.size(1), "wte and wpe must be (n, C) tables");
+    embeddings = Embeddings{std::move(wte), std::move(wpe)};
+  }
 
   void set_head(std::vector<at::Tensor> norm, double eps, int64_t kernel, at::Tensor weight,
                 std::optional<at::Tensor> scale, std::optional<at::Tensor> bias, int64_t out, int64_t vocab) {
@@ -1065,13 +1075,21 @@ at::Tensor decode_blocks(const c10::intrusive_ptr<DecodeBlocks>& blocks, const a
   return y;
 }
 
-// decode_blocks, then the model's last LayerNorm and lm_head product (`blocks`' head: set_head): the
-// next-token logits (B, 1, vocab) of a decode step, by the functions the model's Python forward calls
-// after the blocks (at::layer_norm, the product, the first `vocab` columns), in its order.
-at::Tensor decode_logits(const c10::intrusive_ptr<DecodeBlocks>& blocks, const at::Tensor& x, const at::Tensor& t,
+// A decode step from the new tokens idx (B, 1) at time step t to their next-token logits (B, 1, vocab):
+// the tokens' and their positions' embeddings (`blocks`' set_embeddings; a left-padded row's position is
+// t less its padding, at least 0), decode_blocks, then the model's last LayerNorm and lm_head product
+// (set_head), by the functions the model's Python forward calls (at::embedding, the sum, at::layer_norm,
+// the product, the first `vocab` columns), in its order.
+at::Tensor decode_logits(const c10::intrusive_ptr<DecodeBlocks>& blocks, const at::Tensor& idx, const at::Tensor& t,
                          std::optional<int64_t> filled, const std::optional<at::Tensor>& pad) {
-  TORCH_CHECK(blocks->head.has_value(), "decode_logits needs the blocks' head (DecodeBlocks.set_head)");
+  TORCH_CHECK(blocks->head.has_value() && blocks->embeddings.has_value(),
+              "decode_logits needs the blocks' head and embeddings (DecodeBlocks.set_head, set_embeddings)");
+  TORCH_CHECK(idx.dim() == 2 && idx.size(1) == 1, "idx must be (B, 1): one new token per row");
   const DecodeBlocks::Head& head = *blocks->head;
+  const DecodeBlocks::Embeddings& embeddings = *blocks->embeddings;
+  at::Tensor pos = t.unsqueeze(0);  // (1, 1): every row's position, or each row's own (B, 1) after padding
+  if (pad.has_value()) pos = (pos - pad->unsqueeze(1)).clamp_min(0);
+  const at::Tensor x = at::embedding(embeddings.wte, idx) + at::embedding(embeddings.wpe, pos);
   const at::Tensor y = decode_blocks(blocks, x, t, filled, pad);
   const at::Tensor h = at::layer_norm(y, {y.size(-1)}, head.norm[0], head.norm[1], head.eps);
   const at::Tensor logits = product(head.kernel, h, head.weight, head.scale, head.bias, head.out);
@@ -1130,12 +1148,13 @@ TORCH_LIBRARY(gpt2lab_native, m) {
   m.class_<DecodeBlocks>("DecodeBlocks")
       .def(torch::init<>())
       .def("add", &DecodeBlocks::add)
-      .def("set_head", &DecodeBlocks::set_head);
+      .def("set_head", &DecodeBlocks::set_head)
+      .def("set_embeddings", &DecodeBlocks::set_embeddings);
   m.def(
       "decode_blocks(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor x, Tensor t, int? filled, "
       "Tensor? pad) -> Tensor");
   m.def(
-      "decode_logits(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor x, Tensor t, int? filled, "
+      "decode_logits(__torch__.torch.classes.gpt2lab_native.DecodeBlocks blocks, Tensor idx, Tensor t, int? filled, "
       "Tensor? pad) -> Tensor");
 }
 
