@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab.model
-from gpt2lab import Backends, GPT2LabError, generate, kernels, ops, stream
+from gpt2lab import Backends, GPT2LabError, generate, generation, kernels, ops, stream
 from gpt2lab.decode import prefill
 from gpt2lab.generation import greedy, next_token_probs, sample
 from gpt2lab.load import load_model
@@ -201,14 +201,58 @@ def test_top_p_1_keeps_every_token_even_where_float32_sums_reach_1_early(monkeyp
     """With one token at probability ~1 the float32 running sum is 1.0 from the first token on; top_p=1
     still leaves every token a probability above 0, as no top-p at all does."""
     drawn_from = []
-    multinomial = torch.multinomial
-    monkeypatch.setattr(
-        torch, "multinomial", lambda probs, *a, **k: drawn_from.append(probs) or multinomial(probs, *a, **k)
-    )
+    draw = generation.draw
+    monkeypatch.setattr(generation, "draw", lambda probs, *a: drawn_from.append(probs) or draw(probs, *a))
     logits = torch.full((1, 1000), -15.0)
     logits[0, 0] = 15.0
     sample(logits, top_p=1.0)
     assert (drawn_from[0] > 0).all()
+
+
+def _stable_sort_cut(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """The tokens top-k, then top-p keep, by the definition: each row sorted whole, stably (ties: the
+    lower ids first), the first k kept, then a token while the probability before it is below p."""
+    kept = logits.clone()
+    for row in kept:
+        order = row.sort(descending=True, stable=True).indices
+        if top_k is not None:
+            row[order[top_k:]] = float("-inf")
+        if top_p is not None:
+            ordered = row.softmax(dim=0)[order]
+            row[order[ordered.cumsum(dim=0) - ordered >= top_p]] = float("-inf")
+    return kept
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0], ids=["flat", "peaked"])
+def test_top_k_and_top_p_keep_what_a_stable_sort_of_the_whole_row_keeps(spread):
+    """Without sorting the whole vocabulary, top-k and top-p keep the very tokens (and logits) the
+    definition keeps, with many ties at every cut, in rows whose nucleus lies within the tokens top-p
+    orders first (peaked) and beyond them (flat)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randint(0, 400, (3, 5000), generator=g).float() * spread / 100).neg_()  # ~12 tokens a value
+    for k in (1, 7, 50, 1024, 4999):
+        assert torch.equal(generation._top_k(logits, k), _stable_sort_cut(logits, top_k=k))
+    for p in (0.01, 0.3, 0.9, 0.999):
+        assert torch.equal(generation._top_p(logits, p), _stable_sort_cut(logits, top_p=p))
+        cut = generation._top_k(logits, 2000)
+        assert torch.equal(generation._top_p(cut, p), _stable_sort_cut(logits, top_k=2000, top_p=p))
+
+
+def test_draw_picks_each_token_with_its_probability_never_one_of_probability_0(monkeypatch):
+    """Each row's tokens are drawn in proportion to their probabilities, those of probability 0 never,
+    not even where the uniform draw times the row's total rounds up to the total; a NaN row raises."""
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.3, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]).repeat(10000, 1)
+    tokens = generation.draw(probs, torch.Generator().manual_seed(0)).view(-1, 2)
+    freq = torch.bincount(tokens[:, 0], minlength=6).float() / len(tokens)
+    torch.testing.assert_close(freq, torch.tensor([0.2, 0, 0.5, 0, 0.3, 0]), atol=0.015, rtol=0)
+    assert (tokens[:, 1] == 1).all()
+    rand = torch.rand
+    for u, want in ((1.0, [4, 1]), (0.0, [0, 1])):  # the ends of the draw's range, and a rounded-up end
+        monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: rand(*a, **k).fill_(u))
+        assert generation.draw(probs[:2]).tolist() == want
+    monkeypatch.setattr(torch, "rand", rand)
+    with pytest.raises(ValueError, match="NaN"):
+        generation.draw(torch.tensor([[0.5, float("nan")]]))
 
 
 @pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300, 5e-324])

@@ -32,25 +32,78 @@ def sample(
     float32 (below about 1.2e-38), whose limit greedy is.
 
     Applied in HF's order: temperature, then top-k, then top-p. Top-k keeps exactly k tokens; among
-    tokens tied at the k-th logit the lower token ids win (a stable sort), so the cut is reproducible.
-    Top-p keeps the smallest set of most likely tokens whose probability reaches p (at least one).
+    tokens tied at the k-th logit the lower token ids win (as a stable sort orders them), so the cut
+    is reproducible. Top-p keeps the smallest set of most likely tokens whose probability reaches p
+    (at least one; ties in the same order). Neither sorts the whole vocabulary where it need not: a
+    sort of 50257 logits takes milliseconds on a CPU, longer than a 124M decode step (``_top_k``,
+    ``_top_p``); nor does the draw take a random number per token (``draw``).
     """
     if temperature < FLOAT32_TINY:
         return greedy(logits)
     logits = logits.float()
     # shifted first, so that the largest is 0: a tiny temperature sends the others to -inf, not to inf - inf = nan
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None or top_p is not None:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-        if top_k is not None:
-            sorted_logits[:, top_k:] = float("-inf")
-        if top_p is not None and top_p < 1:  # 1 keeps every token (float32 sums can reach 1 before the tail)
-            probs = sorted_logits.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            sorted_logits[mass_before >= top_p] = float("-inf")  # the first token always has 0 before it
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits = _top_k(logits, top_k)
+    if top_p is not None and top_p < 1:  # 1 keeps every token (float32 sums can reach 1 before the tail)
+        logits = _top_p(logits, top_p)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """logits (B, V) with all but each row's k largest set to -inf: every logit above the k-th largest
+    value, then those equal to it from the lowest token id on, until k (a stable descending sort's
+    first k), found by ``torch.topk`` in one pass rather than a sort."""
+    kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest value of each row
+    above, tied = logits > kth, logits == kth
+    room = k - above.sum(dim=-1, keepdim=True)  # the tied tokens that still fit, lowest ids first
+    keep = above | (tied & (tied.cumsum(dim=-1) <= room))
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+TOP_P_CANDIDATES = 256  # the most likely tokens _top_p orders first; all of them where these fall short of p
+
+
+def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """logits (B, V) with each row's tokens outside its nucleus set to -inf: in the order of a stable
+    descending sort, a token stays while the probability of the tokens before it is below p. Only
+    the tokens at or above the ``TOP_P_CANDIDATES``-th largest logit are sorted where their
+    probability reaches p (every token after them has at least that much before it); else the whole
+    row is."""
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    kept = torch.full_like(logits, float("-inf"))
+    every = torch.arange(logits.shape[-1], device=logits.device)
+    for row in range(logits.shape[0]):
+        values, row_probs = logits[row], probs[row]
+        likeliest = None
+        if len(values) > TOP_P_CANDIDATES:  # ascending ids, with every token tied with the last candidate
+            floor = values.topk(TOP_P_CANDIDATES).values[-1]  # (-inf after top-k: those never stay)
+            likeliest = ((values >= floor) & (values > float("-inf"))).nonzero().squeeze(1)
+        for ids in (likeliest, every):
+            if ids is None:
+                continue
+            order = ids[values[ids].sort(descending=True, stable=True).indices]  # ties: the lower ids first
+            ordered = row_probs[order]
+            mass = ordered.cumsum(dim=0)  # of each token and those before it
+            if ids is every or mass[-1] >= p:
+                break
+        stays = order[mass - ordered < p]  # the first token always has 0 before it
+        kept[row, stays] = values[stays]
+    return kept
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (B, V), each drawn with its probability (rows need not sum to 1):
+    the first token whose running sum exceeds a uniform draw times the row's total, found by binary
+    search (inverse transform sampling: one random number per row, where ``torch.multinomial`` on the
+    CPU draws one per token, about 1 ms for a row of 50257). A token of probability 0 is never drawn."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    if not all(0 < t < math.inf for (t,) in total.tolist()):  # NaN compares False
+        raise ValueError("cannot sample: some row of probabilities is NaN, infinite or all zero (NaN logits?)")
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total, rounded or not
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
