@@ -227,15 +227,16 @@ def _stable_sort_cut(logits: torch.Tensor, top_k: int | None = None, top_p: floa
 def test_top_k_and_top_p_keep_what_a_stable_sort_of_the_whole_row_keeps(spread):
     """Without sorting the whole vocabulary, top-k and top-p keep the very tokens (and logits) the
     definition keeps, with many ties at every cut, in rows whose nucleus lies within the tokens top-p
-    orders first (peaked) and beyond them (flat)."""
+    orders first (peaked) and beyond them (flat); and so does top-p sorting all rows whole at once,
+    as it does off the CPU."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randint(0, 400, (3, 5000), generator=g).float() * spread / 100).neg_()  # ~12 tokens a value
     for k in (1, 7, 50, 1024, 4999):
         assert torch.equal(generation._top_k(logits, k), _stable_sort_cut(logits, top_k=k))
-    for p in (0.01, 0.3, 0.9, 0.999):
-        assert torch.equal(generation._top_p(logits, p), _stable_sort_cut(logits, top_p=p))
+    for p, whole in itertools.product((0.01, 0.3, 0.9, 0.999), (False, True)):  # whole: as on a GPU
+        assert torch.equal(generation._top_p(logits, p, whole), _stable_sort_cut(logits, top_p=p))
         cut = generation._top_k(logits, 2000)
-        assert torch.equal(generation._top_p(cut, p), _stable_sort_cut(logits, top_k=2000, top_p=p))
+        assert torch.equal(generation._top_p(cut, p, whole), _stable_sort_cut(logits, top_k=2000, top_p=p))
 
 
 def test_draw_picks_each_token_with_its_probability_never_one_of_probability_0(monkeypatch):

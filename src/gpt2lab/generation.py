@@ -64,13 +64,19 @@ def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 TOP_P_CANDIDATES = 256  # the most likely tokens _top_p orders first; all of them where these fall short of p
 
 
-def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def _top_p(logits: torch.Tensor, p: float, whole: bool | None = None) -> torch.Tensor:
     """logits (B, V) with each row's tokens outside its nucleus set to -inf: in the order of a stable
-    descending sort, a token stays while the probability of the tokens before it is below p. Only
-    the tokens at or above the ``TOP_P_CANDIDATES``-th largest logit are sorted where their
-    probability reaches p (every token after them has at least that much before it); else the whole
-    row is."""
+    descending sort, a token stays while the probability of the tokens before it is below p. On the
+    CPU, only the tokens at or above the ``TOP_P_CANDIDATES``-th largest logit are sorted where their
+    probability reaches p (every token after them has at least that much before it), else the whole
+    row, one row at a time; elsewhere (``whole``), all rows are sorted whole at once, as a GPU does
+    quickly."""
     probs = logits.softmax(dim=-1)
+    if logits.device.type != "cpu" if whole is None else whole:
+        order = logits.sort(dim=-1, descending=True, stable=True).indices  # ties: the lower ids first
+        ordered = probs.gather(-1, order)
+        drop = ordered.cumsum(dim=-1) - ordered >= p  # the first token always has 0 before it
+        return logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
     kept = torch.full_like(logits, float("-inf"))
     every = torch.arange(logits.shape[-1], device=logits.device)
     for row in range(logits.shape[0]):
@@ -87,7 +93,7 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
             mass = ordered.cumsum(dim=0)  # of each token and those before it
             if ids is every or mass[-1] >= p:
                 break
-        stays = order[mass - ordered < p]  # the first token always has 0 before it
+        stays = order[mass - ordered < p]
         kept[row, stays] = values[stays]
     return kept
 
