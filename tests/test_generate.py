@@ -265,7 +265,8 @@ def test_a_tiny_temperature_is_greedy_not_nan(make_gpt, temperature):
 
 
 def test_eos_stops_a_row(make_gpt):
-    """A row stops at eos_id (its output ends with it), while other rows of the batch run to the end."""
+    """A row stops at eos_id (its output ends with it), while other rows of the batch run to the end;
+    a stream gives a finished row eos_id at every step after."""
     model = make_gpt(seed=2)
     first = generate(model, [SHORT], 5, temperature=0, eos_id=None)[0][0]
     assert generate(model, [SHORT], 10, temperature=0, eos_id=first) == [[first]]
@@ -274,6 +275,8 @@ def test_eos_stops_a_row(make_gpt):
     free = generate(model, [other], 10, temperature=0, eos_id=None)[0]
     assert first not in free, "pick another second prompt: it must not produce the eos token"
     assert generate(model, [SHORT, other], 10, temperature=0, eos_id=first) == [[first], free]
+    steps = [token.tolist() for token in stream(model, [SHORT, other], 10, temperature=0, eos_id=first)]
+    assert steps == [[first, tok] for tok in free]
 
 
 def test_context_limit_of_learned_positions(make_gpt):
