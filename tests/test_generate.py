@@ -252,7 +252,7 @@ def test_draw_picks_each_token_with_its_probability_never_one_of_probability_0(m
         monkeypatch.setattr(torch, "rand", lambda *a, u=u, **k: rand(*a, **k).fill_(u))
         assert generation.draw(probs[:2]).tolist() == want
     monkeypatch.setattr(torch, "rand", rand)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(GPT2LabError, match="NaN"):
         generation.draw(torch.tensor([[0.5, float("nan")]]))
 
 

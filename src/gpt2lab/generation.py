@@ -103,11 +103,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     the first token whose running sum exceeds a uniform draw times the row's total, found by binary
     search (inverse transform sampling: one random number per row, where ``torch.multinomial`` on the
     CPU draws one per token, about 1 ms for a row of 50257). A token of probability 0 is never drawn."""
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64  # Apple's GPUs have no float64
+    cdf = probs.cumsum(dim=-1, dtype=wide)
     total = cdf[:, -1:]
     if not all(0 < t < math.inf for (t,) in total.tolist()):  # NaN compares False
-        raise ValueError("cannot sample: some row of probabilities is NaN, infinite or all zero (NaN logits?)")
-    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
+        raise GPT2LabError(
+            "cannot sample: a row of next-token probabilities is NaN or all zero; the model's logits hold NaN "
+            "(check its weights, or its dtype: float16 overflows)"
+        )
+    u = torch.rand(total.shape, dtype=wide, device=probs.device, generator=generator)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total, rounded or not
     return torch.searchsorted(cdf, x, right=True).squeeze(1)
 
