@@ -55,9 +55,11 @@ def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     value, then those equal to it from the lowest token id on, until k (a stable descending sort's
     first k), found by ``torch.topk`` in one pass rather than a sort."""
     kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest value of each row
-    above, tied = logits > kth, logits == kth
-    room = k - above.sum(dim=-1, keepdim=True)  # the tied tokens that still fit, lowest ids first
-    keep = above | (tied & (tied.cumsum(dim=-1) <= room))
+    keep = logits >= kth
+    if bool((keep.sum(dim=-1) > k).any()):  # ties at the cut: the lowest ids among them, until k
+        above, tied = logits > kth, logits == kth
+        room = k - above.sum(dim=-1, keepdim=True)
+        keep = above | (tied & (tied.cumsum(dim=-1) <= room))
     return logits.masked_fill(~keep, float("-inf"))
 
 
