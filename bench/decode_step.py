@@ -79,6 +79,8 @@ class Timers:
                     setattr(layer, name, self._wrap(layer, getattr(layer, name)))
 
     def _wrap(self, layer, fn):
+        timed = self._timed(fn)
+
         def call(x):
             if self.stub:
                 key = (*x.shape[:-1], layer.out_features)
@@ -88,28 +90,30 @@ class Timers:
             if self.depth:  # gelu calling forward: timed once, by the outer call
                 return fn(x)
             self.depth += 1
+            try:
+                return timed(x)
+            finally:
+                self.depth -= 1
+
+        return call
+
+    def _timed(self, fn):
+        """fn, its time added to ``spent`` at each call."""
+
+        def call(*args):
             start = time.perf_counter()
             try:
-                return fn(x)
+                return fn(*args)
             finally:
                 self.spent += time.perf_counter() - start
-                self.depth -= 1
 
         return call
 
     def time_op(self, name: str) -> None:
         """Time each call of the op ``torch.ops.gpt2lab_native.<name>`` too (as the model looks it up at
         each call)."""
-        ops, op = torch.ops.gpt2lab_native, getattr(torch.ops.gpt2lab_native, name)
-
-        def call(*args):
-            start = time.perf_counter()
-            try:
-                return op(*args)
-            finally:
-                self.spent += time.perf_counter() - start
-
-        setattr(ops, name, call)
+        ops = torch.ops.gpt2lab_native
+        setattr(ops, name, self._timed(getattr(ops, name)))
 
 
 def main() -> None:
