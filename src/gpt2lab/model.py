@@ -390,7 +390,7 @@ class Block(nn.Module):
         if not plan.holds():
             return None
         attn = plan.attn
-        slots = attn.kv_cache.slots(step[2])
+        slots = _kv_cache(attn).slots(step[2])
         return slots if attn.one_query_kernel(rows, slots, device, dtype, chosen) == "avx2" else None
 
     def _one_op_step(self, x: torch.Tensor, step: tuple) -> torch.Tensor | None:
@@ -418,6 +418,12 @@ class Block(nn.Module):
             cache.window,
             plan.gelu_form,
         )
+
+
+def _kv_cache(attn: CausalSelfAttention) -> KVCache | None:
+    """``attn.kv_cache``, read without nn.Module's ``__getattr__`` (about 1 us a call, and a one-op
+    decode step's checks read it twice per block at every step)."""
+    return attn._modules.get("kv_cache")
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -657,17 +663,18 @@ class GPT(nn.Module):
         if logits and (head is None or not head.holds(self.lm_head, rows)):
             return None
         chosen: dict[tuple, str] = {}  # the blocks' attention kernels, chosen once for blocks alike
-        key = []  # what the kept arguments were gathered from, compared by identity
+        key = []  # what the kept arguments were gathered from: objects equal only to themselves, and ids
         for block in self.h:
             if block._forward_hooks or block._forward_pre_hooks:
                 return None
             if block.one_op_slots(rows, tokens, device, dtype, step, chosen) is None:
                 return None
-            key += (block.step_plan, block.step_plan.attn.kv_cache)
+            plan = block.step_plan
+            key += (plan, _kv_cache(plan.attn))
         tables = (self.wte.weight, self.wpe.weight) if self.wpe is not None else ()
-        key += (head, *tables)
+        key += (head, *map(id, tables))  # the tables' ids, unique while kept (with the arguments) below
         kept = self._blocks
-        if kept is None or len(kept[0]) != len(key) or any(a is not b for a, b in zip(kept[0], key, strict=True)):
+        if kept is None or kept[0] != key:
             blocks = torch.classes.gpt2lab_native.DecodeBlocks()
             for block in self.h:
                 blocks.add(*block.native_args())
@@ -678,7 +685,7 @@ class GPT(nn.Module):
                 )
             if tables:
                 blocks.set_embeddings(*tables)
-            self._blocks = kept = (key, blocks)
+            self._blocks = kept = (key, blocks, tables)
         return kept[1]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
