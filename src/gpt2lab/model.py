@@ -527,7 +527,7 @@ class GPT(nn.Module):
         self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
-        self._blocks: tuple | None = None  # _one_op_blocks': (what its DecodeBlocks was gathered from, that object)
+        self._blocks: tuple | None = None  # _one_op_blocks': (what it was gathered from, DecodeBlocks, tables)
         self.head_plan: _HeadPlan | None = None  # plan_decoding's: ln_f and the lm_head in the blocks' one op
         self._blocks_together = True  # whether planned blocks step all in one op (block_ops: each its own)
         self.apply(self._init_weights)
