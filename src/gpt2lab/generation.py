@@ -67,37 +67,37 @@ TOP_P_CANDIDATES = 256  # the most likely tokens _top_p orders first; all of the
 
 
 def _top_p(logits: torch.Tensor, p: float, whole: bool | None = None) -> torch.Tensor:
-    """logits (B, V) with each row's tokens outside its nucleus set to -inf: in the order of a stable
-    descending sort, a token stays while the probability of the tokens before it is below p. On the
-    CPU, only the tokens at or above the ``TOP_P_CANDIDATES``-th largest logit are sorted where their
-    probability reaches p (every token after them has at least that much before it), else the whole
-    row, one row at a time; elsewhere (``whole``), all rows are sorted whole at once, as a GPU does
+    """logits (B, V) with each row's tokens outside its nucleus set to -inf (``_nucleus``). On the CPU,
+    one row at a time, only the tokens at or above the ``TOP_P_CANDIDATES``-th largest logit are
+    sorted where their probability reaches p (every token after them has at least that much before
+    it), else the whole row; elsewhere (``whole``), all rows are sorted whole at once, as a GPU does
     quickly."""
     probs = logits.softmax(dim=-1)
     if logits.device.type != "cpu" if whole is None else whole:
-        order = logits.sort(dim=-1, descending=True, stable=True).indices  # ties: the lower ids first
-        ordered = probs.gather(-1, order)
-        drop = ordered.cumsum(dim=-1) - ordered >= p  # the first token always has 0 before it
-        return logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
+        return _nucleus(logits, probs, p)[0]
     kept = torch.full_like(logits, float("-inf"))
-    every = torch.arange(logits.shape[-1], device=logits.device)
     for row in range(logits.shape[0]):
-        values, row_probs = logits[row], probs[row]
-        likeliest = None
-        if len(values) > TOP_P_CANDIDATES:  # ascending ids, with every token tied with the last candidate
-            floor = values.topk(TOP_P_CANDIDATES).values[-1]  # (-inf after top-k: those never stay)
-            likeliest = ((values >= floor) & (values > float("-inf"))).nonzero().squeeze(1)
-        for ids in (likeliest, every):
-            if ids is None:
+        values, row_probs = logits[row : row + 1], probs[row : row + 1]
+        if values.shape[-1] > TOP_P_CANDIDATES:  # ascending ids, with every token tied with the last candidate
+            floor = values.topk(TOP_P_CANDIDATES).values[0, -1]  # (-inf after top-k: those never stay)
+            ids = ((values[0] >= floor) & (values[0] > float("-inf"))).nonzero().squeeze(1)
+            cut, mass = _nucleus(values[:, ids], row_probs[:, ids], p)
+            if mass[0] >= p:
+                kept[row, ids] = cut[0]
                 continue
-            order = ids[values[ids].sort(descending=True, stable=True).indices]  # ties: the lower ids first
-            ordered = row_probs[order]
-            mass = ordered.cumsum(dim=0)  # of each token and those before it
-            if ids is every or mass[-1] >= p:
-                break
-        stays = order[mass - ordered < p]
-        kept[row, stays] = values[stays]
+        kept[row] = _nucleus(values, row_probs, p)[0][0]
     return kept
+
+
+def _nucleus(logits: torch.Tensor, probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, n) with the tokens outside each row's nucleus set to -inf: in the order of a stable
+    descending sort (ties: the lower positions first), a token stays while the probability (``probs``)
+    of the tokens before it is below p; and each row's probability in all (B,), summed in that order."""
+    order = logits.sort(dim=-1, descending=True, stable=True).indices
+    ordered = probs.gather(-1, order)
+    mass = ordered.cumsum(dim=-1)  # of each token and those before it
+    drop = mass - ordered >= p  # the first token always has 0 before it
+    return logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf"))), mass[:, -1]
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
