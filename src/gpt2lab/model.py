@@ -557,7 +557,7 @@ class GPT(nn.Module):
         evaluation). With ``input_pos`` (T,), the time steps of idx, keys and values go through the
         KV cache prepared by ``setup_cache``; rows are left-padded by ``cache_pad`` steps.
         """
-        step = None if input_pos is None else self._cache_step(idx, input_pos)
+        step = self._cache_step(idx, input_pos)
         if targets is None and step is not None and self.rotary is None:  # a decode step: one op where it can
             logits = self._logits_in_one_op(idx, step)
             if logits is not None:
@@ -570,8 +570,7 @@ class GPT(nn.Module):
     def hidden_states(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after ``ln_f``, of tokens idx (B, T); ``input_pos`` as
         in ``forward``. Generation calls this and ``logits`` itself, on the last position only."""
-        step = None if input_pos is None else self._cache_step(idx, input_pos)
-        return self._through_blocks(*self._embedded(idx, step))
+        return self._through_blocks(*self._embedded(idx, self._cache_step(idx, input_pos)))
 
     def _embedded(self, idx: torch.Tensor, step: tuple | None) -> tuple:
         """``hidden_states``' first part: the embeddings x of tokens idx (B, T), the rotary positions
@@ -599,9 +598,12 @@ class GPT(nn.Module):
             x = self.drop(x)
         return x, rope, window_mask, step
 
-    def _cache_step(self, idx: torch.Tensor, input_pos: torch.Tensor) -> tuple:
+    def _cache_step(self, idx: torch.Tensor, input_pos: torch.Tensor | None) -> tuple | None:
         """The KV-cache step of tokens idx (B, T) at time steps ``input_pos`` (T,): (time steps, left
-        padding (None where no row is padded), slots written, written from the start)."""
+        padding (None where no row is padded), slots written, written from the start); None without
+        ``input_pos`` (no cache)."""
+        if input_pos is None:
+            return None
         B = idx.shape[0]
         if self.cache_len == 0 or len(self.cache_pad) != B:
             raise ValueError(
@@ -882,7 +884,7 @@ class GPT(nn.Module):
 
     def _plan_head(self, rows: int) -> _HeadPlan | None:
         """``ln_f`` and the lm_head's planned product of ``rows`` rows for the model's one-op decode steps
-        (``_blocks_in_one_op``'s ``logits``), where the lm_head runs one of gpt2lab's own kernels and
+        (``_logits_in_one_op``), where the lm_head runs one of gpt2lab's own kernels and
         ``ln_f`` has its weight and bias; else None."""
         product = self.lm_head.native_product(rows) if callable(getattr(self.lm_head, "native_product", None)) else None
         norm = [self.ln_f.weight, self.ln_f.bias]
@@ -891,7 +893,7 @@ class GPT(nn.Module):
         return _HeadPlan(rows, self.lm_head.planned, norm, self.ln_f.eps, product)
 
     def unplan(self) -> None:
-        """Drop what the blocks' one-op steps kept (``_blocks_in_one_op``): their weights' copies and KV
+        """Drop what the blocks' one-op steps kept (``_one_op_blocks``): their weights' copies and KV
         caches are not held past the blocks' plans; nor the head's plan (``head_plan``)."""
         self._blocks = None
         self.head_plan = None
