@@ -239,6 +239,23 @@ def test_top_k_and_top_p_keep_what_a_stable_sort_of_the_whole_row_keeps(spread):
         assert torch.equal(generation._top_p(cut, p, whole), _stable_sort_cut(logits, top_k=2000, top_p=p))
 
 
+def test_descending_order_is_a_stable_sorts_for_every_kind_of_float32_value():
+    """The order top-p reads its nucleus in is a stable descending sort's, on rows of every sign and
+    magnitude, long enough to be ordered by their integer keys (a position takes 16 and 17 bits): ties
+    (in position order), -inf and inf, -0.0 with 0.0 (equal), subnormals."""
+    assert generation.RADIX_SORTED <= 40000
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3e38, -3e38, 1.0, -1.0])
+    rows = [
+        special[torch.randint(0, len(special), (3, 40000), generator=g)],
+        torch.randn(2, 70000, generator=g) * torch.logspace(-40, 38, 70000).sqrt(),  # every exponent, both signs
+        torch.randint(-5, 5, (2, 70000), generator=g).float() / 4,  # thousands of ties at each value
+    ]
+    for logits in rows:
+        expected = logits.sort(dim=-1, descending=True, stable=True).indices
+        assert torch.equal(generation._descending_order(logits), expected)
+
+
 def test_draw_picks_each_token_with_its_probability_never_one_of_probability_0(monkeypatch):
     """Each row's tokens are drawn in proportion to their probabilities, those of probability 0 never,
     not even where the uniform draw times the row's total rounds up to the total; a NaN row raises."""
