@@ -327,12 +327,16 @@ VNNI inline __m512i row_chunk(const int8_t* v, int64_t k) {  // x's chunk k in b
   return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + k * kChunk)));
 }
 
-// The four channels' sums from the accumulators of channels 0, 1 (a01's halves) and 2, 3 (a23's).
+// The four channels' sums from the accumulators of channels 0, 1 (a01's halves) and 2, 3 (a23's), all
+// four at once: the 128-bit quarters of each channel side by side, then each quarter summed within.
 VNNI inline void vnni_sums(__m512i a01, __m512i a23, int32_t total, int32_t* sums) {
-  sums[0] = sum_lanes(_mm512_castsi512_si256(a01)) - 128 * total;
-  sums[1] = sum_lanes(_mm512_extracti64x4_epi64(a01, 1)) - 128 * total;
-  sums[2] = sum_lanes(_mm512_castsi512_si256(a23)) - 128 * total;
-  sums[3] = sum_lanes(_mm512_extracti64x4_epi64(a23, 1)) - 128 * total;
+  const __m512i even = _mm512_shuffle_i64x2(a01, a23, 0x88);  // quarters 0 and 2 of each: channels 0 to 3
+  const __m512i odd = _mm512_shuffle_i64x2(a01, a23, 0xDD);   // quarters 1 and 3
+  __m512i s = _mm512_add_epi32(even, odd);                     // quarter c: four partial sums of channel c
+  s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+  s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));  // every lane of quarter c: its sum
+  const __m128i four = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(sums), _mm_sub_epi32(four, _mm_set1_epi32(128 * total)));
 }
 
 VNNI void block_sums_vnni(const int8_t* first, int64_t chunks, const int8_t* v, int32_t total, int32_t* sums) {
@@ -408,6 +412,27 @@ bool int8_vnni(std::optional<bool> enable) {
   return int8_uses_vnni;
 }
 
+// One block's four outputs y[o..o+3] of a row of x from its int32 sums: (((sum * x scale) * weight
+// scale) + x center * weight sum) + bias, four channels in one register where all four are real (each
+// operation rounded as the scalar one), one by one in the last block of a padded weight.
+inline void block_outputs(const int32_t* sums, const QuantizedRow& row, const Channels& ch, const float* b, int64_t o,
+                          int64_t out, float* y) {
+  if (o + kBlock <= out) {
+    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums))),
+                          _mm_set1_ps(row.scale));
+    v = _mm_mul_ps(v, _mm_loadu_ps(ch.scale + o));
+    v = _mm_add_ps(v, _mm_mul_ps(_mm_set1_ps(row.center), _mm_loadu_ps(ch.sum + o)));
+    _mm_storeu_ps(y + o, b == nullptr ? v : _mm_add_ps(v, _mm_loadu_ps(b + o)));
+    return;
+  }
+  for (int64_t j = 0; o + j < out; ++j) {
+    float value = static_cast<float>(sums[j]) * row.scale;
+    value = value * ch.scale[o + j];
+    value = value + row.center * ch.sum[o + j];
+    y[o + j] = b == nullptr ? value : value + b[o + j];
+  }
+}
+
 at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& channels,
                      const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -442,14 +467,7 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
           block_sums_avx2(first, chunks, qx[r].value.data(), qx[r].magnitude.data(), sums[0]);
         }
         for (int64_t i = 0; i < n; ++i, ++r) {
-          for (int64_t j = 0; j < kBlock; ++j) {
-            const int64_t o = block * kBlock + j;
-            if (o >= out) break;
-            float value = static_cast<float>(sums[i][j]) * qx[r].scale;
-            value = value * ch.scale[o];
-            value = value + qx[r].center * ch.sum[o];
-            yp[r * out + o] = b == nullptr ? value : value + b[o];
-          }
+          block_outputs(sums[i], qx[r], ch, b, block * kBlock, out, yp + r * out);
         }
       }
     }
