@@ -54,6 +54,10 @@ constexpr int64_t kBlock = 4;     // output channels read together
 constexpr int64_t kChunk = 32;    // bytes of one AVX2 register
 constexpr int64_t kGrain = 4;     // blocks per thread at least: a tiny product is not worth splitting finer
 constexpr int64_t kAhead = 1024;  // bytes of the weight prefetched (into L2) ahead of the ones read
+// The same in a product of more rows than one pass over a block takes (kRowGroup): each block is then
+// read from memory in the first pass and multiplied from L1 in the next, so the weight is read in
+// bursts and a prefetch that is to land in time is issued further ahead.
+constexpr int64_t kAheadRows = 8192;
 
 inline int32_t sum_lanes(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -368,14 +372,15 @@ VNNI void block_sums_vnni(const int8_t* first, int64_t chunks, const int8_t* v, 
 constexpr int64_t kRowGroup = 4;
 
 template <int64_t R>
-VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const QuantizedRow* qx, int32_t (*sums)[kBlock]) {
+VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const QuantizedRow* qx, int32_t (*sums)[kBlock],
+                               int64_t ahead) {
   static_assert(2 <= R && R <= kRowGroup, "2 to kRowGroup rows");
   __m512i a01[R], a23[R];
   for (int64_t r = 0; r < R; ++r) a01[r] = a23[r] = _mm512_setzero_si512();
   const int8_t* p = first;
   for (int64_t k = 0; k < chunks; ++k, p += kBlock * kChunk) {
-    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(p + kAhead + 64), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + ahead + 64), _MM_HINT_T1);
     const __m512i w01 = unsigned_chunks(p), w23 = unsigned_chunks(p + 64);
     for (int64_t r = 0; r < R; ++r) {
       const __m512i x = row_chunk(qx[r].value.data(), k);
@@ -386,14 +391,15 @@ VNNI void block_sums_vnni_rows(const int8_t* first, int64_t chunks, const Quanti
   for (int64_t r = 0; r < R; ++r) vnni_sums(a01[r], a23[r], qx[r].total, sums[r]);
 }
 
-// One block's sums for the n rows of x at qx (1 to kRowGroup) by VNNI.
+// One block's sums for the n rows of x at qx (1 to kRowGroup) by VNNI, the weight prefetched `ahead`
+// bytes ahead where n > 1.
 VNNI void block_sums_vnni_group(int64_t n, const int8_t* first, int64_t chunks, const QuantizedRow* qx,
-                                int32_t (*sums)[kBlock]) {
+                                int32_t (*sums)[kBlock], int64_t ahead) {
   switch (n) {
     case 1: return block_sums_vnni(first, chunks, qx[0].value.data(), qx[0].total, sums[0]);
-    case 2: return block_sums_vnni_rows<2>(first, chunks, qx, sums);
-    case 3: return block_sums_vnni_rows<3>(first, chunks, qx, sums);
-    case 4: return block_sums_vnni_rows<4>(first, chunks, qx, sums);
+    case 2: return block_sums_vnni_rows<2>(first, chunks, qx, sums, ahead);
+    case 3: return block_sums_vnni_rows<3>(first, chunks, qx, sums, ahead);
+    case 4: return block_sums_vnni_rows<4>(first, chunks, qx, sums, ahead);
   }
   TORCH_CHECK(false, "1 to ", kRowGroup, " rows at a time, got ", n);
 }
@@ -455,6 +461,7 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const int8_t* w = weight.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   const bool vnni = int8_uses_vnni;
+  const int64_t ahead = rows > kRowGroup ? kAheadRows : kAhead;
   at::parallel_for(0, blocks, kGrain, [&](int64_t begin, int64_t end) {
     int32_t sums[kRowGroup][kBlock];
     for (int64_t block = begin; block < end; ++block) {
@@ -462,7 +469,7 @@ at::Tensor int8_avx2(const at::Tensor& x, const at::Tensor& weight, const at::Te
       for (int64_t r = 0; r < rows;) {  // past the first rows the block's weights come from L1
         const int64_t n = vnni ? std::min(rows - r, kRowGroup) : 1;
         if (vnni) {
-          block_sums_vnni_group(n, first, chunks, &qx[r], sums);
+          block_sums_vnni_group(n, first, chunks, &qx[r], sums, ahead);
         } else {
           block_sums_avx2(first, chunks, qx[r].value.data(), qx[r].magnitude.data(), sums[0]);
         }
