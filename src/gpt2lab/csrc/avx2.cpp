@@ -339,7 +339,8 @@ VNNI inline void vnni_sums(__m512i a01, __m512i a23, int32_t total, int32_t* sum
   __m512i s = _mm512_add_epi32(even, odd);                     // quarter c: four partial sums of channel c
   s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
   s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));  // every lane of quarter c: its sum
-  const __m128i four = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), s));
+  const __m512i firsts = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);  // lane 0 of each quarter
+  const __m128i four = _mm512_castsi512_si128(_mm512_permutexvar_epi32(firsts, s));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(sums), _mm_sub_epi32(four, _mm_set1_epi32(128 * total)));
 }
 
