@@ -52,6 +52,17 @@ def int8_path(request):
     torch.ops.gpt2lab_native.int8_vnni(before)
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def float_path(request):
+    """Each way the blocked float32 kernel has on this CPU (``native.float_paths``), set for the test."""
+    if not native.available() or request.param not in native.float_paths():
+        pytest.skip(f"this CPU has no {request.param} path")
+    before = torch.ops.gpt2lab_native.float_avx512(None)
+    torch.ops.gpt2lab_native.float_avx512(request.param == "avx512")
+    yield request.param
+    torch.ops.gpt2lab_native.float_avx512(before)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (6, 70), (300, 1000)])
@@ -199,20 +210,28 @@ def test_the_avx2_op_refuses_a_weight_not_laid_out_for_it():
 
 
 @needs_kernel
-def test_the_int8_kernel_takes_the_vnni_path_where_torch_is_not_held_below_avx512():
-    """The VNNI path runs by default where the CPU has it, and not where ``ATEN_CPU_CAPABILITY`` holds
-    torch to AVX2 (as on a CPU without AVX-512); it cannot be turned on where the CPU lacks it."""
-    code = "from gpt2lab import native; import torch; native.require(); print(torch.ops.gpt2lab_native.int8_vnni(None))"
+def test_the_kernels_take_their_avx512_paths_where_torch_is_not_held_below_avx512():
+    """The int8 kernel's VNNI path and the blocked float32 kernel's AVX-512 path run by default where
+    the CPU has them, and not where ``ATEN_CPU_CAPABILITY`` holds torch to AVX2 (as on a CPU without
+    AVX-512); neither can be turned on where the CPU lacks it."""
+    code = (
+        "from gpt2lab import native; import torch; native.require(); "
+        "print(torch.ops.gpt2lab_native.int8_vnni(None), torch.ops.gpt2lab_native.float_avx512(None))"
+    )
     runs = {}
     for capability in (None, "avx2"):
         env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
         env.update({"ATEN_CPU_CAPABILITY": capability} if capability else {})
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         runs[capability] = out.stdout.strip()
-    assert runs == {None: str("vnni" in native.int8_paths()), "avx2": "False"}
+    here = f"{'vnni' in native.int8_paths()} {'avx512' in native.float_paths()}"
+    assert runs == {None: here, "avx2": "False False"}
     if "vnni" not in native.int8_paths():
         with pytest.raises(RuntimeError, match="no AVX-512 VNNI"):
             torch.ops.gpt2lab_native.int8_vnni(True)
+    if "avx512" not in native.float_paths():
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            torch.ops.gpt2lab_native.float_avx512(True)
 
 
 @needs_kernel
@@ -343,7 +362,7 @@ def test_the_float32_kernel_equals_f_linear_within_rounding(rows, out_features, 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 7, 8])
 @pytest.mark.parametrize(("out_features", "in_features"), [(64, 64), (70, 50), (3, 31), (50, 1000), (16, 5), (1, 1)])
-def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_features, in_features):
+def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_features, in_features, float_path):
     """Whole blocks of 16 channels and a padded last block, widths with and without a tail past the
     rounds of 4 input positions, with and without bias and the GELU after, on the blocked copy."""
     g = torch.Generator().manual_seed(out_features + in_features)
@@ -354,6 +373,28 @@ def test_the_blocked_float32_kernel_equals_f_linear_within_rounding(rows, out_fe
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x, copy, b, out_features))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks_avx2, (x[0, 0], copy, None, out_features))
     torch.library.opcheck(torch.ops.gpt2lab_native.float_blocks, (w,))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [4, 8, 12, 16])
+def test_the_blocked_float32_kernels_avx512_path_rounds_as_the_avx2_path_does_at_four_rows_a_pass(rows):
+    """Each row's sum runs over the input positions in order on both paths, then the bias is added:
+    the same bits wherever the AVX2 path takes four rows a pass (here also a padded last block)."""
+    if "avx512" not in native.float_paths():
+        pytest.skip("this CPU has no AVX-512")
+    g = torch.Generator().manual_seed(rows)
+    w, b, x = torch.randn(70, 300, generator=g), torch.randn(70, generator=g), torch.randn(rows, 300, generator=g)
+    copy = ops.copy_weight(w, rows, "avx2_f32_blocks")
+    before = torch.ops.gpt2lab_native.float_avx512(None)
+    try:
+        for bias in (b, None):
+            got = {}
+            for wide in (False, True):
+                torch.ops.gpt2lab_native.float_avx512(wide)
+                got[wide] = torch.ops.gpt2lab_native.float_blocks_avx2(x, copy, bias, 70)
+            assert torch.equal(got[True], got[False])
+    finally:
+        torch.ops.gpt2lab_native.float_avx512(before)
 
 
 @needs_kernel

@@ -9,7 +9,8 @@ AVX-512 VNNI its dot product of 64 bytes an instruction, up to four rows of x at
 and the float32 one-row kernels (kind ``packed`` of ``gpt2lab.kernels``): ``avx2_f32`` on the weight
 as it is (rows of up to 4 KB one after another, longer ones eight at once with a prefetch ahead in
 each), and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one stream per thread
-(``gpt2lab.ops.copy_weight``). Its attention
+(``gpt2lab.ops.copy_weight``; where the CPU has AVX-512, three rows of x or more up to eight at a
+time: ``float_paths``). Its attention
 kernel, ``avx2`` of ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it
 lies, in one pass per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
@@ -31,7 +32,7 @@ an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under tor
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
 ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
 ``cache_attention_avx2``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``decode_blocks``, ``decode_logits``,
-``quantize_rows``, ``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks`` and ``int8_vnni``,
+``quantize_rows``, ``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks``, ``int8_vnni`` and ``float_avx512``,
 with the class ``torch.classes.gpt2lab_native.DecodeBlocks``. Where they cannot be built (no
 C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and
 ``unavailable_reason`` says why.
@@ -123,6 +124,7 @@ def _build_and_load() -> None:
         )
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # torch held to AVX2: so are they
         torch.ops.gpt2lab_native.int8_vnni(False)
+        torch.ops.gpt2lab_native.float_avx512(False)
     # their outputs' shapes, for tracing: a compiled decode step calls the ops themselves
     torch.library.register_fake("gpt2lab_native::int8_avx2")(
         lambda x, weight, channels, bias: x.new_empty(*x.shape[:-1], channels.shape[1])
@@ -162,6 +164,23 @@ def int8_paths() -> tuple[str, ...]:
         return ("avx2",)
     torch.ops.gpt2lab_native.int8_vnni(vnni)
     return ("avx2", "vnni")
+
+
+def float_paths() -> tuple[str, ...]:
+    """How the blocked float32 kernel ``float_blocks_avx2`` can multiply three or more rows on this CPU:
+    four rows a pass in AVX2 (``avx2``), and where the CPU has AVX-512 up to eight in one pass over the
+    weight, a block's line in one register (``avx512``). Where the AVX2 path takes four rows a pass
+    (in products of multiples of four rows) both give the same bits. ``avx512`` runs where the CPU has
+    it and torch's own kernels are not held below AVX-512; ``torch.ops.gpt2lab_native.float_avx512(enable)``
+    sets it, and says which runs with ``None``."""
+    require()
+    wide = torch.ops.gpt2lab_native.float_avx512(None)
+    try:
+        torch.ops.gpt2lab_native.float_avx512(True)
+    except RuntimeError:  # no AVX-512
+        return ("avx2",)
+    torch.ops.gpt2lab_native.float_avx512(wide)
+    return ("avx2", "avx512")
 
 
 def _loaded() -> bool:

@@ -20,8 +20,10 @@
 // float_blocks_avx2: the same product on a copy of the weight laid out as the kernel reads it,
 // (blocks, in, 16) by float_blocks: blocks of 16 output channels, each one sequential stream of the
 // 16 channels' values at one input position after another (a cache line each), one stream per thread.
-// Each line multiplies by one broadcast value of x: no sums across lanes, no prefetch of its own. With
-// several rows of x each line is loaded once for four of them (8 FMAs a line, in flight together).
+// Each line multiplies by one broadcast value of x: no sums across lanes. With several rows of x each
+// line is loaded once for four of them (8 FMAs a line, in flight together), and where the CPU has
+// AVX-512, from three rows on, once for eight of them (a line in one register, with a prefetch ahead,
+// which the four-row AVX2 form does without; float_avx512 turns it off).
 //
 // attention_avx2: a decode step's attention, one query per row and head over the keys and values of
 // the KV cache, read where they lie (strided views of it), in one pass of each query over its keys.
@@ -644,10 +646,71 @@ inline void float_block(const float* block, const float* x, int64_t in, const fl
   }
 }
 
+#define AVX512 __attribute__((target("avx512f")))
+constexpr int64_t kWideAhead = 2048;  // bytes of the weight prefetched (into L1) ahead of float_block_wide's reads
+
+// float_block for R rows (up to 8) on AVX-512: a block's line at each input position is one register,
+// multiplied by each row's value broadcast in the same instruction, so that eight rows need eight
+// accumulators and a block is read once for all of them, with a prefetch ahead of the reads (on into
+// the next block). Each row's sum runs over the input positions in order, as float_block<4>'s does.
+template <int64_t R>
+AVX512 void float_block_wide(const float* block, const float* x, int64_t in, const float* b, float* y, int64_t out,
+                             int64_t n) {
+  __m512 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const float* p = block;
+  for (int64_t k = 0; k < in; ++k, p += kFloatBlock) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + kWideAhead, _MM_HINT_T0);
+    const __m512 w = _mm512_loadu_ps(p);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(x[r * in + k]), acc[r]);
+  }
+  const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);  // the block's real channels
+  const __m512 bias = b == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, b);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    _mm512_mask_storeu_ps(y + r * out, lanes, b == nullptr ? acc[r] : _mm512_add_ps(acc[r], bias));
+}
+
+// A block's outputs for every row of x, eight rows a pass (the rows past the first eight from cache).
+AVX512 void float_block_wide_rows(const float* block, const float* x, int64_t rows, int64_t in, const float* b,
+                                  float* y, int64_t out, int64_t n) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const float* xr = x + r * in;
+    float* yr = y + r * out;
+    switch (std::min<int64_t>(rows - r, 8)) {
+      case 8: float_block_wide<8>(block, xr, in, b, yr, out, n); break;
+      case 7: float_block_wide<7>(block, xr, in, b, yr, out, n); break;
+      case 6: float_block_wide<6>(block, xr, in, b, yr, out, n); break;
+      case 5: float_block_wide<5>(block, xr, in, b, yr, out, n); break;
+      case 4: float_block_wide<4>(block, xr, in, b, yr, out, n); break;
+      case 3: float_block_wide<3>(block, xr, in, b, yr, out, n); break;
+      case 2: float_block_wide<2>(block, xr, in, b, yr, out, n); break;
+      default: float_block_wide<1>(block, xr, in, b, yr, out, n);
+    }
+  }
+}
+
+constexpr int64_t kWideRows = 3;  // float_blocks_avx2 takes float_block_wide from this many rows
+// Whether it does: where the CPU has AVX-512, unless float_avx512 turned it off.
+bool float_uses_avx512 = __builtin_cpu_supports("avx512f");
+
+// float_avx512: whether float_blocks_avx2 takes its AVX-512 path for kWideRows rows or more, after
+// setting it where `enable` is given (only on a CPU that has AVX-512). The paths round alike where
+// the AVX2 one takes four rows a pass.
+bool float_avx512(std::optional<bool> enable) {
+  if (enable.has_value()) {
+    TORCH_CHECK(!*enable || __builtin_cpu_supports("avx512f"), "this CPU has no AVX-512");
+    float_uses_avx512 = *enable;
+  }
+  return float_uses_avx512;
+}
+
 // The float32 product for the few rows of a decode step on the weight laid out by float_blocks:
 // (blocks, in, 16), `out` channels of it real (the rest zero padding). The threads take whole blocks;
 // each block is read from memory once, for four rows of x at a time (then two, then one), the rows
-// past the first four from cache.
+// past the first four from cache; on AVX-512 for up to eight rows at a time from kWideRows rows.
 at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, const std::optional<at::Tensor>& bias,
                              int64_t out) {
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be (..., in) float32");
@@ -669,6 +732,10 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
       const int64_t first = block * kFloatBlock, n = std::min(kFloatBlock, out - first);
       const float* wb = w + block * in * kFloatBlock;
       const float* bb = b == nullptr ? nullptr : b + first;
+      if (rows >= kWideRows && float_uses_avx512) {
+        float_block_wide_rows(wb, xp, rows, in, bb, yp + first, out, n);
+        continue;
+      }
       int64_t r = 0;
       for (; r + 4 <= rows; r += 4) float_block<4>(wb, xp + r * in, in, bb, yp + r * out + first, out, n);
       for (; r + 2 <= rows; r += 2) float_block<2>(wb, xp + r * in, in, bb, yp + r * out + first, out, n);
@@ -1154,6 +1221,7 @@ at::Tensor blocks(const at::Tensor& weight) {
 TORCH_LIBRARY(gpt2lab_native, m) {
   m.def("int8_avx2(Tensor x, Tensor weight, Tensor channels, Tensor? bias) -> Tensor");
   m.def("int8_vnni(bool? enable) -> bool", &int8_vnni);  // no tensors: not dispatched by device
+  m.def("float_avx512(bool? enable) -> bool", &float_avx512);  // nor this
   m.def("float_avx2(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("float_blocks_avx2(Tensor x, Tensor weight, Tensor? bias, int out) -> Tensor");
   m.def("quantize_rows(Tensor x, int offset) -> (Tensor, Tensor, Tensor)");
