@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt2lab.model
-from gpt2lab import Backends, GPT2LabError, generate, kernels, native, ops, quantize
+from gpt2lab import Backends, GPT2LabError, generate, kernels, native, ops, pages, quantize
 from gpt2lab.decode import decode_one_token, prefill
 from gpt2lab.quantize import Int8Linear
 
@@ -1239,6 +1239,49 @@ def test_an_int8_block_runs_its_products_on_the_kernel_where_one_op_repays_them(
     assert len(added) == (len(model.h) if one_op else 0)
     assert all(args[2] == [2, 2, 2, 2] for args in added)  # int8 avx2 (ops.NATIVE_PRODUCTS) for all four
     assert all(m.planned is None for m in model.modules() if isinstance(m, Int8Linear))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("head_avx2_us", "one_op"), [(102.0, True), (110.0, False)])
+def test_an_int8_lm_head_level_on_gpt2labs_kernel_runs_there_for_the_whole_step_in_one_op(
+    make_gpt, remember_kernels, monkeypatch, head_avx2_us, one_op
+):
+    """The table chose fbgemm for the lm_head (100 us) and gpt2lab's kernel for every block product.
+    Where gpt2lab's measured within ``kernels.MARGIN`` of fbgemm on the lm_head (102 us), the lm_head runs
+    it too and each step goes from the tokens to the logits in one op (``decode_logits``), the head's
+    int8 blocks in 2 MiB pages with the others'; where it measured slower (110 us) the table's choice
+    stands and the head runs from Python after the blocks' one op."""
+    monkeypatch.setattr(pages, "wanted", lambda: True)
+    config = dict(vocab_size=2048, n_embd=384, n_head=6)  # over 2 MiB of int8 blocks
+    model = quantize.quantize_int8(make_gpt(seed=6, backends=Backends(decode_attention="avx2"), **config))
+    prompt = [[5, 17, 3]]
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            head = m is model.lm_head
+            us = {k: 100.0 for k in ops.int8_kernels(1)} | {"avx2": head_avx2_us if head else 90.0}
+            entries = {
+                f"int8 {m.out_features}x{m.in_features} rows 1": {
+                    "kernel": "fbgemm" if head else "avx2",
+                    "us_per_product": us,
+                }
+            }
+            first = ops.int8_kernels()[0]  # the prompt's products
+            us = {k: 100.0 for k in ops.int8_kernels(3)} | {first: 90.0}
+            entries[f"int8 {m.out_features}x{m.in_features} rows {kernels.rows_bucket(3, 'int8')}"] = {
+                "kernel": first,
+                "us_per_product": us,
+            }
+            remember_kernels(entries)
+    plans, plan_head = [], gpt2lab.model.GPT._plan_head
+    with monkeypatch.context() as patch:
+        patch.setattr(gpt2lab.model.GPT, "_plan_head", lambda *args: plans.append(plan_head(*args)) or plans[-1])
+        to_logits, blocks = count_calls(patch, "decode_logits"), count_calls(patch, "decode_blocks")
+        generate(model, prompt, 6, temperature=0, eos_id=None)
+    assert (len(to_logits), len(blocks)) == ((5, 0) if one_op else (0, 5))
+    if one_op:  # the blocks the steps read: the head's plan made after they moved
+        assert pages.in_huge_pages(plans[-1].product.weight)
+    else:
+        assert plans[-1] is None and "avx2" not in model.lm_head._packed
 
 
 @needs_kernel

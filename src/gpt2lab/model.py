@@ -458,17 +458,18 @@ def _copy_to_huge_pages(layer: Linear) -> None:
         layer.replace_copy(moved if memory is copy else moved.t())
 
 
-def _blocks_to_huge_pages(layers: list[nn.Module]) -> None:
+def _blocks_to_huge_pages(layers: list[nn.Module]) -> bool:
     """Move the int8 blocks that the planned ``layers`` read (``Int8Linear.planned_blocks``) into one
     mapping in 2 MiB pages (``gpt2lab.pages``), in the layers' order (a decode step's), unless they lie
-    in such pages already or fill less than one. The blocks are no module's state: one mapping holds
-    them all."""
+    in such pages already or fill less than one; whether any moved. The blocks are no module's state:
+    one mapping holds them all."""
     held = [(m, m.planned_blocks()) for m in layers if callable(getattr(m, "planned_blocks", None))]
     held = [(m, w) for m, w in held if w is not None and not pages.in_huge_pages(w)]
     if pages.nbytes([w for _, w in held]) < pages.HUGE_PAGE:
-        return
+        return False
     for (m, _), copy in zip(held, pages.huge_copies([w for _, w in held]), strict=True):
         m.replace_planned_blocks(copy)
+    return True
 
 
 def _faster_in_numpy(layers: list[Linear], rows: int, steps: int, copies: bool, in_place: bool) -> bool:
@@ -866,27 +867,46 @@ class GPT(nn.Module):
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
         layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
         compiled one runs its own code) without rotary positions, each block whose products all run
-        gpt2lab's own kernels steps in one op (``Block.plan``). Under ``backends.huge_pages`` the int8
-        blocks the planned products read move into 2 MiB pages first (``_blocks_to_huge_pages``).
-        Returns the modules planned, for
+        gpt2lab's own kernels steps in one op (``Block.plan``), and so, after them, do ``ln_f`` and the
+        lm_head (``_plan_head``). Under ``backends.huge_pages`` the int8 blocks the planned products
+        read, those planned again for the one op included, move into 2 MiB pages
+        (``_blocks_to_huge_pages``). Returns the modules planned, for
         ``unplan`` when the steps end (the model too, for what its blocks' one op keeps: ``unplan``)."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
-        if self._huge_pages():
-            _blocks_to_huge_pages(planned)
-        if not eager or self.rotary is not None:  # a block steps with rotary positions in Python
-            return planned
-        for block in self.h:  # once its products are planned: it runs them as planned (Block.plan)
+        one_op = eager and self.rotary is None  # a block steps with rotary positions in Python
+        if one_op:
+            self._plan_one_op_steps(rows)
+        if self._huge_pages() and _blocks_to_huge_pages(planned) and one_op:
+            self._plan_one_op_steps(rows)  # again: their plans read the blocks where they lie now
+        return [*planned, *self.h, self] if one_op else planned
+
+    def _plan_one_op_steps(self, rows: int) -> None:
+        """Once its products are planned, each block runs them as planned, as one op where it can
+        (``Block.plan``, which may plan some again on gpt2lab's kernels), and so do ``ln_f`` and the
+        lm_head (``_plan_head``)."""
+        for block in self.h:
             block.plan(rows)
         self.head_plan = self._plan_head(rows)
-        return [*planned, *self.h, self]
 
     def _plan_head(self, rows: int) -> _HeadPlan | None:
         """``ln_f`` and the lm_head's planned product of ``rows`` rows for the model's one-op decode steps
         (``_logits_in_one_op``), where the lm_head runs one of gpt2lab's own kernels and
-        ``ln_f`` has its weight and bias; else None."""
-        product = self.lm_head.native_product(rows) if callable(getattr(self.lm_head, "native_product", None)) else None
+        ``ln_f`` has its weight and bias; else None. Where every block steps in one op and an int8
+        lm_head was planned on another kernel that gpt2lab's measured level with (``native_tie``), it is
+        planned again on gpt2lab's: a near tie should not keep the whole step from being one op
+        (docs/benchmarks.md, item 15)."""
+        head = self.lm_head
+        product = head.native_product(rows) if callable(getattr(head, "native_product", None)) else None
+        if (
+            product is None
+            and callable(getattr(head, "native_tie", None))
+            and all(block.step_plan is not None for block in self.h)
+            and head.native_tie(rows)
+        ):
+            head.plan(rows, "avx2")
+            product = head.native_product(rows)
         norm = [self.ln_f.weight, self.ln_f.bias]
         if product is None or any(t is None for t in norm):
             return None

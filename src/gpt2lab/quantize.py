@@ -205,6 +205,17 @@ class Int8Linear(nn.Module):
             return None
         return us["avx2"] - us[planned.kernel]
 
+    def native_tie(self, rows: int) -> bool:
+        """Whether gpt2lab's own kernel (``avx2``) measured at most ``kernels.MARGIN`` slower than the
+        planned kernel for products of ``rows`` rows (True where it is planned there): a tie in the
+        table's own terms, which the planned kernel won by coming first among the candidates
+        (``GPT._plan_head`` weighs it)."""
+        cost = self.native_cost(rows)
+        if cost is None or cost == 0.0:
+            return cost == 0.0
+        us = self.table.times(self.out_features, self.in_features, rows, "int8")
+        return cost <= kernels.MARGIN * us[self.planned.kernel]
+
     def one_op_saving(self, n_head: int, rows: int) -> float:
         """The microseconds an int8 block of this layer's input width and ``n_head`` heads saves per
         decode step of ``rows`` rows as one op (``Block.plan``), as the table measured it (kind
