@@ -1,6 +1,7 @@
-"""Where the time of one eager batch-1 decode step goes (random GPT-2 124M weights, CPU).
+"""Where the time of one eager decode step goes (random GPT-2 124M weights, CPU; batch 1 unless
+``--batch`` says otherwise).
 
-    python bench/decode_step.py [--rounds 20] [--threads 2] [--int8] [--new-tokens 1000]
+    python bench/decode_step.py [--rounds 20] [--threads 2] [--int8] [--new-tokens 1000] [--batch 1]
 
 Five things are timed in one process, in alternation, ``--rounds`` times each:
 
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--int8", action="store_true", help="int8 weights (gpt2lab.quantize)")
     ap.add_argument("--new-tokens", type=positive_int, default=1000, help="the generation whose weight copies to read")
+    ap.add_argument("--batch", type=positive_int, default=1, help="rows decoded together")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(cpu_header(args.threads))
@@ -132,18 +134,19 @@ def main() -> None:
     layers = linear_layers(model)
     assert all(isinstance(m, (Linear, Int8Linear)) for m in layers)
     n_bytes = sum(weight_bytes(m) for m in layers)
-    inputs = [torch.randn(1, 1, m.in_features) for m in layers]
+    rows = args.batch
+    inputs = [torch.randn(rows, 1, m.in_features) for m in layers]
     read = read_probe(n_bytes)
     timers = Timers(layers)
     if native.available():
         for op in ("decode_blocks", "decode_logits"):  # the blocks' one op, or that op on to the logits
             timers.time_op(op)
-    token, pos = torch.tensor([[5]]), torch.tensor([PROMPT])
+    token, pos = torch.full((rows, 1), 5), torch.tensor([PROMPT])
     in_step: list[float] = []  # the Python step's products
     in_ops: list[float] = []  # the step's time in the blocks' one op and the lm_head
 
-    copies = model.pack_for_decoding(1, args.new_tokens - 1) if args.new_tokens else []
-    model.plan_decoding(1)  # each layer's kernel chosen once, as generation does
+    copies = model.pack_for_decoding(rows, args.new_tokens - 1) if args.new_tokens else []
+    model.plan_decoding(rows)  # each layer's kernel chosen once, as generation does
     one_op = [block.step_plan for block in model.h]
     in_numpy = any(m.reads_numpy for m in copies)
     threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
@@ -186,8 +189,8 @@ def main() -> None:
                 layer(x)
 
     with torch.no_grad():
-        model.setup_cache(1, PROMPT + 1)
-        prefill(model, torch.randint(0, model.config.vocab_size, (1, PROMPT)), torch.arange(PROMPT))
+        model.setup_cache(rows, PROMPT + 1)
+        prefill(model, torch.randint(0, model.config.vocab_size, (rows, PROMPT)), torch.arange(PROMPT))
         # The read first, then a pause: for about 10 ms after torch's threads worked (the two-thread
         # read), OpenMP's spinning slowed products in numpy's BLAS by a third, which decoding never meets.
         settle = functools.partial(time.sleep, 0.03)
@@ -203,12 +206,12 @@ def main() -> None:
     times |= {kind: values[2:] for kind, values in stepped.items()}
     rest = [s - p for s, p in zip(times["python step"], in_step, strict=True)]
     planned = sum(p is not None for p in one_op)
-    rows = {f"step ({planned} of {len(one_op)} blocks planned as one op)": times["step"]}
+    table = {f"step ({planned} of {len(one_op)} blocks planned as one op)": times["step"]}
     if planned == len(one_op):
-        rows["  outside its ops (the blocks' and the lm_head's, or one from the tokens to the logits)"] = [
+        table["  outside its ops (the blocks' and the lm_head's, or one from the tokens to the logits)"] = [
             s - o for s, o in zip(times["step"], in_ops, strict=True)
         ]
-    rows |= {
+    table |= {
         "step, each block its own op": times["block ops"],
         "step, block by block in Python": times["python step"],
         "  its products, inside it": in_step,
@@ -220,9 +223,12 @@ def main() -> None:
     kind = "int8" if args.int8 else "fp32"
     laid = sum(m.packed[3] in COPY_KERNELS for m in copies)  # copies made
     where = ", in numpy's BLAS" if in_numpy else ""
-    print(f"{kind} weights, {len(layers)} products ({laid} from copies{where}), {args.rounds} rounds in alternation")
+    print(
+        f"{kind} weights, batch {rows}, {len(layers)} products ({laid} from copies{where}), "
+        f"{args.rounds} rounds in alternation"
+    )
     print("| measure | median ms | range (ms) |\n|---|---:|---|")
-    for name, values in rows.items():
+    for name, values in table.items():
         ms = [1000 * v for v in values]
         print(f"| {name} | {statistics.median(ms):.2f} | {min(ms):.2f}-{max(ms):.2f} |")
     for other, name in (("block ops", "the step of block ops"), ("python step", "the Python step")):
