@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gpt2lab.model
-from gpt2lab import Backends, generate, kernels, native, ops, pages, stream
+from gpt2lab import Backends, decode, generate, kernels, native, ops, pages, stream
 from gpt2lab.load import load_model, save_pretrained
 from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -154,6 +154,25 @@ def test_generation_moves_the_weights_of_2mib_or_more_once_and_keeps_the_tokens(
     optimizer.step()
     assert all(pages.in_huge_pages(p) for name, p in model.named_parameters() if name in moved)
     assert not torch.equal(model.wte.weight, reference.wte.weight)  # trained in place, where it lies
+
+
+def test_a_compiled_step_freezes_the_weights_where_eager_steps_read_them(make_gpt, monkeypatch):
+    """Setting up a compiled CPU step moves the weights into 2 MiB pages first, as an eager call would:
+    an eager call after it moves nothing, so the weights the step froze stay where it froze them and
+    its compiled code is not dropped (``gpt2lab.decode.compiled_decode``)."""
+    monkeypatch.setattr(pages, "wanted", lambda: True)
+    model = make_gpt(seed=3, backends=Backends(linear="torch", decode_attention="products"), **CONFIG)
+    dropped = []
+    monkeypatch.setattr(decode, "_drop_compiled_steps", lambda: dropped.append(1))
+    with torch.no_grad():
+        model.setup_cache(1, 8, keep=True)
+        decode.compiled_decode(model)
+        frozen = decode.frozen_weights_key(model)
+        assert pages.in_huge_pages(model.wte.weight)
+        model.pack_for_decoding(1, 100)  # an eager call's set-up
+        assert decode.frozen_weights_key(model) == frozen
+        decode.compiled_decode(model)
+    assert dropped == []
 
 
 @needs_kernel

@@ -155,7 +155,8 @@ def compiled_decode(model: GPT) -> Callable:
     matrix kernels against ATen's for each product and keeps the faster (``freezing``, ``max_autotune``;
     ``prepacks_weights`` says where its kernels read the weights laid out anew). Frozen weights do not
     follow later changes, so when ``model``'s weights changed since its last compiled CPU step, the
-    compiled decode steps are dropped and compile again on their next call (``_drop_compiled_steps``)."""
+    compiled decode steps are dropped and compile again on their next call (``_drop_compiled_steps``).
+    The weights move first to where eager steps read them (``GPT.weights_to_huge_pages``)."""
     device = model.wte.weight.device
     if device.type not in _compiled:
         if device.type == "cuda":
@@ -166,6 +167,7 @@ def compiled_decode(model: GPT) -> Callable:
             step = torch.compile(decode_one_token, fullgraph=True)
         _compiled[device.type] = step
     if device.type == "cpu":
+        model.weights_to_huge_pages()  # where eager steps read them: an eager call moves none later
         weights = frozen_weights_key(model)
         if _frozen_weights.get(model, weights) != weights:
             _drop_compiled_steps()

@@ -821,9 +821,7 @@ class GPT(nn.Module):
         p = self.wte.weight
         if p.device.type != "cpu" or p.dtype != torch.float32:
             return []
-        huge = self._huge_pages()
-        if huge:
-            _weights_to_huge_pages([m.weight for m in self.modules() if isinstance(m, Linear)])
+        huge = self.weights_to_huge_pages()
         layers = [m for m in self.modules() if isinstance(m, Linear) and m.kernel == "auto" and m.table is not None]
         min_steps = self.backends.pack_min_steps
         copies = bool(min_steps) and steps >= min_steps
@@ -856,6 +854,18 @@ class GPT(nn.Module):
                 continue
             packed.append(m)
         return packed
+
+    def weights_to_huge_pages(self) -> bool:
+        """Where decoding reads from 2 MiB pages (``_huge_pages``), move the float32 CPU weights of the
+        linear layers there (``_weights_to_huge_pages``; those there already stay), and say so. Eager
+        steps read them there (``pack_for_decoding``), and a compiled step freezes them where they lie
+        (``gpt2lab.decode.compiled_decode``), so that an eager call after it moves nothing and the
+        compiled step need not compile again."""
+        p = self.wte.weight
+        if p.device.type != "cpu" or p.dtype != torch.float32 or not self._huge_pages():
+            return False
+        _weights_to_huge_pages([m.weight for m in self.modules() if isinstance(m, Linear)])
+        return True
 
     def _huge_pages(self) -> bool:
         """Whether decoding moves what its steps read into 2 MiB pages: ``backends.huge_pages``, where
