@@ -1003,6 +1003,53 @@ def test_compile_keeps_the_faster_of_the_compiled_and_eager_cpu_steps(make_gpt, 
     model.clear_cache()
 
 
+def test_a_compiled_step_is_timed_against_the_eager_step_an_eager_call_runs(make_gpt, monkeypatch):
+    """While a compiled CPU step times itself against the eager one, the call sets up what an eager call
+    would (weight copies, one-op plans), and the eager turns run within numpy's BLAS threads where its
+    products run there, the compiled turns outside them; once a verdict is in, a call compiled on it
+    sets up only what a compiled step reads."""
+    import contextlib
+
+    from gpt2lab import decode
+
+    inside, turns, set_up = [], [], []
+
+    @contextlib.contextmanager
+    def blas_threads():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    class ReadsNumpy:  # a layer packed to read numpy's BLAS
+        reads_numpy = True
+
+        def unpack(self) -> None:
+            pass
+
+    def turn(kind: str):
+        def step(*args):
+            turns.append((kind, bool(inside)))
+            return eager_step(*args)
+
+        return step
+
+    eager_step = decode.decode_one_token
+    monkeypatch.setattr(decode, "compiled_decode", lambda model: turn("compiled"))
+    monkeypatch.setattr(decode, "decode_one_token", turn("eager"))
+    monkeypatch.setattr(generation, "numpy_blas_threads", blas_threads)
+    monkeypatch.setattr(gpt2lab.model.GPT, "pack_for_decoding", lambda *a: set_up.append("copies") or [ReadsNumpy()])
+    monkeypatch.setattr(gpt2lab.model.GPT, "plan_decoding", lambda m, rows, eager: set_up.append(eager) or [])
+    model = make_gpt(seed=3)
+    generate(model, [SHORT], 40, temperature=0, eos_id=None, compile=True)
+    assert set_up == ["copies", True]
+    assert {(kind, within) for kind, within in turns} == {("compiled", False), ("eager", True)}
+    verdict = decode.faster_step(model, 1)
+    set_up.clear()
+    generate(model, [SHORT], 12, temperature=0, eos_id=None, compile=True)
+    assert set_up == (["copies", True] if verdict == "eager" else [False])
+    model.clear_cache()
+
+
 def test_a_kept_cache_serves_later_calls_that_fit_and_grows_by_doubling(make_gpt):
     """A kept KV cache (a compiled step's) outlives its call: later calls of its batch size that fit
     run in the very same buffers, with the tokens of a model that allocates a cache per call; a longer

@@ -93,6 +93,13 @@ def faster_step(model: GPT, rows: int) -> str | None:
     return _faster_step.get(model, {}).get((rows, model.cache_len))
 
 
+def times_against_eager(step: Callable) -> bool:
+    """Whether ``step`` (``decode_step``'s) is a compiled step still to time itself against the eager
+    one (``_TimedSteps``): a call then sets up what eager steps read as an eager call does (weight
+    copies, one-op plans), so that the eager step it is timed against is the one an eager call runs."""
+    return isinstance(step, _TimedSteps)
+
+
 class _TimedSteps:
     """A compiled CPU decode step that, after the call that compiles it, times itself against the
     eager step (``TIMED_STEPS`` each, alternately, on the call's own tokens) and then runs the faster.
@@ -102,8 +109,11 @@ class _TimedSteps:
     row find it faster (a round that finds the compiled one faster decides): a burst of other load on
     a shared machine can mislead one round, and keeping the eager step wrongly costs the most. The
     verdict holds for later calls of the same batch size and cache length in this process
-    (``_faster_step``); the eager step then also reads the weight copies that pay
-    (``GPT.pack_for_decoding``). Both steps write the same KV cache, so a call may switch between them."""
+    (``_faster_step``). The eager step timed is the one an eager call runs: the call sets up its weight
+    copies and one-op plans (``GPT.pack_for_decoding``, ``GPT.plan_decoding``; ``times_against_eager``),
+    which a compiled step does not read, and its turns run within ``eager_threads`` (numpy's BLAS
+    threads where its products run there). Both steps write the same KV cache, so a call may switch
+    between them."""
 
     def __init__(self, model: GPT, rows: int, compiled: Callable) -> None:
         self.key, self.compiled = (rows, model.cache_len), compiled
@@ -111,16 +121,17 @@ class _TimedSteps:
         self.compiled_once = False
         self.rounds = 0  # rounds timed so far that found the eager step faster
         self.verdict: str | None = None
+        self.eager_threads: Callable = contextlib.nullcontext  # set by the call (numpy_blas_threads)
 
     def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if not self.compiled_once:  # the call that compiles: not timed
             self.compiled_once = True
             return self.compiled(model, token, input_pos)
         if self.verdict is not None:
-            return (self.compiled if self.verdict == "compiled" else decode_one_token)(model, token, input_pos)
+            return self._step(self.verdict, model, token, input_pos)
         kind = "eager" if len(self.times["eager"]) < len(self.times["compiled"]) else "compiled"
         start = time.perf_counter()
-        logits = (self.compiled if kind == "compiled" else decode_one_token)(model, token, input_pos)
+        logits = self._step(kind, model, token, input_pos)
         self.times[kind].append(time.perf_counter() - start)
         if len(self.times["eager"]) == TIMED_STEPS:
             eager, compiled = (statistics.median(self.times[k]) for k in ("eager", "compiled"))
@@ -132,6 +143,12 @@ class _TimedSteps:
             self.verdict = "eager" if eager_faster else "compiled"
             _faster_step.setdefault(model, {})[self.key] = self.verdict
         return logits
+
+    def _step(self, kind: str, model: GPT, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if kind == "compiled":
+            return self.compiled(model, token, input_pos)
+        with self.eager_threads():
+            return decode_one_token(model, token, input_pos)
 
 
 _compiled: dict[str, Callable] = {}

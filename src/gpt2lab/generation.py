@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from gpt2lab.decode import decode_step, prefill
+from gpt2lab.decode import decode_step, prefill, times_against_eager
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.model import GPT
 from gpt2lab.ops import numpy_blas_threads
@@ -192,8 +192,9 @@ def stream(
 
     ``compile=True`` runs the decode step through torch.compile (``gpt2lab.decode``). Compiling takes
     a while the first time, so it pays for long or repeated generation. On the CPU the compiled step
-    is then timed against the eager one on the call's first steps, and the faster decodes from there
-    on (``gpt2lab.decode.decode_step``): which one that is depends on the CPU. The KV cache then stays
+    is then timed against the eager one on the call's first steps, the eager one as an eager call runs
+    it (with its weight copies and one-op plans), and the faster decodes from there on
+    (``gpt2lab.decode.decode_step``): which one that is depends on the CPU. The KV cache then stays
     on the model, and later calls of the same batch size that fit in it reuse it and the compiled
     code, whatever their lengths; a longer call at least doubles it and compiles once more
     (``GPT.setup_cache``'s ``keep``; ``model.clear_cache()`` frees it). To compile once for calls of
@@ -278,14 +279,18 @@ def _stream(
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad, keep=compile)
     step, compiled = decode_step(model, B, compile)
+    eager = not compiled or times_against_eager(step)  # steps that may run eager, as an eager call's
     packed, planned = [], []
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
-        if not compiled:  # a compiled step reads the weights frozen into it, not copies
+        if eager:  # a compiled step reads the weights frozen into it, not copies
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
-        planned = model.plan_decoding(B, eager=not compiled)  # a compiled step: its planned int8 kernels
-        in_numpy = any(layer.reads_numpy for layer in packed)  # the steps' products run in numpy's BLAS
+        planned = model.plan_decoding(B, eager=eager)  # a compiled step: its planned int8 kernels
+        in_numpy = any(layer.reads_numpy for layer in packed)  # the eager products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
+        if compiled and eager:  # the compiled step's eager turns within those threads, its own outside
+            step.eager_threads = threads
+            threads = contextlib.nullcontext
         done = torch.zeros(B, dtype=torch.bool, device=device)
         position = torch.tensor([P - 1], device=device)
         for t in range(P, P + max_new_tokens):
