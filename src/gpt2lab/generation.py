@@ -285,7 +285,9 @@ def _stream(
         logits = prefill(model, idx, torch.arange(P, device=device))
         if eager:  # a compiled step reads the weights frozen into it, not copies
             packed = model.pack_for_decoding(B, max_new_tokens - 1)
-        planned = model.plan_decoding(B, eager=eager)  # a compiled step: its planned int8 kernels
+        # A compiled step reads its planned int8 kernels, not the one-op plans; planned for it too, the
+        # near ties they settle keep the int8 kernels of the call that timed it (as its code traced them)
+        planned = model.plan_decoding(B)
         in_numpy = any(layer.reads_numpy for layer in packed)  # the eager products run in numpy's BLAS
         threads = numpy_blas_threads if in_numpy else contextlib.nullcontext
         if compiled and eager:  # the compiled step's eager turns within those threads, its own outside
