@@ -41,26 +41,28 @@ def exact_product(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
     return y if bias is None else y + bias
 
 
+def path_set(request, paths: str, switch: str, wide: str):
+    """Set the path ``request.param`` (one of ``native.<paths>()``) for the test by the op ``switch``,
+    which turns path ``wide`` on or off, and restore it after; skip where the CPU lacks that path."""
+    if not native.available() or request.param not in getattr(native, paths)():
+        pytest.skip(f"this CPU has no {request.param} path")
+    op = getattr(torch.ops.gpt2lab_native, switch)
+    before = op(None)
+    op(request.param == wide)
+    yield request.param
+    op(before)
+
+
 @pytest.fixture(params=["avx2", "vnni"])
 def int8_path(request):
     """Each way of multiplying the int8 kernel has on this CPU (``native.int8_paths``), set for the test."""
-    if not native.available() or request.param not in native.int8_paths():
-        pytest.skip(f"this CPU has no {request.param} path")
-    before = torch.ops.gpt2lab_native.int8_vnni(None)
-    torch.ops.gpt2lab_native.int8_vnni(request.param == "vnni")
-    yield request.param
-    torch.ops.gpt2lab_native.int8_vnni(before)
+    yield from path_set(request, "int8_paths", "int8_vnni", "vnni")
 
 
 @pytest.fixture(params=["avx2", "avx512"])
 def float_path(request):
     """Each way the blocked float32 kernel has on this CPU (``native.float_paths``), set for the test."""
-    if not native.available() or request.param not in native.float_paths():
-        pytest.skip(f"this CPU has no {request.param} path")
-    before = torch.ops.gpt2lab_native.float_avx512(None)
-    torch.ops.gpt2lab_native.float_avx512(request.param == "avx512")
-    yield request.param
-    torch.ops.gpt2lab_native.float_avx512(before)
+    yield from path_set(request, "float_paths", "float_avx512", "avx512")
 
 
 @needs_kernel
