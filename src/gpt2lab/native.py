@@ -156,14 +156,7 @@ def int8_paths() -> tuple[str, ...]:
     ``vnni`` runs where the CPU has it and torch's own kernels are not held below AVX-512
     (``ATEN_CPU_CAPABILITY``); ``torch.ops.gpt2lab_native.int8_vnni(enable)`` sets it, and says which
     runs with ``None``."""
-    require()
-    vnni = torch.ops.gpt2lab_native.int8_vnni(None)
-    try:
-        torch.ops.gpt2lab_native.int8_vnni(True)
-    except RuntimeError:  # no AVX-512 VNNI
-        return ("avx2",)
-    torch.ops.gpt2lab_native.int8_vnni(vnni)
-    return ("avx2", "vnni")
+    return _paths("int8_vnni", "vnni")
 
 
 def float_paths() -> tuple[str, ...]:
@@ -173,14 +166,21 @@ def float_paths() -> tuple[str, ...]:
     (in products of multiples of four rows) both give the same bits. ``avx512`` runs where the CPU has
     it and torch's own kernels are not held below AVX-512; ``torch.ops.gpt2lab_native.float_avx512(enable)``
     sets it, and says which runs with ``None``."""
+    return _paths("float_avx512", "avx512")
+
+
+def _paths(switch: str, wide: str) -> tuple[str, ...]:
+    """``avx2``, and ``wide`` after it where the op ``torch.ops.gpt2lab_native.<switch>``, which turns
+    that path on and off, can turn it on on this CPU (tried, then set back as it was)."""
     require()
-    wide = torch.ops.gpt2lab_native.float_avx512(None)
+    op = getattr(torch.ops.gpt2lab_native, switch)
+    before = op(None)
     try:
-        torch.ops.gpt2lab_native.float_avx512(True)
-    except RuntimeError:  # no AVX-512
+        op(True)
+    except RuntimeError:  # the CPU lacks it
         return ("avx2",)
-    torch.ops.gpt2lab_native.float_avx512(wide)
-    return ("avx2", "avx512")
+    op(before)
+    return ("avx2", wide)
 
 
 def _loaded() -> bool:
