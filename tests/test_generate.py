@@ -239,7 +239,7 @@ def test_top_k_and_top_p_keep_what_a_stable_sort_of_the_whole_row_keeps(spread):
         assert torch.equal(generation._top_p(cut, p, whole), _stable_sort_cut(logits, top_k=2000, top_p=p))
 
 
-def test_descending_order_is_a_stable_sorts_for_every_kind_of_float32_value():
+def test_descending_order_is_that_of_a_stable_sort_for_every_kind_of_float32_value():
     """The order top-p reads its nucleus in is a stable descending sort's, on rows of every sign and
     magnitude, long enough to be ordered by their integer keys (a position takes 16 and 17 bits): ties
     (in position order), -inf and inf, -0.0 with 0.0 (equal), subnormals."""
