@@ -238,8 +238,8 @@ COMMANDS: dict[str, Command] = {
                 help="torch.compile the decode step (CUDA graphs on a GPU; on the CPU a C++ wrapper with the "
                 "weights frozen in and the products autotuned), after a compile of 20-60 s: several times faster "
                 "per token on a GPU; on the CPU timed against the eager step on its first tokens, and the faster "
-                "one decodes (compiled 1.3-2x eager at batch 1 on the CPUs in docs/benchmarks.md, 1.1-2x with "
-                "--int8). A float32 sample where the CPU reads one row fastest with MKL stays in inductor's "
+                "one decodes (which one depends on the CPU and the batch: docs/benchmarks.md has both per CPU). "
+                "A float32 sample where the CPU reads one row fastest with MKL stays in inductor's "
                 "on-disk cache, so later runs compile it in seconds; a step on weights laid out for inductor's "
                 "kernels holds a copy of them while the process lives, and an int8 step on fbgemm or oneDNN compiles "
                 "in each process",
