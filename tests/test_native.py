@@ -1012,6 +1012,43 @@ def test_a_decode_step_runs_ln_f_and_the_lm_head_in_the_blocks_op_where_they_are
         assert (len(to_logits), len(blocks)) == (0, 2)
 
 
+@pytest.mark.parametrize("op", ["decode_blocks", "decode_logits"])
+def test_the_blocks_ops_skip_subclass_dispatch_on_plain_tensors(monkeypatch, op):
+    """``native.on_blocks`` runs the op with tensor subclasses' ``__torch_function__`` off where x is a
+    plain tensor (torch's lookup of that method on the ``DecodeBlocks`` argument raises and catches a
+    C++ exception each step), and with it on where x is a subclass, whose method then sees the op."""
+    enabled = []
+    record = lambda blocks, x, *args: enabled.append(torch._C._is_torch_function_enabled()) or x  # noqa: E731
+    monkeypatch.setattr(torch.ops.gpt2lab_native, op, record, raising=False)
+    x = torch.zeros(1, 1, 4)
+    assert native.on_blocks(op, None, x, 3) is x
+    native.on_blocks(op, None, x.as_subclass(SubTensor), 3)
+    assert enabled == [False, True]
+
+
+class SubTensor(torch.Tensor):
+    pass
+
+
+@needs_kernel
+def test_one_op_decode_steps_run_without_subclass_dispatch(make_gpt, monkeypatch):
+    """A planned model's one-op decode steps (``decode_blocks``, and ``decode_logits`` with the head
+    planned) call their op through ``native.on_blocks``."""
+    enabled = []
+    for name in ("decode_blocks", "decode_logits"):
+        op = getattr(torch.ops.gpt2lab_native, name)
+        wrapped = lambda *args, op=op: enabled.append(torch._C._is_torch_function_enabled()) or op(*args)  # noqa: E731
+        monkeypatch.setattr(torch.ops.gpt2lab_native, name, wrapped)
+    for head in ("avx2_f32", "onednn_t"):  # the lm_head in the blocks' op, or after it from Python
+        model = make_gpt(seed=7, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+        with torch.no_grad():
+            model.setup_cache(1, 12)
+            plan_one_op_steps(model, 1, lambda m, head=head, lm=model.lm_head: head if m is lm else "avx2_f32")
+            assert (model.head_plan is None) == (head == "onednn_t")
+            steps_every_way(model, torch.tensor([[5, 3, 9, 1]]), 2)
+    assert enabled == [False] * 4
+
+
 @needs_kernel
 def test_the_blocks_step_as_their_own_ops_under_hooks_and_keep_no_stale_caches(make_gpt, monkeypatch):
     """A hook on a block, or one on every module, is called: the blocks then step as their own ops,

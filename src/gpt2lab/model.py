@@ -634,7 +634,7 @@ class GPT(nn.Module):
         blocks = self._one_op_blocks(x.shape[0], x.shape[1], x.device, x.dtype, step, logits=False)
         if blocks is None:
             return None
-        return torch.ops.gpt2lab_native.decode_blocks(blocks, x, step[0], step[2], step[1])
+        return native.on_blocks("decode_blocks", blocks, x, step[0], step[2], step[1])
 
     def _logits_in_one_op(self, idx: torch.Tensor, step: tuple) -> torch.Tensor | None:
         """``forward``'s eager decode step from tokens idx (B, T) to their next-token logits in one op,
@@ -648,7 +648,7 @@ class GPT(nn.Module):
         blocks = self._one_op_blocks(idx.shape[0], idx.shape[1], table.device, table.dtype, step, logits=True)
         if blocks is None:
             return None
-        return torch.ops.gpt2lab_native.decode_logits(blocks, idx, step[0], step[2], step[1])
+        return native.on_blocks("decode_logits", blocks, idx, step[0], step[2], step[1])
 
     def _one_op_blocks(
         self, rows: int, tokens: int, device: torch.device, dtype: torch.dtype, step: tuple, logits: bool

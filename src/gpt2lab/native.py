@@ -169,6 +169,20 @@ def float_paths() -> tuple[str, ...]:
     return _paths("float_avx512", "avx512")
 
 
+def on_blocks(op: str, blocks: torch.ScriptObject, x: torch.Tensor, *args) -> torch.Tensor:
+    """``torch.ops.gpt2lab_native.<op>`` (``decode_blocks`` or ``decode_logits``) on a ``DecodeBlocks``,
+    x and the rest of its arguments; where x is a plain tensor, with tensor subclasses'
+    ``__torch_function__`` off for the call (torch function modes still see it). Before an op runs,
+    torch looks that method up on each argument not a tensor, and on a ``torch.ScriptObject`` the
+    lookup fails by raising and catching a C++ exception: 50-100 us of a decode step, run right after
+    the step's weights have streamed through the caches (docs/benchmarks.md, item 15)."""
+    call = getattr(torch.ops.gpt2lab_native, op)
+    if type(x) is not torch.Tensor:  # a subclass's __torch_function__ sees the op as before
+        return call(blocks, x, *args)
+    with torch._C.DisableTorchFunctionSubclass():
+        return call(blocks, x, *args)
+
+
 def _paths(switch: str, wide: str) -> tuple[str, ...]:
     """``avx2``, and ``wide`` after it where the op ``torch.ops.gpt2lab_native.<switch>``, which turns
     that path on and off, can turn it on on this CPU (tried, then set back as it was)."""
