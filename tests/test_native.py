@@ -1012,6 +1012,10 @@ def test_a_decode_step_runs_ln_f_and_the_lm_head_in_the_blocks_op_where_they_are
         assert (len(to_logits), len(blocks)) == (0, 2)
 
 
+class SubTensor(torch.Tensor):
+    """A tensor subclass, which torch dispatches through its ``__torch_function__``."""
+
+
 @pytest.mark.parametrize("op", ["decode_blocks", "decode_logits"])
 def test_the_blocks_ops_skip_subclass_dispatch_on_plain_tensors(monkeypatch, op):
     """``native.on_blocks`` runs the op with tensor subclasses' ``__torch_function__`` off where x is a
@@ -1024,10 +1028,6 @@ def test_the_blocks_ops_skip_subclass_dispatch_on_plain_tensors(monkeypatch, op)
     assert native.on_blocks(op, None, x, 3) is x
     native.on_blocks(op, None, x.as_subclass(SubTensor), 3)
     assert enabled == [False, True]
-
-
-class SubTensor(torch.Tensor):
-    pass
 
 
 @needs_kernel
