@@ -1350,8 +1350,7 @@ def test_int8_products_keep_the_tables_choice_where_blocks_cannot_step_in_one_op
 @needs_kernel
 def test_the_saving_of_one_op_is_timed_on_int8_blocks_each_way(tmp_path, monkeypatch):
     """Kind ``int8_block`` times a decode step through int8 blocks on gpt2lab's kernels as the Python
-    forward and as one op per block; the saving an int8 layer reads from its table is the difference.
-    A compiled step's plan leaves the blocks to its own code."""
+    forward and as one op per block; the saving an int8 layer reads from its table is the difference."""
     steps = quantize.block_steps(64, 4, 3, 2, ("python", "one_op"))
     calls, added = one_op_steps(monkeypatch), recorded_blocks(monkeypatch)
     with torch.no_grad():
@@ -1362,8 +1361,6 @@ def test_the_saving_of_one_op_is_timed_on_int8_blocks_each_way(tmp_path, monkeyp
     assert all(args[2] == [2, 2, 2, 2] for args in added)  # four int8 products each
     config = gpt2lab.GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256)
     model = quantize.quantize_int8(gpt2lab.model.GPT(config, Backends(linear="torch")))
-    assert model.plan_decoding(1, eager=False) == [m for m in model.modules() if isinstance(m, Int8Linear)]
-    assert all(block.step_plan is None for block in model.h)
     timed = []
     measured = {"python": 300e-6, "one_op": 120e-6}
     monkeypatch.setattr(kernels, "measure", lambda *a, steps, **k: timed.append((a, steps)) or measured)

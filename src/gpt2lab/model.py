@@ -872,20 +872,20 @@ class GPT(nn.Module):
         Linux gives such pages only to memory that asks (``pages.wanted``)."""
         return self.backends.huge_pages and pages.wanted()
 
-    def plan_decoding(self, rows: int, eager: bool = True) -> list[nn.Module]:
+    def plan_decoding(self, rows: int) -> list[nn.Module]:
         """Before CPU decode steps of ``rows`` rows, have each linear layer choose once the kernel (and
         copy, ``pack_for_decoding``'s) of its products of that many rows (``Linear.plan``; an int8
-        layer's, ``Int8Linear.plan``), instead of at every product; then, for ``eager`` steps (a
-        compiled one runs its own code) without rotary positions, each block whose products all run
-        gpt2lab's own kernels steps in one op (``Block.plan``), and so, after them, do ``ln_f`` and the
-        lm_head (``_plan_head``). Under ``backends.huge_pages`` the int8 blocks the planned products
+        layer's, ``Int8Linear.plan``), instead of at every product; then, without rotary positions, each
+        block whose products all run gpt2lab's own kernels steps in one op in eager steps (``Block.plan``;
+        a compiled step runs its own code), and so, after them, do ``ln_f`` and the lm_head
+        (``_plan_head``). Under ``backends.huge_pages`` the int8 blocks the planned products
         read, those planned again for the one op included, move into 2 MiB pages
         (``_blocks_to_huge_pages``). Returns the modules planned, for
         ``unplan`` when the steps end (the model too, for what its blocks' one op keeps: ``unplan``)."""
         planned = [m for m in self.modules() if callable(getattr(m, "plan", None)) and not isinstance(m, Block)]
         for m in planned:
             m.plan(rows)
-        one_op = eager and self.rotary is None  # a block steps with rotary positions in Python
+        one_op = self.rotary is None  # a block steps with rotary positions in Python
         if one_op:
             self._plan_one_op_steps(rows)
         if self._huge_pages() and _blocks_to_huge_pages(planned) and one_op:
