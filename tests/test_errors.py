@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -477,10 +478,15 @@ def test_a_streamed_generation_that_fails_leaves_its_text_on_a_line_of_its_own(t
     assert err.startswith("error: out of memory"), err
 
 
-def test_exported_weights_follow_the_umask(tiny_dir, tmp_path, capsys):
-    assert main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "hf")]) == 0
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_exported_weights_follow_the_umask(umask, mode, tiny_dir, tmp_path, capsys):
+    before = os.umask(umask)
+    try:
+        assert main(["export", "--model", str(tiny_dir), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(before)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
-    assert len(set(modes.values())) == 1, modes  # model.safetensors like every other file
+    assert "model.safetensors" in modes and set(modes.values()) == {mode}, modes  # as every new file
     sd = load_file(tmp_path / "hf" / "model.safetensors")
     save_file(sd, tmp_path / "again.safetensors")  # the file itself loads and re-saves
 

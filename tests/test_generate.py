@@ -582,16 +582,20 @@ def test_decoding_from_weight_copies_gives_the_same_tokens_and_follows_the_weigh
     monkeypatch.setattr(gpt2lab.model, "available_memory", lambda: None)  # where the OS does not say: no limit
     layer, x = model.h[0].mlp.c_fc, torch.randn(rows, 128)
     layer.pack(rows, kernel)
+    read, copy_linear = [], ops.copy_linear  # the kernels that read a copy
+    monkeypatch.setattr(ops, "copy_linear", lambda *a, **k: read.append(a[2]) or copy_linear(*a, **k))
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
         gelu = F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh")
         torch.testing.assert_close(layer.gelu(x), gelu, atol=1e-5, rtol=1e-5)
-        assert layer.packed is not None  # the GELU read the copy too
+        assert read == [kernel, kernel]  # the GELU read the copy too
         layer.weight.mul_(2.0)  # in place, after packing: the copy is stale
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        assert layer.packed is None
+        assert layer.packed is None and len(read) == 2
     layer.pack(rows, kernel)
-    assert layer(x).requires_grad  # with grad the copy is never read (it has no backward)
+    (grad,) = torch.autograd.grad(layer(x).sum(), layer.weight)  # with grad the copy, without a backward, is not read
+    torch.testing.assert_close(grad, x.sum(0).expand_as(layer.weight))
+    assert len(read) == 2
 
 
 @pytest.mark.skipif(not ops.numpy_blas_available(), reason="numpy has no BLAS whose threads can be set")

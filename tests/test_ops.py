@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gpt2lab.model
 from gpt2lab import Backends, ops
 
 needs_onednn = pytest.mark.skipif(ops._onednn is None, reason="this PyTorch build has no oneDNN")
@@ -104,21 +105,26 @@ def test_linear_cross_entropy_without_grad():
     assert loss.grad_fn is None
 
 
+@needs_onednn
 @pytest.mark.parametrize("padded", [False, True])
-def test_model_loss_paths_agree(make_gpt, padded):
+def test_model_loss_paths_agree(make_gpt, padded, monkeypatch):
     """GPT.forward's CPU loss (chunked, oneDNN) and its loss over full logits (every other device, or the
     torch linear kernel) give the same loss and gradients, with a padded vocabulary too (its extra rows
     are never predicted)."""
     idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     targets = idx.roll(-1, dims=1)
     targets[:, -1] = -100
+    chunked, linear_cross_entropy = [], gpt2lab.model.linear_cross_entropy
+    monkeypatch.setattr(
+        gpt2lab.model, "linear_cross_entropy", lambda *a, **k: chunked.append(1) or linear_cross_entropy(*a, **k)
+    )
     results = []
     for kernel in ("onednn", "torch"):
         model = make_gpt(seed=4, backends=Backends(linear=kernel), **({"padded_vocab_size": 128} if padded else {}))
         model.train()
         logits, loss = model(idx, targets)
         loss.backward()
-        assert logits is None
+        assert logits is None and len(chunked) == 1  # the chunked loss for oneDNN's model only
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
@@ -296,9 +302,14 @@ def test_a_planned_layer_chooses_its_kernel_once_and_still_follows_its_weight(ke
         layer.weight = nn.Parameter(torch.randn(32, 64))  # replaced: the plan is not read
         check(x)
         assert layer.planned is None
+        if kernel == "torch_t":
+            layer.pack(1, kernel)  # a copy of the new weight, which the plan reads
         layer.plan(1)
-    y = check(x.clone().requires_grad_())  # with grad: never the plan (a copy has no backward)
-    assert y.requires_grad
+        asked = table.asked
+    y = check(x)  # with grad (the weight's): never the plan (a copy has no backward), chosen per product
+    assert table.asked > asked
+    (grad,) = torch.autograd.grad(y.sum(), layer.weight)
+    torch.testing.assert_close(grad, x.reshape(1, 64).expand_as(layer.weight))
     for drop in (layer.unplan, lambda: layer.pack(1, "torch_t"), layer.unpack):
         layer.plan(1)
         drop()

@@ -184,7 +184,7 @@ GOLDEN_LOSSES = [10.80961799621582, 10.767682075500488, 10.719698905944824]  # l
 
 @pytest.fixture(scope="module")
 def golden_run(gpt2_tokens_dir, tmp_path_factory) -> Path:
-    """3 steps of the debug preset (GPT-2 vocabulary) on GPT-2 tokens."""
+    """3 steps of the debug preset (GPT-2 vocabulary) on GPT-2 tokens, a checkpoint after each."""
     out = tmp_path_factory.mktemp("golden") / "out"
     debug = {"model.preset": "debug"}
     train(
@@ -197,6 +197,7 @@ def golden_run(gpt2_tokens_dir, tmp_path_factory) -> Path:
             optim__warmup_steps=1,
             run__steps=3,
             run__eval_every=0,
+            run__ckpt_every=1,
         )
     )
     return out
@@ -436,17 +437,22 @@ def test_extra_evaluations_land_in_the_metrics(bytes_dir, tmp_path):
 
 
 def test_generate_and_export_use_the_newest_checkpoint(golden_run, tmp_path, capsys):
-    args = ["--prompt", "ROMEO:", "--max-new-tokens", "3", "--temperature", "0"]
-    assert main(["generate", "--model", str(golden_run), *args]) == 0
-    first = capsys.readouterr().out
-    assert main(["generate", "--model", str(golden_run / "ckpt-00000003"), *args]) == 0
-    assert first == capsys.readouterr().out and first.startswith("ROMEO:")
+    """A run's directory names its newest checkpoint (ckpt-3 of ckpt-1, -2 and -3) to generate and export."""
+    assert [p.name for p in checkpoint.complete_checkpoints(golden_run)] == [f"ckpt-0000000{i}" for i in (1, 2, 3)]
+    args = ["--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "0"]
+    texts = []
+    for source in (golden_run, golden_run / "ckpt-00000003", golden_run / "ckpt-00000001"):
+        assert main(["generate", "--model", str(source), *args]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2] and texts[0].startswith("ROMEO:")
     assert main(["export", "--model", str(golden_run), "--out", str(tmp_path / "hf")]) == 0
-    exported, model = load_model(tmp_path / "hf"), checkpoint.load_model(golden_run)
-    assert exported.config.padded_vocab_size == 50257 and model.config.padded_vocab_size == 50304
+    exported = load_model(tmp_path / "hf")
+    newest, oldest = (checkpoint.load_model(golden_run / f"ckpt-0000000{i}") for i in (3, 1))
+    assert exported.config.padded_vocab_size == 50257 and newest.config.padded_vocab_size == 50304
     x = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(exported(x)[0], model(x)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(exported(x)[0], newest(x)[0], rtol=0, atol=1e-6)
+        assert not torch.allclose(exported(x)[0], oldest(x)[0], rtol=0, atol=1e-4)
     text = tmp_path / "text.txt"
     text.write_text(SHAKESPEARE.read_text()[:1000])
     capsys.readouterr()
@@ -586,7 +592,7 @@ def test_a_second_run_on_the_same_directory_is_refused(bytes_dir, tmp_path, caps
         [sys.executable, "-c", f"from gpt2lab import files; import os, pathlib\n"
          f"with files.locked(pathlib.Path({str(out)!r})): os.kill(os.getpid(), 9)"]
     )  # fmt: skip
-    holder.wait(timeout=60)
+    assert holder.wait(timeout=60) == -signal.SIGKILL  # it took the lock, then died holding it
     train(config(bytes_dir, out, run__steps=2, run__eval_every=0))  # a killed holder leaves no stale lock
 
 
