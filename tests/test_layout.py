@@ -4,6 +4,7 @@ inside functions), the model knows nothing of distribution, and every function f
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -46,6 +47,31 @@ def test_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_code_map_lists_what_each_module_imports():
+    """docs/architecture.md's code map names, for each module, the package's modules it imports (errors
+    and files aside: imported anywhere): no more and no fewer. The command table imports everything
+    below it, and the tokenizer the one exception the map states."""
+    modules = _modules()
+    short = {name: name.removeprefix("gpt2lab.").split(".")[0] for name in modules}
+    text = (SRC.parent / "docs" / "architecture.md").read_text()
+    table = text.split("| module | owns | imports |")[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert len(rows) > 15
+    wrong = []
+    for names_cell, _, imports_cell in rows:
+        names = set(re.findall(r"`(\w+)(?:\.py|/)`", names_cell))
+        if names == {"cli"}:
+            continue
+        paths = [path for name, path in modules.items() if short[name] in names]
+        found = {short[m] for path in paths for m in _imports(path, modules)} - names - {"errors", "files", ""}
+        if names == {"tokenizer"}:
+            found -= {"checkpoint"}
+        listed = set(re.findall(r"\w+", imports_cell)) & set(short.values()) - names - {"errors", "files"}
+        if found != listed:
+            wrong.append(f"{sorted(names)}: imports {sorted(found)}, the map says {sorted(listed)}")
+    assert not wrong, wrong
 
 
 def test_model_code_never_imports_distribution_or_io():
