@@ -15,6 +15,7 @@ import pytest
 import torch
 from dist_worker import SHAKESPEARE
 
+from gpt2lab import files
 from gpt2lab.cli import main
 from gpt2lab.data import (
     Batches,
@@ -269,14 +270,47 @@ def test_output_directory_is_never_read(tmp_path, corpus):
 
 def test_a_file_named_inside_the_output_is_an_error_and_kept(tmp_path, corpus):
     """prepare replaces --out: a file inside it named as an input would be deleted unread, so naming one is
-    refused, and the file and the prepared directory are left as they were."""
+    refused, and the prepared directory is left as it was."""
     out = tmp_path / "tok"
     prepare(out, Source([corpus]), workers=1, progress=False)
-    (out / "notes.txt").write_text("a note kept beside the shards\n")
     before = tree(out)
     with pytest.raises(GPT2LabError, match="lies inside --out"):
-        prepare(out, Source([out / "notes.txt", corpus]), workers=1, progress=False)
+        prepare(out, Source([out / "meta.json", corpus]), workers=1, progress=False)
     assert tree(out) == before
+
+
+def test_a_prepared_directory_holding_other_files_is_not_replaced(tmp_path, corpus):
+    """Preparing a directory again replaces it whole: where it holds more than its meta.json and shards
+    (a training run's checkpoints, a note), that is refused, naming them, and nothing is deleted."""
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
+    (out / "ckpt-00000001").mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    before = tree(out)
+    with pytest.raises(GPT2LabError, match=r"also holds ckpt-00000001, metrics\.jsonl, which .* move them out"):
+        prepare(out, Source([corpus]), workers=1, progress=False)
+    assert tree(out) == before and (out / "ckpt-00000001").is_dir()
+
+
+def test_a_previous_version_that_cannot_be_deleted_is_a_warning(tmp_path, corpus, monkeypatch):
+    """Once the new directory is in place the run has succeeded: where the previous version cannot be
+    deleted (a read-only directory), the summary warns where it was left instead of failing."""
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus / "a.txt"]), workers=1, progress=False)
+    rmtree = files.shutil.rmtree
+
+    def refusing(path, *args, **kwargs):
+        if ".old-" in Path(path).name:
+            raise PermissionError(13, "Permission denied", str(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", refusing)
+    summary = prepare(out, Source([corpus]), workers=1, progress=False)
+    assert read_meta(out)["source"]["files"] == 4  # the new version
+    left = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert len(left) == 1 and summary.warnings[-1] == (
+        f"{out} is written, but its previous version could not be deleted (Permission denied): delete {left[0]}"
+    )
 
 
 def test_an_output_that_is_a_link_is_written_where_it_points(tmp_path, corpus):

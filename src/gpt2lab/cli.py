@@ -297,7 +297,8 @@ COMMANDS: dict[str, Command] = {
                 required=True,
                 metavar="DIR",
                 help="directory to write: train_NNNNNN.bin / val_NNNNNN.bin (uint16 tokens) and meta.json; a "
-                "previous prepared directory there is replaced only once the new one is complete",
+                "previous prepared directory there is replaced only once the new one is complete (refused "
+                "where it holds other files, which replacing it would delete)",
             ),
             opt(
                 "--val-fraction",

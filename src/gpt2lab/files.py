@@ -104,18 +104,24 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], bool]:
     return records, False
 
 
-def replace_dir(new: Path, out: Path) -> None:
-    """Put directory ``new`` at ``out``, replacing what is there (a previous version, or nothing)."""
+def replace_dir(new: Path, out: Path) -> str | None:
+    """Put directory ``new`` at ``out``, replacing what is there (a previous version, or nothing). Once
+    ``new`` is in place the work is done: where the previous version cannot be deleted (a read-only
+    directory), it is left beside ``out`` and the returned warning says where; else None."""
     if not out.exists():
         os.replace(new, out)
         fsync_dir(out.parent)
-        return
+        return None
     # two renames: if the process dies between them the old version survives as .NAME.old-PID beside out
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(new, out)
     fsync_dir(out.parent)
-    shutil.rmtree(old)
+    try:
+        shutil.rmtree(old)
+    except OSError as e:
+        return f"{out} is written, but its previous version could not be deleted ({e.strerror}): delete {old}"
+    return None
 
 
 def remove_dir(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -172,7 +173,7 @@ def prepare(
             shard_tokens=shard_tokens, bytes=bytes_read, split_fields=splits.counts(),
         )  # fmt: skip
         with files.disk_space(out):
-            files.replace_dir(tmp, out)
+            left = files.replace_dir(tmp, out)
     except files.DiskFullError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise files.DiskFullError(files.full_message(out)) from None  # name the directory, not its temp twin
@@ -187,7 +188,7 @@ def prepare(
         bytes_read=bytes_read,
         seconds=seconds,
         skipped_binary_files=info.get("skipped_binary_files", 0),
-        warnings=splits.warnings(),
+        warnings=splits.warnings() + ([left] if left else []),
     )
 
 
@@ -212,7 +213,19 @@ def _check_out(out: str | Path) -> Path:
             f"--out {out} is a non-empty directory that is not a prepared data directory (no {META}); "
             "choose a new or empty directory (prepare replaces the directory it writes)"
         )
+    foreign = sorted(p.name for p in out.iterdir() if not _prepared_file(p.name)) if out.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GPT2LabError(
+            f"--out {out} is a prepared data directory that also holds {shown}, which preparing it again "
+            "would delete (prepare replaces the directory it writes); move them out or choose another --out"
+        )
     return out
+
+
+def _prepared_file(name: str) -> bool:
+    """Whether ``name`` is one a prepared directory holds: its meta.json and its splits' shards."""
+    return name == META or re.fullmatch(rf"({'|'.join(SPLITS)})_\d{{6,}}\.bin", name) is not None
 
 
 class _Splits:
