@@ -83,6 +83,13 @@ def _bad_index(d: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
 
 
+def _whole_number_weights(d: Path) -> None:
+    weights = load_file(d / "model.safetensors")
+    name = next(k for k in weights if k.endswith("wte.weight"))
+    weights[name] = weights[name].round().long()
+    save_file(weights, d / "model.safetensors")
+
+
 def _junk_bin(data: bytes):
     def edit(d: Path) -> None:
         (d / "model.safetensors").unlink()
@@ -104,6 +111,7 @@ MODEL_CASES = {
     "n_embd absurd": (dict(config=_set("n_embd", 1_200_000)), ["more than this machine's memory", "n_embd"]),
     "empty weights file": (dict(edit=_empty_weights), ["model.safetensors", "truncated or corrupt"]),
     "malformed safetensors index": (dict(edit=_bad_index), ["model.safetensors.index.json", "malformed"]),
+    "whole-number weights": (dict(edit=_whole_number_weights), ["wte.weight holds torch.int64 values"]),
     # not pickles: the weights-only unpickler trips over them in different ways, none of them "code"
     **{
         f"pytorch_model.bin holding {name}": (

@@ -155,6 +155,21 @@ def test_compact_tokenizer_file_round_trip(tmp_path):
     assert again.kept == tok.kept and again.encode("a, b.") == tok.encode("a, b.")
 
 
+@pytest.mark.parametrize("kept", ["5", "[50256, null]", '["50256"]', "[50256, true]"])
+def test_a_malformed_compact_vocabulary_is_an_error_naming_the_file(tmp_path, kept):
+    (tmp_path / "vocabulary.json").write_text(f'{{"kind": "gpt2-bytes", "kept_gpt2_ids": {kept}}}')
+    with pytest.raises(CheckpointError, match=r"vocabulary\.json is malformed .*copy it again"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize(("vocab", "merges"), [('{"a": 0}', "#version: 0.2\na b\n"), ("", "a b\n")])
+def test_tokenizer_files_that_are_not_gpt2_bpe_are_an_error_saying_so(tmp_path, vocab, merges):
+    (tmp_path / "vocab.json").write_text(vocab)
+    (tmp_path / "merges.txt").write_text(merges)
+    with pytest.raises(CheckpointError, match="are not a GPT-2 BPE vocabulary and its merges; copy them again"):
+        load_tokenizer(tmp_path)
+
+
 def test_a_checkpoint_directory_finds_its_runs_vocabulary_and_a_missing_one_is_an_error(tmp_path):
     """ckpt-N inside a run directory gets the run's compact vocabulary, as load_model finds the run's
     model; a directory that does not exist is an error, not GPT-2's tokenizer in its place."""

@@ -992,7 +992,8 @@ class GPT(nn.Module):
     @classmethod
     def check_state_dict(cls, state_dict: dict[str, torch.Tensor], config: GPTConfig) -> None:
         """Raise CheckpointError unless ``state_dict`` holds exactly the tensors of a GPT of ``config``,
-        names and shapes. The layer count is compared first, before any module is built."""
+        names, shapes and floating-point weights. The layer count is compared first, before any module
+        is built."""
         layers = cls.layers_in(state_dict)
         if layers != config.n_layer:
             raise CheckpointError(f"the config says n_layer={config.n_layer} but the weights hold {layers} layers")
@@ -1009,6 +1010,11 @@ class GPT(nn.Module):
             if state_dict[key].shape != ref.shape:
                 raise CheckpointError(
                     f"tensor {key} has shape {tuple(state_dict[key].shape)} but the config needs {tuple(ref.shape)}"
+                )
+            if ref.is_floating_point() and not state_dict[key].is_floating_point():
+                raise CheckpointError(
+                    f"tensor {key} holds {state_dict[key].dtype} values, not floating-point weights; the file "
+                    "is not a GPT-2 checkpoint of this kind (write it again from the model's float weights)"
                 )
 
     @classmethod

@@ -105,7 +105,10 @@ def _encoding(encoder_json: str, encoder_sha: str, vocab_bpe: str, vocab_sha: st
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_sha, encoder_sha)
     except Exception as e:  # malformed files: tiktoken raises KeyError/ValueError/JSONDecodeError
-        raise CheckpointError(f"cannot build a tokenizer from {encoder_json} and {vocab_bpe}: {e!r}") from e
+        raise CheckpointError(
+            f"cannot build a tokenizer from {encoder_json} and {vocab_bpe} ({e!r}): they are not a GPT-2 BPE "
+            "vocabulary and its merges; copy them again from where the model came from"
+        ) from e
     encoding = tiktoken.Encoding(
         name="gpt2" if bundled else f"gpt2-{vocab_sha[:8]}",
         pat_str=r50k_pat_str,
@@ -177,6 +180,8 @@ class CompactTokenizer:
         try:
             spec = json.loads(path.read_text())
             kept = spec["kept_gpt2_ids"]
+            if not isinstance(kept, list) or not all(type(k) is int for k in kept):
+                raise TypeError("kept_gpt2_ids is not a list of token ids")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path} is malformed ({e}); copy it again from the data it was trained on") from None
         return _compact(tuple(kept))
