@@ -4,6 +4,7 @@ traceback, nothing on stdout, and every file that existed before left as it was.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from dist_worker import TINY_MODEL, byte_corpus, overrides, settings
 from safetensors.torch import load_file, save_file
 
+from gpt2lab import files
 from gpt2lab.cli import main
 from gpt2lab.data import TokenData, write_token_dir
 from gpt2lab.errors import ConfigError
@@ -374,6 +376,27 @@ def test_an_output_under_a_file_is_a_clean_error(command, tiny_dir, tmp_path, ca
     argv = OUTPUT_UNDER_A_FILE[command](tmp_path, tiny_dir, file)
     before = _tree(tmp_path)
     _assert_one_line_error(capsys, argv, f"{file} is a file where a directory is needed", "choose another location")
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", [".tmp-k0tpucr5", ".tok.tmp-4242-04dea333", ".meta.json.tmp-4242"])
+def test_a_refused_temporary_name_is_reported_as_the_directory_it_goes_in(name, tmp_path):
+    """Outputs are written under a temporary name beside them, then renamed: where the OS refuses that
+    name, the message names the directory the user can act on, not a name they never gave."""
+    error = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / name))
+    assert files.os_error_message(error) == (
+        f"Permission denied: cannot write in {tmp_path / 'ro'}; check that it exists and that you may write there"
+    )
+
+
+def test_an_export_over_a_directory_named_like_a_model_file_replaces_nothing(tiny_dir, tmp_path, capsys):
+    """Export replaces its files one by one: what would stop it part-way is refused before the first."""
+    out = tmp_path / "hf"
+    (out / "config.json").mkdir(parents=True)
+    (out / "model.safetensors").write_text("a previous model's weights\n")
+    before = _tree(tmp_path)
+    argv = ["export", "--model", str(tiny_dir), "--out", str(out)]
+    _assert_one_line_error(capsys, argv, f"{out / 'config.json'} is a directory where a model file goes", "move it")
     assert _tree(tmp_path) == before
 
 

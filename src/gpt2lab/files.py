@@ -162,12 +162,15 @@ def locked(directory: Path, what: str = "run") -> Iterator[None]:
 def os_error_message(error: OSError) -> str:
     """One line for a path the operating system refused (``error.filename``): what went wrong where,
     and what to do. A directory that cannot be made because a file is in the way names that file
-    ("File exists" or "Not a directory" alone names neither)."""
+    ("File exists" or "Not a directory" alone names neither); a temporary file or directory, made
+    beside what the user named to be renamed over it, names the directory it was to be made in."""
     path = Path(os.fsdecode(error.filename))
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if error.errno in (errno.EEXIST, errno.ENOTDIR) and existing is not None and not existing.is_dir():
         where = "" if existing == path else f" (to make {path})"
         return f"{existing} is a file where a directory is needed{where}; choose another location"
+    if path.name.startswith(".") and ".tmp" in path.name:
+        return f"{error.strerror or error}: cannot write in {path.parent}; check that it exists and that you may write there"
     return f"{error.strerror or error}: {path}; check that the path exists and that you may read or write there"
 
 

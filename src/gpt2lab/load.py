@@ -218,6 +218,12 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
             "save the float32 model and quantize it after loading (--int8, or gpt2lab.quantize.quantize_int8)"
         )
     tokenizer_files = _tokenizer_files(tokenizer)
+    names = ["model.safetensors", "config.json", *tokenizer_files]
+    in_the_way = [directory / name for name in names if (directory / name).is_dir()]
+    if in_the_way:  # checked before any file is replaced: the directory never holds half a new model
+        raise CheckpointError(
+            f"{in_the_way[0]} is a directory where a model file goes; move it or choose another directory"
+        )
     eos_id = EOT if tokenizer is None else tokenizer.eot_token
     replaces_a_model = (directory / "config.json").is_file()  # its tokenizer files are that model's
     directory.mkdir(parents=True, exist_ok=True)
@@ -230,7 +236,6 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
             (tmp / "config.json").write_text(json.dumps(hf_config(model.config, eos_id), indent=2) + "\n")
             for name, data in tokenizer_files.items():
                 (tmp / name).write_bytes(data)
-            names = ["model.safetensors", "config.json", *tokenizer_files]
         mode = 0o666 & ~_umask()  # as any new file: safetensors' own files are readable by their owner only
         for name in names:
             os.chmod(tmp / name, mode)
