@@ -355,6 +355,9 @@ def test_bad_jsonl_names_the_line(tmp_path):
     src.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": oops}\n')
     with pytest.raises(GPT2LabError, match=r"docs\.jsonl:4: not a JSON object"):
         prepare(tmp_path / "tok", Source([src]), workers=1, progress=False)
+    src.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(GPT2LabError, match=r"docs\.jsonl:2: field 'text' holds int, not text; .* --text-field"):
+        prepare(tmp_path / "tok", Source([src]), workers=1, progress=False)
     src.write_text('{"text": "fine"}\n{"content": "x"}\n')
     with pytest.raises(GPT2LabError, match=r"docs\.jsonl:2: no string field 'text' \(found: 'content'\).*--text-field"):
         prepare(tmp_path / "tok", Source([src]), workers=1, progress=False)

@@ -118,7 +118,7 @@ MODEL_CASES = {
     **{
         f"pytorch_model.bin holding {name}": (
             dict(edit=_junk_bin(data)),
-            ["truncated or not a PyTorch tensor file"],
+            ["truncated or not a PyTorch tensor file", "download or export the model again"],
         )
         for name, data in [
             ("text", b"hello world"),
@@ -237,6 +237,14 @@ CHECKPOINT_CASES = {
     "metadata with absurd n_layer": (
         lambda c: _edit_meta(c, lambda m: m["model_config"].update(n_layer=100_000)),
         ["n_layer=100000", "the weights hold 2 layers"],
+    ),
+    "checkpoint.json not JSON": (
+        lambda c: (c / "checkpoint.json").write_text("{"),
+        ["cannot read", "checkpoint.json", "the checkpoint is damaged: delete", "ckpt-00000002 to resume from"],
+    ),
+    "truncated model.pt": (
+        lambda c: (c / "model.pt").write_bytes((c / "model.pt").read_bytes()[:200]),
+        ["model.pt: it is truncated", "the checkpoint is damaged: delete"],
     ),
     "corrupt FSDP shard": (_corrupt_shard, ["sharded checkpoint", "damaged"]),
     "FSDP checkpoint without .metadata": (_no_metadata, ["sharded checkpoint", "damaged"]),

@@ -101,7 +101,7 @@ def read_meta(ckpt: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({e})") from None
+        raise CheckpointError(f"cannot read {path} ({e}); {_damaged(ckpt)}") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{ckpt} has checkpoint format version {version!r}, not {FORMAT_VERSION}")
@@ -375,7 +375,17 @@ def load_tensors(path: Path):
         )
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         detail = first_line(e)
-    raise CheckpointError(f"cannot read {path}: it is truncated or not a PyTorch tensor file ({detail})")
+    raise CheckpointError(
+        f"cannot read {path}: it is truncated or not a PyTorch tensor file ({detail}); {_damaged(path.parent)}"
+    )
+
+
+def _damaged(directory: Path) -> str:
+    """What to do about a file that cannot be read in ``directory``: a training checkpoint's can be
+    deleted (a run resumes from the newest complete one left), a model's written again."""
+    if (directory / CHECKPOINT_JSON).is_file():
+        return f"the checkpoint is damaged: delete {directory} to resume from the one before it, or name another"
+    return "download or export the model again"
 
 
 def _commit(tmp: Path, final: Path) -> None:

@@ -186,7 +186,7 @@ def _index_shards(index: Path) -> list[str]:
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"weight file {path} is missing")
+        raise CheckpointError(f"weight file {path} is missing; download or export the model again")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -198,7 +198,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     obj = checkpoint.load_tensors(path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} is not a state dict of tensors")
+        raise CheckpointError(f"{path} is not a state dict of tensors; download or export the model again")
     return obj
 
 

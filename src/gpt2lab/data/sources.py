@@ -190,6 +190,11 @@ def _jsonl_events(path: Path, text_field: str) -> Events:
                     f"{path}:{lineno}: not a JSON object ({e}); a .jsonl file needs one object per line, "
                     f'such as {{"{text_field}": "..."}}'
                 ) from None
+            if isinstance(record, dict) and text_field in record and not isinstance(record[text_field], str):
+                raise GPT2LabError(
+                    f"{path}:{lineno}: field {text_field!r} holds {type(record[text_field]).__name__}, not text; "
+                    "each line's field must be a string (name another field with --text-field)"
+                )
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
                 raise GPT2LabError(
