@@ -17,13 +17,13 @@ from gpt2lab.compare import compare, stats
 from gpt2lab.compare.analysis import SCHEMA
 from gpt2lab.compare.mqar import IGNORE, MQARTask, distance_edges, mqar_batch, reach
 from gpt2lab.compare.plan import build_plan, estimate, lm_config
-from gpt2lab.compare.plots import PLOTS
+from gpt2lab.compare.plots import PLOTS, write_plots
 from gpt2lab.compare.pool import JOB_JSON, Job, makespan, run_jobs
 from gpt2lab.compare.report import REPORT, RESULTS, ci, ratio
 from gpt2lab.compare.settings import load_config, reference_of, variant_changes, variant_overrides
 from gpt2lab.compare.training import paired_state_dict
 from gpt2lab.config import GPTConfig
-from gpt2lab.errors import ConfigError
+from gpt2lab.errors import ConfigError, GPT2LabError
 from gpt2lab.eval import token_losses
 from gpt2lab.model import GPT
 
@@ -342,6 +342,30 @@ def test_compare_writes_every_artefact(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
     assert results["schema"] == SCHEMA and results["profile"] == "quick"
     assert {"lm", "mqar", "extrapolation", "uptraining", "overfitting", "efficiency"} <= set(results)
+
+
+def test_a_plot_that_fails_part_way_leaves_the_previous_one_whole(quick_run, tmp_path, monkeypatch):
+    """Figures are replaced whole or not at all: a write that dies part-way (a full disk, a kill) keeps
+    the previous figure under its name and leaves no temporary file."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in PLOTS:
+        (out / name).write_bytes((quick_run / name).read_bytes())
+    before = {name: (out / name).read_bytes() for name in PLOTS}
+
+    def dying(self, target, **kwargs):
+        half = b"\x89PNG half a figure"
+        Path(target).write_bytes(half) if isinstance(target, (str, Path)) else target.write(half)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", dying)
+    results = json.loads((quick_run / RESULTS).read_text())
+    with pytest.raises(GPT2LabError, match=r"no space left .*/lm\.png; free some space"):
+        write_plots(results, out)
+    assert {name: (out / name).read_bytes() for name in PLOTS} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS)
 
 
 def _job(out: Path, name: str) -> dict:

@@ -20,6 +20,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from gpt2lab import files
 from gpt2lab.errors import CheckpointError
 
 EOT = 50256  # <|endoftext|>
@@ -195,7 +196,7 @@ class CompactTokenizer:
         return json.dumps(self.to_dict()) + "\n"
 
     def to_file(self, path: Path) -> None:
-        path.write_text(self.to_json())
+        files.write_text(path, self.to_json())
 
     def from_gpt2(self, ids: np.ndarray) -> np.ndarray:
         """GPT-2 token ids -> this vocabulary's ids (a token not kept becomes one id per byte)."""

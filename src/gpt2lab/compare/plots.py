@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2lab import files
+
 PLOTS = ("lm.png", "mqar.png", "extrapolation.png", "uptraining.png", "overfitting.png", "efficiency.png")
 MARKERS = "osD^v<>pXh*"
 
 
 def write_plots(results: dict, out: Path, dpi: int = 90) -> None:
-    """Each figure of ``PLOTS`` that the results have data for."""
+    """Each figure of ``PLOTS`` that the results have data for, each file replaced whole or not at all."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +37,7 @@ def write_plots(results: dict, out: Path, dpi: int = 90) -> None:
         if fig is None:
             continue
         fig.tight_layout()
-        fig.savefig(out / name, dpi=dpi)
+        files.write_atomic(out / name, lambda f, fig=fig: fig.savefig(f, dpi=dpi, format="png"))
         plt.close(fig)
 
 
