@@ -37,7 +37,7 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.data import Source, prepare, write_token_dir
 from gpt2lab.errors import CheckpointError, ConfigError
 from gpt2lab.eval import perplexity
-from gpt2lab.load import load_model
+from gpt2lab.load import load_model, save_pretrained
 from gpt2lab.model import GPT
 from gpt2lab.train import TrainingDiverged, configure_optimizer, lr_at, train
 from gpt2lab.train_config import ModelSection, TrainConfig
@@ -152,6 +152,50 @@ def test_lr_warmup_then_cosine_to_min_lr():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
     assert lrs[-1] == pytest.approx(0.1)
+    assert lr_at(4, optim, 5) == pytest.approx(0.1)  # one step after the warmup, the last: min_lr
+    assert [lr_at(s, optim, 4) for s in range(4)] == lrs[:4]  # a run that ends within its warmup
+
+
+def test_a_fine_tune_from_half_precision_weights_trains_in_float32(bytes_dir, reference, tmp_path):
+    """docs/training.md: weights and optimizer state stay fp32, whatever dtype the model's file holds."""
+    model = checkpoint.load_model(reference).to(torch.bfloat16)
+    save_pretrained(model, tmp_path / "hf")
+    ft = config(
+        bytes_dir,
+        tmp_path / "ft",
+        {"model.init": tmp_path / "hf"},
+        optim__warmup_steps=0,
+        run__steps=1,
+        run__eval_every=0,
+    )
+    train(ft)
+    ckpt = tmp_path / "ft" / "ckpt-00000001"
+    weights, optim = (torch.load(ckpt / name, weights_only=True) for name in ("model.pt", "optim.pt"))
+    moments = [t for state in optim["state"].values() for t in state.values() if t.dim() > 0]
+    assert moments and {t.dtype for t in [*weights.values(), *moments]} == {torch.float32}
+
+
+def test_a_run_resumes_with_another_dropout(bytes_dir, tmp_path):
+    """Dropout is how a model trains, not what it is: a resumed run may change it (docs/training.md)."""
+    out = tmp_path / "out"
+    train(config(bytes_dir, out, run__steps=3, run__eval_every=0))
+    train(config(bytes_dir, out, {**TINY_MODEL, "model.dropout": 0.1}, run__steps=4, run__eval_every=0))
+    assert checkpoint.load_model(out).config.dropout == 0.1
+    with pytest.raises(CheckpointError, match="holds a different model: n_layer=2 there but 3"):
+        train(config(bytes_dir, out, {**TINY_MODEL, "model.n_layer": 3}, run__steps=5, run__eval_every=0))
+
+
+def test_the_rng_state_a_checkpoint_keeps_is_its_devices(monkeypatch):
+    """On a GPU, the generator of the device the run trains on (cuda:1 in a single process), not the
+    current device's; none on the CPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": calls.append(device) or torch.zeros(8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(device))
+    state = checkpoint.rng_state(torch.device("cuda:1"))
+    checkpoint.set_rng_state(state, torch.device("cuda:1"))
+    assert calls == [torch.device("cuda:1")] * 2
+    calls.clear()
+    assert "cuda" not in checkpoint.rng_state(torch.device("cpu")) and calls == []
 
 
 def test_weight_decay_only_on_matrices():

@@ -112,11 +112,15 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+TRAINING_FIELDS = ("dropout", "rope_interpolation")  # how the model trains, not its architecture
+
+
 def check_model_config(ckpt: Path, config: GPTConfig) -> None:
-    """Raise CheckpointError, naming the differing fields, unless ``ckpt`` holds a model of ``config``."""
+    """Raise CheckpointError, naming the differing fields, unless ``ckpt`` holds a model of ``config``'s
+    architecture (its dropout and rope interpolation may change between runs)."""
     saved = read_meta(ckpt)["model_config"]
     wanted = config.to_dict()
-    diff = [k for k in wanted if saved.get(k) != wanted[k]]
+    diff = [k for k in wanted if saved.get(k) != wanted[k] and k not in TRAINING_FIELDS]
     if diff:
         raise CheckpointError(
             f"{ckpt} holds a different model: "
@@ -145,7 +149,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this step
         tmp.mkdir(parents=True)
     barrier(env)
-    rng = all_gather_object(rng_state(), env)
+    rng = all_gather_object(rng_state(env.device), env)
     try:
         on_every_rank(env, lambda: _write(tmp, fmt, model, optimizer, env, rng, step, meta), CheckpointError)
     except BaseException:
@@ -240,7 +244,7 @@ def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: Di
         optimizer.load_state_dict(load_tensors(ckpt / "optim.pt"))
     ranks = load_tensors(ckpt / "rng.pt")["ranks"]
     if len(ranks) == env.world_size:  # with another world size the per-rank streams cannot carry over
-        set_rng_state(ranks[env.rank])
+        set_rng_state(ranks[env.rank], env.device)
     return meta
 
 
@@ -318,8 +322,9 @@ def _failures(e: BaseException) -> list[BaseException]:
 # --- RNG -----------------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    """This process's RNG states as tensors and numbers (safe to load with weights_only=True)."""
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors and numbers (safe to load with weights_only=True); on a GPU
+    ``device``'s own generator's (not the current device's: a single process may train on cuda:1)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     state = {
@@ -332,18 +337,18 @@ def rng_state() -> dict:
         "python_state": torch.tensor(py_state[1], dtype=torch.int64),
         "python_gauss": py_state[2],
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
     random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --- files ---------------------------------------------------------------------------------------

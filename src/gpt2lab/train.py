@@ -108,10 +108,11 @@ def set_hyperparameters(optimizer: torch.optim.AdamW, optim: OptimSection) -> No
 
 def lr_at(step: int, optim: OptimSection, steps: int) -> float:
     """Learning rate of step ``step`` (0-based): linear warmup to ``lr``, then cosine decay to ``min_lr``
-    at the last step."""
+    at the last step (a run that ends within its warmup never decays)."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, steps - 1 - optim.warmup_steps)
+    span = steps - 1 - optim.warmup_steps  # the decay's steps after its first
+    progress = (step - optim.warmup_steps) / span if span > 0 else 1.0
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (optim.lr - optim.min_lr)
 
 
@@ -272,7 +273,7 @@ def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
         check_fits(config, bytes_per_param=16)  # weights, gradients, AdamW's two moments
         torch.manual_seed(cfg.run.seed)  # every rank draws the same weights
         return GPT(config)
-    base = load_model(cfg.model.init)
+    base = load_model(cfg.model.init).float()  # weights and AdamW's moments in float32, whatever the file held
     config = cfg.model.build(base.config)
     if resume is not None:
         checkpoint.check_model_config(resume, config)
