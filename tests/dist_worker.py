@@ -86,6 +86,17 @@ def trajectory(out_dir: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r.get("val_loss")) for r in metrics(out_dir)]
 
 
+def masked_targets(get):
+    """``Batches.get`` with the targets after every token divisible by 3 ignored (-100): micro-batches then
+    score different numbers of targets, the same ones however the global batch is split."""
+
+    def masked(self, step: int, micro_step: int = 0):
+        x, y = get(self, step, micro_step)
+        return x, y.masked_fill(x % 3 == 0, -100)
+
+    return masked
+
+
 def _install_faults() -> None:
     from gpt2lab import checkpoint, data
 
@@ -99,6 +110,9 @@ def _install_faults() -> None:
             commit(tmp, final)
 
         checkpoint._commit = killing_commit
+
+    if os.environ.get("MASK_TARGETS"):
+        data.Batches.get = masked_targets(data.Batches.get)
 
     kill_step = os.environ.get("KILL_AT_STEP")
     if kill_step is not None and os.environ.get("RANK", "0") == "0":

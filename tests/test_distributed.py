@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_worker import byte_corpus, config, metrics, overrides, settings, trajectory
+from dist_worker import byte_corpus, config, masked_targets, metrics, overrides, settings, trajectory
 
 from gpt2lab import checkpoint
 from gpt2lab.train import train
@@ -104,6 +104,23 @@ def fsdp_run(bytes_dir, tmp_path_factory) -> Path:
     proc = standalone(bytes_dir, out, "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def test_ddp_matches_one_process_where_batches_score_unevenly(bytes_dir, tmp_path, monkeypatch):
+    """With targets ignored unevenly, each rank's and micro-step's mean loss weighs by its share of the
+    global batch's scored targets: the same run as one process on the whole batch."""
+    from gpt2lab import data
+
+    monkeypatch.setattr(data.Batches, "get", masked_targets(data.Batches.get))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(config(bytes_dir, tmp_path / "single"))
+    finally:
+        torch.set_num_threads(threads)
+    proc = standalone(bytes_dir, tmp_path / "ddp", "ddp", env={"MASK_TARGETS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_matches(tmp_path / "ddp", tmp_path / "single")
 
 
 def test_ddp_matches_one_process(bytes_dir, single, tmp_path):

@@ -198,6 +198,59 @@ def test_the_rng_state_a_checkpoint_keeps_is_its_devices(monkeypatch):
     assert "cuda" not in checkpoint.rng_state(torch.device("cpu")) and calls == []
 
 
+class _Fixed:
+    """A batch source of given micro-batches: ``grad_accum`` of them a step, the same every step."""
+
+    def __init__(self, micro_batches):
+        self.micro_batches, self.grad_accum = micro_batches, len(micro_batches)
+
+    def get(self, step, micro_step=0):
+        return self.micro_batches[micro_step]
+
+
+def _scored_unevenly(rows: int = 4, T: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences whose targets are mostly ignored (-100) in the first half of the rows, scored in the rest."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (rows, T), generator=g), torch.randint(0, 256, (rows, T), generator=g)
+    y[: rows // 2, 2:] = -100
+    return x, y
+
+
+def test_accumulation_equals_one_batch_where_micro_batches_score_unevenly():
+    """The step's gradient is that of the mean over every scored target, however the batch is split into
+    micro-steps: one scoring 4 targets weighs less than one scoring 32 (a mean of the micro-steps' means
+    would weigh them alike). The loss it returns, over grad_accum, is that mean."""
+    from gpt2lab.distributed import init
+    from gpt2lab.train import train_step
+
+    x, y = _scored_unevenly()
+    env, amp, results = init("single", "cpu"), torch.autocast("cpu", enabled=False), []
+    for split in ([(x, y)], [(x[:2], y[:2]), (x[2:], y[2:])]):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_name("debug", vocab_size=256, n_layer=1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the step moves each weight by its gradient
+        loss, _ = train_step(model, optimizer, _Fixed(split), 0, amp, 0.0, env)
+        results.append((loss.item() / len(split), [p.detach().clone() for p in model.parameters()]))
+    (loss_one, after_one), (loss_two, after_two) = results
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    for a, b in zip(after_one, after_two, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_evaluation_is_the_mean_over_scored_targets():
+    from gpt2lab.distributed import init
+    from gpt2lab.train import evaluate
+
+    x, y = _scored_unevenly()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("debug", vocab_size=256, n_layer=1))
+    env, amp = init("single", "cpu"), torch.autocast("cpu", enabled=False)
+    with torch.no_grad():
+        want = model(x, y)[1].item()  # one batch: the mean over its scored targets
+    got = evaluate(model, [(x[:2], y[:2]), (x[2:], y[2:])], env, amp)
+    assert got == pytest.approx(want, rel=1e-6) and model.training
+
+
 def test_weight_decay_only_on_matrices():
     model = GPT(GPTConfig.from_name("debug", vocab_size=256))
     opt = configure_optimizer(model, TrainConfig().optim)

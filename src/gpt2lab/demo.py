@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2lab import files, settings
+from gpt2lab import distributed, files, settings
 from gpt2lab.data import META, Batches, Source, TokenData, compact_vocabulary, prepare, read_meta
 from gpt2lab.generation import generate
 from gpt2lab.load import load_model, tokenizer_of
@@ -85,10 +85,11 @@ def _plan(cfg: TrainConfig) -> str:
     model = GPT(config)
     optimizer = configure_optimizer(model, cfg.optim)
     batches = Batches(TokenData(cfg.data.dir, "train"), cfg.data.batch_size, cfg.data.block_size)
-    train_step(model, optimizer, batches, 0, torch.autocast("cpu", enabled=False), 1.0, torch.device("cpu"))
+    env, amp = distributed.init("single", "cpu"), torch.autocast("cpu", enabled=False)
+    train_step(model, optimizer, batches, 0, amp, 1.0, env)
     started = time.perf_counter()
     for step in (1, 2):
-        train_step(model, optimizer, batches, step, torch.autocast("cpu", enabled=False), 1.0, torch.device("cpu"))
+        train_step(model, optimizer, batches, step, amp, 1.0, env)
     per_step = (time.perf_counter() - started) / 2
     evals = cfg.run.steps // cfg.run.eval_every if cfg.run.eval_every else 0
     seconds = per_step * (cfg.run.steps + evals * cfg.run.eval_batches / 3)  # an eval batch: a forward only

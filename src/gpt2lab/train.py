@@ -299,21 +299,28 @@ def train_step(
     step: int,
     amp: AbstractContextManager,
     grad_clip: float,
-    device: torch.device,
+    env: DistEnv,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over ``batches.grad_accum`` micro-steps; returns (sum of the micro-step losses,
-    gradient norm before clipping), both float32 on ``device``, not synchronised. The gradient is the
-    mean over micro-steps, so accumulating equals one big batch."""
-    accum = batches.grad_accum
+    """One optimizer step over ``batches.grad_accum`` micro-steps; returns (``grad_accum`` times the step's
+    mean loss on this rank, gradient norm before clipping), both float32 on ``env.device``, not
+    synchronised. The gradient is that of the mean loss over every scored target (not -100) of the step,
+    on every rank: each micro-step's mean loss weighs by its share of them, so accumulating, or splitting
+    over ranks, equals one big batch even where batches score different numbers of targets (where all
+    score alike, each weighs exactly 1 / grad_accum)."""
+    accum, device = batches.grad_accum, env.device
+    micro_batches = [batches.get(step, micro) for micro in range(accum)]
+    scored = torch.stack([(y != -100).sum() for _, y in micro_batches]).to(device)  # -100: ignored
+    total = all_reduce_sum(scored.sum(), env)  # DDP and FSDP average gradients over the ranks: undone here
+    weights = (scored * (accum * env.world_size)).double() / total.double()  # 1.0 each where all score alike
     loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
-        x, y = batches.get(step, micro)
+    for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with grad_sync(model, micro == accum - 1):  # only the last micro-step all-reduces gradients
             with amp:
                 _, loss = model(x, y)
-            (loss / accum).backward()
-        loss_sum += loss.detach().float()
+            weighted = loss * weights[micro].to(loss.dtype)
+            (weighted / accum).backward()
+        loss_sum += weighted.detach().float()
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, clip nothing
     norm = full_tensor(nn.utils.clip_grad_norm_(model.parameters(), max_norm)).float()
     optimizer.step()
@@ -323,15 +330,19 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv, amp) -> float:
-    """Mean loss over the val batches of all ranks (each rank holds its share)."""
+    """Mean loss over the scored targets (not -100) of the val batches of all ranks (each rank holds its
+    share): each batch's mean weighs by its share of them (exactly 1 each where all score alike)."""
     model.eval()
-    total = torch.zeros((), device=env.device)
-    for x, y in batches:
+    scored = torch.stack([(y != -100).sum() for _, y in batches]).to(env.device)
+    total = all_reduce_sum(scored.sum(), env)
+    weights = (scored * (len(batches) * env.world_size)).double() / total.double()
+    loss_sum = torch.zeros((), device=env.device)
+    for (x, y), weight in zip(batches, weights, strict=True):
         with amp:
             _, loss = model(x.to(env.device), y.to(env.device))
-        total += loss.float()
+        loss_sum += loss.float() * weight.float()
     model.train()
-    return all_reduce_sum(total, env).item() / (len(batches) * env.world_size)
+    return all_reduce_sum(loss_sum, env).item() / (len(batches) * env.world_size)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -360,7 +371,7 @@ def loop(run: Run) -> TrainResult:
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, norm = train_step(
-                    run.wrapped, run.optimizer, run.data.train, step, run.amp, cfg.optim.grad_clip, env.device
+                    run.wrapped, run.optimizer, run.data.train, step, run.amp, cfg.optim.grad_clip, env
                 )
                 bad += (~torch.isfinite(loss_sum)).float() + (~torch.isfinite(norm)).float()
                 log.bar.update(1)
