@@ -297,11 +297,13 @@ def test_eos_stops_a_row(make_gpt):
 
 
 def test_context_limit_of_learned_positions(make_gpt):
-    """Learned positions: prompt + max_new_tokens may reach block_size but not exceed it."""
+    """Learned positions: the model reads the prompt and every new token but the last, which must fit in
+    block_size (as transformers allows: a prompt that fills the context still gets its next token)."""
     model = make_gpt(block_size=16)
-    assert len(generate(model, [[1] * 6], 10, temperature=0, eos_id=None)[0]) == 10
-    with pytest.raises(GPT2LabError, match="exceeds the context"):
-        generate(model, [[1] * 6], 11, temperature=0)
+    assert len(generate(model, [[1] * 6], 11, temperature=0, eos_id=None)[0]) == 11
+    assert len(generate(model, [[1] * 16], 1, temperature=0, eos_id=None)[0]) == 1
+    with pytest.raises(GPT2LabError, match="needs 17 positions .* exceeds the context of 16"):
+        generate(model, [[1] * 6], 12, temperature=0)
     with pytest.raises(GPT2LabError, match="exceeds the context"):
         generate(model, [[1] * 17], 0, temperature=0)
 

@@ -210,11 +210,12 @@ def stream(
         if not -(2**63) <= seed < 2**64:  # what torch.Generator takes
             raise GPT2LabError(f"seed must lie in [-2**63, 2**64), got {seed}")
     P = max(len(p) for p in prompts)
-    if config.max_positions is not None and P + max_new_tokens > config.max_positions:
+    fed = P + max(max_new_tokens - 1, 0)  # positions the model reads: the last new token is never fed back
+    if config.max_positions is not None and fed > config.max_positions:
         raise GPT2LabError(
-            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = {P + max_new_tokens} exceeds the "
-            f"context of {config.max_positions} tokens (learned positions end there); shorten the prompt "
-            f"or lower max_new_tokens (rope models have no such limit)"
+            f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) needs {fed} positions (the last new token "
+            f"is not fed back), which exceeds the context of {config.max_positions} tokens (learned positions "
+            f"end there); shorten the prompt or lower max_new_tokens (rope models have no such limit)"
         )
     device = model.wte.weight.device
     idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
