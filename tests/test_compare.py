@@ -433,6 +433,39 @@ def test_mqar_and_efficiency_numbers_come_from_the_runs(quick_run):
     assert _row(report, str(first["batch"]), "## Efficiency")[5] == ratio(first["ratio"])
 
 
+def test_extrapolation_spans_keep_their_positions_beside_their_intervals(quick_run):
+    """Past the training context, "near" and "far" are a span of positions and the interval of the mean
+    loss difference over it: neither overwrites the other."""
+    results = json.loads((quick_run / RESULTS).read_text())
+    context, spans = results["extrapolation"]["context"], []
+    for runs in results["extrapolation"]["variants"].values():
+        for run in (r for r in runs.values() if isinstance(r, dict) and "length" in r):
+            spans += [(run["length"], name, run[name]) for name in ("near", "far") if name in run]
+    assert spans
+    for length, name, span in spans:
+        start, end = span["positions"]
+        assert (start, end) == ((context, min(length, context * 3 // 2)) if name == "near" else (2 * context, length))
+        assert span["lo"] <= span["mean"] <= span["hi"] and len(span["values"]) == span["n"]
+
+
+def test_the_recall_plot_says_how_many_seeds_each_models_bins_come_from(quick_run):
+    """Recall bins come from the seeds whose runs plateaued (``verdict_seeds``), which may be fewer than
+    the run's seeds: each model's legend entry gives its own n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpt2lab.compare import plots
+
+    results = json.loads((quick_run / RESULTS).read_text())
+    fig = plots._mqar(plt, results)
+    want = {f"{name} (n = {model['verdict_seeds']})" for name, model in results["mqar"]["models"].items()}
+    got = {t.get_text() for ax in fig.axes for legend in [ax.get_legend()] if legend for t in legend.get_texts()}
+    plt.close(fig)
+    assert want <= got
+
+
 def test_learned_positions_report_their_error_and_windows_keep_their_cache(quick_run):
     results = json.loads((quick_run / RESULTS).read_text())
     assert results["extrapolation"]["variants"]["baseline"]["full"].startswith("error: sequence of 256 tokens exceeds")

@@ -331,9 +331,9 @@ def _extrapolation_mode(runs: list, context: int) -> dict | str:
     spans = {"near": (context, min(length, context * 3 // 2)), "far": (2 * context, length)}
     for name, (lo, hi) in spans.items():
         if hi > lo:
-            out[name] = {"lo": lo, "hi": hi} | stats.differences(
-                [float(np.mean(c[lo:hi])) for c in curves], below="helps", above="hurts"
-            )
+            out[name] = stats.differences([float(np.mean(c[lo:hi])) for c in curves], below="helps", above="hurts") | {
+                "positions": [lo, hi]
+            }  # beside the interval's own lo and hi
     return out
 
 

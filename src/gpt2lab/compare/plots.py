@@ -139,15 +139,16 @@ def _mqar(plt, r: dict):
         models = {k: v for k, v in m["models"].items() if k.startswith(depth + "/")}
         for col, metric in enumerate(("orig", "both")):
             ax = axes[row, col]
-            for i, (name, model) in enumerate(models.items()):
-                _errorbars(ax, x, [b[metric] for b in model["bins"]], i, name, offset=0.08 * (i - len(models) / 2))
+            for i, (name, model) in enumerate(models.items()):  # bins from the seeds that plateaued
+                label = f"{name} (n = {model['verdict_seeds']})"
+                _errorbars(ax, x, [b[metric] for b in model["bins"]], i, label, offset=0.08 * (i - len(models) / 2))
             ax.axhline(
                 m["chance"] if metric == "orig" else m["both_ceiling_without_lookup"], color="gray", linestyle=":"
             )
             ax.set_xticks(x, labels, fontsize=7)
             ax.set_ylim(-0.03, 1.05)
             what = "right on the original" if metric == "orig" else "right on both copies (dotted: 0.25 without lookup)"
-            ax.set(xlabel="planted distance d (bins)", ylabel=metric, title=f"{depth}: {what} (n = {n} seeds)")
+            ax.set(xlabel="planted distance d (bins)", ylabel=metric, title=f"{depth}: {what}")  # n: in the legend
             ax.legend(fontsize=7)
         ax = axes[row, 2]
         for i, (name, model) in enumerate(models.items()):
