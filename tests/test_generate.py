@@ -711,7 +711,7 @@ def test_stream_checks_its_arguments_when_called(make_gpt):
     with pytest.raises(GPT2LabError, match="top_p"):
         stream(make_gpt(), [[1, 2]], 5, top_p=2.0)
     with pytest.raises(GPT2LabError, match="exceeds the context"):
-        stream(make_gpt(), [[1] * 60], 5)
+        stream(make_gpt(), [[1] * 60], 6)
 
 
 class _CountedLookups(weakref.WeakValueDictionary):
