@@ -139,6 +139,22 @@ def test_padded_plain_gpt2_saves_as_transformers_gpt2(make_gpt, tmp_path):
     assert (_hf_logits(hf, idx) - _logits(model, idx)).abs().max().item() <= ATOL
 
 
+def test_an_export_saved_again_by_transformers_loads_with_its_changes(make_gpt, tmp_path):
+    """transformers keeps our config block when it saves a model again but changes only its own fields:
+    a vocabulary resized there (tokens added for a fine-tune) loads with its new size, HF's logits."""
+    from transformers import GPT2LMHeadModel
+
+    save_pretrained(make_gpt(seed=5, dropout=0.1), tmp_path / "ours")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "ours")
+    hf.resize_token_embeddings(105)
+    hf.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["gpt2lab"]["vocab_size"] == 97  # stale
+    reloaded = load_model(tmp_path / "again").eval()
+    assert (reloaded.config.vocab_size, reloaded.config.dropout) == (105, 0.1)
+    idx = _tokens(105, 12, seed=4)
+    assert (_hf_logits(hf.eval(), idx) - _logits(reloaded, idx)).abs().max().item() <= ATOL
+
+
 def test_variant_config_is_not_labelled_gpt2(make_gpt, tmp_path):
     """A variant dir does not claim to be a plain GPT-2 (transformers would load it with wrong semantics)."""
     save_pretrained(make_gpt(n_kv_head=2), tmp_path)

@@ -22,11 +22,15 @@ IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
 def config_from_json(cfg: dict) -> GPTConfig:
-    """The GPTConfig of a config.json: ours (under ``gpt2lab``) when present, else HF's GPT-2 fields."""
+    """The GPTConfig of a config.json: a variant's (``model_type`` gpt2lab) from ours under ``gpt2lab``;
+    a GPT-2's from HF's fields, ours filling in only what they do not say (its dropout): transformers
+    keeps our block when it saves the model again, but changes only its own fields (a resized
+    vocabulary), which then win."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"config.json must hold a JSON object, not a {type(cfg).__name__}")
-    if "gpt2lab" in cfg:
-        return GPTConfig.from_dict(cfg["gpt2lab"])
+    ours = cfg.get("gpt2lab")
+    if ours is not None and cfg.get("model_type") != "gpt2":
+        return GPTConfig.from_dict(ours)
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise ConfigError(f"model_type is {cfg['model_type']!r}; only GPT-2 checkpoints (model_type 'gpt2') load")
     if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -36,14 +40,17 @@ def config_from_json(cfg: dict) -> GPTConfig:
         raise ConfigError(f"n_inner={cfg['n_inner']} is not 4 * n_embd; only GPT-2's MLP width is supported")
     if cfg.get("scale_attn_by_inverse_layer_idx") or not cfg.get("scale_attn_weights", True):
         raise ConfigError("attention scaling differs from GPT-2's 1/sqrt(head_dim); not supported")
-    return GPTConfig(
-        vocab_size=cfg.get("vocab_size", 50257),
-        block_size=cfg.get("n_positions", 1024),
-        n_layer=cfg.get("n_layer", 12),
-        n_head=cfg.get("n_head", 12),
-        n_embd=n_embd,
-        layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5),
-    )
+    fields = {
+        "vocab_size": cfg.get("vocab_size", 50257),
+        "block_size": cfg.get("n_positions", 1024),
+        "n_layer": cfg.get("n_layer", 12),
+        "n_head": cfg.get("n_head", 12),
+        "n_embd": n_embd,
+        "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
+    }
+    if isinstance(ours, dict):  # our export of a GPT-2, perhaps saved again by transformers
+        return GPTConfig.from_dict({"dropout": ours.get("dropout", 0.0)} | fields)
+    return GPTConfig(**fields)
 
 
 def hf_config(config: GPTConfig, eos_id: int = 50256) -> dict:
