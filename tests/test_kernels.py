@@ -244,6 +244,28 @@ def test_a_cache_path_that_is_no_regular_file_is_never_replaced(tmp_path, monkey
     assert link.is_symlink() and "float32 64x64 rows 2" in json.loads(target.read_text())[kernels.machine_key()]
 
 
+def test_an_edited_entry_with_null_times_reads_as_one_without_times(tmp_path, monkeypatch):
+    """``"us_per_product": null`` is an edit without times, as a missing field is: taken as it is, no
+    copy repays and none is in place (not a TypeError in the decode step)."""
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: pytest.fail("an edited entry is not measured"))
+    path = tmp_path / "k.json"
+    edited = {"kernel": "torch", "us_per_product": None}
+    path.write_text(json.dumps({kernels.machine_key(): {"packed 768x768 rows 256": edited}}))
+    table = kernels.KernelTable(path)
+    assert table.pack_repays(768, 768, 256) == math.inf and table.in_place(768, 768, 256) is None
+
+
+def test_a_cache_path_that_cannot_be_resolved_keeps_the_choice_in_memory(tmp_path, monkeypatch):
+    """A loop of links (or a directory this user may not enter) is a cache that cannot be read or
+    written: the choice is measured and kept in memory, as for a read-only one."""
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: {k: 1e-5 for k in kernels.candidates("float32", 2)})
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    table = kernels.KernelTable(a)
+    assert table.choose(64, 64, 2) in kernels.FLOAT32_KERNELS and "float32 64x64 rows 2" in table._entries()
+
+
 def test_a_table_reads_the_entries_of_the_thread_count_it_runs_at(tmp_path):
     """Choices are remembered per thread count: a table that changes thread count reads that count's."""
     path = tmp_path / "k.json"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2lab import GPT2LabError, generate, kernels, native, ops
+from gpt2lab import Backends, GPT2LabError, generate, kernels, native, ops
 from gpt2lab.cli import main
 from gpt2lab.quantize import Int8Linear, quantize_int8
 
@@ -188,6 +188,20 @@ def test_int8_kernel_is_measured_per_row_count(tmp_path):
     for rows in (1, 8, 32):
         assert table.choose(1024, 512, rows, kind="int8") in ops.int8_kernels(rows)
         assert set(table.times(1024, 512, rows, "int8")) == set(ops.int8_kernels(rows))
+
+
+def test_int8_kernels_are_measured_where_the_float32_ones_are_fixed(make_gpt, remember_kernels):
+    """Backends.linear (or GPT2LAB_LINEAR_KERNEL) fixes the float32 kernel only: quantized layers still
+    choose theirs by measurement (so still step as one op where gpt2lab's kernel wins)."""
+    model = quantize_int8(make_gpt(backends=Backends(linear="torch")))
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert all(m.table is not None for m in layers)
+    layer = layers[0]
+    us = dict.fromkeys(ops.int8_kernels(1), 100.0) | {"qlinear": 10.0}
+    remember_kernels(
+        {f"int8 {layer.out_features}x{layer.in_features} rows 1": {"kernel": "qlinear", "us_per_product": us}}
+    )
+    assert layer._choose(1)[0] == "qlinear"
 
 
 def test_int8_entries_timed_before_fbgemm_ran_rows_together_are_timed_again(tmp_path, monkeypatch):

@@ -272,7 +272,7 @@ class KernelTable:
         the weight as it is (``avx2_f32`` among them: ``ops.READS_THE_WEIGHT``); infinite where no copy's
         kernel is the one chosen."""
         entry = self._entry(out_features, in_features, rows, kind)
-        us, kernel = entry.get("us_per_product", {}), entry["kernel"]
+        us, kernel = self.times(out_features, in_features, rows, kind), entry["kernel"]
         made = pack_key(kernel)
         in_place = (k for k in candidates(kind, rows) if k not in COPY_KERNELS or k in ops.READS_THE_WEIGHT)
         plain = min((us[k] for k in in_place if k in us and k != kernel), default=None)
@@ -288,7 +288,7 @@ class KernelTable:
         """The copy kernel of a ``kind`` product whose "copy" is the weight itself
         (``ops.READS_THE_WEIGHT``), where it measured at most ``slower`` (a fraction; negative: at least
         that much faster) slower than every kernel on the plain weight; else None."""
-        us = self._entry(out_features, in_features, rows, kind).get("us_per_product", {})
+        us = self.times(out_features, in_features, rows, kind)
         plain = _fastest_plain(us, kind, rows)
         free = [k for k in candidates(kind, rows) if k in COPY_KERNELS and k in ops.READS_THE_WEIGHT and k in us]
         best = min(free, key=us.__getitem__, default=None)
@@ -375,16 +375,16 @@ class KernelTable:
         """Keep ``entry`` and write it to the file, merged with what other processes wrote meanwhile
         (less this machine's entries of kinds no longer measured)."""
         self._entries()[name] = entry
-        target = self.file().resolve()  # a link's target is written, the link kept
-        if target.exists() and not target.is_file():  # /dev/null, a directory: never replaced
-            return
-        data = self._read_all()
-        data[machine_key()] = _current(data.get(machine_key())) | {name: entry}
         try:
+            target = self.file().resolve()  # a link's target is written, the link kept
+            if target.exists() and not target.is_file():  # /dev/null, a directory: never replaced
+                return
+            data = self._read_all()
+            data[machine_key()] = _current(data.get(machine_key())) | {name: entry}
             target.parent.mkdir(parents=True, exist_ok=True)
             files.write_json(target, data)
-        except (OSError, files.DiskFullError):
-            pass  # a read-only or full cache: the choice lives in memory for this process
+        except (OSError, RuntimeError, files.DiskFullError):  # RuntimeError: a loop of links
+            pass  # an unreadable, read-only or full cache: the choice lives in memory for this process
 
 
 def _current(entries) -> dict:

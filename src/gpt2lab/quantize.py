@@ -277,6 +277,7 @@ def quantize_int8(model: GPT) -> GPT:
         raise GPT2LabError("int8 quantization is for float32 models on the CPU; load with --device cpu --dtype float32")
     levels = kernels.int8_weight_levels()
     table = model.lm_head.table if isinstance(model.lm_head, ops.Linear) else None
+    table = table or kernels.KernelTable()  # float32 kernels fixed (Backends.linear): int8 still measures its own
     quantized = copy.deepcopy(model).requires_grad_(False)  # for inference: no autograd graph
     for module in list(quantized.modules()):
         for name, child in module.named_children():
