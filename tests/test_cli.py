@@ -170,7 +170,7 @@ def _bad_json(tiny_dir, tmp_path):
 def _bad_config_value(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["gpt2lab"]["n_head"] = 3
+    cfg["n_head"] = 3  # HF's field, which a GPT-2's config takes over ours
     (d / "config.json").write_text(json.dumps(cfg))
     return d, ["config.json", "n_head"]
 

@@ -61,9 +61,17 @@ def _model(tiny_dir: Path, tmp: Path, edit=None, config=None) -> Path:
     return d
 
 
+HF_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "layer_norm_epsilon": "layer_norm_epsilon"}
+
+
 def _set(key, value):
+    """An edit of config.json's field ``key``: ours, and HF's of the same meaning, which a GPT-2's
+    config takes over ours."""
+
     def change(cfg):
         cfg["gpt2lab"][key] = value
+        if key in HF_NAMES:
+            cfg[HF_NAMES[key]] = value
 
     return change
 

@@ -23,9 +23,8 @@ IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 def config_from_json(cfg: dict) -> GPTConfig:
     """The GPTConfig of a config.json: a variant's (``model_type`` gpt2lab) from ours under ``gpt2lab``;
-    a GPT-2's from HF's fields, ours filling in only what they do not say (its dropout): transformers
-    keeps our block when it saves the model again, but changes only its own fields (a resized
-    vocabulary), which then win."""
+    a GPT-2's from HF's fields, over ours where both are present: transformers keeps our block when it
+    saves the model again, but changes only its own fields (a resized vocabulary), which then win."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"config.json must hold a JSON object, not a {type(cfg).__name__}")
     ours = cfg.get("gpt2lab")
@@ -49,7 +48,7 @@ def config_from_json(cfg: dict) -> GPTConfig:
         "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5),
     }
     if isinstance(ours, dict):  # our export of a GPT-2, perhaps saved again by transformers
-        return GPTConfig.from_dict({"dropout": ours.get("dropout", 0.0)} | fields)
+        return GPTConfig.from_dict(ours | fields)
     return GPTConfig(**fields)
 
 
