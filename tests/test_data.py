@@ -224,6 +224,15 @@ def test_deterministic_across_runs_and_workers(tmp_path, corpus):
     assert len(outs[0]) > 4
 
 
+def test_token_ids_past_uint16_are_refused_not_wrapped(tmp_path):
+    """Shards hold uint16 ids: a vocabulary past 65536 tokens would wrap ids 65536 and up silently."""
+    with pytest.raises(GPT2LabError, match="vocab_size 70001 does not fit the shards' uint16 ids"):
+        write_token_dir(tmp_path / "big", {"train": np.array([70000, 1]), "val": np.array([3, 4])}, 70001)
+    assert not (tmp_path / "big").exists()
+    write_token_dir(tmp_path / "top", {"train": np.array([65535, 1]), "val": np.array([3, 4])}, 65536)
+    assert TokenData(tmp_path / "top", "train").read(0, 2).tolist() == [65535, 1]
+
+
 def test_no_temp_files_left_and_rerun_replaces(tmp_path, corpus):
     out = tmp_path / "tok"
     prepare(out, Source([corpus / "a.txt"]), workers=1, progress=False)

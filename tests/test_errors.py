@@ -300,6 +300,13 @@ def _bad_token_count(tmp: Path) -> list[str]:
     return ["train", *overrides(settings(data, tmp / "out"))]
 
 
+def _vocab_past_uint16(tmp: Path) -> list[str]:
+    data = byte_corpus(tmp / "data", 5_000, 2_000)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(meta | {"vocab_size": 70_000}))
+    return ["train", *overrides(settings(data, tmp / "out"))]
+
+
 def _gpt2_data_small_vocab(tmp: Path) -> list[str]:
     data = write_token_dir(tmp / "data", {"train": np.arange(3000) * 16, "val": np.arange(600) * 16}, 50257)
     return ["train", *overrides(settings(data, tmp / "out", model__vocab_size=100))]
@@ -326,6 +333,7 @@ COMMAND_CASES = {
     "shard ids past the vocabulary": (_out_of_range, ["token id 60000", "outside the vocabulary"]),
     "shard changed after preparation": (_changed_shard, ["sha256"]),
     "token count not a number": (_bad_token_count, ["meta.json is malformed"]),
+    "vocab_size past uint16 ids": (_vocab_past_uint16, ["meta.json is malformed", "vocab_size 70000", "1..65536"]),
     "vocab_size below the data's": (_gpt2_data_small_vocab, ["model.vocab_size to at least 50257"]),
     "batch beyond any memory": (_train_with(data__batch_size=10**20), ["cannot fit in this machine's memory"]),
     "seed beyond torch's": (_train_with(run__seed=2**64), ["run.seed must be below 2**62"]),

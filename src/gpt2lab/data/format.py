@@ -28,6 +28,7 @@ SPLITS = ("train", "val")
 FORMAT = "gpt2lab-tokens"
 FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16 on every machine; GPT-2 ids are < 65536
+ID_LIMIT = 1 << 16  # the most token ids a shard can hold
 
 
 def read_meta(data_dir: Path) -> dict:
@@ -53,8 +54,8 @@ def read_meta(data_dir: Path) -> dict:
             for shard in meta["splits"][split]["shards"]:
                 if not isinstance(shard["file"], str) or not isinstance(shard["tokens"], int) or shard["tokens"] < 0:
                     raise ValueError(f"bad shard entry {shard!r}")
-        if not isinstance(meta.get("vocab_size", 1), int):
-            raise ValueError(f"vocab_size {meta['vocab_size']!r} is not an integer")
+        if not isinstance(meta.get("vocab_size", 1), int) or not 0 < meta.get("vocab_size", 1) <= ID_LIMIT:
+            raise ValueError(f"vocab_size {meta['vocab_size']!r} is not an integer in 1..{ID_LIMIT}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise GPT2LabError(f"{meta_path} is malformed ({e}); prepare the directory again") from None
     return meta
@@ -78,6 +79,8 @@ def write_token_dir(
     data_dir: Path, splits: dict[str, np.ndarray], vocab_size: int, shard_tokens: int | None = None, **fields
 ) -> Path:
     """A whole prepared directory from in-memory token arrays (one shard per split unless ``shard_tokens``)."""
+    if not 0 < vocab_size <= ID_LIMIT:
+        raise ConfigError(f"vocab_size {vocab_size} does not fit the shards' uint16 ids: at most {ID_LIMIT} tokens")
     data_dir.mkdir(parents=True, exist_ok=True)
     shards = {}
     for split, tokens in splits.items():
@@ -104,7 +107,7 @@ class TokenData:
         if split not in SPLITS:
             raise GPT2LabError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         self.meta = read_meta(self.data_dir)
-        self.vocab_size: int = self.meta.get("vocab_size", 65536)
+        self.vocab_size: int = self.meta.get("vocab_size", ID_LIMIT)
         self.vocabulary: dict | None = self.meta.get("vocabulary")  # a compact vocabulary's description
         self.records: list[dict] = self.meta["splits"][split]["shards"]
         self.shards: list[np.memmap] = []
