@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +267,8 @@ def test_plan_has_every_job_with_its_dependencies():
     extrap = next(j for j in plan.jobs if j.name == "extrapolation/rope/seed1338")
     assert set(extrap.deps) == {"lm/rope/seed1338", "pi-finetune/rope/seed1338"}
     efficiency = next(j for j in plan.jobs if j.name == "efficiency")
-    assert "lm/rope/seed1337" in efficiency.deps and "extrapolation/rope/seed1337" not in efficiency.deps
+    assert "lm/rope/seed1337" in efficiency.after and "extrapolation/rope/seed1337" not in efficiency.after
+    assert efficiency.deps == ()  # it times models of its own: the training jobs only go first
     assert lm_config(cfg, "rope+mixed", 1024).window_pattern == "LLLG"
     B, T = cfg.train.data.batch_size, cfg.train.data.block_size
     for job in plan.jobs:  # every job that trains counts what it trains on, fine-tuning and uptraining included
@@ -310,6 +316,95 @@ def test_jobs_are_cached_by_their_key(tmp_path):
     jobs[0].params = {"x": 5}  # a changed job is redone, and so is every job that reads it
     results = run_jobs(jobs, tmp_path, _fake, 1, None, False)
     assert results["one"]["x2"] == 10 and (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns != stamp
+
+
+def test_a_job_that_only_waits_for_others_keeps_its_result_when_they_change(tmp_path):
+    """``after`` orders, ``deps`` feed: a job run after another is not redone when that one changes."""
+    jobs = [Job("one", "fake", {"x": 1}, "p"), Job("two", "fake", {"x": 2}, "p", after=("one",))]
+    run_jobs(jobs, tmp_path, _fake, 1, None, False)
+    stamp = (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns
+    jobs[0].params = {"x": 5}
+    assert run_jobs(jobs, tmp_path, _fake, 1, None, False)["one"]["x2"] == 10
+    assert (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns == stamp
+
+
+def _failing(kind: str, params: dict, run_dir: Path, root: Path) -> dict:
+    if params["x"] == 2:
+        raise ConfigError("this job's settings cannot work")
+    return {"x2": 2 * params["x"]}
+
+
+def _dying(kind: str, params: dict, run_dir: Path, root: Path) -> dict:
+    if params["x"] == 2:
+        os._exit(9)  # as a worker killed, or ended by the kernel for memory
+    time.sleep(0.5)
+    return {"x2": 2 * params["x"]}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_is_named_and_finished_ones_stay(workers, tmp_path, capsys):
+    jobs = [Job("one", "fake", {"x": 1}, "p", cost=2), Job("two", "fake", {"x": 2}, "p", cost=1)]
+    with pytest.raises(ConfigError, match="cannot work"):
+        run_jobs(jobs, tmp_path, _failing, workers, 1, False)
+    assert "compare job two failed" in capsys.readouterr().err
+    assert (tmp_path / "runs/one" / JOB_JSON).is_file() and not (tmp_path / "runs/two" / JOB_JSON).exists()
+
+
+def test_a_worker_that_dies_is_a_clear_error_naming_the_jobs_that_ran(tmp_path, capsys):
+    """A worker killed mid-job breaks the pool, and every running job's future says so: the error names
+    the jobs that were running instead of blaming one of them."""
+    jobs = [Job("one", "fake", {"x": 1}, "p", cost=2), Job("two", "fake", {"x": 2}, "p", cost=1)]
+    with pytest.raises(GPT2LabError, match=r"a compare worker process died .* these jobs ran: .*two; .* run the same"):
+        run_jobs(jobs, tmp_path, _dying, 2, 1, False)
+    assert "failed" not in capsys.readouterr().err
+
+
+ORPHAN = """
+import concurrent.futures, multiprocessing, os
+from gpt2lab.compare import pool
+if __name__ == "__main__":
+    workers = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=pool._init_worker, initargs=(None,)
+    )
+    print(workers.submit(os.getpid).result(), flush=True)
+    os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's parent-death signal is Linux's")
+def test_workers_die_with_the_process_that_started_them(tmp_path):
+    """A pool's idle worker waits on its queue forever once the parent is gone (killed, or a timeout's
+    SIGTERM): the kernel kills it with its parent instead."""
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    worker = int(proc.stdout.split()[0])
+
+    def alive() -> bool:
+        try:
+            return Path(f"/proc/{worker}/stat").read_text().split(") ")[1][0] not in "ZX"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+
+
+def test_a_finished_run_without_its_checkpoints_says_how_to_train_it_again(tmp_path):
+    """A committed output keeps job.json but not the checkpoints: a job that reads such a run's model
+    says which file to delete, where the plain error would repeat on every rerun."""
+    from gpt2lab.compare.training import load_trained
+    from gpt2lab.errors import CheckpointError
+
+    run = tmp_path / "runs" / "lm" / "rope" / "seed1337"
+    run.mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="has no complete checkpoint yet"):
+        load_trained(run)
+    (run / JOB_JSON).write_text('{"key": {}, "value": {}}')
+    with pytest.raises(CheckpointError, match=rf"checkpoints are gone .* delete {re.escape(str(run / JOB_JSON))}"):
+        load_trained(run)
 
 
 def test_gpu_profile_dry_run_on_the_cpu(capsys):

@@ -270,7 +270,7 @@ def _efficiency_job(cfg: CompareConfig, lm: dict, after: tuple[str, ...]) -> Job
     f = cfg.efficiency
     configs = {name: lm[name].to_dict() for name in [f.reference, *f.variants]}
     params = dataclasses.asdict(f) | {"configs": configs, "device": cfg.train.run.device}
-    return Job("efficiency", "efficiency", params, "efficiency (timed in alternation)", f.reference, deps=after)
+    return Job("efficiency", "efficiency", params, "efficiency (timed in alternation)", f.reference, after=after)
 
 
 # --- costs ---------------------------------------------------------------------------------------

@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from gpt2lab import files
+from gpt2lab.errors import GPT2LabError
 
 RUNS = "runs"  # job directories: OUT/runs/<job name>
 JOB_JSON = "job.json"  # {"key": ..., "value": ...} of a finished job
 STARTED_JSON = "job_started.json"  # the key of the job that last started in this directory
 LOG = "log.txt"  # what the job printed (the training loop's messages)
+PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal this process gets when its parent dies
 Execute = Callable[[str, dict, Path, Path], dict]  # (kind, params, run directory, output root) -> result
 
 
@@ -37,8 +40,9 @@ Execute = Callable[[str, dict, Path, Path], dict]  # (kind, params, run director
 class Job:
     """One unit of work: ``kind`` names the function that runs it, ``params`` everything its result depends
     on. ``name`` is its directory under the runs root; ``piece`` the plan row it counts in; ``cost`` its
-    estimated seconds (scheduling and the plan); ``deps`` the jobs whose results it reads; ``shape`` the
-    model shape its cost is estimated from."""
+    estimated seconds (scheduling and the plan); ``deps`` the jobs whose results it reads (part of its
+    cache key); ``after`` jobs it only waits for (not part of it); ``shape`` the model shape its cost is
+    estimated from."""
 
     name: str
     kind: str
@@ -47,6 +51,7 @@ class Job:
     shape: str = ""
     cost: float = 0.0
     deps: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
     steps: int = 0
     tokens: int = 0
 
@@ -111,12 +116,24 @@ def machine() -> str:
 
 def _init_worker(threads: int | None) -> None:
     """A worker: one torch thread on the CPU; Ctrl-C is left to the parent (a training run still stops at its
-    next step and checkpoints, since the training loop installs its own handler)."""
+    next step and checkpoints, since the training loop installs its own handler); killed with the parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this process when the one that started it dies, however it dies (a
+    kill, a timeout): a pool's worker would otherwise wait forever on its queue. Its training resumes
+    from its last checkpoint on a rerun. Elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # no prctl: not Linux
+        pass
 
 
 def run_jobs(
@@ -134,7 +151,8 @@ def run_jobs(
             for job in _order(pending, results):
                 bar.set_description(job.name)
                 args = (execute, job.kind, job.params, str(root / RUNS / job.name), keys[job.name], str(root))
-                results[job.name] = run_job(*args)
+                with _named_on_failure(job):
+                    results[job.name] = run_job(*args)
                 bar.update()
         else:
             _run_pool(pending, results, keys, root, execute, workers, threads, bar)
@@ -147,7 +165,7 @@ def _order(pending: list[Job], done: dict) -> list[Job]:
     """The in-process order: longest first among the jobs whose dependencies are done."""
     order, finished, todo = [], set(done), list(pending)
     while todo:
-        ready = [j for j in todo if set(j.deps) <= finished] or todo[:1]
+        ready = [j for j in todo if set(j.deps + j.after) <= finished] or todo[:1]
         job = max(ready, key=lambda j: j.cost)
         order.append(job)
         todo.remove(job)
@@ -161,7 +179,7 @@ def _run_pool(pending, results, keys, root, execute, workers, threads, bar) -> N
     running: dict[futures.Future, Job] = {}
     try:
         while pending or running:
-            ready = sorted((j for j in pending if all(d in results for d in j.deps)), key=lambda j: -j.cost)
+            ready = sorted((j for j in pending if all(d in results for d in j.deps + j.after)), key=lambda j: -j.cost)
             for job in ready[: workers - len(running)]:
                 pending.remove(job)
                 args = (execute, job.kind, job.params, str(root / RUNS / job.name), keys[job.name], str(root))
@@ -172,11 +190,14 @@ def _run_pool(pending, results, keys, root, execute, workers, threads, bar) -> N
             done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
-                try:
+                if isinstance(future.exception(), futures.process.BrokenProcessPool):  # every running job's
+                    names = ", ".join(sorted([job.name, *(j.name for j in running.values())]))  # says so
+                    raise GPT2LabError(
+                        f"a compare worker process died (killed, or out of memory) while these jobs ran: {names}; "
+                        "finished jobs are kept: run the same command again to resume"
+                    )
+                with _named_on_failure(job):
                     results[job.name] = future.result()
-                except BaseException:
-                    print(f"\ncompare job {job.name} failed", file=sys.stderr)
-                    raise
                 bar.update()
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # running jobs finish (training ones stop and checkpoint)
@@ -184,12 +205,23 @@ def _run_pool(pending, results, keys, root, execute, workers, threads, bar) -> N
     pool.shutdown()
 
 
+@contextlib.contextmanager
+def _named_on_failure(job: Job) -> Iterator[None]:
+    """Name ``job`` on stderr where it raises an error (its one-line message follows from the command
+    line); not where it was interrupted."""
+    try:
+        yield
+    except Exception:
+        print(f"\ncompare job {job.name} failed", file=sys.stderr)
+        raise
+
+
 def makespan(jobs: list[Job], workers: int) -> float:
     """Estimated seconds until the last job ends when ``workers`` run them as ``run_jobs`` does."""
     free = [0.0] * max(1, workers)
     finish: dict[str, float] = {}
     for job in _order(jobs, {}):
-        start = max([min(free), *(finish.get(d, 0.0) for d in job.deps)])
+        start = max([min(free), *(finish.get(d, 0.0) for d in job.deps + job.after)])
         slot = free.index(min(free))
         finish[job.name] = free[slot] = start + job.cost
     return max(finish.values(), default=0.0)

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from gpt2lab import checkpoint, files
+from gpt2lab.compare.pool import JOB_JSON
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import read_meta
+from gpt2lab.errors import CheckpointError
 from gpt2lab.load import save_pretrained
 from gpt2lab.model import GPT
 from gpt2lab.tokenizer import tokenizer_of_vocabulary
@@ -90,8 +92,18 @@ def run_config(base: TrainConfig, out_dir: Path, init: Path, model: dict | None 
 
 
 def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> GPT:
-    """The final model of a training run, in eval mode."""
-    return checkpoint.load_model(run_dir, device=device).eval()
+    """The final model of a training run, in eval mode. A run whose job finished but whose checkpoints
+    are gone (the output's .gitignore leaves them out of a commit) is an error that says how to train it
+    again."""
+    try:
+        return checkpoint.load_model(run_dir, device=device).eval()
+    except CheckpointError:
+        if checkpoint.latest(run_dir) is not None or not (run_dir / JOB_JSON).is_file():
+            raise
+        raise CheckpointError(
+            f"{run_dir} finished before, but its checkpoints are gone (they are left out of commits), and a job "
+            f"reads its model: delete {run_dir / JOB_JSON} to train it again"
+        ) from None
 
 
 def val_curve(records: list[dict], key: str = "val_loss") -> list[list[float]]:
