@@ -168,7 +168,7 @@ def bench_int8(hf, ours) -> None:
     )
     share = read_share(decode_bytes(ours, bytes_per_weight=1), 100 / t["ours"], t)
     row(
-        "greedy b=1 100 tok, int8 weights",
+        "greedy b=1 100 tok, int8 weights (HF: fp32)",
         100 / t["hf"],
         100 / t["ours"],
         True,

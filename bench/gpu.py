@@ -18,8 +18,10 @@ MFU is reported against the datasheet's dense bf16 peak and against the measured
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from gpt2lab import GPT, GPTConfig, load_model  # noqa: E402
 from gpt2lab.config import PRESETS  # noqa: E402
 from gpt2lab.decode import compiled_decode, decode_one_token, prefill  # noqa: E402
+from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.train import BF16_PEAK_TFLOPS, configure_optimizer, flops_per_token  # noqa: E402
 from gpt2lab.train_config import OptimSection  # noqa: E402
 
@@ -187,33 +190,34 @@ def inference_vs_hf(device: torch.device, dry: bool) -> dict:
     P, N = (32, 16) if dry else (1024, 256)
     prompt = torch.randint(0, 50257, (1, P), device=device)
     res: dict = {}
+
+    def hf_prefill():  # the last position's logits only, as gpt2lab's prefill computes them
+        return hf.lm_head(hf.transformer(prompt, use_cache=False).last_hidden_state[:, -1:])
+
+    def our_prefill():
+        ours.setup_cache(1, P)
+        return prefill(ours, prompt, torch.arange(P, device=device))
+
+    short = prompt[:, :16]
+
+    def hf_decode():
+        return hf.generate(short, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=50256)
+
+    def our_decode(step):  # N new tokens: the prefill's, then N - 1 steps, as generate makes them
+        ours.setup_cache(1, 16 + N)
+        logits = prefill(ours, short, torch.arange(16, device=device))
+        for t in range(16, 16 + N - 1):
+            logits = step(ours, logits.argmax(-1, keepdim=True), torch.tensor([t], device=device))
+        return logits
+
     with torch.no_grad():
-        res["hf_prefill_tok_s"] = P / timed(lambda: hf(prompt, use_cache=False), device, repeat=3 if dry else 20)
-
-        def our_prefill():
-            ours.setup_cache(1, P)
-            return prefill(ours, prompt, torch.arange(P, device=device))
-
-        res["ours_prefill_tok_s"] = P / timed(our_prefill, device, repeat=3 if dry else 20)
-
-        short = prompt[:, :16]
-
-        def hf_decode():
-            return hf.generate(short, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=50256)
-
-        res["hf_decode_tok_s"] = N / timed(hf_decode, device, repeat=1 if dry else 3)
-        for name, step in (("ours_decode_tok_s", decode_one_token), ("ours_compiled_decode_tok_s", None)):
-            step = step or compiled_decode(ours)
-
-            def decode(step=step):
-                ours.setup_cache(1, 16 + N)
-                logits = prefill(ours, short, torch.arange(16, device=device))
-                for t in range(16, 16 + N):
-                    logits = step(ours, logits.argmax(-1, keepdim=True), torch.tensor([t], device=device))
-                return logits
-
-            res[name] = N / timed(decode, device, repeat=1 if dry else 3, warmup=1 if dry else 2)
-    return res
+        decodes = {"hf": hf_decode, "ours": lambda: our_decode(decode_one_token)}
+        decodes["ours_compiled"] = functools.partial(our_decode, compiled_decode(ours))
+        fns = {"hf_prefill": hf_prefill, "ours_prefill": our_prefill}
+        prefills = alternated(fns, 3 if dry else 20, sync=lambda: sync(device), warmup=1 if dry else 3)
+        decoded = alternated(decodes, 1 if dry else 3, sync=lambda: sync(device), warmup=1 if dry else 2)
+    res = {f"{k}_tok_s": P / statistics.median(v) for k, v in prefills.items()}
+    return res | {f"{k}_decode_tok_s": N / statistics.median(v) for k, v in decoded.items()}
 
 
 def main() -> None:

@@ -43,6 +43,23 @@ def test_gpu_bench_dry_run(tmp_path):
         assert inference[key] > 0, key
 
 
+def test_the_gpu_inference_rows_give_both_libraries_the_same_work(monkeypatch):
+    """Prefill: the last position's logits on both sides (transformers' head over one position, as
+    gpt2lab's prefill computes it); decode: N new tokens, the prefill's and N - 1 steps, as transformers'
+    generate makes them."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu
+
+    steps, heads = [], []
+    counted = lambda model, token, pos: steps.append(1) or gpu.decode_one_token(model, token, pos)  # noqa: E731
+    monkeypatch.setattr(gpu, "compiled_decode", lambda model: counted)
+    head = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: heads.append(x.shape[1]) or head(self, x))
+    inference = gpu.inference_vs_hf(torch.device("cpu"), dry=True)
+    assert len(steps) == 2 * (16 - 1)  # the compiled decode, one warm-up and one timed call of 16 tokens
+    assert set(heads) == {1} and inference["hf_prefill_tok_s"] > 0  # every lm_head product: one position
+
+
 @pytest.mark.parametrize(
     "script, args, phrase",
     [
