@@ -11,6 +11,7 @@ from gpt2lab.config import GPTConfig
 from gpt2lab.convert import convert_to_gqa
 from gpt2lab.errors import ConfigError
 from gpt2lab.load import load_model, save_pretrained
+from gpt2lab.train_config import TrainConfig
 
 # Full GPT-2 vocabulary so the CLI's tokenizer ids are all valid; tiny everywhere else.
 CONFIG = dict(n_layer=2, n_head=4, n_embd=32, block_size=32)
@@ -120,7 +121,10 @@ def test_cli_converts_and_the_result_runs_everywhere(tmp_path, capsys):
     save_pretrained(model, tmp_path / "mha")
     out = tmp_path / "gqa"
     assert main(["convert", "--model", str(tmp_path / "mha"), "--n-kv-head", "1", "--out", str(out)]) == 0
-    assert "4 -> 1 key/value heads" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "4 -> 1 key/value heads" in printed
+    hint = printed.split("recover quality: ")[1].split()  # the fine-tune it suggests, as train reads it
+    assert hint[:2] == ["gpt2lab", "train"] and TrainConfig.load(None, hint[2:]).model.init == str(out)
     loaded = load_model(out).eval()
     torch.testing.assert_close(logits(loaded), logits(convert_to_gqa(model, 1)), rtol=0, atol=0)
     assert main(["predict", "Hello", "--model", str(out), "--device", "cpu", "--top", "2"]) == 0

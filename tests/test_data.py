@@ -394,6 +394,8 @@ def test_shakespeare_download_verified_or_clear_error(tmp_path, monkeypatch, enc
 def test_cli_prepare(tmp_path, corpus, capsys):
     assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--workers", "1"]) == 0
     assert "3 documents (2 train, 1 val)" in capsys.readouterr().out
+    assert main(["prepare", "--input", str(corpus / "a.txt"), "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert "1 document (" in capsys.readouterr().out
     assert main(["prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "tok")]) == 2
     assert "error: --input" in capsys.readouterr().err
 

@@ -117,7 +117,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(
         f"converted {args.model}: {model.config.n_kv_head} -> {args.n_kv_head} key/value heads "
         f"({model.num_params():,} -> {converted.num_params():,} parameters); wrote {out}\n"
-        f"fine-tune it briefly to recover quality (pass --model {out})"
+        f"fine-tune it briefly to recover quality: gpt2lab train --model.init={out} --data.dir=DATA"
     )
 
 

@@ -131,7 +131,7 @@ class PrepareSummary:
         d, t = self.documents, self.tokens
         skipped = f"; skipped {self.skipped_binary_files} binary files" if self.skipped_binary_files else ""
         return (
-            f"{d['train'] + d['val']:,} documents ({d['train']:,} train, {d['val']:,} val), "
+            f"{d['train'] + d['val']:,} document{'s' * (d['train'] + d['val'] != 1)} ({d['train']:,} train, {d['val']:,} val), "
             f"{t['train'] + t['val']:,} tokens ({t['train']:,} train, {t['val']:,} val) in {self.shards} shards; "
             f"{self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s ({self.mb_per_s:.2f} MB/s){skipped} -> {self.out}"
         )
