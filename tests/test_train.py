@@ -156,19 +156,16 @@ def test_lr_warmup_then_cosine_to_min_lr():
     assert [lr_at(s, optim, 4) for s in range(4)] == lrs[:4]  # a run that ends within its warmup
 
 
+def fine_tune_one_step(bytes_dir: Path, init: Path, out: Path) -> None:
+    """One step of fine-tuning the model in ``init`` into the run ``out``, without warmup or evaluation."""
+    train(config(bytes_dir, out, {"model.init": init}, optim__warmup_steps=0, run__steps=1, run__eval_every=0))
+
+
 def test_a_fine_tune_from_half_precision_weights_trains_in_float32(bytes_dir, reference, tmp_path):
     """docs/training.md: weights and optimizer state stay fp32, whatever dtype the model's file holds."""
     model = checkpoint.load_model(reference).to(torch.bfloat16)
     save_pretrained(model, tmp_path / "hf")
-    ft = config(
-        bytes_dir,
-        tmp_path / "ft",
-        {"model.init": tmp_path / "hf"},
-        optim__warmup_steps=0,
-        run__steps=1,
-        run__eval_every=0,
-    )
-    train(ft)
+    fine_tune_one_step(bytes_dir, tmp_path / "hf", tmp_path / "ft")
     ckpt = tmp_path / "ft" / "ckpt-00000001"
     weights, optim = (torch.load(ckpt / name, weights_only=True) for name in ("model.pt", "optim.pt"))
     moments = [t for state in optim["state"].values() for t in state.values() if t.dim() > 0]
@@ -473,16 +470,7 @@ def test_a_checkpoint_of_another_kind_of_strategy_is_refused_before_a_model_is_b
 
 def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path):
     assert main(["export", "--model", str(reference), "--out", str(tmp_path / "hf")]) == 0
-    train(
-        config(
-            bytes_dir,
-            tmp_path / "ft",
-            {"model.init": tmp_path / "hf"},
-            optim__warmup_steps=0,
-            run__steps=1,
-            run__eval_every=0,
-        )
-    )
+    fine_tune_one_step(bytes_dir, tmp_path / "hf", tmp_path / "ft")
     base = load_model(tmp_path / "hf")
     from gpt2lab.data import Batches, TokenData
 
