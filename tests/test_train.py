@@ -532,6 +532,8 @@ def test_generate_and_export_use_the_newest_checkpoint(golden_run, tmp_path, cap
     assert texts[0] == texts[1] != texts[2] and texts[0].startswith("ROMEO:")
     assert main(["export", "--model", str(golden_run), "--out", str(tmp_path / "hf")]) == 0
     exported = load_model(tmp_path / "hf")
+    said = f"exported {golden_run} (ckpt-00000003) ({exported.num_params():,} parameters) to {tmp_path / 'hf'}"
+    assert capsys.readouterr().out.strip() == said  # the checkpoint taken, the parameters written
     newest, oldest = (checkpoint.load_model(golden_run / f"ckpt-0000000{i}") for i in (3, 1))
     assert exported.config.padded_vocab_size == 50257 and newest.config.padded_vocab_size == 50304
     x = torch.randint(0, 50257, (2, 16))
