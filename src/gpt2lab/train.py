@@ -309,9 +309,7 @@ def train_step(
     score alike, each weighs exactly 1 / grad_accum)."""
     accum, device = batches.grad_accum, env.device
     micro_batches = [batches.get(step, micro) for micro in range(accum)]
-    scored = torch.stack([(y != -100).sum() for _, y in micro_batches]).to(device)  # -100: ignored
-    total = all_reduce_sum(scored.sum(), env)  # DDP and FSDP average gradients over the ranks: undone here
-    weights = (scored * (accum * env.world_size)).double() / total.double()  # 1.0 each where all score alike
+    weights = _scored_shares(micro_batches, env)  # DDP and FSDP average gradients over the ranks: undone here
     loss_sum = torch.zeros((), device=device)
     for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -328,14 +326,20 @@ def train_step(
     return loss_sum, norm
 
 
+def _scored_shares(batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv) -> torch.Tensor:
+    """Each batch's share of the scored targets (not -100) of all ranks' batches, times their number
+    (every rank holds as many): float64 on ``env.device``, exactly 1.0 each where all score alike."""
+    scored = torch.stack([(y != -100).sum() for _, y in batches]).to(env.device)
+    total = all_reduce_sum(scored.sum(), env)
+    return (scored * (len(batches) * env.world_size)).double() / total.double()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], env: DistEnv, amp) -> float:
     """Mean loss over the scored targets (not -100) of the val batches of all ranks (each rank holds its
     share): each batch's mean weighs by its share of them (exactly 1 each where all score alike)."""
     model.eval()
-    scored = torch.stack([(y != -100).sum() for _, y in batches]).to(env.device)
-    total = all_reduce_sum(scored.sum(), env)
-    weights = (scored * (len(batches) * env.world_size)).double() / total.double()
+    weights = _scored_shares(batches, env)
     loss_sum = torch.zeros((), device=env.device)
     for (x, y), weight in zip(batches, weights, strict=True):
         with amp:
