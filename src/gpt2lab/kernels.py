@@ -262,8 +262,7 @@ class KernelTable:
     def times(self, out_features: int, in_features: int, rows: int, kind: str) -> dict[str, float]:
         """Microseconds per product of each candidate kernel of a ``kind`` product, as measured (and
         ``pack``, where a candidate reads a copy); empty for an edited entry without them."""
-        us = self._entry(out_features, in_features, rows, kind).get("us_per_product")
-        return us if isinstance(us, dict) else {}
+        return _times(self._entry(out_features, in_features, rows, kind))
 
     def pack_repays(self, out_features: int, in_features: int, rows: int, kind: str = "packed") -> float:
         """After how many products of ``rows`` rows by an (out, in) weight the time that reading a copy
@@ -272,7 +271,7 @@ class KernelTable:
         the weight as it is (``avx2_f32`` among them: ``ops.READS_THE_WEIGHT``); infinite where no copy's
         kernel is the one chosen."""
         entry = self._entry(out_features, in_features, rows, kind)
-        us, kernel = self.times(out_features, in_features, rows, kind), entry["kernel"]
+        us, kernel = _times(entry), entry["kernel"]
         made = pack_key(kernel)
         in_place = (k for k in candidates(kind, rows) if k not in COPY_KERNELS or k in ops.READS_THE_WEIGHT)
         plain = min((us[k] for k in in_place if k in us and k != kernel), default=None)
@@ -385,6 +384,13 @@ class KernelTable:
             files.write_json(target, data)
         except (OSError, RuntimeError, files.DiskFullError):  # RuntimeError: a loop of links
             pass  # an unreadable, read-only or full cache: the choice lives in memory for this process
+
+
+def _times(entry: dict) -> dict[str, float]:
+    """An entry's microseconds per product of each candidate (``KernelTable.times``); empty for an edit
+    without them."""
+    us = entry.get("us_per_product")
+    return us if isinstance(us, dict) else {}
 
 
 def _current(entries) -> dict:
