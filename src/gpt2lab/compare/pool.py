@@ -55,6 +55,11 @@ class Job:
     steps: int = 0
     tokens: int = 0
 
+    @property
+    def waits_for(self) -> tuple[str, ...]:
+        """Every job that must finish before it starts: those it reads and those it only follows."""
+        return self.deps + self.after
+
 
 def job_keys(jobs: list[Job]) -> dict[str, dict]:
     """Each job's cache key: its kind and parameters, and its dependencies' keys (so a changed language
@@ -165,7 +170,7 @@ def _order(pending: list[Job], done: dict) -> list[Job]:
     """The in-process order: longest first among the jobs whose dependencies are done."""
     order, finished, todo = [], set(done), list(pending)
     while todo:
-        ready = [j for j in todo if set(j.deps + j.after) <= finished] or todo[:1]
+        ready = [j for j in todo if set(j.waits_for) <= finished] or todo[:1]
         job = max(ready, key=lambda j: j.cost)
         order.append(job)
         todo.remove(job)
@@ -179,7 +184,7 @@ def _run_pool(pending, results, keys, root, execute, workers, threads, bar) -> N
     running: dict[futures.Future, Job] = {}
     try:
         while pending or running:
-            ready = sorted((j for j in pending if all(d in results for d in j.deps + j.after)), key=lambda j: -j.cost)
+            ready = sorted((j for j in pending if all(d in results for d in j.waits_for)), key=lambda j: -j.cost)
             for job in ready[: workers - len(running)]:
                 pending.remove(job)
                 args = (execute, job.kind, job.params, str(root / RUNS / job.name), keys[job.name], str(root))
@@ -221,7 +226,7 @@ def makespan(jobs: list[Job], workers: int) -> float:
     free = [0.0] * max(1, workers)
     finish: dict[str, float] = {}
     for job in _order(jobs, {}):
-        start = max([min(free), *(finish.get(d, 0.0) for d in job.deps + job.after)])
+        start = max([min(free), *(finish.get(d, 0.0) for d in job.waits_for)])
         slot = free.index(min(free))
         finish[job.name] = free[slot] = start + job.cost
     return max(finish.values(), default=0.0)
