@@ -151,15 +151,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from gpt2lab import checkpoint
-    from gpt2lab.hf import is_plain_gpt2
     from gpt2lab.load import load_for_rewrite, save_pretrained, tokenizer_of
 
     model, out = load_for_rewrite(args.model, args.out)
-    save_pretrained(model, out, tokenizer_of(args.model))
-    config, rows = model.config, model.wte.weight.shape[0]
-    padding = (rows - config.vocab_size) * config.n_embd if is_plain_gpt2(config) else 0  # not written
+    written = save_pretrained(model, out, tokenizer_of(args.model))
     taken = f" ({checkpoint.find(args.model).name})" if checkpoint.is_training_dir(args.model) else ""
-    print(f"exported {args.model}{taken} ({model.num_params() - padding:,} parameters) to {out}")
+    print(f"exported {args.model}{taken} ({written:,} parameters) to {out}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -202,11 +202,12 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
+def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> int:
     """Write config.json, model.safetensors and the tokenizer files (vocab.json, merges.txt: what
     transformers, CTranslate2's and llama.cpp's converters read, GPT-2's unless ``tokenizer`` is a
     directory's own BPE; or vocabulary.json for a model trained in a compact vocabulary); files appear
-    complete or not at all, and a previous model's tokenizer files of the other kind are removed."""
+    complete or not at all, and a previous model's tokenizer files of the other kind are removed.
+    Returns the number of weights written (a plain GPT-2's without its vocabulary padding)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")
@@ -243,6 +244,7 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> None:
         for stale in set(TOKENIZER_FILES) - set(names) if replaces_a_model else ():  # the other kind's
             (directory / stale).unlink(missing_ok=True)
     files.fsync_dir(directory)
+    return sum(t.numel() for t in state_dict.values())
 
 
 def _tokenizer_files(tokenizer) -> dict[str, bytes]:
