@@ -176,8 +176,32 @@ def test_uptraining_shares_only_where_there_is_a_gap_to_close():
     better = [m - 0.1 + 0.001 * i for i, m in enumerate(mha)]
     up = [m + 0.05 + 0.002 * (i % 2) for i, m in enumerate(mha)]
     arm = _arm("mean", 0.1, up, mha, {"scratch_worse": worse, "scratch_better": better})
-    assert arm["closes_scratch_worse_gap"] == pytest.approx((0.102 - 0.0508) / 0.102)
+    closed = arm["closes_scratch_worse_gap"]
+    assert closed["mean"] == pytest.approx((0.102 - 0.0508) / 0.102)
+    assert closed["lo"] < closed["mean"] < closed["hi"]
     assert arm["closes_scratch_better_gap"] is None
+
+
+def test_a_shares_interval_is_the_set_of_ratios_a_paired_t_test_keeps():
+    """Fieller's interval for mean(a) / mean(b), checked against its definition by brute force: on a fine grid
+    of R, a two-sided paired t-test of a - R b keeps exactly the R between lo and hi."""
+    a = [0.11, 0.14, 0.10, 0.13, 0.085]
+    b = [0.22, 0.27, 0.24, 0.24, 0.22]
+    share = stats.ratio_of_means(a, b)
+    assert share["mean"] == pytest.approx(np.mean(a) / np.mean(b))
+    grid = np.linspace(0.2, 0.8, 60001)
+    kept = [
+        r
+        for r in grid
+        if stats.differences([x - r * y for x, y in zip(a, b, strict=True)])["lo"]
+        <= 0
+        <= stats.differences([x - r * y for x, y in zip(a, b, strict=True)])["hi"]
+    ]
+    assert kept[0] == pytest.approx(share["lo"], abs=2e-5) and kept[-1] == pytest.approx(share["hi"], abs=2e-5)
+    assert share["lo"] > grid[0] and share["hi"] < grid[-1]
+    # a denominator whose interval holds 0 bounds no interval; one seed gives none
+    assert stats.ratio_of_means(a, [0.05, -0.04, 0.03, -0.02, 0.01])["lo"] is None
+    assert stats.ratio_of_means(a[:1], b[:1]) == {"n": 1, "mean": a[0] / b[0], "lo": None, "hi": None}
 
 
 def test_holm_steps_down():
@@ -595,7 +619,11 @@ def test_uptraining_sentences_read_whether_or_not_a_gap_was_detected(quick_run):
     for target in results["uptraining"]["targets"]:
         for c in target["conversion_gap_closed"]:
             share = c["share"]
-            phrase = "no conversion gap detected to close" if share is None else f"closes {100 * share:.0f}% of the"
+            phrase = (
+                "no conversion gap detected to close"
+                if share is None
+                else f"closes {100 * share['mean']:.0f}% [{100 * share['lo']:.0f}%, {100 * share['hi']:.0f}%] of the"
+            )
             assert f"- {c['method']}, {100 * c['fraction']:g}% uptraining: {phrase}" in report
 
 
@@ -636,7 +664,8 @@ def test_a_converted_model_better_than_mha_has_no_gap_to_close():
         }
 
     assert conversion_gap_closed(target(-0.05))[0]["share"] is None
-    assert conversion_gap_closed(target(+0.05))[0]["share"] == pytest.approx(0.5, abs=0.02)
+    share = conversion_gap_closed(target(+0.05))[0]["share"]
+    assert share["mean"] == pytest.approx(0.5, abs=0.02) and share["lo"] < share["mean"] < share["hi"]
 
 
 def test_each_window_kernels_ratio_sits_under_its_own_column():

@@ -14,7 +14,7 @@ from gpt2lab.compare import stats
 from gpt2lab.compare.settings import reference_of
 from gpt2lab.config import GPTConfig
 
-SCHEMA = "gpt2lab-compare/2"  # results.json's layout; the findings test skips files without it
+SCHEMA = "gpt2lab-compare/3"  # results.json's layout; the findings test skips files without it
 CHANCE_BOTH = 0.25  # the most a rule that ignores the key can score on "both" (a coin flip between twins)
 POSITIVE = (0.0, math.inf)  # the range of a speed: an interval is cut to it
 
@@ -184,8 +184,8 @@ def _arm(method: str, fraction: float, values: list[float], mha: list[float], re
     for name, ref in references.items():
         arm[f"vs_{name}"] = stats.paired(values, ref)
         gap = stats.paired(ref, mha)  # a gap to close only where the scratch model is detected worse than MHA
-        closed = (np.mean(ref) - np.mean(values)) / (np.mean(ref) - np.mean(mha)) if gap["verdict"] == "worse" else None
-        arm[f"closes_{name}_gap"] = None if closed is None else float(closed)
+        closed = _share_closed(gap["values"], arm["vs_mha"]["values"]) if gap["verdict"] == "worse" else None
+        arm[f"closes_{name}_gap"] = closed
     return arm
 
 
@@ -199,10 +199,17 @@ def conversion_gap_closed(target: dict) -> list[dict]:
         if not fraction or start is None:
             continue
         detected = start["vs_mha"]["verdict"] == "worse"  # a converted model better than MHA has no gap to close
-        gap = start["vs_mha"]["mean"]
-        share = (start["loss"]["mean"] - arm["loss"]["mean"]) / gap if detected and gap else None
-        out.append({"method": method, "fraction": fraction, "gap": gap, "share": share})
+        share = _share_closed(start["vs_mha"]["values"], arm["vs_mha"]["values"]) if detected else None
+        out.append({"method": method, "fraction": fraction, "gap": start["vs_mha"]["mean"], "share": share})
     return out
+
+
+def _share_closed(gap_before: list[float], gap_after: list[float]) -> dict:
+    """The share of a gap (per seed, a loss minus its target's) that training closed: mean(before - after) /
+    mean(before), with Fieller's interval over the seeds (stats.ratio_of_means). 1 = the gap closed, 0 = as
+    before, below 0 = wider."""
+    closed = [b - a for b, a in zip(gap_before, gap_after, strict=True)]
+    return stats.ratio_of_means(closed, gap_before)
 
 
 # --- MQAR ----------------------------------------------------------------------------------------

@@ -372,7 +372,7 @@ def _uptraining(r: dict) -> list[str]:
         f"uptrained for fractions of their {r['config']['run']['steps']} steps (AdamW restarted, fresh batches), "
         f"against the converted shape trained from scratch. Multi-head: {ci(u['mha'])}. A share of a gap closed "
         "is given only where the scratch model is detected worse than MHA: 100% = as good as MHA, 0% = as good as "
-        "the scratch model, below 0 = worse than it.",
+        "the scratch model, below 0 = worse than it; its interval is Fieller's for a ratio of paired means.",
         "",
     ]
     for t in u["targets"]:
@@ -410,15 +410,20 @@ def _uptraining(r: dict) -> list[str]:
             closes = (
                 f"no conversion gap detected to close ({gap})"
                 if c["share"] is None
-                else f"closes {100 * c['share']:.0f}% of the conversion gap ({gap})"
+                else f"closes {_share(c['share'])} of the conversion gap ({gap})"
             )
             lines.append(f"- {c['method']}, {100 * c['fraction']:g}% uptraining: {closes}")
         lines.append("")
     return lines
 
 
-def _share(value: float | None) -> str:
-    return "no gap to close" if value is None else f"{100 * value:.0f}%"
+def _share(d: dict | None) -> str:
+    """A share of a gap closed, in percent, with its interval: ``46% [38%, 54%]``."""
+    if d is None:
+        return "no gap to close"
+    if d["lo"] is None:
+        return f"{100 * d['mean']:.0f}%"
+    return f"{100 * d['mean']:.0f}% [{100 * d['lo']:.0f}%, {100 * d['hi']:.0f}%]"
 
 
 def _overfitting(r: dict) -> list[str]:

@@ -7,7 +7,9 @@ about four times in five: the usual approximation, 79% exactly at n = 5 and 73% 
 interval entirely on one side of 0 names that side; otherwise "no difference detected", never "the same".
 Differences without spread (the same in every seed, as accuracies at their ceiling) admit no t-test: no
 p-value, no MDD80, and the verdict says so (with the side, if any). ``holm`` marks which of a family of
-verdicts survive Holm's correction.
+verdicts survive Holm's correction. A share (a ratio of two paired means, such as the part of a gap that
+training closed) has Fieller's interval: the ratios R that a paired t-test of numerator - R x denominator does
+not reject.
 """
 
 from __future__ import annotations
@@ -71,6 +73,28 @@ def differences(d: list[float], below: str = "better", above: str = "worse") -> 
     else:
         out["verdict"] = NO_DIFFERENCE
     return out
+
+
+def ratio_of_means(numerator: list[float], denominator: list[float]) -> dict:
+    """mean(numerator) / mean(denominator), both paired over the same seeds, with Fieller's 95% interval: every
+    R for which the differences numerator - R x denominator have a t-interval that holds 0, i.e. the R with
+    (m_a - R m_b)^2 <= q (S_aa - 2 R S_ab + R^2 S_bb), q = t^2 / n. The interval is bounded only where the
+    denominator's own t-interval excludes 0; otherwise (and with one seed) lo and hi are None."""
+    n = len(numerator)
+    if n != len(denominator):
+        raise ValueError(f"a ratio of paired means needs the same seeds: {n} vs {len(denominator)}")
+    ma, mb = statistics.fmean(numerator), statistics.fmean(denominator)
+    out = {"n": n, "mean": ma / mb, "lo": None, "hi": None}
+    if n < 2:
+        return out
+    saa, sbb = statistics.variance(numerator), statistics.variance(denominator)
+    sab = statistics.covariance(numerator, denominator)
+    q = t_quantile(1 - LEVEL / 2, n - 1) ** 2 / n
+    a, b, c = mb * mb - q * sbb, ma * mb - q * sab, ma * ma - q * saa
+    if a <= 0:  # the denominator is not detected away from 0: no bounded interval
+        return out
+    root = math.sqrt(max(b * b - a * c, 0.0))  # >= 0 whenever a > 0: R = m_a / m_b satisfies the inequality
+    return out | {"lo": (b - root) / a, "hi": (b + root) / a}
 
 
 def holm(p_values: list[float | None], level: float = LEVEL) -> list[bool]:
