@@ -204,6 +204,25 @@ def test_a_shares_interval_is_the_set_of_ratios_a_paired_t_test_keeps():
     assert stats.ratio_of_means(a[:1], b[:1]) == {"n": 1, "mean": a[0] / b[0], "lo": None, "hi": None}
 
 
+def test_decode_rounds_time_warm_models(monkeypatch):
+    """A model's first decode steps in a setting also plan (and may calibrate) its kernels, several times slower
+    than the next: they run untimed, so no alternated round carries them."""
+    from gpt2lab.compare import efficiency
+
+    calls: list[int] = []
+
+    def rate(model, token, start, n, device):
+        calls.append(id(model))
+        return 1.0 if calls.count(id(model)) == 1 else 2.0  # a model's first call: the slow one
+
+    monkeypatch.setattr(efficiency, "_rate", rate)
+    config = GPTConfig.from_name("debug", vocab_size=256, n_layer=1, block_size=64)
+    models = {name: GPT(config).eval() for name in ("ref", "a", "b")}
+    params = {"reference": "ref", "variants": ["a", "b"], "new_tokens": 4, "rounds": 3}
+    setting = efficiency._decode_setting(models, params, 1, 32, torch.device("cpu"))
+    assert setting["rates"] == {"a": [[2.0, 2.0]] * 3, "b": [[2.0, 2.0]] * 3}
+
+
 def test_holm_steps_down():
     assert stats.holm([0.01, 0.04, 0.03, None]) == [True, False, False, False]  # 0.01 < 0.05/3; 0.03 > 0.05/2
     assert stats.holm([0.001, 0.01, 0.02]) == [True, True, True]

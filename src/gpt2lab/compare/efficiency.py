@@ -43,7 +43,8 @@ def efficiency_job(params: dict, run_dir: Path, root: Path) -> dict:
 
 def _decode_setting(models: dict[str, GPT], params: dict, B: int, ctx: int, device: torch.device) -> dict:
     """Alternated decode rates at batch ``B`` and context ``ctx``: per variant, per round, the reference's
-    tokens/s and the variant's, measured back to back. Learned-position variants only up to their table."""
+    tokens/s and the variant's, measured back to back, after one untimed call of each model. Learned-position
+    variants only up to their table."""
     reference, n = params["reference"], params["new_tokens"]
     names = [
         v
@@ -53,6 +54,8 @@ def _decode_setting(models: dict[str, GPT], params: dict, B: int, ctx: int, devi
     last = {name: _prefilled(models[name], B, ctx - n, device) for name in [reference, *names]}
     rates: dict[str, list[list[float]]] = {name: [] for name in names}
     with torch.no_grad():
+        for name in [reference, *names]:  # untimed: a model's first steps also plan and calibrate its kernels
+            _rate(models[name], last[name], ctx - n, n, device)
         for r in range(params["rounds"]):
             for name in names[r % max(1, len(names)) :] + names[: r % max(1, len(names))]:
                 ref = _rate(models[reference], last[reference], ctx - n, n, device)
