@@ -265,7 +265,7 @@ QUOTES = [
             (8, 4096, "rope+swa"),
         ]
     ),
-    Quote(("efficiency", "kernels", {"context": 1024, "window": 128}, "vs_full", "window: SDPA + mask"), 2, "ratio"),
+    Quote(("efficiency", "kernels", {"context": 4096, "window": 1024}, "vs_full", "window: SDPA + mask"), 2, "ratio"),
 ]
 
 VERDICT = re.compile(
@@ -374,7 +374,12 @@ def test_counts_and_shares_the_findings_state():
     assert f"over all {r['holm_family']} tested verdicts of the report" in text
     runs = [c for m in r["mqar"]["models"].values() for c in m["converged"]]
     assert f"{runs.count(False)} of the {len(runs)} runs had not reached a plateau" in text
-    closed = {(c["method"], c["fraction"]): f"{100 * c['share']:.0f}%" for c in at(r, UPTRAIN)["conversion_gap_closed"]}
+    closed = {
+        (c["method"], c["fraction"]): "{:.0f}% [{:.0f}%, {:.0f}%]".format(
+            *(100 * c["share"][k] for k in ("mean", "lo", "hi"))
+        )
+        for c in at(r, UPTRAIN)["conversion_gap_closed"]
+    }
     assert f"closes {closed['mean', 0.05]} and {closed['mean', 0.1]} of that gap" in text
     assert f"then {closed['first', 0.05]} and {closed['first', 0.1]})" in text
 
