@@ -356,6 +356,7 @@ def test_jobs_are_cached_by_their_key(tmp_path):
     stamp = (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns
     assert run_jobs(jobs, tmp_path, _fake, 1, None, False)["one"]["x2"] == 2
     assert (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns == stamp  # reused
+    assert sorted(p.name for p in (tmp_path / "runs/two").iterdir()) == [JOB_JSON, "log.txt", "touched"]
     jobs[0].params = {"x": 5}  # a changed job is redone, and so is every job that reads it
     results = run_jobs(jobs, tmp_path, _fake, 1, None, False)
     assert results["one"]["x2"] == 10 and (tmp_path / "runs/two" / JOB_JSON).stat().st_mtime_ns != stamp

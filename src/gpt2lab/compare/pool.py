@@ -30,7 +30,7 @@ from gpt2lab.errors import GPT2LabError
 
 RUNS = "runs"  # job directories: OUT/runs/<job name>
 JOB_JSON = "job.json"  # {"key": ..., "value": ...} of a finished job
-STARTED_JSON = "job_started.json"  # the key of the job that last started in this directory
+STARTED_JSON = "job_started.json"  # the key of the job started in this directory, until it finishes
 LOG = "log.txt"  # what the job printed (the training loop's messages)
 PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal this process gets when its parent dies
 Execute = Callable[[str, dict, Path, Path], dict]  # (kind, params, run directory, output root) -> result
@@ -106,6 +106,7 @@ def run_job(execute: Execute, kind: str, params: dict, run_dir: str, key: dict, 
         value = execute(kind, params, path, Path(root))
     value |= {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "machine": machine()}
     files.write_text(path / JOB_JSON, json.dumps({"key": key, "value": value}) + "\n")
+    (path / STARTED_JSON).unlink(missing_ok=True)  # job.json holds the key now: nothing left to resume
     return value
 
 
