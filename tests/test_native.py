@@ -1144,6 +1144,25 @@ def test_a_decode_step_in_one_op_reads_the_embedding_tables_the_model_has_now(ma
 
 
 @needs_kernel
+@pytest.mark.parametrize("norm", ["h.0.ln_1.weight", "h.1.ln_2.bias", "ln_f.weight", "ln_f.bias"])
+def test_a_decode_step_reads_the_layer_norms_the_model_has_now(make_gpt, norm):
+    """A LayerNorm parameter replaced between steps (a new parameter) is the one the next step reads, bit
+    for bit as the Python steps read it: a one-op step planned with the old one does not run."""
+    model = quantize.quantize_int8(
+        make_gpt(seed=4, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+    )
+    prompt = torch.tensor([[5, 3, 9, 1]])
+    with torch.no_grad():
+        model.setup_cache(1, 12)
+        plan_one_op_steps(model, 1, None)
+        steps_every_way(model, prompt, 2)
+        module, name = norm.rsplit(".", 1)
+        ln = model.get_submodule(module)
+        setattr(ln, name, torch.nn.Parameter(getattr(ln, name) * 2 + 0.5, requires_grad=False))
+        steps_every_way(model, prompt, 2)
+
+
+@needs_kernel
 def test_a_steps_blocks_choose_their_attention_kernel_once_where_their_settings_agree(make_gpt, monkeypatch):
     """A one-op step through every block asks the table for the attention kernel once, not once per
     block; a choice made so serves only attentions of the same settings and key count: another

@@ -279,8 +279,17 @@ class _StepPlan:
     products: tuple[list, ...]  # kernels, weights, scales, biases, output widths
     gelu_form: str
 
-    def holds(self) -> bool:
-        return all(m.planned is p and m.plan_holds() for m, p in zip(self.layers, self.plans, strict=True))
+    def holds(self, block: Block) -> bool:
+        """Whether ``block`` still has the layers' plans and the LayerNorm parameters planned with."""
+        ln_1, ln_2 = block.ln_1, block.ln_2
+        return (
+            all(
+                now is then
+                for now, then in zip((ln_1.weight, ln_1.bias, ln_2.weight, ln_2.bias), self.norms, strict=True)
+            )
+            and ln_1.eps == ln_2.eps == self.eps
+            and all(m.planned is p and m.plan_holds() for m, p in zip(self.layers, self.plans, strict=True))
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -294,8 +303,17 @@ class _HeadPlan:
     eps: float
     product: NativeProduct
 
-    def holds(self, head: nn.Module, rows: int) -> bool:
-        return rows == self.rows and head.planned is self.plan and head.plan_holds()
+    def holds(self, model: GPT, rows: int) -> bool:
+        """Whether ``model`` still has the lm_head's plan and the ``ln_f`` parameters planned with."""
+        head, ln = model.lm_head, model.ln_f
+        return (
+            rows == self.rows
+            and ln.weight is self.norm[0]
+            and ln.bias is self.norm[1]
+            and ln.eps == self.eps
+            and head.planned is self.plan
+            and head.plan_holds()
+        )
 
 
 class Block(nn.Module):
@@ -387,7 +405,7 @@ class Block(nn.Module):
         plan = self.step_plan
         if plan is None or tokens != 1 or plan.rows != rows or self.training or torch.is_grad_enabled():
             return None
-        if not plan.holds():
+        if not plan.holds(self):
             return None
         attn = plan.attn
         slots = _kv_cache(attn).slots(step[2])
@@ -663,7 +681,7 @@ class GPT(nn.Module):
         if not self._blocks_together or torch.compiler.is_compiling() or _global_hooks():
             return None
         head = self.head_plan
-        if logits and (head is None or not head.holds(self.lm_head, rows)):
+        if logits and (head is None or not head.holds(self, rows)):
             return None
         chosen: dict[tuple, str] = {}  # the blocks' attention kernels, chosen once for blocks alike
         key = []  # what the kept arguments were gathered from: objects equal only to themselves, and ids
