@@ -254,6 +254,21 @@ def test_int8_layers_follow_loaded_weights(make_gpt, rows):
         torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel", ["avx2", "int_mm"])
+def test_an_int8_layer_refuses_an_input_of_another_width(kernel):
+    """As F.linear does, on every kernel: gpt2lab's would take an input whose width pads as the weight's
+    does (50 or 33 columns for 40) and return a result of the wrong rows."""
+    if kernel == "avx2" and not native.available():
+        pytest.skip("gpt2lab's kernels are not built here")
+    layer = Int8Linear(torch.nn.Linear(40, 8), None).eval()
+    layer.plan(5, kernel)
+    with torch.no_grad():
+        assert layer(torch.randn(5, 40)).shape == (5, 8)
+        for x in (torch.randn(4, 50), torch.randn(5, 33)):
+            with pytest.raises(GPT2LabError, match="takes inputs of 40 features"):
+                layer(x)
+
+
 def test_an_int8_layer_makes_its_channels_once_for_every_kernel():
     """The per-channel scales and weight sums (``ops.weight_channels``) are one tensor however many
     kernels the layer packs for (the lm_head's are 400 KB in GPT-2)."""

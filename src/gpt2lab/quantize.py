@@ -92,6 +92,8 @@ class Int8Linear(nn.Module):
             raise GPT2LabError("int8 layers compute no gradients; train the float32 model and quantize it after")
         if self.scale.dtype != torch.float32:
             raise GPT2LabError("an int8 model runs in float32 (its scales and biases); do not cast it with .to(dtype)")
+        if x.shape[-1] != self.in_features:  # gpt2lab's kernel would take any width padding as the weight's does
+            raise GPT2LabError(f"this int8 layer takes inputs of {self.in_features} features, got {tuple(x.shape)}")
         if self._runs_avx2_as_it_is(x):  # the op keeps x's leading dimensions: no reshapes around it
             return ops.int8_linear(x, self.planned.packed, "avx2")
         x2 = x.reshape(-1, self.in_features).float()
