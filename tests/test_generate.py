@@ -406,6 +406,23 @@ def test_bad_sampling_arguments_raise(make_gpt, kwargs, field):
         stream(make_gpt(), [[1, 2]], **kwargs)
 
 
+def test_a_second_stream_waits_for_the_first_to_end(make_gpt):
+    """One KV cache per model: a second stream started while the first is unfinished is refused (it would
+    reset the cache the first one decodes from and give both wrong tokens); once the first is read to its
+    end or closed, the next runs and gives the tokens it gives alone."""
+    model = make_gpt()
+    alone = generate(model, [[1, 2, 3]], 6, temperature=0)
+    first = stream(model, [[1, 2, 3]], 6, temperature=0)
+    next(first)
+    with pytest.raises(GPT2LabError, match="generating already"):
+        next(stream(model, [[1, 2, 3]], 6, temperature=0))
+    first.close()
+    assert generate(model, [[1, 2, 3]], 6, temperature=0) == alone
+    first = stream(model, [[1, 2, 3]], 6, temperature=0)
+    assert [t.item() for t in first] == alone[0]  # read to its end: the model is free again
+    assert generate(model, [[1, 2, 3]], 6, temperature=0) == alone
+
+
 # --- real GPT-2 weights, only where they are already in the local HF cache ------------------------------
 
 

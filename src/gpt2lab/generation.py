@@ -188,7 +188,9 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step, until ``max_new_tokens`` or every row
     has produced ``eos_id``. Prompts are rows of token ids (``prompt_rows``) and may differ in length
-    (they are left-padded). Bad arguments raise here, before the first token is asked for.
+    (they are left-padded). Bad arguments raise here, before the first token is asked for. A model
+    serves one stream at a time (it holds one KV cache): another started before this one is read to
+    its end or closed is refused.
 
     ``compile=True`` runs the decode step through torch.compile (``gpt2lab.decode``). Compiling takes
     a while the first time, so it pays for long or repeated generation. On the CPU the compiled step
@@ -276,12 +278,18 @@ def _stream(
     """``stream``'s loop over the left-padded prompts idx (B, P), once its arguments are checked;
     ``pick`` turns next-token logits (B, V) into tokens (B,)."""
     (B, P), device = idx.shape, idx.device
+    if model.generating:  # its KV cache, and the layers' plans, belong to that call until it ends
+        raise GPT2LabError(
+            "this model is generating already: a stream of it has not ended (its KV cache serves one call at a "
+            "time). Read that stream to its end or close it (stream.close()) first"
+        )
     was_training = model.training
     model.eval()
     model.setup_cache(B, P + max_new_tokens, pad=pad, keep=compile)
     step, compiled = decode_step(model, B, compile)
     eager = not compiled or times_against_eager(step)  # steps that may run eager, as an eager call's
     packed, planned = [], []
+    model.generating = True
     try:
         logits = prefill(model, idx, torch.arange(P, device=device))
         if eager:  # a compiled step reads the weights frozen into it, not copies
@@ -315,6 +323,7 @@ def _stream(
         if not model.cache_kept:
             model.clear_cache(packs=False)
         model.train(was_training)
+        model.generating = False
 
 
 def generate(

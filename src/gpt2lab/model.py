@@ -545,6 +545,7 @@ class GPT(nn.Module):
         self.cache_len = 0  # time steps the KV cache holds
         self.cache_end = 0  # time steps the generation call that set it up needs (at most cache_len)
         self.cache_kept = False  # whether the KV cache outlives its generation call (setup_cache's keep)
+        self.generating = False  # whether a generation call holds the KV cache (generation.stream, until it ends)
         self._window_masks: dict[tuple[int, torch.device], torch.Tensor | BlockMask] = {}
         self._blocks: tuple | None = None  # _one_op_blocks': (what it was gathered from, DecodeBlocks, tables)
         self.head_plan: _HeadPlan | None = None  # plan_decoding's: ln_f and the lm_head in the blocks' one op
