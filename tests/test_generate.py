@@ -423,6 +423,16 @@ def test_a_second_stream_waits_for_the_first_to_end(make_gpt):
     assert generate(model, [[1, 2, 3]], 6, temperature=0) == alone
 
 
+def test_a_kv_cache_larger_than_memory_is_refused_before_it_is_allocated(make_gpt):
+    """A rope model has no position limit: a length past the machine's memory, or past what torch can
+    count, is a clear error naming the memory it would need, not a failure inside torch."""
+    model = make_gpt(pos_emb="rope")
+    for n in (10**12, 2**62, 2**63):
+        with pytest.raises(GPT2LabError, match=r"a KV cache of 1 row\(s\) x [\d,]+ time steps needs .* GiB, more than"):
+            list(stream(model, [[1, 2]], n, temperature=0))
+    assert not model.generating and generate(model, [[1, 2]], 2, temperature=0)
+
+
 # --- real GPT-2 weights, only where they are already in the local HF cache ------------------------------
 
 

@@ -69,14 +69,19 @@ def available_memory() -> int | None:
     return None
 
 
+def memory_of(device: torch.device | None) -> tuple[int, str]:
+    """Bytes of memory ``device`` has in all, and how to name it: a CUDA device's own, else (the CPU,
+    or None) this machine's RAM."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    return physical_memory(), "this machine's memory"
+
+
 def check_fits(config: GPTConfig, bytes_per_param: int = 4, device: torch.device | None = None) -> None:
     """Refuse, before anything is allocated, a model whose weights alone exceed the memory of
     ``device`` (default: this machine's RAM, where every model is first built or loaded)."""
     need = config.num_params() * bytes_per_param
-    if device is not None and device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
-    else:
-        have, where = physical_memory(), "this machine's memory"
+    have, where = memory_of(device)
     if need > have:
         raise ConfigError(
             f"the model's {config.num_params():,} parameters need {need / 2**30:,.1f} GiB for the weights alone, "

@@ -20,8 +20,8 @@ from torch import nn
 
 from gpt2lab import kernels, native, pages
 from gpt2lab.config import GPTConfig
-from gpt2lab.device import available_memory
-from gpt2lab.errors import CheckpointError
+from gpt2lab.device import available_memory, memory_of
+from gpt2lab.errors import CheckpointError, GPT2LabError
 from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
     LINEAR_KERNELS,
@@ -766,10 +766,10 @@ class GPT(nn.Module):
         does not fit (``kept_cache_len``)."""
         p = self.wte.weight
         dtype = dtype or p.dtype
-        self.cache_end = max_seq_len
-        self.cache_kept = keep or self.cache_kept
-        if self.cache_kept:
-            max_seq_len = self.kept_cache_len(batch_size, max_seq_len)
+        kept = keep or self.cache_kept
+        steps = self.kept_cache_len(batch_size, max_seq_len) if kept else max_seq_len
+        self._check_cache_fits(batch_size, steps, dtype)
+        self.cache_end, self.cache_kept, max_seq_len = max_seq_len, kept, steps
         for block in self.h:
             attn = block.attn
             size = max_seq_len if attn.window is None else min(attn.window, max_seq_len)
@@ -794,6 +794,24 @@ class GPT(nn.Module):
         self.cache_len = max_seq_len
         if self.rotary is not None and self.rotary.cos.shape[0] < max_seq_len:
             self.rotary.build(max_seq_len)
+
+    def _check_cache_fits(self, batch_size: int, steps: int, dtype: torch.dtype) -> None:
+        """Refuse, before torch is asked for them, KV caches (and rotary tables) of ``batch_size`` rows and
+        ``steps`` time steps larger than the memory of the model's device: sizes past what torch can count
+        would not even fail as out of memory."""
+        item = torch.empty((), dtype=dtype).element_size()
+        slots = [steps if b.attn.window is None else min(b.attn.window, steps) for b in self.h]
+        need = sum(
+            2 * batch_size * b.attn.n_kv_head * b.attn.head_dim * n * item for b, n in zip(self.h, slots, strict=True)
+        )
+        if self.rotary is not None:
+            need += 2 * steps * self.rotary.head_dim * 4  # cos and sin, float32
+        have, where = memory_of(self.wte.weight.device)
+        if need > have:
+            raise GPT2LabError(
+                f"a KV cache of {batch_size} row(s) x {steps:,} time steps needs {need / 2**30:,.1f} GiB, more than "
+                f"{where} ({have / 2**30:,.1f} GiB); generate fewer tokens or use fewer rows"
+            )
 
     def kept_cache_len(self, batch_size: int, max_seq_len: int) -> int:
         """The time steps of a kept KV cache (``setup_cache``'s ``keep``) that a call of ``batch_size``
