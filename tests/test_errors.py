@@ -275,6 +275,25 @@ def test_bad_checkpoint(case, trained, tmp_path, capsys):
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("name", ["checkpoint.json", "model.pt"])
+def test_a_checkpoint_file_this_user_may_not_read_is_not_called_damaged(name, trained, tmp_path, capsys, monkeypatch):
+    """Permission denied says so, with the path: deleting the checkpoint, the fix for a damaged one, would
+    throw away a good one (as root, chmod 000 does not stop a read, so the refusal is simulated)."""
+    ckpt = _checkpoint_copy(trained, tmp_path)
+    denied = ckpt / name
+    read_text, load = Path.read_text, torch.load
+
+    def refuse(path) -> None:
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: refuse(self) or read_text(self, *a, **k))
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: refuse(f) or load(f, *a, **k))
+    argv = ["generate", "--prompt", "hi", "--model", str(ckpt), "--device", "cpu"]
+    err = _assert_one_line_error(capsys, argv, f"Permission denied: {denied}", "that you may read")
+    assert "damaged" not in err
+
+
 # --- commands and their options --------------------------------------------------------------------
 
 

@@ -100,6 +100,8 @@ def read_meta(ckpt: Path) -> dict:
     path = ckpt / CHECKPOINT_JSON
     try:
         meta = json.loads(path.read_text())
+    except PermissionError:  # the file may be fine: the CLI names the path and the permission
+        raise
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path} ({e}); {_damaged(ckpt)}") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -367,6 +369,8 @@ def load_tensors(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"cannot read {path}: it is missing") from None
+    except PermissionError:  # the file may be fine: the CLI names the path and the permission
+        raise
     except (pickle.UnpicklingError, KeyError, IndexError) as e:  # KeyError, IndexError: the unpickler on junk
         operand = re.search(r"Unsupported operand \d+", str(e))  # an instruction torch's safe loader lacks
         if isinstance(e, pickle.UnpicklingError) and operand is None:  # what it refused to import: code
