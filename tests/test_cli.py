@@ -50,6 +50,38 @@ def test_predict_lists_the_models_top_tokens(capsys, tiny_dir):
     assert [float(r[2]) for r in rows] == pytest.approx(top.values.tolist(), abs=1e-4)
 
 
+def test_output_piped_into_a_reader_that_stops_ends_quietly(tiny_dir, tmp_path):
+    """``gpt2lab predict ... | head -n 1``: the reader closes the pipe after a line, the next write fails
+    with EPIPE, and the command stops as Unix tools do (128 + SIGPIPE), with no traceback."""
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "gpt2lab", "predict", "Hello", "--top", "5000", "--model", str(tiny_dir)]
+    env = os.environ | {"GPT2LAB_KERNEL_CACHE": str(tmp_path / "kernels.json")}
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert run.stdout.readline()  # the first line; 5,000 of them fill the pipe and more
+    run.stdout.close()
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=120) == 128 + signal.SIGPIPE and "Traceback" not in err and "Error" not in err, err
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_write_is_an_interrupt(capsys):
+    """torch.save wraps a KeyboardInterrupt raised inside its write in a RuntimeError of its own: still the
+    user's interrupt (exit 130, "interrupted"), not a traceback."""
+    from gpt2lab.cli import _run as run
+
+    def save_interrupted(args) -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3712 vs 3606") from None
+
+    args = mock.Mock(func=save_interrupted)
+    assert run(args) == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+
+
 def test_generate_greedy_is_the_library_continuation(capsys, tiny_dir):
     """`generate --temperature 0` prints the prompt then gpt2lab.generate's greedy tokens, the same every run."""
     args = ("generate", "--prompt", "Hello world", "--max-new-tokens", "8", "--temperature", "0")

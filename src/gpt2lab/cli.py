@@ -530,12 +530,17 @@ def _run(args: argparse.Namespace) -> int:
     except GPT2LabError as e:
         _print_error(str(e))
         return 2
+    except BrokenPipeError:  # the reader of our output went away (| head): stop quietly, as Unix tools do
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except OSError as e:  # a path the OS refused (an output under a file, a read-only place)
         if not isinstance(e.filename, (str, bytes, os.PathLike)):
             raise
         _print_error(files.os_error_message(e))
         return 2
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if isinstance(e.__context__, KeyboardInterrupt):  # a second Ctrl-C inside a write torch wraps (torch.save)
+            return _interrupted()
         message = first_line(e)
         if not isinstance(e, MemoryError) and "out of memory" not in message and "can't allocate memory" not in message:
             raise
@@ -545,10 +550,25 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-            print("\ninterrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     return 0
+
+
+def _interrupted() -> int:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print("\ninterrupted", file=sys.stderr)
+    return 130
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that flushing it at exit does not fail once more."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured, closed): nothing to flush there
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 RANK_ERROR_DELAY_S = 3.0  # how long a torchrun rank other than 0 waits before it prints its error
