@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import random
 import urllib.error
 from fractions import Fraction
@@ -508,6 +510,35 @@ def test_binary_files_in_a_directory_are_skipped_and_counted(tmp_path, corpus, c
     assert summary.documents["train"] + summary.documents["val"] == 3
     assert main(["prepare", "--input", str(corpus / "logo.png"), "--out", str(tmp_path / "x")]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_pipes_in_a_directory_are_skipped_and_one_named_is_refused(tmp_path, corpus, capsys):
+    """A named pipe under --input is not text (opening it would wait forever for a writer): a directory's
+    is skipped, one named explicitly (or /dev/stdin) is a clear error."""
+    from gpt2lab.data.sources import _walk
+
+    os.mkfifo(corpus / "sub" / "queue.txt")
+    assert corpus / "sub" / "queue.txt" not in list(_walk(corpus))  # the walk opens nothing
+    summary = prepare(tmp_path / "tok", Source([corpus]), workers=1, progress=False)
+    assert summary.documents["train"] + summary.documents["val"] == 3
+    assert main(["prepare", "--input", str(corpus / "sub" / "queue.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "is not a regular file (a pipe, a socket or a device)" in capsys.readouterr().err
+
+
+def test_a_directory_that_cannot_be_listed_is_an_error_not_a_smaller_corpus(tmp_path, corpus, capsys, monkeypatch):
+    """A subdirectory the user may not read would leave its files out of the corpus without a word: it is
+    an error naming it (as root, chmod does not stop a listing, so the refusal is simulated)."""
+    scandir, denied = os.scandir, corpus / "sub"
+
+    def refuse(path="."):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    assert main(["prepare", "--input", str(corpus), "--out", str(tmp_path / "tok")]) == 2
+    assert f"error: Permission denied: {denied}; check that the path exists" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
 
 
 def test_val_split_is_always_usable(tmp_path, enc):

@@ -94,6 +94,11 @@ def input_files(inputs: Sequence[str | Path], exclude: Path | None = None) -> tu
                     f"--input {str(spec)!r} matches no files; check the pattern (quote it for the shell)"
                 )
             found += [(f, False) for f in walked]
+        elif path.exists():
+            raise GPT2LabError(
+                f"--input {str(spec)!r} is not a regular file (a pipe, a socket or a device); save the text to a "
+                "file and give that"
+            )
         else:
             raise GPT2LabError(
                 f"--input {str(spec)!r} does not exist; give a file, a directory, a glob such as 'docs/**/*.txt', "
@@ -132,11 +137,19 @@ def _looks_binary(path: Path, probe: int = 8192) -> bool:
 
 
 def _walk(root: Path, suffix: str | None = None, skip: frozenset[str] = frozenset()) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
+    """The regular files under ``root``, sorted, hidden ones left out. A directory that cannot be listed
+    (no permission) is an error, not a part of the corpus silently missing; pipes, sockets and devices
+    are not text files (opening a pipe would wait forever for a writer)."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip)
         for name in sorted(filenames):
-            if not name.startswith(".") and (suffix is None or name.endswith(suffix)):
-                yield Path(dirpath, name)
+            path = Path(dirpath, name)
+            if not name.startswith(".") and (suffix is None or name.endswith(suffix)) and path.is_file():
+                yield path
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def stdlib_files() -> list[Path]:
