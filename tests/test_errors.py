@@ -171,6 +171,23 @@ def trained(bytes_dir, tmp_path_factory) -> Path:
 COMPACT = {"kind": "gpt2-bytes", "kept_gpt2_ids": [*range(1000, 1043), 50256]}  # 300 ids: bytes, then 44 tokens
 
 
+def test_a_model_trained_on_compact_data_predicts_its_vocabulary(bytes_dir, tmp_path, capsys):
+    """From scratch on ids of a compact vocabulary, model.vocab_size defaults to its size (the preset's
+    50,257 outputs would be scored in training and cut away by eval, so their losses would differ);
+    another size is refused before anything is written."""
+    splits = {split: (d := TokenData(bytes_dir, split)).read(0, len(d)) for split in ("train", "val")}
+    data = write_token_dir(tmp_path / "compact", splits, vocab_size=300, vocabulary=COMPACT)
+    model = {k: v for k, v in TINY_MODEL.items() if k != "model.vocab_size"}
+    out = tmp_path / "run"
+    assert main(["train", *overrides(settings(data, out, model=model, run__steps=2, run__eval_every=0))]) == 0
+    assert json.loads((out / "ckpt-00000002" / "checkpoint.json").read_text())["model_config"]["vocab_size"] == 300
+    capsys.readouterr()
+    wrong = tmp_path / "wrong"
+    argv = ["train", *overrides(settings(data, wrong, model={**model, "model.vocab_size": 512}, run__steps=2))]
+    _assert_one_line_error(capsys, argv, "compact vocabulary of 300, but model.vocab_size is 512", "set it to 300")
+    assert not any(wrong.glob("ckpt-*"))
+
+
 @pytest.mark.parametrize("vocabulary", [COMPACT, {"kind": "gpt2-bytes", "kept_gpt2_ids": [*range(2000, 2043), 50256]}])
 @pytest.mark.parametrize("command", ["resume", "fine-tune", "eval"])
 def test_data_in_another_vocabulary_is_refused(command, vocabulary, trained, bytes_dir, tmp_path, capsys):

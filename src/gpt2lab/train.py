@@ -198,6 +198,8 @@ def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = No
     if resume is not None:
         checkpoint.check_resumable(resume, env.strategy)  # before a model is built for it
     check_data_vocabulary(cfg, resume, data)
+    if cfg.model.init == "scratch" and data.vocabulary is not None:
+        predict_compact_vocabulary(cfg, data)
     model = build_model(cfg, resume)
     if data.vocab_size > model.config.vocab_size:
         raise ConfigError(
@@ -261,6 +263,20 @@ def check_data_vocabulary(cfg: TrainConfig, resume: Path | None, data: TrainData
     else:
         return
     check_same_vocabulary(model, data.vocabulary, name, f"data.dir {cfg.data.dir or '(the data given)'}")
+
+
+def predict_compact_vocabulary(cfg: TrainConfig, data: TrainData) -> None:
+    """A model trained from scratch on ids of a compact vocabulary predicts that vocabulary:
+    ``model.vocab_size`` defaults to its size (as nanoGPT reads it from its data's meta.pkl), and another
+    size is refused. eval and generate read such a model through the vocabulary, so outputs past it, which
+    no text can reach, would only make the training losses differ from theirs."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = data.vocab_size
+    elif cfg.model.vocab_size != data.vocab_size:
+        raise ConfigError(
+            f"data.dir {cfg.data.dir} holds ids of a compact vocabulary of {data.vocab_size:,}, but model.vocab_size "
+            f"is {cfg.model.vocab_size:,}; leave it unset (it defaults to the data's) or set it to {data.vocab_size}"
+        )
 
 
 def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:

@@ -95,7 +95,10 @@ def _model_section() -> type:
     ]
     arch = []
     for f in dataclasses.fields(GPTConfig):
-        default = "vocab_size rounded up to pad_vocab_multiple" if f.name == "padded_vocab_size" else "the preset's"
+        default = {
+            "padded_vocab_size": "vocab_size rounded up to pad_vocab_multiple",
+            "vocab_size": "the preset's; on data of a compact vocabulary, its size",
+        }.get(f.name, "the preset's")
         arch.append((f.name, hints[f.name] | None, opt(None, f"{f.metadata['help']} (default: {default})")))
     section = dataclasses.make_dataclass("ModelSection", own + arch, bases=(_ModelSettings,))
     section.__module__, section.__doc__ = __name__, _ModelSettings.__doc__
