@@ -65,13 +65,17 @@ def parse_overrides(args: Sequence[str]) -> Layer:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
             else:
-                value = "true"  # a bare --run.compile switches a flag on
+                value = _Switch("true")  # a bare --run.compile switches a flag on
         section, _, name = key.partition(".")
         if not name:
             raise ConfigError(f"--{key}: settings are section.key, e.g. --optim.lr=3e-4")
         out.setdefault(section, {})[name] = value
         i += 1
     return out
+
+
+class _Switch(str):
+    """A setting given without a value (``--run.compile``): true for a flag, an error for anything else."""
 
 
 def merge(*layers: Mapping[str, Mapping]) -> Layer:
@@ -119,6 +123,8 @@ def coerce(key: str, value, hint):
     Strings are parsed (``none`` for an optional field, true/false/yes/no/on/off/1/0 for a flag, ``a,b``
     for a list); TOML values must already have the type (an integer is accepted for a float)."""
     args = typing.get_args(hint)
+    if isinstance(value, _Switch) and bool not in (args or (hint,)):
+        raise ConfigError(f"--{key} has no value; give one: --{key}=VALUE (only true/false settings may go bare)")
     if typing.get_origin(hint) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
