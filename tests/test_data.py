@@ -427,7 +427,10 @@ def test_token_data_errors(tmp_path, counting):
         TokenData(counting, "val", block_size=300)
     TokenData(counting, "val", block_size=299)
     (counting / "train_000001.bin").write_bytes(b"\x00\x00")
-    with pytest.raises(GPT2LabError, match="train_000001.bin is missing or has 2 bytes"):
+    with pytest.raises(GPT2LabError, match="train_000001.bin has 2 bytes instead of"):
+        TokenData(counting, "train")
+    (counting / "train_000001.bin").unlink()
+    with pytest.raises(GPT2LabError, match="shard .*train_000001.bin is missing; prepare the directory again"):
         TokenData(counting, "train")
 
 

@@ -114,11 +114,11 @@ class TokenData:
         for shard in self.records:
             path = self.data_dir / shard["file"]
             expected = 2 * int(shard["tokens"])
-            size = path.stat().st_size if path.is_file() else -1
+            if not path.is_file():
+                raise GPT2LabError(f"shard {path} is missing; prepare the directory again")
+            size = path.stat().st_size
             if size != expected:
-                raise GPT2LabError(
-                    f"shard {path} is missing or has {size} bytes instead of {expected}; prepare the directory again"
-                )
+                raise GPT2LabError(f"shard {path} has {size} bytes instead of {expected}; prepare the directory again")
             if expected:  # numpy cannot map an empty file; an empty shard adds nothing anyway
                 self.shards.append(np.memmap(path, dtype=DTYPE, mode="r"))
         # starts[i] = offset of shard i in the split's stream; starts[-1] = total tokens
