@@ -133,6 +133,16 @@ def test_cli_converts_and_the_result_runs_everywhere(tmp_path, capsys):
     assert main(["generate", "--prompt", "Hi", "--max-new-tokens", "3", *args]) == 0
 
 
+def test_cli_converting_to_the_count_a_model_has_says_it_copied(tmp_path, capsys):
+    """The same key/value head count is a copy: no '2 -> 2' conversion to recover from by fine-tuning."""
+    save_pretrained(tiny(n_kv_head=2), tmp_path / "gqa")
+    assert main(["convert", "--model", str(tmp_path / "gqa"), "--n-kv-head", "2", "--out", str(tmp_path / "c")]) == 0
+    printed = capsys.readouterr().out
+    assert f"has 2 key/value heads already: wrote an unchanged copy to {tmp_path / 'c'}" in printed
+    assert "fine-tune" not in printed
+    assert torch.equal(logits(load_model(tmp_path / "c").eval()), logits(load_model(tmp_path / "gqa").eval()))
+
+
 @pytest.mark.parametrize(
     ("n_kv_head", "out", "message"),
     [("3", "gqa", "must divide n_head"), ("4", "gqa", "already has 2"), ("1", "mha", "own directory")],

@@ -114,6 +114,9 @@ def _convert(args: argparse.Namespace) -> None:
     model, out = load_for_rewrite(args.model, args.out)
     converted = convert_to_gqa(model, args.n_kv_head, args.method)
     save_pretrained(converted, out, tokenizer_of(args.model))
+    if args.n_kv_head == model.config.n_kv_head:
+        print(f"{args.model} has {args.n_kv_head} key/value heads already: wrote an unchanged copy to {out}")
+        return
     print(
         f"converted {args.model}: {model.config.n_kv_head} -> {args.n_kv_head} key/value heads "
         f"({model.num_params():,} -> {converted.num_params():,} parameters); wrote {out}\n"
@@ -250,7 +253,7 @@ COMMANDS: dict[str, Command] = {
         ],
     ),
     "convert": Command(
-        "turn a multi-head model into grouped-query attention by mean-pooling key/value heads",
+        "turn a multi-head model into grouped-query attention by pooling each group's key/value heads",
         _convert,
         [
             opt(

@@ -212,7 +212,10 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> int:
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; name a directory to write the model into")
     if checkpoint.is_training_dir(directory):
-        raise CheckpointError(f"{directory} is a training run's directory; export the model to a directory of its own")
+        raise CheckpointError(
+            f"{directory} is a training run's directory, which its checkpoints would be mixed with; "
+            "write the model to a directory of its own"
+        )
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise CheckpointError(
             "an int8 model cannot be saved: its weights are rounded to 8 bits and no format here holds them; "
