@@ -570,6 +570,12 @@ def test_eval_of_a_text_file_and_a_prepared_dir(golden_run, gpt2_tokens_dir, tmp
     assert perplexity(model, ids.numpy(), 32, 8, progress=False)[1] == n  # a stride scores each token once too
     assert main(["eval", "--model", str(golden_run), "--data", str(gpt2_tokens_dir), "--block-size", "32"]) == 0
     assert "stride 16" in capsys.readouterr().out
+    text.write_text("Hello world")  # two tokens: one scored
+    assert main(["eval", "--model", str(golden_run), "--data", str(text)]) == 0
+    assert capsys.readouterr().out.startswith("1 token scored (")
+    one = write_token_dir(tmp_path / "one", {"train": np.arange(100), "val": np.array([5])}, 50257)
+    assert main(["eval", "--model", str(golden_run), "--data", str(one)]) == 2
+    assert f"the val split of {one} has 1 token(s); scoring needs at least 2" in capsys.readouterr().err
 
 
 def test_bits_per_byte_of_a_prepared_dir_count_the_text_of_the_scored_tokens(golden_run, gpt2_tokens_dir):

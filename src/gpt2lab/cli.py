@@ -149,7 +149,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     model, tok = load_for_inference(args.model, args.device, args.dtype, args.int8)
     score, block, stride = score_path(model, tok, args.data, args.block_size, args.stride, args.batch_size)
-    print(f"{score.tokens:,} tokens scored (block {block}, stride {stride}): {score}")
+    print(f"{score.tokens:,} token{'s' if score.tokens != 1 else ''} scored (block {block}, stride {stride}): {score}")
 
 
 def _export(args: argparse.Namespace) -> None:

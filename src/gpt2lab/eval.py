@@ -120,7 +120,8 @@ def score_path(
         raise GPT2LabError(f"--stride must be between 1 and the block size ({block_size}), got {stride}")
     tokens, nbytes = _read_scored_text(path, tokenizer)
     if len(tokens) < 2:
-        raise GPT2LabError(f"{path} has {len(tokens)} token(s); scoring needs at least 2")
+        what = f"the val split of {path}" if path.is_dir() else str(path)
+        raise GPT2LabError(f"{what} has {len(tokens)} token(s); scoring needs at least 2")
     if int(np.max(tokens)) >= model.config.vocab_size:
         raise GPT2LabError(
             f"{path} holds token ids up to {int(np.max(tokens))}, outside the model's vocabulary of {model.config.vocab_size}"
