@@ -692,6 +692,18 @@ def test_a_second_run_on_the_same_directory_is_refused(bytes_dir, tmp_path, caps
     train(config(bytes_dir, out, run__steps=2, run__eval_every=0))  # a killed holder leaves no stale lock
 
 
+def test_a_run_refused_before_it_wrote_anything_leaves_no_directory(bytes_dir, tmp_path, capsys):
+    """The run directory is made to be locked; a run then refused (here: no such data) removes it again,
+    lock file and all, but never a directory that was there before."""
+    out = tmp_path / "new" / "out"
+    argv = ["train", *overrides(settings(tmp_path / "no-data", out))]
+    assert "no-data does not exist" in run_cli(argv, capsys)
+    assert not out.exists() and (tmp_path / "new").is_dir()
+    out.mkdir()
+    assert "no-data does not exist" in run_cli(argv, capsys)
+    assert out.is_dir()
+
+
 def test_resume_drops_a_torn_metrics_record(bytes_dir, tmp_path, capsys):
     out = tmp_path / "out"
     train(config(bytes_dir, out, run__steps=4, run__ckpt_every=2, run__eval_every=0))

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
@@ -136,7 +136,9 @@ def remove_dir(path: Path) -> None:
 def locked(directory: Path, what: str = "run") -> Iterator[None]:
     """Hold an exclusive lock on ``directory`` (created if needed) for the block; a second holder is
     refused at once with the first one's pid. The kernel releases the lock when the process ends, so a
-    killed run never leaves a stale one."""
+    killed run never leaves a stale one. A directory made here that holds nothing but the lock at the end
+    (a run refused before it wrote anything) is removed."""
+    made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     with open(path, "a+") as f:
@@ -156,6 +158,10 @@ def locked(directory: Path, what: str = "run") -> Iterator[None]:
         try:
             yield
         finally:
+            if made and [p.name for p in directory.iterdir()] == [LOCK_FILE]:
+                with suppress(OSError):  # another process may have just begun writing there
+                    path.unlink()
+                    directory.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
