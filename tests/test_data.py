@@ -272,6 +272,37 @@ def test_crash_leaves_previous_directory_intact(tmp_path, corpus, monkeypatch, e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
 
 
+def test_a_killed_prepare_leaves_nothing_and_a_later_one_clears_what_a_dead_one_left(tmp_path, corpus):
+    """SIGTERM (kill, timeout) stops prepare as Ctrl-C does: its workers end, its partial output goes, and
+    the previous version stays. Partial output of a prepare killed harder (kill -9) is deleted by the next
+    prepare of the same directory, once the process that wrote it is gone; a live one's is left alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    before = tree(out)
+    big = tmp_path / "big.txt"
+    big.write_text(SHAKESPEARE.read_text() * 100)  # 20 MB: seconds of tokenizing
+    argv = [sys.executable, "-m", "gpt2lab", "prepare", "--input", str(big), "--out", str(out), "--workers", "2"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tok.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "corpus", "tok"] and tree(out) == before
+    dead, live = tmp_path / ".tok.tmp-999999999-0a1b2c3d", tmp_path / f".tok.tmp-{os.getpid()}-0a1b2c3d"
+    for left in (dead, live):
+        left.mkdir()
+        (left / "train_000000.bin").write_bytes(b"\0\0")
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    assert not dead.exists() and live.exists()
+
+
 def test_output_directory_is_never_read(tmp_path, corpus):
     out = corpus / "tok"
     prepare(out, Source([corpus]), workers=1, progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -122,6 +123,29 @@ def replace_dir(new: Path, out: Path) -> str | None:
     except OSError as e:
         return f"{out} is written, but its previous version could not be deleted ({e.strerror}): delete {old}"
     return None
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Delete the entries of ``parent`` named ``prefix`` + PID + ``-...`` (temporary names) whose process is
+    gone: what a killed process left. A live PID's entry, whoever's process it is now, is left alone."""
+    for entry in parent.glob(glob.escape(prefix) + "*"):
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with suppress(OSError):
+                    entry.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no process has: keep it
+        return True
+    return True
 
 
 def remove_dir(path: Path) -> None:

@@ -7,12 +7,14 @@ interrupted or failed run leaves an existing directory as it was.
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 import re
 import secrets
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ def _load_encoding() -> None:
 
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate ends a worker (not the parent's handler)
     _load_encoding()  # a no-op when the pool forks from a parent that has it
 
 
@@ -159,19 +162,25 @@ def prepare(
     events, total, info = source.open(exclude=out)
     _load_encoding()  # before the clock: a one-time cost, not throughput
     out.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_abandoned(out.parent, f".{out.name}.tmp-")  # a killed prepare's partial output
     # not tempfile.mkdtemp: its 0700 mode would become the mode of out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     t0 = time.perf_counter()
     try:
-        splits = _Splits(tmp, shard_tokens, val_fraction, token_byte_lengths(_encoding))
-        bytes_read = splits.write(_encoded(_tasks(events, source.max_docs), workers), total, progress)
-        seconds = time.perf_counter() - t0
-        tokenizer = {"name": "gpt2", "encoder_json_sha256": ENCODER_JSON_SHA256, "vocab_bpe_sha256": VOCAB_BPE_SHA256}
-        write_meta(
-            tmp, splits.shards(), EOT + 1, eot=EOT, tokenizer=tokenizer, source=info, val_fraction=val_fraction,
-            shard_tokens=shard_tokens, bytes=bytes_read, split_fields=splits.counts(),
-        )  # fmt: skip
+        with _terminate_as_interrupt():  # a kill or a timeout cleans up as Ctrl-C does
+            splits = _Splits(tmp, shard_tokens, val_fraction, token_byte_lengths(_encoding))
+            bytes_read = splits.write(_encoded(_tasks(events, source.max_docs), workers), total, progress)
+            seconds = time.perf_counter() - t0
+            tokenizer = {
+                "name": "gpt2",
+                "encoder_json_sha256": ENCODER_JSON_SHA256,
+                "vocab_bpe_sha256": VOCAB_BPE_SHA256,
+            }
+            write_meta(
+                tmp, splits.shards(), EOT + 1, eot=EOT, tokenizer=tokenizer, source=info, val_fraction=val_fraction,
+                shard_tokens=shard_tokens, bytes=bytes_read, split_fields=splits.counts(),
+            )  # fmt: skip
         with files.disk_space(out):
             left = files.replace_dir(tmp, out)
     except files.DiskFullError:
@@ -190,6 +199,24 @@ def prepare(
         skipped_binary_files=info.get("skipped_binary_files", 0),
         warnings=splits.warnings() + ([left] if left else []),
     )
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, timeout) raises KeyboardInterrupt in the block, so the partial output is removed as on
+    Ctrl-C; elsewhere than the main thread (where no handler can be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_options(val_fraction: float, shard_tokens: int, workers: int | None) -> int:
