@@ -45,6 +45,7 @@ def _load_encoding() -> None:
 def _init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate ends a worker (not the parent's handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held in the parent while it forked this one
     _load_encoding()  # a no-op when the pool forks from a parent that has it
 
 
@@ -81,6 +82,19 @@ def _tasks(events: Events, max_docs: int | None) -> Iterator[tuple[list[tuple[st
         yield task, nbytes
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _held(signals: set[signal.Signals]) -> Iterator[None]:
+    """Delay ``signals`` to the end of the block (they stay pending, then arrive)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
     """(end-of-document flags, token arrays, bytes read) per task, in input order, a few tasks in flight."""
     _load_encoding()
@@ -90,7 +104,8 @@ def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
         return
     # apply_async with a bounded window instead of Pool.imap: imap reads its input as fast as it can,
     # which would pull a large corpus into memory whenever reading outruns tokenizing
-    pool = multiprocessing.Pool(workers, initializer=_init_worker)
+    with _held(STOP_SIGNALS):  # an interrupt raised while forking would be lost (printed, then ignored)
+        pool = multiprocessing.Pool(workers, initializer=_init_worker)
     try:
         window: collections.deque = collections.deque()
         for pieces, nbytes in tasks:
@@ -165,10 +180,10 @@ def prepare(
     files.remove_abandoned(out.parent, f".{out.name}.tmp-")  # a killed prepare's partial output
     # not tempfile.mkdtemp: its 0700 mode would become the mode of out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     t0 = time.perf_counter()
     try:
         with _terminate_as_interrupt():  # a kill or a timeout cleans up as Ctrl-C does
+            tmp.mkdir()
             splits = _Splits(tmp, shard_tokens, val_fraction, token_byte_lengths(_encoding))
             bytes_read = splits.write(_encoded(_tasks(events, source.max_docs), workers), total, progress)
             seconds = time.perf_counter() - t0
