@@ -704,6 +704,18 @@ def test_a_run_refused_before_it_wrote_anything_leaves_no_directory(bytes_dir, t
     assert out.is_dir()
 
 
+def test_tensorboard_without_its_package_is_refused_before_any_work(bytes_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    import gpt2lab.train
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what a missing package imports as
+    monkeypatch.setattr(gpt2lab.train, "load_data", lambda *a: pytest.fail("data loaded before the check"))
+    out = tmp_path / "out"
+    err = run_cli(["train", *overrides(settings(bytes_dir, out, run__tensorboard="true"))], capsys)
+    assert "run.tensorboard needs the tensorboard package: pip install tensorboard" in err and not out.exists()
+
+
 def test_resume_drops_a_torn_metrics_record(bytes_dir, tmp_path, capsys):
     out = tmp_path / "out"
     train(config(bytes_dir, out, run__steps=4, run__ckpt_every=2, run__eval_every=0))

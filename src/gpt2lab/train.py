@@ -185,6 +185,8 @@ class Run:
 def setup(cfg: TrainConfig, env: DistEnv, data: TrainData | Callable | None = None) -> Run:
     """Data, model (fresh, fine-tuned from ``model.init``, or resumed), wrapping and optimizer."""
     run = cfg.run
+    if run.tensorboard:
+        _summary_writer_class()  # a missing package, before any work; every rank meets it, not rank 0 alone
     if run.eval_every and run.eval_batches % env.world_size:
         fix = run.eval_batches // env.world_size * env.world_size or env.world_size
         raise ConfigError(
@@ -376,8 +378,6 @@ def loop(run: Run) -> TrainResult:
     if run.start >= cfg.run.steps:
         run.say(f"nothing to do: {run.out_dir} is already trained to step {run.start} (raise run.steps to continue)")
         return TrainResult(run.start, None, None, run.resumed)
-    if cfg.run.tensorboard:
-        _summary_writer_class()  # every rank meets a missing package, not rank 0 alone
     # rank 0 prepares the out_dir, and counts the tokens trained before the start from the metrics it writes;
     # a failure there stops every rank
     counted = on_every_rank(env, lambda: _start_out_dir(run) if env.is_main else None)
