@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpt2lab import generate, load_tokenizer
 from gpt2lab.cli import main
+from gpt2lab.data import write_token_dir
 from gpt2lab.errors import CheckpointError
 from gpt2lab.load import load_for_inference, resolve, save_pretrained
 from gpt2lab.quantize import quantize_int8
@@ -197,3 +199,13 @@ def test_a_training_runs_directory_is_never_written_over(make_gpt, tmp_path):
     with pytest.raises(CheckpointError, match="training run's directory"):
         save_pretrained(make_gpt(), run)
     assert sorted(p.name for p in run.iterdir()) == ["train_config.json", "vocabulary.json"]
+
+
+def test_a_prepared_data_directory_is_never_written_into(make_gpt, tmp_path):
+    """`export --out` naming the data by mistake would mix a model into the token shards: refused,
+    nothing touched."""
+    data = write_token_dir(tmp_path / "data", {"train": np.arange(100), "val": np.arange(50)}, 256)
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(CheckpointError, match="is a prepared data directory"):
+        save_pretrained(make_gpt(), data)
+    assert sorted(p.name for p in data.iterdir()) == before

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from gpt2lab import checkpoint, files
 from gpt2lab.config import GPTConfig
+from gpt2lab.data.format import META
 from gpt2lab.device import check_fits, inference_dtype, resolve_device
 from gpt2lab.errors import CheckpointError, ConfigError, first_line
 from gpt2lab.hf import config_from_json, from_hf_state_dict, hf_config, to_hf_state_dict
@@ -215,6 +216,11 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> int:
         raise CheckpointError(
             f"{directory} is a training run's directory, which its checkpoints would be mixed with; "
             "write the model to a directory of its own"
+        )
+    if (directory / META).is_file():
+        raise CheckpointError(
+            f"{directory} is a prepared data directory ({META} and token shards); write the model to a directory "
+            "of its own"
         )
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         raise CheckpointError(
