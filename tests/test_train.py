@@ -603,6 +603,20 @@ def test_eval_defaults_to_a_rotary_models_training_length(make_gpt, tmp_path):
     assert score_path(model, load_tokenizer(), text, progress=False)[1:] == (48, 24)
 
 
+def test_eval_of_a_training_run_defaults_to_the_length_it_trained_at(bytes_dir, tmp_path, capsys):
+    """A run of a 64-position model trained on 32-token sequences: its out_dir and its checkpoints are
+    scored in windows of 32 by default (positions past 32 were never trained); a model directory, which
+    records no training length, in windows of its context."""
+    out = tmp_path / "out"
+    train(config(bytes_dir, out, run__steps=2, run__eval_every=0, run__ckpt_every=0))
+    for model in (out, out / "ckpt-00000002"):
+        assert main(["eval", "--model", str(model), "--data", str(bytes_dir)]) == 0
+        assert "(block 32, stride 16)" in capsys.readouterr().out
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["eval", "--model", str(tmp_path / "hf"), "--data", str(bytes_dir)]) == 0
+    assert "(block 64, stride 32)" in capsys.readouterr().out
+
+
 def test_perplexity_is_exp_of_the_loss_until_a_float_overflows():
     from gpt2lab.eval import Score
 

@@ -92,6 +92,16 @@ def find(path: str | Path) -> Path:
     return newest
 
 
+def trained_length(path: str | Path) -> int | None:
+    """The sequence length a training run trained at (its ``data.block_size``), for its out_dir or one of its
+    checkpoint directories; None for any other path (a model directory records no such length)."""
+    path = Path(path).expanduser()
+    if not path.is_dir() or not is_training_dir(path):
+        return None
+    length = read_meta(find(path))["train_config"].get("data", {}).get("block_size")
+    return length if isinstance(length, int) and length > 0 else None
+
+
 _META_KEYS = {"step": int, "format": str, "world_size": int, "model_config": dict, "train_config": dict}
 
 

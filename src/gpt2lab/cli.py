@@ -144,11 +144,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from gpt2lab import checkpoint
     from gpt2lab.eval import score_path
     from gpt2lab.load import load_for_inference
 
     model, tok = load_for_inference(args.model, args.device, args.dtype, args.int8)
-    score, block, stride = score_path(model, tok, args.data, args.block_size, args.stride, args.batch_size)
+    block = args.block_size if args.block_size is not None else checkpoint.trained_length(args.model)
+    score, block, stride = score_path(model, tok, args.data, block, args.stride, args.batch_size)
     print(f"{score.tokens:,} token{'s' if score.tokens != 1 else ''} scored (block {block}, stride {stride}): {score}")
 
 
@@ -360,7 +362,8 @@ COMMANDS: dict[str, Command] = {
                 "--block-size",
                 type=int,
                 default=None,
-                help="tokens per window (default: the model's block_size: its context, or a rotary model's training length)",
+                help="tokens per window (default: for a training out_dir or checkpoint, the length it trained at, "
+                "data.block_size; else the model's block_size, its context)",
             ),
             opt(
                 "--stride",
