@@ -290,7 +290,8 @@ COMMANDS: dict[str, Command] = {
                 group="source",
                 help="what to tokenize: text files (one document each), directories (every text file below, "
                 "sorted; hidden ones and binary files skipped), globs such as 'books/**/*.txt' (quote them), or "
-                ".jsonl files (one JSON object per line, one document each); files must be UTF-8",
+                ".jsonl files (one JSON object per line, one document each; also where a directory or glob "
+                "finds them, so they need --text-field's field); files must be UTF-8",
             ),
             opt(
                 "--corpus",

@@ -98,6 +98,8 @@ def _model_section() -> type:
         default = {
             "padded_vocab_size": "vocab_size rounded up to pad_vocab_multiple",
             "vocab_size": "the preset's; on data of a compact vocabulary, its size",
+            "dropout": "the preset's; when fine-tuning, the model's own",
+            "rope_interpolation": "the preset's; when fine-tuning, the model's own",
         }.get(f.name, "the preset's")
         arch.append((f.name, hints[f.name] | None, opt(None, f"{f.metadata['help']} (default: {default})")))
     section = dataclasses.make_dataclass("ModelSection", own + arch, bases=(_ModelSettings,))
