@@ -77,6 +77,21 @@ def test_a_model_saved_over_another_leaves_no_tokenizer_of_the_other_kind(make_g
     assert isinstance(load_tokenizer(tmp_path), CompactTokenizer)
 
 
+def test_a_model_saved_over_one_transformers_wrote_leaves_none_of_its_tokenizer_or_generation_files(make_gpt, tmp_path):
+    """transformers reads tokenizer.json before vocab.json and merges.txt, and generate() its end of text
+    from generation_config.json: a replaced model's would go with the new one's weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=32)).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        (tmp_path / name).write_text("{}")  # what a tokenizer of the replaced model left
+    compact = CompactTokenizer(list(range(1000, 1100)) + [EOT])
+    save_pretrained(make_gpt(vocab_size=compact.n_vocab), tmp_path, compact)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "vocabulary.json"]
+    save_pretrained(make_gpt(vocab_size=50257), tmp_path)
+    assert GPT2TokenizerFast.from_pretrained(tmp_path).encode("Hello world") == [15496, 995]
+
+
 def test_a_tokenizer_without_its_files_is_refused(make_gpt, tmp_path):
     import tiktoken
 

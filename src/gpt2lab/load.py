@@ -32,6 +32,15 @@ from gpt2lab.tokenizer import EOT, VOCABULARY_JSON, CompactTokenizer, bpe_files,
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", VOCABULARY_JSON)
+# what transformers reads beside a model before (tokenizer.json) or besides (generation_config.json's end of
+# text) the files save_pretrained writes: a replaced model's would describe it, not the new one
+OTHER_MODEL_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 def load_model(
@@ -250,8 +259,9 @@ def save_pretrained(model: GPT, directory: str | Path, tokenizer=None) -> int:
         for name in names:
             os.chmod(tmp / name, mode)
             os.replace(tmp / name, directory / name)
-        for stale in set(TOKENIZER_FILES) - set(names) if replaces_a_model else ():  # the other kind's
-            (directory / stale).unlink(missing_ok=True)
+        stale = {*TOKENIZER_FILES, *OTHER_MODEL_FILES} - set(names) if replaces_a_model else set()
+        for name in sorted(stale):  # the replaced model's tokenizer and generation settings
+            (directory / name).unlink(missing_ok=True)
     files.fsync_dir(directory)
     return sum(t.numel() for t in state_dict.values())
 
