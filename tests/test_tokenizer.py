@@ -87,6 +87,17 @@ def test_checkpoint_dir_files_are_used(tmp_path):
     assert custom.n_vocab == 50256
 
 
+def test_a_bpe_laid_out_otherwise_than_gpt2s_is_refused_as_such(tmp_path):
+    """A BPE trained with the tokenizers library puts <|endoftext|> first and its byte alphabet in another
+    order: refused with what gpt2lab reads, not called damaged alone."""
+    encoder = json.loads(bundled_files()[0].read_text(encoding="utf-8"))
+    alphabet = sorted(t for t, i in encoder.items() if i < 256)
+    (tmp_path / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0} | {t: i + 1 for i, t in enumerate(alphabet)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(CheckpointError, match="laid out as GPT-2's own .* laid out otherwise"):
+        load_tokenizer(tmp_path)
+
+
 def test_dir_without_tokenizer_files_uses_bundled(tmp_path):
     """A model dir without vocab.json/merges.txt falls back to the bundled GPT-2 files."""
     (tmp_path / "vocab.json").write_text("{}")  # only one of the two files: not a tokenizer
@@ -166,7 +177,9 @@ def test_a_malformed_compact_vocabulary_is_an_error_naming_the_file(tmp_path, ke
 def test_tokenizer_files_that_are_not_gpt2_bpe_are_an_error_saying_so(tmp_path, vocab, merges):
     (tmp_path / "vocab.json").write_text(vocab)
     (tmp_path / "merges.txt").write_text(merges)
-    with pytest.raises(CheckpointError, match="are not a GPT-2 BPE vocabulary and its merges; copy them again"):
+    with pytest.raises(
+        CheckpointError, match="laid out otherwise .* or damaged; use such a BPE, or copy the files again"
+    ):
         load_tokenizer(tmp_path)
 
 

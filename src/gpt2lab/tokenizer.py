@@ -107,8 +107,10 @@ def _encoding(encoder_json: str, encoder_sha: str, vocab_bpe: str, vocab_sha: st
         ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, vocab_sha, encoder_sha)
     except Exception as e:  # malformed files: tiktoken raises KeyError/ValueError/JSONDecodeError
         raise CheckpointError(
-            f"cannot build a tokenizer from {encoder_json} and {vocab_bpe} ({e!r}): they are not a GPT-2 BPE "
-            "vocabulary and its merges; copy them again from where the model came from"
+            f"cannot build a tokenizer from {encoder_json} and {vocab_bpe} ({e!r}): gpt2lab reads a BPE laid out "
+            "as GPT-2's own (the 256 bytes first, in GPT-2's order, then one id per merge, in the order of "
+            "merges.txt), and these are laid out otherwise (as a BPE trained with the tokenizers library is) or "
+            "damaged; use such a BPE, or copy the files again from where the model came from"
         ) from e
     encoding = tiktoken.Encoding(
         name="gpt2" if bundled else f"gpt2-{vocab_sha[:8]}",
