@@ -1123,18 +1123,25 @@ def test_one_op_block_steps_of_padded_rows_with_grouped_heads_and_a_window(make_
     assert len(calls) == 9
 
 
+def one_op_int8_model(make_gpt) -> gpt2lab.model.GPT:
+    """An int8 model planned for one-row steps from the tokens to the logits in one op, its cache set up
+    for 12 steps."""
+    model = quantize.quantize_int8(
+        make_gpt(seed=4, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
+    )
+    model.setup_cache(1, 12)
+    plan_one_op_steps(model, 1, None)
+    return model
+
+
 @needs_kernel
 def test_a_decode_step_in_one_op_reads_the_embedding_tables_the_model_has_now(make_gpt, monkeypatch):
     """The one op from the tokens to the logits (``decode_logits``) looks up the token and position
     embeddings itself: tables replaced between steps (new parameters) are the ones the next step
     reads, bit for bit as the Python steps read them."""
-    model = quantize.quantize_int8(
-        make_gpt(seed=4, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
-    )
     prompt = torch.tensor([[5, 3, 9, 1]])
     with torch.no_grad():
-        model.setup_cache(1, 12)
-        plan_one_op_steps(model, 1, None)
+        model = one_op_int8_model(make_gpt)
         calls = count_calls(monkeypatch, "decode_logits")
         steps_every_way(model, prompt, 2)
         for table in (model.wte, model.wpe):
@@ -1148,13 +1155,9 @@ def test_a_decode_step_in_one_op_reads_the_embedding_tables_the_model_has_now(ma
 def test_a_decode_step_reads_the_layer_norms_the_model_has_now(make_gpt, norm):
     """A LayerNorm parameter replaced between steps (a new parameter) is the one the next step reads, bit
     for bit as the Python steps read it: a one-op step planned with the old one does not run."""
-    model = quantize.quantize_int8(
-        make_gpt(seed=4, backends=Backends(decode_attention="avx2"), n_embd=64, n_head=4, vocab_size=256)
-    )
     prompt = torch.tensor([[5, 3, 9, 1]])
     with torch.no_grad():
-        model.setup_cache(1, 12)
-        plan_one_op_steps(model, 1, None)
+        model = one_op_int8_model(make_gpt)
         steps_every_way(model, prompt, 2)
         module, name = norm.rsplit(".", 1)
         ln = model.get_submodule(module)
