@@ -799,11 +799,7 @@ class GPT(nn.Module):
         """Refuse, before torch is asked for them, KV caches (and rotary tables) of ``batch_size`` rows and
         ``steps`` time steps larger than the memory of the model's device: sizes past what torch can count
         would not even fail as out of memory."""
-        item = torch.empty((), dtype=dtype).element_size()
-        slots = [steps if b.attn.window is None else min(b.attn.window, steps) for b in self.h]
-        need = sum(
-            2 * batch_size * b.attn.n_kv_head * b.attn.head_dim * n * item for b, n in zip(self.h, slots, strict=True)
-        )
+        need = batch_size * self.config.kv_cache_bytes(steps, torch.empty((), dtype=dtype).element_size())
         if self.rotary is not None:
             need += 2 * steps * self.rotary.head_dim * 4  # cos and sin, float32
         have, where = memory_of(self.wte.weight.device)
