@@ -2,7 +2,7 @@
 
     pip install -e ".[bench]"        # ctranslate2, transformers (CTranslate2's converter reads with it), gguf
     python bench/peers.py [--threads 2] [--repeat 5] [--only decode,prefill,forward,quality] [--quick] [--compile]
-                          [--llama-convert PATH/TO/llama.cpp/convert_hf_to_gguf.py]
+                          [--decode float32:1:128,int8:8:128] [--llama-convert PATH/TO/llama.cpp/convert_hf_to_gguf.py]
 
 One random-weight GPT-2 124M, written once by gpt2lab's ``save_pretrained``; each peer's own converter
 reads that directory as it is: CTranslate2's ``TransformersConverter`` (float32, and int8 =
@@ -67,6 +67,7 @@ from gpt2lab.kernels import alternated  # noqa: E402
 from gpt2lab.quantize import quantize_int8  # noqa: E402
 
 PROMPT = 16
+CONTEXT = 1024  # the model's block_size
 ROWS: list[str] = []
 
 
@@ -263,7 +264,7 @@ def load_llama(path: Path, threads: int, logits_all: bool = False):
         low.llama_model_default_params = plain
     return llama_cpp.Llama(
         model_path=str(path),
-        n_ctx=1024,
+        n_ctx=CONTEXT,
         n_batch=512,
         n_threads=threads,
         n_threads_batch=threads,
@@ -281,6 +282,27 @@ BYTES_PER_WEIGHT = {
 
 
 DECODE_CASES = [("float32", 1, 128), ("float32", 1, 512), ("float32", 8, 128), ("int8", 1, 128), ("int8", 8, 128)]
+
+
+def decode_cases(text: str) -> list[tuple[str, int, int]]:
+    """An argparse type: greedy rows as WEIGHTS:BATCH:NEW_TOKENS, comma-separated (float32:1:128)."""
+    cases = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        weights, _, rest = item.partition(":")
+        batch, _, new = rest.partition(":")
+        numbers = batch.isdigit() and new.isdigit()
+        if weights not in ("float32", "int8") or not numbers or min(int(batch), int(new)) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not WEIGHTS:BATCH:NEW_TOKENS (float32 or int8, then two positive integers)"
+            )
+        if int(new) > CONTEXT - PROMPT:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: at most {CONTEXT - PROMPT} new tokens after the {PROMPT}-token prompt"
+            )
+        cases.append((weights, int(batch), int(new)))
+    if not cases:
+        raise argparse.ArgumentTypeError("name at least one row, e.g. float32:1:128")
+    return cases
 
 
 def decode_rows(model: GPT, int8: GPT, peers: Peers, repeat: int, cases=DECODE_CASES, compiled: bool = False) -> None:
@@ -393,6 +415,14 @@ def main() -> None:
         action="store_true",
         help="also run every greedy row with gpt2lab's compiled step",
     )
+    ap.add_argument(
+        "--decode",
+        type=decode_cases,
+        default=DECODE_CASES,
+        help="the greedy rows of --only decode, as WEIGHTS:BATCH:NEW_TOKENS (default: "
+        + ",".join(f"{w}:{b}:{n}" for w, b, n in DECODE_CASES)
+        + ")",
+    )
     ap.add_argument("--quick", action="store_true", help="greedy b=1 fp32 and 8-bit, 32 tokens, and 8-bit quality")
     ap.add_argument("--preset", default="gpt2", help="the model's size (a gpt2lab preset); gpt2 = 124M")
     args = ap.parse_args()
@@ -410,7 +440,7 @@ def main() -> None:
     print(cpu_header(args.threads) + " (every engine)", flush=True)
     print(f"{versions}; memory read now {memory_read_gbs(2**30):.1f} GB/s\n", flush=True)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_name(args.preset, block_size=1024)).eval()
+    model = GPT(GPTConfig.from_name(args.preset, block_size=CONTEXT)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "gpt2-random"
         save_pretrained(model, directory)
@@ -426,7 +456,7 @@ def main() -> None:
             decode_rows(model, int8, peers, args.repeat, [("float32", 1, 32), ("int8", 1, 32)], args.compile)
             only = {"quality"}
         if "decode" in only:
-            decode_rows(model, int8, peers, args.repeat, compiled=args.compile)
+            decode_rows(model, int8, peers, args.repeat, args.decode, args.compile)
         if "prefill" in only:
             prefill_rows(model, int8, peers, args.repeat)
         if "forward" in only:

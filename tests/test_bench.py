@@ -69,6 +69,8 @@ def test_the_gpu_inference_rows_give_both_libraries_the_same_work(monkeypatch):
         ("decode_step.py", ["--rounds", "x"], "--rounds: 'x' is not an integer"),
         ("pages.py", ["--rounds", "0"], "--rounds: must be at least 1"),
         ("peers.py", ["--preset", "bogus"], "--preset must be one of gpt2,"),
+        ("peers.py", ["--decode", "float32:0:128"], "'float32:0:128' is not WEIGHTS:BATCH:NEW_TOKENS"),
+        ("peers.py", ["--decode", "int8:1:1009"], "at most 1008 new tokens after the 16-token prompt"),
         ("gpu.py", ["--train", "gpt2:x"], "'gpt2:x' is not PRESET:BATCH or PRESET:BATCH:sliced"),
         ("gpu.py", ["--train", "gpt9:16"], "unknown preset 'gpt9'"),
     ],
