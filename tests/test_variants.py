@@ -194,6 +194,19 @@ def test_rope_model_is_translation_invariant(make_gpt, window):
     torch.testing.assert_close(shifted, ref, atol=1e-5, rtol=0)
 
 
+def test_rope_tables_stay_float32_in_a_half_precision_model(make_gpt):
+    """A model moved to bfloat16 keeps float32 rotary tables, as the tables it builds when a call runs
+    past them are: the same tokens give the same logits before and after the tables grow."""
+    model = make_gpt(seed=2, pos_emb="rope", block_size=16).to(torch.bfloat16)
+    assert (model.rotary.cos.dtype, model.rotary.sin.dtype) == (torch.float32, torch.float32)
+    idx = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(idx)[0]
+        model(torch.randint(0, 97, (1, 17)))  # past the tables: they grow
+        assert model.rotary.cos.shape[0] == 17
+        assert torch.equal(model(idx)[0], before)
+
+
 def test_rope_matches_transformers_llama(make_gpt):
     """Our rotary tables and rotation equal transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb on the
     same q/k, for per-row position offsets and a non-default rope_theta."""

@@ -52,6 +52,15 @@ class Rotary(nn.Module):
         positions = torch.arange(length, device=device) * self.scale
         self.cos, self.sin = rope_tables(positions, inv_frequencies(self.head_dim, self.theta, device))
 
+    def _apply(self, fn, recurse: bool = True):
+        """After ``.to()``, ``.half()``, ``.cuda()`` and the like: the tables stay float32, made anew
+        where the move cast them to half precision (as ``build`` makes them when they grow), so a model
+        gives the same logits before and after its tables grow."""
+        super()._apply(fn, recurse)
+        if self.cos.dtype in (torch.float16, torch.bfloat16):
+            self.build(self.cos.shape[0])
+        return self
+
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for positions ``pos`` (B, T), shaped (B, 1, T, hs) to broadcast over heads."""
         return self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
