@@ -303,6 +303,45 @@ def test_a_killed_prepare_leaves_nothing_and_a_later_one_clears_what_a_dead_one_
     assert not dead.exists() and live.exists()
 
 
+def test_an_interrupt_between_the_two_renames_puts_the_previous_version_back(tmp_path, corpus, monkeypatch):
+    """Replacing a prepared directory moves the previous version aside, then the new one in: an
+    interrupt between the two renames puts the previous version back under its name."""
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    before, replace, interrupted = tree(out), os.replace, []
+
+    def interrupt_once(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".tok.tmp-") and not interrupted:
+            interrupted.append(src)
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
+    assert interrupted and tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tok"]
+
+
+def test_a_previous_version_a_killed_replacement_left_is_put_back_or_deleted(tmp_path, corpus):
+    """A prepare killed between the two renames leaves no directory at --out and the previous version
+    beside it: the next look puts it back; once a newer version is in place, it is deleted. A live
+    process's is left alone."""
+    import shutil
+
+    out = tmp_path / "tok"
+    prepare(out, Source([corpus]), workers=1, progress=False)
+    before = tree(out)
+    dead, live = tmp_path / ".tok.old-999999999", tmp_path / f".tok.old-{os.getppid()}"
+    os.replace(out, dead)
+    files.restore_abandoned(out)
+    assert tree(out) == before and not dead.exists()
+    shutil.copytree(out, dead)
+    shutil.copytree(out, live)
+    prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
+    assert not dead.exists() and live.exists() and tree(out) != before
+
+
 def test_output_directory_is_never_read(tmp_path, corpus):
     out = corpus / "tok"
     prepare(out, Source([corpus]), workers=1, progress=False)

@@ -113,16 +113,35 @@ def replace_dir(new: Path, out: Path) -> str | None:
         os.replace(new, out)
         fsync_dir(out.parent)
         return None
-    # two renames: if the process dies between them the old version survives as .NAME.old-PID beside out
+    # two renames: if the process dies between them the old version survives as .NAME.old-PID beside out,
+    # which the next restore_abandoned puts back; an interrupt or an error between them puts it back now
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
     fsync_dir(out.parent)
     try:
         shutil.rmtree(old)
     except OSError as e:
         return f"{out} is written, but its previous version could not be deleted ({e.strerror}): delete {old}"
     return None
+
+
+def restore_abandoned(out: Path) -> None:
+    """What a process killed between ``replace_dir``'s two renames left: the previous version of
+    ``out`` as .NAME.old-PID, its process gone. Put back at ``out`` where nothing is there, else
+    deleted (a newer version took its place)."""
+    for entry in sorted(out.parent.glob(glob.escape(f".{out.name}.old-") + "*")):
+        pid = entry.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.replace(entry, out)
 
 
 def remove_abandoned(parent: Path, prefix: str) -> None:

@@ -41,6 +41,7 @@ def compact_vocabulary(source: Path, target: Path, size: int, key: dict | None =
         coverage[f"{split}_gpt2_tokens"] = len(gpt2)
         coverage[f"{split}_tokens"] = len(splits[split])
         coverage[f"{split}_spelled_fraction"] = float(np.mean(tokenizer.spelled(gpt2))) if len(gpt2) else 0.0
+    files.restore_abandoned(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     per_split = {s: {"bytes": meta["splits"][s]["bytes"]} for s in SPLITS if "bytes" in meta["splits"][s]}

@@ -177,6 +177,7 @@ def prepare(
     events, total, info = source.open(exclude=out)
     _load_encoding()  # before the clock: a one-time cost, not throughput
     out.parent.mkdir(parents=True, exist_ok=True)
+    files.restore_abandoned(out)  # a prepare killed while it put its output in place
     files.remove_abandoned(out.parent, f".{out.name}.tmp-")  # a killed prepare's partial output
     # not tempfile.mkdtemp: its 0700 mode would become the mode of out
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -196,8 +197,8 @@ def prepare(
                 tmp, splits.shards(), EOT + 1, eot=EOT, tokenizer=tokenizer, source=info, val_fraction=val_fraction,
                 shard_tokens=shard_tokens, bytes=bytes_read, split_fields=splits.counts(),
             )  # fmt: skip
-        with files.disk_space(out):
-            left = files.replace_dir(tmp, out)
+            with files.disk_space(out):
+                left = files.replace_dir(tmp, out)
     except files.DiskFullError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise files.DiskFullError(files.full_message(out)) from None  # name the directory, not its temp twin
