@@ -52,9 +52,9 @@ def test_config_param_formula_matches_the_model(preset, variant):
 @pytest.mark.parametrize("context", [3, 8, 21])  # shorter than, equal to and past the window
 def test_kv_cache_bytes_match_the_allocated_buffers(context):
     config = GPTConfig(n_layer=5, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100, window=8, window_pattern="LLG")
-    model = GPT(config)
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        model.setup_cache(1, context, dtype=dtype)
+        model = GPT(config).to(dtype)
+        model.setup_cache(1, context)
         allocated = sum(b.attn.kv_cache.k.nbytes + b.attn.kv_cache.v.nbytes for b in model.h)
         assert config.kv_cache_bytes(context, size) == allocated
         model.clear_cache()

@@ -753,11 +753,11 @@ class GPT(nn.Module):
         batch_size: int,
         max_seq_len: int,
         pad: torch.Tensor | None = None,
-        dtype: torch.dtype | None = None,
         keep: bool = False,
     ) -> None:
         """Allocate each layer's KV cache for ``max_seq_len`` time steps (a window layer keeps only its
-        window). ``pad`` (B,) is each row's left padding, so prompts of different lengths share a batch.
+        window), in the weights' dtype and on their device. ``pad`` (B,) is each row's left padding, so
+        prompts of different lengths share a batch.
 
         ``keep``: the cache is to outlive this generation call, as a compiled decode step's must (its
         code is tied to these very buffers: new ones compile it again). A kept cache, until
@@ -765,7 +765,7 @@ class GPT(nn.Module):
         so calls of other lengths reuse it instead of compiling again, and grows by doubling when one
         does not fit (``kept_cache_len``)."""
         p = self.wte.weight
-        dtype = dtype or p.dtype
+        dtype = p.dtype
         kept = keep or self.cache_kept
         steps = self.kept_cache_len(batch_size, max_seq_len) if kept else max_seq_len
         self._check_cache_fits(batch_size, steps, dtype)
