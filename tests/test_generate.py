@@ -1238,6 +1238,27 @@ def test_decoding_without_a_cache_for_its_rows_says_to_set_one_up(make_gpt):
             model(token, input_pos=pos)
 
 
+@pytest.mark.parametrize("window", [None, 2])
+def test_decoding_past_the_cache_or_with_mismatched_positions_is_a_clear_error(make_gpt, window):
+    """A time step past the cache set up for it is refused, naming the length to set up, where a layer
+    keeps every step (a cache of window layers only rolls, and takes it); input_pos must hold one time
+    step per token."""
+    model = make_gpt(**({"window": window} if window else {}))
+    with torch.no_grad():
+        model.setup_cache(1, 4)
+        model(torch.tensor([[1, 2, 3, 4]]), input_pos=torch.arange(4))
+        if window is None:
+            with pytest.raises(ValueError, match=r"time step 4 is past the KV cache's 4 steps.*at least 5"):
+                model(torch.tensor([[5]]), input_pos=torch.tensor([4]))
+        else:
+            rolled = model(torch.tensor([[5]]), input_pos=torch.tensor([4]))[0]
+            full = model(torch.tensor([[1, 2, 3, 4, 5]]))[0][:, -1:]
+            torch.testing.assert_close(rolled, full, atol=1e-5, rtol=0)
+        model.setup_cache(1, 8)
+        with pytest.raises(ValueError, match=r"one time step per token: 4 token\(s\), got input_pos of shape \(3,\)"):
+            model(torch.tensor([[1, 2, 3, 4]]), input_pos=torch.arange(3))
+
+
 def test_a_cache_kept_under_inference_mode_serves_generation_outside_it(make_gpt):
     """Buffers made under torch.inference_mode cannot be written outside it: the next call makes new ones."""
     model = make_gpt()

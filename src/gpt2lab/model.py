@@ -631,7 +631,17 @@ class GPT(nn.Module):
                 f"model.setup_cache({B}, length) first (the cache now holds {len(self.cache_pad)} row(s) of "
                 f"{self.cache_len} steps)"
             )
+        if not torch.compiler.is_compiling() and input_pos.shape != (idx.shape[1],):
+            raise ValueError(
+                f"input_pos must hold one time step per token: {idx.shape[1]} token(s), got input_pos of "
+                f"shape {tuple(input_pos.shape)}"
+            )
         filled = _filled(input_pos, self.cache_len)
+        if isinstance(filled, int) and filled > self.cache_len and any(b.attn.window is None for b in self.h):
+            raise ValueError(
+                f"time step {filled - 1} is past the KV cache's {self.cache_len} steps: call "
+                f"model.setup_cache({B}, length) with a length of at least {filled}"
+            )
         return input_pos, self.cache_pad if self.cache_padded else None, filled, written_from_start(input_pos, filled)
 
     def _through_blocks(self, x: torch.Tensor, rope, window_mask, step) -> torch.Tensor:
