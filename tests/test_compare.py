@@ -294,6 +294,22 @@ def test_load_config_layers_and_errors():
         load_config(None, ["--compare.workers=-1"])
 
 
+@pytest.mark.parametrize(
+    "settings, phrase",
+    [
+        (["--efficiency.kernel_ratios=0"], "every efficiency.kernel_ratios value between 1 and"),
+        (["--efficiency.kernel_ratios=8,2048"], r"got contexts \[1024, 4096\], ratios \[8, 2048\]"),
+        (["--efficiency.kernel_contexts=0"], "efficiency.kernel_contexts must be >= 1"),
+        (["--efficiency.reference=baseline", "--efficiency.variants=rope"], "'baseline' has learned positions"),
+    ],
+)
+def test_efficiency_settings_that_cannot_be_timed_are_refused_before_any_training(settings, phrase):
+    """A window of no position, a kernel context of none, or a reference whose learned positions end
+    before the contexts it is timed at would fail only in the efficiency job, after every training job."""
+    with pytest.raises(ConfigError, match=phrase):
+        load_config(None, settings)
+
+
 # --- plan and budget -----------------------------------------------------------------------------
 
 

@@ -181,6 +181,19 @@ class EfficiencySection:
         check_variants("efficiency.variants", [self.reference, *self.variants])
         if any(b < 1 for b in self.batches) or any(c <= self.new_tokens for c in self.contexts):
             raise ConfigError("efficiency.batches must be >= 1 and every context above efficiency.new_tokens")
+        if "rope" not in variant_changes(self.reference):
+            raise ConfigError(
+                f"efficiency.reference {self.reference!r} has learned positions, which end at its block size: "
+                "it is timed at every context, so name a rotary variant (e.g. rope)"
+            )
+        if any(c < 1 for c in self.kernel_contexts) or any(
+            not 1 <= r <= c for r in self.kernel_ratios for c in self.kernel_contexts
+        ):
+            raise ConfigError(
+                "efficiency.kernel_contexts must be >= 1 and every efficiency.kernel_ratios value between 1 and "
+                f"the smallest kernel context (a window of at least one position); got contexts "
+                f"{self.kernel_contexts}, ratios {self.kernel_ratios}"
+            )
 
 
 def check_variants(key: str, names: list[str], empty_ok: bool = True) -> None:
