@@ -123,6 +123,48 @@ def test_a_fraction_interval_stays_within_0_and_1():
     assert stats.interval([0.0, 0.1, 0.0], bounds=(0.0, 1.0))["lo"] == 0.0
 
 
+def test_a_difference_of_two_fractions_stays_within_minus_1_and_1():
+    """Recall differences of 3 seeds that learned and 2 that stalled: the t-interval reaches past 1, which
+    no difference of two fractions can; cut to (-1, 1) it ends at 1, its verdict unchanged."""
+    variant, reference = [0.905, 0.849, 0.866, 0.135, 0.232], [0.1, 0.0, 0.05, 0.1, 0.0]
+    free = stats.paired(variant, reference, below="worse", above="better")
+    cut = stats.paired(variant, reference, below="worse", above="better", bounds=(-1.0, 1.0))
+    assert free["hi"] > 1.0 and cut["hi"] == 1.0 and cut["lo"] == free["lo"]
+    assert cut["verdict"] == free["verdict"] == "better" and cut["p"] == free["p"]
+
+
+def test_loss_differences_of_round_off_alone_are_not_tested():
+    """Position bins a longer context cannot change differ by float32 round-off only: rounded to
+    LOSS_DECIMALS they are the same in every seed, untested, where the raw values would be a verdict."""
+    from gpt2lab.compare.analysis import _resolved
+
+    noise = [3.1e-8, 1.2e-8, 5.0e-8, 2.2e-8, 4.4e-8]
+    assert stats.differences(noise, below="helps", above="hurts")["verdict"] == "hurts"
+    resolved = stats.differences(_resolved(noise), below="helps", above="hurts")
+    assert resolved["p"] is None and resolved["verdict"].startswith("the same in every seed")
+    assert _resolved([-1e-9, 0.0123456789]) == [0.0, 0.012346] and math.copysign(1, _resolved([-1e-9])[0]) == 1
+
+
+def test_a_difference_is_settled_by_its_own_seed_at_more_steps():
+    """The calibration run (first seed, more steps) is held against that seed's own difference, within the
+    scatter of one seed's difference (t x sd of the seeds'): the same difference is settled, whatever the
+    seeds' mean; a change past the scatter is transient; no spread between seeds decides nothing."""
+    from gpt2lab.compare.analysis import _settled
+
+    def run(loss):
+        return {"final_loss": loss, "val_curve": [[10, loss]]}
+
+    comparison = {"final": stats.differences([-0.10, -0.05, -0.02, -0.08, -0.06])}
+    reach = stats.t_quantile(0.975, 4) * comparison["final"]["sd"]
+    same = _settled(comparison, run(2.0 - 0.10), run(2.0), run(3.0 - 0.10), run(3.0), 3)
+    assert same["settled"] is True and same["tolerance"] == pytest.approx(reach)
+    moved = _settled(comparison, run(2.0 - 0.10 + 1.01 * reach), run(2.0), run(3.0 - 0.10), run(3.0), 3)
+    assert moved["settled"] is False
+    for flat in ([-0.1], [-0.1, -0.1, -0.1]):
+        undecided = _settled({"final": stats.differences(flat)}, run(1.9), run(2.0), run(2.9), run(3.0), 3)
+        assert undecided["settled"] is None and undecided["tolerance"] is None
+
+
 def test_verdicts_never_say_same():
     assert stats.paired([1.0, 1.2, 1.1], [1.1, 1.1, 1.1])["verdict"] == "no difference detected"
     assert stats.paired([2.0, 2.1, 2.2], [1.0, 1.0, 1.1])["verdict"] == "worse"

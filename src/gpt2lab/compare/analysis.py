@@ -14,9 +14,12 @@ from gpt2lab.compare import stats
 from gpt2lab.compare.settings import reference_of
 from gpt2lab.config import GPTConfig
 
-SCHEMA = "gpt2lab-compare/3"  # results.json's layout; the findings test skips files without it
+SCHEMA = "gpt2lab-compare/4"  # results.json's layout; the findings test skips files without it
 CHANCE_BOTH = 0.25  # the most a rule that ignores the key can score on "both" (a coin flip between twins)
 POSITIVE = (0.0, math.inf)  # the range of a speed: an interval is cut to it
+# a longer context changes a position's loss only through the keys it adds; where it adds none the two
+# losses differ by float32 round-off (1e-8 nats), which is not an effect: differences are tested at 1e-6
+LOSS_DECIMALS = 6
 
 
 def position_edges(length: int) -> list[int]:
@@ -110,18 +113,22 @@ def _sequence_noise(run: dict, ref: dict) -> float:
 
 
 def _settled(comparison: dict, long: dict, long_ref: dict, first: dict, first_ref: dict, factor: int) -> dict:
-    """Whether the difference has settled: the first seed's difference after ``factor`` x the steps must
-    agree with the grid's mean difference within the grid's MDD80 (else the verdict is transient)."""
+    """Whether the difference has settled: the first seed's difference after ``factor`` x the steps against
+    the same seed's difference at the grid's steps. One seed's difference scatters about the mean by the
+    seeds' sd, so a change within t(97.5%, n - 1) x sd is one another seed could show (settled); a larger
+    one means the difference moves with training (transient). None where the grid has no spread to judge
+    by (one seed, or every seed's difference the same)."""
     long_diff = long["final_loss"] - long_ref["final_loss"]
+    first_diff = first["final_loss"] - first_ref["final_loss"]
     final = comparison["final"]
-    tolerance = final["mdd80"]
-    settled = tolerance is not None and abs(long_diff - final["mean"]) <= tolerance
+    tolerance = stats.t_quantile(1 - stats.LEVEL / 2, final["n"] - 1) * final["sd"] if final["sd"] else None
     return {
         "factor": factor,
         "difference": long_diff,
-        "first_seed_difference": first["final_loss"] - first_ref["final_loss"],
+        "first_seed_difference": first_diff,
+        "tolerance": tolerance,
         "curve": [[s, a - b] for (s, a), (_, b) in zip(long["val_curve"], long_ref["val_curve"], strict=True)],
-        "settled": settled,
+        "settled": None if tolerance is None else abs(long_diff - first_diff) <= tolerance,
     }
 
 
@@ -296,7 +303,7 @@ def _mqar_comparisons(per_bin: dict, edges: list[int]) -> list[dict]:
             row = {"lo": edges[b], "hi": edges[b + 1]}
             for metric in ("orig", "both"):
                 v, r = [f[metric][b] for f in per_bin[name]], [f[metric][b] for f in per_bin[ref]]
-                row[metric] = stats.paired(v, r, below="worse", above="better")
+                row[metric] = stats.paired(v, r, below="worse", above="better", bounds=(-1.0, 1.0))
             bins.append(row)
         out.append({"model": name, "reference": ref, "bins": bins})
     return out
@@ -321,6 +328,11 @@ def extrapolation_section(results: dict, variants: list[str], seeds: list[int], 
     return out
 
 
+def _resolved(losses) -> list[float]:
+    """Loss differences rounded to LOSS_DECIMALS: round-off alone becomes 0."""
+    return [round(float(x), LOSS_DECIMALS) + 0.0 for x in losses]  # + 0.0: no -0.0
+
+
 def _extrapolation_mode(runs: list, context: int) -> dict | str:
     if isinstance(runs[0], str):
         return runs[0]
@@ -332,15 +344,15 @@ def _extrapolation_mode(runs: list, context: int) -> dict | str:
         "length": length,
         "loss": stats.interval([r["loss"] for r in runs]),
         "edges": edges,
-        "bins": [stats.differences(list(col), below="helps", above="hurts") for col in by_bin],
+        "bins": [stats.differences(_resolved(col), below="helps", above="hurts") for col in by_bin],
         "curve": [float(np.mean(col)) for col in zip(*curves, strict=True)],
     }
     spans = {"near": (context, min(length, context * 3 // 2)), "far": (2 * context, length)}
     for name, (lo, hi) in spans.items():
         if hi > lo:
-            out[name] = stats.differences([float(np.mean(c[lo:hi])) for c in curves], below="helps", above="hurts") | {
-                "positions": [lo, hi]
-            }  # beside the interval's own lo and hi
+            out[name] = stats.differences(
+                _resolved(np.mean(c[lo:hi]) for c in curves), below="helps", above="hurts"
+            ) | {"positions": [lo, hi]}  # beside the interval's own lo and hi
     return out
 
 

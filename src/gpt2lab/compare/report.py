@@ -176,20 +176,22 @@ def _language_models(r: dict) -> list[str]:
         "",
         *table(["variant", "final val loss", "n", "tokens per run", "train tokens/s"], rows),
         f"Paired differences (variant minus reference, n = {n}); a difference is *settled* when the calibration "
-        "run (first seed, more steps) agrees with it within MDD80, else the verdict is transient:",
+        "run (first seed, more steps) gives within t x sd of that seed's difference here (the scatter of one "
+        "seed's difference), else the verdict is transient:",
         "",
     ]
     rows = []
     for c in lm["comparisons"]:
         cal = c.get("calibration")
-        settled = (
-            "not calibrated"
-            if cal is None
-            else (
-                f"{'settled' if cal['settled'] else 'TRANSIENT'}: {num(cal['difference'], 4, True)} at {cal['factor']}x steps "
-                f"(first seed {num(cal['first_seed_difference'], 4, True)} here)"
+        if cal is None:
+            settled = "not calibrated"
+        else:
+            word = {True: "settled", False: "TRANSIENT", None: "undecided (no spread between seeds)"}[cal["settled"]]
+            settled = (
+                f"{word}: {num(cal['difference'], 4, True)} at {cal['factor']}x steps "
+                f"(first seed {num(cal['first_seed_difference'], 4, True)} here"
+                + (f", tolerance {num(cal['tolerance'], 4)})" if cal["tolerance"] is not None else ")")
             )
-        )
         rows.append(
             [
                 f"{c['variant']} - {c['reference']}",

@@ -45,18 +45,27 @@ def interval(values: list[float], bounds: tuple[float, float] | None = None) -> 
     return {"n": n, "mean": mean, "sd": sd, "lo": lo, "hi": hi}
 
 
-def paired(variant: list[float], reference: list[float], below: str = "better", above: str = "worse") -> dict:
+def paired(
+    variant: list[float],
+    reference: list[float],
+    below: str = "better",
+    above: str = "worse",
+    bounds: tuple[float, float] | None = None,
+) -> dict:
     """Paired comparison of ``variant`` with ``reference`` (same seeds, same order): mean difference, 95%
     interval, MDD80, two-sided p-value, and the verdict (``below`` when the whole interval is below 0,
-    ``above`` when above, else "no difference detected"). Fewer than two pairs give no interval."""
+    ``above`` when above, else "no difference detected"). Fewer than two pairs give no interval.
+    ``bounds``: the range a difference cannot leave (of two fractions: (-1, 1)), as in ``interval``."""
     if len(variant) != len(reference):
         raise ValueError(f"paired values need the same seeds: {len(variant)} vs {len(reference)}")
-    return differences([v - r for v, r in zip(variant, reference, strict=True)], below, above)
+    return differences([v - r for v, r in zip(variant, reference, strict=True)], below, above, bounds)
 
 
-def differences(d: list[float], below: str = "better", above: str = "worse") -> dict:
+def differences(
+    d: list[float], below: str = "better", above: str = "worse", bounds: tuple[float, float] | None = None
+) -> dict:
     """``paired`` for differences already taken (e.g. log-ratios of alternated timings)."""
-    out = interval(d) | {"values": d}
+    out = interval(d, bounds) | {"values": d}
     n = len(d)
     if n < 2:
         return out | {"mdd80": None, "p": None, "verdict": "n/a (one pair: no interval)"}
