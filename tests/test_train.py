@@ -365,6 +365,36 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resume_is_exact(bytes_dir, referenc
     assert trajectory(tmp_path / "out") == trajectory(reference)
 
 
+def test_ctrl_c_in_the_last_step_finishes_the_run(bytes_dir, tmp_path, monkeypatch):
+    """A stop asked for during the last step ends a finished run: its checkpoint, its result, no
+    interruption (exit status 130) and no "run the same command again"."""
+    from gpt2lab import data
+
+    get = data.Batches.get
+
+    def interrupting_get(self, step, micro_step=0):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # in the middle of the last of 3 steps
+        return get(self, step, micro_step)
+
+    monkeypatch.setattr(data.Batches, "get", interrupting_get)
+    result = train(config(bytes_dir, tmp_path / "out", run__steps=3, run__eval_every=0))
+    assert result is not None and checkpoint.latest(tmp_path / "out").name == "ckpt-00000003"
+
+
+def test_a_vocabulary_an_earlier_run_left_does_not_outlive_it(bytes_dir, tmp_path):
+    """A run on compact-vocabulary data killed before its first checkpoint leaves vocabulary.json; a new
+    run there on other ids removes it, else every later read of the run (resume, eval, generate) would
+    read its ids through that vocabulary."""
+    from gpt2lab.tokenizer import VOCABULARY_JSON
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / VOCABULARY_JSON).write_text('{"left": "by a killed run"}')
+    train(config(bytes_dir, out, optim__warmup_steps=0, run__steps=1, run__eval_every=0))
+    assert not (out / VOCABULARY_JSON).exists()
+
+
 def test_sigkill_during_checkpoint_write_then_resume_is_exact(bytes_dir, reference, tmp_path):
     out = tmp_path / "out"
     worker = Path(__file__).with_name("dist_worker.py")
@@ -481,6 +511,24 @@ def test_fine_tune_starts_from_the_given_weights(bytes_dir, reference, tmp_path)
     with torch.no_grad():
         expected = base(x, y)[1].item()
     assert losses(tmp_path / "ft")[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_fine_tune_resumes_without_its_base_model(bytes_dir, reference, tmp_path):
+    """The checkpoint holds every weight: a fine-tune resumes once its base model is gone (moved, deleted,
+    a hub name offline), and gives what the run gives without the interruption."""
+    import shutil
+
+    assert main(["export", "--model", str(reference), "--out", str(tmp_path / "hf")]) == 0
+    ft = {"model.init": tmp_path / "hf"}
+    settings = dict(optim__warmup_steps=0, run__steps=3, run__ckpt_every=1, run__eval_every=0)
+    train(config(bytes_dir, tmp_path / "whole", ft, **settings))
+    train(config(bytes_dir, tmp_path / "ft", ft, **settings))
+    for later in ("ckpt-00000002", "ckpt-00000003"):  # as if stopped after step 1
+        shutil.rmtree(tmp_path / "ft" / later)
+    shutil.rmtree(tmp_path / "hf")
+    train(config(bytes_dir, tmp_path / "ft", ft, **settings))
+    assert checkpoint.latest(tmp_path / "ft").name == "ckpt-00000003"
+    assert trajectory(tmp_path / "ft") == trajectory(tmp_path / "whole")
 
 
 def test_fine_tune_may_change_rope_interpolation(bytes_dir, tmp_path):

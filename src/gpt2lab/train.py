@@ -291,10 +291,12 @@ def build_model(cfg: TrainConfig, resume: Path | None) -> GPT:
         check_fits(config, bytes_per_param=16)  # weights, gradients, AdamW's two moments
         torch.manual_seed(cfg.run.seed)  # every rank draws the same weights
         return GPT(config)
+    if resume is not None:  # the checkpoint holds every weight: the base model need not be there any more
+        config = cfg.model.build(GPTConfig.from_dict(checkpoint.read_meta(resume)["model_config"]))
+        checkpoint.check_model_config(resume, config)
+        return GPT(config)
     base = load_model(cfg.model.init).float()  # weights and AdamW's moments in float32, whatever the file held
     config = cfg.model.build(base.config)
-    if resume is not None:
-        checkpoint.check_model_config(resume, config)
     limit = config.max_positions
     if limit is not None and cfg.data.block_size > limit:
         raise ConfigError(
@@ -456,7 +458,7 @@ class _Log:
         if self._is_ckpt(done) or n_stop:
             r = run.cfg.run
             self.last_ckpt = checkpoint.save(run.out_dir, done, run.wrapped, run.optimizer, env, run.meta, r.keep_last)
-        if n_stop:
+        if n_stop and done < run.cfg.run.steps:  # stopped in the last step: the run is done, not interrupted
             run.say(f"stopped at step {done}; saved {self.last_ckpt}. Run the same command again to resume.")
             raise KeyboardInterrupt
         self.t_last, self.tokens_since = time.perf_counter(), 0
@@ -595,6 +597,8 @@ def _start_out_dir(run: Run) -> int | None:
     files.write_json(out_dir / checkpoint.TRAIN_CONFIG_JSON, run.cfg.to_dict())
     if run.data.vocabulary is not None:  # the model's token ids are this vocabulary's, not GPT-2's
         files.write_json(out_dir / VOCABULARY_JSON, run.data.vocabulary)
+    else:  # one an earlier run in this directory left (a resume with another vocabulary was refused)
+        (out_dir / VOCABULARY_JSON).unlink(missing_ok=True)
     metrics = out_dir / METRICS
     if not metrics.is_file():
         return None
