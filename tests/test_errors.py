@@ -271,6 +271,10 @@ CHECKPOINT_CASES = {
         lambda c: (c / "model.pt").write_bytes((c / "model.pt").read_bytes()[:200]),
         ["model.pt: it is truncated", "the checkpoint is damaged: delete"],
     ),
+    "junk model.pt": (
+        lambda c: (c / "model.pt").write_bytes(b"junk"),
+        ["model.pt: it is truncated or not a PyTorch tensor file", "the checkpoint is damaged: delete"],
+    ),
     "corrupt FSDP shard": (_corrupt_shard, ["sharded checkpoint", "damaged"]),
     "FSDP checkpoint without .metadata": (_no_metadata, ["sharded checkpoint", "damaged"]),
     "wrong-shape weights": (
@@ -290,6 +294,34 @@ def test_bad_checkpoint(case, trained, tmp_path, capsys):
     before = _tree(tmp_path)
     _assert_one_line_error(capsys, ["generate", "--prompt", "hi", "--model", str(ckpt), "--device", "cpu"], *phrases)
     assert _tree(tmp_path) == before
+
+
+RESUME_CASES = {
+    "model.pt of another model": (lambda c: torch.save({"x": torch.zeros(1)}, c / "model.pt"), "model.pt"),
+    "optim.pt of another optimizer": (
+        lambda c: torch.save({"state": {}, "param_groups": []}, c / "optim.pt"),
+        "optim.pt",
+    ),
+    "rng.pt without its ranks": (lambda c: torch.save({"other": torch.zeros(1)}, c / "rng.pt"), "rng.pt"),
+}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_a_checkpoint_file_that_reads_but_holds_something_else_refuses_a_resume(
+    case, trained, bytes_dir, tmp_path, capsys
+):
+    """Resuming from a checkpoint whose file is a readable tensors file of something else (another model's
+    weights, another optimizer's state, no per-rank RNG states) is a one-line error naming the file and
+    what to do, not load_state_dict's traceback."""
+    damage, name = RESUME_CASES[case]
+    ckpt = _checkpoint_copy(trained, tmp_path)
+    damage(ckpt)
+    argv = ["train", *overrides(settings(bytes_dir, ckpt.parent, run__steps=3, run__eval_every=0, run__ckpt_every=0))]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert f"{name} does not hold what its checkpoint.json describes" in err
+    assert "the checkpoint is damaged: delete" in err
 
 
 @pytest.mark.parametrize("name", ["checkpoint.json", "model.pt"])

@@ -26,7 +26,9 @@ import pickle
 import random
 import re
 import shutil
+import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -252,12 +254,28 @@ def load(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: Di
             raise _damaged_shards(ckpt / "state", e) from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        unwrap(model).load_state_dict(load_tensors(ckpt / "model.pt"))
-        optimizer.load_state_dict(load_tensors(ckpt / "optim.pt"))
-    ranks = load_tensors(ckpt / "rng.pt")["ranks"]
-    if len(ranks) == env.world_size:  # with another world size the per-rank streams cannot carry over
-        set_rng_state(ranks[env.rank], env.device)
+        _restore(ckpt / "model.pt", unwrap(model).load_state_dict)
+        _restore(ckpt / "optim.pt", optimizer.load_state_dict)
+
+    def restore_rng(state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) == env.world_size:  # with another world size the per-rank streams cannot carry over
+            set_rng_state(ranks[env.rank], env.device)
+
+    _restore(ckpt / "rng.pt", restore_rng)
     return meta
+
+
+def _restore(path: Path, into: Callable):
+    """``into`` what the tensors file ``path`` holds; a file that reads but holds something else than
+    its checkpoint.json describes (another model's weights, another optimizer's state) is damaged."""
+    state = load_tensors(path)
+    try:
+        return into(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(
+            f"{path} does not hold what its checkpoint.json describes ({first_line(e)}); {_damaged(path.parent)}"
+        ) from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", backends: Backends | None = None) -> GPT:
@@ -392,7 +410,7 @@ def load_tensors(path: Path):
             if operand is None
             else f"torch's safe loader cannot read it: {operand[0]}"
         )
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, struct.error) as e:  # struct.error: a junk header
         detail = first_line(e)
     raise CheckpointError(
         f"cannot read {path}: it is truncated or not a PyTorch tensor file ({detail}); {_damaged(path.parent)}"
