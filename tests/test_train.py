@@ -35,7 +35,7 @@ from gpt2lab import checkpoint, files
 from gpt2lab.cli import main
 from gpt2lab.config import GPTConfig
 from gpt2lab.data import Source, prepare, write_token_dir
-from gpt2lab.errors import CheckpointError, ConfigError
+from gpt2lab.errors import CheckpointError, ConfigError, GPT2LabError
 from gpt2lab.eval import perplexity
 from gpt2lab.load import load_model, save_pretrained
 from gpt2lab.model import GPT
@@ -786,6 +786,17 @@ def test_resume_drops_a_torn_metrics_record(bytes_dir, tmp_path, capsys):
     train(config(bytes_dir, out, run__steps=6, run__ckpt_every=2, run__eval_every=0))
     assert "dropped a last record cut off by a crash" in capsys.readouterr().err
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_metrics_line_that_is_json_but_not_a_record_is_corruption(tmp_path):
+    """A line written by hand as a JSON list or number is not a record a crash tears: an error naming the
+    line, not an AttributeError where the record is read."""
+    from gpt2lab import files
+
+    metrics_file = tmp_path / "metrics.jsonl"
+    metrics_file.write_text('[1, 2]\n{"step": 1}\n')
+    with pytest.raises(GPT2LabError, match=r"metrics.jsonl:1 is not a JSON record \(an object\)"):
+        files.read_jsonl(metrics_file)
 
 
 def test_nothing_to_do_leaves_the_run_as_it_was(bytes_dir, reference):

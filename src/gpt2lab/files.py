@@ -101,6 +101,8 @@ def read_jsonl(path: str | Path) -> tuple[list[dict], bool]:
             if i == len(lines) - 1:
                 return records, True
             raise GPT2LabError(f"{path}:{i + 1} is not a JSON record; the file is corrupt") from None
+        if not isinstance(record, dict):  # JSON, but not a record: written by hand, not torn by a crash
+            raise GPT2LabError(f"{path}:{i + 1} is not a JSON record (an object); the file is corrupt")
         records.append(record)
     return records, False
 
