@@ -355,6 +355,21 @@ def test_efficiency_settings_that_cannot_be_timed_are_refused_before_any_trainin
 # --- plan and budget -----------------------------------------------------------------------------
 
 
+def test_the_timing_job_is_timed_again_on_another_machine(monkeypatch):
+    """Training results carry over between machines; timings do not: the efficiency job's key holds the
+    machine, the training jobs' keys do not."""
+    from gpt2lab.compare import plan as plan_module
+    from gpt2lab.compare.pool import job_keys
+
+    data = {"dir": "d", "overfit_dir": "o", "id": "x"}
+    keys = []
+    for name in ("CPU: one", "CPU: another"):
+        monkeypatch.setattr(plan_module, "machine", lambda name=name: name)
+        keys.append(job_keys(build_plan(load_config(), data, 1024).jobs))
+    assert keys[0]["efficiency"] != keys[1]["efficiency"]
+    assert keys[0]["lm/rope/seed1337"] == keys[1]["lm/rope/seed1337"]
+
+
 def test_plan_has_every_job_with_its_dependencies():
     cfg = load_config()
     plan = build_plan(cfg, {"dir": "d", "overfit_dir": "o", "id": "x"}, 1024)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2lab.compare.mqar import MQARTask, distance_edges, reach
-from gpt2lab.compare.pool import RUNS, Job
+from gpt2lab.compare.pool import RUNS, Job, machine
 from gpt2lab.compare.settings import CompareConfig, variant_overrides
 from gpt2lab.config import GPTConfig
 from gpt2lab.decode import decode_one_token, prefill
@@ -269,7 +269,8 @@ def _efficiency_job(cfg: CompareConfig, lm: dict, after: tuple[str, ...]) -> Job
     """The timing job: it waits for every training job, then runs beside the remaining evaluations."""
     f = cfg.efficiency
     configs = {name: lm[name].to_dict() for name in [f.reference, *f.variants]}
-    params = dataclasses.asdict(f) | {"configs": configs, "device": cfg.train.run.device}
+    # timings hold on the machine that took them: another machine times again (training results carry over)
+    params = dataclasses.asdict(f) | {"configs": configs, "device": cfg.train.run.device, "machine": machine()}
     return Job("efficiency", "efficiency", params, "efficiency (timed in alternation)", f.reference, after=after)
 
 
