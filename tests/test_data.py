@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import sys
 import urllib.error
 from fractions import Fraction
 from pathlib import Path
@@ -34,7 +35,7 @@ from gpt2lab.data import (
 )
 from gpt2lab.data import format as data_format
 from gpt2lab.data.batches import count_windows
-from gpt2lab.data.prepare import MIN_VAL_TOKENS, _is_val
+from gpt2lab.data.prepare import MIN_VAL_TOKENS, _init_worker, _is_val
 from gpt2lab.errors import GPT2LabError
 from gpt2lab.tokenizer import EOT, load_tokenizer
 
@@ -340,6 +341,27 @@ def test_a_previous_version_a_killed_replacement_left_is_put_back_or_deleted(tmp
     shutil.copytree(out, live)
     prepare(out, Source([corpus]), shard_tokens=5, workers=1, progress=False)
     assert not dead.exists() and live.exists() and tree(out) != before
+
+
+def _death_signal() -> int:
+    """prctl(PR_GET_PDEATHSIG) of the calling process."""
+    import ctypes
+
+    value = ctypes.c_int()
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value))
+    return value.value
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl: Linux")
+def test_prepare_workers_end_with_the_thread_that_forked_them():
+    """A worker the pool's own thread forks while an interrupt tears the pool down outlived prepare,
+    waiting forever on a queue lock (and holding its standard streams open): every worker asks Linux
+    for SIGKILL when its forking thread ends."""
+    import multiprocessing
+    import signal
+
+    with multiprocessing.Pool(1, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
+        assert pool.apply(_death_signal) == signal.SIGKILL
 
 
 def test_output_directory_is_never_read(tmp_path, corpus):

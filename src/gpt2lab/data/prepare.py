@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,11 +44,28 @@ def _load_encoding() -> None:
     _encoding = _encoding or load_tokenizer()
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the parent
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate ends a worker (not the parent's handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held in the parent while it forked this one
     _load_encoding()  # a no-op when the pool forks from a parent that has it
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, end this worker (SIGKILL) when the thread of ``parent`` that forked it ends. The pool's own
+    thread replaces workers that end; one it forks while the pool is torn down by an interrupt outlives
+    the parent, waiting forever on a queue lock a terminated worker held (and holding the parent's
+    standard streams open). Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request: nothing would send the signal
+        os._exit(1)
 
 
 def _encode_task(pieces: list[tuple[str, bool]]) -> list[np.ndarray]:
@@ -83,6 +102,7 @@ def _tasks(events: Events, max_docs: int | None) -> Iterator[tuple[list[tuple[st
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
 
 
 @contextlib.contextmanager
@@ -104,9 +124,10 @@ def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
         return
     # apply_async with a bounded window instead of Pool.imap: imap reads its input as fast as it can,
     # which would pull a large corpus into memory whenever reading outruns tokenizing
-    with _held(STOP_SIGNALS):  # an interrupt raised while forking would be lost (printed, then ignored)
-        pool = multiprocessing.Pool(workers, initializer=_init_worker)
-    try:
+    pool = None
+    try:  # from before the pool exists: an interrupt held while it forked arrives as the block ends
+        with _held(STOP_SIGNALS):  # an interrupt raised while forking would be lost (printed, then ignored)
+            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
         window: collections.deque = collections.deque()
         for pieces, nbytes in tasks:
             window.append(([end for _, end in pieces], pool.apply_async(_encode_task, (pieces,)), nbytes))
@@ -117,9 +138,11 @@ def _encoded(tasks: Iterator[tuple[list[tuple[str, bool]], int]], workers: int):
             ends, result, nbytes = window.popleft()
             yield ends, result.get(), nbytes
         pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+    finally:  # here, not at exit: there the pool's thread would replace the workers exit ends, and the
+        # new ones, orphans, would wait forever on a queue lock a terminated worker held
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 # --- prepare -----------------------------------------------------------------------------------------
@@ -186,7 +209,9 @@ def prepare(
         with _terminate_as_interrupt():  # a kill or a timeout cleans up as Ctrl-C does
             tmp.mkdir()
             splits = _Splits(tmp, shard_tokens, val_fraction, token_byte_lengths(_encoding))
-            bytes_read = splits.write(_encoded(_tasks(events, source.max_docs), workers), total, progress)
+            # closed when the block ends, interrupted or not: its pool ends now, not when it is collected
+            with contextlib.closing(_encoded(_tasks(events, source.max_docs), workers)) as encoded:
+                bytes_read = splits.write(encoded, total, progress)
             seconds = time.perf_counter() - t0
             tokenizer = {
                 "name": "gpt2",
