@@ -101,6 +101,7 @@ def _tasks(events: Events, max_docs: int | None) -> Iterator[tuple[list[tuple[st
         yield task, nbytes
 
 
+TOKENIZER = {"name": "gpt2", "encoder_json_sha256": ENCODER_JSON_SHA256, "vocab_bpe_sha256": VOCAB_BPE_SHA256}
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it ends
 
@@ -213,13 +214,8 @@ def prepare(
             with contextlib.closing(_encoded(_tasks(events, source.max_docs), workers)) as encoded:
                 bytes_read = splits.write(encoded, total, progress)
             seconds = time.perf_counter() - t0
-            tokenizer = {
-                "name": "gpt2",
-                "encoder_json_sha256": ENCODER_JSON_SHA256,
-                "vocab_bpe_sha256": VOCAB_BPE_SHA256,
-            }
             write_meta(
-                tmp, splits.shards(), EOT + 1, eot=EOT, tokenizer=tokenizer, source=info, val_fraction=val_fraction,
+                tmp, splits.shards(), EOT + 1, eot=EOT, tokenizer=TOKENIZER, source=info, val_fraction=val_fraction,
                 shard_tokens=shard_tokens, bytes=bytes_read, split_fields=splits.counts(),
             )  # fmt: skip
             with files.disk_space(out):
