@@ -259,6 +259,10 @@ def _no_metadata(ckpt: Path) -> None:
 
 CHECKPOINT_CASES = {
     "metadata without model_config": (lambda c: _edit_meta(c, lambda m: m.pop("model_config")), ["model_config"]),
+    "train_config with a section that is not a table": (
+        lambda c: _edit_meta(c, lambda m: m["train_config"].update(optim=5)),
+        ["checkpoint.json is damaged (missing or malformed train_config)"],
+    ),
     "metadata with absurd n_layer": (
         lambda c: _edit_meta(c, lambda m: m["model_config"].update(n_layer=100_000)),
         ["n_layer=100000", "the weights hold 2 layers"],

@@ -120,6 +120,8 @@ def read_meta(ckpt: Path) -> dict:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise CheckpointError(f"{ckpt} has checkpoint format version {version!r}, not {FORMAT_VERSION}")
     bad = [k for k, kind in _META_KEYS.items() if not isinstance(meta.get(k), kind)]
+    if "train_config" not in bad and not all(isinstance(v, dict) for v in meta["train_config"].values()):
+        bad.append("train_config")  # its sections are tables
     if bad or meta["format"] not in ("full", "dcp"):
         what = f"missing or malformed {', '.join(bad)}" if bad else f"unknown format {meta['format']!r}"
         raise CheckpointError(f"{path} is damaged ({what}); resume from another checkpoint or start a new run")
