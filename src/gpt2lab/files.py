@@ -136,9 +136,8 @@ def restore_abandoned(out: Path) -> None:
     """What a process killed between ``replace_dir``'s two renames left: the previous version of
     ``out`` as .NAME.old-PID, its process gone. Put back at ``out`` where nothing is there, else
     deleted (a newer version took its place)."""
-    for entry in sorted(out.parent.glob(glob.escape(f".{out.name}.old-") + "*")):
-        pid = entry.name.rsplit("-", 1)[1]
-        if not pid.isdigit() or _alive(int(pid)) or entry.is_symlink() or not entry.is_dir():
+    for entry in sorted(_abandoned(out.parent, f".{out.name}.old-")):
+        if entry.is_symlink() or not entry.is_dir():
             continue
         if out.exists() or out.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -149,14 +148,20 @@ def restore_abandoned(out: Path) -> None:
 def remove_abandoned(parent: Path, prefix: str) -> None:
     """Delete the entries of ``parent`` named ``prefix`` + PID + ``-...`` (temporary names) whose process is
     gone: what a killed process left. A live PID's entry, whoever's process it is now, is left alone."""
+    for entry in _abandoned(parent, prefix):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                entry.unlink()
+
+
+def _abandoned(parent: Path, prefix: str) -> Iterator[Path]:
+    """The entries of ``parent`` named ``prefix`` + PID (then ``-...`` or nothing) whose process is gone."""
     for entry in parent.glob(glob.escape(prefix) + "*"):
         pid = entry.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with suppress(OSError):
-                    entry.unlink()
+            yield entry
 
 
 def _alive(pid: int) -> bool:
