@@ -24,6 +24,7 @@ from gpt2lab.decode import decode_one_token, prefill
 from gpt2lab.quantize import Int8Linear
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"avx2 kernel: {native.unavailable_reason()}")
+needs_avx512 = pytest.mark.skipif(not native.avx512(), reason="gpt2lab's avx512 attention needs an AVX-512 CPU")
 
 
 def exact_product(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -673,6 +674,113 @@ def test_decoding_with_the_attention_kernel_keeps_the_tokens(make_gpt):
             for kernel in ("products", "avx2")
         ]
         assert runs[0] == runs[1]
+
+
+def fused_heads(rows, n_head, n_kv_head, T, hs, seed=0):
+    """q, k and v as the model's fused product gives them: strided views of one (rows, T, heads, hs) tensor."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, T, n_head + 2 * n_kv_head, hs, generator=g).transpose(1, 2)
+    return qkv.split((n_head, n_kv_head, n_kv_head), dim=1)
+
+
+@needs_avx512
+@pytest.mark.parametrize(
+    ("rows", "n_head", "n_kv_head", "T", "hs"),
+    [(1, 12, 12, 256, 64), (2, 8, 2, 37, 16), (3, 4, 1, 1, 32), (1, 2, 2, 70, 80), (2, 3, 3, 33, 48)],
+)
+def test_the_causal_kernel_equals_float64_attention(rows, n_head, n_kv_head, T, hs):
+    """Every query over the keys up to its own, on strided views of the fused product: lengths not a
+    whole number of its six-query and 32-key tiles, grouped and single kv heads, head sizes of one to
+    five 16-value registers; the output is the (B, T, heads, hs) layout the projection reads, as a
+    (B, heads, T, hs) view."""
+    q, k, v = fused_heads(rows, n_head, n_kv_head, T, hs, seed=T)
+    got = ops.causal_attention(q, k, v, "avx512")
+    assert got.shape == (rows, n_head, T, hs) and got.transpose(1, 2).is_contiguous()
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    torch.testing.assert_close(got, naive_attention(q, k, v, causal), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(ops.causal_attention(q, k, v, "sdpa"), got, atol=2e-6, rtol=1e-5)
+
+
+@needs_avx512
+def test_the_causal_op_passes_torchs_custom_op_checks_and_refuses_bad_shapes():
+    q, k, v = fused_heads(2, 4, 2, 9, 16)
+    torch.library.opcheck(torch.ops.gpt2lab_native.causal_attention_avx512, (q, k, v))
+    op = torch.ops.gpt2lab_native.causal_attention_avx512
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        op(*fused_heads(1, 2, 2, 9, 20))
+    with pytest.raises(RuntimeError, match="multiple of the key heads"):
+        op(torch.randn(1, 3, 9, 16), k[:1], v[:1])
+    with pytest.raises(RuntimeError, match="as q is"):
+        op(q, k[:, :, :5], v[:, :, :5])
+    every_other = torch.randn(2, 2, 9, 32)[..., ::2]
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(q, every_other, every_other)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q.double(), k.double(), v.double())
+
+
+@needs_avx512
+@pytest.mark.parametrize("config", [{}, {"n_kv_head": 1, "pos_emb": "rope"}])
+def test_a_model_with_the_causal_kernel_keeps_its_logits_and_tokens(make_gpt, config):
+    """A forward in evaluation and generation (its prompt through the KV cache from step 0) with
+    gpt2lab's causal kernel give the logits of SDPA's to float32 rounding and the same greedy tokens,
+    the kernel running in both; with gradients the model attends by SDPA."""
+    config = {"n_embd": 64, "n_head": 4} | config  # heads of 16
+    own = make_gpt(seed=4, backends=Backends(causal_attention="avx512"), **config)
+    reference = make_gpt(seed=4, backends=Backends(causal_attention="sdpa"), **config)
+    idx = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(0))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8, 2, 8, 1, 8]]
+    with torch.no_grad():
+        logits = reference(idx)[0]
+    tokens = generate(reference, prompts, 12, temperature=0, eos_id=None)
+    calls = []
+    real = ops.causal_attention
+    spy = lambda q, k, v, kernel: calls.append(kernel) or real(q, k, v, kernel)  # noqa: E731
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpt2lab.model, "causal_attention", spy)
+        with torch.no_grad():
+            torch.testing.assert_close(own(idx)[0], logits, atol=1e-5, rtol=1e-5)
+        assert calls and set(calls) == {"avx512"}
+        calls.clear()
+        assert generate(own, prompts, 12, temperature=0, eos_id=None) == tokens
+        assert calls and set(calls) == {"avx512"}
+        calls.clear()
+        own(idx)[0].sum().backward()
+        assert calls and set(calls) == {"sdpa"}
+
+
+def test_the_causal_kernel_is_chosen_as_backends_say(make_gpt, monkeypatch):
+    """``auto`` asks the kernel table (kind ``causal``: the query heads of every row, head size,
+    length); gradients, another dtype and head sizes not a multiple of 16 run SDPA whatever the setting;
+    a setting not known, or ``avx512`` where it cannot run, is refused."""
+    model = make_gpt(n_embd=64, n_head=4)
+    attn = model.h[0].attn
+    asked = []
+    monkeypatch.setattr(attn.table, "choose", lambda *a, **kw: asked.append((a, kw)) or "avx512")
+    q = torch.randn(2, 4, 10, 16)
+    assert attn.causal_kernel(q) == "avx512" and asked == [((8, 16, 10), {"kind": "causal"})]
+    assert attn.causal_kernel(q.double()) == "sdpa"
+    assert attn.causal_kernel(q.requires_grad_()) == "sdpa"
+    with torch.no_grad():
+        assert attn.causal_kernel(q) == "avx512"
+    assert make_gpt(n_embd=32, n_head=4).h[0].attn.causal_kernel(torch.randn(1, 4, 10, 8)) == "sdpa"
+    with pytest.raises(ValueError, match="causal_attention must be one of"):
+        Backends(causal_attention="flash")
+    monkeypatch.setattr(native, "avx512", lambda: False)
+    with pytest.raises(GPT2LabError, match="AVX-512"):
+        Backends(causal_attention="avx512")
+    assert "avx512" not in kernels.candidates("causal", 256)
+
+
+@needs_avx512
+def test_the_kernel_table_times_the_causal_kernel_on_the_fused_layout():
+    """Kind ``causal`` times SDPA and gpt2lab's kernel on views of one fused product, without cache
+    eviction (a prompt's keys were just made), and leaves the process's random numbers as they were."""
+    assert kernels.candidates("causal", 64) == ("sdpa", "avx512") and not kernels.streams(8, "causal")
+    state = torch.get_rng_state()
+    times = kernels.measure(8, 16, 64, "causal", repeat=2)
+    assert set(times) == {"sdpa", "avx512"} and all(t > 0 for t in times.values())
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def cache_step(rows, n_head, n_kv_head, size, now, hs=16, seed=0):

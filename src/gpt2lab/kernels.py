@@ -18,7 +18,9 @@ one) with the time of making the copy (kind ``packed``), from which a layer deci
 keep one (``gpt2lab.ops.Linear``); a one-row product without gradients also measures numpy's BLAS, on
 the weight and on its transposed copy (kind ``numpy``), which a decode step takes for all of its
 products or for none (``GPT.pack_for_decoding``). A decode step's attention is measured the same way, per
-query heads, head size and keys bucket (kind ``attention``: ``Backends.decode_attention``), and what an
+query heads, head size and keys bucket (kind ``attention``: ``Backends.decode_attention``), and so is a
+prompt's causal attention, per query heads, head size and length bucket (kind ``causal``:
+``Backends.causal_attention``), and what an
 int8 block's decode step saves as one op (kind ``int8_block``, a second or two once per width, heads
 and rows: ``model.Block.plan``). Later runs on that machine measure nothing. Measuring
 one product takes a fraction of a second: weights totalling ``STREAM_BYTES`` when the rows are few (so
@@ -72,19 +74,19 @@ COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx
 OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
-KINDS = ("float32", "int8", "packed", "steps", "gelu", "numpy", "tanh_gelu", "attention", "int8_block")
+KINDS = ("float32", "int8", "packed", "steps", "gelu", "numpy", "tanh_gelu", "attention", "int8_block", "causal")
 # a kind's revision, where one of its kernels changed how it runs or how it is timed: entries timed at an older
 # one are timed again
 REVISIONS = {"int8": 4, "gelu": 2, "packed": 2, "steps": 2, "numpy": 2}
 # gpt2lab.native's: an entry timing them records their build (source_digest)
-NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks", "one_op")
+NATIVE_KERNELS = ("avx2", "avx2_f32", "avx2_f32_blocks", "one_op", "avx512")
 MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
 # (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
 # the rows is not timed at more (torch._int_mm, many times fbgemm's time without VNNI, would take
 # seconds a call there)
 MAX_INT8_BUCKET = 2048
-MAX_KEYS_BUCKET = 4096  # kind attention: keys 1, 2, 4, ... 4096; more keys behave as 4096
+MAX_KEYS_BUCKET = 4096  # kinds attention and causal: keys 1, 2, 4, ... 4096; more keys behave as 4096
 PRUNE = 2.0
 MAX_OUT = 8192
 STREAM_BYTES = 64 * 2**20
@@ -119,13 +121,18 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     the decode step of an int8 block whose products all run gpt2lab's own kernel, out = its width, in =
     its heads, in Python, ``python``, or as one op, ``one_op`` (the model's blocks all in one:
     ``model.GPT._blocks_in_one_op``), where ``gpt2lab.native`` runs:
-    ``model.Block.plan``, which weighs the difference against the products' own times)."""
+    ``model.Block.plan``, which weighs the difference against the products' own times), "causal" (not a
+    product: a whole prompt's causal attention without gradients, ``rows`` queries and keys, out = the
+    query heads of every row, in = the head size: ``gpt2lab.ops.causal_attention``'s ``sdpa`` or, where
+    ``gpt2lab.native`` runs on an AVX-512 CPU, ``avx512``)."""
     if kind == "tanh_gelu":
         return tuple(f for f in ops.GELU_FORMS if f != "avx2" or native.available())
     if kind == "int8_block":
         return ("python", "one_op") if native.available() else ("python",)
     if kind == "attention":
         return tuple(k for k in ops.ONE_QUERY_KERNELS if k != "avx2" or native.available())
+    if kind == "causal":
+        return tuple(k for k in ops.CAUSAL_KERNELS if k != "avx512" or native.avx512())
     if kind == "numpy":
         return NUMPY_KERNELS if rows == 1 and ops.numpy_blas_available() else ()
     if kind == "int8":
@@ -156,8 +163,8 @@ def fallback(kind: str = "float32", rows: int = 1) -> str:
 
 def rows_bucket(rows: int, kind: str = "float32") -> int:
     """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kind ``int8``,
-    MAX_KEYS_BUCKET for ``attention``, whose rows are keys): products are measured per bucket."""
-    cap = {"int8": MAX_INT8_BUCKET, "attention": MAX_KEYS_BUCKET}.get(kind, MAX_BUCKET)
+    MAX_KEYS_BUCKET for ``attention`` and ``causal``, whose rows are keys): products are measured per bucket."""
+    cap = {"int8": MAX_INT8_BUCKET, "attention": MAX_KEYS_BUCKET, "causal": MAX_KEYS_BUCKET}.get(kind, MAX_BUCKET)
     return min(1 << max(rows - 1, 0).bit_length(), cap)
 
 
@@ -422,7 +429,8 @@ def measure(
     GELU, where not fused, in ``gelu_form``; kind ``tanh_gelu`` times each form over a (rows, out)
     output. Kind ``int8_block`` times the functions ``steps(out, in, copies, rows, options)`` returns
     by option (``gpt2lab.quantize.block_steps``: a model's decode step each way)."""
-    n = out_features if rows <= FEW_ROWS or kind in ("attention", "int8_block") else min(out_features, MAX_OUT)
+    whole = rows <= FEW_ROWS or kind in ("attention", "int8_block", "causal")
+    n = out_features if whole else min(out_features, MAX_OUT)
     element = 1 if kind == "int8" else 4
     per_weight = 2 * rows if kind == "attention" else 1  # a layer's keys and values, or a weight
     # an int8 block's four weights: (3 + 1 + 4 + 4) n x n bytes
@@ -569,8 +577,8 @@ def streams(rows: int, kind: str) -> bool:
     """Whether a ``kind`` product of ``rows`` rows reads what a decode step streams from memory: the
     weights of a product of few rows, read once a step, and the KV cache a step's attention reads
     (every weight of the step streamed through the caches since); not a GELU on its own (its input is
-    the output just made)."""
-    return kind == "attention" or (rows <= FEW_ROWS and kind != "tanh_gelu")
+    the output just made), nor a prompt's attention (its keys were just made)."""
+    return kind == "attention" or (rows <= FEW_ROWS and kind not in ("tanh_gelu", "causal"))
 
 
 def evicted_before(rows: int, kind: str = "float32") -> int:
@@ -602,7 +610,9 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
     """A function that runs ``kernel`` on x by each of ``copies`` distinct (n, k) weights (kind
     ``tanh_gelu``: the form ``kernel`` over each of ``copies`` (rows, n) outputs, in place as the
     layers apply it: a few applications keep the values far from float32's subnormals; kind
-    ``attention``: n query heads of size k over each of ``copies`` caches of x's row count of keys)."""
+    ``attention``: n query heads of size k over each of ``copies`` caches of x's row count of keys; kind
+    ``causal``: n query heads of size k over x's row count of queries, keys and values, strided views of
+    one (1, rows, 3n, k) tensor as the model's fused product gives them)."""
     if kind == "tanh_gelu":
         outputs = [torch.linspace(-4, 4, n).expand(len(x), n).contiguous() for _ in range(copies)]
         return lambda: [ops.tanh_gelu_(y, kernel) for y in outputs]
@@ -611,6 +621,10 @@ def _runner(kind: str, kernel: str, n: int, k: int, copies: int, x: torch.Tensor
         # the written part of a cache twice as long, as a step reads it (GPT.setup_cache: heads apart)
         caches = [torch.full((2, 1, n, 2 * keys, k), 0.01)[:, :, :, :keys] for _ in range(copies)]
         return lambda: [ops.one_query_attention(q, key, value, None, False, kernel) for key, value in caches]
+    if kind == "causal":  # n query heads of size k over x's row count of queries and keys, as the model splits them
+        made = torch.Generator().manual_seed(0)  # not the process's own random numbers
+        fused = [torch.randn(1, len(x), 3 * n, k, generator=made).transpose(1, 2) for _ in range(copies)]
+        return lambda: [ops.causal_attention(*heads.split(n, dim=1), kernel) for heads in fused]
     if kind == "int8":
         scale = torch.full((n,), 0.01)
         packed = [ops.pack_int8(torch.full((n, k), 3, dtype=torch.int8), scale, None, kernel) for _ in range(copies)]

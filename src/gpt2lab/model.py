@@ -24,6 +24,7 @@ from gpt2lab.device import available_memory, memory_of
 from gpt2lab.errors import CheckpointError, GPT2LabError
 from gpt2lab.kv_cache import KVCache, written_from_start
 from gpt2lab.ops import (
+    CAUSAL_KERNELS,
     LINEAR_KERNELS,
     ONE_QUERY_KERNELS,
     PLAIN_COPIES,
@@ -31,6 +32,7 @@ from gpt2lab.ops import (
     Linear,
     NativeProduct,
     add_layer_norm,
+    causal_attention,
     chunk_rows,
     linear_cross_entropy,
     one_query_attention,
@@ -45,6 +47,7 @@ except ImportError:
 
 ATTENTION_KERNELS = ("auto", "sdpa", "flex")
 DECODE_ATTENTION_KERNELS = ("auto", *ONE_QUERY_KERNELS)
+CAUSAL_ATTENTION_KERNELS = ("auto", *CAUSAL_KERNELS)
 MIN_GROWN_CACHE = 64  # time steps a kept KV cache grows to at least (GPT.kept_cache_len)
 _BLOCK_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 
@@ -72,7 +75,13 @@ class Backends:
     products), or ``auto``: on the CPU the fastest of those that run here for the step's query heads
     and key count on this machine, measured the first time and remembered with the linear kernels
     (kind ``attention``), else ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
-    (``CausalSelfAttention.one_query_kernel``). ``huge_pages``: where Linux gives 2 MiB pages
+    (``CausalSelfAttention.one_query_kernel``). ``causal_attention``: how the causal attention of a
+    whole sequence without gradients attends on the CPU in float32 (a forward in evaluation, a prompt
+    written into the KV cache from its start; not window layers): ``sdpa``, ``avx512`` (gpt2lab's own
+    kernel on AVX-512 CPUs, ``gpt2lab.ops.causal_attention``), or ``auto``: the faster of those that run
+    here for the call's query heads, head size and length on this machine, measured the first time and
+    remembered (kind ``causal``); training, other dtypes and devices, and head sizes not a multiple of
+    16 run ``sdpa``. ``huge_pages``: where Linux gives 2 MiB pages
     only to memory that asks (transparent huge pages in ``madvise`` mode, ``gpt2lab.pages``), CPU
     decoding moves the linear layers' float32 weights (each of 2 MiB or more; the Parameters stay,
     their ``data`` moves) and the int8 blocks gpt2lab's own int8 kernel reads into such memory, once,
@@ -85,6 +94,7 @@ class Backends:
     pack_min_steps: int = 64
     pack_repeated: bool = True
     decode_attention: str = "auto"
+    causal_attention: str = "auto"
     huge_pages: bool = True
 
     def __post_init__(self) -> None:
@@ -105,6 +115,13 @@ class Backends:
             )
         if self.decode_attention == "avx2":
             native.require()  # says why where it cannot run
+        if self.causal_attention not in CAUSAL_ATTENTION_KERNELS:
+            raise ValueError(
+                f"causal_attention must be one of {CAUSAL_ATTENTION_KERNELS}, got {self.causal_attention!r}"
+            )
+        if self.causal_attention == "avx512" and not native.avx512():
+            native.require()
+            raise GPT2LabError("gpt2lab's avx512 attention needs a CPU with AVX-512; choose causal_attention='sdpa'")
 
 
 def flex_applies(device: torch.device, config: GPTConfig) -> bool:
@@ -170,6 +187,7 @@ class CausalSelfAttention(nn.Module):
         make_linear: Callable[..., Linear],
         decode_attention: str,
         table: kernels.KernelTable,
+        causal_attention: str = "sdpa",
     ) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
@@ -181,6 +199,7 @@ class CausalSelfAttention(nn.Module):
         self.window = config.layer_window(layer)
         self.gqa = config.n_kv_head != config.n_head
         self.decode_attention, self.table = decode_attention, table  # Backends.decode_attention, its table
+        self.causal_attention = causal_attention  # Backends.causal_attention
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -203,14 +222,16 @@ class CausalSelfAttention(nn.Module):
                 k, v, mask = self.kv_cache.update(k, v, *step)  # mask None: causal
                 if T == 1:
                     y = one_query_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa, kernel=kernel)
+                elif mask is None and k.shape[2] == T:  # a prompt from time step 0: causal
+                    y = causal_attention(q, k, v, self.causal_kernel(q))
                 else:
                     y = F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.gqa
                     )
+        elif self.window is None and not (self.training and self.dropout > 0):
+            y = causal_attention(q, k, v, self.causal_kernel(q))
         elif self.window is None:
-            y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
-            )
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout, enable_gqa=self.gqa)
         elif isinstance(window_mask, torch.Tensor):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=window_mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.gqa
@@ -219,6 +240,24 @@ class CausalSelfAttention(nn.Module):
             y = flex_kernel(x.device.type)(q, k, v, block_mask=window_mask, enable_gqa=self.gqa)
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # heads side by side
         return self.resid_dropout(y) if self.training else y  # (eval: the identity, not called)
+
+    def causal_kernel(self, q: torch.Tensor) -> str:
+        """The kernel of a whole sequence's causal attention of q (B, nh, T, hs)
+        (``Backends.causal_attention``): ``sdpa`` where gpt2lab's own cannot run it (gradients, another
+        dtype or device, a head size not a multiple of 16, a compiled graph), else the one chosen: under
+        ``auto`` the one the kernel table measures faster for this many query heads of this size and
+        length on this CPU."""
+        own_runs = (
+            q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and self.head_dim % 16 == 0
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and not torch.compiler.is_compiling()
+        )
+        if not own_runs or self.causal_attention != "auto":
+            return self.causal_attention if own_runs else "sdpa"
+        B, nh, T, hs = q.shape
+        return self.table.choose(B * nh, hs, T, kind="causal")
 
     def one_query_kernel(
         self, rows: int, keys: int, device: torch.device, dtype: torch.dtype = torch.float32, chosen: dict | None = None
@@ -526,7 +565,10 @@ class GPT(nn.Module):
         make_linear = functools.partial(Linear, kernel=kernel, table=table, pack_repeated=backends.pack_repeated)
         attention_table = table if table is not None else kernels.KernelTable()  # linear kernels fixed: its own
         make_attention = functools.partial(
-            CausalSelfAttention, decode_attention=backends.decode_attention, table=attention_table
+            CausalSelfAttention,
+            decode_attention=backends.decode_attention,
+            causal_attention=backends.causal_attention,
+            table=attention_table,
         )
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         # Exactly one position scheme: a learned table (GPT-2) or rotary tables (no parameters).

@@ -12,7 +12,9 @@ each), and ``avx2_f32_blocks`` on a copy in blocks of 16 output channels, one st
 (``gpt2lab.ops.copy_weight``; where the CPU has AVX-512, three rows of x or more up to eight at a
 time: ``float_paths``). Its attention
 kernel, ``avx2`` of ``gpt2lab.ops.one_query_attention`` (kind ``attention``), reads the cache where it
-lies, in one pass per query. Each is one more candidate of the kernel table, chosen only where it measures faster.
+lies, in one pass per query; on AVX-512 CPUs a whole prompt's causal attention has one too, ``avx512``
+of ``gpt2lab.ops.causal_attention`` (kind ``causal``): tiles of six queries by 32 keys up to the
+diagonal, written in the layout the projection after it reads. Each is one more candidate of the kernel table, chosen only where it measures faster.
 Fewer, larger operations in a decode step: where its attention runs ``avx2``, one op writes the step's
 keys and values into the cache and attends (``cache_attention_avx2``, ``KVCache.attend_one``), and
 through the KV cache each block's residual add and the LayerNorm after it are one op
@@ -31,7 +33,7 @@ scaling (``scale_rows_``) are one pass each
 an AVX2 CPU needs them (about 10-20 seconds; the built library is kept under torch's extension
 directory, ``TORCH_EXTENSIONS_DIR``, and reused), and loaded as the ops
 ``torch.ops.gpt2lab_native.int8_avx2``, ``float_avx2``, ``float_blocks_avx2``, ``attention_avx2``,
-``cache_attention_avx2``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``decode_blocks``, ``decode_logits``,
+``cache_attention_avx2``, ``causal_attention_avx512``, ``add_layer_norm``, ``gelu_avx2_``, ``decode_block``, ``decode_blocks``, ``decode_logits``,
 ``quantize_rows``, ``normalize_rows``, ``scale_rows_``, ``blocks``, ``float_blocks``, ``int8_vnni`` and ``float_avx512``,
 with the class ``torch.classes.gpt2lab_native.DecodeBlocks``. Where they cannot be built (no
 C++ compiler, not x86 with AVX2, or ``GPT2LAB_NATIVE=0``) they are left out of the candidates and
@@ -63,6 +65,12 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
 def available() -> bool:
     """Whether gpt2lab's kernels (``torch.ops.gpt2lab_native``) can run here (built and loaded on first call)."""
     return unavailable_reason() is None
+
+
+def avx512() -> bool:
+    """Whether gpt2lab's AVX-512 kernels (``causal_attention_avx512``) can run here: its kernels load,
+    and torch's own run AVX-512 (the CPU has it, and ``ATEN_CPU_CAPABILITY`` does not hold them below)."""
+    return available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def require() -> None:
@@ -141,6 +149,9 @@ def _build_and_load() -> None:
     torch.library.register_fake("gpt2lab_native::attention_avx2")(lambda q, k, v, mask: q.new_empty(q.shape))
     torch.library.register_fake("gpt2lab_native::cache_attention_avx2")(
         lambda q, k, v, k_cache, v_cache, times, t, slots, pad, window: q.new_empty(q.shape)
+    )
+    torch.library.register_fake("gpt2lab_native::causal_attention_avx512")(
+        lambda q, k, v: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
     )
     torch.library.register_fake("gpt2lab_native::add_layer_norm")(
         lambda x, delta, weight, bias, eps: (x.new_empty(x.shape), x.new_empty(x.shape))

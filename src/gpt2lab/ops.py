@@ -796,6 +796,25 @@ def one_query_attention(
     return torch.bmm(att.softmax(dim=-1), v).view(B, nh, 1, hs)  # (B, nh, 1, hs)
 
 
+# how a whole prompt's causal attention runs without gradients: the fallback first; ``avx512`` where
+# gpt2lab.native runs on an AVX-512 CPU
+CAUSAL_KERNELS = ("sdpa", "avx512")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+    """Causal SDPA of a whole prompt without gradients: q (B, nh, T, hs), k and v (B, nkv, T, hs), nh a
+    multiple of nkv (grouped queries); (B, nh, T, hs) out. ``kernel``: ``sdpa``,
+    ``F.scaled_dot_product_attention`` itself, whose CPU flash kernel computes whole blocks of scores
+    about the diagonal, in products of its own; or ``avx512``, gpt2lab's own (``gpt2lab.native``; float32,
+    head size a multiple of 16): tiles of six queries by 32 keys up to the diagonal, each query's
+    softmax exact over its own keys, its output returned as a view of (B, T, nh, hs), the layout the
+    projection after it reads. ``Backends.causal_attention`` measures which is faster (kind ``causal``
+    of gpt2lab.kernels)."""
+    if kernel == "avx512":
+        return torch.ops.gpt2lab_native.causal_attention_avx512(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def add_layer_norm(
     x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm, fused: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,9 @@
 // the KV cache, read where they lie (strided views of it), in one pass of each query over its keys.
 // cache_attention_avx2 writes the step's keys and values into the cache first, in the same call.
 //
+// causal_attention_avx512: a whole prompt's causal attention on AVX-512 CPUs, every query of every head
+// over the keys up to its own, in tiles of six queries by 32 keys (only up to the diagonal).
+//
 // add_layer_norm: a block's residual add and the LayerNorm after it, in one pass over each row.
 //
 // gelu_avx2_: GPT-2's tanh-GELU in place, by its sigmoid form with an exponential of its own.
@@ -939,6 +942,184 @@ at::Tensor cache_attention_avx2(const at::Tensor& q, const at::Tensor& k, const 
   return y;
 }
 
+// causal_attention_avx512: softmax(q k^T / sqrt(hs), causal) v of a whole prompt, every query of every
+// head (B, H, T, hs) over the keys up to its own (keys and values (B, Hkv, T, hs), H a multiple of Hkv:
+// grouped queries), read where they lie (strided views of the fused q, k, v product), on AVX-512. Each
+// (row, head) is one task: its keys transposed once to (hs, keys) so that a tile of scores is six
+// queries times 32 keys of broadcast products (no sums across lanes), the tiles only up to the
+// diagonal; each query's scores to exact softmax weights (its largest subtracted, exp of its own),
+// then six queries' outputs times the values together, divided by the weights' sums. The output is
+// written (B, T, H, hs), heads side by side as the projection after it reads them, and returned as the
+// (B, H, T, hs) view of it.
+constexpr int64_t kCausalRows = 6;  // queries of a tile
+constexpr int64_t kKeyTile = 32;    // keys of a score tile: two registers
+
+// e^z for z <= 0 or -inf: z = n ln 2 + r (ln 2 in two parts), e^r by its Taylor series to r^7, times 2^n
+// by scalef (which underflows to 0 past float32's range).
+AVX512 inline __m512 exp512(__m512 z) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The scores s (R, tiles * 32) of R queries (q + r * q_step) by the keys of kt (hs, step), tile by tile.
+template <int R>
+AVX512 void score_tiles(const float* q, int64_t q_step, const float* kt, int64_t step, int64_t hs, int64_t tiles,
+                        float* s) {
+  for (int64_t t = 0; t < tiles; ++t) {
+    __m512 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const float* kp = kt + t * kKeyTile;
+    for (int64_t d = 0; d < hs; ++d, kp += step) {
+      const __m512 k0 = _mm512_loadu_ps(kp), k1 = _mm512_loadu_ps(kp + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 qd = _mm512_set1_ps(q[r * q_step + d]);
+        acc[r][0] = _mm512_fmadd_ps(qd, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(qd, k1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(s + r * step + t * kKeyTile, acc[r][0]);
+      _mm512_storeu_ps(s + r * step + t * kKeyTile + 16, acc[r][1]);
+    }
+  }
+}
+
+// Query i's scores s[0, i] in place to e^((s - largest) scale), and s(i, keys) to 0; returns 1 / their sum.
+AVX512 float causal_weights(float* s, int64_t i, int64_t keys, float scale) {
+  const int64_t n = i + 1;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+  if (j < n) m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, s + j));
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale), factor = _mm512_set1_ps(scale);
+  __m512 total = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= n; j += 16) {
+    const __m512 e = exp512(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), factor, shift));
+    total = _mm512_add_ps(total, e);
+    _mm512_storeu_ps(s + j, e);
+  }
+  if (j < n) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + j), factor, shift)));
+    total = _mm512_add_ps(total, e);
+    _mm512_storeu_ps(s + j, e);  // zeros past the query's own key
+    j += 16;
+  }
+  for (; j < keys; ++j) s[j] = 0.f;
+  return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+// o (R rows at o + r * o_step) = the weights p (R, keys; rows step apart) times the values (v + j *
+// v_step), row r times inv[r]: 64 channels at a time (4 registers a query), then 16.
+template <int R>
+AVX512 void weighted_values(const float* p, int64_t step, const float* v, int64_t v_step, int64_t keys, int64_t hs,
+                            const float* inv, float* o, int64_t o_step) {
+  int64_t c = 0;
+  for (; c + 64 <= hs; c += 64) {
+    __m512 acc[R][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    const float* vp = v + c;
+    for (int64_t j = 0; j < keys; ++j, vp += v_step) {
+      const __m512 v0 = _mm512_loadu_ps(vp), v1 = _mm512_loadu_ps(vp + 16), v2 = _mm512_loadu_ps(vp + 32),
+                   v3 = _mm512_loadu_ps(vp + 48);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_set1_ps(p[r * step + j]);
+        acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < 4; ++u)
+        _mm512_storeu_ps(o + r * o_step + c + 16 * u, _mm512_mul_ps(acc[r][u], _mm512_set1_ps(inv[r])));
+  }
+  for (; c < hs; c += 16) {
+    __m512 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const float* vp = v + c;
+    for (int64_t j = 0; j < keys; ++j, vp += v_step) {
+      const __m512 v0 = _mm512_loadu_ps(vp);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * step + j]), v0, acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(o + r * o_step + c, _mm512_mul_ps(acc[r], _mm512_set1_ps(inv[r])));
+  }
+}
+
+// R queries from `first` on: their scores over keys [0, first + R) (in whole tiles), weights, outputs.
+template <int R>
+AVX512 void causal_queries(const float* q, int64_t q_step, const float* kt, int64_t step, const float* v,
+                           int64_t v_step, int64_t first, int64_t hs, float scale, float* s, float* o, int64_t o_step) {
+  const int64_t keys = first + R;
+  score_tiles<R>(q, q_step, kt, step, hs, (keys + kKeyTile - 1) / kKeyTile, s);
+  float inv[R];
+  for (int r = 0; r < R; ++r) inv[r] = causal_weights(s + r * step, first + r, keys, scale);
+  weighted_values<R>(s, step, v, v_step, keys, hs, inv, o, o_step);
+}
+
+// One head's T queries, kCausalRows at a time; kt: its keys transposed, (hs, step); s: (kCausalRows, step).
+AVX512 void causal_head(const float* q, int64_t q_step, const float* kt, int64_t step, const float* v,
+                        int64_t v_step, int64_t T, int64_t hs, float scale, float* s, float* o, int64_t o_step) {
+  for (int64_t i = 0; i < T; i += kCausalRows) {
+    const float* qi = q + i * q_step;
+    float* oi = o + i * o_step;
+    switch (std::min(kCausalRows, T - i)) {
+      case 6: causal_queries<6>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step); break;
+      case 5: causal_queries<5>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step); break;
+      case 4: causal_queries<4>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step); break;
+      case 3: causal_queries<3>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step); break;
+      case 2: causal_queries<2>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step); break;
+      default: causal_queries<1>(qi, q_step, kt, step, v, v_step, i, hs, scale, s, oi, o_step);
+    }
+  }
+}
+
+at::Tensor causal_attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "this CPU has no AVX-512");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k and v must be (B, heads, T, head size)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "q, k and v must be float32");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hs = q.size(3), Hkv = k.size(1);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(2) == T && k.size(3) == hs,
+              "k and v must be (B, kv heads, T, head size) as q is (B, heads, T, head size)");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "the query heads (", H, ") must be a multiple of the key heads (", Hkv, ")");
+  TORCH_CHECK(hs % 16 == 0, "the head size must be a multiple of 16, got ", hs);
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "each head's values must be contiguous");
+  at::Tensor out = at::empty({B, T, H, hs}, q.options());
+  const int64_t step = (T + kKeyTile - 1) / kKeyTile * kKeyTile;  // keys padded to whole tiles
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(hs * step, 0.f), s(kCausalRows * step);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, g = h / (H / Hkv);
+      const float* kh = kp + b * k.stride(0) + g * k.stride(1);
+      for (int64_t j = 0; j < T; ++j)
+        for (int64_t d = 0; d < hs; ++d) kt[d * step + j] = kh[j * k.stride(2) + d];
+      causal_head(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kt.data(), step,
+                  vp + b * v.stride(0) + g * v.stride(1), v.stride(2), T, hs, scale, s.data(),
+                  op + (b * T * H + h) * hs, H * hs);
+    }
+  });
+  return out.transpose(1, 2);
+}
+
 // x + delta and its layer norm, (x + delta - mean) / sqrt(variance + eps) * weight + bias over the last
 // dimension, in one pass over each row: the residual add and the LayerNorm after it in a pre-norm block.
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& x, const at::Tensor& delta,
@@ -1233,6 +1414,7 @@ TORCH_LIBRARY(gpt2lab_native, m) {
   m.def(
       "cache_attention_avx2(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) times, "
       "Tensor t, int slots, Tensor? pad, int? window) -> Tensor");
+  m.def("causal_attention_avx512(Tensor q, Tensor k, Tensor v) -> Tensor");
   m.def("add_layer_norm(Tensor x, Tensor delta, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
   m.def("gelu_avx2_(Tensor(a!) y) -> ()");
   m.def(
@@ -1263,6 +1445,7 @@ TORCH_LIBRARY_IMPL(gpt2lab_native, CPU, m) {
   m.impl("float_blocks", &float_blocks);
   m.impl("attention_avx2", &attention_avx2);
   m.impl("cache_attention_avx2", &cache_attention_avx2);
+  m.impl("causal_attention_avx512", &causal_attention_avx512);
   m.impl("add_layer_norm", &add_layer_norm);
   m.impl("gelu_avx2_", &gelu_avx2_);
   m.impl("decode_block", &decode_block);
