@@ -748,8 +748,8 @@ at::Tensor float_blocks_avx2(const at::Tensor& x, const at::Tensor& blocked, con
   return y;
 }
 
-// 8 rows of 8 values (row r at from + r * stride) written as 8 rows of 8 (column c at to + c * 16).
-inline void transpose_8x8(const float* from, int64_t stride, float* to) {
+// 8 rows of 8 values (row r at from + r * stride) written as 8 rows of 8 (column c at to + c * to_stride).
+inline void transpose_8x8(const float* from, int64_t stride, float* to, int64_t to_stride = kFloatBlock) {
   __m256 r[8], t[8];
   for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(from + i * stride);
   for (int i = 0; i < 8; i += 2) {
@@ -763,8 +763,8 @@ inline void transpose_8x8(const float* from, int64_t stride, float* to) {
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
   for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(to + i * kFloatBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(to + (i + 4) * kFloatBlock, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    _mm256_storeu_ps(to + i * to_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(to + (i + 4) * to_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
   }
 }
 
@@ -1110,8 +1110,12 @@ at::Tensor causal_attention_avx512(const at::Tensor& q, const at::Tensor& k, con
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, g = h / (H / Hkv);
       const float* kh = kp + b * k.stride(0) + g * k.stride(1);
-      for (int64_t j = 0; j < T; ++j)
-        for (int64_t d = 0; d < hs; ++d) kt[d * step + j] = kh[j * k.stride(2) + d];
+      const int64_t ks = k.stride(2);
+      int64_t j = 0;
+      for (; j + 8 <= T; j += 8)  // 8 keys by 8 of their values at a time, transposed in registers
+        for (int64_t d = 0; d < hs; d += 8) transpose_8x8(kh + j * ks + d, ks, kt.data() + d * step + j, step);
+      for (; j < T; ++j)
+        for (int64_t d = 0; d < hs; ++d) kt[d * step + j] = kh[j * ks + d];
       causal_head(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kt.data(), step,
                   vp + b * v.stride(0) + g * v.stride(1), v.stride(2), T, hs, scale, s.data(),
                   op + (b * T * H + h) * hs, H * hs);
