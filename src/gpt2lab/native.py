@@ -70,7 +70,7 @@ def available() -> bool:
 def avx512() -> bool:
     """Whether gpt2lab's AVX-512 kernels (``causal_attention_avx512``) can run here: its kernels load,
     and torch's own run AVX-512 (the CPU has it, and ``ATEN_CPU_CAPABILITY`` does not hold them below)."""
-    return available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and available()  # no build elsewhere
 
 
 def require() -> None:
