@@ -686,19 +686,33 @@ def fused_heads(rows, n_head, n_kv_head, T, hs, seed=0):
 @needs_avx512
 @pytest.mark.parametrize(
     ("rows", "n_head", "n_kv_head", "T", "hs"),
-    [(1, 12, 12, 256, 64), (2, 8, 2, 37, 16), (3, 4, 1, 1, 32), (1, 2, 2, 70, 80), (2, 3, 3, 33, 48)],
+    [(1, 12, 12, 256, 64), (2, 8, 2, 37, 16), (3, 4, 1, 1, 32), (1, 2, 2, 70, 80), (2, 3, 3, 33, 48)]
+    + [(1, 2, 1, 65, 128), (2, 2, 2, 0, 16)],
 )
 def test_the_causal_kernel_equals_float64_attention(rows, n_head, n_kv_head, T, hs):
     """Every query over the keys up to its own, on strided views of the fused product: lengths not a
     whole number of its six-query and 32-key tiles, grouped and single kv heads, head sizes of one to
-    five 16-value registers; the output is the (B, T, heads, hs) layout the projection reads, as a
-    (B, heads, T, hs) view."""
+    eight 16-value registers, an empty prompt; the output is the (B, T, heads, hs) layout the
+    projection reads, as a (B, heads, T, hs) view."""
     q, k, v = fused_heads(rows, n_head, n_kv_head, T, hs, seed=T)
     got = ops.causal_attention(q, k, v, "avx512")
     assert got.shape == (rows, n_head, T, hs) and got.transpose(1, 2).is_contiguous()
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     torch.testing.assert_close(got, naive_attention(q, k, v, causal), atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(ops.causal_attention(q, k, v, "sdpa"), got, atol=2e-6, rtol=1e-5)
+
+
+@needs_avx512
+def test_the_causal_kernel_gives_far_smaller_scores_no_weight():
+    """A key scored 2e14 below the query's other one gets the weight 0 (its exponential kept to a range
+    where the reduction holds), as in float64: the output is the other key's value, not NaN."""
+    q, k, v = (torch.zeros(1, 1, 2, 16) for _ in range(3))
+    q[..., 0], k[0, 0, 0, 0] = 1e7, -1e7
+    v.normal_(generator=torch.Generator().manual_seed(0))
+    got = ops.causal_attention(q, k, v, "avx512")
+    causal = torch.ones(2, 2, dtype=torch.bool).tril()
+    torch.testing.assert_close(got, naive_attention(q, k, v, causal))
+    assert torch.equal(got[0, 0, 1], v[0, 0, 1])
 
 
 @needs_avx512
@@ -749,6 +763,51 @@ def test_a_model_with_the_causal_kernel_keeps_its_logits_and_tokens(make_gpt, co
         assert calls and set(calls) == {"sdpa"}
 
 
+@needs_avx512
+def test_window_layers_padded_prompts_and_dropout_attend_by_sdpa(make_gpt):
+    """Under ``avx512`` the kernel never runs where the causal mask is not the whole story or attention
+    dropout applies: a window model's forward, left-padded prompts, a prompt continued in a kept cache
+    (a mask each), a training forward with attention dropout."""
+    calls = []
+    real = ops.causal_attention
+    spy = lambda q, k, v, kernel: calls.append(kernel) or real(q, k, v, kernel)  # noqa: E731
+    own = Backends(causal_attention="avx512")
+    windowed = make_gpt(seed=2, backends=own, n_embd=64, n_head=4, window=4)
+    plain = make_gpt(seed=2, backends=own, n_embd=64, n_head=4)
+    dropped = make_gpt(seed=2, backends=own, n_embd=64, n_head=4, dropout=0.1).train()
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gpt2lab.model, "causal_attention", spy)
+        with torch.no_grad():
+            windowed(idx)
+            dropped(idx)
+        generate(plain, [[3, 1, 4], [1, 5, 9, 2, 6, 5]], 4, temperature=0, eos_id=None)
+        assert calls == []
+        with torch.no_grad():
+            plain(idx)
+        assert calls == ["avx512"] * 2  # the spy sees it where it applies
+
+
+def test_torch_func_transforms_attend_by_sdpa(make_gpt):
+    """Under torch.func's transforms (grad, jvp, vmap) gpt2lab's kernel, which has no rule for them, is
+    not chosen, even without gradients asked of the input."""
+    attn = make_gpt(n_embd=64, n_head=4, backends=Backends(causal_attention="sdpa")).h[0].attn
+    attn.causal_attention = "avx512"
+    chosen = []
+
+    def f(q):
+        chosen.append(attn.causal_kernel(q))
+        return q.sum()
+
+    q = torch.randn(1, 4, 8, 16)
+    with torch.no_grad():
+        assert attn.causal_kernel(q) == "avx512"
+    torch.func.grad(f)(q)
+    torch.func.jvp(f, (q,), (torch.ones_like(q),))
+    torch.func.vmap(f)(q)
+    assert chosen == ["sdpa"] * 3
+
+
 def test_the_causal_kernel_is_chosen_as_backends_say(make_gpt, monkeypatch):
     """``auto`` asks the kernel table (kind ``causal``: the query heads of every row, head size,
     length); gradients, another dtype and head sizes not a multiple of 16 run SDPA whatever the setting;
@@ -767,7 +826,7 @@ def test_the_causal_kernel_is_chosen_as_backends_say(make_gpt, monkeypatch):
     with pytest.raises(ValueError, match="causal_attention must be one of"):
         Backends(causal_attention="flash")
     monkeypatch.setattr(native, "avx512", lambda: False)
-    with pytest.raises(GPT2LabError, match="AVX-512"):
+    with pytest.raises(GPT2LabError, match="avx512 attention cannot run here"):
         Backends(causal_attention="avx512")
     assert "avx512" not in kernels.candidates("causal", 256)
 

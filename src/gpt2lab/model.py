@@ -76,12 +76,13 @@ class Backends:
     and key count on this machine, measured the first time and remembered with the linear kernels
     (kind ``attention``), else ``products``. A compiled CPU step traces another form under ``auto``, ``reduction``
     (``CausalSelfAttention.one_query_kernel``). ``causal_attention``: how the causal attention of a
-    whole sequence without gradients attends on the CPU in float32 (a forward in evaluation, a prompt
-    written into the KV cache from its start; not window layers): ``sdpa``, ``avx512`` (gpt2lab's own
-    kernel on AVX-512 CPUs, ``gpt2lab.ops.causal_attention``), or ``auto``: the faster of those that run
-    here for the call's query heads, head size and length on this machine, measured the first time and
-    remembered (kind ``causal``); training, other dtypes and devices, and head sizes not a multiple of
-    16 run ``sdpa``. ``huge_pages``: where Linux gives 2 MiB pages
+    whole sequence without gradients attends on the CPU in float32 (a forward without gradients or
+    attention dropout, unpadded prompts written into the KV cache from their start; not window layers):
+    ``sdpa``, ``avx512`` (gpt2lab's own kernel on AVX-512 CPUs, ``gpt2lab.ops.causal_attention``), or
+    ``auto``: the faster of those that run here for the call's query heads, head size and length on
+    this machine, measured the first time and remembered (kind ``causal``); with gradients or attention
+    dropout, in other dtypes and devices, with head sizes not a multiple of 16, in compiled graphs and
+    under torch.func's transforms ``sdpa`` runs. ``huge_pages``: where Linux gives 2 MiB pages
     only to memory that asks (transparent huge pages in ``madvise`` mode, ``gpt2lab.pages``), CPU
     decoding moves the linear layers' float32 weights (each of 2 MiB or more; the Parameters stay,
     their ``data`` moves) and the int8 blocks gpt2lab's own int8 kernel reads into such memory, once,
@@ -120,8 +121,11 @@ class Backends:
                 f"causal_attention must be one of {CAUSAL_ATTENTION_KERNELS}, got {self.causal_attention!r}"
             )
         if self.causal_attention == "avx512" and not native.avx512():
-            native.require()
-            raise GPT2LabError("gpt2lab's avx512 attention needs a CPU with AVX-512; choose causal_attention='sdpa'")
+            capability = torch.backends.cpu.get_cpu_capability()
+            reason = native.unavailable_reason() or f"torch's CPU kernels run {capability} here, not AVX-512"
+            raise GPT2LabError(
+                f"gpt2lab's avx512 attention cannot run here ({reason}); choose causal_attention='auto' or 'sdpa'"
+            )
 
 
 def flex_applies(device: torch.device, config: GPTConfig) -> bool:
@@ -244,7 +248,8 @@ class CausalSelfAttention(nn.Module):
     def causal_kernel(self, q: torch.Tensor) -> str:
         """The kernel of a whole sequence's causal attention of q (B, nh, T, hs)
         (``Backends.causal_attention``): ``sdpa`` where gpt2lab's own cannot run it (gradients, another
-        dtype or device, a head size not a multiple of 16, a compiled graph), else the one chosen: under
+        dtype or device, a head size not a multiple of 16, a compiled graph, torch.func's transforms),
+        else the one chosen: under
         ``auto`` the one the kernel table measures faster for this many query heads of this size and
         length on this CPU."""
         own_runs = (
@@ -253,6 +258,7 @@ class CausalSelfAttention(nn.Module):
             and self.head_dim % 16 == 0
             and not (torch.is_grad_enabled() and q.requires_grad)
             and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()  # vmap, grad, jvp: no rule of its own
         )
         if not own_runs or self.causal_attention != "auto":
             return self.causal_attention if own_runs else "sdpa"

@@ -955,8 +955,10 @@ constexpr int64_t kCausalRows = 6;  // queries of a tile
 constexpr int64_t kKeyTile = 32;    // keys of a score tile: two registers
 
 // e^z for z <= 0 or -inf: z = n ln 2 + r (ln 2 in two parts), e^r by its Taylor series to r^7, times 2^n
-// by scalef (which underflows to 0 past float32's range).
+// by scalef. z is first kept at -150 or above, where e^z rounds to 0 already (far below it the
+// reduction to r would lose all accuracy); a NaN stays one.
 AVX512 inline __m512 exp512(__m512 z) {
+  z = _mm512_max_ps(_mm512_set1_ps(-150.0f), z);  // the second operand where either is NaN: z
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
