@@ -67,11 +67,12 @@ ENV_KERNEL = "GPT2LAB_LINEAR_KERNEL"
 ENV_CACHE = "GPT2LAB_KERNEL_CACHE"
 FLOAT32_KERNELS = ("onednn", "torch")
 # kernels that read a copy of the weight (ops.copy_weight)
-COPY_KERNELS = ("mkl_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx2_f32_blocks")
+COPY_KERNELS = ("mkl_packed", "onednn_packed", "onednn_t", "torch_t", "numpy_t", "avx2_f32", "avx2_f32_blocks")
 # copy kernels whose copy differs from the others' of their kind (``avx2_f32`` reads the weight itself: its
-# "copy" costs nothing; ``avx2_f32_blocks`` reads a layout of its own): the time of making it is its own,
-# ``pack <kernel>``; the others share ``pack``, the time of making the first candidate's copy
-OWN_COPIES = ("avx2_f32", "avx2_f32_blocks")
+# "copy" costs nothing; ``avx2_f32_blocks`` and ``onednn_packed`` read layouts of their own): the time of
+# making it is its own, ``pack <kernel>``; the others share ``pack``, the time of making the first
+# candidate's copy
+OWN_COPIES = ("avx2_f32", "avx2_f32_blocks", "onednn_packed")
 NUMPY_KERNELS = ops.NUMPY_KERNELS  # one-row products in numpy's BLAS (ops.numpy_linear)
 # what is measured (``candidates``); a file's entries of other kinds are dropped
 KINDS = ("float32", "int8", "packed", "steps", "gelu", "numpy", "tanh_gelu", "attention", "int8_block", "causal")
@@ -84,8 +85,10 @@ MAX_BUCKET = 256  # rows: 1, 2, 4, ... 256; more rows behave as 256
 # int8 products are measured up to 2,048 rows: past 256 their kernels' cost per row still parts
 # (docs/benchmarks.md, item 7); a kernel that took more than PRUNE times the fastest's time at half
 # the rows is not timed at more (torch._int_mm, many times fbgemm's time without VNNI, would take
-# seconds a call there)
+# seconds a call there). So are the copies of kind packed: what oneDNN's own layout saves grows with
+# the rows (item 20)
 MAX_INT8_BUCKET = 2048
+LARGE_BUCKETS = ("int8", "packed")  # the kinds measured up to MAX_INT8_BUCKET rows
 MAX_KEYS_BUCKET = 4096  # kinds attention and causal: keys 1, 2, 4, ... 4096; more keys behave as 4096
 PRUNE = 2.0
 MAX_OUT = 8192
@@ -102,7 +105,8 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     is chosen only if ``MARGIN`` faster than the choice among those before it. Kinds: "float32",
     "int8", "packed" (whether a product of ``rows`` rows without gradients reads the weight from a copy
     laid out for it, against the float32 kernels: at two rows or more MKL's packed layout,
-    ``mkl_packed``; at one row, where that did not pay, the transposed one, (in, out)-contiguous, read
+    ``mkl_packed``, and oneDNN's own, ``onednn_packed``; at one row, where that did not pay, the
+    transposed one, (in, out)-contiguous, read
     by oneDNN or MKL: ``onednn_t``, ``torch_t``, and on AVX2 CPUs gpt2lab's own kernel on the weight
     as it is, ``avx2_f32``, and on its copy in blocks of 16 output channels, ``avx2_f32_blocks``:
     ``gpt2lab.native``), "steps" (the "packed" kind of a decode step of two rows or more: its kernels
@@ -144,6 +148,7 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "packed" and rows == 1:
         return float32 + tuple(f"{k}_t" for k in float32) + own
     packed = float32 + ("mkl_packed",) if ops.packing_available() else float32
+    packed += ("onednn_packed",) if ops.onednn_packing_available() else ()
     if kind == "packed":
         return packed
     if kind == "steps":
@@ -162,9 +167,10 @@ def fallback(kind: str = "float32", rows: int = 1) -> str:
 
 
 def rows_bucket(rows: int, kind: str = "float32") -> int:
-    """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kind ``int8``,
+    """The power of two at or above ``rows``, at most MAX_BUCKET (MAX_INT8_BUCKET for kinds ``int8`` and ``packed``,
     MAX_KEYS_BUCKET for ``attention`` and ``causal``, whose rows are keys): products are measured per bucket."""
-    cap = {"int8": MAX_INT8_BUCKET, "attention": MAX_KEYS_BUCKET, "causal": MAX_KEYS_BUCKET}.get(kind, MAX_BUCKET)
+    cap = MAX_INT8_BUCKET if kind in LARGE_BUCKETS else MAX_BUCKET
+    cap = MAX_KEYS_BUCKET if kind in ("attention", "causal") else cap
     return min(1 << max(rows - 1, 0).bit_length(), cap)
 
 
@@ -346,11 +352,11 @@ class KernelTable:
         return entry
 
     def _options(self, out_features: int, in_features: int, rows: int, kind: str) -> tuple[str, ...]:
-        """``candidates(kind, rows)``; for int8 products of more rows than MAX_BUCKET, only those that
+        """``candidates(kind, rows)``; for products of more rows than MAX_BUCKET (``LARGE_BUCKETS``), only those that
         took at most PRUNE times the fastest one's time at half as many rows (measured first; a kernel
         left out there is left out here)."""
         options = candidates(kind, rows)
-        if kind != "int8" or rows <= MAX_BUCKET:
+        if kind not in LARGE_BUCKETS or rows <= MAX_BUCKET:
             return options
         us = self.times(out_features, in_features, rows // 2, kind)
         timed = [us[k] for k in options if _is_time(us.get(k))]

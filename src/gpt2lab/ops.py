@@ -47,6 +47,9 @@ from gpt2lab import native
 
 _onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _mkl_pack = getattr(torch.ops.mkl, "_mkl_reorder_linear_weight", None) if torch.backends.mkl.is_available() else None
+# oneDNN's own layout of a float32 weight for its inner product (an opaque oneDNN tensor), which a plain
+# weight is reordered into on every call
+_onednn_pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _onednn is not None else None
 LINEAR_KERNELS = ("auto", "onednn", "torch")
 READS_THE_WEIGHT = ("numpy", "avx2_f32")  # copy kernels whose copy is the weight itself (copy_weight)
 # copy kernels whose copy is a plain float32 tensor of its own: contiguous, or the transpose of one
@@ -69,6 +72,12 @@ def packing_available() -> bool:
     return _mkl_pack is not None
 
 
+def onednn_packing_available() -> bool:
+    """Whether this torch build lays a float32 weight out in oneDNN's own layout (``copy_weight``'s
+    ``onednn_packed``)."""
+    return _onednn_pack is not None
+
+
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """MKL's packed copy of a float32 weight (out, in) for products of ``rows`` rows. MKL reserves 1.6-5x
     the weight's size for it, but writes (and so makes resident) about the weight's size."""
@@ -85,7 +94,9 @@ def packed_linear(
 
 def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     """The copy of a float32 weight (out, in) that ``kernel`` reads in products of ``rows`` rows:
-    ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_t``, ``torch_t`` or ``numpy_t``,
+    ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_packed``, oneDNN's own layout for
+    its inner product of that many rows (an opaque oneDNN tensor: a plain weight is reordered into it
+    on every call, 4-10% of a product of 2,048 rows on the family-26 EPYC); ``onednn_t``, ``torch_t`` or ``numpy_t``,
     the weight transposed in memory ((in, out)-contiguous, seen as (out, in)); ``numpy``, no copy
     (the weight itself, which numpy's BLAS reads as it is); ``avx2_f32``, no copy either (gpt2lab's own
     kernel reads the weight as it is: ``gpt2lab.native``); ``avx2_f32_blocks``, the weight in blocks of
@@ -93,6 +104,8 @@ def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     own blocked kernel reads it."""
     if kernel == "mkl_packed":
         return pack_weight(weight, rows)
+    if kernel == "onednn_packed":
+        return _onednn_pack(weight.detach(), rows)
     if kernel in ("avx2_f32", "avx2_f32_blocks"):
         native.require()
     if kernel == "avx2_f32_blocks":
@@ -321,7 +334,7 @@ def copy_linear(
     elif kernel == "avx2_f32_blocks":
         y = float_blocks_avx2(x, copy, weight.shape[0], bias)
     else:
-        plain = kernel.removesuffix("_t")
+        plain = kernel.removesuffix("_t").removesuffix("_packed")  # oneDNN reads its own layout as a weight
         if gelu:
             return linear_gelu(x, copy, bias, "onednn_gelu" if plain == "onednn" else plain, form)
         return linear(x, copy, bias, plain)
@@ -386,9 +399,10 @@ class Linear(nn.Linear):
 
     ``pack(rows, kernel)`` adds a kernel for products of exactly ``rows`` rows without gradients, which
     reads a copy of the weight laid out for it (``copy_weight``; ``unpack`` drops it): MKL's packed
-    sgemm, or at one row oneDNN or MKL on the transposed weight. Generation packs for its decode steps;
-    with ``pack_repeated`` (and ``auto``) a layer also packs for MKL once products of one row count (two
-    or more) have repeated as often as the table measures it takes to repay the copy
+    sgemm, oneDNN's product on its own layout of the weight, or at one row oneDNN or MKL on the
+    transposed weight. Generation packs for its decode steps; with ``pack_repeated`` (and ``auto``) a
+    layer also makes the copy the table chose for products of one row count (two or more, kind
+    ``packed``) once they have repeated as often as the table measures it takes to repay it
     (``KernelTable.pack_repays``): evaluation batches, same-length prompts. One copy at a time."""
 
     def __init__(
@@ -582,9 +596,10 @@ class Linear(nn.Linear):
             self._counted = (version, {})
         counts = self._counted[1]
         counts[rows] = counts.get(rows, 0) + 1
-        if counts[rows] < self.table.pack_repays(self.out_features, self.in_features, rows):
+        shape = (self.out_features, self.in_features, rows)
+        if counts[rows] < self.table.pack_repays(*shape):
             return False
-        self.pack(rows)
+        self.pack(rows, self.table.choose(*shape, kind="packed"))  # repaid: the copy kernel chosen
         return True
 
 
