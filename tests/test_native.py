@@ -585,11 +585,14 @@ def test_decoding_reads_the_blocked_copies_where_they_repay(make_gpt, remember_k
 
 @needs_kernel
 def test_the_own_float32_kernels_are_candidates_for_decode_steps_of_few_rows():
-    """A decode step of 2 to ``FEW_ROWS`` rows (kind ``steps``) weighs gpt2lab's float32 kernels too; the
-    repeated prefill products of that many rows (kind ``packed``) weigh MKL's packed copy only."""
+    """A decode step of 2 to ``FEW_ROWS`` rows (kind ``steps``) weighs gpt2lab's float32 kernels too,
+    before oneDNN's packed copy (a block of them steps in one op); the repeated prefill products of that
+    many rows (kind ``packed``) weigh MKL's and oneDNN's packed copies only."""
     own = ("avx2_f32", "avx2_f32_blocks")
-    assert kernels.candidates("steps", 8) == kernels.candidates("packed", 8) + own
-    assert kernels.candidates("steps", kernels.FEW_ROWS) == kernels.candidates("packed", 8) + own
+    packed = kernels.candidates("packed", 8)
+    onednn = ("onednn_packed",) if ops.onednn_packing_available() else ()
+    assert kernels.candidates("steps", 8) == tuple(k for k in packed if k not in onednn) + own + onednn
+    assert kernels.candidates("steps", kernels.FEW_ROWS) == kernels.candidates("steps", 8)
     assert kernels.candidates("steps", 2 * kernels.FEW_ROWS) == kernels.candidates("packed", 32)
     assert not set(own) & set(kernels.candidates("packed", 8))
     assert [kernels.decode_kind(rows) for rows in (1, 2, 8)] == ["packed", "steps", "steps"]

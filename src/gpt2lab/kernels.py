@@ -148,11 +148,11 @@ def candidates(kind: str, rows: int) -> tuple[str, ...]:
     if kind == "packed" and rows == 1:
         return float32 + tuple(f"{k}_t" for k in float32) + own
     packed = float32 + ("mkl_packed",) if ops.packing_available() else float32
-    packed += ("onednn_packed",) if ops.onednn_packing_available() else ()
+    onednn_packed = ("onednn_packed",) if ops.onednn_packing_available() else ()
     if kind == "packed":
-        return packed
-    if kind == "steps":
-        return packed + own
+        return packed + onednn_packed
+    if kind == "steps":  # gpt2lab's kernels before oneDNN's layout: a block of them steps in one op
+        return packed + own + onednn_packed
     return float32
 
 

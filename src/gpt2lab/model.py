@@ -64,10 +64,11 @@ class Backends:
     names the environment variables that override it); with ``auto``, a one-row decode step runs all its
     products in numpy's BLAS where that measures faster (``GPT.pack_for_decoding``). ``pack_min_steps``:
     CPU decoding of at least this many steps reads each linear layer's weight from a copy laid out for
-    the step's row count (MKL's packed layout; at one row, the transposed one) where the table measures
+    the step's row count (MKL's or oneDNN's packed layout; at one row, the transposed one) where the table measures
     that faster and the copy repays its making within the steps (``GPT.pack_for_decoding``; 0 = never).
     ``pack_repeated``: a layer whose CPU products without grad keep one row count (evaluation batches,
-    same-length prompts, forwards of one shape) reads an MKL-packed copy once they have repeated often
+    same-length prompts, forwards of one shape) reads a packed copy (MKL's or oneDNN's layout, as the
+    table chose) once they have repeated often
     enough to repay it, as measured (``gpt2lab.ops.Linear``); the copies hold about the weights' memory
     again until ``GPT.clear_cache``. ``decode_attention``: how an eager decode step's one query per row
     attends over the KV cache (``gpt2lab.ops.one_query_attention``): ``products`` (three small
@@ -895,8 +896,8 @@ class GPT(nn.Module):
         be made), every layer reads its weight there (``Linear.pack``
         with ``numpy``, or ``numpy_t`` on a transposed copy), and the steps must run within
         ``ops.numpy_blas_threads``. Otherwise, for at least ``backends.pack_min_steps`` steps, a layer
-        reads a copy of its weight laid out for products of that many rows (MKL's packed layout, at one
-        row the transposed one, and up to ``kernels.FEW_ROWS`` rows gpt2lab's blocked one) where the
+        reads a copy of its weight laid out for products of that many rows (MKL's or oneDNN's packed
+        layout, at one row the transposed one, and up to ``kernels.FEW_ROWS`` rows gpt2lab's blocked one) where the
         table measures that faster (kind ``packed`` at one row, ``steps`` at more). A copy is
         made only where the saving repays making it within ``steps`` (``KernelTable.pack_repays``); the
         copies hold about as much memory again as the weights they copy, and together never more than

@@ -96,7 +96,7 @@ def copy_weight(weight: torch.Tensor, rows: int, kernel: str) -> torch.Tensor:
     """The copy of a float32 weight (out, in) that ``kernel`` reads in products of ``rows`` rows:
     ``mkl_packed``, MKL's packed layout (``pack_weight``); ``onednn_packed``, oneDNN's own layout for
     its inner product of that many rows (an opaque oneDNN tensor: a plain weight is reordered into it
-    on every call, 4-10% of a product of 2,048 rows on the family-26 EPYC); ``onednn_t``, ``torch_t`` or ``numpy_t``,
+    on every call, 3-7% of a product of 2,048 rows on the family-26 EPYC); ``onednn_t``, ``torch_t`` or ``numpy_t``,
     the weight transposed in memory ((in, out)-contiguous, seen as (out, in)); ``numpy``, no copy
     (the weight itself, which numpy's BLAS reads as it is); ``avx2_f32``, no copy either (gpt2lab's own
     kernel reads the weight as it is: ``gpt2lab.native``); ``avx2_f32_blocks``, the weight in blocks of
@@ -423,8 +423,8 @@ class Linear(nn.Linear):
         self.planned: _Plan | None = None
 
     def __getstate__(self) -> dict:
-        """What copy.deepcopy and pickle keep: not the weight's copy (MKL's packed one is a tensor with no
-        storage to copy) nor the counts towards one; a copy of the layer makes its own."""
+        """What copy.deepcopy and pickle keep: not the weight's copy (MKL's and oneDNN's packed ones are
+        tensors with no storage to copy) nor the counts towards one; a copy of the layer makes its own."""
         return self.__dict__ | {"packed": None, "_counted": (None, {}), "planned": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -441,8 +441,9 @@ class Linear(nn.Linear):
         measures the fastest with the GELU (kind ``gelu``), which may be one oneDNN call with the GELU
         fused in (``linear_gelu``); a fixed ``onednn`` kernel always fuses. A GELU on its own takes the
         form measured faster for its shape (``ops.gelu_form``). Where the fused call is the
-        fastest, repeated products make no copy: the GELU's own pass over the output, which fusing
-        saves, costs more than packing saves (c_fc of 124M at 256 and 2,048 rows on the Xeon)."""
+        fastest, repeated products make no MKL copy: the GELU's own pass over the output, which fusing
+        saves, costs more than packing saves (c_fc of 124M at 256 and 2,048 rows on the Xeon); they
+        make oneDNN's own layout where kind ``packed`` chose it, which the fused call reads."""
         planned = self._planned(x, gelu=True)
         if planned is not None:
             return planned(x)
@@ -465,7 +466,10 @@ class Linear(nn.Linear):
         whether the product counts towards a copy under ``pack_repeated`` (``_reads_packed``)."""
         if gelu:
             kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
-            count = count and kernel != "onednn_gelu"
+            # beside the fused call no MKL copy paid; oneDNN's own layout is read by the fused call itself
+            repeats = count and self.pack_repeated and rows >= 2 and self.kernel == "auto"  # can count
+            fused_copy = repeats and self.kernel_for(rows, kind="packed") == "onednn_packed"
+            count = count and (kernel != "onednn_gelu" or fused_copy)
         if self._reads_packed(rows, count=count):
             return self.packed[3], self.packed[2]
         return (kernel if gelu else self.kernel_for(rows)), None
