@@ -396,6 +396,32 @@ def test_onednn_reads_a_weight_laid_out_in_its_own_layout(make_gpt, remember_ker
     assert all(m.packed is not None and m.packed[3] == "onednn_packed" for m in layers)
 
 
+@pytest.mark.skipif(not ops.packing_available(), reason="this PyTorch build has no MKL")
+def test_a_fused_gelu_product_makes_no_mkl_copy(make_gpt, remember_kernels):
+    """Beside oneDNN's call with the GELU fused in (kind ``gelu``) an MKL-packed copy did not pay: where
+    kind ``packed`` chose that copy, repeated products of an MLP's first layer make none, and the other
+    layers do."""
+    config = dict(vocab_size=256, n_embd=64, n_head=4)
+    model = make_gpt(seed=3, backends=Backends(linear="auto"), **config)
+    us = {"onednn": 100.0, "torch": 200.0, "mkl_packed": 50.0, "onednn_packed": 100.0, "pack": 100.0}
+    layers = [m for m in model.modules() if isinstance(m, ops.Linear)]
+    entries = {
+        f"packed {m.out_features}x{m.in_features} rows 256": {"kernel": "mkl_packed", "us_per_product": us}
+        for m in layers
+    }
+    fused = {"kernel": "onednn_gelu", "us_per_product": {"onednn": 100.0, "torch": 200.0, "onednn_gelu": 50.0}}
+    remember_kernels(
+        entries | {f"gelu {b.mlp.c_fc.out_features}x{b.mlp.c_fc.in_features} rows 256": fused for b in model.h}
+    )
+    idx = torch.randint(0, 256, (5, 40), generator=torch.Generator().manual_seed(0))  # 200 rows: bucket 256
+    with torch.no_grad():
+        for _ in range(3):
+            model(idx)
+    firsts = {b.mlp.c_fc for b in model.h}
+    assert all(m.packed is None for m in firsts)
+    assert all(m.packed is not None and m.packed[3] == "mkl_packed" for m in layers if m not in firsts)
+
+
 def test_a_transposed_copy_is_measured_at_one_row_with_the_time_of_making_it():
     times = kernels.measure(768, 512, 1, kind="packed", repeat=2)
     own = {kernels.pack_key(k) for k in kernels.candidates("packed", 1) if k in kernels.OWN_COPIES}

@@ -261,8 +261,10 @@ class CausalSelfAttention(nn.Module):
             and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()  # vmap, grad, jvp: no rule of its own
         )
-        if not own_runs or self.causal_attention != "auto":
-            return self.causal_attention if own_runs else "sdpa"
+        if not own_runs:
+            return "sdpa"
+        if self.causal_attention != "auto":
+            return self.causal_attention
         B, nh, T, hs = q.shape
         return self.table.choose(B * nh, hs, T, kind="causal")
 

@@ -466,11 +466,7 @@ class Linear(nn.Linear):
         whether the product counts towards a copy under ``pack_repeated`` (``_reads_packed``)."""
         if gelu:
             kernel = "onednn_gelu" if self.kernel == "onednn" else self.kernel_for(rows, kind="gelu")
-            # beside the fused call no MKL copy paid; oneDNN's own layout is read by the fused call itself
-            repeats = count and self.pack_repeated and rows >= 2 and self.kernel == "auto"  # can count
-            fused_copy = repeats and self.kernel_for(rows, kind="packed") == "onednn_packed"
-            count = count and (kernel != "onednn_gelu" or fused_copy)
-        if self._reads_packed(rows, count=count):
+        if self._reads_packed(rows, count=count, fused=gelu and kernel == "onednn_gelu"):
             return self.packed[3], self.packed[2]
         return (kernel if gelu else self.kernel_for(rows)), None
 
@@ -582,11 +578,13 @@ class Linear(nn.Linear):
         """Whether its packed products run in numpy's BLAS (``numpy_blas_threads`` around them)."""
         return self.packed is not None and self.packed[3] in NUMPY_KERNELS
 
-    def _reads_packed(self, rows: int, count: bool = True) -> bool:
+    def _reads_packed(self, rows: int, count: bool = True, fused: bool = False) -> bool:
         """Whether a CPU product of ``rows`` rows reads the weight's copy: without grad, one made for this
         many rows from the weight as it is now (a stale copy is dropped). Under ``pack_repeated`` the
         copy is made here once enough products of this row count (two or more) have come since the
-        weight or the copy last changed to repay it (``count`` False: this product is not counted)."""
+        weight or the copy last changed to repay it (``count`` False: this product is not counted).
+        ``fused``: the product runs with its GELU fused into oneDNN's call, beside which no MKL copy
+        paid (``gelu``); it counts towards oneDNN's own layout only, which the fused call reads."""
         if self.packed is not None and self.packed[1] != weight_key(self.weight):
             self.packed = None
         if torch.is_grad_enabled():
@@ -595,15 +593,18 @@ class Linear(nn.Linear):
             return True
         if not (count and self.pack_repeated) or rows < 2 or self.kernel != "auto" or self.table is None:
             return False
+        shape = (self.out_features, self.in_features, rows)
+        copy = self.table.choose(*shape, kind="packed")
+        if fused and copy != "onednn_packed":
+            return False
         version = weight_key(self.weight)
         if self._counted[0] != version or len(self._counted[1]) > 64:  # a new weight, or prompts of every length
             self._counted = (version, {})
         counts = self._counted[1]
         counts[rows] = counts.get(rows, 0) + 1
-        shape = (self.out_features, self.in_features, rows)
         if counts[rows] < self.table.pack_repays(*shape):
             return False
-        self.pack(rows, self.table.choose(*shape, kind="packed"))  # repaid: the copy kernel chosen
+        self.pack(rows, copy)  # repaid: the copy kernel chosen
         return True
 
 
